@@ -1,0 +1,1 @@
+//! Generated gRPC types for Frisket's API (`proto/`).
