@@ -1,14 +1,19 @@
 # Frisket. `make run` renders on the default model; `make test` runs every test.
-# Everything it needs (the torch venv, apt packages, fixtures) is created on first use.
+# Everything it needs (the torch venv, fixtures) is created on first use.
 SHELL := /bin/bash
 CACHE ?= $(HOME)/.cache/frisket
 VENV := $(shell FRISKET_CACHE=$(CACHE) scripts/venv.sh)
 PY := $(VENV)/bin/python
 FIXTURES ?= $(CURDIR)/target/fixtures
 export FRISKET_FIXTURES := $(FIXTURES)
+# tch builds against the venv's libtorch; build.rs bakes its path into the binaries (rpath).
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(VENV)/bin:$(PATH)
-CARGO_FLAGS ?= --release
+# One profile for build, tests and bench, so a fresh machine compiles the libtorch
+# bindings once (dependencies are optimised in the dev profile, see Cargo.toml).
+CARGO_FLAGS ?=
+SERVER_BIN := target/debug/frisket-server
+OUT ?= $(CURDIR)/out
 
 .PHONY: build test fixtures run bench
 build:
@@ -23,3 +28,13 @@ $(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh
 
 test: fixtures
 	cargo test $(CARGO_FLAGS) --workspace
+
+# Until the trained default model lands, `run` renders with the SD1-style fixture model.
+run: build fixtures
+	mkdir -p $(OUT)
+	$(SERVER_BIN) render --model $(FIXTURES)/models/sd1 --prompt "a small yellow star at the top left" \
+	  --seed 42 --steps 20 --scheduler dpm++ --width 64 --height 64 --out $(OUT)/render.png
+	@echo "result: $(OUT)/render.png"
+
+bench: build
+	$(PY) bench/bench.py $(SERVER_BIN) $(CACHE)

@@ -1,1 +1,239 @@
-//! (in progress)
+//! The UNet's transformer layers (diffusers' attention_processor.py `Attention` with
+//! `AttnProcessor2_0`, attention.py `BasicTransformerBlock`/`FeedForward`,
+//! transformer_2d.py `Transformer2DModel` on continuous input), plus an opt-in path that
+//! computes cross-attention probabilities explicitly for Grad-SAM.
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use super::weights::WeightPath;
+use anyhow::{bail, Result};
+use std::cell::RefCell;
+use tch::{Kind, Tensor};
+
+/// Which cross-attention layers (attn2, numbered in forward order) to capture, and what
+/// was captured. Passed down the UNet only by `forward_capturing`.
+pub struct AttnCapture<'a> {
+    layers: &'a [usize],
+    probs: RefCell<Vec<(usize, Tensor)>>,
+}
+
+impl<'a> AttnCapture<'a> {
+    pub fn new(layers: &'a [usize]) -> Self {
+        Self { layers, probs: RefCell::new(Vec::new()) }
+    }
+
+    fn wants(&self, layer: usize) -> bool {
+        self.layers.contains(&layer)
+    }
+
+    pub fn into_probs(self) -> Vec<(usize, Tensor)> {
+        self.probs.into_inner()
+    }
+}
+
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: i64,
+    head_dim: i64,
+    /// Only the explicit path honours it (as diffusers' AttnProcessor does); SDPA ignores it
+    /// exactly like AttnProcessor2_0.
+    upcast: bool,
+}
+
+impl Attention {
+    /// `context_dim` is the key/value input width (`None`: self-attention).
+    pub fn new(p: &WeightPath, query_dim: i64, context_dim: Option<i64>, heads: i64, head_dim: i64, upcast: bool) -> Result<Self> {
+        let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: Linear::load(&p.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&p.pp("to_k"), kv_dim, inner, false)?,
+            to_v: Linear::load(&p.pp("to_v"), kv_dim, inner, false)?,
+            to_out: Linear::load(&p.pp("to_out.0"), inner, query_dim, true)?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    /// [B, N, heads·d] → [B, heads, N, d]
+    fn split_heads(&self, x: &Tensor) -> Tensor {
+        let (b, n, _) = x.size3().expect("[batch, tokens, dim]");
+        x.view([b, n, self.heads, self.head_dim]).transpose(1, 2)
+    }
+
+    fn qkv(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Tensor, Tensor) {
+        let ctx = context.unwrap_or(x);
+        (
+            self.split_heads(&self.to_q.forward(x)),
+            self.split_heads(&self.to_k.forward(ctx)),
+            self.split_heads(&self.to_v.forward(ctx)),
+        )
+    }
+
+    fn output(&self, h: Tensor) -> Tensor {
+        let (b, _, n, _) = h.size4().expect("[batch, heads, tokens, d]");
+        self.to_out.forward(&h.transpose(1, 2).reshape([b, n, self.heads * self.head_dim]))
+    }
+
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
+        let (q, k, v) = self.qkv(x, context);
+        let h = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.output(h)
+    }
+
+    /// Like `forward`, also returning softmax(q·kᵀ·scale) as [B, heads, queries, keys],
+    /// computed as diffusers' `get_attention_scores` does (q, k in float32 when upcasting).
+    pub fn forward_with_probs(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (q, k, v) = self.qkv(x, context);
+        let kind = q.kind();
+        let (qs, ks) = if self.upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q, k) };
+        let scores = qs.matmul(&ks.transpose(-1, -2)) * (self.head_dim as f64).powf(-0.5);
+        let mut probs = scores.softmax(-1, None::<Kind>).to_kind(kind);
+        // Nothing upstream requires grad (weights are plain tensors), so make the
+        // probabilities a graph leaf: the rest of the UNet is then recorded from here on and
+        // d(output)/d(probs) can be taken. Detaching loses nothing when nothing requires grad.
+        if !probs.requires_grad() {
+            probs = probs.detach().set_requires_grad(true);
+        }
+        (self.output(probs.matmul(&v)), probs)
+    }
+}
+
+/// GEGLU feed-forward: proj → (h, gate) → h·gelu(gate) → linear.
+pub struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(p: &WeightPath, dim: i64, inner: i64) -> Result<Self> {
+        Ok(Self {
+            proj_in: Linear::load(&p.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: Linear::load(&p.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.proj_in.forward(x).chunk(2, -1);
+        self.proj_out.forward(&(&h[0] * h[1].gelu("none")))
+    }
+}
+
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+    /// This block's attn2 number among all cross-attention layers of the UNet.
+    cross_index: usize,
+}
+
+pub struct TransformerConfig {
+    pub channels: i64,
+    pub heads: i64,
+    pub layers: usize,
+    pub cross_attention_dim: i64,
+    pub groups: i64,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+    pub upcast_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    fn new(p: &WeightPath, c: &TransformerConfig, cross_index: usize) -> Result<Self> {
+        let (dim, heads) = (c.channels, c.heads);
+        let head_dim = dim / heads;
+        let ctx = c.cross_attention_dim;
+        let eps = 1e-5; // Transformer2DModel's norm_eps default; the UNet never sets it
+        Ok(Self {
+            norm1: LayerNorm::load(&p.pp("norm1"), dim, eps)?,
+            attn1: Attention::new(&p.pp("attn1"), dim, c.only_cross_attention.then_some(ctx), heads, head_dim, c.upcast_attention)?,
+            norm2: LayerNorm::load(&p.pp("norm2"), dim, eps)?,
+            attn2: Attention::new(&p.pp("attn2"), dim, Some(ctx), heads, head_dim, c.upcast_attention)?,
+            norm3: LayerNorm::load(&p.pp("norm3"), dim, eps)?,
+            ff: FeedForward::new(&p.pp("ff"), dim, dim * 4)?,
+            only_cross_attention: c.only_cross_attention,
+            cross_index,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
+        let self_ctx = self.only_cross_attention.then_some(context);
+        let x = self.attn1.forward(&self.norm1.forward(x), self_ctx) + x;
+        let n = self.norm2.forward(&x);
+        let a = match capture {
+            Some(c) if c.wants(self.cross_index) => {
+                let (a, probs) = self.attn2.forward_with_probs(&n, Some(context));
+                c.probs.borrow_mut().push((self.cross_index, probs));
+                a
+            }
+            _ => self.attn2.forward(&n, Some(context)),
+        };
+        let x = a + x;
+        self.ff.forward(&self.norm3.forward(&x)) + x
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Projection {
+    fn load(p: &WeightPath, linear: bool, cin: i64, cout: i64) -> Result<Self> {
+        Ok(if linear { Self::Linear(Linear::load(p, cin, cout, true)?) } else { Self::Conv(Conv2d::load(p, cin, cout, 1, 1, 0)?) })
+    }
+}
+
+/// GroupNorm → proj_in → transformer blocks over the H·W tokens → proj_out, plus residual.
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    /// `next_cross_index` numbers the attn2 layers in construction (= forward) order.
+    pub fn new(p: &WeightPath, c: &TransformerConfig, next_cross_index: &mut usize) -> Result<Self> {
+        let ch = c.channels;
+        if c.heads <= 0 || ch % c.heads != 0 {
+            bail!("{}: {ch} channels cannot be split into {} attention heads", p.name("attn"), c.heads);
+        }
+        let mut blocks = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            blocks.push(BasicTransformerBlock::new(&p.pp("transformer_blocks").pp(i), c, *next_cross_index)?);
+            *next_cross_index += 1;
+        }
+        Ok(Self {
+            norm: GroupNorm::load(&p.pp("norm"), c.groups, ch, 1e-6)?,
+            proj_in: Projection::load(&p.pp("proj_in"), c.use_linear_projection, ch, ch)?,
+            blocks,
+            proj_out: Projection::load(&p.pp("proj_out"), c.use_linear_projection, ch, ch)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
+        let (b, c, h, w) = x.size4().expect("[batch, channels, height, width]");
+        let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let to_image = |t: Tensor| t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous();
+        let n = self.norm.forward(x);
+        let mut t = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&n)),
+            Projection::Linear(lin) => lin.forward(&to_tokens(n)),
+        };
+        for block in &self.blocks {
+            t = block.forward(&t, context, capture);
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(t)),
+            Projection::Linear(lin) => to_image(lin.forward(&t)),
+        };
+        out + x
+    }
+}

@@ -1,1 +1,136 @@
-//! (in progress)
+//! CLIP text encoder, as transformers' `CLIPTextModel`: SD pipelines use its
+//! `last_hidden_state` as the UNet's `encoder_hidden_states`.
+use super::config::read_config;
+use super::nn::{Activation, Embedding, LayerNorm, Linear};
+use super::weights::{WeightPath, Weights};
+use anyhow::{ensure, Result};
+use serde::Deserialize;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        read_config(&dir.join("config.json"))
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(p: &WeightPath, c: &ClipTextConfig) -> Result<Self> {
+        let (d, a) = (c.hidden_size, p.pp("self_attn"));
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&p.pp("layer_norm1"), d, c.layer_norm_eps)?,
+            q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
+            layer_norm2: LayerNorm::load(&p.pp("layer_norm2"), d, c.layer_norm_eps)?,
+            fc1: Linear::load(&p.pp("mlp").pp("fc1"), d, c.intermediate_size, true)?,
+            fc2: Linear::load(&p.pp("mlp").pp("fc2"), c.intermediate_size, d, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, heads: i64, act: Activation) -> Tensor {
+        let (b, n, d) = x.size3().expect("[batch, seq, hidden]");
+        let h = self.layer_norm1.forward(x);
+        let split = |t: Tensor| t.view([b, n, heads, d / heads]).transpose(1, 2);
+        let (q, k, v) = (split(self.q_proj.forward(&h)), split(self.k_proj.forward(&h)), split(self.v_proj.forward(&h)));
+        // Causal: each token attends to itself and earlier ones (CLIP was trained that way,
+        // and SD pipelines pass no padding mask). Default scale is head_dim^-0.5, as in CLIP.
+        let att = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+        let x = x + self.out_proj.forward(&att.transpose(1, 2).reshape([b, n, d]));
+        let h = self.fc2.forward(&act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x))));
+        x + h
+    }
+}
+
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    heads: i64,
+    act: Activation,
+    max_positions: i64,
+}
+
+impl ClipTextModel {
+    /// `p` is the root of the text encoder's weights. transformers 4 saved them under
+    /// `text_model.` (as every published SD checkpoint has them); transformers 5 saves
+    /// `CLIPTextModel` without that prefix. Both load.
+    pub fn new(p: &WeightPath, cfg: &ClipTextConfig) -> Result<Self> {
+        ensure!(
+            cfg.hidden_size % cfg.num_attention_heads == 0,
+            "text encoder hidden_size {} is not a multiple of num_attention_heads {}",
+            cfg.hidden_size,
+            cfg.num_attention_heads
+        );
+        let t = if p.contains("embeddings.token_embedding.weight") { p.clone() } else { p.pp("text_model") };
+        let e = t.pp("embeddings");
+        let d = cfg.hidden_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(&t.pp("encoder").pp("layers").pp(i), cfg))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: Embedding::load(&e.pp("token_embedding"), cfg.vocab_size, d)?,
+            position_embedding: Embedding::load(&e.pp("position_embedding"), cfg.max_position_embeddings, d)?,
+            layers,
+            final_layer_norm: LayerNorm::load(&t.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+            act: Activation::from_name(&cfg.hidden_act)?,
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    /// Config and weights from a `text_encoder/` folder.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = ClipTextConfig::from_dir(dir)?;
+        let weights = Weights::load_dir(dir, device, kind)?;
+        Self::new(&weights.root(), &cfg)
+    }
+
+    /// `last_hidden_state` (after `final_layer_norm`), [batch, seq, hidden], for `input_ids`
+    /// of shape [batch, seq] with seq ≤ max_position_embeddings.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let seq = *input_ids.size().last().expect("[batch, seq] ids");
+        assert!(seq <= self.max_positions, "{seq} tokens exceed max_position_embeddings {}", self.max_positions);
+        let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
+        let mut x = self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions);
+        for layer in &self.layers {
+            x = layer.forward(&x, self.heads, self.act);
+        }
+        self.final_layer_norm.forward(&x)
+    }
+}

@@ -19,10 +19,13 @@ impl Linear {
     /// A 1×1 convolution's weights used as a linear layer (old VAE attention checkpoints
     /// store `proj_attn`/`query` as [out, in] or as [out, in, 1, 1]).
     pub fn load_squeezable(p: &WeightPath, in_dim: i64, out_dim: i64) -> Result<Self> {
-        let w = if p.get_opt("weight", &[out_dim, in_dim, 1, 1])?.is_some() {
-            p.get("weight", &[out_dim, in_dim, 1, 1])?.reshape([out_dim, in_dim])
-        } else {
-            p.get("weight", &[out_dim, in_dim])?
+        // Try [out, in] first so that a missing or misshapen tensor is reported as such.
+        let w = match p.get("weight", &[out_dim, in_dim]) {
+            Ok(w) => w,
+            Err(e) => match p.get("weight", &[out_dim, in_dim, 1, 1]) {
+                Ok(w) => w.reshape([out_dim, in_dim]),
+                Err(_) => return Err(e),
+            },
         };
         Ok(Self { weight: w, bias: Some(p.get("bias", &[out_dim])?) })
     }

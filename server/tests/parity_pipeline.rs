@@ -1,0 +1,95 @@
+//! Whole txt2img/img2img runs against diffusers' pipelines (tests/fixtures/ref_pipeline.py):
+//! every pixel within 3/255 and the mean within 0.5/255, for every scheduler and both
+//! fixture layouts (SD1-style and SD2-style).
+mod common;
+
+use frisket_server::engine::image_io;
+use frisket_server::engine::model::StableDiffusion;
+use frisket_server::engine::pipeline::{Flow, GenerateParams};
+use frisket_server::engine::schedulers::SchedulerKind;
+use serde_json::Value;
+use tch::{Device, Tensor};
+
+fn cases() -> Vec<Value> {
+    let path = common::fixtures().join("ref/pipeline/cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    serde_json::from_str::<Vec<Value>>(&text).unwrap()
+}
+
+fn params(case: &Value) -> GenerateParams {
+    let (scheduler, karras) = SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap()).unwrap();
+    let reference = case["reference"].as_str().map(|name| {
+        let img = image_io::read_rgb(&common::fixtures().join("ref/pipeline").join(name)).unwrap();
+        image_io::rgb_to_tensor(&img)
+    });
+    GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        seed: case["seed"].as_u64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        scheduler,
+        karras,
+        width: case["width"].as_i64().unwrap(),
+        height: case["height"].as_i64().unwrap(),
+        reference,
+        strength: case["strength"].as_f64().unwrap(),
+    }
+}
+
+fn check_model(model_name: &str) {
+    let expected = common::read_ref("pipeline/images.safetensors");
+    let model = StableDiffusion::load(&common::model_dir(model_name), Device::Cpu).unwrap();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in cases().iter().filter(|c| c["model"] == model_name) {
+        let key = case["key"].as_str().unwrap();
+        let p = params(case);
+        let mut steps_seen = 0;
+        let out = model
+            .generate(&p, &mut |_| {
+                steps_seen += 1;
+                Flow::Continue
+            })
+            .unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        let ours = out.image.permute([1, 2, 0]);
+        let theirs: &Tensor = &expected[key];
+        let diff = (&ours - theirs).abs();
+        let (max, mean) = (diff.max().double_value(&[]) * 255.0, diff.mean(None).double_value(&[]) * 255.0);
+        println!("{key}: {steps_seen} steps, max |Δ| {max:.4}/255, mean {mean:.5}/255");
+        if max > 3.0 || mean > 0.5 {
+            failures.push(format!("{key}: max {max:.3}/255 mean {mean:.4}/255"));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "expected at least 10 cases for {model_name}, found {checked}");
+    assert!(failures.is_empty(), "images differ from diffusers:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn sd1_images_match_diffusers() {
+    check_model("sd1");
+}
+
+#[test]
+fn sd2_images_match_diffusers() {
+    check_model("sd2");
+}
+
+/// Cancelling from the step callback stops the job with the `Cancelled` error.
+#[test]
+fn stopping_from_the_callback_cancels() {
+    let model = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
+    let case = cases().into_iter().find(|c| c["model"] == "sd1").unwrap();
+    let mut calls = 0;
+    let err = model
+        .generate(&params(&case), &mut |_| {
+            calls += 1;
+            if calls == 2 { Flow::Stop } else { Flow::Continue }
+        })
+        .err()
+        .expect("job should stop");
+    assert!(err.downcast_ref::<frisket_server::engine::pipeline::Cancelled>().is_some(), "{err:#}");
+    assert_eq!(calls, 2);
+}
+
