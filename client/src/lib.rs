@@ -1,2 +1,324 @@
-//! Frisket client library (typed async API over the gRPC stubs; arrives with the service).
+//! Frisket client library: a typed async API over the gRPC stubs of
+//! `proto/frisket/v1/frisket.proto`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), frisket::Error> {
+//! use frisket::{Client, Event, GenerateRequestBuilder};
+//! use tokio_stream::StreamExt;
+//!
+//! let client = Client::connect("http://127.0.0.1:50051").await?;
+//! let request = GenerateRequestBuilder::new("sd1", "a yellow star").seed(42).steps(8).build();
+//! let mut events = client.generate(request).await?;
+//! while let Some(event) = events.next().await {
+//!     match event?.event {
+//!         Event::Step(s) => println!("step {}/{}", s.index + 1, s.total),
+//!         Event::Result(r) => std::fs::write("out.png", &r.image).unwrap(),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 pub use frisket_proto as proto;
+
+pub mod dump;
+pub mod events;
+pub mod request;
+pub mod tensor;
+
+pub use events::{Event, GenerateResult, JobEvent, MaskKind};
+pub use request::GenerateRequestBuilder;
+pub use tensor::{DType, Tensor};
+
+use proto::v1 as pb;
+use proto::v1::frisket_client::FrisketClient;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tokio_stream::Stream;
+
+/// Largest message either way (results, previews and latents of big images).
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// The CLI's default server address.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// What can go wrong talking to a Frisket server.
+#[derive(Debug)]
+pub enum Error {
+    /// The server (or the transport under a call) answered with a gRPC status.
+    Status { code: tonic::Code, message: String },
+    /// The server could not be reached.
+    Connect { url: String, message: String },
+    /// Bad input from the caller: an invalid URL, an unreadable or undecodable file.
+    InvalidInput(String),
+    /// A local file could not be written.
+    Io { path: PathBuf, source: std::io::Error },
+    /// The server broke the protocol (a malformed tensor, a stream without a result).
+    Protocol(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+
+    /// The gRPC status code, for [`Error::Status`].
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// A short upper-case name: the canonical gRPC code name (`INVALID_ARGUMENT`, ...) for
+    /// statuses, `UNAVAILABLE` for an unreachable server, `INVALID_INPUT`, `IO` or
+    /// `PROTOCOL` for client-side failures.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Error::Status { code, .. } => code_name(*code),
+            Error::Connect { .. } => "UNAVAILABLE",
+            Error::InvalidInput(_) => "INVALID_INPUT",
+            Error::Io { .. } => "IO",
+            Error::Protocol(_) => "PROTOCOL",
+        }
+    }
+
+    /// The message without the code.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Status { message, .. } => message.clone(),
+            Error::Connect { url, message } => format!("cannot connect to {url}: {message}"),
+            Error::InvalidInput(m) | Error::Protocol(m) => m.clone(),
+            Error::Io { path, source } => format!("{}: {source}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code_name(), self.message())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Status { code: s.code(), message: s.message().to_string() }
+    }
+}
+
+/// The canonical name of a gRPC code (`tonic::Code`'s Display is a description instead).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A message with its causes: "transport error: tcp connect error: Connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Health of a service (grpc.health.v1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    Unknown,
+    Serving,
+    NotServing,
+    ServiceUnknown,
+}
+
+impl HealthStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthStatus::Unknown => "UNKNOWN",
+            HealthStatus::Serving => "SERVING",
+            HealthStatus::NotServing => "NOT_SERVING",
+            HealthStatus::ServiceUnknown => "SERVICE_UNKNOWN",
+        }
+    }
+}
+
+/// A connection to a Frisket server. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    frisket: FrisketClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `http://host:port` (a bare `host:port` gets `http://`), failing fast
+    /// with [`Error::Connect`] when nothing listens there.
+    pub async fn connect(url: impl AsRef<str>) -> Result<Self, Error> {
+        let url = url.as_ref().trim();
+        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Error::InvalidInput(format!("invalid server URL {url:?}: {}", error_chain(&e))))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| Error::Connect { url: url.clone(), message: error_chain(&e) })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel (e.g. a lazily connected one).
+    pub fn from_channel(channel: Channel) -> Self {
+        let frisket = FrisketClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let health = HealthClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        Client { frisket, health }
+    }
+
+    /// The underlying generated client, for anything this API does not wrap.
+    pub fn raw(&self) -> FrisketClient<Channel> {
+        self.frisket.clone()
+    }
+
+    /// Starts a job. The stream yields its events and ends after the `Result` event;
+    /// a failed job ends with an [`Error::Status`] item. Dropping the stream cancels the job.
+    pub async fn generate(&self, request: pb::GenerateRequest) -> Result<EventStream, Error> {
+        let job_id = (!request.job_id.is_empty()).then(|| request.job_id.clone());
+        let inner = self.frisket.clone().generate(request).await?.into_inner();
+        Ok(EventStream { inner, job_id, done: false })
+    }
+
+    /// The prompt's tokens with their positions (0 is the start token).
+    pub async fn tokenize(&self, model: &str, prompt: &str) -> Result<pb::TokenizeResponse, Error> {
+        let req = pb::TokenizeRequest { model: model.to_string(), prompt: prompt.to_string() };
+        Ok(self.frisket.clone().tokenize(req).await?.into_inner())
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<pb::ModelInfo>, Error> {
+        Ok(self.frisket.clone().list_models(pb::ListModelsRequest {}).await?.into_inner().models)
+    }
+
+    pub async fn server_info(&self) -> Result<pb::ServerInfo, Error> {
+        Ok(self.frisket.clone().get_server_info(pb::GetServerInfoRequest {}).await?.into_inner())
+    }
+
+    /// grpc.health.v1 Check of `service` ("" for the server as a whole).
+    pub async fn health(&self, service: &str) -> Result<HealthStatus, Error> {
+        use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+        let resp = self.health.clone().check(HealthCheckRequest { service: service.to_string() }).await?;
+        Ok(match ServingStatus::try_from(resp.into_inner().status) {
+            Ok(ServingStatus::Serving) => HealthStatus::Serving,
+            Ok(ServingStatus::NotServing) => HealthStatus::NotServing,
+            Ok(ServingStatus::ServiceUnknown) => HealthStatus::ServiceUnknown,
+            _ => HealthStatus::Unknown,
+        })
+    }
+
+    /// Stops a queued or running job; `false` when no such job is queued or running.
+    pub async fn cancel(&self, job_id: &str) -> Result<bool, Error> {
+        Ok(self.frisket.clone().cancel(pb::CancelRequest { job_id: job_id.to_string() }).await?.into_inner().found)
+    }
+}
+
+/// The events of one job (a [`tokio_stream::Stream`] of `Result<JobEvent, Error>`).
+///
+/// Ends after the `Result` event. A stream that ends without one yields a final
+/// [`Error::Protocol`]; a failed job yields its [`Error::Status`]. Events of kinds this
+/// client does not know are skipped.
+pub struct EventStream {
+    inner: tonic::Streaming<pb::GenerateEvent>,
+    job_id: Option<String>,
+    done: bool,
+}
+
+impl EventStream {
+    /// The job's id: the requested one, else the server's once the first event arrived.
+    pub fn job_id(&self) -> Option<&str> {
+        self.job_id.as_deref()
+    }
+
+    /// Consumes the stream up to the result.
+    pub async fn result(mut self) -> Result<GenerateResult, Error> {
+        use tokio_stream::StreamExt;
+        while let Some(item) = self.next().await {
+            if let Event::Result(r) = item?.event {
+                return Ok(*r);
+            }
+        }
+        Err(Error::Protocol("stream ended without a result".into()))
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<JobEvent, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let polled = Pin::new(&mut self.inner).poll_next(cx);
+            let item = match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(Error::Protocol("the event stream ended without a result".into()))));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status.into())));
+                }
+                Poll::Ready(Some(Ok(event))) => event,
+            };
+            match JobEvent::from_proto(item) {
+                Ok(None) => continue,
+                Ok(Some(event)) => {
+                    if self.job_id.is_none() && !event.job_id.is_empty() {
+                        self.job_id = Some(event.job_id.clone());
+                    }
+                    if matches!(event.event, Event::Result(_)) {
+                        self.done = true;
+                    }
+                    return Poll::Ready(Some(Ok(event)));
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+}

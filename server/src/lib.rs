@@ -1,2 +1,4 @@
-//! Frisket server: the Stable Diffusion engine on libtorch and (later) the gRPC service.
+//! Frisket server: the Stable Diffusion engine on libtorch and the gRPC service.
+pub mod cli;
 pub mod engine;
+pub mod service;

@@ -1,0 +1,289 @@
+//! `frisket generate`: one job, streamed.
+use super::{exit, json, Failure};
+use crate::{ExplainArg, GenerateArgs, PreviewFormatArg, PreviewMethodArg};
+use frisket::dump::{Dumper, Written};
+use frisket::proto::v1 as pb;
+use frisket::request::{ImageFormat, PreviewMethod};
+use frisket::{Client, Error, Event, GenerateRequestBuilder};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
+pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32, Failure> {
+    // Listen for Ctrl-C from the start, so that it never kills us with a job running.
+    let mut interrupt = Interrupt::new();
+    let request = build_request(&args)?;
+    let client = tokio::select! {
+        c = Client::connect(server) => c?,
+        _ = interrupt.recv() => return Err(interrupted(None)),
+    };
+    let mut dumper = match &args.dump_dir {
+        Some(dir) => Some(Dumper::create(dir)?),
+        None => None,
+    };
+    let progress = Progress::new(!as_json && std::io::stderr().is_terminal());
+    let mut job_id = args.job_id.clone();
+    let mut stream = tokio::select! {
+        s = client.generate(request) => s?,
+        _ = interrupt.recv() => return Err(interrupted(job_id)),
+    };
+    let result = loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = interrupt.recv() => {
+                progress.abandon("interrupted");
+                let id = job_id.clone().or_else(|| stream.job_id().map(String::from));
+                if let Some(id) = &id {
+                    // Best effort: dropping the stream below cancels the job as well.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.cancel(id)).await;
+                }
+                drop(stream);
+                // Let the transport send the stream reset before the process exits.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                finish_dump(dumper.as_ref());
+                return Err(interrupted(id));
+            }
+        };
+        let event = match item {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => {
+                progress.abandon("failed");
+                finish_dump(dumper.as_ref());
+                let mut failure = Failure::from(e);
+                failure.job_id = job_id.or_else(|| stream.job_id().map(String::from));
+                return Err(failure);
+            }
+            None => break None,
+        };
+        if job_id.is_none() && !event.job_id.is_empty() {
+            job_id = Some(event.job_id.clone());
+        }
+        let written = match dumper.as_mut() {
+            Some(d) => d.record(&event.event).map_err(|e| fail(e, &job_id))?,
+            None => Written::default(),
+        };
+        let mut manifest = None;
+        if let Event::Result(r) = &event.event {
+            write_file(&args.out, &r.image).map_err(|e| fail(e, &job_id))?;
+            if let Some(d) = &dumper {
+                manifest = Some(d.finish().map_err(|e| fail(e, &job_id))?);
+            }
+        }
+        if as_json {
+            json::event_line(&event.event_job_id(&job_id), &event.event, &written, &args.out, manifest.as_deref()).emit();
+        }
+        progress.update(&event.event);
+        if let Event::Result(r) = event.event {
+            break Some(r);
+        }
+    };
+    let Some(result) = result else {
+        // The stream reports a missing result as an error; this is unreachable in practice.
+        return Err(fail(Error::Protocol("the event stream ended without a result".into()), &job_id));
+    };
+    progress.finish(&result);
+    if !as_json {
+        println!("{}", args.out.display());
+    }
+    Ok(exit::OK)
+}
+
+trait EventJobId {
+    fn event_job_id(&self, fallback: &Option<String>) -> String;
+}
+
+impl EventJobId for frisket::JobEvent {
+    fn event_job_id(&self, fallback: &Option<String>) -> String {
+        if self.job_id.is_empty() {
+            fallback.clone().unwrap_or_default()
+        } else {
+            self.job_id.clone()
+        }
+    }
+}
+
+fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
+    let mut b = GenerateRequestBuilder::new(&a.model, &a.prompt)
+        .negative_prompt(&a.negative_prompt)
+        .seed(a.seed)
+        .steps(a.steps.unwrap_or(0))
+        .guidance(a.guidance)
+        .scheduler(a.scheduler.clone().unwrap_or_default())
+        .size(a.width.unwrap_or(0), a.height.unwrap_or(0))
+        .strength(a.strength);
+    if let Some(path) = &a.reference {
+        b = b.reference_file(path)?;
+    }
+    if let Some(path) = &a.protect {
+        b = b.protect_file(path)?;
+    }
+    if let Some(every) = a.preview_every {
+        let method = match a.preview_method {
+            PreviewMethodArg::Approx => PreviewMethod::Approx,
+            PreviewMethodArg::Vae => PreviewMethod::Vae,
+        };
+        let format = match a.preview_format {
+            PreviewFormatArg::Png => ImageFormat::Png,
+            PreviewFormatArg::Jpeg => ImageFormat::Jpeg,
+        };
+        b = b.previews(every, method, format, a.preview_max_size);
+    }
+    if let Some(every) = a.latents_every {
+        b = b.latents(every);
+    }
+    if a.masks || a.heatmaps {
+        b = b.explain_stream(a.masks, a.heatmaps);
+    }
+    let explain_mode = a.explain.map(|m| match m {
+        ExplainArg::Off => pb::ExplainMode::Off,
+        ExplainArg::Fast => pb::ExplainMode::Fast,
+        ExplainArg::Exact => pb::ExplainMode::Exact,
+    });
+    if explain_mode.is_some() || !a.subjects.is_empty() || !a.subject_indices.is_empty() || a.layers.is_some() {
+        b = b.explain(pb::ExplainOptions {
+            mode: explain_mode.unwrap_or(pb::ExplainMode::Fast) as i32,
+            subject_words: a.subjects.clone(),
+            subject_indices: a.subject_indices.clone(),
+            layers: a.layers.clone().unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    if let Some(id) = &a.job_id {
+        b = b.job_id(id);
+    }
+    Ok(b.build())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+fn fail(e: Error, job_id: &Option<String>) -> Failure {
+    let mut f = Failure::from(e);
+    f.job_id = job_id.clone();
+    f
+}
+
+fn interrupted(job_id: Option<String>) -> Failure {
+    let message = match &job_id {
+        Some(id) => format!("interrupted; job {id} cancelled"),
+        None => "interrupted".to_string(),
+    };
+    Failure { code: "CANCELLED".into(), message, exit: exit::INTERRUPTED, job_id }
+}
+
+/// Writes the manifest of what was dumped so far (after a failure: best effort).
+fn finish_dump(dumper: Option<&Dumper>) {
+    if let Some(d) = dumper {
+        if let Err(e) = d.finish() {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// SIGINT / Ctrl-C, registered when created (not on first poll).
+struct Interrupt {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupt {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+            Interrupt { signal }
+        }
+        #[cfg(not(unix))]
+        {
+            Interrupt {}
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            match &mut self.signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+    }
+}
+
+/// The progress bar on a terminal; nothing otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool) -> Self {
+        if !enabled {
+            return Progress { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+        bar.set_message("connecting");
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Progress { bar: Some(bar) }
+    }
+
+    fn update(&self, event: &Event) {
+        let Some(bar) = &self.bar else { return };
+        match event {
+            Event::Queued(q) => bar.set_message(format!("queued (position {})", q.position)),
+            Event::Started(s) => {
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} step {pos:>3}/{len} [{bar:30}] {msg} ({elapsed})")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                bar.set_length(s.total_steps as u64);
+                bar.set_position(0);
+                bar.set_message(format!("seed {}", s.seed));
+            }
+            Event::Step(s) => {
+                bar.set_length(s.total as u64);
+                bar.set_position(s.index as u64 + 1);
+                let rate = if s.elapsed_seconds > 0.0 { (s.index as f64 + 1.0) / s.elapsed_seconds } else { 0.0 };
+                bar.set_message(format!("t={} {:.2} it/s", fmt_timestep(s.timestep), rate));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&self, r: &frisket::GenerateResult) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+            let t = &r.timings;
+            eprintln!(
+                "done: {} steps, seed {}, {}x{}, {:.2}s ({:.2} s/step)",
+                r.settings.steps, r.seed, r.settings.width, r.settings.height, t.total_seconds, t.seconds_per_step
+            );
+        }
+    }
+
+    fn abandon(&self, why: &str) {
+        if let Some(bar) = &self.bar {
+            bar.abandon_with_message(why.to_string());
+        }
+    }
+}
+
+fn fmt_timestep(t: f64) -> String {
+    if t.fract() == 0.0 {
+        format!("{t:.0}")
+    } else {
+        format!("{t:.1}")
+    }
+}

@@ -1,0 +1,195 @@
+//! `frisket`: the command-line client of a Frisket server.
+//!
+//! Exit codes (see client/README.md):
+//! 0 success, 1 the server answered with a gRPC error, 2 usage error (bad flags, unreadable
+//! or undecodable input file, invalid URL), 3 server unreachable, 4 local I/O error
+//! (writing outputs), 5 protocol error (malformed stream), 6 negative answer (health: not
+//! serving; cancel: no such job), 130 interrupted (Ctrl-C; the job was cancelled).
+mod cli;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "frisket", version, about = "Client of a Frisket Stable Diffusion server")]
+pub struct Cli {
+    /// The server's address.
+    #[arg(long, global = true, env = "FRISKET_SERVER", default_value = frisket::DEFAULT_SERVER)]
+    pub server: String,
+    /// Machine-readable output: JSON lines on stdout (format v1, see client/README.md).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a job and save its image, streaming its progress.
+    Generate(Box<GenerateArgs>),
+    /// List the server's models.
+    Models,
+    /// Show a prompt's tokens and their positions.
+    Tokenize {
+        prompt: String,
+        #[arg(long)]
+        model: String,
+    },
+    /// grpc.health.v1 check (exit 0 when serving, 6 otherwise).
+    Health {
+        /// The service to check; empty for the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Show the server's version, device and limits.
+    Info,
+    /// Cancel a queued or running job (exit 6 when there is no such job).
+    Cancel { job_id: String },
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum PreviewMethodArg {
+    Approx,
+    Vae,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum PreviewFormatArg {
+    Png,
+    Jpeg,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum ExplainArg {
+    Off,
+    Fast,
+    Exact,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A model name from `frisket models`.
+    #[arg(long)]
+    pub model: String,
+    /// What to generate.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Absent: the server draws one (printed at the end).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Denoising steps [server default: 20].
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale [server default: 7.5].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// ddim, euler, euler-a, dpm++ or dpm++-karras [server default: ddim].
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Output width in pixels [default: the reference's, else the model's native width].
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Output height in pixels [default: the reference's, else the model's native height].
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// img2img: the image to start from (PNG or JPEG).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// img2img: share of the schedule that runs, in (0, 1] [server default: 0.8].
+    #[arg(long, requires = "reference")]
+    pub strength: Option<f64>,
+    /// Protected region: a mask at the reference's size, non-zero pixels come back unchanged.
+    #[arg(long, requires = "reference")]
+    pub protect: Option<PathBuf>,
+    /// Where to write the result image.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stream a preview every N steps (and the last; 0: every step).
+    #[arg(long)]
+    pub preview_every: Option<u32>,
+    /// approx: a cheap linear latent→RGB map at latent size; vae: an exact decode.
+    #[arg(long, value_enum, default_value = "approx", requires = "preview_every")]
+    pub preview_method: PreviewMethodArg,
+    /// Preview image format.
+    #[arg(long, value_enum, default_value = "png", requires = "preview_every")]
+    pub preview_format: PreviewFormatArg,
+    /// Longest preview side in pixels (0: no limit).
+    #[arg(long, default_value_t = 0, requires = "preview_every")]
+    pub preview_max_size: u32,
+    /// Stream the latent entering every N-th step.
+    #[arg(long)]
+    pub latents_every: Option<u32>,
+    /// Write every streamed artifact and a manifest.json into DIR.
+    #[arg(long)]
+    pub dump_dir: Option<PathBuf>,
+    /// Client-chosen job id (for `frisket cancel`).
+    #[arg(long)]
+    pub job_id: Option<String>,
+    /// Explainable latent manipulation (Grad-SAM).
+    #[arg(long, value_enum)]
+    pub explain: Option<ExplainArg>,
+    /// Subject word to explain (repeatable).
+    #[arg(long = "subject")]
+    pub subjects: Vec<String>,
+    /// Subject token position to explain (repeatable; 0 is the start token).
+    #[arg(long = "subject-index")]
+    pub subject_indices: Vec<u32>,
+    /// Cross-attention layers: "last", "all" or a comma-separated list.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Stream explain masks.
+    #[arg(long)]
+    pub masks: bool,
+    /// Stream token heatmaps.
+    #[arg(long)]
+    pub heatmaps: bool,
+}
+
+/// Parses arguments; a usage error is one line on stderr (and a JSON error line with
+/// `--json`) and exit code 2.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap's message up to the first blank line or usage block, on one line.
+            let rendered = e.render().to_string();
+            let body: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let body = body.join(" ");
+            let body = body.strip_prefix("error: ").unwrap_or(&body);
+            let body = if body.is_empty() { "invalid arguments" } else { body };
+            let message = format!("{body} (see --help)");
+            let failure = cli::Failure::usage(message);
+            failure.report(std::env::args().any(|a| a == "--json"));
+            std::process::exit(failure.exit);
+        }
+    }
+}
+
+fn main() {
+    let args = parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let json = args.json;
+    let code = match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(failure) => {
+            failure.report(json);
+            failure.exit
+        }
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    std::process::exit(code);
+}

@@ -1,0 +1,268 @@
+//! The engine thread: the one thread that owns the loaded models and runs jobs, one at a
+//! time (tch tensors are not Sync and grad mode is per thread). Jobs come from the
+//! [`Queue`]; events go back over each job's bounded stream channel.
+use super::jobs::{Job, Queue, StopReason};
+use super::models::Catalog;
+use super::preview;
+use crate::engine::image_io;
+use crate::engine::model::StableDiffusion;
+use crate::engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
+use frisket_proto::v1::{generate_event::Event, Latent, Preview, Result as JobResult, Settings, Started, Step, Tensor as PbTensor, Timings};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tch::Device;
+use tokio::runtime::Handle;
+use tonic::Status;
+use tracing::{error, info, info_span, warn};
+
+pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handle) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("frisket-engine".into()).spawn(move || {
+        let mut engine = Engine { models: HashMap::new(), device, rt, catalog };
+        while let Some(job) = queue.next() {
+            let span = info_span!("job", job_id = %job.id);
+            let _entered = span.enter();
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&job)));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(End::Stopped(reason))) => {
+                    info!(reason = reason.as_str(), "job stopped");
+                    job.end_stopped(reason);
+                }
+                Ok(Err(End::Failed(status))) => {
+                    warn!(code = ?status.code(), "job failed: {}", status.message());
+                    job.end_with(status);
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("unknown panic");
+                    error!("job panicked: {what}");
+                    job.end_with(Status::internal(format!("the engine failed on this job: {what}")));
+                }
+            }
+            queue.finish();
+        }
+        info!("engine thread exiting");
+    })
+}
+
+enum End {
+    Stopped(StopReason),
+    Failed(Status),
+}
+
+impl From<Status> for End {
+    fn from(s: Status) -> Self {
+        End::Failed(s)
+    }
+}
+
+struct Engine {
+    models: HashMap<String, StableDiffusion>,
+    device: Device,
+    rt: Handle,
+    catalog: Arc<Catalog>,
+}
+
+/// Sends one event, waiting while the client's buffer is full, but never past a stop
+/// request or the deadline. False (and the job marked stopped) when it could not be sent.
+fn send(rt: &Handle, job: &Job, event: Event) -> bool {
+    if job.check_stop().is_some() {
+        return false;
+    }
+    let msg = Ok(job.event(event));
+    let mut stop = job.stop_watch();
+    let deadline = job.deadline.map(tokio::time::Instant::from_std);
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            biased;
+            r = job.events.send(msg) => r.map_err(|_| StopReason::ClientGone),
+            r = stop.wait_for(Option::is_some) => Err(r.ok().and_then(|r| *r).unwrap_or(StopReason::ClientGone)),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => Err(StopReason::Deadline),
+        }
+    });
+    match outcome {
+        Ok(()) => true,
+        Err(reason) => {
+            job.stop(reason);
+            false
+        }
+    }
+}
+
+impl Engine {
+    fn model(&mut self, name: &str) -> Result<&StableDiffusion, Status> {
+        if !self.models.contains_key(name) {
+            let dir = self.catalog.resolve(name)?;
+            let t = Instant::now();
+            info!(model = name, device = ?self.device, "loading model");
+            let model = StableDiffusion::load(&dir, self.device)
+                .map_err(|e| Status::failed_precondition(format!("loading model {name:?} failed: {e:#}")))?;
+            info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded");
+            self.models.insert(name.to_string(), model);
+        }
+        Ok(&self.models[name])
+    }
+
+    fn run(&mut self, job: &Job) -> Result<(), End> {
+        if let Some(reason) = job.check_stop() {
+            return Err(End::Stopped(reason));
+        }
+        let rt = self.rt.clone();
+        let spec = &job.spec;
+        let queued_seconds = job.accepted.elapsed().as_secs_f64();
+        let model = self.model(&spec.meta.name)?;
+        let params = spec.params();
+        model.validate(&params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let scheduler = model.scheduler(&params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let start = match &params.reference {
+            Some(_) => img2img_start(params.steps, params.strength, scheduler.order()),
+            None => 0,
+        };
+        let timesteps = scheduler.timesteps()[start..].to_vec();
+        drop(scheduler);
+        if let Some(reason) = job.check_stop() {
+            return Err(End::Stopped(reason));
+        }
+        info!(model = %spec.meta.name, steps = timesteps.len(), seed = spec.seed, width = spec.width, height = spec.height,
+              scheduler = %spec.scheduler_name, img2img = spec.reference.is_some(), "job started");
+        let started = Instant::now();
+        let total_steps = timesteps.len() as u32;
+        let started_event = Started {
+            total_steps,
+            timesteps: timesteps.clone(),
+            seed: spec.seed,
+            width: spec.width,
+            height: spec.height,
+        };
+        if !send(&rt, job, Event::Started(started_event)) {
+            return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
+        }
+
+        let mut steps_done = 0usize;
+        let mut last_step_end = started;
+        let mut on_step = |e: &StepEvent| -> Flow {
+            steps_done = e.index + 1;
+            last_step_end = Instant::now();
+            if job.check_stop().is_some() {
+                return Flow::Stop;
+            }
+            if let Some(every) = spec.latents_every {
+                if e.index % every == 0 {
+                    match preview::latent_bytes(e.latents_in) {
+                        Ok((shape, data)) => {
+                            let latent = Latent {
+                                step: e.index as u32,
+                                timestep: e.timestep,
+                                latent: Some(PbTensor { shape, dtype: "float32".into(), data }),
+                            };
+                            if !send(&rt, job, Event::Latent(latent)) {
+                                return Flow::Stop;
+                            }
+                        }
+                        Err(err) => warn!(step = e.index, "latent not sent: {err:#}"),
+                    }
+                }
+            }
+            let step = Step {
+                index: e.index as u32,
+                total: e.total as u32,
+                timestep: e.timestep,
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+            };
+            if !send(&rt, job, Event::Step(step)) {
+                return Flow::Stop;
+            }
+            if let Some(p) = &spec.previews {
+                if (e.index + 1) % p.every == 0 || e.index + 1 == e.total {
+                    match preview::render(model, e.denoised, p) {
+                        Ok(enc) => {
+                            let preview = Preview {
+                                step: e.index as u32,
+                                timestep: e.timestep,
+                                image: enc.bytes,
+                                mime_type: enc.mime.into(),
+                                width: enc.width,
+                                height: enc.height,
+                            };
+                            if !send(&rt, job, Event::Preview(preview)) {
+                                return Flow::Stop;
+                            }
+                        }
+                        Err(err) => warn!(step = e.index, "preview not sent: {err:#}"),
+                    }
+                }
+            }
+            // Checked once more so a stop that arrived while sending ends the job now,
+            // before the next step.
+            if job.check_stop().is_some() {
+                return Flow::Stop;
+            }
+            last_step_end = Instant::now();
+            Flow::Continue
+        };
+        let generated = model.generate(&params, &mut on_step);
+        let generated = match generated {
+            Ok(g) => g,
+            Err(e) if e.is::<Cancelled>() => {
+                let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
+                info!(steps_done, total = total_steps, "job stopped before step {}", steps_done);
+                return Err(End::Stopped(reason));
+            }
+            Err(e) => return Err(Status::internal(format!("generation failed: {e:#}")).into()),
+        };
+        let decode_seconds = last_step_end.elapsed().as_secs_f64();
+
+        // The same encode path as `frisket-server render`.
+        let rgb = image_io::tensor_to_rgb(&generated.image).map_err(|e| Status::internal(format!("{e:#}")))?;
+        let png = image_io::encode_png(&rgb).map_err(|e| Status::internal(format!("{e:#}")))?;
+        let change_map = match &spec.reference {
+            Some(reference) => preview::change_map(&rgb, reference).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let total_seconds = started.elapsed().as_secs_f64();
+        let result = JobResult {
+            image: png,
+            mime_type: "image/png".into(),
+            seed: spec.seed,
+            settings: Some(Settings {
+                model: spec.meta.name.clone(),
+                prompt: spec.prompt.clone(),
+                negative_prompt: spec.negative_prompt.clone(),
+                seed: spec.seed,
+                steps: spec.steps as u32,
+                guidance: spec.guidance,
+                scheduler: spec.scheduler_name.clone(),
+                width: spec.width,
+                height: spec.height,
+                img2img: spec.reference.is_some(),
+                strength: if spec.reference.is_some() { spec.strength } else { 1.0 },
+            }),
+            timings: Some(Timings {
+                queued_seconds,
+                total_seconds,
+                seconds_per_step: (total_seconds - decode_seconds) / (total_steps.max(1) as f64),
+                decode_seconds,
+            }),
+            change_map,
+            reference_fraction_per_step: Vec::new(),
+            psnr_protected: None,
+            psnr_outside: None,
+        };
+        if !send(&rt, job, Event::Result(result)) {
+            return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
+        }
+        info!(seconds = total_seconds, "job finished");
+        Ok(())
+    }
+}

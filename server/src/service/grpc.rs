@@ -1,0 +1,226 @@
+//! The `frisket.v1.Frisket` gRPC service.
+use super::jobs::{EventResult, Job, PushError, Queue};
+use super::models::{Catalog, SCHEDULERS};
+use super::request::{self, prepare};
+use super::Limits;
+use frisket_proto::v1::frisket_server::Frisket;
+use frisket_proto::v1::{
+    CancelRequest, CancelResponse, GenerateRequest, GetServerInfoRequest, ListModelsRequest, ListModelsResponse,
+    ModelInfo, ServerInfo, Token, TokenizeRequest, TokenizeResponse,
+};
+use prost::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// Events buffered per stream before the engine waits for the client.
+const STREAM_BUFFER: usize = 16;
+
+pub struct FrisketService {
+    pub queue: Arc<Queue>,
+    pub catalog: Arc<Catalog>,
+    pub limits: Limits,
+    pub device: String,
+    pub devices: Vec<String>,
+    next_id: AtomicU64,
+}
+
+impl FrisketService {
+    pub fn new(queue: Arc<Queue>, catalog: Arc<Catalog>, limits: Limits, device: String, devices: Vec<String>) -> Self {
+        Self { queue, catalog, limits, device, devices, next_id: AtomicU64::new(1) }
+    }
+
+    fn new_job_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("job-{n}-{:08x}", request::random_seed() as u32)
+    }
+}
+
+/// The `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and a unit H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn deadline_of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
+    let value = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    match parse_grpc_timeout(value) {
+        Some(d) => Some(received + d),
+        None => {
+            warn!(value, "ignoring malformed grpc-timeout header");
+            None
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl Frisket for FrisketService {
+    type GenerateStream = ReceiverStream<EventResult>;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let received = Instant::now();
+        if !self.queue.is_accepting() {
+            return Err(Status::unavailable("the server is shutting down and accepts no new jobs"));
+        }
+        let deadline = deadline_of(&request, received);
+        let req = request.into_inner();
+        let size = req.encoded_len();
+        if size > self.limits.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "request is {size} bytes, more than the limit of {} bytes",
+                self.limits.max_message_bytes
+            )));
+        }
+        let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
+        let (catalog, limits) = (self.catalog.clone(), self.limits.clone());
+        let spec = blocking(move || prepare(&req, &catalog, &limits, request::random_seed())).await;
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(status) => {
+                info!(job_id = %job_id, code = ?status.code(), "request refused: {}", status.message());
+                return Err(status);
+            }
+        };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Status::deadline_exceeded("the request's deadline passed before the job was queued"));
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let job = Arc::new(Job::new(job_id.clone(), spec, tx, deadline, tokio::runtime::Handle::current()));
+        match self.queue.push(job) {
+            Ok(position) => {
+                info!(job_id = %job_id, position, "job queued");
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+            Err(PushError::Full) => {
+                info!(job_id = %job_id, "queue full, job refused");
+                Err(Status::resource_exhausted(format!(
+                    "the job queue is full ({} waiting); retry later",
+                    self.queue.capacity
+                )))
+            }
+            Err(PushError::ShuttingDown) => Err(Status::unavailable("the server is shutting down and accepts no new jobs")),
+            Err(PushError::DuplicateId) => {
+                Err(Status::already_exists(format!("a job with id {job_id:?} is already queued or running")))
+            }
+        }
+    }
+
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        if req.prompt.len() > request::MAX_PROMPT_BYTES {
+            return Err(Status::invalid_argument(format!("prompt is limited to {} bytes", request::MAX_PROMPT_BYTES)));
+        }
+        let catalog = self.catalog.clone();
+        blocking(move || {
+            let tok = catalog.tokenizer(&req.model)?;
+            let infos = tok.tokens(&req.prompt);
+            // The tokenizer keeps max_length tokens; a full list whose last word does not
+            // end the prompt was cut.
+            let full = infos.len() >= tok.max_length();
+            let truncated = full && {
+                let last = infos.iter().rev().find(|t| t.word.is_some());
+                let prompt = req.prompt.to_lowercase();
+                !last.is_some_and(|t| {
+                    t.text.ends_with("</w>") && t.word.as_deref().is_some_and(|w| prompt.trim_end().ends_with(w))
+                })
+            };
+            let tokens = infos
+                .into_iter()
+                .map(|t| Token {
+                    index: t.position as u32,
+                    id: t.id,
+                    text: t.text,
+                    word: t.word.unwrap_or_default(),
+                    word_index: t.word_index.map(|w| w as u32),
+                })
+                .collect();
+            Ok(Response::new(TokenizeResponse { tokens, truncated }))
+        })
+        .await
+    }
+
+    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let catalog = self.catalog.clone();
+        let models = blocking(move || Ok(catalog.list())).await?;
+        let models = models
+            .into_iter()
+            .map(|m| ModelInfo {
+                name: m.name,
+                architecture: m.architecture,
+                native_width: m.native_width,
+                native_height: m.native_height,
+                size_multiple: m.size_multiple,
+                prediction_type: m.prediction_type,
+                schedulers: SCHEDULERS.iter().map(|s| s.to_string()).collect(),
+                img2img: true,
+                explain: false,
+                protected_regions: false,
+            })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+
+    async fn get_server_info(&self, _request: Request<GetServerInfoRequest>) -> Result<Response<ServerInfo>, Status> {
+        let (queued, running) = self.queue.counts();
+        Ok(Response::new(ServerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            devices: self.devices.clone(),
+            device: self.device.clone(),
+            queue_capacity: self.queue.capacity as u32,
+            queued_jobs: queued,
+            running_jobs: running,
+            max_steps: self.limits.max_steps,
+            max_pixels: self.limits.max_pixels,
+        }))
+    }
+
+    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let id = request.into_inner().job_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("job_id is required"));
+        }
+        let found = self.queue.cancel(&id);
+        info!(job_id = %id, found, "cancel requested");
+        Ok(Response::new(CancelResponse { found }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "12x", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+}

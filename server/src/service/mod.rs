@@ -1,0 +1,268 @@
+//! `frisket-server serve`: the gRPC service (frisket.v1.Frisket, grpc.health.v1.Health and
+//! server reflection v1/v1alpha) in front of one engine thread.
+//!
+//! Request flow: a handler validates the request (request.rs), queues a [`jobs::Job`] in
+//! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
+//! of the job's bounded event channel as the response stream. The engine thread
+//! (engine.rs) owns the models, runs one job at a time and sends its events; a closed
+//! stream, Cancel, the deadline or shutdown stop a job before its next step.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
+//! accepted jobs run on for up to the grace period, then whatever is left ends with
+//! UNAVAILABLE; then the server stops and the process exits 0.
+pub mod engine;
+pub mod grpc;
+pub mod jobs;
+pub mod models;
+pub mod preview;
+pub mod request;
+
+use anyhow::{Context, Result};
+use frisket_proto::v1::frisket_server::FrisketServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+/// The API's service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "frisket.v1.Frisket";
+
+/// Request limits, reported by GetServerInfo.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request or response message (a 2048² PNG plus its mask fit comfortably).
+    pub max_message_bytes: usize,
+    pub max_steps: u32,
+    /// width × height.
+    pub max_pixels: u32,
+    /// Longest side of the output and of decoded input images.
+    pub max_side: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_message_bytes: 64 << 20, max_steps: 500, max_pixels: 2048 * 2048, max_side: 4096 }
+    }
+}
+
+pub struct ServeConfig {
+    pub models: PathBuf,
+    pub listen: String,
+    pub device: String,
+    pub queue_capacity: usize,
+    pub grace_period: Duration,
+    pub limits: Limits,
+}
+
+/// Logs to stderr; RUST_LOG filters (default info).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+        _ => "cpu".into(),
+    }
+}
+
+/// Runs the service until SIGTERM / Ctrl-C and the drain that follows.
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    init_tracing();
+    let device = crate::engine::model::parse_device(&cfg.device)?;
+    let catalog = Arc::new(models::Catalog::new(&cfg.models)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("frisket-rt")
+        .build()
+        .context("starting the async runtime")?;
+    let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
+    let engine = engine::spawn(queue.clone(), catalog.clone(), device, runtime.handle().clone())
+        .context("starting the engine thread")?;
+    let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone()));
+    queue.exit_engine();
+    // The drain already waited for the jobs; a job still running here has been told to stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !engine.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !engine.is_finished() {
+        warn!("engine thread still busy at exit");
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
+}
+
+async fn serve(cfg: ServeConfig, device: tch::Device, catalog: Arc<models::Catalog>, queue: Arc<jobs::Queue>) -> Result<()> {
+    let limits = cfg.limits.clone();
+    let mut devices = vec!["cpu".to_string()];
+    devices.extend((0..tch::Cuda::device_count()).map(|n| format!("cuda:{n}")));
+    let service = grpc::FrisketService::new(queue.clone(), catalog.clone(), limits.clone(), device_name(device), devices);
+    let frisket = FrisketServer::new(service)
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(frisket_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(frisket_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
+
+    // Sweep the queue: waiting jobs whose client left or whose deadline passed go now.
+    let sweeper = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                queue.sweep();
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = cfg.grace_period;
+    let drain = {
+        let queue = queue.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!(grace_seconds = grace.as_secs_f64(), "shutdown requested: refusing new jobs, draining");
+            queue.close();
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+            let idle = async {
+                while !queue.is_idle() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let drained = tokio::select! {
+                _ = idle => true,
+                _ = tokio::time::sleep(grace) => false,
+                _ = wait_for_signal() => { warn!("second signal: not waiting for the grace period"); false }
+            };
+            if !drained {
+                warn!("grace period over: stopping the remaining jobs");
+                queue.abort_all(jobs::StopReason::Shutdown);
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while !queue.is_idle() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+            }
+            // Let the last events reach their clients before the connections close.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = stop_tx.send(());
+        })
+    };
+
+    println!("frisket-server listening on {addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    info!(%addr, models = %cfg.models.display(), device = %device_name(device), queue_capacity = queue.capacity, "serving");
+
+    let window = Some(8 << 20);
+    let server = Server::builder()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .layer(tower::util::MapResponseLayer::new(limits::over_limit_is_resource_exhausted))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(frisket)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    // Connections that stay open (a client watching health, say) must not hold the exit.
+    let stopped = async {
+        while !drain.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+    tokio::select! {
+        r = server => r.context("serving")?,
+        _ = stopped => warn!("connections still open after shutdown; closing them"),
+    }
+    sweeper.abort();
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+mod limits {
+    use tonic::Status;
+
+    /// tonic 0.14 answers a request message over `max_decoding_message_size` with
+    /// OUT_OF_RANGE ("decoded message length too large"); gRPC's convention (and our
+    /// API) is RESOURCE_EXHAUSTED. The error comes back as a trailers-only response, so
+    /// its status is in the response headers, where this rewrites it.
+    pub fn over_limit_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+        let headers = response.headers_mut();
+        if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+            return response;
+        }
+        let Some(status) = Status::from_header_map(headers) else { return response };
+        if !status.message().contains("message length too large") {
+            return response;
+        }
+        let replacement = Status::resource_exhausted(format!("request message too large: {}", status.message()));
+        headers.remove("grpc-message");
+        headers.remove("grpc-status-details-bin");
+        let _ = replacement.add_header(headers);
+        response
+    }
+}
