@@ -13,6 +13,7 @@ export PATH := $(VENV)/bin:$(PATH)
 # bindings once (dependencies are optimised in the dev profile, see Cargo.toml).
 CARGO_FLAGS ?=
 SERVER_BIN := target/debug/frisket-server
+CLIENT_BIN := target/debug/frisket
 OUT ?= $(CURDIR)/out
 
 .PHONY: build test fixtures run bench
@@ -37,4 +38,4 @@ run: build fixtures
 	@echo "result: $(OUT)/render.png"
 
 bench: build
-	$(PY) bench/bench.py $(SERVER_BIN) $(CACHE)
+	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE)

@@ -2,9 +2,13 @@
 
 Builds (once, cached) a mid-size random SD-1-style model, 128/256/256 channels, and renders
 the same job at 256×256 with diffusers and with `frisket-server render`, then prints seconds
-per denoising step for each and the ratio. Usage: bench.py FRISKET_SERVER_BINARY CACHE_DIR
+per denoising step for each and the ratio. Then the service's streaming overhead: the same
+job through `frisket-server serve` + `frisket generate` with a preview and the latent every
+step, against `render`, and the time to the first preview against one step.
+Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,18 +85,65 @@ def frisket_step_times(binary: str, folder: Path) -> list:
         return json.loads(timings.read_text())["step_seconds"][1:]
 
 
-def main(binary: str, cache: Path) -> None:
+def streamed_step_times(server_bin: str, client_bin: str, folder: Path) -> tuple:
+    """Per-step wall times seen by a client receiving a preview and the latent every step,
+    and the time from Started to the first preview."""
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models"
+        models.mkdir()
+        os.symlink(folder, models / "mid")
+        server = subprocess.Popen([server_bin, "serve", "--models", str(models), "--listen", "127.0.0.1:0",
+                                   "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = server.stdout.readline()
+            url = "http://" + line.strip().rsplit(" ", 1)[-1]
+            args = [client_bin, "generate", "--server", url, "--model", "mid", "--prompt", PROMPT, "--seed", str(SEED),
+                    "--guidance", str(GUIDANCE), "--width", str(SIZE), "--height", str(SIZE), "--scheduler", "ddim",
+                    "--out", str(Path(tmp) / "out.png"), "--json"]
+            subprocess.run(args + ["--steps", "1"], check=True, stdout=subprocess.DEVNULL)  # loads the model
+            client = subprocess.Popen(args + ["--steps", str(STEPS), "--preview-every", "1", "--latents-every", "1"],
+                                      stdout=subprocess.PIPE, text=True)
+            started, first_preview, step_stamps = None, None, []
+            for line in client.stdout:
+                now, event = time.perf_counter(), json.loads(line)["event"]
+                if event == "started":
+                    started = now
+                elif event == "step":
+                    step_stamps.append(now)
+                elif event == "preview" and first_preview is None:
+                    first_preview = now
+            assert client.wait() == 0
+        finally:
+            server.terminate()
+            server.wait()
+    steps = [b - a for a, b in zip(step_stamps, step_stamps[1:])]
+    return steps, first_preview - started
+
+
+def main(server_bin: str, client_bin: str, cache: Path) -> None:
     folder = cache / "bench-model-128-256-256"
     build_model(folder, cache)
     print(f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
-          f"{torch.get_num_threads()} threads; first step excluded (warm-up)")
-    with torch.no_grad():
-        theirs = statistics.median(diffusers_step_times(folder))
-    ours = statistics.median(frisket_step_times(binary, folder))
+          f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)")
+    # Alternate the two a few times so that background load hits both alike.
+    theirs, ours = [], []
+    for _ in range(2):
+        with torch.no_grad():
+            theirs += diffusers_step_times(folder)
+        ours += frisket_step_times(server_bin, folder)
+    theirs, ours = statistics.median(theirs), statistics.median(ours)
     print(f"diffusers {theirs:.3f} s/step")
     print(f"frisket   {ours:.3f} s/step")
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
 
+    streamed, first_preview = streamed_step_times(server_bin, client_bin, folder)
+    plain = statistics.median(frisket_step_times(server_bin, folder))
+    streamed = statistics.median(streamed)
+    print(f"service, preview+latent every step: {streamed:.3f} s/step, render {plain:.3f} s/step, "
+          f"ratio {streamed / plain:.3f} (goal <= 1.05)")
+    print(f"time to first preview {first_preview:.3f} s, one step {plain:.3f} s, "
+          f"ratio {first_preview / plain:.3f} (goal <= 1.2)")
+
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

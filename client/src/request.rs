@@ -31,9 +31,9 @@ impl GenerateRequestBuilder {
         self
     }
 
-    /// 0 means the server's default.
-    pub fn steps(mut self, steps: u32) -> Self {
-        self.req.steps = steps;
+    /// `None`: the server's default (20).
+    pub fn steps(mut self, steps: impl Into<Option<u32>>) -> Self {
+        self.req.steps = steps.into();
         self
     }
 

@@ -93,8 +93,14 @@ pub fn parse() -> Cli {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments").trim();
-            eprintln!("{first} (see --help)");
+            let mut lines = rendered.lines().map(str::trim);
+            let first = lines.next().unwrap_or("invalid arguments");
+            // "…were not provided:" lists the arguments on the lines that follow.
+            let message = match first.ends_with(':') {
+                true => format!("{first} {}", lines.take_while(|l| !l.is_empty()).collect::<Vec<_>>().join(", ")),
+                false => first.to_string(),
+            };
+            eprintln!("{message} (see --help)");
             std::process::exit(2);
         }
     }

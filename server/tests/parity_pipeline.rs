@@ -93,3 +93,10 @@ fn stopping_from_the_callback_cancels() {
     assert_eq!(calls, 2);
 }
 
+
+/// A layout no published checkpoint has (2 UNet blocks, per-block layer and head counts,
+/// 4-block VAE without mid attention, sharded weights).
+#[test]
+fn mixed_layout_images_match_diffusers() {
+    check_model("sd-mixed");
+}

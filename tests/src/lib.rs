@@ -244,7 +244,7 @@ pub fn txt2img(model: &str, prompt: &str, seed: u64, steps: u32, width: u32, hei
         model: model.into(),
         prompt: prompt.into(),
         seed: Some(seed),
-        steps,
+        steps: Some(steps),
         width,
         height,
         ..Default::default()

@@ -139,10 +139,9 @@ async fn events_come_in_order_and_the_result_equals_render() {
         let values: Vec<f32> = t.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert!(values.iter().all(|v| v.is_finite()));
         assert_eq!(l.timestep, started.timesteps[l.step as usize]);
-        if first_values.is_none() {
-            first_values = Some(values);
-        } else {
-            assert_ne!(first_values.as_ref().unwrap(), &values, "latents change between steps");
+        match &first_values {
+            None => first_values = Some(values),
+            Some(first) => assert_ne!(first, &values, "latents change between steps"),
         }
     }
 
@@ -215,12 +214,16 @@ async fn models_tokens_and_server_info() {
 
     let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
     let names: Vec<_> = models.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["sd1", "sd2"]);
-    for (m, arch, prediction) in [(&models[0], "sd1", "epsilon"), (&models[1], "sd2", "v_prediction")] {
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by name: {names:?}");
+    let model = |name: &str| models.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} not in {names:?}"));
+    // Native size = unet sample_size × VAE factor: sd1 16 × 4 (3 VAE blocks), sd2 8 × 2 (2 blocks).
+    // The fixture text encoders are narrow (32/48), so the prediction type decides the architecture.
+    for (m, arch, prediction, native, multiple) in
+        [(model("sd1"), "sd1", "epsilon", 64, 4), (model("sd2"), "sd2", "v_prediction", 16, 2)]
+    {
         assert_eq!(m.architecture, arch);
         assert_eq!(m.prediction_type, prediction);
-        // unet sample_size 16 × VAE factor 4.
-        assert_eq!((m.native_width, m.native_height, m.size_multiple), (64, 64, 4));
+        assert_eq!((m.native_width, m.native_height, m.size_multiple), (native, native, multiple), "{}", m.name);
         assert_eq!(m.schedulers, ["ddim", "euler", "euler-a", "dpm++", "dpm++-karras"]);
         assert!(m.img2img && !m.explain && !m.protected_regions);
     }
@@ -273,19 +276,15 @@ async fn a_dropped_stream_frees_the_engine() {
     drop(c1);
 
     let got = collect(b).await;
-    assert_eq!(got.code(), Code::Ok, "{:?}", got.error);
-    let timings = got.result().unwrap().timings.clone().unwrap();
-    // A stopped after a handful of its 400 steps: the engine notices the closed stream
-    // at the next step (the few extra are the ones already running while the drop
-    // travelled); B waited far less than A's remaining steps would take.
+    assert_eq!(got.code(), Code::Ok, "B runs once A's client left: {:?}", got.error);
+    assert!(got.started().is_some() && got.result().is_some());
+    // A stopped after a handful of its 400 steps, so B started long before A could have
+    // finished. The engine notices the closed stream at the next step; the slack is for
+    // the steps it may run ahead of a reading client (the stream buffers 16 events) and
+    // those running while the disconnect travels.
     let done = wait_for_log(&server, "drop-a").await;
-    assert!(done < 20, "A ran {done} steps after its client left");
-    assert!(
-        timings.queued_seconds < 50.0 * timings.seconds_per_step,
-        "B queued {:.3}s, {:.1} steps' worth",
-        timings.queued_seconds,
-        timings.queued_seconds / timings.seconds_per_step
-    );
+    println!("A stopped after {done} of {LONG} steps");
+    assert!(done < 40, "A ran {done} steps after its client left");
     let info = server.client().await.get_server_info(pb::GetServerInfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.queued_jobs, info.running_jobs), (0, 0));
 }
@@ -309,13 +308,16 @@ async fn cancel_stops_queued_and_running_jobs() {
     assert_eq!(b.code(), Code::Cancelled, "{:?}", b.error);
     assert!(b.started().is_none());
 
-    // A running job stops before its next step.
+    // A running job stops before its next step: at most the one step in flight when the
+    // cancel arrived runs without being reported.
     assert!(ctl.cancel(pb::CancelRequest { job_id: "cancel-a".into() }).await.unwrap().into_inner().found);
     let a = collect(a).await;
     assert_eq!(a.code(), Code::Cancelled, "{:?}", a.error);
     assert!(a.result().is_none());
+    let reported = 1 + a.steps().len(); // the first Step was read above
     let done = wait_for_log(&server, "cancel-a").await;
-    assert!(done < 20, "A ran {done} steps");
+    println!("A stopped after {done} of {LONG} steps, {reported} reported");
+    assert!(done <= reported + 1 && done < LONG as usize, "A ran {done} steps, reported {reported}");
 
     assert!(!ctl.cancel(pb::CancelRequest { job_id: "cancel-a".into() }).await.unwrap().into_inner().found);
     assert!(!ctl.cancel(pb::CancelRequest { job_id: "no-such-job".into() }).await.unwrap().into_inner().found);
@@ -377,7 +379,8 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
         ("width not a multiple", pb::GenerateRequest { width: 66, ..good() }, Code::InvalidArgument),
         ("height not a multiple", pb::GenerateRequest { height: 50, ..good() }, Code::InvalidArgument),
         ("absurd size", pb::GenerateRequest { width: 4096, height: 4096, ..good() }, Code::InvalidArgument),
-        ("too many steps", pb::GenerateRequest { steps: 501, ..good() }, Code::InvalidArgument),
+        ("zero steps", pb::GenerateRequest { steps: Some(0), ..good() }, Code::InvalidArgument),
+        ("too many steps", pb::GenerateRequest { steps: Some(501), ..good() }, Code::InvalidArgument),
         ("unknown scheduler", pb::GenerateRequest { scheduler: "plms".into(), ..good() }, Code::InvalidArgument),
         ("negative guidance", pb::GenerateRequest { guidance: Some(-1.0), ..good() }, Code::InvalidArgument),
         ("NaN guidance", pb::GenerateRequest { guidance: Some(f64::NAN), ..good() }, Code::InvalidArgument),
@@ -515,23 +518,26 @@ async fn health_and_reflection_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_end_running_and_queued_jobs() {
     let server = Server::start(&[]).await;
-    let (mut c1, mut c2) = (server.client().await, server.client().await);
-    assert_good_request_works(&server).await; // the model is loaded: the deadline covers steps only
+    let (mut c1, mut c2, mut ctl) = (server.client().await, server.client().await, server.client().await);
 
-    let mut req = tonic::Request::new(long_job("deadline-a"));
-    req.set_timeout(Duration::from_millis(1500));
-    let mut a = c1.generate(req).await.unwrap().into_inner();
+    // B waits behind a long job A; B's deadline passes while it waits.
+    let mut a = c1.generate(long_job("deadline-a")).await.unwrap().into_inner();
     next_matching(&mut a, |e| matches!(e, Event::Step(_))).await;
-    // B, queued behind A, has a shorter deadline: it passes while B waits.
     let mut req = tonic::Request::new(short_job("deadline-b"));
     req.set_timeout(Duration::from_millis(300));
     let b = collect(c2.generate(req).await.unwrap().into_inner()).await;
     assert_eq!(b.code(), Code::DeadlineExceeded, "{:?}", b.error);
     assert_eq!(b.events.iter().map(kind).collect::<Vec<_>>(), ["queued"]);
+    assert!(ctl.cancel(pb::CancelRequest { job_id: "deadline-a".into() }).await.unwrap().into_inner().found);
+    assert_eq!(collect(a).await.code(), Code::Cancelled);
 
-    let a: Collected = collect(a).await;
-    assert_eq!(a.code(), Code::DeadlineExceeded, "{:?}", a.error);
-    assert!(a.result().is_none() && a.steps().len() < LONG as usize - 1);
+    // C's deadline passes while it runs (the model is loaded, so C starts at once).
+    let mut req = tonic::Request::new(long_job("deadline-c"));
+    req.set_timeout(Duration::from_millis(1000));
+    let c: Collected = collect(c1.generate(req).await.unwrap().into_inner()).await;
+    assert_eq!(c.code(), Code::DeadlineExceeded, "{:?}", c.error);
+    assert!(c.started().is_some(), "C started before its deadline");
+    assert!(c.result().is_none() && c.steps().len() < LONG as usize);
     assert_good_request_works(&server).await;
 }
 
@@ -540,7 +546,7 @@ async fn sigterm_drains_running_jobs_then_exits() {
     let mut server = Server::start(&["--grace-period", "60"]).await;
     let mut client = server.client().await;
     let mut req = long_job("term-a");
-    req.steps = 60;
+    req.steps = Some(20);
     let mut a = client.generate(req).await.unwrap().into_inner();
     next_matching(&mut a, |e| matches!(e, Event::Step(_))).await;
     server.signal("TERM");
@@ -557,7 +563,7 @@ async fn sigterm_drains_running_jobs_then_exits() {
 
     let a = collect(a).await;
     assert_eq!(a.code(), Code::Ok, "the running job completes: {:?}", a.error);
-    assert_eq!(a.steps().len(), 60);
+    assert_eq!(1 + a.steps().len(), 20, "every step ran (the first was read above)");
     assert!(a.result().is_some());
     let status = server.wait_exit(Duration::from_secs(30)).await.expect("server exits after draining");
     assert!(status.success(), "exit status {status:?}");

@@ -108,7 +108,7 @@ fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
     let mut b = GenerateRequestBuilder::new(&a.model, &a.prompt)
         .negative_prompt(&a.negative_prompt)
         .seed(a.seed)
-        .steps(a.steps.unwrap_or(0))
+        .steps(a.steps)
         .guidance(a.guidance)
         .scheduler(a.scheduler.clone().unwrap_or_default())
         .size(a.width.unwrap_or(0), a.height.unwrap_or(0))

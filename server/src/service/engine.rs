@@ -25,8 +25,21 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
             let span = info_span!("job", job_id = %job.id);
             let _entered = span.enter();
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&job)));
+            // The job leaves the queue before its last message goes out, so a client that
+            // reacts to that message (Cancel, a new job with the same id, GetServerInfo)
+            // never sees it still running.
+            queue.finish();
             match outcome {
-                Ok(Ok(())) => {}
+                Ok(Ok(result)) => {
+                    let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
+                    if send(&engine.rt, &job, Event::Result(result)) {
+                        info!(seconds, "job finished");
+                    } else {
+                        let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
+                        info!(reason = reason.as_str(), "job finished but its result was not delivered");
+                        job.end_stopped(reason);
+                    }
+                }
                 Ok(Err(End::Stopped(reason))) => {
                     info!(reason = reason.as_str(), "job stopped");
                     job.end_stopped(reason);
@@ -45,7 +58,6 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
                     job.end_with(Status::internal(format!("the engine failed on this job: {what}")));
                 }
             }
-            queue.finish();
         }
         info!("engine thread exiting");
     })
@@ -69,8 +81,13 @@ struct Engine {
     catalog: Arc<Catalog>,
 }
 
+/// How long the engine waits for a client that keeps its stream open but reads nothing
+/// before it gives the engine to the next job.
+const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Sends one event, waiting while the client's buffer is full, but never past a stop
-/// request or the deadline. False (and the job marked stopped) when it could not be sent.
+/// request, the deadline or [`STALLED_CLIENT`]. False (and the job marked stopped) when
+/// it could not be sent.
 fn send(rt: &Handle, job: &Job, event: Event) -> bool {
     if job.check_stop().is_some() {
         return false;
@@ -89,6 +106,7 @@ fn send(rt: &Handle, job: &Job, event: Event) -> bool {
                     None => std::future::pending().await,
                 }
             } => Err(StopReason::Deadline),
+            _ = tokio::time::sleep(STALLED_CLIENT) => Err(StopReason::Stalled),
         }
     });
     match outcome {
@@ -114,7 +132,8 @@ impl Engine {
         Ok(&self.models[name])
     }
 
-    fn run(&mut self, job: &Job) -> Result<(), End> {
+    /// Runs a job up to its Result, which the caller sends.
+    fn run(&mut self, job: &Job) -> Result<JobResult, End> {
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
@@ -158,7 +177,7 @@ impl Engine {
                 return Flow::Stop;
             }
             if let Some(every) = spec.latents_every {
-                if e.index % every == 0 {
+                if e.index.is_multiple_of(every) {
                     match preview::latent_bytes(e.latents_in) {
                         Ok((shape, data)) => {
                             let latent = Latent {
@@ -184,7 +203,7 @@ impl Engine {
                 return Flow::Stop;
             }
             if let Some(p) = &spec.previews {
-                if (e.index + 1) % p.every == 0 || e.index + 1 == e.total {
+                if (e.index + 1).is_multiple_of(p.every) || e.index + 1 == e.total {
                     match preview::render(model, e.denoised, p) {
                         Ok(enc) => {
                             let preview = Preview {
@@ -259,10 +278,6 @@ impl Engine {
             psnr_protected: None,
             psnr_outside: None,
         };
-        if !send(&rt, job, Event::Result(result)) {
-            return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
-        }
-        info!(seconds = total_seconds, "job finished");
-        Ok(())
+        Ok(result)
     }
 }

@@ -24,6 +24,8 @@ pub enum StopReason {
     Deadline,
     /// The server shut down before the job could finish.
     Shutdown,
+    /// The client kept the stream open but stopped reading it (see engine.rs).
+    Stalled,
 }
 
 impl StopReason {
@@ -34,6 +36,7 @@ impl StopReason {
             Self::Cancelled => Some(Status::cancelled("job cancelled by a Cancel request")),
             Self::Deadline => Some(Status::deadline_exceeded("the request's deadline (grpc-timeout) passed before the job finished")),
             Self::Shutdown => Some(Status::unavailable("the server shut down before the job finished")),
+            Self::Stalled => Some(Status::cancelled("the client stopped reading the event stream")),
         }
     }
 
@@ -43,6 +46,7 @@ impl StopReason {
             Self::Cancelled => "cancelled",
             Self::Deadline => "deadline exceeded",
             Self::Shutdown => "server shutdown",
+            Self::Stalled => "client stopped reading",
         }
     }
 }

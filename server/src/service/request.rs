@@ -126,7 +126,10 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     let scheduler_name = if req.scheduler.is_empty() { DEFAULT_SCHEDULER } else { req.scheduler.as_str() };
     let (scheduler, karras) = SchedulerKind::parse_with_karras(scheduler_name).map_err(|e| invalid(format!("{e:#}")))?;
 
-    let steps = if req.steps == 0 { DEFAULT_STEPS } else { req.steps };
+    let steps = req.steps.unwrap_or(DEFAULT_STEPS);
+    if steps == 0 {
+        return Err(invalid("steps must be at least 1".to_string()));
+    }
     if steps > limits.max_steps {
         return Err(invalid(format!("steps {steps} is more than this server's limit of {}", limits.max_steps)));
     }
@@ -210,7 +213,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         )));
     }
 
-    let stream = req.stream.clone().unwrap_or_default();
+    let stream = req.stream.unwrap_or_default();
     let previews = match stream.previews {
         Some(p) if p.enabled => Some(PreviewSpec {
             every: p.every.max(1) as usize,
