@@ -104,21 +104,11 @@ impl Scheduler for Ddim {
         StepOutput { prev_sample, pred_original_sample: pred_original }
     }
 
-    fn needs_step_noise(&self) -> bool {
-        false
-    }
-
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         let a = coefficient(self.alpha_at(self.timesteps[step_index] as i64), original);
         let sqrt_alpha = a.pow_tensor_scalar(0.5);
         let sqrt_one_minus_alpha = a.rsub_scalar(1.0).pow_tensor_scalar(0.5);
         sqrt_alpha * original + sqrt_one_minus_alpha * noise
-    }
-
-    fn set_begin_index(&mut self, _step_index: usize) {}
-
-    fn order(&self) -> usize {
-        1
     }
 
     fn alphas_cumprod(&self) -> &[f64] {

@@ -240,22 +240,12 @@ impl Scheduler for DpmSolver {
         StepOutput { prev_sample: prev_sample.to_kind(model_output.kind()), pred_original_sample: x0 }
     }
 
-    fn needs_step_noise(&self) -> bool {
-        false
-    }
-
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         // In the sample's dtype and device, as diffusers.
         let sigma = coefficient(self.sigmas[step_index], original);
         let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
         let sigma_t = &sigma * &alpha_t;
         alpha_t * original + sigma_t * noise
-    }
-
-    fn set_begin_index(&mut self, _step_index: usize) {}
-
-    fn order(&self) -> usize {
-        1
     }
 
     fn alphas_cumprod(&self) -> &[f64] {

@@ -130,18 +130,8 @@ impl Scheduler for Euler {
         StepOutput { prev_sample, pred_original_sample: pred_original }
     }
 
-    fn needs_step_noise(&self) -> bool {
-        false
-    }
-
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         original + noise * coefficient(self.sigmas[step_index], original)
-    }
-
-    fn set_begin_index(&mut self, _step_index: usize) {}
-
-    fn order(&self) -> usize {
-        1
     }
 
     fn alphas_cumprod(&self) -> &[f64] {

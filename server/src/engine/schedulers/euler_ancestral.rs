@@ -93,12 +93,6 @@ impl Scheduler for EulerAncestral {
         original + noise * coefficient(self.sigmas[step_index], original)
     }
 
-    fn set_begin_index(&mut self, _step_index: usize) {}
-
-    fn order(&self) -> usize {
-        1
-    }
-
     fn alphas_cumprod(&self) -> &[f64] {
         &self.alphas_cumprod
     }

@@ -344,14 +344,19 @@ pub trait Scheduler: Send {
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, noise: Option<&Tensor>)
         -> StepOutput;
     /// Whether step() consumes fresh noise (the pipeline pre-draws it in diffusers' order).
-    fn needs_step_noise(&self) -> bool;
+    fn needs_step_noise(&self) -> bool {
+        false
+    }
     /// img2img: noise `original` to the timestep at `step_index` (diffusers add_noise with
     /// begin_index = step_index).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor;
-    /// Sampling starts at `step_index` (diffusers set_begin_index) – img2img.
-    fn set_begin_index(&mut self, step_index: usize);
+    /// Sampling starts at `step_index` (diffusers set_begin_index) – img2img. The four
+    /// schedulers here take the step index explicitly, so there is nothing to remember.
+    fn set_begin_index(&mut self, _step_index: usize) {}
     /// Model calls per timestep entry (diffusers `order`; 1 for all four).
-    fn order(&self) -> usize;
+    fn order(&self) -> usize {
+        1
+    }
     /// Train-time ᾱ_t (float32 values) for t = 0..num_train_timesteps.
     fn alphas_cumprod(&self) -> &[f64];
     fn prediction_type(&self) -> PredictionType;
