@@ -34,6 +34,7 @@ fn params(case: &Value) -> GenerateParams {
         height: case["height"].as_i64().unwrap(),
         reference,
         strength: case["strength"].as_f64().unwrap(),
+        ..Default::default()
     }
 }
 

@@ -2,7 +2,7 @@
 //! `AttnProcessor2_0`, attention.py `BasicTransformerBlock`/`FeedForward`,
 //! transformer_2d.py `Transformer2DModel` on continuous input), plus an opt-in path that
 //! computes cross-attention probabilities explicitly for Grad-SAM.
-use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use super::nn::{is_channels_last, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::WeightPath;
 use anyhow::{bail, Result};
 use std::cell::RefCell;
@@ -13,11 +13,21 @@ use tch::{Kind, Tensor};
 pub struct AttnCapture<'a> {
     layers: &'a [usize],
     probs: RefCell<Vec<(usize, Tensor)>>,
+    /// The UNet's output-head input (Grad-SAM's fast mode), set by the UNet.
+    head_input: RefCell<Option<Tensor>>,
 }
 
 impl<'a> AttnCapture<'a> {
     pub fn new(layers: &'a [usize]) -> Self {
-        Self { layers, probs: RefCell::new(Vec::new()) }
+        Self { layers, probs: RefCell::new(Vec::new()), head_input: RefCell::new(None) }
+    }
+
+    pub fn set_head_input(&self, h: &Tensor) {
+        *self.head_input.borrow_mut() = Some(h.shallow_clone());
+    }
+
+    pub fn take_head_input(&self) -> Option<Tensor> {
+        self.head_input.borrow_mut().take()
     }
 
     fn wants(&self, layer: usize) -> bool {
@@ -26,6 +36,37 @@ impl<'a> AttnCapture<'a> {
 
     pub fn into_probs(self) -> Vec<(usize, Tensor)> {
         self.probs.into_inner()
+    }
+}
+
+/// The encoder hidden states of a UNet call, with the keys and values each cross-attention
+/// layer (attn2) projects from them, computed on first use and kept: every denoising step
+/// of a job attends to the same states, so a context prepared once per job
+/// (`UNet2DConditionModel::prepare_context`) saves those projections in all later steps.
+pub struct CrossContext {
+    states: Tensor,
+    /// Indexed by attn2 number: [B, heads, keys, d] keys and values.
+    kv: RefCell<Vec<Option<(Tensor, Tensor)>>>,
+}
+
+impl CrossContext {
+    /// `states`: [B, keys, cross_attention_dim]; `layers`: the number of attn2 layers.
+    pub fn new(states: &Tensor, layers: usize) -> Self {
+        Self { states: states.shallow_clone(), kv: RefCell::new((0..layers).map(|_| None).collect()) }
+    }
+
+    pub fn states(&self) -> &Tensor {
+        &self.states
+    }
+
+    /// Layer `index`'s keys and values, projected by `attn` the first time they are asked for.
+    fn kv(&self, index: usize, attn: &Attention) -> (Tensor, Tensor) {
+        let mut cache = self.kv.borrow_mut();
+        if index >= cache.len() {
+            cache.resize_with(index + 1, || None);
+        }
+        let (k, v) = cache[index].get_or_insert_with(|| attn.kv(&self.states));
+        (k.shallow_clone(), v.shallow_clone())
     }
 }
 
@@ -63,13 +104,14 @@ impl Attention {
         x.view([b, n, self.heads, self.head_dim]).transpose(1, 2)
     }
 
+    /// Keys and values of `context`, split into heads: [B, heads, keys, d] each.
+    pub fn kv(&self, context: &Tensor) -> (Tensor, Tensor) {
+        (self.split_heads(&self.to_k.forward(context)), self.split_heads(&self.to_v.forward(context)))
+    }
+
     fn qkv(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Tensor, Tensor) {
-        let ctx = context.unwrap_or(x);
-        (
-            self.split_heads(&self.to_q.forward(x)),
-            self.split_heads(&self.to_k.forward(ctx)),
-            self.split_heads(&self.to_v.forward(ctx)),
-        )
+        let (k, v) = self.kv(context.unwrap_or(x));
+        (self.split_heads(&self.to_q.forward(x)), k, v)
     }
 
     fn output(&self, h: Tensor) -> Tensor {
@@ -79,7 +121,16 @@ impl Attention {
 
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
         let (q, k, v) = self.qkv(x, context);
-        let h = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.attend(&q, &k, &v)
+    }
+
+    /// `forward` with keys and values already projected (`kv`).
+    pub fn forward_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        self.attend(&self.split_heads(&self.to_q.forward(x)), k, v)
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let h = Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false);
         self.output(h)
     }
 
@@ -87,6 +138,15 @@ impl Attention {
     /// computed as diffusers' `get_attention_scores` does (q, k in float32 when upcasting).
     pub fn forward_with_probs(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Tensor) {
         let (q, k, v) = self.qkv(x, context);
+        self.attend_with_probs(q, k, v)
+    }
+
+    /// `forward_with_probs` with keys and values already projected (`kv`).
+    pub fn forward_with_probs_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        self.attend_with_probs(self.split_heads(&self.to_q.forward(x)), k.shallow_clone(), v.shallow_clone())
+    }
+
+    fn attend_with_probs(&self, q: Tensor, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
         let kind = q.kind();
         let (qs, ks) = if self.upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q, k) };
         let scores = qs.matmul(&ks.transpose(-1, -2)) * (self.head_dim as f64).powf(-0.5);
@@ -162,17 +222,18 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
-        let self_ctx = self.only_cross_attention.then_some(context);
+    fn forward(&self, x: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
+        let self_ctx = self.only_cross_attention.then_some(context.states());
         let x = self.attn1.forward(&self.norm1.forward(x), self_ctx) + x;
         let n = self.norm2.forward(&x);
+        let (k, v) = context.kv(self.cross_index, &self.attn2);
         let a = match capture {
             Some(c) if c.wants(self.cross_index) => {
-                let (a, probs) = self.attn2.forward_with_probs(&n, Some(context));
+                let (a, probs) = self.attn2.forward_with_probs_kv(&n, &k, &v);
                 c.probs.borrow_mut().push((self.cross_index, probs));
                 a
             }
-            _ => self.attn2.forward(&n, Some(context)),
+            _ => self.attn2.forward_kv(&n, &k, &v),
         };
         let x = a + x;
         self.ff.forward(&self.norm3.forward(&x)) + x
@@ -218,10 +279,17 @@ impl Transformer2DModel {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         let (b, c, h, w) = x.size4().expect("[batch, channels, height, width]");
+        // Token rows are the pixels of a channels-last image: when the UNet runs
+        // channels-last (on the CPU), both conversions are free views and the output stays
+        // channels-last; otherwise they copy, and the output is contiguous like the input.
+        let keep_channels_last = is_channels_last(x);
         let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
-        let to_image = |t: Tensor| t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous();
+        let to_image = |t: Tensor| {
+            let image = t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+            if keep_channels_last { image } else { image.contiguous() }
+        };
         let n = self.norm.forward(x);
         let mut t = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(conv.forward(&n)),

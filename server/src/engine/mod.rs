@@ -3,6 +3,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
+pub mod explain;
 pub mod image_io;
 pub mod model;
 pub mod nn;

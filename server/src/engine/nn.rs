@@ -2,7 +2,40 @@
 //! Parameters are leaves without grad; Grad-SAM differentiates activations, not weights.
 use super::weights::WeightPath;
 use anyhow::Result;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
+
+/// Whether the CPU fast paths below apply: float32 tensors on the CPU, where libtorch runs
+/// convolutions through oneDNN (AVX-512 kernels) but matrix products through MKL, which
+/// on non-Intel CPUs is about half as fast for the shapes of these models.
+fn cpu_float(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float
+}
+
+/// The same values as an NCHW tensor with NHWC strides ("channels last"), the layout in
+/// which oneDNN convolutions need no reordering. A no-op when already so laid out.
+pub fn channels_last(x: &Tensor) -> Tensor {
+    if is_channels_last(x) {
+        return x.shallow_clone();
+    }
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// True when a 4-d tensor is densely stored in NHWC order.
+pub fn is_channels_last(x: &Tensor) -> bool {
+    let (Ok((_, c, h, w)), stride) = (x.size4(), x.stride()) else { return false };
+    stride[1] == 1 && (w == 1 || stride[3] == c) && (h == 1 || stride[2] == c * w) && stride[0] == c * h * w
+}
+
+/// Rows of a linear layer at and above which the CPU path multiplies through a oneDNN 1×1
+/// convolution (below it MKL's call overhead is the smaller one).
+const ONEDNN_MIN_ROWS: i64 = 32;
+
+/// Whether libtorch runs a 1×1 convolution of a [1, C, rows, 1] input through oneDNN; the
+/// condition is its `ConvParams::use_mkldnn` for that shape (otherwise it would take its
+/// slow reference path, and a plain matrix product is better).
+fn onednn_runs_1x1(rows: i64, in_dim: i64) -> bool {
+    rows >= ONEDNN_MIN_ROWS && rows * in_dim > 20480 && tch::get_num_threads() > 1
+}
 
 pub struct Linear {
     pub weight: Tensor,
@@ -31,6 +64,21 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let (&in_dim, lead) = size.split_last().expect("linear input has at least one dimension");
+        let rows: i64 = lead.iter().product();
+        if cpu_float(x) && cpu_float(&self.weight) && onednn_runs_1x1(rows, in_dim) {
+            // x·Wᵀ + b as a 1×1 convolution of the rows laid out as a [1, in, rows, 1]
+            // channels-last image (a view of contiguous rows), whose channels-last output
+            // is the [rows, out] result: oneDNN instead of MKL, same values up to rounding.
+            let (out_dim, _) = self.weight.size2().expect("[out, in] weight");
+            let img = x.contiguous().view([1, rows, 1, in_dim]).permute([0, 3, 1, 2]);
+            let w = self.weight.reshape([out_dim, in_dim, 1, 1]);
+            let y = img.conv2d(&w, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1);
+            let mut out_size = lead.to_vec();
+            out_size.push(out_dim);
+            return y.permute([0, 2, 3, 1]).reshape(out_size);
+        }
         x.linear(&self.weight, self.bias.as_ref())
     }
 }
@@ -46,6 +94,10 @@ impl Conv2d {
     pub fn load(p: &WeightPath, in_ch: i64, out_ch: i64, kernel: i64, stride: i64, padding: i64) -> Result<Self> {
         let weight = p.get("weight", &[out_ch, in_ch, kernel, kernel])?;
         let bias = Some(p.get("bias", &[out_ch])?);
+        // Channels-last weights make oneDNN run the convolution (and return its output)
+        // channels-last, which is faster on the CPU and lets the layers in between keep
+        // that layout without copies; the values are the same up to rounding.
+        let weight = if cpu_float(&weight) { channels_last(&weight) } else { weight };
         Ok(Self { weight, bias, stride, padding })
     }
 

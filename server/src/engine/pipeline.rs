@@ -1,5 +1,8 @@
 //! txt2img and img2img, step for step as diffusers' StableDiffusion(Img2Img)Pipeline, with
 //! an event per step that callers (the CLI, the gRPC service) turn into progress streams.
+use super::explain::job::{pure_noise, ExplainJob};
+pub use super::explain::job::{ExplainSummary, Heatmap, Manipulation, StepExplain, StepFraction};
+use super::explain::{self, ExplainParams, ProtectParams, StartMode};
 use super::image_io;
 use super::model::StableDiffusion;
 use super::schedulers::{self, Scheduler, SchedulerKind};
@@ -26,11 +29,26 @@ pub struct GenerateParams {
     pub reference: Option<Tensor>,
     /// img2img: how much of the schedule to run (diffusers' `strength`).
     pub strength: f64,
+    /// img2img: SDEdit from the reference (default, diffusers' img2img) or pure noise at
+    /// the strength's start timestep (the paper's code).
+    pub start: StartMode,
+    /// Grad-SAM latent manipulation (needs `reference`).
+    pub explain: Option<ExplainParams>,
+    /// A region kept from the reference at every step and bit-exact in the output (needs
+    /// `reference`).
+    pub protect: Option<ProtectParams>,
 }
 
 impl Clone for GenerateParams {
     fn clone(&self) -> Self {
-        Self { reference: self.reference.as_ref().map(Tensor::shallow_clone), prompt: self.prompt.clone(), negative_prompt: self.negative_prompt.clone(), ..*self }
+        Self {
+            reference: self.reference.as_ref().map(Tensor::shallow_clone),
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            explain: self.explain.clone(),
+            protect: self.protect.clone(),
+            ..*self
+        }
     }
 }
 
@@ -48,6 +66,9 @@ impl Default for GenerateParams {
             height: 512,
             reference: None,
             strength: 0.8,
+            start: StartMode::Reference,
+            explain: None,
+            protect: None,
         }
     }
 }
@@ -64,6 +85,8 @@ pub struct StepEvent<'a> {
     pub latents: &'a Tensor,
     /// The scheduler's prediction of the clean latent x̂0 at this step.
     pub denoised: &'a Tensor,
+    /// Grad-SAM / protection output of this step; None for plain jobs and plain steps.
+    pub explain: Option<StepExplain<'a>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +100,8 @@ pub struct Generated {
     pub image: Tensor,
     pub latents: Tensor,
     pub timesteps: Vec<f64>,
+    /// Jobs with Grad-SAM or a protected region.
+    pub explain: Option<ExplainSummary>,
 }
 
 /// Noise for one job, drawn in the order diffusers draws from its generator.
@@ -84,9 +109,12 @@ struct JobNoise {
     vae_sample: Option<Tensor>,
     initial: Tensor,
     per_step: Vec<Tensor>,
+    /// Grad-SAM / protection: the one ε that noises the reference, drawn after all of
+    /// diffusers' draws so that those stay the same.
+    reference: Option<Tensor>,
 }
 
-fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize) -> JobNoise {
+fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize, reference: bool) -> JobNoise {
     let _guard = GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let opts = (Kind::Float, Device::Cpu);
     // Same bits as torch.Generator().manual_seed(seed): libtorch takes the seed as u64.
@@ -94,7 +122,8 @@ fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize)
     let vae_sample = img2img.then(|| Tensor::randn(latent_shape, opts));
     let initial = Tensor::randn(latent_shape, opts);
     let per_step = (0..step_draws).map(|_| Tensor::randn(latent_shape, opts)).collect();
-    JobNoise { vae_sample, initial, per_step }
+    let reference = reference.then(|| Tensor::randn(latent_shape, opts));
+    JobNoise { vae_sample, initial, per_step, reference }
 }
 
 /// diffusers' img2img `get_timesteps`: the index of the first timestep to run.
@@ -127,6 +156,7 @@ impl StableDiffusion {
                 bail!("strength {} with {} steps leaves no step to run", p.strength, p.steps);
             }
         }
+        explain::plan(self, p)?;
         Ok(())
     }
 
@@ -138,6 +168,7 @@ impl StableDiffusion {
     /// ends the job early with an error (the caller asked to cancel).
     pub fn generate(&self, p: &GenerateParams, on_step: &mut dyn FnMut(&StepEvent) -> Flow) -> Result<Generated> {
         self.validate(p)?;
+        let plan = explain::plan(self, p)?;
         let _no_grad = tch::no_grad_guard();
         let mut scheduler = self.scheduler(p)?;
         let timesteps = scheduler.timesteps().to_vec();
@@ -150,34 +181,53 @@ impl StableDiffusion {
             None => 0,
         };
         let step_draws = if scheduler.needs_step_noise() { timesteps.len() - start } else { 0 };
-        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws);
+        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws, plan.is_some());
         let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
 
         let scaling = self.vae.config().scaling_factor;
+        let mut reference_latents = None;
         let mut latents = match &p.reference {
             Some(reference) => {
                 scheduler.set_begin_index(start);
                 let dist = self.vae.encode(&to_dev(reference));
                 let sample_noise = noise.vae_sample.as_ref().expect("img2img draws VAE noise");
                 let init = dist.sample_with(&to_dev(sample_noise)) * scaling;
-                scheduler.add_noise(&init, &to_dev(&noise.initial), start)
+                let latents = match p.start {
+                    StartMode::Reference => scheduler.add_noise(&init, &to_dev(&noise.initial), start),
+                    StartMode::Noise => pure_noise(&*scheduler, &to_dev(&noise.initial), start),
+                };
+                reference_latents = Some(init);
+                latents
             }
             None => to_dev(&noise.initial) * scheduler.init_noise_sigma(),
         };
 
         let guided = p.guidance > 1.0;
         let context = if guided {
-            Tensor::cat(&[self.encode_prompt(&p.negative_prompt), self.encode_prompt(&p.prompt)], 0)
+            self.encode_prompts(&[&p.negative_prompt, &p.prompt])
         } else {
             self.encode_prompt(&p.prompt)
         };
+        // Cross-attention keys/values are computed from it once, in the first step.
+        let context = self.unet.prepare_context(&context);
+        // Grad-SAM explains the conditional branch alone.
+        let states = context.states();
+        let cond = if guided { states.narrow(0, 1, 1) } else { states.shallow_clone() };
+        let mut job = plan.as_ref().map(|plan| {
+            let eps = noise.reference.as_ref().expect("drawn for explain/protect jobs");
+            ExplainJob::new(self, plan, reference_latents.as_ref(), eps, &to_dev)
+        });
 
         let total = timesteps.len() - start;
         for (index, step_index) in (start..timesteps.len()).enumerate() {
             let t = timesteps[step_index];
+            let manipulation = match job.as_mut() {
+                Some(job) => job.before_step(self, &*scheduler, &mut latents, index, step_index, t, &cond)?,
+                None => None,
+            };
             let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
             let model_in = scheduler.scale_model_input(&model_in, step_index);
-            let out = self.unet.forward(&model_in, t, &context);
+            let out = self.unet.forward_prepared(&model_in, t, &context);
             let noise_pred = if guided {
                 let parts = out.chunk(2, 0);
                 &parts[0] + (&parts[1] - &parts[0]) * p.guidance
@@ -193,6 +243,12 @@ impl StableDiffusion {
                 latents_in: &latents,
                 latents: &step.prev_sample,
                 denoised: &step.pred_original_sample,
+                explain: match (&plan, &manipulation) {
+                    (Some(plan), m) if index == 0 || m.is_some() => {
+                        Some(StepExplain { plan: (index == 0).then_some(plan), manipulation: m.as_ref() })
+                    }
+                    _ => None,
+                },
             };
             if on_step(&event) == Flow::Stop {
                 bail!(Cancelled);
@@ -200,8 +256,14 @@ impl StableDiffusion {
             latents = step.prev_sample;
         }
 
-        let image = self.decode_latents(&latents);
-        Ok(Generated { image, latents, timesteps: timesteps[start..].to_vec() })
+        let (image, explain) = match (job, &plan) {
+            (Some(job), Some(plan)) => {
+                let (image, summary) = job.finish(self, plan, p, &mut latents)?;
+                (image, Some(summary))
+            }
+            _ => (self.decode_latents(&latents), None),
+        };
+        Ok(Generated { image, latents, timesteps: timesteps[start..].to_vec(), explain })
     }
 
     /// Scaled latents → [3, H, W] image in [0, 1] on the CPU.

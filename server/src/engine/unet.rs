@@ -1,9 +1,9 @@
 //! UNet2DConditionModel (diffusers' unets/unet_2d_condition.py) for SD 1.x/2.x-style
 //! configs; the architecture is read from unet/config.json.
-use super::attention::AttnCapture;
+use super::attention::{AttnCapture, CrossContext};
 use super::config::{read_config, PerBlock};
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
-use super::nn::{Activation, Conv2d, GroupNorm};
+use super::nn::{channels_last, is_channels_last, Activation, Conv2d, GroupNorm};
 use super::unet_blocks::{AttentionConfig, BlockConfig, DownBlock, MidBlock, UpBlock};
 use super::weights::{WeightPath, Weights};
 use anyhow::{bail, ensure, Context, Result};
@@ -331,7 +331,19 @@ impl UNet2DConditionModel {
     /// sample [B,C,H,W], timestep (same for the whole batch; diffusers casts it to float32
     /// for the embedding), encoder_hidden_states [B,77,D] → noise prediction [B,C',H,W].
     pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Tensor {
-        self.run(sample, timestep, encoder_hidden_states, None)
+        self.run(sample, timestep, &self.prepare_context(encoder_hidden_states), None)
+    }
+
+    /// The encoder hidden states [B,77,D] of a job, for `forward_prepared`: it keeps the
+    /// cross-attention keys and values computed from them in the first call for the later
+    /// ones. For this UNet only; grad mode as in that first call.
+    pub fn prepare_context(&self, encoder_hidden_states: &Tensor) -> CrossContext {
+        CrossContext::new(encoder_hidden_states, self.cross_layers)
+    }
+
+    /// `forward` with a context from `prepare_context`; the same result.
+    pub fn forward_prepared(&self, sample: &Tensor, timestep: f64, context: &CrossContext) -> Tensor {
+        self.run(sample, timestep, context, None)
     }
 
     /// Same, also returning the post-softmax cross-attention probabilities
@@ -344,12 +356,44 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         layers: &[usize],
     ) -> (Tensor, Vec<(usize, Tensor)>) {
+        self.forward_capturing_prepared(sample, timestep, &self.prepare_context(encoder_hidden_states), layers)
+    }
+
+    /// `forward_capturing`, also returning the input of the output head (the last up
+    /// block's output [B, C0, H, W], in the graph): Grad-SAM's fast mode factorises
+    /// the final layer's Jacobian through it (explain/fast.rs).
+    pub fn forward_capturing_features(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        layers: &[usize],
+    ) -> (Tensor, Vec<(usize, Tensor)>, Tensor) {
         let capture = AttnCapture::new(layers);
-        let out = self.run(sample, timestep, encoder_hidden_states, Some(&capture));
+        let out = self.run(sample, timestep, &self.prepare_context(encoder_hidden_states), Some(&capture));
+        let features = capture.take_head_input().expect("the UNet sets its head input");
+        (out, capture.into_probs(), features)
+    }
+
+    /// The output head: conv_norm_out → conv_act → conv_out.
+    pub fn head(&self) -> (&GroupNorm, Activation, &Conv2d) {
+        (&self.conv_norm_out, self.conv_act, &self.conv_out)
+    }
+
+    /// `forward_capturing` with a context from `prepare_context`.
+    pub fn forward_capturing_prepared(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &CrossContext,
+        layers: &[usize],
+    ) -> (Tensor, Vec<(usize, Tensor)>) {
+        let capture = AttnCapture::new(layers);
+        let out = self.run(sample, timestep, context, Some(&capture));
         (out, capture.into_probs())
     }
 
-    fn run(&self, sample: &Tensor, timestep: f64, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
+    fn run(&self, sample: &Tensor, timestep: f64, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         let cfg = &self.cfg;
         let batch = sample.size()[0];
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
@@ -360,6 +404,11 @@ impl UNet2DConditionModel {
             emb = act.forward(&emb);
         }
 
+        // The convolutions' weights are channels-last on the CPU (nn::Conv2d): so are their
+        // outputs and everything in between (norms, activations, additions, upsampling,
+        // concatenation and the transformers' token views keep that layout).
+        let channels_last_weights = is_channels_last(&self.conv_in.weight);
+        let sample = if channels_last_weights { channels_last(&sample) } else { sample };
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down {
@@ -381,6 +430,11 @@ impl UNet2DConditionModel {
             });
             h = block.forward(&h, &own, &emb, context, size, capture);
         }
-        self.conv_out.forward(&self.conv_act.forward(&self.conv_norm_out.forward(&h)))
+        if let Some(c) = capture {
+            c.set_head_input(&h);
+        }
+        let out = self.conv_out.forward(&self.conv_act.forward(&self.conv_norm_out.forward(&h)));
+        // Callers get the usual contiguous layout.
+        if channels_last_weights { out.contiguous() } else { out }
     }
 }

@@ -1,7 +1,7 @@
 //! The UNet's down, mid and up blocks (diffusers' unet_2d_blocks.py). CrossAttnDownBlock2D
 //! and DownBlock2D differ only in having a transformer after each resnet, so one type
 //! serves both (likewise for the up blocks).
-use super::attention::{AttnCapture, Transformer2DModel, TransformerConfig};
+use super::attention::{AttnCapture, CrossContext, Transformer2DModel, TransformerConfig};
 use super::nn::Activation;
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::weights::WeightPath;
@@ -96,7 +96,7 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it adds (one per resnet, plus the
     /// downsampled output).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -132,7 +132,7 @@ impl MidBlock {
         Ok(Self { first, layers })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, capture: Option<&AttnCapture>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         let mut h = self.first.forward(x, Some(temb));
         for (attn, resnet) in &self.layers {
             h = resnet.forward(&attn.forward(&h, context, capture), Some(temb));
@@ -173,7 +173,7 @@ impl UpBlock {
         x: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
-        context: &Tensor,
+        context: &CrossContext,
         upsample_size: Option<(i64, i64)>,
         capture: Option<&AttnCapture>,
     ) -> Tensor {

@@ -79,6 +79,7 @@ impl JobSpec {
             height: self.height as i64,
             reference: self.reference.as_ref().map(image_io::rgb_to_tensor),
             strength: self.strength,
+            ..Default::default()
         }
     }
 }

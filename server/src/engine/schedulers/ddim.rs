@@ -104,6 +104,16 @@ impl Scheduler for Ddim {
         StepOutput { prev_sample, pred_original_sample: pred_original }
     }
 
+    fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        let alpha_prod_t = self.alpha_at(self.timesteps[step_index] as i64);
+        let (sqrt_a, sqrt_b) = (sqrt32(alpha_prod_t) as f64, sqrt32(1.0 - alpha_prod_t) as f64);
+        match self.prediction {
+            PredictionType::Epsilon => (sample - model_output * sqrt_b) / sqrt_a,
+            PredictionType::Sample => model_output.shallow_clone(),
+            PredictionType::VPrediction => sample * sqrt_a - model_output * sqrt_b,
+        }
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         let a = coefficient(self.alpha_at(self.timesteps[step_index] as i64), original);
         let sqrt_alpha = a.pow_tensor_scalar(0.5);

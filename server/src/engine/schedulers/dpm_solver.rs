@@ -240,6 +240,10 @@ impl Scheduler for DpmSolver {
         StepOutput { prev_sample: prev_sample.to_kind(model_output.kind()), pred_original_sample: x0 }
     }
 
+    fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        self.convert(model_output, sample, step_index)
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         // In the sample's dtype and device, as diffusers.
         let sigma = coefficient(self.sigmas[step_index], original);

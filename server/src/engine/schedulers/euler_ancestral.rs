@@ -89,6 +89,10 @@ impl Scheduler for EulerAncestral {
         true
     }
 
+    fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        denoised(self.prediction, model_output, &sample.to_kind(Kind::Float), self.sigmas[step_index])
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
         original + noise * coefficient(self.sigmas[step_index], original)
     }

@@ -357,6 +357,12 @@ pub trait Scheduler: Send {
     fn order(&self) -> usize {
         1
     }
+    /// x̂0 as `step` predicts it at `step_index` from `model_output` for `sample` (the
+    /// unscaled latent, as passed to `step`), before any clipping: affine in the model
+    /// output, and a pure function (no scheduler state), so Grad-SAM can differentiate it.
+    /// DDIM: (z − √(1−ᾱ)·ε)/√ᾱ or √ᾱ·z − √(1−ᾱ)·v; Euler: z − σ·ε or the v form in σ
+    /// space; DPM-Solver++: its converted model output.
+    fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor;
     /// Train-time ᾱ_t (float32 values) for t = 0..num_train_timesteps.
     fn alphas_cumprod(&self) -> &[f64];
     fn prediction_type(&self) -> PredictionType;

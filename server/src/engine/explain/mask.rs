@@ -1,0 +1,275 @@
+//! From importance maps to the manipulation mask; the protected region at latent and pixel
+//! size; compositing the reference back; the change map and PSNRs of a result.
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+
+/// Mask construction: Gaussian blur → max-filter dilation → per-channel threshold at
+/// mean + k·std → union over subjects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaskParams {
+    /// Odd Gaussian kernel size (1 = no blur).
+    pub blur_kernel: i64,
+    pub blur_sigma: f64,
+    /// Odd max-filter size (1 = no dilation).
+    pub dilate_kernel: i64,
+    pub dilate_passes: usize,
+    /// k in mean + k·std (std with Bessel's correction, as torch.std).
+    pub threshold_k: f64,
+}
+
+impl Default for MaskParams {
+    /// The paper's: blur 3×3 with σ 6, one 3×3 dilation, k = 0.5.
+    fn default() -> Self {
+        Self { blur_kernel: 3, blur_sigma: 6.0, dilate_kernel: 3, dilate_passes: 1, threshold_k: 0.5 }
+    }
+}
+
+impl MaskParams {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.blur_kernel >= 1 && self.blur_kernel % 2 == 1 && self.blur_kernel <= 31,
+            "mask blur kernel must be odd, 1 to 31, got {}",
+            self.blur_kernel
+        );
+        ensure!(
+            self.blur_sigma.is_finite() && self.blur_sigma > 0.0,
+            "mask blur sigma must be > 0, got {}",
+            self.blur_sigma
+        );
+        ensure!(
+            self.dilate_kernel >= 1 && self.dilate_kernel % 2 == 1 && self.dilate_kernel <= 31,
+            "mask dilation size must be odd, 1 to 31, got {}",
+            self.dilate_kernel
+        );
+        ensure!(self.dilate_passes <= 16, "at most 16 dilation passes, got {}", self.dilate_passes);
+        ensure!(self.threshold_k.is_finite(), "mask threshold k must be a number, got {}", self.threshold_k);
+        Ok(())
+    }
+}
+
+/// Separable Gaussian blur of [B, C, h, w] per channel, reflect padding (as torchvision's
+/// gaussian_blur; replicate where a side is too short to reflect).
+pub fn gaussian_blur(x: &Tensor, kernel: i64, sigma: f64) -> Tensor {
+    if kernel <= 1 {
+        return x.shallow_clone();
+    }
+    let (_, c, h, w) = x.size4().expect("[B, C, h, w]");
+    let r = kernel / 2;
+    let weights: Vec<f32> = (-r..=r).map(|i| (-0.5 * (i as f64 / sigma).powi(2)).exp() as f32).collect();
+    let sum: f32 = weights.iter().sum();
+    let k1 = Tensor::from_slice(&weights.iter().map(|v| v / sum).collect::<Vec<_>>())
+        .to_device(x.device())
+        .to_kind(x.kind());
+    let kx = k1.reshape([1, 1, 1, kernel]).repeat([c, 1, 1, 1]);
+    let ky = k1.reshape([1, 1, kernel, 1]).repeat([c, 1, 1, 1]);
+    let padded = if r < h && r < w { x.reflection_pad2d([r, r, r, r]) } else { x.replication_pad2d([r, r, r, r]) };
+    let y = padded.conv2d(&kx, None::<Tensor>, [1, 1], [0, 0], [1, 1], c);
+    y.conv2d(&ky, None::<Tensor>, [1, 1], [0, 0], [1, 1], c)
+}
+
+/// Max filter of size `kernel` (odd), `passes` times; the border counts as −∞.
+pub fn dilate(x: &Tensor, kernel: i64, passes: usize) -> Tensor {
+    let mut y = x.shallow_clone();
+    if kernel <= 1 {
+        return y;
+    }
+    for _ in 0..passes {
+        y = y.max_pool2d([kernel, kernel], [1, 1], [kernel / 2, kernel / 2], [1, 1], false);
+    }
+    y
+}
+
+/// The per-subject masks [S, C, h, w] (bool) of importance maps [S, C, h, w].
+pub fn subject_masks(maps: &Tensor, p: &MaskParams) -> Tensor {
+    let x = maps.to_kind(Kind::Float);
+    let y = dilate(&gaussian_blur(&x, p.blur_kernel, p.blur_sigma), p.dilate_kernel, p.dilate_passes);
+    let dims = [2i64, 3].as_slice();
+    let mean = y.mean_dim(dims, true, Kind::Float);
+    let std = y.std_dim(dims, true, true);
+    y.gt_tensor(&(mean + std * p.threshold_k))
+}
+
+/// The manipulation mask [C, h, w] (float 0/1): the union over subjects. 1 = the element
+/// belongs to a subject and is kept from generation; 0 = it comes from the reference.
+pub fn build_mask(maps: &Tensor, p: &MaskParams) -> Tensor {
+    subject_masks(maps, p).any_dim(0, false).to_kind(Kind::Float)
+}
+
+/// Intersection over union of two masks of the same shape (non-zero = set); 1 when both
+/// are empty.
+pub fn iou(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.ne(0), b.ne(0));
+    let inter = a.logical_and(&b).sum(Kind::Float).double_value(&[]);
+    let union = a.logical_or(&b).sum(Kind::Float).double_value(&[]);
+    if union == 0.0 {
+        1.0
+    } else {
+        inter / union
+    }
+}
+
+/// Checks a protect mask ([H, W] 8-bit, non-zero = protected) against the image size and
+/// returns it at image size [1, 1, H, W] and at latent size [1, 1, H/f, W/f] (float 0/1,
+/// CPU): a latent element is protected if any pixel under it is.
+pub fn protect_masks(mask: &Tensor, width: i64, height: i64, factor: i64) -> Result<(Tensor, Tensor)> {
+    let size = mask.size();
+    ensure!(
+        size.len() == 2,
+        "the protect mask must be one 8-bit channel at image size ([height, width]), got shape {size:?}"
+    );
+    ensure!(
+        size[0] == height && size[1] == width,
+        "the protect mask is {}×{} pixels but the image is {width}×{height}; it must be the image's size",
+        size[1],
+        size[0]
+    );
+    let pixels = mask.to_device(tch::Device::Cpu).ne(0).to_kind(Kind::Float).reshape([1, 1, height, width]);
+    let count = pixels.sum(Kind::Float).double_value(&[]);
+    ensure!(count > 0.0, "the protect mask is blank: no pixel is protected (send no mask to protect nothing)");
+    ensure!(count < (width * height) as f64, "the protect mask covers the whole image: nothing could change");
+    let latents = pixels.max_pool2d([factor, factor], [factor, factor], [0, 0], [1, 1], false);
+    let covered = latents.mean(Kind::Float).double_value(&[]);
+    ensure!(
+        covered < 1.0,
+        "the protect mask touches every {factor}×{factor} pixel block, so it protects every latent element: nothing could change"
+    );
+    Ok((pixels, latents))
+}
+
+/// The reference [1, 3, H, W] in [-1, 1] as the [3, H, W] image in [0, 1] whose 8-bit
+/// conversion (`image_io::tensor_to_rgb`) gives back the reference's bytes exactly.
+pub fn reference_unit(reference: &Tensor) -> Tensor {
+    (reference.to_device(tch::Device::Cpu).to_kind(Kind::Float).squeeze_dim(0) / 2.0 + 0.5).clamp(0.0, 1.0)
+}
+
+/// Composites the reference back into the protected pixels of `image` ([3, H, W] in
+/// [0, 1], CPU): protected pixels take the reference's values exactly; with a feather F,
+/// unprotected pixels at chessboard distance d ≤ F from the region take the weight
+/// 1 − d/(F+1) of the reference (the feather reaches only outward).
+pub fn composite(image: &Tensor, reference: &Tensor, protected: &Tensor, feather: u32) -> Tensor {
+    let reference = reference_unit(reference);
+    let inside = protected.reshape([1, 1, protected.size()[2], protected.size()[3]]).to_kind(Kind::Float);
+    let mut weight = inside.copy();
+    let mut reached = inside.copy();
+    for d in 1..=feather {
+        let grown = reached.max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false);
+        let ring = &grown - &reached;
+        weight += ring * (1.0 - d as f64 / (feather as f64 + 1.0));
+        reached = grown;
+    }
+    let weight = weight.squeeze_dim(0);
+    let blended = &reference * &weight + image * (weight.rsub_scalar(1.0));
+    let inside = inside.squeeze_dim(0).ne(0);
+    blended.where_self(&inside.logical_not(), &reference)
+}
+
+/// An image [3, H, W] in [0, 1] as the 8-bit values `image_io::tensor_to_rgb` writes,
+/// in float.
+fn levels(image: &Tensor) -> Tensor {
+    (image.to_kind(Kind::Float) * 255.0).round().clamp(0.0, 255.0)
+}
+
+/// What a result changed against its reference, at the 8-bit level.
+pub struct Comparison {
+    /// [H, W] per-pixel mean over RGB of |output − reference|, in [0, 1].
+    pub change_map: Tensor,
+    /// PSNR (dB) inside the protected region; +∞ when identical; None without a region.
+    pub psnr_protected: Option<f64>,
+    /// PSNR (dB) outside the protected region (the whole image without one).
+    pub psnr_outside: f64,
+}
+
+fn psnr(diff_sq: &Tensor, region: &Tensor) -> Option<f64> {
+    let count = region.sum(Kind::Float).double_value(&[]) * 3.0;
+    if count == 0.0 {
+        return None;
+    }
+    let mse = (diff_sq * region).sum(Kind::Float).double_value(&[]) / count;
+    Some(if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() })
+}
+
+/// Compares `image` ([3, H, W] in [0, 1]) with `reference` ([1, 3, H, W] in [-1, 1]);
+/// `protected` [1, 1, H, W] 0/1 splits the PSNR.
+pub fn compare(image: &Tensor, reference: &Tensor, protected: Option<&Tensor>) -> Comparison {
+    let out = levels(image);
+    let refv = levels(&reference_unit(reference));
+    let diff = out - refv;
+    let change_map = diff.abs().mean_dim([0i64].as_slice(), false, Kind::Float) / 255.0;
+    let diff_sq = diff.square();
+    let (h, w) = (diff_sq.size()[1], diff_sq.size()[2]);
+    match protected {
+        Some(p) => {
+            let inside = p.reshape([1, h, w]).to_kind(Kind::Float);
+            let outside = inside.rsub_scalar(1.0);
+            Comparison {
+                change_map,
+                psnr_protected: psnr(&diff_sq, &inside),
+                psnr_outside: psnr(&diff_sq, &outside).unwrap_or(f64::INFINITY),
+            }
+        }
+        None => Comparison {
+            change_map,
+            psnr_protected: None,
+            psnr_outside: psnr(&diff_sq, &Tensor::ones([1, h, w], (Kind::Float, tch::Device::Cpu)))
+                .unwrap_or(f64::INFINITY),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::image_io;
+
+    #[test]
+    fn reference_bytes_survive_the_round_trip() {
+        let bytes: Vec<u8> = (0..=255u8).flat_map(|v| [v, 255 - v, v / 2]).collect();
+        let img = image::RgbImage::from_raw(256, 1, bytes.clone()).unwrap();
+        let back = image_io::tensor_to_rgb(&reference_unit(&image_io::rgb_to_tensor(&img))).unwrap();
+        assert_eq!(back.into_raw(), bytes);
+    }
+
+    #[test]
+    fn mask_pipeline() {
+        let mut v = vec![0f32; 2 * 8 * 8];
+        v[8 * 3 + 4] = 10.0; // channel 0, one hot spot
+        let maps = Tensor::from_slice(&v).reshape([1, 2, 8, 8]);
+        let m = build_mask(&maps, &MaskParams::default());
+        assert_eq!(m.size(), vec![2, 8, 8]);
+        // blur reaches 3×3, dilation 5×5 around (3, 4); channel 1 is flat: nothing passes.
+        assert_eq!(m.get(0).sum(Kind::Float).double_value(&[]), 25.0);
+        assert_eq!(m.get(1).sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(m.get(0).double_value(&[1, 2]), 1.0);
+        assert_eq!(m.get(0).double_value(&[0, 4]), 0.0);
+    }
+
+    #[test]
+    fn protect_checks() {
+        let mask = Tensor::zeros([8, 12], (Kind::Uint8, tch::Device::Cpu));
+        assert!(protect_masks(&mask, 12, 8, 4).unwrap_err().to_string().contains("blank"));
+        let _ = mask.get(1).get(5).fill_(255);
+        let (pixels, latents) = protect_masks(&mask, 12, 8, 4).unwrap();
+        assert_eq!(pixels.sum(Kind::Float).double_value(&[]), 1.0);
+        assert_eq!(latents.size(), vec![1, 1, 2, 3]);
+        assert_eq!(latents.double_value(&[0, 0, 0, 1]), 1.0);
+        assert_eq!(latents.sum(Kind::Float).double_value(&[]), 1.0);
+        assert!(protect_masks(&mask, 8, 12, 4).unwrap_err().to_string().contains("image's size"));
+        let full = Tensor::ones([8, 12], (Kind::Uint8, tch::Device::Cpu));
+        assert!(protect_masks(&full, 12, 8, 4).unwrap_err().to_string().contains("whole image"));
+    }
+
+    #[test]
+    fn feather_reaches_outward_only() {
+        let image = Tensor::zeros([3, 5, 5], (Kind::Float, tch::Device::Cpu));
+        let reference = Tensor::ones([1, 3, 5, 5], (Kind::Float, tch::Device::Cpu)); // white
+        let p = Tensor::zeros([1, 1, 5, 5], (Kind::Float, tch::Device::Cpu));
+        let _ = p.get(0).get(0).get(2).get(2).fill_(1.0);
+        let out = composite(&image, &reference, &p, 1);
+        assert_eq!(out.double_value(&[0, 2, 2]), 1.0);
+        assert_eq!(out.double_value(&[0, 1, 1]), 0.5);
+        assert_eq!(out.double_value(&[0, 0, 0]), 0.0);
+        let c = compare(&out, &reference, Some(&p));
+        assert_eq!(c.psnr_protected, Some(f64::INFINITY));
+        assert!(c.psnr_outside.is_finite());
+    }
+}
