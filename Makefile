@@ -29,6 +29,7 @@ $(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh
 
 test: fixtures
 	cargo test $(CARGO_FLAGS) --workspace
+	$(MAKE) test-plugins
 
 # Until the trained default model lands, `run` renders with the SD1-style fixture model.
 run: build fixtures
@@ -39,3 +40,34 @@ run: build fixtures
 
 bench: build
 	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE)
+
+# Editor plugins (plugins/): the Krita and GIMP adapters over the `frisket` client's JSON
+# lines. `make plugin-krita` builds the zip for Krita's Tools > Scripts > Import Python
+# Plugin from File; `make test-plugins` (part of `make test`) runs tests/plugins/, with a
+# real Krita (kritarunner, offscreen) and a real frisket-server on loopback.
+PLUGINS_OUT := $(CURDIR)/target/plugins
+.PHONY: plugin-krita plugin-gimp plugins deps-krita test-plugins plugin-screenshot
+plugin-krita:
+	$(PY) plugins/package.py krita $(PLUGINS_OUT)/frisket-krita.zip
+
+plugin-gimp:
+	$(PY) plugins/package.py gimp $(PLUGINS_OUT)/frisket-gimp.zip
+
+plugins: plugin-krita plugin-gimp
+
+# Krita 5 (Debian's package: kritarunner, and PyQt5 for its Python plugins). Root or sudo.
+deps-krita:
+	@command -v kritarunner >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y krita python3-pyqt5 python3-sip; }
+
+test-plugins: build fixtures deps-krita plugins
+	$(PY) -m unittest discover -s tests/plugins -p 'test_*.py' -v
+
+# The docker screenshot in plugins/README.md, from a real Krita under Xvfb.
+plugin-screenshot: build fixtures deps-krita plugin-krita
+	@command -v xvfb-run >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y xvfb xauth; }
+	$(PY) tests/krita/screenshot.py $(PLUGINS_OUT)/frisket-krita.zip plugins/krita/docker.png

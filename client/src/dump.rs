@@ -7,11 +7,12 @@
 //! | Mask (manipulation) | `mask_<step>.png` + `mask_<step>.npy` |
 //! | Mask (protected) | `protected_mask_<step>.png` + `.npy` |
 //! | Heatmap | `heatmap_<step>_tok<index>.png` + `.npy` |
-//! | Result | `result.png` (+ `change_map.png` for img2img) |
+//! | Result | `result.png` (+ `change_map.png` + `change_map.npy` for img2img) |
 //!
 //! `manifest.json` is a JSON array, one object per artifact in stream order, with
-//! `kind`, `step`, `timestep`, `token_index` / `token` (heatmaps), `shape` and `path`
-//! (relative to the folder), plus `npy` for masks and heatmaps.
+//! `kind`, `step`, `timestep`, `token_index` / `token` (heatmaps), `reference_fraction`
+//! (masks), `shape` and `path` (relative to the folder), plus `npy` for masks, heatmaps
+//! and the change map.
 use crate::events::{extension_for_mime, Event, MaskKind};
 use crate::tensor::Tensor;
 use crate::Error;
@@ -31,11 +32,14 @@ pub struct ManifestEntry {
     pub token_index: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Masks: the share of latent elements taken from the reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_fraction: Option<f64>,
     /// Tensor shape for `.npy` data; `[height, width, channels]` for images.
     pub shape: Vec<u64>,
     /// Relative to the dump folder: the image, or the `.npy` for latents.
     pub path: String,
-    /// The raw tensor of a mask or heatmap, relative to the dump folder.
+    /// The raw tensor of a mask, heatmap or change map, relative to the dump folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub npy: Option<String>,
 }
@@ -47,8 +51,9 @@ pub struct Written {
     pub path: Option<PathBuf>,
     /// The `.npy` of a mask or heatmap.
     pub npy: Option<PathBuf>,
-    /// The change map of an img2img result.
+    /// The change map of an img2img result (PNG) and its values as `.npy`.
     pub change_map: Option<PathBuf>,
+    pub change_map_npy: Option<PathBuf>,
 }
 
 /// Writes artifacts as they stream in; call [`Dumper::finish`] to write the manifest.
@@ -102,6 +107,9 @@ impl Dumper {
                 written.npy = Some(self.write(&npy, &m.mask.to_npy())?);
                 let path = if m.png.is_empty() { npy.clone() } else { png };
                 self.push(kind, Some(m.step), Some(m.timestep), tensor_shape(&m.mask), path, Some(npy));
+                if let Some(e) = self.entries.last_mut() {
+                    e.reference_fraction = Some(m.reference_fraction);
+                }
             }
             Event::Heatmap(h) => {
                 let stem = format!("heatmap_{}_tok{}", h.step, h.token_index);
@@ -117,6 +125,7 @@ impl Dumper {
                     timestep: Some(h.timestep),
                     token_index: Some(h.token_index),
                     token: Some(h.token.clone()),
+                    reference_fraction: None,
                     shape: tensor_shape(&h.map),
                     path,
                     npy: Some(npy),
@@ -132,7 +141,20 @@ impl Dumper {
                     let name = "change_map.png".to_string();
                     written.change_map = Some(self.write(&name, change_map)?);
                     let shape = image_shape(change_map).unwrap_or_default();
-                    self.push("change_map", None, None, shape, name, None);
+                    // The grey levels as [H, W] float32 in [0, 1].
+                    let npy = match image::load_from_memory(change_map) {
+                        Ok(img) => {
+                            let grey = img.to_luma8();
+                            let (w, h) = grey.dimensions();
+                            let values: Vec<f32> = grey.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+                            let npy = "change_map.npy".to_string();
+                            let bytes = crate::tensor::npy::encode_f32(&[h as usize, w as usize], &values);
+                            written.change_map_npy = Some(self.write(&npy, &bytes)?);
+                            Some(npy)
+                        }
+                        Err(_) => None,
+                    };
+                    self.push("change_map", None, None, shape, name, npy);
                 }
             }
         }
@@ -165,7 +187,17 @@ impl Dumper {
         path: String,
         npy: Option<String>,
     ) {
-        self.entries.push(ManifestEntry { kind, step, timestep, token_index: None, token: None, shape, path, npy });
+        self.entries.push(ManifestEntry {
+            kind,
+            step,
+            timestep,
+            token_index: None,
+            token: None,
+            reference_fraction: None,
+            shape,
+            path,
+            npy,
+        });
     }
 }
 

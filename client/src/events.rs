@@ -10,8 +10,10 @@ pub struct JobEvent {
     pub event: Event,
 }
 
-/// What happened. Order on the wire: `Queued`, `Started`, then per step `Step` (and as
-/// requested `Preview` / `Latent` / `Mask` / `Heatmap`), finally `Result`.
+/// What happened. Order on the wire: `Queued`, `Started`, then per step `Latent`, `Step`,
+/// `Preview` (as requested), then for Grad-SAM / protect jobs the protected-region `Mask`
+/// (step 0 only), the step's `Heatmap`s (one per subject) and its manipulation `Mask`;
+/// finally `Result`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Queued(Queued),
@@ -53,6 +55,12 @@ pub struct Started {
     pub seed: u64,
     pub width: u32,
     pub height: u32,
+    /// Grad-SAM jobs: the subject tokens, in the order their heatmaps stream.
+    pub subjects: Vec<pb::Token>,
+    /// True when the server picked the subjects from the prompt.
+    pub subjects_auto: bool,
+    /// Grad-SAM jobs: the 0-based indices of the manipulated steps, ascending.
+    pub manipulation_steps: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,8 +114,10 @@ pub struct Mask {
     pub step: u32,
     pub timestep: f64,
     pub kind: MaskKind,
-    /// 1 = generated, 0 = taken from the reference. At latent size.
+    /// 0/1 at latent size. Manipulation: [channels, h, w], 1 = kept from the generation,
+    /// 0 = taken from the reference. Protected: [1, h, w], 1 = protected.
     pub mask: Tensor,
+    /// Grey PNG at the image's size (share of channels set).
     pub png: Vec<u8>,
     /// Share of latent elements taken from the reference.
     pub reference_fraction: f64,
@@ -121,7 +131,7 @@ pub struct Heatmap {
     pub token: String,
     /// The raw importance map [channels, h, w] at latent size.
     pub map: Tensor,
-    /// Colour-mapped, overlaid on the current preview.
+    /// Colour-mapped, overlaid on the step's approximate preview, at the image's size.
     pub png: Vec<u8>,
 }
 
@@ -133,7 +143,7 @@ pub struct GenerateResult {
     pub seed: u64,
     pub settings: pb::Settings,
     pub timings: pb::Timings,
-    /// Per-pixel |output − reference| as a PNG (img2img only).
+    /// Per-pixel mean |output − reference| over R, G, B as a grey PNG (img2img only).
     pub change_map: Option<Vec<u8>>,
     pub reference_fraction_per_step: Vec<f64>,
     /// PSNR of the protected region (infinity when exact) and outside it.
@@ -167,6 +177,9 @@ impl JobEvent {
                 seed: s.seed,
                 width: s.width,
                 height: s.height,
+                subjects: s.subjects,
+                subjects_auto: s.subjects_auto,
+                manipulation_steps: s.manipulation_steps,
             }),
             Some(E::Step(s)) => Event::Step(Step {
                 index: s.index,

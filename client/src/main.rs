@@ -66,6 +66,21 @@ pub enum ExplainArg {
     Exact,
 }
 
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum StartArg {
+    /// SDEdit img2img: the reference noised to the start timestep (the server's default).
+    Reference,
+    /// Pure noise at the strength's start timestep (the paper's code).
+    Noise,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum PresetArg {
+    /// 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise start,
+    /// fast Grad-SAM.
+    Paper,
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// A model name from `frisket models`.
@@ -80,10 +95,10 @@ pub struct GenerateArgs {
     /// Absent: the server draws one (printed at the end).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Denoising steps [server default: 20].
+    /// Denoising steps [server default: 20; 50 with --preset paper].
     #[arg(long)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale [server default: 7.5].
+    /// Classifier-free guidance scale [server default: 7.5; 8 with --preset paper].
     #[arg(long)]
     pub guidance: Option<f64>,
     /// ddim, euler, euler-a, dpm++ or dpm++-karras [server default: ddim].
@@ -98,12 +113,21 @@ pub struct GenerateArgs {
     /// img2img: the image to start from (PNG or JPEG).
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// img2img: share of the schedule that runs, in (0, 1] [server default: 0.8].
+    /// img2img: share of the schedule that runs, in (0, 1] [server default: 0.8; 0.9 with
+    /// --preset paper].
     #[arg(long, requires = "reference")]
     pub strength: Option<f64>,
-    /// Protected region: a mask at the reference's size, non-zero pixels come back unchanged.
-    #[arg(long, requires = "reference")]
+    /// How img2img starts: `reference` (SDEdit, the server's default) or `noise` (pure
+    /// noise at the strength's start timestep, the paper's code; the default with --preset paper).
+    #[arg(long, value_enum, requires = "reference")]
+    pub start: Option<StartArg>,
+    /// Protected region: an 8-bit mask at the reference's size, non-zero pixels come back
+    /// unchanged (bit for bit).
+    #[arg(long, value_name = "MASK.png", requires = "reference")]
     pub protect: Option<PathBuf>,
+    /// Outward feather of the protected region, in pixels.
+    #[arg(long, requires = "protect")]
+    pub feather: Option<u32>,
     /// Where to write the result image.
     #[arg(long)]
     pub out: PathBuf,
@@ -128,22 +152,52 @@ pub struct GenerateArgs {
     /// Client-chosen job id (for `frisket cancel`).
     #[arg(long)]
     pub job_id: Option<String>,
-    /// Explainable latent manipulation (Grad-SAM).
+    /// Grad-SAM attribution: exact (one backward per latent element), fast, or off.
+    /// Defaults to fast when another Grad-SAM option or --preset paper is given, else off.
     #[arg(long, value_enum)]
     pub explain: Option<ExplainArg>,
-    /// Subject word to explain (repeatable).
-    #[arg(long = "subject")]
+    /// Grad-SAM: keep this prompt word's latents, the rest from the reference (repeatable).
+    /// Without --subject/--subject-index the server picks the prompt's content words.
+    #[arg(long = "subject", value_name = "WORD", requires = "reference")]
     pub subjects: Vec<String>,
-    /// Subject token position to explain (repeatable; 0 is the start token).
-    #[arg(long = "subject-index")]
+    /// Grad-SAM: a subject by token position among the 77 (0 = start token; repeatable;
+    /// see `frisket tokenize`).
+    #[arg(long = "subject-index", value_name = "N", requires = "reference")]
     pub subject_indices: Vec<u32>,
-    /// Cross-attention layers: "last", "all" or a comma-separated list.
-    #[arg(long)]
-    pub layers: Option<String>,
-    /// Stream explain masks.
+    /// Cross-attention layers: last, all, or a list like 0,5,10 [server default: last].
+    #[arg(long, alias = "layers", value_name = "last|all|LIST", requires = "reference")]
+    pub explain_layers: Option<String>,
+    /// Timesteps to manipulate at, snapped to the job's nearest [server default: 780,520,320].
+    #[arg(long, value_delimiter = ',', value_name = "T1,T2,…", requires = "reference")]
+    pub manipulate_at: Option<Vec<f64>>,
+    /// Mask threshold k in mean + k·std [server default: 0.5].
+    #[arg(long, value_name = "K", allow_negative_numbers = true, requires = "reference")]
+    pub mask_threshold: Option<f64>,
+    /// Mask Gaussian blur kernel (odd) [server default: 3].
+    #[arg(long, requires = "reference")]
+    pub mask_blur: Option<u32>,
+    /// Mask Gaussian blur sigma [server default: 6].
+    #[arg(long, requires = "reference")]
+    pub mask_sigma: Option<f64>,
+    /// Mask dilation max-filter size (odd; 1 = none) [server default: 3].
+    #[arg(long, requires = "reference")]
+    pub mask_dilate: Option<u32>,
+    /// Mask dilation passes [server default: 1].
+    #[arg(long, requires = "reference")]
+    pub mask_dilate_passes: Option<u32>,
+    /// Exact mode: latent elements per backward pass [default: from the latent size].
+    #[arg(long, requires = "reference")]
+    pub exact_batch: Option<u32>,
+    /// `paper`: 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise
+    /// start, fast Grad-SAM (as `frisket-server render --preset paper`); explicit flags
+    /// override it.
+    #[arg(long, value_enum, requires = "reference")]
+    pub preset: Option<PresetArg>,
+    /// Stream only the masks (Grad-SAM masks and the protected region). With neither
+    /// --masks nor --heatmaps the server streams both for Grad-SAM / protect jobs.
     #[arg(long)]
     pub masks: bool,
-    /// Stream token heatmaps.
+    /// Stream only the token heatmaps (see --masks).
     #[arg(long)]
     pub heatmaps: bool,
 }

@@ -4,7 +4,7 @@ use crate::proto::v1 as pb;
 use crate::Error;
 use std::path::Path;
 
-pub use pb::{ExplainMode, ImageFormat, PreviewMethod};
+pub use pb::{ExplainMode, ImageFormat, PreviewMethod, StartMode};
 
 /// Builds a [`pb::GenerateRequest`]. Unset fields keep the server's defaults (20 steps,
 /// guidance 7.5, ddim, the model's native size / the reference's size, strength 0.8).
@@ -119,12 +119,15 @@ impl GenerateRequestBuilder {
         self
     }
 
-    /// Stream explain masks and/or token heatmaps.
+    /// Stream exactly these Grad-SAM / protection events. Without this call a job with
+    /// Grad-SAM or a protected region streams both.
     pub fn explain_stream(mut self, masks: bool, heatmaps: bool) -> Self {
         self.stream().explain = Some(pb::ExplainStreamOptions { masks, heatmaps });
         self
     }
 
+    /// Grad-SAM (`mode` FAST or EXACT, subjects, layers, timesteps, mask parameters) and
+    /// the img2img `start` / protected-region `protect_feather`.
     pub fn explain(mut self, options: pb::ExplainOptions) -> Self {
         self.req.explain = Some(options);
         self

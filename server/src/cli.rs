@@ -1,7 +1,7 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
 use crate::engine::explain::dump::{Dump, Entry};
 use crate::engine::explain::{
-    ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec, DEFAULT_TIMESTEPS,
+    ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
 };
 use crate::engine::image_io;
 use crate::engine::model::{parse_device, StableDiffusion};
@@ -362,7 +362,7 @@ fn explain_params(a: &RenderArgs, paper: bool) -> Result<Option<ExplainParams>> 
         mode,
         layers: a.explain_layers.clone().unwrap_or(LayerChoice::Last),
         subjects,
-        timesteps: a.manipulate_at.clone().unwrap_or_else(|| DEFAULT_TIMESTEPS.to_vec()),
+        timesteps: a.manipulate_at.clone().unwrap_or_default(),
         mask: MaskParams {
             blur_kernel: a.mask_blur.unwrap_or(defaults.blur_kernel),
             blur_sigma: a.mask_sigma.unwrap_or(defaults.blur_sigma),

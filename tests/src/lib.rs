@@ -271,6 +271,12 @@ impl Collected {
     pub fn started(&self) -> Option<&pb::Started> {
         self.events.iter().find_map(|e| if let Event::Started(s) = e { Some(s) } else { None })
     }
+    pub fn masks(&self) -> Vec<&pb::Mask> {
+        self.events.iter().filter_map(|e| if let Event::Mask(m) = e { Some(m) } else { None }).collect()
+    }
+    pub fn heatmaps(&self) -> Vec<&pb::Heatmap> {
+        self.events.iter().filter_map(|e| if let Event::Heatmap(h) = e { Some(h) } else { None }).collect()
+    }
     pub fn result(&self) -> Option<&pb::Result> {
         self.events.iter().find_map(|e| if let Event::Result(r) = e { Some(r) } else { None })
     }
@@ -330,6 +336,28 @@ pub fn png(width: u32, height: u32) -> Vec<u8> {
 pub fn grey_png(width: u32, height: u32) -> Vec<u8> {
     let img = image::GrayImage::from_fn(width, height, |x, _| image::Luma([if x < width / 2 { 255 } else { 0 }]));
     encode_png(&image::DynamicImage::ImageLuma8(img))
+}
+
+/// An 8-bit grey mask PNG: 255 where `protected(x, y)`, else 0.
+pub fn mask_png(width: u32, height: u32, protected: impl Fn(u32, u32) -> bool) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(width, height, |x, y| image::Luma([if protected(x, y) { 255 } else { 0 }]));
+    encode_png(&image::DynamicImage::ImageLuma8(img))
+}
+
+/// The fixture's img2img reference for a model (`ref/pipeline/reference_<model>.png`:
+/// sd1 64×48, sd2 32×24).
+pub fn reference_path(model: &str) -> PathBuf {
+    let path = fixtures_dir().join(format!("ref/pipeline/reference_{model}.png"));
+    assert!(path.is_file(), "{} is missing (run `make fixtures`)", path.display());
+    path
+}
+
+/// A raw float32 tensor's values (checks dtype and size against the shape).
+pub fn tensor_values(t: &pb::Tensor) -> Vec<f32> {
+    assert_eq!(t.dtype, "float32");
+    let n: i64 = t.shape.iter().product();
+    assert_eq!(t.data.len() as i64, 4 * n, "{:?} carries {} bytes", t.shape, t.data.len());
+    t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 fn encode_png(img: &image::DynamicImage) -> Vec<u8> {

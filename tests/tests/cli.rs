@@ -519,3 +519,162 @@ fn ctrl_c_cancels_the_job() {
     let o = server.frisket(&["cancel", "ctrl-c-job"]);
     assert_eq!(o.status.code(), Some(6), "the job should be gone");
 }
+
+/// The Grad-SAM flags (what the editor plugins drive): `--json --dump-dir --protect
+/// --explain fast`. Every map and mask is written as .npy and .png and listed in the
+/// manifest with step, timestep and token index; the JSON lines carry their paths, the
+/// picked subjects and the summary; the image is byte for byte `frisket-server render`'s.
+#[test]
+fn explain_dump_json_and_render_identity() {
+    let server = Server::start();
+    let dir = scratch("explain");
+    let dump = dir.join("dump");
+    let out_png = dir.join("out.png");
+    let mask_path = dir.join("protect.png");
+    let mut mask = image::GrayImage::new(64, 48);
+    for y in 10..30 {
+        for x in 20..40 {
+            mask.put_pixel(x, y, image::Luma([200]));
+        }
+    }
+    mask.save(&mask_path).unwrap();
+    let reference = frisket_e2e::reference_path("sd1");
+    let common = [
+        "--prompt", "a small yellow star at the top left", "--seed", "9", "--steps", "10", "--strength", "0.9",
+        "--reference", s(&reference), "--protect", s(&mask_path), "--feather", "1", "--explain", "fast",
+        "--subject", "star", "--subject-index", "3", "--manipulate-at", "780,520,320", "--explain-layers", "last",
+        "--mask-threshold", "0.5",
+    ];
+    let o = server.frisket(&[&["generate", "--json", "--model", "sd1", "--dump-dir", s(&dump), "--out", s(&out_png)][..], &common].concat());
+    assert_ok(&o);
+    let lines = json_lines(&o);
+    let started = lines.iter().find(|l| l["event"] == "started").unwrap();
+    let subjects: Vec<(u64, &str)> = started["subjects"]
+        .as_array()
+        .expect("subjects in started")
+        .iter()
+        .map(|t| (t["index"].as_u64().unwrap(), t["word"].as_str().unwrap()))
+        .collect();
+    assert_eq!(subjects, [(4, "star"), (3, "yellow")]);
+    assert_eq!(started["subjects_auto"], false);
+    let steps: Vec<u64> = started["manipulation_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(steps.len(), 3);
+
+    // Per manipulated step: heatmaps (star, then yellow) then the mask; the protected mask first.
+    let artifacts: Vec<String> = lines
+        .iter()
+        .filter(|l| l["event"] == "mask" || l["event"] == "heatmap")
+        .map(|l| match l["event"].as_str().unwrap() {
+            "mask" => format!("{} {}", l["kind"].as_str().unwrap(), l["step"]),
+            _ => format!("heatmap {} {}", l["step"], l["token_index"]),
+        })
+        .collect();
+    let mut expected = vec!["protected 0".to_string()];
+    for k in &steps {
+        expected.extend([format!("heatmap {k} 4"), format!("heatmap {k} 3"), format!("manipulation {k}")]);
+    }
+    assert_eq!(artifacts, expected);
+    for l in lines.iter().filter(|l| l["event"] == "mask" || l["event"] == "heatmap") {
+        let png = PathBuf::from(l["path"].as_str().expect("png path"));
+        let npy = PathBuf::from(l["npy"].as_str().expect("npy path"));
+        assert!(png.starts_with(&dump) && npy.starts_with(&dump), "{l}");
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 48), "{l}");
+        let (shape, values) = read_npy(&npy);
+        assert_eq!(shape, shape_of(&l["shape"]));
+        assert!(values.iter().all(|v| v.is_finite()));
+        match l["kind"].as_str() {
+            Some("protected") => assert_eq!(shape, vec![1, 12, 16]),
+            Some(_) => {
+                assert_eq!(shape, vec![4, 12, 16]);
+                assert!(values.iter().all(|&v| v == 0.0 || v == 1.0));
+                assert!(l["reference_fraction"].is_number());
+            }
+            None => assert_eq!(shape, vec![4, 12, 16]),
+        }
+    }
+    let result = lines.last().unwrap();
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["psnr_protected"], "inf");
+    assert!(result["psnr_outside"].is_number());
+    assert_eq!(result["reference_fraction_per_step"].as_array().unwrap().len(), 3);
+    assert_eq!(result["change_map"], dump.join("change_map.png").display().to_string());
+    let (cm_shape, cm) = read_npy(Path::new(result["change_map_npy"].as_str().unwrap()));
+    assert_eq!(cm_shape, vec![48, 64]);
+    assert!(cm.iter().all(|v| (0.0..=1.0).contains(v)));
+
+    // The manifest lists the same artifacts with step, timestep and token index.
+    let manifest: Value = serde_json::from_slice(&std::fs::read(dump.join("manifest.json")).unwrap()).unwrap();
+    let entries = manifest.as_array().unwrap();
+    let listed: Vec<String> = entries
+        .iter()
+        .filter(|e| ["mask", "protected_mask", "heatmap"].contains(&e["kind"].as_str().unwrap()))
+        .map(|e| match e["kind"].as_str().unwrap() {
+            "protected_mask" => format!("protected {}", e["step"]),
+            "mask" => format!("manipulation {}", e["step"]),
+            _ => format!("heatmap {} {}", e["step"], e["token_index"]),
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    let timesteps = started["timesteps"].as_array().unwrap();
+    for e in entries.iter().filter(|e| e["kind"] != "result" && e["kind"] != "change_map") {
+        let step = e["step"].as_u64().unwrap() as usize;
+        assert_eq!(e["timestep"], timesteps[step], "{e}");
+        assert!(dump.join(e["path"].as_str().unwrap()).is_file(), "{e}");
+        assert!(dump.join(e["npy"].as_str().unwrap()).is_file(), "{e}");
+        if e["kind"] == "heatmap" {
+            assert!(e["token"].as_str().unwrap().ends_with("</w>"), "{e}");
+        }
+    }
+    let change = entries.iter().find(|e| e["kind"] == "change_map").expect("the change map is listed");
+    assert_eq!(change["npy"], "change_map.npy");
+
+    // Byte for byte what `frisket-server render` writes for the same flags.
+    let theirs = dir.join("render.png");
+    let r = Command::new(server_binary())
+        .args(["render", "--model", s(&models_dir().join("sd1")), "--out", s(&theirs), "--quiet"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert_ok(&r);
+    assert!(std::fs::read(&out_png).unwrap() == std::fs::read(&theirs).unwrap(), "PNGs differ");
+
+    // Grad-SAM options with --explain off: a usage error, as render's.
+    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--reference", s(&reference), "--explain", "off", "--subject", "x", "--out", s(&out_png)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(one_line_error(&o).contains("--explain off"));
+    // A bad token index: INVALID_ARGUMENT from the server, exit 1.
+    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "a star", "--reference", s(&reference), "--subject-index", "90", "--out", s(&dir.join("x.png"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line_error(&o).starts_with("error: INVALID_ARGUMENT: subject token index 90"));
+}
+
+/// `--preset paper` is render's preset (50 steps, CFG 8, strength 0.9, 780/520/320, last
+/// layer, k = 0.5, noise start, fast Grad-SAM): the same PNG, 45 steps, 3 manipulations.
+#[test]
+fn paper_preset_matches_render() {
+    let server = Server::start();
+    let dir = scratch("paper");
+    let ours = dir.join("client.png");
+    let theirs = dir.join("render.png");
+    let reference = frisket_e2e::reference_path("sd1");
+    let common = ["--prompt", "a small yellow star at the top left", "--seed", "4", "--reference", s(&reference), "--preset", "paper"];
+    let o = server.frisket(&[&["generate", "--json", "--model", "sd1", "--out", s(&ours)][..], &common].concat());
+    assert_ok(&o);
+    let lines = json_lines(&o);
+    let started = lines.iter().find(|l| l["event"] == "started").unwrap();
+    assert_eq!(started["total_steps"], 45);
+    assert_eq!(started["manipulation_steps"].as_array().unwrap().len(), 3);
+    assert_eq!(started["subjects_auto"], true);
+    let result = lines.last().unwrap();
+    assert_eq!((result["settings"]["steps"].as_u64(), result["settings"]["guidance"].as_f64()), (Some(50), Some(8.0)));
+    assert_eq!(result["settings"]["strength"], 0.9);
+    assert_eq!(lines.iter().filter(|l| l["event"] == "mask").count(), 3);
+    let r = Command::new(server_binary())
+        .args(["render", "--model", s(&models_dir().join("sd1")), "--out", s(&theirs), "--quiet"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert_ok(&r);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(), "PNGs differ");
+}

@@ -225,7 +225,7 @@ async fn models_tokens_and_server_info() {
         assert_eq!(m.prediction_type, prediction);
         assert_eq!((m.native_width, m.native_height, m.size_multiple), (native, native, multiple), "{}", m.name);
         assert_eq!(m.schedulers, ["ddim", "euler", "euler-a", "dpm++", "dpm++-karras"]);
-        assert!(m.img2img && !m.explain && !m.protected_regions);
+        assert!(m.img2img && m.explain && m.protected_regions);
     }
 
     let tokens = client
@@ -397,17 +397,17 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
         ),
         ("mask without reference", pb::GenerateRequest { protected_mask: frisket_e2e::grey_png(64, 48), ..good() }, Code::InvalidArgument),
         (
-            "protected mask (next issue)",
-            pb::GenerateRequest { protected_mask: frisket_e2e::grey_png(64, 48), ..img2img(None) },
-            Code::Unimplemented,
+            "blank protected mask",
+            pb::GenerateRequest { protected_mask: frisket_e2e::mask_png(64, 48, |_, _| false), ..img2img(None) },
+            Code::InvalidArgument,
         ),
         (
-            "explain (next issue)",
+            "explain without a reference",
             pb::GenerateRequest {
                 explain: Some(pb::ExplainOptions { mode: pb::ExplainMode::Fast as i32, ..Default::default() }),
                 ..good()
             },
-            Code::Unimplemented,
+            Code::InvalidArgument,
         ),
         (
             "unknown preview format",

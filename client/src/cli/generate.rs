@@ -1,6 +1,6 @@
 //! `frisket generate`: one job, streamed.
 use super::{exit, json, Failure};
-use crate::{ExplainArg, GenerateArgs, PreviewFormatArg, PreviewMethodArg};
+use crate::{ExplainArg, GenerateArgs, PresetArg, PreviewFormatArg, PreviewMethodArg, StartArg};
 use frisket::dump::{Dumper, Written};
 use frisket::proto::v1 as pb;
 use frisket::request::{ImageFormat, PreviewMethod};
@@ -104,15 +104,23 @@ impl EventJobId for frisket::JobEvent {
     }
 }
 
-fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
+/// `--preset paper`'s settings (as `frisket-server render --preset paper`).
+pub const PAPER_STEPS: u32 = 50;
+pub const PAPER_GUIDANCE: f64 = 8.0;
+pub const PAPER_STRENGTH: f64 = 0.9;
+pub const PAPER_TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
+pub const PAPER_THRESHOLD: f64 = 0.5;
+
+pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
+    let paper = a.preset == Some(PresetArg::Paper);
     let mut b = GenerateRequestBuilder::new(&a.model, &a.prompt)
         .negative_prompt(&a.negative_prompt)
         .seed(a.seed)
-        .steps(a.steps)
-        .guidance(a.guidance)
+        .steps(a.steps.or(paper.then_some(PAPER_STEPS)))
+        .guidance(a.guidance.or(paper.then_some(PAPER_GUIDANCE)))
         .scheduler(a.scheduler.clone().unwrap_or_default())
         .size(a.width.unwrap_or(0), a.height.unwrap_or(0))
-        .strength(a.strength);
+        .strength(a.strength.or(paper.then_some(PAPER_STRENGTH)));
     if let Some(path) = &a.reference {
         b = b.reference_file(path)?;
     }
@@ -136,24 +144,82 @@ fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
     if a.masks || a.heatmaps {
         b = b.explain_stream(a.masks, a.heatmaps);
     }
-    let explain_mode = a.explain.map(|m| match m {
-        ExplainArg::Off => pb::ExplainMode::Off,
-        ExplainArg::Fast => pb::ExplainMode::Fast,
-        ExplainArg::Exact => pb::ExplainMode::Exact,
-    });
-    if explain_mode.is_some() || !a.subjects.is_empty() || !a.subject_indices.is_empty() || a.layers.is_some() {
-        b = b.explain(pb::ExplainOptions {
-            mode: explain_mode.unwrap_or(pb::ExplainMode::Fast) as i32,
-            subject_words: a.subjects.clone(),
-            subject_indices: a.subject_indices.clone(),
-            layers: a.layers.clone().unwrap_or_default(),
-            ..Default::default()
-        });
+    if let Some(options) = explain_options(a)? {
+        b = b.explain(options);
     }
     if let Some(id) = &a.job_id {
         b = b.job_id(id);
     }
     Ok(b.build())
+}
+
+/// The request's ExplainOptions from the flags (None when nothing in it is set), with
+/// `frisket-server render`'s rules: Grad-SAM is on (fast) when a Grad-SAM option or
+/// --preset paper is given, and Grad-SAM options with `--explain off` are a usage error.
+fn explain_options(a: &GenerateArgs) -> Result<Option<pb::ExplainOptions>, Failure> {
+    let paper = a.preset == Some(PresetArg::Paper);
+    let mut asked: Vec<&str> = Vec::new();
+    for (flag, set) in [
+        ("--subject", !a.subjects.is_empty()),
+        ("--subject-index", !a.subject_indices.is_empty()),
+        ("--explain-layers", a.explain_layers.is_some()),
+        ("--manipulate-at", a.manipulate_at.is_some()),
+        ("--mask-threshold", a.mask_threshold.is_some()),
+        ("--mask-blur", a.mask_blur.is_some()),
+        ("--mask-sigma", a.mask_sigma.is_some()),
+        ("--mask-dilate", a.mask_dilate.is_some()),
+        ("--mask-dilate-passes", a.mask_dilate_passes.is_some()),
+        ("--exact-batch", a.exact_batch.is_some()),
+    ] {
+        if set {
+            asked.push(flag);
+        }
+    }
+    let mode = match a.explain {
+        Some(ExplainArg::Off) if !asked.is_empty() => {
+            return Err(Failure::usage(format!(
+                "Grad-SAM options were given with --explain off: {} (see --help)",
+                asked.join(", ")
+            )));
+        }
+        Some(ExplainArg::Off) => pb::ExplainMode::Off,
+        Some(ExplainArg::Fast) => pb::ExplainMode::Fast,
+        Some(ExplainArg::Exact) => pb::ExplainMode::Exact,
+        None if !asked.is_empty() || paper => pb::ExplainMode::Fast,
+        None => pb::ExplainMode::Off,
+    };
+    let start = match a.start {
+        Some(StartArg::Noise) => pb::StartMode::Noise,
+        Some(StartArg::Reference) => pb::StartMode::Reference,
+        None if paper => pb::StartMode::Noise,
+        None => pb::StartMode::Reference,
+    };
+    if let Some(ts) = &a.manipulate_at {
+        if ts.is_empty() || ts.iter().any(|t| !t.is_finite()) {
+            return Err(Failure::usage("--manipulate-at takes timesteps like 780,520,320 (see --help)".into()));
+        }
+    }
+    let grad_sam = mode != pb::ExplainMode::Off;
+    let options = pb::ExplainOptions {
+        mode: mode as i32,
+        subject_words: a.subjects.clone(),
+        subject_indices: a.subject_indices.clone(),
+        layers: a.explain_layers.clone().unwrap_or_else(|| if paper && grad_sam { "last".into() } else { String::new() }),
+        manipulate_at: match &a.manipulate_at {
+            Some(ts) => ts.clone(),
+            None if paper && grad_sam => PAPER_TIMESTEPS.to_vec(),
+            None => Vec::new(),
+        },
+        mask_threshold: a.mask_threshold.or((paper && grad_sam).then_some(PAPER_THRESHOLD)),
+        blur_kernel: a.mask_blur,
+        blur_sigma: a.mask_sigma,
+        dilation: a.mask_dilate,
+        dilation_passes: a.mask_dilate_passes,
+        exact_batch: a.exact_batch,
+        start: start as i32,
+        protect_feather: a.feather.unwrap_or(0),
+    };
+    Ok((options != pb::ExplainOptions::default()).then_some(options))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -251,6 +317,24 @@ impl Progress {
                 bar.set_length(s.total_steps as u64);
                 bar.set_position(0);
                 bar.set_message(format!("seed {}", s.seed));
+                if !s.subjects.is_empty() {
+                    let names: Vec<String> = s
+                        .subjects
+                        .iter()
+                        .map(|t| format!("{} (token {})", if t.word.is_empty() { &t.text } else { &t.word }, t.index))
+                        .collect();
+                    let steps: Vec<String> = s
+                        .manipulation_steps
+                        .iter()
+                        .map(|&i| format!("{} (t={})", i + 1, s.timesteps.get(i as usize).map_or("?".into(), |t| fmt_timestep(*t))))
+                        .collect();
+                    bar.println(format!(
+                        "grad-sam: subjects {}{}; manipulating at steps {}",
+                        names.join(", "),
+                        if s.subjects_auto { " [picked from the prompt]" } else { "" },
+                        steps.join(", ")
+                    ));
+                }
             }
             Event::Step(s) => {
                 bar.set_length(s.total as u64);
@@ -270,6 +354,18 @@ impl Progress {
                 "done: {} steps, seed {}, {}x{}, {:.2}s ({:.2} s/step)",
                 r.settings.steps, r.seed, r.settings.width, r.settings.height, t.total_seconds, t.seconds_per_step
             );
+            if !r.reference_fraction_per_step.is_empty() {
+                let shares: Vec<String> = r.reference_fraction_per_step.iter().map(|f| format!("{:.0}%", f * 100.0)).collect();
+                eprintln!("from the reference at the manipulated steps: {}", shares.join(", "));
+            }
+            match r.psnr_protected {
+                Some(p) if p.is_infinite() => eprintln!("protected region bit-exact (PSNR ∞)"),
+                Some(p) => eprintln!("protected region PSNR {p:.2} dB"),
+                None => {}
+            }
+            if let Some(p) = r.psnr_outside {
+                eprintln!("PSNR outside the protected region {p:.2} dB");
+            }
         }
     }
 
@@ -285,5 +381,60 @@ fn fmt_timestep(t: f64) -> String {
         format!("{t:.0}")
     } else {
         format!("{t:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_request;
+    use crate::{Cli, Command};
+    use clap::Parser;
+    use frisket::proto::v1 as pb;
+
+    fn request(extra: &[&str]) -> Result<pb::GenerateRequest, super::Failure> {
+        let dir = std::env::temp_dir().join(format!("frisket-cli-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let reference = dir.join("ref.png");
+        image::RgbImage::new(8, 8).save(&reference).unwrap();
+        let mut args = vec!["frisket", "generate", "--model", "sd1", "--prompt", "a star", "--out", "o.png"];
+        args.extend(["--reference", reference.to_str().unwrap()]);
+        args.extend(extra);
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+        match cli.command {
+            Command::Generate(a) => build_request(&a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn paper_preset_and_overrides() {
+        let r = request(&["--preset", "paper"]).unwrap();
+        assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
+        let e = r.explain.unwrap();
+        assert_eq!(e.mode, pb::ExplainMode::Fast as i32);
+        assert_eq!(e.start, pb::StartMode::Noise as i32);
+        assert_eq!((e.manipulate_at, e.layers.as_str(), e.mask_threshold), (vec![780.0, 520.0, 320.0], "last", Some(0.5)));
+
+        let r = request(&["--preset", "paper", "--steps", "20", "--start", "reference", "--explain", "off"]).unwrap();
+        assert_eq!((r.steps, r.guidance), (Some(20), Some(8.0)));
+        assert!(r.explain.is_none(), "nothing left to send: {:?}", r.explain);
+    }
+
+    #[test]
+    fn grad_sam_flags() {
+        assert!(request(&[]).unwrap().explain.is_none());
+        let r = request(&["--layers", "all", "--subject", "star", "--subject-index", "2", "--manipulate-at", "700,300"]).unwrap();
+        let e = r.explain.unwrap();
+        assert_eq!(e.mode, pb::ExplainMode::Fast as i32, "Grad-SAM options turn it on");
+        assert_eq!((e.layers.as_str(), e.subject_words, e.subject_indices), ("all", vec!["star".to_string()], vec![2]));
+        assert_eq!(e.manipulate_at, vec![700.0, 300.0]);
+        assert_eq!(e.start, pb::StartMode::Reference as i32);
+        let e = request(&["--explain", "exact", "--mask-threshold", "-0.25", "--mask-dilate", "1"]).unwrap().explain.unwrap();
+        assert_eq!((e.mode, e.mask_threshold, e.dilation), (pb::ExplainMode::Exact as i32, Some(-0.25), Some(1)));
+        let err = request(&["--explain", "off", "--subject", "star"]).unwrap_err();
+        assert_eq!(err.exit, super::exit::USAGE);
+        assert!(err.message.contains("--subject"), "{}", err.message);
+        let r = request(&["--masks"]).unwrap();
+        assert_eq!(r.stream.unwrap().explain, Some(pb::ExplainStreamOptions { masks: true, heatmaps: false }));
     }
 }

@@ -86,6 +86,16 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
             put("seed", json!(s.seed));
             put("width", json!(s.width));
             put("height", json!(s.height));
+            if !s.subjects.is_empty() {
+                let subjects: Vec<Value> = s
+                    .subjects
+                    .iter()
+                    .map(|t| json!({"index": t.index, "text": t.text, "word": t.word}))
+                    .collect();
+                put("subjects", json!(subjects));
+                put("subjects_auto", json!(s.subjects_auto));
+                put("manipulation_steps", json!(s.manipulation_steps));
+            }
         }
         Event::Step(s) => {
             put("index", json!(s.index));
@@ -157,6 +167,9 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
             }
             if let Some(p) = &written.change_map {
                 put("change_map", path(p));
+            }
+            if let Some(p) = &written.change_map_npy {
+                put("change_map_npy", path(p));
             }
             if let Some(p) = manifest {
                 put("manifest", path(p));

@@ -4,10 +4,14 @@
 use super::jobs::{Job, Queue, StopReason};
 use super::models::Catalog;
 use super::preview;
+use crate::engine::explain;
 use crate::engine::image_io;
 use crate::engine::model::StableDiffusion;
 use crate::engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
-use frisket_proto::v1::{generate_event::Event, Latent, Preview, Result as JobResult, Settings, Started, Step, Tensor as PbTensor, Timings};
+use frisket_proto::v1::{
+    generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
+    Settings, Started, Step, Tensor as PbTensor, Timings, Token,
+};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -150,6 +154,31 @@ impl Engine {
         };
         let timesteps = scheduler.timesteps()[start..].to_vec();
         drop(scheduler);
+        // The resolved Grad-SAM plan: its subjects (picked from the prompt when none were
+        // named) and manipulation steps go out in Started.
+        let plan = explain::plan(model, &params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let (subjects, subjects_auto, manipulation_steps) = match plan.as_ref().filter(|p| p.mode.is_some()) {
+            Some(plan) => {
+                let tokens = model.tokenizer.tokens(&spec.prompt);
+                let subjects = plan
+                    .subjects
+                    .iter()
+                    .map(|s| {
+                        let info = tokens.get(s.token_index);
+                        Token {
+                            index: s.token_index as u32,
+                            id: info.map_or(model.tokenizer.pad_id(), |t| t.id),
+                            text: s.token.clone(),
+                            word: s.word.clone().unwrap_or_default(),
+                            word_index: info.and_then(|t| t.word_index).map(|w| w as u32),
+                        }
+                    })
+                    .collect();
+                (subjects, plan.subjects_auto, plan.steps.iter().map(|s| s.index as u32).collect())
+            }
+            None => (Vec::new(), false, Vec::new()),
+        };
+        drop(plan);
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
@@ -163,6 +192,9 @@ impl Engine {
             seed: spec.seed,
             width: spec.width,
             height: spec.height,
+            subjects,
+            subjects_auto,
+            manipulation_steps,
         };
         if !send(&rt, job, Event::Started(started_event)) {
             return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
@@ -222,6 +254,13 @@ impl Engine {
                     }
                 }
             }
+            if let Some(x) = &e.explain {
+                for event in explain_events(e, x, spec) {
+                    if !send(&rt, job, event) {
+                        return Flow::Stop;
+                    }
+                }
+            }
             // Checked once more so a stop that arrived while sending ends the job now,
             // before the next step.
             if job.check_stop().is_some() {
@@ -249,6 +288,14 @@ impl Engine {
             Some(reference) => preview::change_map(&rgb, reference).unwrap_or_default(),
             None => Vec::new(),
         };
+        let (fractions, psnr_protected, psnr_outside) = match &generated.explain {
+            Some(summary) => (
+                summary.reference_fractions.iter().map(|f| f.fraction).collect(),
+                summary.psnr_protected,
+                Some(summary.psnr_outside),
+            ),
+            None => (Vec::new(), None, None),
+        };
         let total_seconds = started.elapsed().as_secs_f64();
         let result = JobResult {
             image: png,
@@ -274,10 +321,81 @@ impl Engine {
                 decode_seconds,
             }),
             change_map,
-            reference_fraction_per_step: Vec::new(),
-            psnr_protected: None,
-            psnr_outside: None,
+            reference_fraction_per_step: fractions,
+            psnr_protected,
+            psnr_outside,
         };
         Ok(result)
     }
+}
+
+fn pb_tensor(t: &tch::Tensor) -> anyhow::Result<PbTensor> {
+    let (shape, data) = preview::latent_bytes(t)?;
+    Ok(PbTensor { shape, dtype: "float32".into(), data })
+}
+
+/// The Grad-SAM / protection events of one step, in stream order: the protected-region
+/// mask (first step only), one heatmap per subject, the manipulation mask — each as the
+/// request's `stream.explain` asks. An event that cannot be built is logged and skipped.
+fn explain_events(e: &StepEvent, x: &crate::engine::pipeline::StepExplain, spec: &super::request::JobSpec) -> Vec<Event> {
+    let want = spec.explain_stream;
+    let (width, height) = (spec.width, spec.height);
+    let mut events = Vec::new();
+    if want.masks {
+        if let Some(p) = x.plan.and_then(|p| p.protected_latents.as_ref()) {
+            let mask = p.squeeze_dim(0); // [1, h, w]
+            let built = (|| -> anyhow::Result<PbMask> {
+                Ok(PbMask {
+                    step: e.index as u32,
+                    timestep: e.timestep,
+                    kind: MaskKind::Protected as i32,
+                    mask: Some(pb_tensor(&mask)?),
+                    png: preview::mask_png(&mask, width, height)?,
+                    reference_fraction: mask.mean(tch::Kind::Float).double_value(&[]),
+                })
+            })();
+            match built {
+                Ok(m) => events.push(Event::Mask(m)),
+                Err(err) => warn!(step = e.index, "protected mask not sent: {err:#}"),
+            }
+        }
+    }
+    let Some(m) = x.manipulation else { return events };
+    if want.heatmaps && !m.heatmaps.is_empty() {
+        let base = preview::approx_rgb(e.denoised);
+        for h in &m.heatmaps {
+            let built = (|| -> anyhow::Result<PbHeatmap> {
+                let base = base.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                Ok(PbHeatmap {
+                    step: m.index as u32,
+                    timestep: m.timestep,
+                    token_index: h.subject.token_index as u32,
+                    token: h.subject.token.clone(),
+                    map: Some(pb_tensor(&h.map)?),
+                    png: preview::heatmap_png(&h.map, base, width, height)?,
+                })
+            })();
+            match built {
+                Ok(h) => events.push(Event::Heatmap(h)),
+                Err(err) => warn!(step = m.index, "heatmap not sent: {err:#}"),
+            }
+        }
+    }
+    if want.masks {
+        let built = (|| -> anyhow::Result<PbMask> {
+            Ok(PbMask {
+                step: m.index as u32,
+                timestep: m.timestep,
+                kind: MaskKind::Manipulation as i32,
+                mask: Some(pb_tensor(&m.mask)?),
+                png: preview::mask_png(&m.mask, width, height)?,
+                reference_fraction: m.reference_fraction,
+            })
+        })();
+        match built {
+            Ok(mask) => events.push(Event::Mask(mask)),
+            Err(err) => warn!(step = m.index, "mask not sent: {err:#}"),
+        }
+    }
+    events
 }

@@ -176,8 +176,8 @@ impl Frisket for FrisketService {
                 prediction_type: m.prediction_type,
                 schedulers: SCHEDULERS.iter().map(|s| s.to_string()).collect(),
                 img2img: true,
-                explain: false,
-                protected_regions: false,
+                explain: true,
+                protected_regions: true,
             })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))

@@ -88,14 +88,102 @@ pub fn latent_bytes(latent: &Tensor) -> Result<(Vec<i64>, Vec<u8>)> {
     Ok((shape, bytes))
 }
 
-/// Per-pixel |output − reference| (largest over R, G, B) as an 8-bit grey PNG.
+/// Per-pixel |output − reference|, the mean over R, G and B rounded to the nearest 8-bit
+/// level (the engine's change map, `explain::mask::compare`), as an 8-bit grey PNG.
 pub fn change_map(output: &RgbImage, reference: &RgbImage) -> Result<Vec<u8>> {
     let (w, h) = output.dimensions();
     let grey = image::GrayImage::from_fn(w, h, |x, y| {
         let (a, b) = (output.get_pixel(x, y), reference.get_pixel(x, y));
-        image::Luma([(0..3).map(|c| a[c].abs_diff(b[c])).max().unwrap_or(0)])
+        let sum: u32 = (0..3).map(|c| a[c].abs_diff(b[c]) as u32).sum();
+        // sum/3 is never exactly halfway between two levels.
+        image::Luma([((sum as f64) / 3.0).round() as u8])
     });
+    encode_grey(&grey)
+}
+
+fn encode_grey(img: &image::GrayImage) -> Result<Vec<u8>> {
     let mut out = std::io::Cursor::new(Vec::new());
-    grey.write_to(&mut out, image::ImageFormat::Png).context("encoding change map")?;
+    img.write_to(&mut out, image::ImageFormat::Png).context("encoding PNG")?;
     Ok(out.into_inner())
+}
+
+/// A [C, h, w] map as an [h, w] plane: `sum` over channels, else their mean.
+fn plane(t: &Tensor, sum: bool) -> Result<(u32, u32, Vec<f32>)> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Float);
+    let t = if t.dim() == 2 { t.unsqueeze(0) } else { t };
+    let (_, h, w) = t.size3().context("expected a [C, h, w] map")?;
+    let p = if sum { t.sum_dim_intlist([0i64].as_slice(), false, Kind::Float) } else { t.mean_dim([0i64].as_slice(), false, Kind::Float) };
+    let values = Vec::<f32>::try_from(p.contiguous().view(-1)).context("copying map values")?;
+    Ok((w as u32, h as u32, values))
+}
+
+/// A mask [C, h, w] (0/1) as an 8-bit grey PNG at `width`×`height` (nearest): the share of
+/// channels set at each position.
+pub fn mask_png(mask: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
+    let (w, h, values) = plane(mask, false)?;
+    let grey = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([(values[(y * w + x) as usize].clamp(0.0, 1.0) * 255.0).round() as u8])
+    });
+    let grey = if (w, h) == (width, height) {
+        grey
+    } else {
+        image::imageops::resize(&grey, width, height, image::imageops::FilterType::Nearest)
+    };
+    encode_grey(&grey)
+}
+
+/// An importance map [C, h, w] as an RGB PNG at `width`×`height` (nearest): summed over
+/// channels, min-max normalised, colour-mapped and blended half and half over `base` (the
+/// step's approximate preview at latent size; ignored when its size differs).
+pub fn heatmap_png(map: &Tensor, base: &RgbImage, width: u32, height: u32) -> Result<Vec<u8>> {
+    let (w, h, values) = plane(map, true)?;
+    let lo = values.iter().copied().filter(|v| v.is_finite()).fold(f32::INFINITY, f32::min);
+    let hi = values.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let blend = base.dimensions() == (w, h);
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        let v = values[(y * w + x) as usize];
+        let unit = if v.is_finite() && hi > lo { (v - lo) / span } else { 0.0 };
+        let heat = crate::engine::explain::dump::colormap(unit);
+        if !blend {
+            return heat;
+        }
+        let b = base.get_pixel(x, y);
+        image::Rgb([0, 1, 2].map(|c| (heat[c] as u16 + b[c] as u16).div_ceil(2) as u8))
+    });
+    let img = if (w, h) == (width, height) {
+        img
+    } else {
+        image::imageops::resize(&img, width, height, image::imageops::FilterType::Nearest)
+    };
+    image_io::encode_png(&img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_map_is_the_rounded_mean_difference() {
+        let a = RgbImage::from_raw(2, 1, vec![10, 20, 30, 0, 0, 0]).unwrap();
+        let b = RgbImage::from_raw(2, 1, vec![11, 22, 30, 255, 255, 254]).unwrap();
+        let png = change_map(&a, &b).unwrap();
+        let g = image::load_from_memory(&png).unwrap().to_luma8();
+        assert_eq!(g.as_raw(), &vec![1, 255]);
+    }
+
+    #[test]
+    fn masks_and_heatmaps_are_upscaled() {
+        let mask = Tensor::from_slice(&[1f32, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]).reshape([2, 2, 2]);
+        let g = image::load_from_memory(&mask_png(&mask, 4, 4).unwrap()).unwrap().to_luma8();
+        assert_eq!(g.dimensions(), (4, 4));
+        assert_eq!((g.get_pixel(0, 0)[0], g.get_pixel(3, 0)[0], g.get_pixel(0, 3)[0], g.get_pixel(3, 3)[0]), (128, 0, 255, 128));
+        let base = RgbImage::from_pixel(2, 2, image::Rgb([0, 0, 0]));
+        let rgb = image::load_from_memory(&heatmap_png(&mask, &base, 4, 4).unwrap()).unwrap().to_rgb8();
+        assert_eq!(rgb.dimensions(), (4, 4));
+        // The hottest position (x 0, y 1: sum 2) is the ramp's top blended with black,
+        // the coldest (x 1, y 0: sum 0) its bottom.
+        assert_eq!(rgb.get_pixel(0, 3).0, [126, 128, 82]);
+        assert_eq!(rgb.get_pixel(3, 0).0, [0, 0, 2]);
+    }
 }

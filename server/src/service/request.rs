@@ -1,12 +1,15 @@
 //! GenerateRequest → a validated job: defaults from the proto filled in, every field
 //! checked before the job is queued, so bad input costs no engine time and gets
-//! INVALID_ARGUMENT (or NOT_FOUND / UNIMPLEMENTED) with a message a person can act on.
+//! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
+use crate::engine::explain::{
+    self, mask, ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
+};
 use crate::engine::image_io;
 use crate::engine::pipeline::{img2img_start, GenerateParams};
-use crate::engine::schedulers::SchedulerKind;
-use frisket_proto::v1::{ExplainMode, GenerateRequest, ImageFormat, PreviewMethod};
+use crate::engine::schedulers::{self, SchedulerConfig, SchedulerKind};
+use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
 use tonic::Status;
 
@@ -18,6 +21,10 @@ pub const DEFAULT_SCHEDULER: &str = "ddim";
 /// Bytes of prompt text accepted (the tokenizer keeps 75 tokens anyway).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 pub const MAX_JOB_ID_BYTES: usize = 128;
+/// Widest outward feather of a protected region, in pixels (as `frisket-server render`).
+pub const MAX_FEATHER: u32 = 256;
+/// Largest exact-mode batch (latent elements per backward pass) a request may ask for.
+pub const MAX_EXACT_BATCH: u32 = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -62,6 +69,29 @@ pub struct JobSpec {
     pub previews: Option<PreviewSpec>,
     /// Latent every N steps (≥ 1).
     pub latents_every: Option<usize>,
+    /// img2img: SDEdit from the reference (default) or pure noise at the start timestep.
+    pub start: StartMode,
+    /// Grad-SAM, validated as far as possible without the model (subject words, token
+    /// positions, layer syntax, mask parameters, timesteps against the schedule).
+    pub explain: Option<ExplainParams>,
+    /// The protected region, at the output size, checked (not blank, not full).
+    pub protect: Option<ProtectSpec>,
+    /// Which mask / heatmap events to stream.
+    pub explain_stream: ExplainStream,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProtectSpec {
+    /// 8-bit, non-zero = protected, at (width, height).
+    pub mask: GrayImage,
+    pub feather: u32,
+}
+
+/// Which Grad-SAM / protection events a job streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExplainStream {
+    pub masks: bool,
+    pub heatmaps: bool,
 }
 
 impl JobSpec {
@@ -79,9 +109,35 @@ impl JobSpec {
             height: self.height as i64,
             reference: self.reference.as_ref().map(image_io::rgb_to_tensor),
             strength: self.strength,
-            ..Default::default()
+            start: self.start,
+            explain: self.explain.clone(),
+            protect: self.protect.as_ref().map(|p| ProtectParams { mask: mask_tensor(&p.mask), feather: p.feather }),
         }
     }
+}
+
+/// An 8-bit mask as the [H, W] uint8 tensor `frisket-server render` builds from its file.
+fn mask_tensor(mask: &GrayImage) -> tch::Tensor {
+    let (w, h) = mask.dimensions();
+    tch::Tensor::from_slice(mask.as_raw()).reshape([h as i64, w as i64])
+}
+
+/// Resizes a protect mask conservatively: an output pixel is protected when any source
+/// pixel it covers (even partly) is.
+fn resize_mask_conservative(mask: &GrayImage, width: u32, height: u32) -> GrayImage {
+    let (sw, sh) = mask.dimensions();
+    // Source pixels [lo, hi) covered by output pixel i of n over a source of size s.
+    let span = |i: u32, n: u32, s: u32| -> (u32, u32) {
+        let lo = (i as u64 * s as u64 / n as u64) as u32;
+        let hi = ((i as u64 + 1) * s as u64).div_ceil(n as u64) as u32;
+        (lo, hi.max(lo + 1).min(s))
+    };
+    GrayImage::from_fn(width, height, |x, y| {
+        let (x0, x1) = span(x, width, sw);
+        let (y0, y1) = span(y, height, sh);
+        let any = (y0..y1).any(|sy| (x0..x1).any(|sx| mask.get_pixel(sx, sy)[0] != 0));
+        image::Luma([if any { 255 } else { 0 }])
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -108,17 +164,6 @@ fn decode_limited(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, St
 
 /// Validates `req` against the model and limits. Blocking (decodes images, reads configs).
 pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random_seed: u64) -> Result<JobSpec, Status> {
-    // Features of the next issue: refuse clearly rather than ignore.
-    if let Some(explain) = &req.explain {
-        if explain.mode != ExplainMode::Off as i32 {
-            return Err(Status::unimplemented("explain (Grad-SAM latent manipulation) is not implemented by this server yet"));
-        }
-    }
-    if let Some(ex) = req.stream.as_ref().and_then(|s| s.explain.as_ref()) {
-        if ex.masks || ex.heatmaps {
-            return Err(Status::unimplemented("stream.explain masks/heatmaps are not implemented by this server yet"));
-        }
-    }
     if req.job_id.len() > MAX_JOB_ID_BYTES || req.job_id.chars().any(|c| c.is_control()) {
         return Err(invalid(format!("job_id must be at most {MAX_JOB_ID_BYTES} bytes of printable text")));
     }
@@ -159,23 +204,34 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     } else {
         None
     };
-    if !req.protected_mask.is_empty() {
-        let Some(reference) = &reference else {
+    let protect_mask = if req.protected_mask.is_empty() {
+        None
+    } else {
+        if reference.is_none() {
             return Err(invalid("protected_mask needs a reference_image (img2img)"));
-        };
+        }
         let mask: GrayImage = decode_limited(&req.protected_mask, limits.max_side)
             .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?
             .to_luma8();
-        if mask.dimensions() != reference.dimensions() {
-            return Err(invalid(format!(
-                "protected_mask is {}×{} but reference_image is {}×{}; they must be the same size",
-                mask.width(),
-                mask.height(),
-                reference.width(),
-                reference.height()
-            )));
-        }
-        return Err(Status::unimplemented("protected_mask (protected regions) is not implemented by this server yet"));
+        Some(mask)
+    };
+    let options = req.explain.clone().unwrap_or_default();
+    let start = match pb::StartMode::try_from(options.start) {
+        Ok(pb::StartMode::Reference) => StartMode::Reference,
+        Ok(pb::StartMode::Noise) => StartMode::Noise,
+        Err(_) => return Err(invalid(format!("unknown explain.start {} (expected REFERENCE or NOISE)", options.start))),
+    };
+    if start == StartMode::Noise && reference.is_none() {
+        return Err(invalid("explain.start NOISE needs a reference_image (img2img)"));
+    }
+    if options.protect_feather > 0 && protect_mask.is_none() {
+        return Err(invalid("explain.protect_feather needs a protected_mask"));
+    }
+    if options.protect_feather > MAX_FEATHER {
+        return Err(invalid(format!(
+            "explain.protect_feather {} is too wide (at most {MAX_FEATHER} pixels)",
+            options.protect_feather
+        )));
     }
 
     let width = match (req.width, &reference) {
@@ -201,6 +257,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             limits.max_pixels, limits.max_side
         )));
     }
+    let req_reference_size = reference.as_ref().map(|r| r.dimensions());
     let reference = reference.map(|img| {
         if img.dimensions() == (width, height) {
             img
@@ -213,6 +270,33 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             "strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
         )));
     }
+
+    let protect = match protect_mask {
+        None => None,
+        Some(mask) => {
+            let source = req_reference_size.expect("a protected_mask comes with a reference");
+            let mask = if mask.dimensions() == (width, height) {
+                mask
+            } else if mask.dimensions() == source {
+                resize_mask_conservative(&mask, width, height)
+            } else {
+                let also = if source == (width, height) { String::new() } else { format!(" or the output's {width}×{height}") };
+                return Err(invalid(format!(
+                    "protected_mask is {}×{} but reference_image is {}×{}; the mask must have the reference's size{also}",
+                    mask.width(),
+                    mask.height(),
+                    source.0,
+                    source.1
+                )));
+            };
+            let factor = meta.size_multiple.max(1) as i64;
+            // Blank, full or covering every latent element: refused here, before queueing.
+            let _checked = mask::protect_masks(&mask_tensor(&mask), width as i64, height as i64, factor)
+                .map_err(|e| invalid(format!("protected_mask: {e:#}")))?;
+            Some(ProtectSpec { mask, feather: options.protect_feather })
+        }
+    };
+    let explain = explain_params(&options, &meta, catalog, &req.prompt, reference.is_some(), steps as usize, strength, scheduler, karras)?;
 
     let stream = req.stream.unwrap_or_default();
     let previews = match stream.previews {
@@ -233,6 +317,10 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         _ => None,
     };
     let latents_every = stream.latents.filter(|l| l.enabled).map(|l| l.every.max(1) as usize);
+    let explain_stream = match stream.explain {
+        Some(x) => ExplainStream { masks: x.masks, heatmaps: x.heatmaps },
+        None => ExplainStream { masks: explain.is_some() || protect.is_some(), heatmaps: explain.is_some() },
+    };
 
     Ok(JobSpec {
         meta,
@@ -250,7 +338,147 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         strength,
         previews,
         latents_every,
+        start,
+        explain,
+        protect,
+        explain_stream,
     })
+}
+
+/// ExplainOptions' Grad-SAM part → the engine's settings (None for mode OFF), checked as
+/// far as the model's small files allow; what needs the loaded model (layer indices
+/// against its UNet) the engine checks before the job starts.
+#[allow(clippy::too_many_arguments)]
+fn explain_params(
+    o: &pb::ExplainOptions,
+    meta: &ModelMeta,
+    catalog: &Catalog,
+    prompt: &str,
+    img2img: bool,
+    steps: usize,
+    strength: f64,
+    scheduler: SchedulerKind,
+    karras: bool,
+) -> Result<Option<ExplainParams>, Status> {
+    let mode = match pb::ExplainMode::try_from(o.mode) {
+        Ok(pb::ExplainMode::Off) => None,
+        Ok(pb::ExplainMode::Fast) => Some(ExplainMode::Fast),
+        Ok(pb::ExplainMode::Exact) => Some(ExplainMode::Exact),
+        Err(_) => return Err(invalid(format!("unknown explain.mode {} (expected OFF, FAST or EXACT)", o.mode))),
+    };
+    let given: Vec<&str> = [
+        ("subject_words", !o.subject_words.is_empty()),
+        ("subject_indices", !o.subject_indices.is_empty()),
+        ("layers", !o.layers.trim().is_empty()),
+        ("manipulate_at", !o.manipulate_at.is_empty()),
+        ("mask_threshold", o.mask_threshold.is_some()),
+        ("blur_kernel", o.blur_kernel.is_some()),
+        ("blur_sigma", o.blur_sigma.is_some()),
+        ("dilation", o.dilation.is_some()),
+        ("dilation_passes", o.dilation_passes.is_some()),
+        ("exact_batch", o.exact_batch.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    let Some(mode) = mode else {
+        if !given.is_empty() {
+            return Err(invalid(format!(
+                "explain.mode is OFF but Grad-SAM options are set ({}); set mode FAST or EXACT, or leave them unset",
+                given.join(", ")
+            )));
+        }
+        return Ok(None);
+    };
+    if !img2img {
+        return Err(invalid(
+            "explain (Grad-SAM) needs a reference_image (img2img): the latents it does not keep come from the reference",
+        ));
+    }
+    let d = MaskParams::default();
+    let mask = MaskParams {
+        blur_kernel: o.blur_kernel.map_or(d.blur_kernel, i64::from),
+        blur_sigma: o.blur_sigma.unwrap_or(d.blur_sigma),
+        dilate_kernel: o.dilation.map_or(d.dilate_kernel, i64::from),
+        dilate_passes: o.dilation_passes.map_or(d.dilate_passes, |p| p as usize),
+        threshold_k: o.mask_threshold.unwrap_or(d.threshold_k),
+    };
+    mask.validate().map_err(|e| invalid(format!("explain: {e:#}")))?;
+    if let Some(b) = o.exact_batch {
+        if !(1..=MAX_EXACT_BATCH).contains(&b) {
+            return Err(invalid(format!("explain.exact_batch must be 1 to {MAX_EXACT_BATCH}, got {b}")));
+        }
+    }
+    let layers = if o.layers.trim().is_empty() {
+        LayerChoice::Last
+    } else {
+        o.layers.parse::<LayerChoice>().map_err(|e| invalid(format!("explain.layers: {e:#}")))?
+    };
+
+    // Subjects against the prompt's tokens (the engine resolves them the same way).
+    let tokenizer = catalog.tokenizer(&meta.name)?;
+    let tokens = tokenizer.tokens(prompt);
+    let max = tokenizer.max_length();
+    let words = || {
+        let mut w: Vec<String> = tokens.iter().filter_map(|t| t.word.clone()).collect();
+        w.dedup();
+        if w.is_empty() {
+            "none".to_string()
+        } else {
+            w.join(", ")
+        }
+    };
+    for word in &o.subject_words {
+        let wanted = word.trim().to_lowercase();
+        if wanted.is_empty() {
+            return Err(invalid("explain.subject_words has an empty word"));
+        }
+        let found = tokens.iter().any(|t| {
+            t.word.as_deref().is_some_and(|w| w.to_lowercase() == wanted)
+                || (t.word.is_some() && t.text.trim_end_matches("</w>").to_lowercase() == wanted)
+        });
+        if !found {
+            return Err(invalid(format!("subject word {word:?} is not in the prompt (its words: {})", words())));
+        }
+    }
+    for &i in &o.subject_indices {
+        if i as usize >= max {
+            return Err(invalid(format!(
+                "subject token index {i} is out of range: a prompt has {max} token positions, 0 to {} (0 is the start token; see Tokenize)",
+                max - 1
+            )));
+        }
+    }
+    if o.subject_words.is_empty() && o.subject_indices.is_empty() && explain::auto_subjects(&tokens).is_empty() {
+        return Err(invalid(format!(
+            "no subject found in the prompt (words: {}); name one in explain.subject_words or subject_indices",
+            words()
+        )));
+    }
+    let subjects = o
+        .subject_words
+        .iter()
+        .map(|w| SubjectSpec::Word(w.clone()))
+        .chain(o.subject_indices.iter().map(|&i| SubjectSpec::Index(i as usize)))
+        .collect();
+
+    // Timesteps against the schedule this job runs (empty: the paper's defaults within it).
+    let config = SchedulerConfig::load(&meta.dir.join("scheduler/scheduler_config.json"))
+        .map_err(|e| Status::failed_precondition(format!("model {:?} is unusable: {e:#}", meta.name)))?;
+    let schedule = schedulers::build(scheduler, &config, karras, steps).map_err(|e| invalid(format!("{e:#}")))?;
+    let first = img2img_start(steps, strength, schedule.order()).min(schedule.timesteps().len());
+    let run = &schedule.timesteps()[first..];
+    let timesteps = o.manipulate_at.clone();
+    explain::snap_timesteps(&timesteps, run).map_err(|e| invalid(format!("explain.manipulate_at: {e:#}")))?;
+
+    Ok(Some(ExplainParams {
+        mode,
+        layers,
+        subjects,
+        timesteps,
+        mask,
+        exact_batch: o.exact_batch.map(|b| b as usize),
+    }))
 }
 
 /// A seed for requests without one: 53 bits (exact in a JSON / JavaScript number).
@@ -259,4 +487,24 @@ pub fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish() & ((1u64 << 53) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resize_mask_conservative;
+    use image::GrayImage;
+
+    #[test]
+    fn mask_resizing_keeps_every_protected_pixel() {
+        let mut m = GrayImage::new(10, 6);
+        m.put_pixel(3, 2, image::Luma([1]));
+        let down = resize_mask_conservative(&m, 4, 4);
+        let set: Vec<(u32, u32)> = down.enumerate_pixels().filter(|p| p.2[0] != 0).map(|p| (p.0, p.1)).collect();
+        // x 3 of 10 lies under output column 1 (2.5..5); y 2 of 6 under rows 1 (1.5..3).
+        assert_eq!(set, vec![(1, 1)]);
+        let up = resize_mask_conservative(&m, 20, 12);
+        assert_eq!(up.pixels().filter(|p| p[0] != 0).count(), 4);
+        assert_eq!(up.get_pixel(6, 4)[0], 255);
+        assert_eq!(up.get_pixel(7, 5)[0], 255);
+    }
 }

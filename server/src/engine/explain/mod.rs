@@ -135,6 +135,8 @@ pub struct ExplainParams {
     /// Empty: chosen automatically from the prompt (content words, see `auto_subjects`).
     pub subjects: Vec<SubjectSpec>,
     /// Timesteps to manipulate at, each snapped to the nearest timestep the job runs.
+    /// Empty: those of the paper's [`DEFAULT_TIMESTEPS`] that lie within the job's
+    /// schedule (a short img2img schedule, e.g. strength 0.6, does not reach 780).
     pub timesteps: Vec<f64>,
     pub mask: MaskParams,
     /// Exact mode: latent elements per backward pass (the batch of replicated latents).
@@ -151,7 +153,7 @@ impl Default for ExplainParams {
             mode: ExplainMode::Fast,
             layers: LayerChoice::Last,
             subjects: Vec::new(),
-            timesteps: DEFAULT_TIMESTEPS.to_vec(),
+            timesteps: Vec::new(),
             mask: MaskParams::default(),
             exact_batch: None,
         }
@@ -471,10 +473,21 @@ pub fn resolve_subjects(model: &StableDiffusion, prompt: &str, specs: &[SubjectS
 /// Snaps each requested timestep to the nearest of `run` (the timesteps the job runs, in
 /// order); one outside [min, max] of `run` is an error. Returns steps ascending in index.
 pub fn snap_timesteps(requested: &[f64], run: &[f64]) -> Result<Vec<PlannedStep>> {
-    ensure!(!requested.is_empty(), "no manipulation timestep given");
     ensure!(!run.is_empty(), "the job runs no step");
     let lo = run.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = run.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let defaults: Vec<f64>;
+    let requested = if requested.is_empty() {
+        defaults = DEFAULT_TIMESTEPS.iter().copied().filter(|t| (lo..=hi).contains(t)).collect();
+        ensure!(
+            !defaults.is_empty(),
+            "none of the default manipulation timesteps 780, 520, 320 lies within this job's schedule \
+             (t={hi} down to t={lo}); name timesteps, or raise strength or steps"
+        );
+        &defaults[..]
+    } else {
+        requested
+    };
     let mut steps: Vec<PlannedStep> = Vec::new();
     for &t in requested {
         ensure!(t.is_finite(), "manipulation timestep {t} is not a number");

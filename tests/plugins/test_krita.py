@@ -1,0 +1,171 @@
+"""The Krita plugin in a real Krita, against a real frisket-server on loopback.
+
+Builds the plugin zip (plugins/package.py, as `make plugin-krita` does), installs it with
+Krita's own importer (Tools > Scripts > Import Python Plugin from File runs the same code),
+then runs tests/krita/krita_plugin_test.py inside `kritarunner` with the offscreen Qt
+platform. kritarunner always exits 0: the script writes its checks to a JSON file, and
+each test here asserts one case's checks. The server's log shows the cancelled job stop.
+"""
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+
+KRITA_TIMEOUT = int(os.environ.get("FRISKET_KRITA_TEST_TIMEOUT", "900"))
+
+
+def krita_importer():
+    """Krita's plugin_importer.py (Tools > Scripts > Import Python Plugin from File)."""
+    for path in glob.glob("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py") + \
+            glob.glob("/usr/*/share/krita/pykrita/plugin_importer/plugin_importer.py"):
+        spec = importlib.util.spec_from_file_location("krita_plugin_importer", path)
+        module = importlib.util.module_from_spec(spec)
+        module.i18n = lambda s: s  # Krita injects i18n as a builtin
+        spec.loader.exec_module(module)
+        return module
+    return None
+
+
+def load_package_module():
+    spec = importlib.util.spec_from_file_location("frisket_package", os.path.join(harness.PLUGINS, "package.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class KritaPlugin(unittest.TestCase):
+    result = None
+    server = None
+    workdir = None
+
+    @classmethod
+    def setUpClass(cls):
+        runner = shutil.which("kritarunner")
+        if runner is None:
+            raise AssertionError("kritarunner not found: install Krita 5 (`make deps-krita`, i.e. apt-get install krita)")
+        cls.workdir = tempfile.mkdtemp(prefix="frisket-krita-test-")
+        zip_path = os.path.join(cls.workdir, "frisket-krita.zip")
+        load_package_module().build_krita(zip_path)
+        resources = os.path.join(cls.workdir, "resources")
+        os.makedirs(resources)
+        importer = krita_importer()
+        if importer is None:
+            raise AssertionError("Krita's plugin_importer.py was not found next to kritarunner")
+        imported = importer.PluginImporter(zip_path, resources, lambda plugin: True).import_all()
+        assert [p["name"] for p in imported] == ["frisket"], imported
+        cls.server = harness.server()
+        out = os.path.join(cls.workdir, "result.json")
+        env = harness.without_virtualenvs(os.environ)
+        env.update({
+            "QT_QPA_PLATFORM": "offscreen",
+            "FRISKET_TEST_RESULT": out,
+            "FRISKET_TEST_PYKRITA": os.path.join(resources, "pykrita"),
+            "FRISKET_TEST_SERVER": cls.server.url,
+            "FRISKET_TEST_MODEL": harness.MODEL,
+            "FRISKET_TEST_SIZE": "{}x{}".format(harness.WIDTH, harness.HEIGHT),
+            "FRISKET_CLIENT": harness.client_bin(),
+            "FRISKET_TEST_FAKE_CLIENT": os.path.join(HERE, "fake_frisket.py"),
+            "PYTHONPATH": os.path.join(harness.ROOT, "tests", "krita"),
+        })
+        env.pop("FRISKET_SERVER", None)
+        log_path = os.path.join(cls.workdir, "kritarunner.log")
+        with open(log_path, "wb") as log:
+            try:
+                subprocess.run([runner, "-s", "krita_plugin_test", "-f", "main"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, cwd=os.path.join(harness.ROOT, "tests", "krita"),
+                               timeout=KRITA_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        cls.runner_log = open(log_path, "rb").read().decode("utf-8", "replace")
+        if not os.path.exists(out):
+            raise AssertionError("kritarunner wrote no result file; its output:\n" + cls.runner_log[-4000:])
+        with open(out) as f:
+            cls.result = json.load(f)
+        if os.environ.get("FRISKET_KRITA_TEST_VERBOSE"):
+            print(json.dumps(cls.result, indent=1), file=sys.stderr)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.workdir and not os.environ.get("FRISKET_KEEP_TEMP"):
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def assert_case(self, name):
+        self.assertIsNone(self.result.get("fatal"), self.result.get("fatal"))
+        case = self.result["cases"].get(name)
+        self.assertIsNotNone(case, "case {} did not run (see kritarunner's output)".format(name))
+        self.assertIsNone(case.get("error"), case.get("error"))
+        self.assertTrue(case["checks"], "no checks ran")
+        failed = ["{} ({})".format(c["check"], c["detail"]) for c in case["checks"] if not c["ok"]]
+        for c in case["checks"]:
+            with self.subTest(check=c["check"]):
+                self.assertTrue(c["ok"], c["detail"])
+        return failed
+
+    def test_plugin_loaded_from_the_zip(self):
+        self.assertIsNone(self.result.get("fatal"), self.result.get("fatal"))
+        self.assertTrue(self.result["plugin_file"].startswith(self.workdir), self.result["plugin_file"])
+        self.assertTrue(self.result["core_file"].startswith(self.workdir), "the zip carries frisket_core.py")
+        self.assertTrue(self.result["krita_version"].startswith("5."), self.result["krita_version"])
+
+    def test_no_uncaught_exceptions(self):
+        self.assertEqual(self.result.get("uncaught"), [], "a slot raised: Krita would show a traceback")
+
+    def test_models_and_subject_words(self):
+        self.assert_case("models_and_subjects")
+
+    def test_selection_is_polled(self):
+        self.assert_case("selection_polling")
+
+    def test_errors_are_messages(self):
+        self.assert_case("errors")
+
+    def test_img2img_with_live_previews(self):
+        self.assert_case("img2img_previews")
+
+    def test_cancel(self):
+        self.assert_case("cancel")
+
+    def test_cancel_stops_the_server_job(self):
+        job = self.result.get("cancel_job_id")
+        self.assertTrue(job, "the cancel case recorded no job id")
+        if not self.server.log_path:
+            self.skipTest("external server: no log to read")
+        deadline = time.time() + 10
+        while True:
+            log = self.server.log()
+            asked = re.search(r"cancel requested job_id={} found=true".format(re.escape(job)), log)
+            stopped = re.search(r"job\{{job_id={}\}}.*job stopped".format(re.escape(job)), log)
+            if (asked and stopped) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        self.assertTrue(asked, "the server never saw Cancel for {}:\n{}".format(job, log[-3000:]))
+        self.assertTrue(stopped, "the server never stopped {}:\n{}".format(job, log[-3000:]))
+        finished = re.search(r"job\{{job_id={}\}}.*job finished".format(re.escape(job)), log)
+        self.assertIsNone(finished, "the cancelled job ran to the end")
+
+    def test_contract_explain_layers(self):
+        """The plugin's half (fake client speaking the documented format)."""
+        self.assert_case("contract_explain_layers")
+
+    def test_protected_selection_with_explain(self):
+        """Needs the server's protected regions and Grad-SAM (--protect, --explain fast)."""
+        self.assert_case("protect_explain")
+
+    def test_selection_is_the_region_to_change(self):
+        """Needs the server's protected regions (--protect)."""
+        self.assert_case("change_region")
+
+
+if __name__ == "__main__":
+    unittest.main()
