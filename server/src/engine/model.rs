@@ -139,6 +139,7 @@ impl StableDiffusion {
     /// guidance together). Each row depends only on its own prompt, so caching and
     /// batching give the same values as encoding each prompt alone.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Tensor {
+        assert!(!prompts.is_empty(), "encode_prompts needs at least one prompt");
         let ids: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode_padded(p)).collect();
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut rows: Vec<Option<Tensor>> = ids
