@@ -394,7 +394,10 @@ mod tests {
     fn request(extra: &[&str]) -> Result<pb::GenerateRequest, super::Failure> {
         let dir = std::env::temp_dir().join(format!("frisket-cli-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let reference = dir.join("ref.png");
+        // Tests run in parallel threads of one process: one reference file per call.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reference = dir.join(format!("ref-{call}.png"));
         image::RgbImage::new(8, 8).save(&reference).unwrap();
         let mut args = vec!["frisket", "generate", "--model", "sd1", "--prompt", "a star", "--out", "o.png"];
         args.extend(["--reference", reference.to_str().unwrap()]);
