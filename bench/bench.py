@@ -6,6 +6,9 @@ per denoising step for each and the ratio. Then the service's streaming overhead
 job through `frisket-server serve` + `frisket generate` with a preview and the latent every
 step, against `render`, and the time to the first preview against one step (for the prompt
 of the job before, as the goal measures it, and for a new prompt, which the server must encode).
+Last, Grad-SAM: per manipulated step, the attribution time of fast mode (256 px) and of
+exact mode (64 px: one backward pass per latent element) against a plain step at the same
+size, and a whole `--preset paper` job against plain img2img with the same steps.
 Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
 import json
@@ -131,6 +134,50 @@ def streamed_step_times(server_bin: str, client_bin: str, folder: Path) -> tuple
     return steps, first_preview, first_preview_new_prompt
 
 
+def reference_png(path: Path, size: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([0.5 + 0.4 * np.sin(7 * x), 0.5 + 0.4 * np.cos(5 * y), 0.5 + 0.3 * np.sin(9 * (x + y))], -1)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+
+
+def render_timings(binary: str, folder: Path, args: list) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        timings = Path(tmp) / "timings.json"
+        subprocess.run([binary, "render", "--model", str(folder), "--prompt", PROMPT, "--seed", str(SEED),
+                        "--out", str(Path(tmp) / "out.png"), "--quiet", "--timings", str(timings)] + args, check=True)
+        return json.loads(timings.read_text())
+
+
+def explain_bench(binary: str, folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ref256, ref64 = Path(tmp) / "ref256.png", Path(tmp) / "ref64.png"
+        reference_png(ref256, SIZE)
+        reference_png(ref64, 64)
+        paper = ["--steps", "50", "--guidance", "8", "--strength", "0.9", "--scheduler", "ddim"]
+        plain = render_timings(binary, folder, ["--reference", str(ref256)] + paper)
+        fast = render_timings(binary, folder, ["--reference", str(ref256), "--preset", "paper", "--subject", "lighthouse"])
+        small = ["--reference", str(ref64), "--steps", "10", "--strength", "0.9", "--scheduler", "ddim",
+                 "--subject", "lighthouse", "--manipulate-at", "780"]
+        exact = render_timings(binary, folder, small + ["--explain", "exact"])
+        fast64 = render_timings(binary, folder, small + ["--explain", "fast"])
+    plain_step = statistics.median(plain["step_seconds"][1:])
+    fast_attr = statistics.median(e["seconds"] for e in fast["explain_seconds"])
+    manipulated = [fast["step_seconds"][e["step"]] for e in fast["explain_seconds"]]
+    print(f"Grad-SAM fast (last layer, {SIZE}px): attribution {fast_attr:.3f} s per manipulated step = "
+          f"{fast_attr / plain_step:.2f}x a plain step ({plain_step:.3f} s); whole manipulated step "
+          f"{statistics.median(manipulated) / plain_step:.2f}x (goal: fast <= 3x)")
+    small_step = statistics.median(exact["step_seconds"][2:])
+    exact_attr = exact["explain_seconds"][0]["seconds"]
+    fast64_attr = fast64["explain_seconds"][0]["seconds"]
+    print(f"Grad-SAM exact (last layer, 64px, 256 latent elements): {exact_attr:.3f} s = "
+          f"{exact_attr / small_step:.1f}x a plain step ({small_step:.3f} s); fast at 64px {fast64_attr / small_step:.2f}x")
+    print(f"--preset paper job (45 steps, 3 manipulations) {fast['total_seconds']:.2f} s vs plain img2img "
+          f"{plain['total_seconds']:.2f} s: {fast['total_seconds'] / plain['total_seconds']:.3f}x")
+
+
 def main(server_bin: str, client_bin: str, cache: Path) -> None:
     folder = cache / "bench-model-128-256-256"
     build_model(folder, cache)
@@ -156,6 +203,7 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
           f"ratio {first_preview / plain:.3f} (goal <= 1.2)")
     print(f"  with a prompt not encoded before: {first_preview_new_prompt:.3f} s, "
           f"ratio {first_preview_new_prompt / plain:.3f}")
+    explain_bench(server_bin, folder)
 
 
 if __name__ == "__main__":
