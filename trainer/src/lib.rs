@@ -1,0 +1,34 @@
+//! Trainer for Frisket's tiny "shapes" model (issue 5). See DESIGN.md.
+pub mod bpe;
+pub mod configs;
+pub mod data;
+pub mod engine;
+pub mod params;
+
+use anyhow::Result;
+use engine::clip::{ClipTextConfig, ClipTextModel};
+use engine::unet::{UNet2DConditionModel, UNetConfig};
+use engine::vae::{AutoencoderKl, VaeConfig};
+use tch::Device;
+
+/// A trainable VAE: its parameters and the engine model built over them.
+pub fn vae(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Params, AutoencoderKl, VaeConfig)> {
+    let cfg: VaeConfig = serde_json::from_value(cfg_json.clone())?;
+    let p = params::Params::discover(device, |w| AutoencoderKl::new(&w.root(), &cfg))?;
+    let m = AutoencoderKl::new(&p.weights().root(), &cfg)?;
+    Ok((p, m, cfg))
+}
+
+pub fn unet(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Params, UNet2DConditionModel, UNetConfig)> {
+    let cfg: UNetConfig = serde_json::from_value(cfg_json.clone())?;
+    let p = params::Params::discover(device, |w| UNet2DConditionModel::new(&w.root(), &cfg))?;
+    let m = UNet2DConditionModel::new(&p.weights().root(), &cfg)?;
+    Ok((p, m, cfg))
+}
+
+pub fn text_encoder(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Params, ClipTextModel, ClipTextConfig)> {
+    let cfg: ClipTextConfig = serde_json::from_value(cfg_json.clone())?;
+    let p = params::Params::discover(device, |w| ClipTextModel::new(&w.root(), &cfg))?;
+    let m = ClipTextModel::new(&p.weights().root(), &cfg)?;
+    Ok((p, m, cfg))
+}
