@@ -6,8 +6,7 @@
 //! b's slice of ∂y/∂A_l is ∂x̂0[e_b]/∂A_l (the copies do not interact: every UNet op is
 //! per sample), so one backward gives B element gradients. The forward graph is kept and
 //! reused for all ⌈N/B⌉ backward passes.
-use super::super::model::StableDiffusion;
-use super::super::schedulers::Scheduler;
+use super::AttributionPoint;
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -17,18 +16,13 @@ pub fn default_batch(h: i64, w: i64) -> usize {
     ((16384 / (h * w).max(1)) as usize).clamp(1, 64)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn importance(
-    model: &StableDiffusion,
-    scheduler: &dyn Scheduler,
-    latents: &Tensor,
-    step_index: usize,
-    timestep: f64,
-    cond: &Tensor,
+    at: &AttributionPoint,
     layers: &[usize],
     subjects: &[usize],
     batch: Option<usize>,
 ) -> Result<Tensor> {
+    let AttributionPoint { model, scheduler, latents, step_index, timestep, cond } = *at;
     let (_, c, h, w) = latents.size4()?;
     let n = c * h * w;
     let b = (batch.unwrap_or_else(|| default_batch(h, w)) as i64).clamp(1, n);

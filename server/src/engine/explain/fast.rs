@@ -38,8 +38,7 @@
 //! the latent positions under it: `I_s[c,i,j] ≈ Σ_l Σ_h A_l[h,q(i,j),s]·|g_l[h,q(i,j),s]|`
 //! for every channel c. Measured against the definition it is much weaker than the final
 //! layer's exact term (see the report and server/tests/parity_explain.rs).
-use super::super::model::StableDiffusion;
-use super::super::schedulers::Scheduler;
+use super::AttributionPoint;
 use super::super::unet::UNet2DConditionModel;
 use super::{layer_grid, output_coefficient};
 use anyhow::{ensure, Context, Result};
@@ -51,17 +50,8 @@ pub fn final_layer_factorises(unet: &UNet2DConditionModel) -> bool {
     unet.config().up_block_types.last().is_some_and(|t| t == "CrossAttnUpBlock2D")
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn importance(
-    model: &StableDiffusion,
-    scheduler: &dyn Scheduler,
-    latents: &Tensor,
-    step_index: usize,
-    timestep: f64,
-    cond: &Tensor,
-    layers: &[usize],
-    subjects: &[usize],
-) -> Result<Tensor> {
+pub(super) fn importance(at: &AttributionPoint, layers: &[usize], subjects: &[usize]) -> Result<Tensor> {
+    let AttributionPoint { model, scheduler, latents, step_index, timestep, cond } = *at;
     let unet = &model.unet;
     let last = unet.cross_attention_layer_count() - 1;
     let factorise = layers.contains(&last) && final_layer_factorises(unet);

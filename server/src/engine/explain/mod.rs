@@ -592,15 +592,24 @@ pub fn attribute(
     ensure!(subjects.iter().all(|&s| s < keys), "subject token positions {subjects:?} out of range (0 to 76)");
     let latents = latents.detach().to_kind(model.kind);
     let cond = cond.detach().to_kind(model.kind);
+    let at = AttributionPoint { model, scheduler, latents: &latents, step_index, timestep, cond: &cond };
     let maps = tch::with_grad(|| match mode {
-        ExplainMode::Exact => {
-            exact::importance(model, scheduler, &latents, step_index, timestep, &cond, layers, subjects, exact_batch)
-        }
-        ExplainMode::Fast => {
-            fast::importance(model, scheduler, &latents, step_index, timestep, &cond, layers, subjects)
-        }
+        ExplainMode::Exact => exact::importance(&at, layers, subjects, exact_batch),
+        ExplainMode::Fast => fast::importance(&at, layers, subjects),
     })?;
     Ok(maps.detach().to_kind(Kind::Float))
+}
+
+/// Where an attribution is taken: the model, the job's scheduler, the latent entering
+/// `step_index` (at `timestep`) and the conditional embedding. Shared by both modes.
+#[derive(Clone, Copy)]
+pub(super) struct AttributionPoint<'a> {
+    pub model: &'a StableDiffusion,
+    pub scheduler: &'a dyn Scheduler,
+    pub latents: &'a Tensor,
+    pub step_index: usize,
+    pub timestep: f64,
+    pub cond: &'a Tensor,
 }
 
 /// The factor b of x̂0 = a·z + b·(model output) at `step_index` (all schedulers' x̂0 is
