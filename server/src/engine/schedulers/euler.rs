@@ -8,12 +8,15 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
+/// Euler and Euler ancestral: the same sigma schedule state, two update rules.
 pub struct Euler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    alphas_cumprod: Vec<f64>,
-    prediction: PredictionType,
-    init_noise_sigma: f32,
+    pub(super) timesteps: Vec<f64>,
+    pub(super) sigmas: Vec<f32>,
+    pub(super) alphas_cumprod: Vec<f64>,
+    pub(super) prediction: PredictionType,
+    pub(super) init_noise_sigma: f32,
+    /// Euler ancestral's update (see euler_ancestral.rs), which consumes step noise.
+    pub(super) ancestral: bool,
 }
 
 impl Euler {
@@ -75,6 +78,7 @@ impl Euler {
             alphas_cumprod: alphas_cumprod.iter().map(|&a| a as f64).collect(),
             prediction,
             init_noise_sigma,
+            ancestral: false,
         })
     }
 }
@@ -92,7 +96,7 @@ pub(super) fn denoised(prediction: PredictionType, model_output: &Tensor, sample
 }
 
 /// sample / √(σ² + 1), the input scaling both Euler schedulers apply.
-pub(super) fn scale_input(sample: &Tensor, sigma: f32) -> Tensor {
+fn scale_input(sample: &Tensor, sigma: f32) -> Tensor {
     sample / sqrt32(sigma * sigma + 1.0) as f64
 }
 
@@ -118,8 +122,11 @@ impl Scheduler for Euler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: Option<&Tensor>,
+        noise: Option<&Tensor>,
     ) -> StepOutput {
+        if self.ancestral {
+            return super::euler_ancestral::step(self, model_output, step_index, sample, noise);
+        }
         let sample = sample.to_kind(Kind::Float);
         // gamma = 0: sigma_hat = sigma · (0 + 1) = sigma.
         let sigma_hat = self.sigmas[step_index];
@@ -128,6 +135,10 @@ impl Scheduler for Euler {
         let dt = self.sigmas[step_index + 1] - sigma_hat;
         let prev_sample = (&sample + derivative * dt as f64).to_kind(model_output.kind());
         StepOutput { prev_sample, pred_original_sample: pred_original }
+    }
+
+    fn needs_step_noise(&self) -> bool {
+        self.ancestral
     }
 
     fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {

@@ -390,7 +390,7 @@ pub fn build(
     let built: Box<dyn Scheduler> = match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&cfg, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(&cfg, karras, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(&cfg, num_inference_steps)?),
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::new(&cfg, num_inference_steps)?),
         SchedulerKind::DpmSolverMultistep => Box::new(dpm_solver::DpmSolver::new(&cfg, karras, num_inference_steps)?),
     };
     Ok(built)
