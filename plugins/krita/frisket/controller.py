@@ -99,13 +99,18 @@ class GenerateController(QObject):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.process = None
-        self.state = None
         self.doc = None
         self.opts = None
         self.client = None
         self.run = None
         self.job_id = None
+        self.state = None
         self.buffer = None
+        self._reset_job_outputs()
+        self._done = True
+
+    def _reset_job_outputs(self):
+        """What one job builds up; cleared when the next one starts."""
         self.preview_node = None
         self.preview_count = 0
         self.preview_was_locked = False
@@ -115,7 +120,6 @@ class GenerateController(QObject):
         self.message = ""
         self.ok = None
         self._stderr = b""
-        self._done = True
 
     # ----------------------------------------------------------------- public
     def is_running(self):
@@ -147,15 +151,7 @@ class GenerateController(QObject):
         self.job_id = core.new_job_id("krita")
         self.state = core.JobState(self.job_id)
         self.buffer = core.LineBuffer()
-        self.preview_node = None
-        self.preview_count = 0
-        self.preview_was_locked = False
-        self.result_node = None
-        self.group_node = None
-        self.artifact_nodes = []
-        self.message = ""
-        self.ok = None
-        self._stderr = b""
+        self._reset_job_outputs()
         self._done = False
         args = core.build_generate_args(opts, run.out, reference=run.reference, protect=protect,
                                         dump_dir=run.dump_dir, job_id=self.job_id)
