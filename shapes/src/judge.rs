@@ -216,17 +216,7 @@ impl Judge {
                 }
                 let core = px
                     .iter()
-                    .filter(|&&p| {
-                        let (x, y) = (p % w, p / w);
-                        x > 0
-                            && y > 0
-                            && x + 1 < w
-                            && y + 1 < h
-                            && comp[(p - 1) as usize] == id
-                            && comp[(p + 1) as usize] == id
-                            && comp[(p - w) as usize] == id
-                            && comp[(p + w) as usize] == id
-                    })
+                    .filter(|&&p| is_interior(&comp, p, w, h, id))
                     .count() as u32;
                 core >= self.config.min_core
             })
@@ -425,22 +415,11 @@ impl Judge {
         // two other colours; true object pixels grow back below.
         for (o, (_, px)) in objs.iter_mut().enumerate() {
             let o = o as u32;
-            let is_core = |p: u32| {
-                let (x, y) = (p % w, p / w);
-                x > 0
-                    && y > 0
-                    && x + 1 < w
-                    && y + 1 < h
-                    && owner[(p - 1) as usize] == o
-                    && owner[(p + 1) as usize] == o
-                    && owner[(p - w) as usize] == o
-                    && owner[(p + w) as usize] == o
-            };
-            let core: Vec<u32> = px.iter().copied().filter(|&p| is_core(p)).collect();
+            let core: Vec<u32> = px.iter().copied().filter(|&p| is_interior(&owner, p, w, h, o)).collect();
             if core.is_empty() {
                 continue;
             }
-            let dropped: Vec<u32> = px.iter().copied().filter(|&p| !is_core(p)).collect();
+            let dropped: Vec<u32> = px.iter().copied().filter(|&p| !is_interior(&owner, p, w, h, o)).collect();
             for p in dropped {
                 owner[p as usize] = NOBODY;
             }
@@ -1029,4 +1008,18 @@ pub fn compare_to_truth(j: &Judgement, scene: &Scene) -> TruthReport {
         extra,
         all_right,
     }
+}
+
+/// Whether pixel `p` of a `w`×`h` label image is off the border and its four neighbours
+/// carry the same label `id`.
+fn is_interior<T: PartialEq>(labels: &[T], p: u32, w: u32, h: u32, id: T) -> bool {
+    let (x, y) = (p % w, p / w);
+    x > 0
+        && y > 0
+        && x + 1 < w
+        && y + 1 < h
+        && labels[(p - 1) as usize] == id
+        && labels[(p + 1) as usize] == id
+        && labels[(p - w) as usize] == id
+        && labels[(p + w) as usize] == id
 }
