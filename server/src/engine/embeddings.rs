@@ -3,23 +3,16 @@
 use super::nn::{Activation, Linear};
 use super::weights::WeightPath;
 use anyhow::Result;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-/// Sinusoidal embedding of one timestep, repeated for `batch`: [batch, dim], float32.
-/// Computed in float32 like diffusers (which casts even a float64 timestep with `.float()`),
-/// so fractional timesteps from Euler-type schedulers round the same way.
-pub fn timestep_embedding(
-    timestep: f64,
-    batch: i64,
-    dim: i64,
-    flip_sin_to_cos: bool,
-    freq_shift: f64,
-    device: Device,
-) -> Tensor {
+/// Sinusoidal embedding of one timestep per sample (`timesteps` [B], float32): [B, dim].
+/// Inference passes one t for the whole batch (float32, as diffusers casts it); training draws
+/// one per sample.
+pub fn timesteps_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
     let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - freq_shift);
-    let t = Tensor::from_slice(&[timestep as f32]).to_device(device).expand([batch], false);
-    let args = t.unsqueeze(1) * exponent.exp().unsqueeze(0);
+    let exponent =
+        Tensor::arange(half, (Kind::Float, timesteps.device())) * (-(10000f64.ln())) / (half as f64 - freq_shift);
+    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
     let (sin, cos) = (args.sin(), args.cos());
     let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], -1) } else { Tensor::cat(&[sin, cos], -1) };
     if dim % 2 == 1 { emb.constant_pad_nd([0, 1]) } else { emb }

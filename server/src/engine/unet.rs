@@ -2,7 +2,7 @@
 //! configs; the architecture is read from unet/config.json.
 use super::attention::{AttnCapture, CrossContext};
 use super::config::{read_config, PerBlock};
-use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::embeddings::{timesteps_embedding, TimestepEmbedding};
 use super::nn::{channels_last, is_channels_last, Activation, Conv2d, GroupNorm};
 use super::unet_blocks::{AttentionConfig, BlockConfig, DownBlock, MidBlock, UpBlock};
 use super::weights::{WeightPath, Weights};
@@ -393,11 +393,21 @@ impl UNet2DConditionModel {
         (out, capture.into_probs())
     }
 
+    /// Training's forward: one timestep per sample (`timesteps` [B]), a fresh cross context.
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        self.run_timesteps(sample, timesteps, &self.prepare_context(encoder_hidden_states), None)
+    }
+
     fn run(&self, sample: &Tensor, timestep: f64, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
+        // float32 like diffusers (which casts even a float64 timestep with `.float()`).
+        let t = Tensor::from_slice(&[timestep as f32]).to_device(sample.device()).expand([sample.size()[0]], false);
+        self.run_timesteps(sample, &t, context, capture)
+    }
+
+    fn run_timesteps(&self, sample: &Tensor, timesteps: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         let cfg = &self.cfg;
-        let batch = sample.size()[0];
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
-        let t_emb = timestep_embedding(timestep, batch, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift, sample.device())
+        let t_emb = timesteps_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
             .to_kind(sample.kind());
         let mut emb = self.time_embedding.forward(&t_emb);
         if let Some(act) = self.time_embed_act {

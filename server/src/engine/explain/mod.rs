@@ -123,7 +123,7 @@ impl LayerChoice {
 pub enum SubjectSpec {
     /// Every token of this word of the prompt (case-insensitive).
     Word(String),
-    /// A position among the 77 tokens; 0 is the start token.
+    /// A position among the prompt's tokens (77 for SD); 0 is the start token.
     Index(usize),
 }
 
@@ -205,7 +205,7 @@ impl FromStr for StartMode {
 /// One subject token, as chosen for the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
-    /// Position among the 77 tokens (0 = start token).
+    /// Position among the prompt's tokens (77 for SD; 0 = start token).
     pub token_index: usize,
     /// The token as in the vocabulary ("star</w>"), or "(padding)" past the prompt's end.
     pub token: String,
@@ -567,7 +567,7 @@ pub fn plan(model: &StableDiffusion, p: &super::pipeline::GenerateParams) -> Res
 /// The importance maps I_s of `latents` ([1, C, h, w], the latent entering step
 /// `step_index` at `timestep`) for the token positions `subjects`, summed over `layers`:
 /// [S, C, h, w] float32 on the model's device. `cond` is the conditional text embedding
-/// [1, 77, D].
+/// [1, keys, D] (77 keys for SD).
 #[allow(clippy::too_many_arguments)]
 pub fn attribute(
     model: &StableDiffusion,
@@ -583,13 +583,13 @@ pub fn attribute(
 ) -> Result<Tensor> {
     let size = latents.size();
     ensure!(size.len() == 4 && size[0] == 1, "expected one latent [1, C, h, w], got {size:?}");
-    ensure!(cond.size().first() == Some(&1), "expected one conditional embedding [1, 77, D]");
+    ensure!(cond.size().first() == Some(&1), "expected one conditional embedding [1, keys, D]");
     ensure!(!subjects.is_empty(), "no subject to explain");
     ensure!(!layers.is_empty(), "no cross-attention layer to explain");
     let n = model.unet.cross_attention_layer_count();
     ensure!(layers.iter().all(|&l| l < n), "cross-attention layers {layers:?} out of range (the model has {n})");
-    let keys = 77;
-    ensure!(subjects.iter().all(|&s| s < keys), "subject token positions {subjects:?} out of range (0 to 76)");
+    let keys = cond.size()[1] as usize; // the tokenizer's model_max_length (77 for SD)
+    ensure!(subjects.iter().all(|&s| s < keys), "subject token positions {subjects:?} out of range (0 to {})", keys - 1);
     let latents = latents.detach().to_kind(model.kind);
     let cond = cond.detach().to_kind(model.kind);
     let at = AttributionPoint { model, scheduler, latents: &latents, step_index, timestep, cond: &cond };
