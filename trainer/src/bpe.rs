@@ -138,3 +138,17 @@ pub fn write_tokenizer(dir: &Path, merges: &[(String, String)], model_max_length
     std::fs::write(dir.join("special_tokens_map.json"), serde_json::to_string_pretty(&special)?)?;
     Ok(vocab.len())
 }
+
+/// The shapes model's tokenizer: merges learned over the caption vocabulary (plus the
+/// synonyms users type: "center", "middle") until each word is one token, written in CLIP's
+/// file layout with `model_max_length` 48 (the longest caption is 37 tokens with BOS/EOS).
+/// Returns the vocab size. Word counts do not change which merges are needed, so every word
+/// has weight 1 and the result depends only on the vocabulary.
+pub fn write_shapes_tokenizer(dir: &Path) -> Result<usize> {
+    let mut freq: BTreeMap<String, u64> = BTreeMap::new();
+    for w in frisket_shapes::vocabulary().into_iter().chain(["center", "middle"]) {
+        freq.insert(w.to_string(), 1);
+    }
+    let merges = learn_merges(&freq);
+    write_tokenizer(dir, &merges, 48)
+}

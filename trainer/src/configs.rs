@@ -65,15 +65,16 @@ pub fn text_encoder(vocab: i64, hidden: i64, layers: i64, heads: i64, max_len: i
     })
 }
 
-/// SD's training noise schedule, for scheduler/scheduler_config.json (PNDM like SD 1.x; the
-/// engine and diffusers can switch to any scheduler from it).
+/// SD's training noise schedule, for scheduler/scheduler_config.json. DDIM with SD 1.x's
+/// flags: the engine's default sampler, so the engine and diffusers' `from_pretrained` run the
+/// same sampler without being told; any other scheduler can be switched in from it.
 pub fn scheduler() -> Value {
     json!({
-        "_class_name": "PNDMScheduler",
+        "_class_name": "DDIMScheduler",
         "_diffusers_version": "0.35.1",
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
-        "steps_offset": 1, "prediction_type": "epsilon", "clip_sample": false
+        "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1,
+        "prediction_type": "epsilon", "clip_sample": false, "timestep_spacing": "leading"
     })
 }
 
@@ -88,4 +89,20 @@ pub fn alphas_cumprod() -> Vec<f64> {
             acc
         })
         .collect()
+}
+
+/// model_index.json of a `StableDiffusionPipeline` without safety checker.
+pub fn model_index() -> Value {
+    json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.35.1",
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "feature_extractor": [null, null],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"]
+    })
 }

@@ -1,10 +1,19 @@
 //! Training data: scenes drawn on the fly by the shapes generator (no dataset on disk).
-//! Seeds are split by range so that training never sees an evaluation scene's seed.
-use frisket_shapes::{generate_default, Scene};
+//! Seeds are split by range so that training never sees an evaluation scene's seed, and
+//! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
+use frisket_shapes::{generate, generate_default, GenConfig, Scene};
+use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
 /// Training scenes use seeds from here up (the eval sets use seeds below 1_000_000).
 pub const TRAIN_SEED_BASE: u64 = 1 << 32;
+
+/// The held-out single-object eval scenes: seeds 0..n with one object (eval.rs renders their
+/// captions and judges the results).
+pub fn eval_single_object_scenes(n: u64) -> Vec<Scene> {
+    let cfg = GenConfig::default().with_objects(1);
+    (0..n).map(|seed| generate(seed, &cfg).expect("one object always fits")).collect()
+}
 
 /// RGB u8 image → [3, H, W] float in [-1, 1] (the VAE's input range).
 pub fn image_tensor(scene: &Scene) -> Tensor {
@@ -13,13 +22,38 @@ pub fn image_tensor(scene: &Scene) -> Tensor {
     t.to_kind(Kind::Float) / 127.5 - 1.0
 }
 
-/// A batch of `n` scenes for step `step` of a run seeded `run_seed`: [n, 3, H, W] and captions.
-pub fn batch(run_seed: u64, step: u64, n: usize) -> (Tensor, Vec<String>) {
-    let mut imgs = Vec::with_capacity(n);
-    let mut caps = Vec::with_capacity(n);
-    for i in 0..n as u64 {
-        let seed = TRAIN_SEED_BASE + run_seed.wrapping_mul(1 << 40) + step * n as u64 + i;
-        let s = generate_default(seed);
+/// The caption without its background phrase ("a red circle on the right"): prompts that
+/// name only the subject, as a user editing a reference image writes them.
+pub fn subject_only(caption: &str) -> &str {
+    // Object phrases say "on the left/right"; the background phrase is the only " on a(n) ".
+    caption.rsplit_once(" on a ").or_else(|| caption.rsplit_once(" on an ")).map_or(caption, |(s, _)| s)
+}
+
+/// How one training batch is drawn.
+pub struct BatchSpec<'a> {
+    pub run_seed: u64,
+    pub step: u64,
+    pub size: usize,
+    /// Use one-object scenes for this batch (the eval's main prompts are single-object).
+    pub single_object: bool,
+    /// Captions never trained on.
+    pub held_out: &'a HashSet<String>,
+}
+
+/// A batch: images [n, 3, H, W] in [-1, 1] and their captions.
+pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
+    let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
+    let mut imgs = Vec::with_capacity(spec.size);
+    let mut caps = Vec::with_capacity(spec.size);
+    let mut i = 0u64;
+    while imgs.len() < spec.size {
+        // Disjoint seed ranges per step (2^12 draws per step leave room for skips).
+        let seed = TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i;
+        i += 1;
+        let s = if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) };
+        if spec.held_out.contains(&s.meta.caption) {
+            continue;
+        }
         imgs.push(image_tensor(&s));
         caps.push(s.meta.caption.clone());
     }

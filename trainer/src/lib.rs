@@ -2,8 +2,11 @@
 pub mod bpe;
 pub mod configs;
 pub mod data;
-pub mod engine;
 pub mod params;
+pub mod plot;
+
+/// The engine's model code (server/src/engine): training runs exactly the forward the server runs.
+pub use frisket_server::engine;
 
 use anyhow::Result;
 use engine::clip::{ClipTextConfig, ClipTextModel};

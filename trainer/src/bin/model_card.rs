@@ -1,0 +1,128 @@
+//! model_card [MODEL_DIR]: writes MODEL_DIR/README.md from training.json (train_tiny) and
+//! eval-*.json (eval_tiny), so the card always states what the files in the folder measured.
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+fn read(path: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "met" } else { "**not met**" }
+}
+
+fn main() -> Result<()> {
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "models/shapes".into()));
+    let t = read(&dir.join("training.json"))?;
+    let mut evals: Vec<Value> = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let p = entry?.path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("eval-") && name.ends_with(".json") {
+            evals.push(read(&p)?);
+        }
+    }
+    evals.sort_by_key(|e| e["label"].as_str().unwrap_or("").to_string());
+    let first = evals.iter().find(|e| e["label"] == "first").or(evals.first()).context("no eval-*.json: run eval_tiny")?;
+    let s = &first["settings"];
+    let size_mb = |d: &str| -> f64 {
+        std::fs::read_dir(dir.join(d)).map_or(0.0, |it| it.flatten().map(|e| e.metadata().map_or(0, |m| m.len())).sum::<u64>() as f64 / 1e6)
+    };
+    let total_mb: f64 = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"].iter().map(|d| size_mb(d)).sum();
+
+    let mut md = String::new();
+    let w = &mut md;
+    writeln!(w, "# shapes: Frisket's tiny default model\n")?;
+    writeln!(w, "A Stable-Diffusion-family model (KL-VAE, CLIP-style text encoder with its own BPE tokenizer, cross-attention UNet) trained from scratch on the synthetic *shapes* world (`shapes/`): coloured circles, squares, triangles, stars, rings, crosses and diamonds on plain, gradient, striped or checked backgrounds, 64×64 px. It exists so that `make run` shows Frisket's whole job (a prompt that draws what it says, a protected region that survives, heatmaps that point at the subject) on any laptop CPU in seconds. It knows nothing outside that world. Real users point the server at their own SD 1.5/2.x weights.\n")?;
+    writeln!(w, "This card is written by `model_card` from `training.json` and `eval-*.json` in this folder; `make train-tiny` regenerates all of it.\n")?;
+    writeln!(w, "Licence: our own weights, trained only on synthetic images drawn by our own generator; same licence as the repository.\n")?;
+
+    writeln!(w, "## Files\n")?;
+    writeln!(w, "A diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), fp16 safetensors, {total_mb:.1} MB in all. Frisket's engine loads it, and so does `diffusers.StableDiffusionPipeline.from_pretrained` (the parity test `shipped_shapes_model_matches_diffusers` renders with both and requires the same images).\n")?;
+
+    writeln!(w, "## Architecture\n")?;
+    writeln!(w, "| part | configuration | parameters |\n|---|---|---:|")?;
+    writeln!(w, "| VAE (`AutoencoderKL`) | blocks {}, 1 resnet per block, mid attention, 4 latent channels, factor 4 (64 px → 16×16 latent), scaling_factor {:.4} | {} |",
+        t["vae"]["blocks"], f(&t["vae"]["scaling_factor"]), t["vae"]["params"])?;
+    writeln!(w, "| UNet (`UNet2DConditionModel`) | blocks {}, 1 layer per block, CrossAttnDown ×2 + DownBlock, 8 heads, cross-attention dim 64, sample 16 | {} |",
+        t["unet"]["blocks"], t["unet"]["params"])?;
+    writeln!(w, "| text encoder (`CLIPTextModel`) | width {}, {} layers, 4 heads, quick_gelu, 48 positions | {} |",
+        t["text_encoder"]["width"], t["text_encoder"]["layers"], t["text_encoder"]["params"])?;
+    writeln!(w, "| tokenizer (`CLIPTokenizer`) | byte-level BPE in CLIP's file layout, vocab {}, every caption word one token, `model_max_length` 48 | |\n", t["text_encoder"]["vocab"])?;
+
+    writeln!(w, "## Data\n")?;
+    writeln!(w, "Scenes are drawn on the fly by `frisket-shapes` (generator golden hash of seed 0: `{}`), 1–3 objects with captions such as \"a small yellow star at the top left on a dark blue background\"; half the batches are single-object scenes. Training seeds start at 2³²; the evaluation uses seeds below 10⁶, and the {} held-out single-object captions are skipped if training ever draws them, so every single-object evaluation prompt is unseen. (The protect prompts name one object without a background, and there are only 1,701 such phrases, so those phrases were seen in training; their scenes, reference plus protected region, are new.) Captions: 10 % empty (for classifier-free guidance), 20 % without the background phrase (\"a red circle on the right\": the prompts people write when editing a reference).\n",
+        t["generator_hash_seed0"].as_str().unwrap_or("?"), t["held_out_prompts"])?;
+
+    writeln!(w, "## Training\n")?;
+    writeln!(w, "| stage | steps × batch | optimiser | time |\n|---|---|---|---:|")?;
+    writeln!(w, "| VAE | {} × {} | AdamW lr {} (warm-up 100, cosine to 10 %), loss L1 + ½·MSE + 10⁻⁶·KL | {:.1} min |",
+        t["vae"]["steps"], t["vae"]["batch"], t["vae"]["lr"], f(&t["vae"]["secs"]) / 60.0)?;
+    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1; ε-prediction on SD's scaled-linear schedule (β 0.00085→0.012, 1000 steps), min-SNR-5 weights; EMA 0.999 (shipped) | {:.1} min |",
+        t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], f(&t["unet"]["secs"]) / 60.0)?;
+    writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",
+        t["hardware"].as_str().unwrap_or("?"), f(&t["total_secs"]) / 60.0, t["seed"], f(&t["vae"]["final_loss_avg200"]), f(&t["unet"]["final_loss_avg200"]))?;
+    writeln!(w, "![loss curves](loss.png)\n\nTop: VAE loss; bottom: UNet loss (log scale, a faint line per power of ten; grey raw, colour a 100-step mean). Values in `loss.csv`.\n")?;
+
+    writeln!(w, "## Scores\n")?;
+    writeln!(w, "Measured by `eval_tiny` through the server's own pipeline and judged by `frisket-shapes`' judge (colour segmentation and shape geometry, no learned model): {} held-out prompts, 64×64, {} DDIM steps, guidance {}, one seed per prompt.\n",
+        s["n"], s["steps"], s["guidance"])?;
+    write!(w, "| measure | goal |")?;
+    for e in &evals {
+        write!(w, " run `{}` |", e["label"].as_str().unwrap_or("?"))?;
+    }
+    write!(w, "\n|---|---|")?;
+    for _ in &evals {
+        write!(w, "---:|")?;
+    }
+    writeln!(w)?;
+    type Row<'a> = (&'a str, &'a str, fn(&Value) -> String);
+    let rows: Vec<Row> = vec![
+        ("single object: colour right", "≥ 90 %", |e| format!("{:.1} %", f(&e["single"]["colour"]))),
+        ("single object: shape right", "≥ 75 %", |e| format!("{:.1} %", f(&e["single"]["shape"]))),
+        ("single object: position right (3×3 cell)", "≥ 75 %", |e| format!("{:.1} %", f(&e["single"]["position"]))),
+        ("single object: all three right", "", |e| format!("{:.1} %", f(&e["single"]["all"]))),
+        ("protect: protected object bit-exact", "100 %", |e| format!("{:.1} %", f(&e["protect"]["protected_exact"]))),
+        ("protect: requested object appears (colour + shape)", "≥ 75 %", |e| format!("{:.1} %", f(&e["protect"]["appears"]))),
+        ("protect: … and at the requested position", "", |e| format!("{:.1} %", f(&e["protect"]["appears_at_position"]))),
+        ("heatmap mIoU, fast Grad-SAM", "≥ 0.70", |e| format!("{:.3} (n = {})", f(&e["heatmap"]["miou_fast"]), e["heatmap"]["n_fast"])),
+        ("heatmap mIoU, exact Grad-SAM", "≥ 0.70", |e| format!("{:.3} (n = {})", f(&e["heatmap"]["miou_exact"]), e["heatmap"]["n_exact"])),
+        ("heatmap mIoU, fast, DAAM's threshold (τ = 0.4)", "", |e| format!("{:.3}", f(&e["heatmap"]["miou_fast_daam"]))),
+        ("heatmap mIoU, exact, DAAM's threshold (τ = 0.4)", "", |e| format!("{:.3}", f(&e["heatmap"]["miou_exact_daam"]))),
+        ("64×64, 20-step render (median s, this CPU)", "≤ 2 s", |e| format!("{:.2} s", f(&e["render_secs"]["median"]))),
+    ];
+    for (name, goal, get) in rows {
+        write!(w, "| {name} | {goal} |")?;
+        for e in &evals {
+            write!(w, " {} |", get(e))?;
+        }
+        writeln!(w)?;
+    }
+    let e = first;
+    writeln!(w, "\nGoals for run `{}`: colour {}, shape {}, position {}, protected bit-exact {}, requested object {}, heatmaps fast {} / exact {}, render time {}.\n",
+        e["label"].as_str().unwrap_or("?"),
+        mark(f(&e["single"]["colour"]) >= 90.0), mark(f(&e["single"]["shape"]) >= 75.0), mark(f(&e["single"]["position"]) >= 75.0),
+        mark(f(&e["protect"]["protected_exact"]) >= 100.0), mark(f(&e["protect"]["appears"]) >= 75.0),
+        mark(f(&e["heatmap"]["miou_fast"]) >= 0.70), mark(f(&e["heatmap"]["miou_exact"]) >= 0.70), mark(f(&e["render_secs"]["median"]) <= 2.0))?;
+    writeln!(w, "How each is measured:\n")?;
+    writeln!(w, "* **Single object.** The caption of each held-out one-object scene is the prompt (txt2img, seed = prompt number). `check_object` compares the judge's best match with the prompt's colour, shape and 3×3 cell.")?;
+    writeln!(w, "* **Protect.** The generator draws a valid two-object scene; the reference keeps only its first object, whose exact mask is the protected region, and the prompt names the second (\"a red circle on the right\"). img2img at strength {} with the protected region. Bit-exact compares every protected pixel with the reference; *appears* asks the judge for an object of the requested colour and shape.", s["strength"])?;
+    writeln!(w, "* **Heatmap truth.** For each single-object render where the judge found the prompt's object, Grad-SAM of the shape word on the latent entering the step nearest t = {} (last cross-attention layer), turned into a mask by the engine's own mask settings (blur, dilation, threshold mean + 0.5·std over the latent, any channel), upsampled to 64 px, and compared (IoU) with the judge's mask of that object. The DAAM rows threshold the same map the way DAAM does instead: summed over channels, divided by its maximum, bilinearly upsampled, kept where ≥ 0.4 (τ fixed in advance, not tuned on these prompts). For scale: DAAM reports 0.59–0.65 mIoU on generated COCO images.\n", s["heatmap_timestep"])?;
+    if evals.len() < 2 {
+        writeln!(w, "Only one run is recorded here. The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count), so a second run with the same seed retraces the same weights; see issue 5's closing note for what was checked.\n")?;
+    }
+    writeln!(w, "## Samples\n")?;
+    writeln!(w, "![single-object samples](samples.png)\n\nThe first 32 held-out prompts, in order (prompts in `eval-{}.json`).\n", e["label"].as_str().unwrap_or("first"))?;
+    writeln!(w, "![protect samples](protect_samples.png)\n\nPairs of reference → result for the first 8 protect cases: the protected object is the reference's object.\n")?;
+    writeln!(w, "## Reproduce\n\n```sh\nmake train-tiny        # tokenizer, VAE, UNet + text encoder, export, eval, this card\n```\n\nThe trainer (`trainer/`) is Rust with tch and runs the engine's own model code, so training and serving share one forward. Stages resume from `target/train-tiny/` checkpoints. On a GPU: `target/debug/train_tiny --device cuda --batch 128`.")?;
+    std::fs::write(dir.join("README.md"), md)?;
+    println!("wrote {}", dir.join("README.md").display());
+    Ok(())
+}

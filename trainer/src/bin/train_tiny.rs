@@ -1,0 +1,372 @@
+//! train_tiny: trains the tiny "shapes" model from nothing and writes it as a diffusers folder.
+//!
+//!   train_tiny [--out models/shapes] [--work target/train-tiny] [--seed 0]
+//!              [--vae-steps 2500] [--unet-steps 6500] [--batch 32] [--device cpu|cuda]
+//!
+//! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
+//!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
+//!  2. VAE (KL, factor 4): L1 + ½·MSE + 1e-6·KL on scenes drawn on the fly;
+//!     then scaling_factor = 1/std(latents), as SD did;
+//!  3. UNet + text encoder jointly, ε-prediction on SD's noise schedule, min-SNR-5 weights,
+//!     10 % empty captions (for classifier-free guidance), 20 % subject-only captions, half
+//!     the batches single-object; EMA of the weights (saved);
+//!  4. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
+//! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
+use anyhow::{bail, Context, Result};
+use frisket_trainer::data::{self, BatchSpec};
+use frisket_trainer::engine::tokenizer::ClipTokenizer;
+use frisket_trainer::params::{AdamW, Params};
+use frisket_trainer::{bpe, configs, plot};
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Eval prompts (trainer/src/bin/eval_tiny.rs) that training never sees.
+const HELD_OUT_SCENES: u64 = 200;
+const VAE_BLOCKS: [i64; 3] = [32, 64, 64];
+const UNET_BLOCKS: [i64; 3] = [64, 128, 128];
+const TEXT_WIDTH: i64 = 64;
+const TEXT_LAYERS: i64 = 4;
+
+struct Args {
+    out: PathBuf,
+    work: PathBuf,
+    seed: u64,
+    vae_steps: u64,
+    vae_batch: usize,
+    unet_steps: u64,
+    batch: usize,
+    device: Device,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        out: "models/shapes".into(),
+        work: "target/train-tiny".into(),
+        seed: 0,
+        vae_steps: 2500,
+        vae_batch: 16,
+        unet_steps: 6500,
+        batch: 32,
+        device: Device::Cpu,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--out" => a.out = v.into(),
+            "--work" => a.work = v.into(),
+            "--seed" => a.seed = v.parse()?,
+            "--vae-steps" => a.vae_steps = v.parse()?,
+            "--vae-batch" => a.vae_batch = v.parse()?,
+            "--unet-steps" => a.unet_steps = v.parse()?,
+            "--batch" => a.batch = v.parse()?,
+            "--device" => {
+                a.device = match v.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::Cuda(0),
+                    _ => bail!("--device is cpu or cuda"),
+                }
+            }
+            _ => bail!("unknown flag {flag} (see the doc comment of trainer/src/bin/train_tiny.rs)"),
+        }
+    }
+    Ok(a)
+}
+
+/// Linear warm-up, then cosine decay to 10 % of the peak.
+fn lr_at(step: u64, steps: u64, peak: f64, warmup: u64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+struct Progress {
+    name: &'static str,
+    steps: u64,
+    t0: Instant,
+    acc: f64,
+    n: u64,
+}
+
+impl Progress {
+    fn new(name: &'static str, steps: u64) -> Self {
+        Self { name, steps, t0: Instant::now(), acc: 0.0, n: 0 }
+    }
+    fn add(&mut self, step: u64, loss: f64, extra: &str) {
+        self.acc += loss;
+        self.n += 1;
+        if step % 25 == 0 || step + 1 == self.steps {
+            let el = self.t0.elapsed().as_secs_f64();
+            let per = el / (step + 1) as f64;
+            let eta = per * (self.steps - step - 1) as f64;
+            println!(
+                "[{}] step {:5}/{} ({:3.0} %) loss {:.4} {extra} {:.3} s/step, elapsed {:.0} min, eta {:.0} min {:02.0} s",
+                self.name, step + 1, self.steps, 100.0 * (step + 1) as f64 / self.steps as f64,
+                self.acc / self.n as f64, per, el / 60.0, (eta / 60.0).floor(), eta % 60.0
+            );
+            let _ = std::io::stdout().flush();
+            self.acc = 0.0;
+            self.n = 0;
+        }
+    }
+}
+
+/// The full captions of the single-object eval scenes. (Subject-only phrases such as "a red
+/// circle on the right" cannot be held out: there are only 1,701 of them, and the protect eval
+/// uses them with new scenes.)
+fn held_out_captions() -> HashSet<String> {
+    data::eval_single_object_scenes(HELD_OUT_SCENES).into_iter().map(|s| s.meta.caption).collect()
+}
+
+/// Stage 2. Returns (losses, seconds).
+fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::AutoencoderKl, held_out: &HashSet<String>) -> Result<(Vec<f64>, f64)> {
+    let peak = 5e-4;
+    let mut opt = AdamW::new(params, peak, 0.0);
+    let mut prog = Progress::new("vae", a.vae_steps);
+    let mut losses = Vec::new();
+    for step in 0..a.vae_steps {
+        opt.lr = lr_at(step, a.vae_steps, peak, 100);
+        let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out };
+        let (x, _) = data::batch(&spec);
+        let x = x.to_device(a.device);
+        let post = vae.encode(&x);
+        let z = post.sample_with(&post.mean.randn_like());
+        let y = vae.decode(&z);
+        let l1 = (&y - &x).abs().mean(Kind::Float);
+        let mse = (&y - &x).square().mean(Kind::Float);
+        let kl = ((post.mean.square() + post.logvar.exp() - 1.0 - &post.logvar) * 0.5).sum(Kind::Float) / a.vae_batch as f64;
+        let loss = &l1 + &mse * 0.5 + &kl * 1e-6;
+        params.zero_grad();
+        loss.backward();
+        opt.step(params);
+        let lv = loss.double_value(&[]);
+        losses.push(lv);
+        let psnr = 10.0 * (4.0 / mse.double_value(&[])).log10();
+        prog.add(step, lv, &format!("psnr {psnr:5.2} dB"));
+    }
+    Ok((losses, prog.t0.elapsed().as_secs_f64()))
+}
+
+/// Exponential moving average of a parameter set (the weights that get shipped).
+struct Ema {
+    shadow: BTreeMap<String, Tensor>,
+}
+
+impl Ema {
+    fn new(p: &Params) -> Self {
+        Self { shadow: p.tensors.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect() }
+    }
+    fn update(&mut self, p: &Params, decay: f64) {
+        let _g = tch::no_grad_guard();
+        for (k, v) in &p.tensors {
+            let s = self.shadow.get_mut(k).unwrap();
+            let _ = s.g_mul_scalar_(decay).g_add_(&(v.detach() * (1.0 - decay)));
+        }
+    }
+    fn params(&self, device: Device) -> Params {
+        Params { tensors: self.shadow.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(), device }
+    }
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    std::fs::create_dir_all(&a.work)?;
+    if a.device == Device::Cpu {
+        tch::set_num_threads(2);
+    }
+    let started = Instant::now();
+    let held_out = held_out_captions();
+
+    // 1. Tokenizer.
+    let tok_dir = a.work.join("tokenizer");
+    let vocab = bpe::write_shapes_tokenizer(&tok_dir)? as i64;
+    let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
+    println!("tokenizer: vocab {vocab}, model_max_length {}", tokenizer.max_length());
+
+    // 2. VAE.
+    tch::manual_seed(a.seed as i64);
+    let vae_cfg_unscaled = configs::vae(&VAE_BLOCKS, 1, 16, 1.0);
+    let (vae_params, vae, _) = frisket_trainer::vae(&vae_cfg_unscaled, a.device)?;
+    println!("vae {:?}: {} parameters", VAE_BLOCKS, vae_params.count());
+    let vae_ckpt = a.work.join("vae_fp32.safetensors");
+    let vae_log = a.work.join("vae.json");
+    let (vae_losses, vae_secs): (Vec<f64>, f64) = if vae_ckpt.exists() && vae_log.exists() {
+        vae_params.load(&vae_ckpt)?;
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&vae_log)?)?;
+        println!("vae: resumed from {}", vae_ckpt.display());
+        (serde_json::from_value(j["losses"].clone())?, j["secs"].as_f64().unwrap_or(0.0))
+    } else {
+        let (l, s) = train_vae(&a, &vae_params, &vae, &held_out)?;
+        vae_params.save(&vae_ckpt, Kind::Float)?;
+        std::fs::write(&vae_log, json!({"losses": l, "secs": s}).to_string())?;
+        (l, s)
+    };
+    for t in vae_params.tensors.values() {
+        let _ = t.shallow_clone().set_requires_grad(false);
+    }
+    // Latent statistics → scaling_factor (1/std of the posterior mean), as SD did.
+    let scaling_factor = tch::no_grad(|| {
+        let spec = BatchSpec { run_seed: a.seed ^ 0x5ca1e, step: 0, size: 128, single_object: false, held_out: &held_out };
+        let (x, _) = data::batch(&spec);
+        1.0 / vae.encode(&x.to_device(a.device)).mean.std(true).double_value(&[])
+    });
+    println!("vae: scaling_factor {scaling_factor:.4}");
+
+    // 3. UNet + text encoder.
+    tch::manual_seed(a.seed as i64 + 1);
+    let unet_cfg = configs::unet(&UNET_BLOCKS, 1, 8, TEXT_WIDTH, 32, 16);
+    let te_cfg = configs::text_encoder(vocab, TEXT_WIDTH, TEXT_LAYERS, 4, tokenizer.max_length() as i64);
+    let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
+    let (te_params, te, _) = frisket_trainer::text_encoder(&te_cfg, a.device)?;
+    println!("unet {:?}: {} parameters; text encoder: {} parameters", UNET_BLOCKS, unet_params.count(), te_params.count());
+    let alphas: Vec<f32> = configs::alphas_cumprod().iter().map(|&v| v as f32).collect();
+    let alphas = Tensor::from_slice(&alphas).to_device(a.device);
+    let peak = 5e-4;
+    let mut unet_opt = AdamW::new(&unet_params, peak, 0.01);
+    let mut te_opt = AdamW::new(&te_params, peak, 0.01);
+    let mut unet_ema = Ema::new(&unet_params);
+    let mut te_ema = Ema::new(&te_params);
+    let ckpt = a.work.join("unet_ckpt");
+    let mut start = 0;
+    let mut unet_losses: Vec<f64> = Vec::new();
+    let mut prior_secs = 0.0;
+    if ckpt.join("state.json").exists() {
+        let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+        start = st["step"].as_u64().unwrap_or(0);
+        unet_losses = serde_json::from_value(st["losses"].clone())?;
+        prior_secs = st["secs"].as_f64().unwrap_or(0.0);
+        unet_params.load(&ckpt.join("unet.safetensors"))?;
+        te_params.load(&ckpt.join("te.safetensors"))?;
+        unet_ema.params(a.device).load(&ckpt.join("unet_ema.safetensors"))?;
+        te_ema.params(a.device).load(&ckpt.join("te_ema.safetensors"))?;
+        tch::manual_seed((a.seed + 1 + start) as i64);
+        println!("unet: resumed at step {start} (optimizer moments restart)");
+    }
+    let mut prog = Progress::new("unet", a.unet_steps);
+    let unet_t0 = Instant::now();
+    let bsz = a.batch as i64;
+    // Deterministic per-step choices (caption dropout, batch kind) from the step number.
+    let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
+    for step in start..a.unet_steps {
+        let lr = lr_at(step, a.unet_steps, peak, 200);
+        unet_opt.lr = lr;
+        te_opt.lr = lr;
+        let spec = BatchSpec { run_seed: a.seed, step, size: a.batch, single_object: step % 2 == 0, held_out: &held_out };
+        let (x, caps) = data::batch(&spec);
+        let latents = tch::no_grad(|| {
+            let post = vae.encode(&x.to_device(a.device));
+            post.sample_with(&post.mean.randn_like()) * scaling_factor
+        });
+        let ids: Vec<Tensor> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let r = mix(step, i as u64);
+                let text = if r < 0.1 { "" } else if r < 0.3 { data::subject_only(c) } else { c.as_str() };
+                Tensor::from_slice(&tokenizer.encode_padded(text))
+            })
+            .collect();
+        let ids = Tensor::stack(&ids, 0).to_device(a.device);
+        let t = Tensor::randint(1000, [bsz], (Kind::Int64, a.device));
+        let noise = latents.randn_like();
+        let ac = alphas.index_select(0, &t).view([bsz, 1, 1, 1]);
+        let one_minus = -&ac + 1.0;
+        let noisy = &latents * ac.sqrt() + &noise * one_minus.sqrt();
+        let ehs = te.forward(&ids);
+        let pred = unet.forward_timesteps(&noisy, &t.to_kind(Kind::Float), &ehs);
+        // min-SNR-γ (γ = 5) weights for ε-prediction: min(snr, γ)/snr.
+        let snr = &ac / &one_minus;
+        let w = snr.clamp_max(5.0) / &snr;
+        let per_sample = (pred - &noise).square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+        let loss = (per_sample * w.view([bsz])).mean(Kind::Float);
+        unet_params.zero_grad();
+        te_params.zero_grad();
+        loss.backward();
+        unet_opt.step(&unet_params);
+        te_opt.step(&te_params);
+        let decay = 0.999f64.min((1.0 + step as f64) / (10.0 + step as f64));
+        unet_ema.update(&unet_params, decay);
+        te_ema.update(&te_params, decay);
+        let lv = loss.double_value(&[]);
+        unet_losses.push(lv);
+        prog.add(step - start, lv, &format!("lr {lr:.2e}"));
+        if (step + 1) % 500 == 0 || step + 1 == a.unet_steps {
+            std::fs::create_dir_all(&ckpt)?;
+            unet_params.save(&ckpt.join("unet.safetensors"), Kind::Float)?;
+            te_params.save(&ckpt.join("te.safetensors"), Kind::Float)?;
+            unet_ema.params(a.device).save(&ckpt.join("unet_ema.safetensors"), Kind::Float)?;
+            te_ema.params(a.device).save(&ckpt.join("te_ema.safetensors"), Kind::Float)?;
+            let secs = prior_secs + unet_t0.elapsed().as_secs_f64();
+            std::fs::write(ckpt.join("state.json"), json!({"step": step + 1, "losses": unet_losses, "secs": secs}).to_string())?;
+        }
+    }
+    let unet_secs = prior_secs + unet_t0.elapsed().as_secs_f64();
+
+    // 4. Export (EMA weights, fp16).
+    let out = &a.out;
+    let vae_cfg = configs::vae(&VAE_BLOCKS, 1, 16, scaling_factor);
+    write_component(out, "vae", &vae_cfg, &vae_params, "diffusion_pytorch_model.safetensors")?;
+    write_component(out, "unet", &unet_cfg, &unet_ema.params(a.device), "diffusion_pytorch_model.safetensors")?;
+    write_component(out, "text_encoder", &te_cfg, &te_ema.params(a.device), "model.safetensors")?;
+    let tok_out = out.join("tokenizer");
+    std::fs::create_dir_all(&tok_out)?;
+    for f in std::fs::read_dir(&tok_dir)? {
+        let f = f?;
+        std::fs::copy(f.path(), tok_out.join(f.file_name()))?;
+    }
+    std::fs::create_dir_all(out.join("scheduler"))?;
+    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&configs::scheduler())?)?;
+    std::fs::write(out.join("model_index.json"), serde_json::to_string_pretty(&configs::model_index())?)?;
+    // The engine loads it back (the eval renders through the server's pipeline).
+    frisket_trainer::engine::model::StableDiffusion::load(out, Device::Cpu)
+        .with_context(|| format!("the engine cannot load {}", out.display()))?;
+
+    let mut csv = std::fs::File::create(out.join("loss.csv"))?;
+    writeln!(csv, "stage,step,loss")?;
+    for (i, l) in vae_losses.iter().enumerate() {
+        writeln!(csv, "vae,{i},{l:.5}")?;
+    }
+    for (i, l) in unet_losses.iter().enumerate() {
+        writeln!(csv, "unet,{i},{l:.5}")?;
+    }
+    plot::loss_curves(&out.join("loss.png"), &[("VAE", &vae_losses), ("UNet + text encoder", &unet_losses)])?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let hardware = match a.device {
+        Device::Cpu => format!("{cpu}, {} threads", tch::get_num_threads()),
+        _ => "CUDA device 0".to_string(),
+    };
+    let tail = |l: &[f64]| l.iter().rev().take(200).sum::<f64>() / l.len().clamp(1, 200) as f64;
+    let training = json!({
+        "seed": a.seed,
+        "hardware": hardware,
+        "vae": {"blocks": VAE_BLOCKS, "steps": a.vae_steps, "batch": a.vae_batch, "lr": 5e-4, "secs": vae_secs,
+                "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
+        "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
+                 "params": unet_params.count(), "ema": 0.999, "min_snr_gamma": 5, "empty_caption": 0.1, "subject_only_caption": 0.2,
+                 "final_loss_avg200": tail(&unet_losses)},
+        "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab},
+        "held_out_prompts": HELD_OUT_SCENES,
+        "generator_hash_seed0": format!("{:016x}", frisket_shapes::generate_default(0).hash()),
+        "total_secs": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&training)?)?;
+    println!("wrote {} in {:.1} min", out.display(), started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+fn write_component(out: &Path, dir: &str, cfg: &serde_json::Value, p: &Params, file: &str) -> Result<()> {
+    let d = out.join(dir);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    p.save(&d.join(file), Kind::Half)
+}
