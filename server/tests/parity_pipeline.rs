@@ -77,6 +77,12 @@ fn sd2_images_match_diffusers() {
     check_model("sd2");
 }
 
+/// The shipped tiny model (models/shapes, trained, fp16 files) renders as diffusers renders it.
+#[test]
+fn shipped_shapes_model_matches_diffusers() {
+    check_model("shapes");
+}
+
 /// Cancelling from the step callback stops the job with the `Cancelled` error.
 #[test]
 fn stopping_from_the_callback_cancels() {

@@ -74,8 +74,8 @@ def _main():
     RESULT["core_file"] = core.__file__
     RESULT["krita_version"] = Krita.instance().version()
     server = os.environ["FRISKET_TEST_SERVER"]
-    model = os.environ.get("FRISKET_TEST_MODEL", "sd1")
-    width, height = (int(v) for v in os.environ.get("FRISKET_TEST_SIZE", "64x48").split("x"))
+    model = os.environ.get("FRISKET_TEST_MODEL", "shapes")
+    width, height = (int(v) for v in os.environ.get("FRISKET_TEST_SIZE", "64x64").split("x"))
     wanted = [c for c in os.environ.get("FRISKET_TEST_CASES", "").split(",") if c]
     app = QApplication.instance()
 

@@ -2,10 +2,11 @@
 a loopback port with the fixture models (one per test process, stopped at exit).
 
 Environment (all optional):
-  FRISKET_PLUGIN_TEST_MODEL   model name to test with (default: sd1, the tiny random fixture;
-                              switch to the trained tiny "shapes" model once it exists)
-  FRISKET_PLUGIN_TEST_SIZE    WxH of the test image (default 64x48: a multiple of sd1's 4)
-  FRISKET_MODELS              models folder (default $FRISKET_FIXTURES/models, else target/fixtures/models)
+  FRISKET_PLUGIN_TEST_MODEL   model name to test with (default: shapes, the trained tiny model
+                              shipped in models/; the random fixtures, e.g. sd1, also work)
+  FRISKET_PLUGIN_TEST_SIZE    WxH of the test image (default 64x64, the size shapes was trained at)
+  FRISKET_MODELS              models folder (default: models/ for shapes, else $FRISKET_FIXTURES/models,
+                              else target/fixtures/models)
   FRISKET_SERVER_BIN, FRISKET_CLIENT_BIN   binaries (default target/debug/frisket-server, target/debug/frisket)
   FRISKET_PLUGIN_TEST_SERVER  use this running server instead of starting one (no log checks then)
 """
@@ -26,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frisket_core as core  # noqa: E402
 from harness_image import known_image as _known_image  # noqa: E402
 
-MODEL = os.environ.get("FRISKET_PLUGIN_TEST_MODEL", "sd1")
-WIDTH, HEIGHT = (int(x) for x in os.environ.get("FRISKET_PLUGIN_TEST_SIZE", "64x48").lower().split("x"))
+MODEL = os.environ.get("FRISKET_PLUGIN_TEST_MODEL", "shapes")
+WIDTH, HEIGHT = (int(x) for x in os.environ.get("FRISKET_PLUGIN_TEST_SIZE", "64x64").lower().split("x"))
 TARGET = os.path.join(ROOT, "target")
 
 
@@ -36,7 +37,12 @@ def fixtures_dir():
 
 
 def models_dir():
-    return os.environ.get("FRISKET_MODELS") or os.path.join(fixtures_dir(), "models")
+    if os.environ.get("FRISKET_MODELS"):
+        return os.environ["FRISKET_MODELS"]
+    shipped = os.path.join(ROOT, "models")
+    if os.path.isfile(os.path.join(shipped, MODEL, "unet", "config.json")):
+        return shipped
+    return os.path.join(fixtures_dir(), "models")
 
 
 def server_bin():
@@ -52,7 +58,8 @@ def require_binaries():
     if missing:
         raise RuntimeError("missing {}: run `make build` (or cargo build --workspace)".format(", ".join(missing)))
     if not os.path.isfile(os.path.join(models_dir(), MODEL, "unet", "config.json")):
-        raise RuntimeError("model {} not found in {}: run `make fixtures`".format(MODEL, models_dir()))
+        raise RuntimeError("model {} not found in {} (shapes ships in models/; the fixtures come from "
+                           "`make fixtures`)".format(MODEL, models_dir()))
 
 
 class Server(object):

@@ -12,7 +12,11 @@ pub fn fixtures() -> PathBuf {
     }
 }
 
+/// A fixture model, or the shipped tiny model ("shapes", in the repo's models/).
 pub fn model_dir(name: &str) -> PathBuf {
+    if name == "shapes" {
+        return PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/shapes");
+    }
     fixtures().join("models").join(name)
 }
 
