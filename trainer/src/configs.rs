@@ -65,8 +65,8 @@ pub fn text_encoder(vocab: i64, hidden: i64, layers: i64, heads: i64, max_len: i
     })
 }
 
-/// SD's training noise schedule, for scheduler/scheduler_config.json. DDIM with SD 1.x's
-/// flags: the engine's default sampler, so the engine and diffusers' `from_pretrained` run the
+/// SD's training noise schedule, for scheduler/scheduler_config.json; v-prediction as SD 2.x
+/// (train_tiny says why). DDIM with SD 1.x's flags: the engine's default sampler, so the engine and diffusers' `from_pretrained` run the
 /// same sampler without being told; any other scheduler can be switched in from it.
 pub fn scheduler() -> Value {
     json!({
@@ -74,7 +74,7 @@ pub fn scheduler() -> Value {
         "_diffusers_version": "0.35.1",
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1,
-        "prediction_type": "epsilon", "clip_sample": false, "timestep_spacing": "leading"
+        "prediction_type": "v_prediction", "clip_sample": false, "timestep_spacing": "leading"
     })
 }
 

@@ -42,8 +42,15 @@ pub struct BatchSpec<'a> {
 
 /// A batch: images [n, 3, H, W] in [-1, 1] and their captions.
 pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
+    let (x, _, caps) = batch_with_objects(spec);
+    (x, caps)
+}
+
+/// `batch`, plus where the objects are: [n, 1, H, W], 1 on object pixels, 0 on background.
+pub fn batch_with_objects(spec: &BatchSpec) -> (Tensor, Tensor, Vec<String>) {
     let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
     let mut imgs = Vec::with_capacity(spec.size);
+    let mut objs = Vec::with_capacity(spec.size);
     let mut caps = Vec::with_capacity(spec.size);
     let mut i = 0u64;
     while imgs.len() < spec.size {
@@ -55,7 +62,10 @@ pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
             continue;
         }
         imgs.push(image_tensor(&s));
+        let side = s.meta.size as i64;
+        let owned: Vec<f32> = s.owner.iter().map(|&o| (o > 0) as u8 as f32).collect();
+        objs.push(Tensor::from_slice(&owned).view([1, side, side]));
         caps.push(s.meta.caption.clone());
     }
-    (Tensor::stack(&imgs, 0), caps)
+    (Tensor::stack(&imgs, 0), Tensor::stack(&objs, 0), caps)
 }

@@ -149,6 +149,24 @@ fn main() -> Result<()> {
     let model = StableDiffusion::load(&a.model, Device::Cpu)?;
     let base = GenerateParams { steps: a.steps, guidance: a.guidance, width: 64, height: 64, ..Default::default() };
 
+    // Ceilings: what the judge scores on the held-out scenes themselves, and on their VAE round
+    // trips (no diffusion model can beat the decoder it paints through).
+    let (mut truth_all, mut vae_shape, mut vae_position, mut vae_all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
+    for scene in data::eval_single_object_scenes(a.n) {
+        let q = parse_prompt(&scene.meta.caption).map_err(anyhow::Error::msg)?.objects[0];
+        truth_all.add(check_object(&judge(&scene.image), &q).all_right());
+        let x = data::image_tensor(&scene).unsqueeze(0).to_kind(model.kind);
+        let y = tch::no_grad(|| model.vae.decode(&model.vae.encode(&x).mean));
+        let c = check_object(&judge(&tensor_to_rgb(&(y.squeeze_dim(0).to_kind(Kind::Float) / 2.0 + 0.5))?), &q);
+        vae_shape.add(c.shape_right);
+        vae_position.add(c.position_right.unwrap_or(false));
+        vae_all.add(c.all_right());
+    }
+    println!(
+        "[eval] ceilings: judge on the true scenes {:.1} % all right; on VAE round trips shape {:.1} % position {:.1} % all {:.1} %",
+        truth_all.pct(), vae_shape.pct(), vae_position.pct(), vae_all.pct()
+    );
+
     // Single-object prompts + heatmaps.
     let (mut colour, mut shape, mut position, mut all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     let (mut iou_fast, mut iou_exact) = (Vec::new(), Vec::new());
@@ -264,6 +282,8 @@ fn main() -> Result<()> {
         "settings": {"n": a.n, "exact_n": a.exact_n, "guidance": a.guidance, "steps": a.steps, "scheduler": "DDIM",
                       "strength": a.strength, "size": 64, "heatmap_timestep": 500, "heatmap_layer": "last"},
         "single": {"colour": colour.pct(), "shape": shape.pct(), "position": position.pct(), "all": all.pct()},
+        "ceilings": {"judge_on_truth_all": truth_all.pct(), "vae_roundtrip_shape": vae_shape.pct(),
+                     "vae_roundtrip_position": vae_position.pct(), "vae_roundtrip_all": vae_all.pct()},
         "protect": {"protected_exact": exact_kept.pct(), "appears": appears.pct(), "appears_at_position": appears_at.pct()},
         "heatmap": {"miou_fast": mean(&iou_fast), "n_fast": iou_fast.len(), "miou_exact": mean(&iou_exact), "n_exact": iou_exact.len(),
                     "miou_fast_daam": mean(&iou_fast_daam), "miou_exact_daam": mean(&iou_exact_daam)},
@@ -274,7 +294,7 @@ fn main() -> Result<()> {
     });
     let path = a.model.join(format!("eval-{}.json", a.label));
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
-    println!("{}", serde_json::to_string_pretty(&json!({"single": result["single"], "protect": result["protect"],
+    println!("{}", serde_json::to_string_pretty(&json!({"single": result["single"], "ceilings": result["ceilings"], "protect": result["protect"],
         "heatmap": result["heatmap"], "render_secs": result["render_secs"]}))?);
     println!("wrote {}", path.display());
     Ok(())
