@@ -2,6 +2,7 @@
 pub mod bpe;
 pub mod configs;
 pub mod data;
+pub mod flags;
 pub mod params;
 pub mod plot;
 

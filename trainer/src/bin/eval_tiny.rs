@@ -2,7 +2,7 @@
 //! writes eval.json, samples.png and the model card (README.md) into the model folder.
 //!
 //!   eval_tiny [--model models/shapes] [--n 200] [--exact-n 200] [--guidance 5] [--steps 20]
-//!             [--strength 0.9] [--run-label first]
+//!             [--strength 0.9] [--run-label first] [--ceilings-only false]
 //!
 //! What is measured (issue 5):
 //!  * single-object prompts: the captions of the held-out scenes (seeds 0..n, never trained
@@ -13,11 +13,12 @@
 //!  * heatmap truth: Grad-SAM of the shape word at the step nearest t = 500 (last
 //!    cross-attention layer, the engine's mask settings), against the judge's mask of that
 //!    object in the rendered image; mIoU over the renders where the judge found it.
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use frisket_shapes::{
     check_object, generate, judge, parse_prompt, BackgroundSpec, GenConfig, Mask, ObjectQuery, ObjectSpec,
 };
 use frisket_trainer::data;
+use frisket_trainer::flags::Flags;
 use frisket_trainer::engine::explain::{self, mask, ExplainMode, MaskParams, ProtectParams};
 use frisket_trainer::engine::image_io::{rgb_to_tensor, tensor_to_rgb};
 use frisket_trainer::engine::model::StableDiffusion;
@@ -36,34 +37,23 @@ struct Args {
     steps: usize,
     strength: f64,
     label: String,
+    /// Stop after the judge/VAE ceilings (a quick check of a new VAE).
+    ceilings_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        model: "models/shapes".into(),
-        n: 200,
-        exact_n: 200,
-        guidance: 5.0,
-        steps: 20,
-        strength: 0.9,
-        label: "first".into(),
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--model" => a.model = v.into(),
-            "--n" => a.n = v.parse()?,
-            "--exact-n" => a.exact_n = v.parse()?,
-            "--guidance" => a.guidance = v.parse()?,
-            "--steps" => a.steps = v.parse()?,
-            "--strength" => a.strength = v.parse()?,
-            "--run-label" => a.label = v.clone(),
-            _ => bail!("unknown flag {flag}"),
-        }
-    }
-    Ok(a)
+    let known = ["model", "n", "exact-n", "guidance", "steps", "strength", "run-label", "ceilings-only"];
+    let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/eval_tiny.rs")?;
+    Ok(Args {
+        model: f.get("model", "models/shapes".into())?,
+        n: f.get("n", 200)?,
+        exact_n: f.get("exact-n", 200)?,
+        guidance: f.get("guidance", 5.0)?,
+        steps: f.get("steps", 20)?,
+        strength: f.get("strength", 0.9)?,
+        label: f.get("run-label", "first".into())?,
+        ceilings_only: f.get("ceilings-only", false)?,
+    })
 }
 
 /// Token position of `word` in `prompt` (its first token).
@@ -166,6 +156,9 @@ fn main() -> Result<()> {
         "[eval] ceilings: judge on the true scenes {:.1} % all right; on VAE round trips shape {:.1} % position {:.1} % all {:.1} %",
         truth_all.pct(), vae_shape.pct(), vae_position.pct(), vae_all.pct()
     );
+    if a.ceilings_only {
+        return Ok(());
+    }
 
     // Single-object prompts + heatmaps.
     let (mut colour, mut shape, mut position, mut all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());

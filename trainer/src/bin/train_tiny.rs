@@ -14,6 +14,7 @@
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
 use anyhow::{bail, Context, Result};
 use frisket_trainer::data::{self, BatchSpec};
+use frisket_trainer::flags::Flags;
 use frisket_trainer::engine::tokenizer::ClipTokenizer;
 use frisket_trainer::params::{AdamW, Params};
 use frisket_trainer::{bpe, configs, plot};
@@ -48,39 +49,22 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        out: "models/shapes".into(),
-        work: "target/train-tiny".into(),
-        seed: 0,
-        vae_steps: 3000,
-        vae_batch: 16,
-        unet_steps: 8000,
-        batch: 32,
-        device: Device::Cpu,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--out" => a.out = v.into(),
-            "--work" => a.work = v.into(),
-            "--seed" => a.seed = v.parse()?,
-            "--vae-steps" => a.vae_steps = v.parse()?,
-            "--vae-batch" => a.vae_batch = v.parse()?,
-            "--unet-steps" => a.unet_steps = v.parse()?,
-            "--batch" => a.batch = v.parse()?,
-            "--device" => {
-                a.device = match v.as_str() {
-                    "cpu" => Device::Cpu,
-                    "cuda" => Device::Cuda(0),
-                    _ => bail!("--device is cpu or cuda"),
-                }
-            }
-            _ => bail!("unknown flag {flag} (see the doc comment of trainer/src/bin/train_tiny.rs)"),
-        }
-    }
-    Ok(a)
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device"];
+    let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
+    Ok(Args {
+        out: f.get("out", "models/shapes".into())?,
+        work: f.get("work", "target/train-tiny".into())?,
+        seed: f.get("seed", 0)?,
+        vae_steps: f.get("vae-steps", 3000)?,
+        vae_batch: f.get("vae-batch", 16)?,
+        unet_steps: f.get("unet-steps", 8000)?,
+        batch: f.get("batch", 32)?,
+        device: match f.get("device", "cpu".to_string())?.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            _ => bail!("--device is cpu or cuda"),
+        },
+    })
 }
 
 /// Linear warm-up, then cosine decay to 10 % of the peak.
