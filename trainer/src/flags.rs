@@ -3,6 +3,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::str::FromStr;
 
+#[derive(Debug)]
 pub struct Flags(HashMap<String, String>);
 
 impl Flags {
