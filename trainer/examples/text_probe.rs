@@ -11,11 +11,15 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(2);
     let m = StableDiffusion::load(std::path::Path::new(&std::env::args().nth(1).unwrap()), Device::Cpu)?;
     let m_kind = m.kind;
+    // The model's own training schedule (its scheduler config says which).
+    let sched: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(&std::env::args().nth(1).unwrap()).join("scheduler/scheduler_config.json"))?)?;
+    let zero_snr = sched["rescale_betas_zero_snr"].as_bool().unwrap_or(false);
     let held = std::collections::HashSet::new();
     let (x, caps) = data::batch(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held });
     let sf = m.vae.config().scaling_factor;
     let lat = tch::no_grad(|| m.vae.encode(&x.to_kind(m_kind)).mean * sf);
-    let alphas: Vec<f32> = frisket_trainer::configs::alphas_cumprod().iter().map(|&v| v as f32).collect();
+    let alphas: Vec<f32> = frisket_trainer::configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
     let swap_pos = |c: &str| {
         for (a, b) in [("at the top left", "at the bottom right"), ("at the top right", "at the bottom left"), ("at the bottom left", "at the top right"),
                        ("at the bottom right", "at the top left"), ("at the top", "at the bottom"), ("at the bottom", "at the top"),
@@ -33,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     };
     tch::manual_seed(0);
     let noise = lat.randn_like();
-    for t in [200i64, 500, 800, 950] {
+    for t in [200i64, 500, 800, 950, 999] {
         let ac = alphas[t as usize] as f64;
         let noisy = &lat * ac.sqrt() + &noise * (1.0 - ac).sqrt();
         let x0_err = |captions: Vec<String>| -> f64 {

@@ -68,27 +68,40 @@ pub fn text_encoder(vocab: i64, hidden: i64, layers: i64, heads: i64, max_len: i
 /// SD's training noise schedule, for scheduler/scheduler_config.json; v-prediction as SD 2.x
 /// (train_tiny says why). DDIM with SD 1.x's flags: the engine's default sampler, so the engine and diffusers' `from_pretrained` run the
 /// same sampler without being told; any other scheduler can be switched in from it.
-pub fn scheduler() -> Value {
-    json!({
+pub fn scheduler(zero_terminal_snr: bool) -> Value {
+    let mut cfg = json!({
         "_class_name": "DDIMScheduler",
         "_diffusers_version": "0.35.1",
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1,
         "prediction_type": "v_prediction", "clip_sample": false, "timestep_spacing": "leading"
-    })
+    });
+    if zero_terminal_snr {
+        // Sampling must start at t = 999, the pure-noise step the model was trained on.
+        cfg["rescale_betas_zero_snr"] = json!(true);
+        cfg["timestep_spacing"] = json!("trailing");
+    }
+    cfg
 }
 
-/// ᾱ_t of the scaled_linear schedule: betas = linspace(√0.00085, √0.012, 1000)².
-pub fn alphas_cumprod() -> Vec<f64> {
+/// ᾱ_t of the scaled_linear schedule: betas = linspace(√0.00085, √0.012, 1000)². With
+/// `zero_terminal_snr`, rescaled as diffusers' `rescale_zero_terminal_snr` (Lin et al. 2024):
+/// √ᾱ shifted so that ᾱ_999 = 0 and scaled so that ᾱ_0 is unchanged.
+pub fn alphas_cumprod(zero_terminal_snr: bool) -> Vec<f64> {
     let (a, b, n) = (0.00085f64.sqrt(), 0.012f64.sqrt(), 1000);
     let mut acc = 1.0;
-    (0..n)
+    let ac: Vec<f64> = (0..n)
         .map(|i| {
             let s = a + (b - a) * i as f64 / (n - 1) as f64;
             acc *= 1.0 - s * s;
             acc
         })
-        .collect()
+        .collect();
+    if !zero_terminal_snr {
+        return ac;
+    }
+    let (first, last) = (ac[0].sqrt(), ac[n - 1].sqrt());
+    ac.iter().map(|v| ((v.sqrt() - last) * first / (first - last)).powi(2)).collect()
 }
 
 /// model_index.json of a `StableDiffusionPipeline` without safety checker.

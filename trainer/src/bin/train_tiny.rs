@@ -2,6 +2,7 @@
 //!
 //!   train_tiny [--out models/shapes] [--work target/train-tiny] [--seed 0]
 //!              [--vae-steps 3000] [--unet-steps 8000] [--batch 32] [--device cpu|cuda]
+//!              [--zero-snr false]
 //!
 //! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
 //!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
@@ -46,10 +47,12 @@ struct Args {
     unet_steps: u64,
     batch: usize,
     device: Device,
+    /// Train (and ship a scheduler config) with zero terminal SNR (DESIGN.md, second run).
+    zero_snr: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device"];
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr"];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -59,6 +62,7 @@ fn parse_args() -> Result<Args> {
         vae_batch: f.get("vae-batch", 16)?,
         unet_steps: f.get("unet-steps", 8000)?,
         batch: f.get("batch", 32)?,
+        zero_snr: f.get("zero-snr", false)?,
         device: match f.get("device", "cpu".to_string())?.as_str() {
             "cpu" => Device::Cpu,
             "cuda" => Device::Cuda(0),
@@ -220,7 +224,7 @@ fn main() -> Result<()> {
     let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
     let (te_params, te, _) = frisket_trainer::text_encoder(&te_cfg, a.device)?;
     println!("unet {:?}: {} parameters; text encoder: {} parameters", UNET_BLOCKS, unet_params.count(), te_params.count());
-    let alphas: Vec<f32> = configs::alphas_cumprod().iter().map(|&v| v as f32).collect();
+    let alphas: Vec<f32> = configs::alphas_cumprod(a.zero_snr).iter().map(|&v| v as f32).collect();
     let alphas = Tensor::from_slice(&alphas).to_device(a.device);
     let peak = 5e-4;
     let mut unet_opt = AdamW::new(&unet_params, peak, 0.01);
@@ -328,7 +332,7 @@ fn main() -> Result<()> {
         std::fs::copy(f.path(), tok_out.join(f.file_name()))?;
     }
     std::fs::create_dir_all(out.join("scheduler"))?;
-    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&configs::scheduler())?)?;
+    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&configs::scheduler(a.zero_snr))?)?;
     std::fs::write(out.join("model_index.json"), serde_json::to_string_pretty(&configs::model_index())?)?;
     // The engine loads it back (the eval renders through the server's pipeline).
     frisket_trainer::engine::model::StableDiffusion::load(out, Device::Cpu)
@@ -358,7 +362,7 @@ fn main() -> Result<()> {
         "vae": {"blocks": VAE_BLOCKS, "steps": a.vae_steps, "batch": a.vae_batch, "lr": 5e-4, "object_weight": OBJECT_WEIGHT, "secs": vae_secs,
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
-                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"),
+                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"),
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
         "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab},
