@@ -46,7 +46,7 @@ pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
     (x, caps)
 }
 
-/// `batch`, plus where the objects are: [n, 1, H, W], 1 on object pixels, 0 on background.
+/// `batch`, plus which object owns each pixel: [n, 1, H, W], 0 background, k + 1 object k.
 pub fn batch_with_objects(spec: &BatchSpec) -> (Tensor, Tensor, Vec<String>) {
     let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
     let mut imgs = Vec::with_capacity(spec.size);
@@ -63,9 +63,25 @@ pub fn batch_with_objects(spec: &BatchSpec) -> (Tensor, Tensor, Vec<String>) {
         }
         imgs.push(image_tensor(&s));
         let side = s.meta.size as i64;
-        let owned: Vec<f32> = s.owner.iter().map(|&o| (o > 0) as u8 as f32).collect();
+        let owned: Vec<f32> = s.owner.iter().map(|&o| o as f32).collect();
         objs.push(Tensor::from_slice(&owned).view([1, side, side]));
         caps.push(s.meta.caption.clone());
     }
     (Tensor::stack(&imgs, 0), Tensor::stack(&objs, 0), caps)
+}
+
+/// The captions of a batch's scenes, without the images (the text encoder's pre-training).
+pub fn captions(spec: &BatchSpec) -> Vec<String> {
+    let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
+    let mut caps = Vec::with_capacity(spec.size);
+    let mut i = 0u64;
+    while caps.len() < spec.size {
+        let seed = TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i;
+        i += 1;
+        let s = if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) };
+        if !spec.held_out.contains(&s.meta.caption) {
+            caps.push(s.meta.caption);
+        }
+    }
+    caps
 }

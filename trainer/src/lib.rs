@@ -3,8 +3,10 @@ pub mod bpe;
 pub mod configs;
 pub mod data;
 pub mod flags;
+pub mod grounding;
 pub mod params;
 pub mod plot;
+pub mod text_aux;
 
 /// The engine's model code (server/src/engine): training runs exactly the forward the server runs.
 pub use frisket_server::engine;

@@ -22,7 +22,7 @@ fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u
 
 pub fn loss_curves(path: &Path, series: &[(&str, &[f64])]) -> Result<()> {
     let mut img = RgbImage::from_pixel(W, H * series.len() as u32, Rgb([255, 255, 255]));
-    let colours = [Rgb([31, 119, 180]), Rgb([214, 39, 40])];
+    let colours = [Rgb([31, 119, 180]), Rgb([44, 160, 44]), Rgb([214, 39, 40])];
     for (k, (_, ys)) in series.iter().enumerate() {
         let top = k as u32 * H;
         let ys: Vec<f64> = ys.iter().map(|v| v.max(1e-6).log10()).collect();
@@ -50,7 +50,7 @@ pub fn loss_curves(path: &Path, series: &[(&str, &[f64])]) -> Result<()> {
             })
             .collect();
         for i in 1..avg.len() {
-            line(&mut img, (px(i - 1), py(avg[i - 1])), (px(i), py(avg[i])), colours[k % 2]);
+            line(&mut img, (px(i - 1), py(avg[i - 1])), (px(i), py(avg[i])), colours[k % colours.len()]);
         }
     }
     img.save(path)?;

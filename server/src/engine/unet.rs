@@ -398,6 +398,20 @@ impl UNet2DConditionModel {
         self.run_timesteps(sample, timesteps, &self.prepare_context(encoder_hidden_states), None)
     }
 
+    /// `forward_timesteps`, also returning the cross-attention probabilities of `layers`
+    /// ([B, heads, H·W, keys] each, in the graph): the trainer's attention grounding loss.
+    pub fn forward_timesteps_capturing(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        layers: &[usize],
+    ) -> (Tensor, Vec<(usize, Tensor)>) {
+        let capture = AttnCapture::new(layers);
+        let out = self.run_timesteps(sample, timesteps, &self.prepare_context(encoder_hidden_states), Some(&capture));
+        (out, capture.into_probs())
+    }
+
     fn run(&self, sample: &Tensor, timestep: f64, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         // float32 like diffusers (which casts even a float64 timestep with `.float()`).
         let t = Tensor::from_slice(&[timestep as f32]).to_device(sample.device()).expand([sample.size()[0]], false);

@@ -65,12 +65,28 @@ fn main() -> Result<()> {
     writeln!(w, "| stage | steps × batch | optimiser | time |\n|---|---|---|---:|")?;
     writeln!(w, "| VAE | {} × {} | AdamW lr {} (warm-up 100, cosine to 10 %), loss L1 + ½·MSE + 10⁻⁶·KL, object pixels weighted 1 + {} | {:.1} min |",
         t["vae"]["steps"], t["vae"]["batch"], t["vae"]["lr"], t["vae"]["object_weight"], f(&t["vae"]["secs"]) / 60.0)?;
-    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1; {} on SD's scaled-linear schedule (β 0.00085→0.012, 1000 steps), loss weighted in x₀ terms {}; each drawn batch used for {} steps; EMA 0.999 (shipped) | {:.1} min |",
+    let te = &t["text_encoder"];
+    if te["pretrain_steps"].as_u64().unwrap_or(0) > 0 {
+        let acc = &te["pretrain_accuracy"];
+        let min_acc = acc.as_object().map_or(f64::NAN, |m| m.values().map(f).fold(f64::INFINITY, f64::min));
+        writeln!(w, "| text encoder pre-training | {} × {} captions | AdamW lr 10⁻³; an attention-readout classifier (`trainer/src/text_aux.rs`) must read each object's colour, shape, size word and 3×3 position, and the background, from the encoder's output; lowest per-question accuracy over the last 100 steps {:.1} % | {:.1} min |",
+            te["pretrain_steps"], te["pretrain_batch"], 100.0 * min_acc, f(&te["pretrain_secs"]) / 60.0)?;
+    }
+    let schedule = if t["unet"]["zero_terminal_snr"].as_bool().unwrap_or(false) {
+        "SD's scaled-linear schedule (β 0.00085→0.012, 1000 steps) rescaled to zero terminal SNR (Lin et al. 2024), so that t = 999 is pure noise as at sampling time"
+    } else {
+        "SD's scaled-linear schedule (β 0.00085→0.012, 1000 steps)"
+    };
+    let te_note = match (te["lr_scale_during_unet"].as_f64(), te["aux_weight_during_unet"].as_f64()) {
+        (Some(k), Some(aux)) => format!("; text encoder at {k} × the UNet's rate, the classifier's loss kept at weight {aux}"),
+        _ => String::new(),
+    };
+    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}; each drawn batch used for {} steps; EMA 0.999 (shipped) | {:.1} min |",
         t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], t["unet"]["prediction_type"].as_str().unwrap_or("?"),
         t["unet"]["x0_weight"].as_str().unwrap_or("?"), t["unet"]["batch_reused_for_steps"], f(&t["unet"]["secs"]) / 60.0)?;
     writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",
         t["hardware"].as_str().unwrap_or("?"), f(&t["total_secs"]) / 60.0, t["seed"], f(&t["vae"]["final_loss_avg200"]), f(&t["unet"]["final_loss_avg200"]))?;
-    writeln!(w, "![loss curves](loss.png)\n\nTop: VAE loss; bottom: UNet loss (log scale, a faint line per power of ten; grey raw, colour a 100-step mean). Values in `loss.csv`.\n")?;
+    writeln!(w, "![loss curves](loss.png)\n\nPanels, top to bottom: VAE loss, text-encoder classifier loss (pre-training), UNet loss (log scale, a faint line per power of ten; grey raw, colour a 100-step mean). Values in `loss.csv`.\n")?;
 
     writeln!(w, "## Scores\n")?;
     writeln!(w, "Measured by `eval_tiny` through the server's own pipeline and judged by `frisket-shapes`' judge (colour segmentation and shape geometry, no learned model): {} held-out prompts, 64×64, {} DDIM steps, guidance {}, one seed per prompt.\n",
@@ -126,7 +142,7 @@ fn main() -> Result<()> {
     writeln!(w, "## Samples\n")?;
     writeln!(w, "![single-object samples](samples.png)\n\nThe first 32 held-out prompts, in order (prompts in `eval-{}.json`).\n", e["label"].as_str().unwrap_or("first"))?;
     writeln!(w, "![protect samples](protect_samples.png)\n\nPairs of reference → result for the first 8 protect cases: the protected object is the reference's object.\n")?;
-    writeln!(w, "## Reproduce\n\n```sh\nmake train-tiny        # tokenizer, VAE, UNet + text encoder, export, eval, this card\n```\n\nThe trainer (`trainer/`) is Rust with tch and runs the engine's own model code, so training and serving share one forward. Stages resume from `target/train-tiny/` checkpoints. On a GPU: `target/debug/train_tiny --device cuda --batch 128`.")?;
+    writeln!(w, "## Reproduce\n\n```sh\nmake train-tiny        # tokenizer, VAE, text encoder, UNet, export, eval, this card\n```\n\nThe trainer (`trainer/`) is Rust with tch and runs the engine's own model code, so training and serving share one forward. Stages resume from `target/train-tiny/` checkpoints. On a GPU: `target/debug/train_tiny --device cuda --batch 128`.")?;
     std::fs::write(dir.join("README.md"), md)?;
     println!("wrote {}", dir.join("README.md").display());
     Ok(())

@@ -2,23 +2,30 @@
 //!
 //!   train_tiny [--out models/shapes] [--work target/train-tiny] [--seed 0]
 //!              [--vae-steps 3000] [--unet-steps 8000] [--batch 32] [--device cpu|cuda]
-//!              [--zero-snr false]
+//!              [--zero-snr true] [--te-pretrain-steps 1500] [--te-lr-scale 0.2] [--aux-weight 0.1]
+//!              [--latent-object-weight 0] [--ground-early-weight 0.05]
+//!              [--ground-from 2000] [--ground-weight 0.5]
 //!
 //! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
 //!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
 //!  2. VAE (KL, factor 4): L1 + ½·MSE + 1e-6·KL on scenes drawn on the fly, object pixels
 //!     weighted 1 + OBJECT_WEIGHT; then scaling_factor = 1/std(latents), as SD did;
-//!  3. UNet + text encoder jointly, v-prediction on SD's noise schedule (x₀-weight
-//!     min(SNR + 1, 6)), 10 % empty captions (for classifier-free guidance), 20 % subject-only
+//!  3. text encoder pre-training: an attention-readout classifier (text_aux.rs) must read
+//!     every object's colour, shape, size and position and the background from its output;
+//!  4. UNet + text encoder jointly (encoder at te-lr-scale × the UNet's rate, the classifier's
+//!     loss kept at aux-weight), v-prediction on SD's noise schedule rescaled to zero terminal
+//!     SNR (x₀-weight min(SNR + 1, 6)), plus the attention grounding loss (grounding.rs:
+//!     each object's words attend to its cells) at ground-weight; 10 % empty captions (for classifier-free guidance), 20 % subject-only
 //!     captions, two thirds of the batches single-object; EMA of the weights (saved);
-//!  4. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
+//!  5. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
 use anyhow::{bail, Context, Result};
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::flags::Flags;
 use frisket_trainer::engine::tokenizer::ClipTokenizer;
 use frisket_trainer::params::{AdamW, Params};
-use frisket_trainer::{bpe, configs, plot};
+use frisket_trainer::text_aux::{self, CaptionClassifier};
+use frisket_trainer::{bpe, configs, grounding, plot};
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -49,10 +56,23 @@ struct Args {
     device: Device,
     /// Train (and ship a scheduler config) with zero terminal SNR (DESIGN.md, second run).
     zero_snr: bool,
+    /// Steps of text-encoder pre-training with the caption classifier (batch 64).
+    te_pretrain_steps: u64,
+    /// The text encoder's learning rate during UNet training, relative to the UNet's.
+    te_lr_scale: f64,
+    /// Weight of the caption classifier's loss during UNet training.
+    aux_weight: f64,
+    /// Extra diffusion-loss weight on latent cells that touch an object.
+    latent_object_weight: f64,
+    /// Weight of the attention grounding loss (grounding.rs): ground_early_weight before step
+    /// ground_from, ground_weight from it on.
+    ground_weight: f64,
+    ground_early_weight: f64,
+    ground_from: u64,
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr"];
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "latent-object-weight", "ground-weight", "ground-early-weight", "ground-from"];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -62,7 +82,14 @@ fn parse_args() -> Result<Args> {
         vae_batch: f.get("vae-batch", 16)?,
         unet_steps: f.get("unet-steps", 8000)?,
         batch: f.get("batch", 32)?,
-        zero_snr: f.get("zero-snr", false)?,
+        zero_snr: f.get("zero-snr", true)?,
+        te_pretrain_steps: f.get("te-pretrain-steps", 1500)?,
+        te_lr_scale: f.get("te-lr-scale", 0.2)?,
+        aux_weight: f.get("aux-weight", 0.1)?,
+        latent_object_weight: f.get("latent-object-weight", 0.0)?,
+        ground_weight: f.get("ground-weight", 0.5)?,
+        ground_early_weight: f.get("ground-early-weight", 0.05)?,
+        ground_from: f.get("ground-from", 2000)?,
         device: match f.get("device", "cpu".to_string())?.as_str() {
             "cpu" => Device::Cpu,
             "cuda" => Device::Cuda(0),
@@ -127,7 +154,8 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
     for step in 0..a.vae_steps {
         opt.lr = lr_at(step, a.vae_steps, peak, 100);
         let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out };
-        let (x, objects, _) = data::batch_with_objects(&spec);
+        let (x, owners, _) = data::batch_with_objects(&spec);
+        let objects = owners.gt(0.0).to_kind(Kind::Float);
         let x = x.to_device(a.device);
         // Objects are a few percent of the pixels but all of what the judge reads (shape
         // corners, edges): weight them and a one-pixel rim around them 1 + OBJECT_WEIGHT.
@@ -150,6 +178,53 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
         prog.add(step, lv, &format!("psnr {psnr:5.2} dB"));
     }
     Ok((losses, prog.t0.elapsed().as_secs_f64()))
+}
+
+/// The caption the text encoder sees for a scene caption at (step, i): 10 % empty (for
+/// classifier-free guidance), 20 % subject-only, else the full caption.
+fn caption_variant(r: f64, c: &str) -> &str {
+    if r < 0.1 { "" } else if r < 0.3 { data::subject_only(c) } else { c }
+}
+
+/// Stage 3: the text encoder learns to keep every attribute word apart before the UNet sees
+/// it. Returns (losses, seconds, per-question accuracy over the last 100 steps).
+fn pretrain_text_encoder(
+    a: &Args, te: &frisket_trainer::engine::clip::ClipTextModel, te_params: &Params, aux: &CaptionClassifier,
+    tokenizer: &ClipTokenizer, held_out: &HashSet<String>,
+) -> Result<(Vec<f64>, f64, Vec<f64>)> {
+    const BATCH: usize = 64;
+    let peak = 1e-3;
+    let mut te_opt = AdamW::new(te_params, peak, 0.01);
+    let mut aux_opt = AdamW::new(&aux.params, peak, 0.0);
+    let mut prog = Progress::new("text", a.te_pretrain_steps);
+    let mut losses = Vec::new();
+    let mut acc_sum = vec![0.0; text_aux::questions().len()];
+    let mut acc_n = 0.0f64;
+    for step in 0..a.te_pretrain_steps {
+        let lr = lr_at(step, a.te_pretrain_steps, peak, 100);
+        te_opt.lr = lr;
+        aux_opt.lr = lr;
+        let caps = data::captions(&BatchSpec { run_seed: a.seed ^ 0x7e47, step, size: BATCH, single_object: step % 3 != 2, held_out });
+        let rng = |i: usize| frisket_shapes::rng::Rng::new(a.seed ^ 0x7e47 ^ (step << 16) ^ i as u64).unit();
+        let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(rng(i), c)).collect();
+        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
+        let hidden = te.forward(&Tensor::stack(&ids, 0).to_device(a.device));
+        let (loss, acc) = aux.loss(&hidden, &text_aux::label_tensor(&texts, a.device));
+        te_params.zero_grad();
+        aux.params.zero_grad();
+        loss.backward();
+        te_opt.step(te_params);
+        aux_opt.step(&aux.params);
+        let lv = loss.double_value(&[]);
+        losses.push(lv);
+        if step + 100 >= a.te_pretrain_steps {
+            acc_sum.iter_mut().zip(&acc).for_each(|(s, v)| *s += v);
+            acc_n += 1.0;
+        }
+        let pos_acc = acc[3];
+        prog.add(step, lv, &format!("object0 position acc {pos_acc:.2}"));
+    }
+    Ok((losses, prog.t0.elapsed().as_secs_f64(), acc_sum.iter().map(|s| s / acc_n.max(1.0)).collect()))
 }
 
 /// Exponential moving average of a parameter set (the weights that get shipped).
@@ -195,7 +270,8 @@ fn main() -> Result<()> {
     println!("vae {:?}: {} parameters", VAE_BLOCKS, vae_params.count());
     let vae_ckpt = a.work.join("vae_fp32.safetensors");
     let vae_log = a.work.join("vae.json");
-    let (vae_losses, vae_secs): (Vec<f64>, f64) = if vae_ckpt.exists() && vae_log.exists() {
+    let vae_resumed = vae_ckpt.exists() && vae_log.exists();
+    let (vae_losses, vae_secs): (Vec<f64>, f64) = if vae_resumed {
         vae_params.load(&vae_ckpt)?;
         let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&vae_log)?)?;
         println!("vae: resumed from {}", vae_ckpt.display());
@@ -217,18 +293,41 @@ fn main() -> Result<()> {
     });
     println!("vae: scaling_factor {scaling_factor:.4}");
 
-    // 3. UNet + text encoder.
+    // 3. Text encoder pre-training.
     tch::manual_seed(a.seed as i64 + 1);
     let unet_cfg = configs::unet(&UNET_BLOCKS, 1, 8, TEXT_WIDTH, 32, 16);
     let te_cfg = configs::text_encoder(vocab, TEXT_WIDTH, TEXT_LAYERS, 4, tokenizer.max_length() as i64);
     let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
     let (te_params, te, _) = frisket_trainer::text_encoder(&te_cfg, a.device)?;
+    let aux = CaptionClassifier::new(TEXT_WIDTH, a.device);
     println!("unet {:?}: {} parameters; text encoder: {} parameters", UNET_BLOCKS, unet_params.count(), te_params.count());
+    let te_pre = a.work.join("te_pretrained.safetensors");
+    let te_pre_log = a.work.join("te_pretrain.json");
+    let te_resumed = te_pre.exists() && te_pre_log.exists();
+    let (te_losses, te_secs, te_acc): (Vec<f64>, f64, Vec<f64>) = if te_resumed {
+        te_params.load(&te_pre)?;
+        aux.params.load(&a.work.join("aux_pretrained.safetensors"))?;
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&te_pre_log)?)?;
+        println!("text encoder: pre-training resumed from {}", te_pre.display());
+        (serde_json::from_value(j["losses"].clone())?, j["secs"].as_f64().unwrap_or(0.0), serde_json::from_value(j["accuracy"].clone())?)
+    } else {
+        let (l, s, acc) = pretrain_text_encoder(&a, &te, &te_params, &aux, &tokenizer, &held_out)?;
+        te_params.save(&te_pre, Kind::Float)?;
+        aux.params.save(&a.work.join("aux_pretrained.safetensors"), Kind::Float)?;
+        std::fs::write(&te_pre_log, json!({"losses": l, "secs": s, "accuracy": acc}).to_string())?;
+        (l, s, acc)
+    };
+    let te_accuracy: BTreeMap<String, f64> = text_aux::questions().into_iter().map(|q| q.0).zip(te_acc.iter().copied()).collect();
+    println!("text encoder: classifier accuracy over its last 100 steps {te_accuracy:?}");
+
+    // 4. UNet + text encoder.
+    tch::manual_seed(a.seed as i64 + 2);
     let alphas: Vec<f32> = configs::alphas_cumprod(a.zero_snr).iter().map(|&v| v as f32).collect();
     let alphas = Tensor::from_slice(&alphas).to_device(a.device);
     let peak = 5e-4;
     let mut unet_opt = AdamW::new(&unet_params, peak, 0.01);
-    let mut te_opt = AdamW::new(&te_params, peak, 0.01);
+    let mut te_opt = AdamW::new(&te_params, peak * a.te_lr_scale, 0.01);
+    let mut aux_opt = AdamW::new(&aux.params, peak, 0.0);
     let mut unet_ema = Ema::new(&unet_params);
     let mut te_ema = Ema::new(&te_params);
     let ckpt = a.work.join("unet_ckpt");
@@ -237,6 +336,12 @@ fn main() -> Result<()> {
     let mut prior_secs = 0.0;
     if ckpt.join("state.json").exists() {
         let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+        // A checkpoint trained under the other noise schedule would silently mix the two.
+        if let Some(z) = st["zero_snr"].as_bool() {
+            if z != a.zero_snr {
+                bail!("{} was trained with --zero-snr {z}; resume with the same flag or use another --work", ckpt.display());
+            }
+        }
         start = st["step"].as_u64().unwrap_or(0);
         unet_losses = serde_json::from_value(st["losses"].clone())?;
         prior_secs = st["secs"].as_f64().unwrap_or(0.0);
@@ -244,40 +349,42 @@ fn main() -> Result<()> {
         te_params.load(&ckpt.join("te.safetensors"))?;
         unet_ema.params(a.device).load(&ckpt.join("unet_ema.safetensors"))?;
         te_ema.params(a.device).load(&ckpt.join("te_ema.safetensors"))?;
+        aux.params.load(&ckpt.join("aux.safetensors"))?;
         tch::manual_seed((a.seed + 1 + start) as i64);
         println!("unet: resumed at step {start} (optimizer moments restart)");
     }
-    let mut prog = Progress::new("unet", a.unet_steps);
+    let mut prog = Progress::new("unet", a.unet_steps - start);
+    // Every cross-attention layer is grounded (grounding.rs).
+    let ground_layers: Vec<usize> = if a.ground_weight > 0.0 || a.ground_early_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
     let unet_t0 = Instant::now();
     let bsz = a.batch as i64;
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
-    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Vec<String>)> = None;
+    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Tensor, Vec<String>)> = None;
     for step in start..a.unet_steps {
         let lr = lr_at(step, a.unet_steps, peak, 200);
         unet_opt.lr = lr;
-        te_opt.lr = lr;
+        te_opt.lr = lr * a.te_lr_scale;
+        aux_opt.lr = lr;
         // Each drawn batch serves two consecutive steps (fresh timesteps, noise and caption
         // dropout in each): the VAE encode is a quarter of a step's time on the CPU. Two
         // thirds of the batches are single-object scenes, as the eval's main prompts are.
         if step % 2 == 0 || encoded.is_none() {
             let pair = step / 2;
             let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out: &held_out };
-            let (x, caps) = data::batch(&spec);
+            let (x, owners, caps) = data::batch_with_objects(&spec);
+            let objects = owners.gt(0.0).to_kind(Kind::Float);
             let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
-            encoded = Some((post, caps));
+            // Latent cells that touch an object weigh 1 + latent_object_weight (normalised to
+            // mean 1): objects are a few percent of the cells but all of what the prompt says.
+            let cells = objects.to_device(a.device).max_pool2d([4, 4], [4, 4], [0, 0], [1, 1], false) * a.latent_object_weight + 1.0;
+            let cells = &cells / cells.mean(Kind::Float);
+            encoded = Some((post, cells, owners.to_device(a.device), caps));
         }
-        let (post, caps) = encoded.as_ref().unwrap();
+        let (post, cell_weight, owners, caps) = encoded.as_ref().unwrap();
         let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
-        let ids: Vec<Tensor> = caps
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let r = mix(step, i as u64);
-                let text = if r < 0.1 { "" } else if r < 0.3 { data::subject_only(c) } else { c.as_str() };
-                Tensor::from_slice(&tokenizer.encode_padded(text))
-            })
-            .collect();
+        let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(step, i as u64), c)).collect();
+        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
         let ids = Tensor::stack(&ids, 0).to_device(a.device);
         let t = Tensor::randint(1000, [bsz], (Kind::Int64, a.device));
         let noise = latents.randn_like();
@@ -285,7 +392,7 @@ fn main() -> Result<()> {
         let one_minus = -&ac + 1.0;
         let noisy = &latents * ac.sqrt() + &noise * one_minus.sqrt();
         let ehs = te.forward(&ids);
-        let pred = unet.forward_timesteps(&noisy, &t.to_kind(Kind::Float), &ehs);
+        let (pred, probs) = unet.forward_timesteps_capturing(&noisy, &t.to_kind(Kind::Float), &ehs, &ground_layers);
         // v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀). The layout (which shape goes where) is decided
         // at high noise, where ε-prediction's loss barely sees x₀: in x₀ terms ε-MSE weighs a
         // timestep by its SNR (0.005 at t = 999), v-MSE by SNR + 1 (≥ 1). The first ε-model
@@ -294,32 +401,44 @@ fn main() -> Result<()> {
         let target = &noise * ac.sqrt() - &latents * one_minus.sqrt();
         let snr = &ac / &one_minus;
         let w = (&snr + 1.0).clamp_max(V_WEIGHT_CAP) / (&snr + 1.0);
-        let per_sample = (pred - &target).square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
-        let loss = (per_sample * w.view([bsz])).mean(Kind::Float);
+        let per_sample = ((pred - &target).square() * cell_weight).mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+        let diffusion_loss = (per_sample * w.view([bsz])).mean(Kind::Float);
+        // Keeps every attribute readable from the encoder's output (text_aux.rs).
+        let (aux_loss, aux_acc) = aux.loss(&ehs, &text_aux::label_tensor(&texts, a.device));
+        let ground_weight = if step < a.ground_from { a.ground_early_weight } else { a.ground_weight };
+        let ground_loss = if ground_weight > 0.0 {
+            grounding::loss(&probs, &grounding::targets(&texts, owners, &tokenizer, a.device))
+        } else {
+            Tensor::zeros([], (Kind::Float, a.device))
+        };
+        let loss = &diffusion_loss + &aux_loss * a.aux_weight + &ground_loss * ground_weight;
         unet_params.zero_grad();
         te_params.zero_grad();
+        aux.params.zero_grad();
         loss.backward();
         unet_opt.step(&unet_params);
         te_opt.step(&te_params);
+        aux_opt.step(&aux.params);
         let decay = 0.999f64.min((1.0 + step as f64) / (10.0 + step as f64));
         unet_ema.update(&unet_params, decay);
         te_ema.update(&te_params, decay);
-        let lv = loss.double_value(&[]);
+        let lv = diffusion_loss.double_value(&[]);
         unet_losses.push(lv);
-        prog.add(step - start, lv, &format!("lr {lr:.2e}"));
+        prog.add(step - start, lv, &format!("lr {lr:.2e} aux {:.3} position acc {:.2} ground {:.3}", aux_loss.double_value(&[]), aux_acc[3], ground_loss.double_value(&[])));
         if (step + 1) % 500 == 0 || step + 1 == a.unet_steps {
             std::fs::create_dir_all(&ckpt)?;
             unet_params.save(&ckpt.join("unet.safetensors"), Kind::Float)?;
             te_params.save(&ckpt.join("te.safetensors"), Kind::Float)?;
             unet_ema.params(a.device).save(&ckpt.join("unet_ema.safetensors"), Kind::Float)?;
             te_ema.params(a.device).save(&ckpt.join("te_ema.safetensors"), Kind::Float)?;
+            aux.params.save(&ckpt.join("aux.safetensors"), Kind::Float)?;
             let secs = prior_secs + unet_t0.elapsed().as_secs_f64();
-            std::fs::write(ckpt.join("state.json"), json!({"step": step + 1, "losses": unet_losses, "secs": secs}).to_string())?;
+            std::fs::write(ckpt.join("state.json"), json!({"step": step + 1, "losses": unet_losses, "secs": secs, "zero_snr": a.zero_snr}).to_string())?;
         }
     }
     let unet_secs = prior_secs + unet_t0.elapsed().as_secs_f64();
 
-    // 4. Export (EMA weights, fp16).
+    // 5. Export (EMA weights, fp16).
     let out = &a.out;
     let vae_cfg = configs::vae(&VAE_BLOCKS, 1, 16, scaling_factor);
     write_component(out, "vae", &vae_cfg, &vae_params, "diffusion_pytorch_model.safetensors")?;
@@ -343,10 +462,13 @@ fn main() -> Result<()> {
     for (i, l) in vae_losses.iter().enumerate() {
         writeln!(csv, "vae,{i},{l:.5}")?;
     }
+    for (i, l) in te_losses.iter().enumerate() {
+        writeln!(csv, "text,{i},{l:.5}")?;
+    }
     for (i, l) in unet_losses.iter().enumerate() {
         writeln!(csv, "unet,{i},{l:.5}")?;
     }
-    plot::loss_curves(&out.join("loss.png"), &[("VAE", &vae_losses), ("UNet + text encoder", &unet_losses)])?;
+    plot::loss_curves(&out.join("loss.png"), &[("VAE", &vae_losses), ("text encoder (classifier)", &te_losses), ("UNet + text encoder", &unet_losses)])?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
@@ -355,6 +477,8 @@ fn main() -> Result<()> {
         Device::Cpu => format!("{cpu}, {} threads", tch::get_num_threads()),
         _ => "CUDA device 0".to_string(),
     };
+    let stage_secs_this_process = [(!vae_resumed).then_some(vae_secs), (!te_resumed).then_some(te_secs), Some(unet_secs - prior_secs)];
+    let overhead_secs = (started.elapsed().as_secs_f64() - stage_secs_this_process.iter().flatten().sum::<f64>()).max(0.0);
     let tail = |l: &[f64]| l.iter().rev().take(200).sum::<f64>() / l.len().clamp(1, 200) as f64;
     let training = json!({
         "seed": a.seed,
@@ -362,13 +486,16 @@ fn main() -> Result<()> {
         "vae": {"blocks": VAE_BLOCKS, "steps": a.vae_steps, "batch": a.vae_batch, "lr": 5e-4, "object_weight": OBJECT_WEIGHT, "secs": vae_secs,
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
-                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"),
+                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "latent_object_weight": a.latent_object_weight, "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from,
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
-        "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab},
+        "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab,
+                         "pretrain_steps": a.te_pretrain_steps, "pretrain_batch": 64, "pretrain_secs": te_secs, "pretrain_accuracy": te_accuracy,
+                         "lr_scale_during_unet": a.te_lr_scale, "aux_weight_during_unet": a.aux_weight},
         "held_out_prompts": HELD_OUT_SCENES,
         "generator_hash_seed0": format!("{:016x}", frisket_shapes::generate_default(0).hash()),
-        "total_secs": started.elapsed().as_secs_f64(),
+        // Stages resumed from --work count with the time they took when they ran.
+        "total_secs": vae_secs + te_secs + unet_secs + overhead_secs,
     });
     std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&training)?)?;
     println!("wrote {} in {:.1} min", out.display(), started.elapsed().as_secs_f64() / 60.0);
