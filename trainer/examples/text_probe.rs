@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         std::path::Path::new(&std::env::args().nth(1).unwrap()).join("scheduler/scheduler_config.json"))?)?;
     let zero_snr = sched["rescale_betas_zero_snr"].as_bool().unwrap_or(false);
     let held = std::collections::HashSet::new();
-    let (x, caps) = data::batch(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held });
+    let (x, owners, caps) = data::batch_with_objects(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held });
     let sf = m.vae.config().scaling_factor;
     let lat = tch::no_grad(|| m.vae.encode(&x.to_kind(m_kind)).mean * sf);
     let alphas: Vec<f32> = frisket_trainer::configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
@@ -48,6 +48,19 @@ fn main() -> anyhow::Result<()> {
             (x0 - lat.to_kind(Kind::Float)).square().mean(Kind::Float).double_value(&[])
         };
         let truth = x0_err(caps.clone());
+        // Attention grounding (grounding.rs) over all cross-attention layers: 1 − the share of
+        // each object's word attention that falls on its cells; true vs position-swapped words.
+        let ground = |captions: Vec<String>| -> f64 {
+            let refs: Vec<&str> = captions.iter().map(|s| s.as_str()).collect();
+            let ctx = m.encode_prompts(&refs);
+            let layers: Vec<usize> = (0..m.unet.cross_attention_layer_count()).collect();
+            let (_, probs) = m.unet.forward_capturing(&noisy, t as f64, &ctx, &layers);
+            let targets = frisket_trainer::grounding::targets(&refs, &owners, &m.tokenizer, Device::Cpu);
+            let probs: Vec<(usize, Tensor)> = probs.into_iter().map(|(l, p)| (l, p.detach().to_kind(Kind::Float))).collect();
+            frisket_trainer::grounding::loss(&probs, &targets).double_value(&[])
+        };
+        let g_true = ground(caps.clone());
+        let g_pos = ground(caps.iter().map(|c| swap_pos(c)).collect());
         let pos = x0_err(caps.iter().map(|c| swap_pos(c)).collect());
         let col = x0_err(caps.iter().map(|c| swap_col(c)).collect());
         let empty = x0_err(caps.iter().map(|_| String::new()).collect());
@@ -56,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         let a = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &ctx));
         let b = tch::no_grad(|| m.unet.forward_timesteps(&noisy, &Tensor::full([32], t as f64, (Kind::Float, Device::Cpu)), &ctx));
         let d = (a - b).abs().max().double_value(&[]);
-        println!("t {t}: x0 mse true {truth:.4}  position swapped {pos:.4}  colour swapped {col:.4}  empty {empty:.4}  | forward vs forward_timesteps max diff {d:.2e}");
+        println!("t {t}: x0 mse true {truth:.4}  position swapped {pos:.4}  colour swapped {col:.4}  empty {empty:.4}  | grounding loss true {g_true:.3} position swapped {g_pos:.3} | forward vs forward_timesteps max diff {d:.2e}");
     }
     Ok(())
 }
