@@ -4,7 +4,7 @@
 //! grounding loss per layer on a fixed batch at t = 999 (true vs position-swapped caption).
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::model::StableDiffusion;
-use frisket_trainer::{configs, grounding, params::AdamW};
+use frisket_trainer::{grounding, params::AdamW};
 use tch::{Device, Kind, Tensor};
 fn main() -> anyhow::Result<()> {
     tch::set_num_threads(1);
@@ -29,7 +29,6 @@ fn main() -> anyhow::Result<()> {
         probs.iter().map(|pr| grounding::loss(std::slice::from_ref(pr), &t).double_value(&[])).collect()
     };
     let swapped: Vec<String> = test_caps.iter().map(|c| c.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right")).collect();
-    let _ = configs::alphas_cumprod(true);
     for step in 0..=steps {
         if step % 25 == 0 {
             let f = |v: Vec<f64>| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" ");

@@ -81,7 +81,14 @@ fn main() -> Result<()> {
         (Some(k), Some(aux)) => format!("; text encoder at {k} × the UNet's rate, the classifier's loss kept at weight {aux}"),
         _ => String::new(),
     };
-    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}; each drawn batch used for {} steps; EMA 0.999 (shipped) | {:.1} min |",
+    let u = &t["unet"];
+    let ground_note = match (u["ground_early_weight"].as_f64(), u["ground_from_step"].as_u64(), u["ground_weight"].as_f64()) {
+        (Some(early), Some(from), Some(late)) => format!("; plus attention grounding (`trainer/src/grounding.rs`: each object's words must attend to its cells) at weight {early} before step {from} and {late} from it"),
+        _ => String::new(),
+    };
+    let resumed = u["resumed_at_steps"].as_array().map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let resume_note = if resumed.is_empty() { String::new() } else { format!("; resumed from checkpoints at step {resumed} (AdamW moments restart there)") };
+    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}{ground_note}; each drawn batch used for {} steps; EMA 0.999 (shipped){resume_note} | {:.1} min |",
         t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], t["unet"]["prediction_type"].as_str().unwrap_or("?"),
         t["unet"]["x0_weight"].as_str().unwrap_or("?"), t["unet"]["batch_reused_for_steps"], f(&t["unet"]["secs"]) / 60.0)?;
     writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",

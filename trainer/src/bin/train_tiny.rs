@@ -334,6 +334,8 @@ fn main() -> Result<()> {
     let mut start = 0;
     let mut unet_losses: Vec<f64> = Vec::new();
     let mut prior_secs = 0.0;
+    // Steps at which this stage was resumed from a checkpoint (the card states them).
+    let mut resumed_at: Vec<u64> = Vec::new();
     if ckpt.join("state.json").exists() {
         let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
         // A checkpoint trained under the other noise schedule would silently mix the two.
@@ -343,6 +345,8 @@ fn main() -> Result<()> {
             }
         }
         start = st["step"].as_u64().unwrap_or(0);
+        resumed_at = serde_json::from_value(st["resumed_at"].clone()).unwrap_or_default();
+        resumed_at.push(start);
         unet_losses = serde_json::from_value(st["losses"].clone())?;
         prior_secs = st["secs"].as_f64().unwrap_or(0.0);
         unet_params.load(&ckpt.join("unet.safetensors"))?;
@@ -433,7 +437,7 @@ fn main() -> Result<()> {
             te_ema.params(a.device).save(&ckpt.join("te_ema.safetensors"), Kind::Float)?;
             aux.params.save(&ckpt.join("aux.safetensors"), Kind::Float)?;
             let secs = prior_secs + unet_t0.elapsed().as_secs_f64();
-            std::fs::write(ckpt.join("state.json"), json!({"step": step + 1, "losses": unet_losses, "secs": secs, "zero_snr": a.zero_snr}).to_string())?;
+            std::fs::write(ckpt.join("state.json"), json!({"step": step + 1, "losses": unet_losses, "secs": secs, "zero_snr": a.zero_snr, "resumed_at": resumed_at}).to_string())?;
         }
     }
     let unet_secs = prior_secs + unet_t0.elapsed().as_secs_f64();
@@ -486,7 +490,7 @@ fn main() -> Result<()> {
         "vae": {"blocks": VAE_BLOCKS, "steps": a.vae_steps, "batch": a.vae_batch, "lr": 5e-4, "object_weight": OBJECT_WEIGHT, "secs": vae_secs,
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
-                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "latent_object_weight": a.latent_object_weight, "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from,
+                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "latent_object_weight": a.latent_object_weight, "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from, "resumed_at_steps": resumed_at,
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
         "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab,
