@@ -46,42 +46,35 @@ pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
     (x, caps)
 }
 
+/// The batch's scenes: drawn in order from the step's own seed range, skipping held-out captions.
+fn scenes(spec: &BatchSpec) -> Vec<Scene> {
+    let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
+    (0u64..)
+        // Disjoint seed ranges per step (2^12 draws per step leave room for skips).
+        .map(|i| TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i)
+        .map(|seed| if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) })
+        .filter(|s| !spec.held_out.contains(&s.meta.caption))
+        .take(spec.size)
+        .collect()
+}
+
 /// `batch`, plus which object owns each pixel: [n, 1, H, W], 0 background, k + 1 object k.
 pub fn batch_with_objects(spec: &BatchSpec) -> (Tensor, Tensor, Vec<String>) {
-    let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
-    let mut imgs = Vec::with_capacity(spec.size);
-    let mut objs = Vec::with_capacity(spec.size);
-    let mut caps = Vec::with_capacity(spec.size);
-    let mut i = 0u64;
-    while imgs.len() < spec.size {
-        // Disjoint seed ranges per step (2^12 draws per step leave room for skips).
-        let seed = TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i;
-        i += 1;
-        let s = if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) };
-        if spec.held_out.contains(&s.meta.caption) {
-            continue;
-        }
-        imgs.push(image_tensor(&s));
-        let side = s.meta.size as i64;
-        let owned: Vec<f32> = s.owner.iter().map(|&o| o as f32).collect();
-        objs.push(Tensor::from_slice(&owned).view([1, side, side]));
-        caps.push(s.meta.caption.clone());
-    }
+    let scenes = scenes(spec);
+    let imgs: Vec<Tensor> = scenes.iter().map(image_tensor).collect();
+    let objs: Vec<Tensor> = scenes
+        .iter()
+        .map(|s| {
+            let side = s.meta.size as i64;
+            let owned: Vec<f32> = s.owner.iter().map(|&o| o as f32).collect();
+            Tensor::from_slice(&owned).view([1, side, side])
+        })
+        .collect();
+    let caps = scenes.into_iter().map(|s| s.meta.caption).collect();
     (Tensor::stack(&imgs, 0), Tensor::stack(&objs, 0), caps)
 }
 
 /// The captions of a batch's scenes, without the images (the text encoder's pre-training).
 pub fn captions(spec: &BatchSpec) -> Vec<String> {
-    let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
-    let mut caps = Vec::with_capacity(spec.size);
-    let mut i = 0u64;
-    while caps.len() < spec.size {
-        let seed = TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i;
-        i += 1;
-        let s = if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) };
-        if !spec.held_out.contains(&s.meta.caption) {
-            caps.push(s.meta.caption);
-        }
-    }
-    caps
+    scenes(spec).into_iter().map(|s| s.meta.caption).collect()
 }

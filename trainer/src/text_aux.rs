@@ -13,6 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Object slots asked about (captions have 1–3 objects).
 const SLOTS: usize = 3;
+/// Four questions per object slot, two about the background.
+const QUESTIONS: usize = 4 * SLOTS + 2;
 
 /// Names and class counts of the questions; class 0 of each is "not said".
 pub fn questions() -> Vec<(String, i64)> {
@@ -25,6 +27,7 @@ pub fn questions() -> Vec<(String, i64)> {
     }
     q.push(("background.kind".into(), BgKind::ALL.len() as i64 + 1));
     q.push(("background.colour".into(), Colour::ALL.len() as i64 + 1));
+    debug_assert_eq!(q.len(), QUESTIONS);
     q
 }
 
@@ -35,7 +38,7 @@ fn index_of<T: PartialEq>(all: &[T], v: &T) -> i64 {
 /// The answers a caption settles, in `questions()` order (0 = not said). Captions outside the
 /// prompt language (the empty one) answer "not said" everywhere.
 pub fn labels(caption: &str) -> Vec<i64> {
-    let mut l = vec![0i64; questions().len()];
+    let mut l = vec![0i64; QUESTIONS];
     let Ok(p) = parse_prompt(caption) else { return l };
     for (s, o) in p.objects.iter().take(SLOTS).enumerate() {
         l[4 * s] = index_of(Colour::ALL, &o.colour);
