@@ -3,8 +3,7 @@
 //!   train_tiny [--out models/shapes] [--work target/train-tiny] [--seed 0]
 //!              [--vae-steps 3000] [--unet-steps 8000] [--batch 32] [--device cpu|cuda]
 //!              [--zero-snr true] [--te-pretrain-steps 1500] [--te-lr-scale 0.2] [--aux-weight 0.1]
-//!              [--latent-object-weight 0] [--ground-early-weight 0.05]
-//!              [--ground-from 2000] [--ground-weight 0.5]
+//!              [--ground-early-weight 0.05] [--ground-from 2000] [--ground-weight 0.5]
 //!
 //! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
 //!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
@@ -15,7 +14,8 @@
 //!  4. UNet + text encoder jointly (encoder at te-lr-scale × the UNet's rate, the classifier's
 //!     loss kept at aux-weight), v-prediction on SD's noise schedule rescaled to zero terminal
 //!     SNR (x₀-weight min(SNR + 1, 6)), plus the attention grounding loss (grounding.rs:
-//!     each object's words attend to its cells) at ground-weight; 10 % empty captions (for classifier-free guidance), 20 % subject-only
+//!     each object's words attend to its cells) at ground-weight; 10 % empty captions (for
+//!     classifier-free guidance), 20 % subject-only
 //!     captions, two thirds of the batches single-object; EMA of the weights (saved);
 //!  5. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
@@ -62,8 +62,6 @@ struct Args {
     te_lr_scale: f64,
     /// Weight of the caption classifier's loss during UNet training.
     aux_weight: f64,
-    /// Extra diffusion-loss weight on latent cells that touch an object.
-    latent_object_weight: f64,
     /// Weight of the attention grounding loss (grounding.rs): ground_early_weight before step
     /// ground_from, ground_weight from it on.
     ground_weight: f64,
@@ -72,7 +70,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "latent-object-weight", "ground-weight", "ground-early-weight", "ground-from"];
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from"];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -86,7 +84,6 @@ fn parse_args() -> Result<Args> {
         te_pretrain_steps: f.get("te-pretrain-steps", 1500)?,
         te_lr_scale: f.get("te-lr-scale", 0.2)?,
         aux_weight: f.get("aux-weight", 0.1)?,
-        latent_object_weight: f.get("latent-object-weight", 0.0)?,
         ground_weight: f.get("ground-weight", 0.5)?,
         ground_early_weight: f.get("ground-early-weight", 0.05)?,
         ground_from: f.get("ground-from", 2000)?,
@@ -364,7 +361,7 @@ fn main() -> Result<()> {
     let bsz = a.batch as i64;
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
-    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Tensor, Vec<String>)> = None;
+    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
     for step in start..a.unet_steps {
         let lr = lr_at(step, a.unet_steps, peak, 200);
         unet_opt.lr = lr;
@@ -377,15 +374,10 @@ fn main() -> Result<()> {
             let pair = step / 2;
             let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out: &held_out };
             let (x, owners, caps) = data::batch_with_objects(&spec);
-            let objects = owners.gt(0.0).to_kind(Kind::Float);
             let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
-            // Latent cells that touch an object weigh 1 + latent_object_weight (normalised to
-            // mean 1): objects are a few percent of the cells but all of what the prompt says.
-            let cells = objects.to_device(a.device).max_pool2d([4, 4], [4, 4], [0, 0], [1, 1], false) * a.latent_object_weight + 1.0;
-            let cells = &cells / cells.mean(Kind::Float);
-            encoded = Some((post, cells, owners.to_device(a.device), caps));
+            encoded = Some((post, owners.to_device(a.device), caps));
         }
-        let (post, cell_weight, owners, caps) = encoded.as_ref().unwrap();
+        let (post, owners, caps) = encoded.as_ref().unwrap();
         let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(step, i as u64), c)).collect();
         let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
@@ -405,7 +397,7 @@ fn main() -> Result<()> {
         let target = &noise * ac.sqrt() - &latents * one_minus.sqrt();
         let snr = &ac / &one_minus;
         let w = (&snr + 1.0).clamp_max(V_WEIGHT_CAP) / (&snr + 1.0);
-        let per_sample = ((pred - &target).square() * cell_weight).mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+        let per_sample = (pred - &target).square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
         let diffusion_loss = (per_sample * w.view([bsz])).mean(Kind::Float);
         // Keeps every attribute readable from the encoder's output (text_aux.rs).
         let (aux_loss, aux_acc) = aux.loss(&ehs, &text_aux::label_tensor(&texts, a.device));
@@ -490,7 +482,7 @@ fn main() -> Result<()> {
         "vae": {"blocks": VAE_BLOCKS, "steps": a.vae_steps, "batch": a.vae_batch, "lr": 5e-4, "object_weight": OBJECT_WEIGHT, "secs": vae_secs,
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
-                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "latent_object_weight": a.latent_object_weight, "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from, "resumed_at_steps": resumed_at,
+                 "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from, "resumed_at_steps": resumed_at,
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
         "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab,
