@@ -1,0 +1,122 @@
+//! tune_probe MODEL_DIR: inference settings and heatmap policies are chosen on a tuning set,
+//! never on eval_tiny's held-out prompts. The tuning set is single-object scenes from
+//! `--seed-base` (default 100_000; eval_tiny uses seeds 0..200 and 700_000..700_200).
+//! Prints the judge's colour / shape / position rates (and shape per shape) for one setting;
+//! with `--dump FILE` it also writes, for every render with the right colour and shape, the
+//! fast Grad-SAM maps of the shape word at steps nearest t ∈ TIMESTEPS for each
+//! cross-attention layer alone ([T, L, C, h, w]) and the judge's mask of that object, so that
+//! threshold policies can be compared offline (scripts/heat_sweep.py).
+//!   cargo run -p frisket-trainer --example tune_probe -- --model models/shapes --guidance 5
+use anyhow::{Context, Result};
+use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig};
+use frisket_trainer::engine::explain::{self, ExplainMode};
+use frisket_trainer::engine::image_io::tensor_to_rgb;
+use frisket_trainer::engine::model::StableDiffusion;
+use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
+use frisket_trainer::engine::schedulers::SchedulerKind;
+use frisket_trainer::flags::Flags;
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+const TIMESTEPS: [f64; 5] = [900.0, 700.0, 500.0, 300.0, 100.0];
+
+fn main() -> Result<()> {
+    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "vae-only"];
+    let f = Flags::from_env(&known, "the doc comment of trainer/examples/tune_probe.rs")?;
+    let model_dir: std::path::PathBuf = f.get("model", "models/shapes".into())?;
+    let n: u64 = f.get("n", 120)?;
+    let seed_base: u64 = f.get("seed-base", 100_000)?;
+    let (scheduler, karras) = SchedulerKind::parse_with_karras(&f.get::<String>("scheduler", "ddim".into())?)?;
+    let dump: String = f.get("dump", String::new())?;
+    tch::set_num_threads(2);
+    let model = StableDiffusion::load(&model_dir, Device::Cpu)?;
+    let base = GenerateParams {
+        steps: f.get("steps", 20)?,
+        guidance: f.get("guidance", 5.0)?,
+        scheduler,
+        karras,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let layers = model.unet.cross_attention_layer_count();
+    let cfg = GenConfig::default().with_objects(1);
+    if f.get("vae-only", false)? {
+        // The decoder's ceiling per shape: the judge on VAE round trips of the true scenes.
+        let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for i in 0..n {
+            let scene = generate(seed_base + i, &cfg).map_err(anyhow::Error::msg)?;
+            let q = parse_prompt(&scene.meta.caption).map_err(anyhow::Error::msg)?.objects[0];
+            let x = frisket_trainer::data::image_tensor(&scene).unsqueeze(0).to_kind(model.kind);
+            let y = tch::no_grad(|| model.vae.decode(&model.vae.encode(&x).mean));
+            let c = check_object(&judge(&tensor_to_rgb(&(y.squeeze_dim(0).to_kind(Kind::Float) / 2.0 + 0.5))?), &q);
+            let e = per_shape.entry(q.shape.name()).or_default();
+            e.0 += c.shape_right as u64;
+            e.1 += 1;
+        }
+        println!("[tune] VAE round trip, shape right per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+        return Ok(());
+    }
+    let (mut colour, mut shape, mut position) = (0u64, 0u64, 0u64);
+    let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut dumped: Vec<(String, Tensor)> = Vec::new();
+    for i in 0..n {
+        let scene = generate(seed_base + i, &cfg).map_err(anyhow::Error::msg)?;
+        let prompt = scene.meta.caption.clone();
+        let q = parse_prompt(&prompt).map_err(anyhow::Error::msg)?.objects[0];
+        let p = GenerateParams { prompt: prompt.clone(), seed: seed_base + i, ..base.clone() };
+        let mut kept: Vec<(Tensor, usize, f64)> = Vec::new();
+        let out = model.generate(&p, &mut |e| {
+            if !dump.is_empty() {
+                kept.push((e.latents_in.copy(), e.index, e.timestep));
+            }
+            Flow::Continue
+        })?;
+        let image = tensor_to_rgb(&out.image)?;
+        let j = judge(&image);
+        let c = check_object(&j, &q);
+        colour += c.colour_right as u64;
+        shape += c.shape_right as u64;
+        position += c.position_right.unwrap_or(false) as u64;
+        let e = per_shape.entry(q.shape.name()).or_default();
+        e.0 += c.shape_right as u64;
+        e.1 += 1;
+        if let (false, true, true, Some(found)) = (dump.is_empty(), c.colour_right, c.shape_right, c.found) {
+            let subject = model
+                .tokenizer
+                .tokens(&prompt)
+                .into_iter()
+                .find(|t| t.word.as_deref() == Some(q.shape.name()))
+                .map(|t| t.position)
+                .context("shape word not in the prompt")?;
+            let scheduler = model.scheduler(&p)?;
+            let cond = model.encode_prompt(&prompt);
+            let mut per_t = Vec::new();
+            for target in TIMESTEPS {
+                let (lat, step, t) = kept
+                    .iter()
+                    .min_by(|a, b| (a.2 - target).abs().total_cmp(&(b.2 - target).abs()))
+                    .context("no step ran")?;
+                let per_layer: Vec<Tensor> = (0..layers)
+                    .map(|l| explain::attribute(&model, &*scheduler, lat, *step, *t, &cond, &[l], &[subject], ExplainMode::Fast, None))
+                    .collect::<Result<_>>()?;
+                per_t.push(Tensor::cat(&per_layer, 0)); // [L, C, h, w]
+            }
+            let truth = Tensor::from_slice(&j.objects[found].mask.to_gray().into_raw()).view([64, 64]);
+            dumped.push((format!("maps_{i}"), Tensor::stack(&per_t, 0).to_kind(Kind::Float)));
+            dumped.push((format!("truth_{i}"), truth));
+        }
+    }
+    let pct = |k: u64| 100.0 * k as f64 / n as f64;
+    println!(
+        "[tune] {} prompts from seed {seed_base}, guidance {} {} steps {}: colour {:.1} % shape {:.1} % position {:.1} %",
+        n, base.guidance, base.steps, f.get::<String>("scheduler", "ddim".into())?, pct(colour), pct(shape), pct(position)
+    );
+    println!("[tune] shape right per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+    if !dump.is_empty() {
+        let named: Vec<(&str, &Tensor)> = dumped.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, &dump)?;
+        println!("[tune] wrote {} heat-map sets to {dump}", dumped.len() / 2);
+    }
+    Ok(())
+}
