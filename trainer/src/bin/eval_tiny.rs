@@ -10,9 +10,13 @@
 //!  * protect: a one-object reference scene with that object protected, and a prompt for a
 //!    second object (other colour, other cell, chosen by the generator so the scene is valid);
 //!    protected pixels bit-exact, and whether the judge finds the requested object;
-//!  * heatmap truth: Grad-SAM of the shape word at the step nearest t = 500 (last
-//!    cross-attention layer, the engine's mask settings), against the judge's mask of that
-//!    object in the rendered image; mIoU over the renders where the judge found it.
+//!  * heatmap truth: Grad-SAM of the shape word against the judge's mask of that object in
+//!    the rendered image; mIoU over the renders where the judge found it. The headline mask
+//!    is `mask::pixel_masks` (bilinear to pixels, mean + 1.0·std) of the last
+//!    cross-attention layer at the step nearest t = 100; that policy was chosen on a
+//!    separate tuning set (examples/tune_probe + scripts/heat_sweep.py, seeds 100_000..),
+//!    never on these prompts. Also reported: the engine's manipulation mask and DAAM's
+//!    τ = 0.4, last layer, t = 500 (the measures of earlier runs).
 use anyhow::{Context, Result};
 use frisket_shapes::{
     check_object, generate, judge, parse_prompt, BackgroundSpec, GenConfig, Mask, ObjectQuery, ObjectSpec,
@@ -91,26 +95,53 @@ fn heatmap_masks(
     Ok((engine, to_mask(daam)?))
 }
 
+/// The headline pixel mask (`mask::pixel_masks`): the last cross-attention layer (the
+/// paper's, and the one where fast Grad-SAM is exact, so one policy serves both modes), the
+/// step nearest t = 100, threshold mean + 1.0·std. Chosen on the tuning set (heat_sweep.py:
+/// 0.707 there; k 0.5 0.659, 0.75 0.693, 1.25 0.707, 1.5 0.692).
+const PIXEL_MASK_TIMESTEP: f64 = 100.0;
+const PIXEL_MASK_K: f64 = 1.0;
+
+/// A latent entering a step: (latent, step index, timestep).
+type StepLatent = (Tensor, usize, f64);
+
 struct Render {
     image: RgbImage,
     secs: f64,
-    /// The latent entering the step nearest t = 500, that step and its timestep.
-    mid: (Tensor, usize, f64),
+    /// The latents entering the steps nearest t = 500 and t = PIXEL_MASK_TIMESTEP.
+    mid: StepLatent,
+    late: StepLatent,
 }
 
 fn render(model: &StableDiffusion, p: &GenerateParams) -> Result<Render> {
     let t0 = Instant::now();
-    let mut mid: Option<(Tensor, usize, f64)> = None;
-    let mut best = f64::INFINITY;
+    let (mut mid, mut late): (Option<StepLatent>, Option<StepLatent>) = (None, None);
+    let (mut best_mid, mut best_late) = (f64::INFINITY, f64::INFINITY);
     let out = model.generate(p, &mut |e| {
-        if (e.timestep - 500.0).abs() < best {
-            best = (e.timestep - 500.0).abs();
+        if (e.timestep - 500.0).abs() < best_mid {
+            best_mid = (e.timestep - 500.0).abs();
             mid = Some((e.latents_in.copy(), e.index, e.timestep));
+        }
+        if (e.timestep - PIXEL_MASK_TIMESTEP).abs() < best_late {
+            best_late = (e.timestep - PIXEL_MASK_TIMESTEP).abs();
+            late = Some((e.latents_in.copy(), e.index, e.timestep));
         }
         Flow::Continue
     })?;
     let secs = t0.elapsed().as_secs_f64();
-    Ok(Render { image: tensor_to_rgb(&out.image)?, secs, mid: mid.context("no step ran")? })
+    Ok(Render { image: tensor_to_rgb(&out.image)?, secs, mid: mid.context("no step ran")?, late: late.context("no step ran")? })
+}
+
+/// The headline heatmap mask (see the doc comment): `mask::pixel_masks` of the final
+/// up-block's layers at the step `late` was taken from.
+fn pixel_mask(model: &StableDiffusion, p: &GenerateParams, late: &StepLatent, layers: &[usize], subject: usize, mode: ExplainMode) -> Result<Mask> {
+    let scheduler = model.scheduler(p)?;
+    let cond = model.encode_prompt(&p.prompt);
+    let (lat, step, t) = late;
+    let maps = explain::attribute(model, &*scheduler, lat, *step, *t, &cond, layers, &[subject], mode, None)?;
+    let m = mask::pixel_masks(&maps, p.width, p.height, PIXEL_MASK_K).get(0).to_kind(Kind::Float);
+    let values: Vec<f32> = Vec::try_from(m.flatten(0, -1))?;
+    Ok(Mask::from_threshold(p.width as u32, p.height as u32, &values, 0.5))
 }
 
 #[derive(Default)]
@@ -163,6 +194,8 @@ fn main() -> Result<()> {
     // Single-object prompts + heatmaps.
     let (mut colour, mut shape, mut position, mut all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     let (mut iou_fast, mut iou_exact) = (Vec::new(), Vec::new());
+    let (mut iou_fast_pixel, mut iou_exact_pixel) = (Vec::new(), Vec::new());
+    let pixel_layers = [model.unet.cross_attention_layer_count() - 1];
     let (mut iou_fast_daam, mut iou_exact_daam) = (Vec::new(), Vec::new());
     let mut secs = Vec::new();
     let mut samples: Vec<RgbImage> = Vec::new();
@@ -191,6 +224,9 @@ fn main() -> Result<()> {
             iou_fast_daam.push(fast_daam);
             row["iou_fast"] = json!(fast);
             row["iou_fast_daam"] = json!(fast_daam);
+            let fast_pixel = pixel_mask(&model, &p, &r.late, &pixel_layers, subject, ExplainMode::Fast)?.iou(truth);
+            iou_fast_pixel.push(fast_pixel);
+            row["iou_fast_pixel"] = json!(fast_pixel);
             if (i as u64) < a.exact_n {
                 let (engine, daam) = heatmap_masks(&model, &p, lat, *step, *t, subject, ExplainMode::Exact)?;
                 let (exact, exact_daam) = (engine.iou(truth), daam.iou(truth));
@@ -198,6 +234,9 @@ fn main() -> Result<()> {
                 iou_exact_daam.push(exact_daam);
                 row["iou_exact"] = json!(exact);
                 row["iou_exact_daam"] = json!(exact_daam);
+                let exact_pixel = pixel_mask(&model, &p, &r.late, &pixel_layers, subject, ExplainMode::Exact)?.iou(truth);
+                iou_exact_pixel.push(exact_pixel);
+                row["iou_exact_pixel"] = json!(exact_pixel);
             }
         }
         if samples.len() < 32 {
@@ -206,9 +245,9 @@ fn main() -> Result<()> {
         rows.push(row);
         if (i + 1) % 20 == 0 {
             println!(
-                "[eval] single {}/{}: colour {:.1} % shape {:.1} % position {:.1} %, mIoU fast {:.3} / {:.3} exact {:.3} / {:.3} (engine mask / DAAM τ 0.4), {:.2} s/render, {:.0} s",
-                i + 1, a.n, colour.pct(), shape.pct(), position.pct(), mean(&iou_fast), mean(&iou_fast_daam), mean(&iou_exact),
-                mean(&iou_exact_daam), mean(&secs),
+                "[eval] single {}/{}: colour {:.1} % shape {:.1} % position {:.1} %, mIoU fast {:.3} / {:.3} / {:.3} exact {:.3} / {:.3} / {:.3} (pixel mask / engine mask / DAAM τ 0.4), {:.2} s/render, {:.0} s",
+                i + 1, a.n, colour.pct(), shape.pct(), position.pct(), mean(&iou_fast_pixel), mean(&iou_fast), mean(&iou_fast_daam),
+                mean(&iou_exact_pixel), mean(&iou_exact), mean(&iou_exact_daam), mean(&secs),
                 t_all.elapsed().as_secs_f64()
             );
         }
@@ -273,13 +312,15 @@ fn main() -> Result<()> {
     let result = json!({
         "label": a.label,
         "settings": {"n": a.n, "exact_n": a.exact_n, "guidance": a.guidance, "steps": a.steps, "scheduler": "DDIM",
-                      "strength": a.strength, "size": 64, "heatmap_timestep": 500, "heatmap_layer": "last"},
+                      "strength": a.strength, "size": 64, "heatmap_timestep": 500, "heatmap_layer": "last",
+                      "pixel_mask_timestep": PIXEL_MASK_TIMESTEP, "pixel_mask_layers": pixel_layers, "pixel_mask_k": PIXEL_MASK_K},
         "single": {"colour": colour.pct(), "shape": shape.pct(), "position": position.pct(), "all": all.pct()},
         "ceilings": {"judge_on_truth_all": truth_all.pct(), "vae_roundtrip_shape": vae_shape.pct(),
                      "vae_roundtrip_position": vae_position.pct(), "vae_roundtrip_all": vae_all.pct()},
         "protect": {"protected_exact": exact_kept.pct(), "appears": appears.pct(), "appears_at_position": appears_at.pct()},
         "heatmap": {"miou_fast": mean(&iou_fast), "n_fast": iou_fast.len(), "miou_exact": mean(&iou_exact), "n_exact": iou_exact.len(),
-                    "miou_fast_daam": mean(&iou_fast_daam), "miou_exact_daam": mean(&iou_exact_daam)},
+                    "miou_fast_daam": mean(&iou_fast_daam), "miou_exact_daam": mean(&iou_exact_daam),
+                    "miou_fast_pixel": mean(&iou_fast_pixel), "miou_exact_pixel": mean(&iou_exact_pixel)},
         "render_secs": {"median": median_secs, "mean": mean(&secs), "max": sorted[sorted.len() - 1]},
         "eval_secs": t_all.elapsed().as_secs_f64(),
         "rows": rows,
