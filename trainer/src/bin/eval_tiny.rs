@@ -132,8 +132,8 @@ fn render(model: &StableDiffusion, p: &GenerateParams) -> Result<Render> {
     Ok(Render { image: tensor_to_rgb(&out.image)?, secs, mid: mid.context("no step ran")?, late: late.context("no step ran")? })
 }
 
-/// The headline heatmap mask (see the doc comment): `mask::pixel_masks` of the final
-/// up-block's layers at the step `late` was taken from.
+/// The headline heatmap mask: `mask::pixel_masks` of `layers` at the step `late` was taken
+/// from.
 fn pixel_mask(model: &StableDiffusion, p: &GenerateParams, late: &StepLatent, layers: &[usize], subject: usize, mode: ExplainMode) -> Result<Mask> {
     let scheduler = model.scheduler(p)?;
     let cond = model.encode_prompt(&p.prompt);
