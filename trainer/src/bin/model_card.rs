@@ -1,8 +1,9 @@
-//! model_card [MODEL_DIR] [--second-run DIR]: writes MODEL_DIR/README.md from training.json
+//! model_card [MODEL_DIR] [--second-run DIR [--second-run-note TEXT]]: writes MODEL_DIR/README.md from training.json
 //! (train_tiny) and eval-*.json (eval_tiny), so the card always states what the files in the
 //! folder measured. `--second-run DIR` (another train_tiny output with the same seed, already
 //! evaluated) records that run's time and scores in MODEL_DIR/reproduction.json, with how long
-//! the two loss curves stayed bit-identical; the card then shows both runs side by side.
+//! the two loss curves stayed bit-identical and TEXT (how the runs differ); the card then shows
+//! both runs side by side.
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -34,7 +35,7 @@ fn losses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 
 /// reproduction.json from a second run's folder: its training time, scores, and the number of
 /// leading UNet steps whose logged loss equals this run's to the printed digits.
-fn record_second_run(dir: &std::path::Path, second: &std::path::Path) -> Result<()> {
+fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Option<&str>) -> Result<()> {
     let t2 = read(&second.join("training.json"))?;
     let eval = std::fs::read_dir(second)?
         .flatten()
@@ -51,6 +52,7 @@ fn record_second_run(dir: &std::path::Path, second: &std::path::Path) -> Result<
                      "resumed_at_steps": t2["unet"]["resumed_at_steps"], "text_encoder_pretrain_accuracy": t2["text_encoder"]["pretrain_accuracy"]},
         "unet_losses_identical_for_steps": same,
         "unet_steps": ub.len(),
+        "note": note,
         "eval": {"single": e2["single"], "protect": e2["protect"], "heatmap": e2["heatmap"], "render_secs": e2["render_secs"]},
     });
     std::fs::write(dir.join("reproduction.json"), serde_json::to_string_pretty(&rec)?)?;
@@ -62,7 +64,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = PathBuf::from(args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "models/shapes".into()));
     if let Some(i) = args.iter().position(|a| a == "--second-run") {
-        record_second_run(&dir, std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?))?;
+        let note = args.iter().position(|a| a == "--second-run-note").and_then(|j| args.get(j + 1)).map(String::as_str);
+        record_second_run(&dir, std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?), note)?;
     }
     let t = read(&dir.join("training.json"))?;
     let mut evals: Vec<Value> = Vec::new();
@@ -127,7 +130,7 @@ fn main() -> Result<()> {
     };
     let u = &t["unet"];
     let ground_note = match (u["ground_early_weight"].as_f64(), u["ground_from_step"].as_u64(), u["ground_weight"].as_f64()) {
-        (Some(early), Some(from), Some(late)) => format!("; plus attention grounding (`trainer/src/grounding.rs`: each object's words must attend to its cells) at weight {early} before step {from} and {late} from it"),
+        (Some(early), Some(from), Some(late)) => format!("; plus attention grounding (`trainer/src/grounding.rs`: each object's words must attend to its cells) at weight {early} before step {from} and {late} from it, where AdamW's moments and the noise generator restart (as on a resume)"),
         _ => String::new(),
     };
     let resumed = u["resumed_at_steps"].as_array().map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
@@ -195,10 +198,10 @@ fn main() -> Result<()> {
             writeln!(w, "## Second run
 ")?;
             let resumed: Vec<String> = t["unet"]["resumed_at_steps"].as_array().map_or(Vec::new(), |v| v.iter().map(Value::to_string).collect());
-            let parting = if resumed.is_empty() {
-                "Neither run was resumed".to_string()
-            } else {
-                format!("The shipped run was resumed at step {} (AdamW moments restart on resume) and the second ran in one process, as `make train-tiny` does, so they part there", resumed.join(", "))
+            let parting = match (r["note"].as_str(), resumed.is_empty()) {
+                (Some(note), _) => note.to_string(),
+                (None, true) => "Neither run was resumed".to_string(),
+                (None, false) => format!("The shipped run was resumed at step {} (AdamW moments restart on resume)", resumed.join(", ")),
             };
             writeln!(w, "The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count). A second run with the same seed (`reproduction.json`; its weights are not shipped) logged the same UNet loss (to the 5 decimals of `loss.csv`) for the first {} of its {} steps. {parting}. Their scores, 200 held-out prompts each (a binomial rate near 60 % has a standard error of about 3.5 points at n = 200):\n",
                 r["unet_losses_identical_for_steps"], r["unet_steps"])?;
