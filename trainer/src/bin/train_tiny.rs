@@ -322,9 +322,11 @@ fn main() -> Result<()> {
     let alphas: Vec<f32> = configs::alphas_cumprod(a.zero_snr).iter().map(|&v| v as f32).collect();
     let alphas = Tensor::from_slice(&alphas).to_device(a.device);
     let peak = 5e-4;
-    let mut unet_opt = AdamW::new(&unet_params, peak, 0.01);
-    let mut te_opt = AdamW::new(&te_params, peak * a.te_lr_scale, 0.01);
-    let mut aux_opt = AdamW::new(&aux.params, peak, 0.0);
+    // Fresh optimisers, at the start and where grounding's weight rises (below).
+    let fresh_optimizers = || {
+        (AdamW::new(&unet_params, peak, 0.01), AdamW::new(&te_params, peak * a.te_lr_scale, 0.01), AdamW::new(&aux.params, peak, 0.0))
+    };
+    let (mut unet_opt, mut te_opt, mut aux_opt) = fresh_optimizers();
     let mut unet_ema = Ema::new(&unet_params);
     let mut te_ema = Ema::new(&te_params);
     let ckpt = a.work.join("unet_ckpt");
@@ -368,9 +370,7 @@ fn main() -> Result<()> {
         // was made that way (resumed at step 2000); a one-process run without the restart,
         // otherwise identical, learnt colour but not position (17 % against 100 %, DESIGN.md).
         if step == a.ground_from && step != start {
-            unet_opt = AdamW::new(&unet_params, peak, 0.01);
-            te_opt = AdamW::new(&te_params, peak * a.te_lr_scale, 0.01);
-            aux_opt = AdamW::new(&aux.params, peak, 0.0);
+            (unet_opt, te_opt, aux_opt) = fresh_optimizers();
             tch::manual_seed((a.seed + 1 + step) as i64);
             println!("unet: step {step}, grounding weight {} → {}: optimizer moments restart", a.ground_early_weight, a.ground_weight);
         }
