@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         std::path::Path::new(&std::env::args().nth(1).unwrap()).join("scheduler/scheduler_config.json"))?)?;
     let zero_snr = sched["rescale_betas_zero_snr"].as_bool().unwrap_or(false);
     let held = std::collections::HashSet::new();
-    let (x, owners, caps) = data::batch_with_objects(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held });
+    let (x, owners, caps) = data::batch_with_objects(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held, focus: &[] });
     let sf = m.vae.config().scaling_factor;
     let lat = tch::no_grad(|| m.vae.encode(&x.to_kind(m_kind)).mean * sf);
     let alphas: Vec<f32> = frisket_trainer::configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();

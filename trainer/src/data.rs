@@ -1,7 +1,8 @@
 //! Training data: scenes drawn on the fly by the shapes generator (no dataset on disk).
 //! Seeds are split by range so that training never sees an evaluation scene's seed, and
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
-use frisket_shapes::{generate, generate_default, GenConfig, Scene};
+use frisket_shapes::rng::Rng;
+use frisket_shapes::{generate, generate_default, GenConfig, ObjectSpec, Scene, Shape};
 use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
@@ -38,6 +39,9 @@ pub struct BatchSpec<'a> {
     pub single_object: bool,
     /// Captions never trained on.
     pub held_out: &'a HashSet<String>,
+    /// Shapes drawn more often: half of a single-object batch's scenes take one of these
+    /// (empty: every shape equally likely).
+    pub focus: &'a [Shape],
 }
 
 /// A batch: images [n, 3, H, W] in [-1, 1] and their captions.
@@ -49,10 +53,20 @@ pub fn batch(spec: &BatchSpec) -> (Tensor, Vec<String>) {
 /// The batch's scenes: drawn in order from the step's own seed range, skipping held-out captions.
 fn scenes(spec: &BatchSpec) -> Vec<Scene> {
     let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
+    let focused = |seed: u64| {
+        let mut rng = Rng::new(seed ^ 0xf0c5);
+        match spec.focus.is_empty() || rng.chance(1, 2) {
+            true => None,
+            false => Some(cfg.clone().with_object(ObjectSpec { shape: Some(rng.pick(spec.focus)), ..ObjectSpec::any() })),
+        }
+    };
     (0u64..)
         // Disjoint seed ranges per step (2^12 draws per step leave room for skips).
         .map(|i| TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i)
-        .map(|seed| if spec.single_object { generate(seed, &cfg).expect("one object always fits") } else { generate_default(seed) })
+        .map(|seed| match (spec.single_object, focused(seed)) {
+            (false, _) => generate_default(seed),
+            (true, focused_cfg) => generate(seed, focused_cfg.as_ref().unwrap_or(&cfg)).expect("one object always fits"),
+        })
         .filter(|s| !spec.held_out.contains(&s.meta.caption))
         .take(spec.size)
         .collect()
@@ -77,4 +91,21 @@ pub fn batch_with_objects(spec: &BatchSpec) -> (Tensor, Tensor, Vec<String>) {
 /// The captions of a batch's scenes, without the images (the text encoder's pre-training).
 pub fn captions(spec: &BatchSpec) -> Vec<String> {
     scenes(spec).into_iter().map(|s| s.meta.caption).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn focus_shapes_fill_half_of_the_single_object_scenes_only() {
+        let held = HashSet::new();
+        let spec = |single_object, focus| BatchSpec { run_seed: 3, step: 1, size: 210, single_object, held_out: &held, focus };
+        let stars = |s: &[Scene]| s.iter().filter(|s| s.meta.objects[0].shape == Shape::Star).count();
+        // One shape in seven without focus (30 of 210); half, plus a seventh of the rest, with it (120).
+        assert!((15..=45).contains(&stars(&scenes(&spec(true, &[])))));
+        assert!((100..=140).contains(&stars(&scenes(&spec(true, &[Shape::Star])))));
+        let hashes = |s: Vec<Scene>| s.iter().map(Scene::hash).collect::<Vec<_>>();
+        assert_eq!(hashes(scenes(&spec(false, &[]))), hashes(scenes(&spec(false, &[Shape::Star]))));
+    }
 }

@@ -77,7 +77,7 @@ fn main() -> Result<()> {
         use frisket_trainer::data::{self, BatchSpec};
         let held_out = std::collections::HashSet::new();
         let t = Instant::now();
-        let (x, _) = data::batch(&BatchSpec { run_seed: 0, step: 0, size: 32, single_object: false, held_out: &held_out });
+        let (x, _) = data::batch(&BatchSpec { run_seed: 0, step: 0, size: 32, single_object: false, held_out: &held_out, focus: &[] });
         println!("data: 32 scenes drawn in {:.3} s", t.elapsed().as_secs_f64());
         let (_, vae, _) = frisket_trainer::vae(&configs::vae(&[32, 64, 64], 1, 16, 1.0), dev)?;
         let t = Instant::now();

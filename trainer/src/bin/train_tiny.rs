@@ -4,6 +4,7 @@
 //!              [--vae-steps 3000] [--unet-steps 8000] [--batch 32] [--device cpu|cuda]
 //!              [--zero-snr true] [--te-pretrain-steps 1500] [--te-lr-scale 0.2] [--aux-weight 0.1]
 //!              [--ground-early-weight 0.05] [--ground-from 2000] [--ground-weight 0.5]
+//!              [--focus-steps 1400] [--focus-lr 2e-4] [--focus-shapes star,cross,diamond,triangle]
 //!
 //! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
 //!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
@@ -17,6 +18,8 @@
 //!     each object's words attend to its cells) at ground-weight; 10 % empty captions (for
 //!     classifier-free guidance), 20 % subject-only
 //!     captions, two thirds of the batches single-object; EMA of the weights (saved);
+//!     then a focus phase (fresh optimisers, its own lr schedule) in which half of the
+//!     single-object scenes show a shape the model drew worst on the tuning set;
 //!  5. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
 use anyhow::{bail, Context, Result};
@@ -31,6 +34,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use frisket_shapes::Shape;
 use tch::{Device, Kind, Tensor};
 
 /// Eval prompts (trainer/src/bin/eval_tiny.rs) that training never sees.
@@ -67,10 +71,15 @@ struct Args {
     ground_weight: f64,
     ground_early_weight: f64,
     ground_from: u64,
+    /// A last phase after unet_steps: fresh optimisers, its own warm-up and cosine from
+    /// focus_lr, and half of the single-object scenes showing one of focus_shapes.
+    focus_steps: u64,
+    focus_lr: f64,
+    focus_shapes: Vec<Shape>,
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from"];
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from", "focus-steps", "focus-lr", "focus-shapes"];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -87,6 +96,13 @@ fn parse_args() -> Result<Args> {
         ground_weight: f.get("ground-weight", 0.5)?,
         ground_early_weight: f.get("ground-early-weight", 0.05)?,
         ground_from: f.get("ground-from", 2000)?,
+        focus_steps: f.get("focus-steps", 1400)?,
+        focus_lr: f.get("focus-lr", 2e-4)?,
+        focus_shapes: f
+            .get::<String>("focus-shapes", "star,cross,diamond,triangle".into())?
+            .split(',')
+            .map(|n| Shape::from_name(n.trim()).with_context(|| format!("--focus-shapes: unknown shape {n:?}")))
+            .collect::<Result<_>>()?,
         device: match f.get("device", "cpu".to_string())?.as_str() {
             "cpu" => Device::Cpu,
             "cuda" => Device::Cuda(0),
@@ -150,7 +166,7 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
     let mut losses = Vec::new();
     for step in 0..a.vae_steps {
         opt.lr = lr_at(step, a.vae_steps, peak, 100);
-        let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out };
+        let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out, focus: &[] };
         let (x, owners, _) = data::batch_with_objects(&spec);
         let objects = owners.gt(0.0).to_kind(Kind::Float);
         let x = x.to_device(a.device);
@@ -201,7 +217,7 @@ fn pretrain_text_encoder(
         let lr = lr_at(step, a.te_pretrain_steps, peak, 100);
         te_opt.lr = lr;
         aux_opt.lr = lr;
-        let caps = data::captions(&BatchSpec { run_seed: a.seed ^ 0x7e47, step, size: BATCH, single_object: step % 3 != 2, held_out });
+        let caps = data::captions(&BatchSpec { run_seed: a.seed ^ 0x7e47, step, size: BATCH, single_object: step % 3 != 2, held_out, focus: &[] });
         let rng = |i: usize| frisket_shapes::rng::Rng::new(a.seed ^ 0x7e47 ^ (step << 16) ^ i as u64).unit();
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(rng(i), c)).collect();
         let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
@@ -284,7 +300,7 @@ fn main() -> Result<()> {
     }
     // Latent statistics → scaling_factor (1/std of the posterior mean), as SD did.
     let scaling_factor = tch::no_grad(|| {
-        let spec = BatchSpec { run_seed: a.seed ^ 0x5ca1e, step: 0, size: 128, single_object: false, held_out: &held_out };
+        let spec = BatchSpec { run_seed: a.seed ^ 0x5ca1e, step: 0, size: 128, single_object: false, held_out: &held_out, focus: &[] };
         let (x, _) = data::batch(&spec);
         1.0 / vae.encode(&x.to_device(a.device)).mean.std(true).double_value(&[])
     });
@@ -356,7 +372,8 @@ fn main() -> Result<()> {
         tch::manual_seed((a.seed + 1 + start) as i64);
         println!("unet: resumed at step {start} (optimizer moments restart)");
     }
-    let mut prog = Progress::new("unet", a.unet_steps - start);
+    let total_steps = a.unet_steps + a.focus_steps;
+    let mut prog = Progress::new("unet", total_steps.saturating_sub(start));
     // Every cross-attention layer is grounded (grounding.rs).
     let ground_layers: Vec<usize> = if a.ground_weight > 0.0 || a.ground_early_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
     let unet_t0 = Instant::now();
@@ -364,7 +381,7 @@ fn main() -> Result<()> {
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
     let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
-    for step in start..a.unet_steps {
+    for step in start..total_steps {
         // Where grounding's weight rises, the optimisers start afresh and the noise generator
         // is reseeded, exactly as a resume from that step's checkpoint does. The shipped model
         // was made that way (resumed at step 2000); a one-process run without the restart,
@@ -374,7 +391,17 @@ fn main() -> Result<()> {
             tch::manual_seed((a.seed + 1 + step) as i64);
             println!("unet: step {step}, grounding weight {} → {}: optimizer moments restart", a.ground_early_weight, a.ground_weight);
         }
-        let lr = lr_at(step, a.unet_steps, peak, 200);
+        let focusing = step >= a.unet_steps;
+        // The focus phase starts the same way (and so equals a resume from its checkpoint).
+        if step == a.unet_steps && step != start {
+            (unet_opt, te_opt, aux_opt) = fresh_optimizers();
+            tch::manual_seed((a.seed + 1 + step) as i64);
+            println!("unet: step {step}, focus phase on {:?}: optimizer moments restart", a.focus_shapes);
+        }
+        let lr = match focusing {
+            false => lr_at(step, a.unet_steps, peak, 200),
+            true => lr_at(step - a.unet_steps, a.focus_steps, a.focus_lr, 100),
+        };
         unet_opt.lr = lr;
         te_opt.lr = lr * a.te_lr_scale;
         aux_opt.lr = lr;
@@ -383,7 +410,8 @@ fn main() -> Result<()> {
         // thirds of the batches are single-object scenes, as the eval's main prompts are.
         if step % 2 == 0 || encoded.is_none() {
             let pair = step / 2;
-            let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out: &held_out };
+            let focus: &[Shape] = if focusing { &a.focus_shapes } else { &[] };
+            let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out: &held_out, focus };
             let (x, owners, caps) = data::batch_with_objects(&spec);
             let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
             encoded = Some((post, owners.to_device(a.device), caps));
@@ -432,7 +460,7 @@ fn main() -> Result<()> {
         let lv = diffusion_loss.double_value(&[]);
         unet_losses.push(lv);
         prog.add(step - start, lv, &format!("lr {lr:.2e} aux {:.3} position acc {:.2} ground {:.3}", aux_loss.double_value(&[]), aux_acc[3], ground_loss.double_value(&[])));
-        if (step + 1) % 500 == 0 || step + 1 == a.unet_steps {
+        if (step + 1) % 500 == 0 || step + 1 == a.unet_steps || step + 1 == total_steps {
             std::fs::create_dir_all(&ckpt)?;
             unet_params.save(&ckpt.join("unet.safetensors"), Kind::Float)?;
             te_params.save(&ckpt.join("te.safetensors"), Kind::Float)?;
@@ -494,6 +522,7 @@ fn main() -> Result<()> {
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
                  "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from, "resumed_at_steps": resumed_at,
+                 "focus": {"steps": a.focus_steps, "lr": a.focus_lr, "shapes": a.focus_shapes.iter().map(|s| s.name()).collect::<Vec<_>>(), "share_of_single_object_scenes": 0.5},
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
         "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab,
