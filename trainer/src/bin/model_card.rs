@@ -1,9 +1,11 @@
-//! model_card [MODEL_DIR] [--second-run DIR [--second-run-note TEXT]]: writes MODEL_DIR/README.md from training.json
+//! model_card [MODEL_DIR] [--second-run DIR [--second-run-note TEXT] [--second-run-baseline DIR]]: writes MODEL_DIR/README.md from training.json
 //! (train_tiny) and eval-*.json (eval_tiny), so the card always states what the files in the
 //! folder measured. `--second-run DIR` (another train_tiny output with the same seed, already
 //! evaluated) records that run's time and scores in MODEL_DIR/reproduction.json, with how long
 //! the two loss curves stayed bit-identical and TEXT (how the runs differ); the card then shows
-//! both runs side by side.
+//! both runs side by side. When the second run followed an earlier recipe, `--second-run-baseline`
+//! names this run's own output at the comparable point (a folder with training.json and its
+//! eval), and the card compares the second run with that instead of the shipped files.
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -35,37 +37,45 @@ fn losses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 
 /// reproduction.json from a second run's folder: its training time, scores, and the number of
 /// leading UNet steps whose logged loss equals this run's to the printed digits.
-fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Option<&str>) -> Result<()> {
-    let t2 = read(&second.join("training.json"))?;
-    let eval = std::fs::read_dir(second)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eval-") && n.to_string_lossy().ends_with(".json")))
-        .context("the second run has no eval-*.json: run eval_tiny on it")?;
-    let e2 = read(&eval)?;
+fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Option<&str>, baseline: Option<&std::path::Path>) -> Result<()> {
+    let (t2, e2) = training_and_eval(second)?;
+    let scores = |t: &Value, e: &Value| {
+        serde_json::json!({"training": {"total_secs": t["total_secs"], "unet_secs": t["unet"]["secs"], "seed": t["seed"],
+                                        "resumed_at_steps": t["unet"]["resumed_at_steps"], "text_encoder_pretrain_accuracy": t["text_encoder"]["pretrain_accuracy"]},
+                           "eval": {"single": e["single"], "protect": e["protect"], "heatmap": e["heatmap"], "render_secs": e["render_secs"]}})
+    };
+    let baseline = baseline.map(training_and_eval).transpose()?.map(|(t, e)| scores(&t, &e));
     let (a, b) = (losses(dir)?, losses(second)?);
     let unet = |v: &[(String, String)]| v.iter().filter(|(k, _)| k.starts_with("unet,")).map(|(_, l)| l.clone()).collect::<Vec<_>>();
     let (ua, ub) = (unet(&a), unet(&b));
     let same = ua.iter().zip(&ub).take_while(|(x, y)| x == y).count();
-    let rec = serde_json::json!({
-        "training": {"total_secs": t2["total_secs"], "unet_secs": t2["unet"]["secs"], "seed": t2["seed"],
-                     "resumed_at_steps": t2["unet"]["resumed_at_steps"], "text_encoder_pretrain_accuracy": t2["text_encoder"]["pretrain_accuracy"]},
-        "unet_losses_identical_for_steps": same,
-        "unet_steps": ub.len(),
-        "note": note,
-        "eval": {"single": e2["single"], "protect": e2["protect"], "heatmap": e2["heatmap"], "render_secs": e2["render_secs"]},
-    });
+    let mut rec = scores(&t2, &e2);
+    rec["unet_losses_identical_for_steps"] = same.into();
+    rec["unet_steps"] = ub.len().into();
+    rec["note"] = note.into();
+    rec["baseline"] = baseline.unwrap_or(Value::Null);
     std::fs::write(dir.join("reproduction.json"), serde_json::to_string_pretty(&rec)?)?;
     println!("wrote {} (UNet losses identical for the first {same} of {} steps)", dir.join("reproduction.json").display(), ub.len());
     Ok(())
+}
+
+/// A train_tiny output folder's training.json and its (first) eval-*.json.
+fn training_and_eval(run: &std::path::Path) -> Result<(Value, Value)> {
+    let eval = std::fs::read_dir(run)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eval-") && n.to_string_lossy().ends_with(".json")))
+        .with_context(|| format!("{} has no eval-*.json: run eval_tiny on it", run.display()))?;
+    Ok((read(&run.join("training.json"))?, read(&eval)?))
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = PathBuf::from(args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "models/shapes".into()));
     if let Some(i) = args.iter().position(|a| a == "--second-run") {
-        let note = args.iter().position(|a| a == "--second-run-note").and_then(|j| args.get(j + 1)).map(String::as_str);
-        record_second_run(&dir, std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?), note)?;
+        let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|j| args.get(j + 1));
+        let baseline = value_of("--second-run-baseline").map(std::path::Path::new);
+        record_second_run(&dir, std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?), value_of("--second-run-note").map(String::as_str), baseline)?;
     }
     let t = read(&dir.join("training.json"))?;
     let mut evals: Vec<Value> = Vec::new();
@@ -138,6 +148,12 @@ fn main() -> Result<()> {
     writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}{ground_note}; each drawn batch used for {} steps; EMA 0.999 (shipped){resume_note} | {:.1} min |",
         t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], t["unet"]["prediction_type"].as_str().unwrap_or("?"),
         t["unet"]["x0_weight"].as_str().unwrap_or("?"), t["unet"]["batch_reused_for_steps"], f(&t["unet"]["secs"]) / 60.0)?;
+    let focus = &u["focus"];
+    if focus["steps"].as_u64().unwrap_or(0) > 0 {
+        let shapes: Vec<&str> = focus["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
+        writeln!(w, "| focus phase (UNet + text encoder, after the steps above) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), all else as above, except that {:.0} % of the single-object scenes show one of: {} (the shapes drawn worst on the tuning set, `examples/tune_probe`) | in the row above |",
+            focus["steps"], u["batch"], focus["lr"], 100.0 * f(&focus["share_of_single_object_scenes"]), shapes.join(", "))?;
+    }
     writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",
         t["hardware"].as_str().unwrap_or("?"), f(&t["total_secs"]) / 60.0, t["seed"], f(&t["vae"]["final_loss_avg200"]), f(&t["unet"]["final_loss_avg200"]))?;
     writeln!(w, "![loss curves](loss.png)\n\nPanels, top to bottom: VAE loss, text-encoder classifier loss (pre-training), UNet loss (log scale, a faint line per power of ten; grey raw, colour a 100-step mean). Values in `loss.csv`.\n")?;
@@ -205,15 +221,20 @@ fn main() -> Result<()> {
             };
             writeln!(w, "The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count). A second run with the same seed (`reproduction.json`; its weights are not shipped) logged the same UNet loss (to the 5 decimals of `loss.csv`) for the first {} of its {} steps. {parting}. Their scores, 200 held-out prompts each (a binomial rate near 60 % has a standard error of about 3.5 points at n = 200):\n",
                 r["unet_losses_identical_for_steps"], r["unet_steps"])?;
-            writeln!(w, "| measure | shipped run | second run |\n|---|---:|---:|")?;
+            // The second run is compared with this run at the same point of the recipe.
+            let (ours, ours_name, ours_secs) = match r["baseline"].is_object() {
+                true => (&r["baseline"]["eval"], "this run at the second run's last step", f(&r["baseline"]["training"]["total_secs"])),
+                false => (first, "shipped run", f(&t["total_secs"])),
+            };
+            writeln!(w, "| measure | {ours_name} | second run |\n|---|---:|---:|")?;
             for (name, path) in [("colour", ["single", "colour"]), ("shape", ["single", "shape"]), ("position", ["single", "position"]),
                                  ("protected bit-exact", ["protect", "protected_exact"]), ("requested object appears", ["protect", "appears"])] {
-                writeln!(w, "| {name} | {:.1} % | {:.1} % |", f(&first[path[0]][path[1]]), f(&e2[path[0]][path[1]]))?;
+                writeln!(w, "| {name} | {:.1} % | {:.1} % |", f(&ours[path[0]][path[1]]), f(&e2[path[0]][path[1]]))?;
             }
             for (name, key) in [("heatmap mIoU, fast, pixel mask", "miou_fast_pixel"), ("heatmap mIoU, exact, pixel mask", "miou_exact_pixel")] {
-                writeln!(w, "| {name} | {} | {} |", opt(&first["heatmap"][key]), opt(&e2["heatmap"][key]))?;
+                writeln!(w, "| {name} | {} | {} |", opt(&ours["heatmap"][key]), opt(&e2["heatmap"][key]))?;
             }
-            writeln!(w, "| training time (2 cores) | {:.1} min | {:.1} min |\n", f(&t["total_secs"]) / 60.0, f(&r["training"]["total_secs"]) / 60.0)?;
+            writeln!(w, "| training time (2 cores) | {:.1} min | {:.1} min |\n", ours_secs / 60.0, f(&r["training"]["total_secs"]) / 60.0)?;
         }
         Err(_) => writeln!(w, "Only one run is recorded here. The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count); `model_card --second-run DIR` records a second run beside it.\n")?,
     }
