@@ -3,7 +3,8 @@
 //! folder measured. `--second-run DIR` (another train_tiny output with the same seed, already
 //! evaluated) records that run's time and scores in MODEL_DIR/reproduction.json, with how long
 //! the two loss curves stayed bit-identical and TEXT (how the runs differ); the card then shows
-//! both runs side by side. When the second run followed an earlier recipe, `--second-run-baseline`
+//! both runs side by side (or, when their weight files are byte-identical, says so and takes
+//! this run's scores for both). When the second run followed an earlier recipe, `--second-run-baseline`
 //! names this run's own output at the comparable point (a folder with training.json and its
 //! eval), and the card compares the second run with that instead of the shipped files.
 use anyhow::{Context, Result};
@@ -38,7 +39,13 @@ fn losses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 /// reproduction.json from a second run's folder: its training time, scores, and the number of
 /// leading UNet steps whose logged loss equals this run's to the printed digits.
 fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Option<&str>, baseline: Option<&std::path::Path>) -> Result<()> {
-    let (t2, e2) = training_and_eval(second)?;
+    // Byte-identical weights score identically (the eval is deterministic), so the second
+    // run then needs no eval of its own.
+    let identical = WEIGHT_FILES.iter().all(|f| matches!((std::fs::read(dir.join(f)), std::fs::read(second.join(f))), (Ok(a), Ok(b)) if a == b));
+    let (t2, e2) = match identical {
+        true => (read(&second.join("training.json"))?, training_and_eval(dir)?.1),
+        false => training_and_eval(second)?,
+    };
     let scores = |t: &Value, e: &Value| {
         serde_json::json!({"training": {"total_secs": t["total_secs"], "unet_secs": t["unet"]["secs"], "seed": t["seed"],
                                         "resumed_at_steps": t["unet"]["resumed_at_steps"], "text_encoder_pretrain_accuracy": t["text_encoder"]["pretrain_accuracy"]},
@@ -54,10 +61,14 @@ fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Opti
     rec["unet_steps"] = ub.len().into();
     rec["note"] = note.into();
     rec["baseline"] = baseline.unwrap_or(Value::Null);
+    rec["weights_identical"] = identical.into();
     std::fs::write(dir.join("reproduction.json"), serde_json::to_string_pretty(&rec)?)?;
     println!("wrote {} (UNet losses identical for the first {same} of {} steps)", dir.join("reproduction.json").display(), ub.len());
     Ok(())
 }
+
+/// The weight files of a diffusers folder written by train_tiny.
+const WEIGHT_FILES: [&str; 3] = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"];
 
 /// A train_tiny output folder's training.json and its (first) eval-*.json.
 fn training_and_eval(run: &std::path::Path) -> Result<(Value, Value)> {
@@ -219,22 +230,27 @@ fn main() -> Result<()> {
                 (None, true) => "Neither run was resumed".to_string(),
                 (None, false) => format!("The shipped run was resumed at step {} (AdamW moments restart on resume)", resumed.join(", ")),
             };
-            writeln!(w, "The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count). A second run with the same seed (`reproduction.json`; its weights are not shipped) logged the same UNet loss (to the 5 decimals of `loss.csv`) for the first {} of its {} steps. {parting}. Their scores, 200 held-out prompts each (a binomial rate near 60 % has a standard error of about 3.5 points at n = 200):\n",
-                r["unet_losses_identical_for_steps"], r["unet_steps"])?;
-            // The second run is compared with this run at the same point of the recipe.
-            let (ours, ours_name, ours_secs) = match r["baseline"].is_object() {
-                true => (&r["baseline"]["eval"], "this run at the second run's last step", f(&r["baseline"]["training"]["total_secs"])),
-                false => (first, "shipped run", f(&t["total_secs"])),
-            };
-            writeln!(w, "| measure | {ours_name} | second run |\n|---|---:|---:|")?;
-            for (name, path) in [("colour", ["single", "colour"]), ("shape", ["single", "shape"]), ("position", ["single", "position"]),
-                                 ("protected bit-exact", ["protect", "protected_exact"]), ("requested object appears", ["protect", "appears"])] {
-                writeln!(w, "| {name} | {:.1} % | {:.1} % |", f(&ours[path[0]][path[1]]), f(&e2[path[0]][path[1]]))?;
+            if r["weights_identical"].as_bool() == Some(true) {
+                writeln!(w, "The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count). A second run with the same seed ({parting}) wrote **byte-identical weight files** (UNet, VAE, text encoder), so its scores are the ones above. Its UNet loss equalled this run's (to the 5 decimals of `loss.csv`) for the first {} of its {} steps; it took {:.1} min on the same 2 cores (this run: {:.1} min).\n",
+                    r["unet_losses_identical_for_steps"], r["unet_steps"], f(&r["training"]["total_secs"]) / 60.0, f(&t["total_secs"]) / 60.0)?;
+            } else {
+                writeln!(w, "The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count). A second run with the same seed (`reproduction.json`; its weights are not shipped) logged the same UNet loss (to the 5 decimals of `loss.csv`) for the first {} of its {} steps. {parting}. Their scores, 200 held-out prompts each (a binomial rate near 60 % has a standard error of about 3.5 points at n = 200):\n",
+                    r["unet_losses_identical_for_steps"], r["unet_steps"])?;
+                // The second run is compared with this run at the same point of the recipe.
+                let (ours, ours_name, ours_secs) = match r["baseline"].is_object() {
+                    true => (&r["baseline"]["eval"], "this run at the second run's last step", f(&r["baseline"]["training"]["total_secs"])),
+                    false => (first, "shipped run", f(&t["total_secs"])),
+                };
+                writeln!(w, "| measure | {ours_name} | second run |\n|---|---:|---:|")?;
+                for (name, path) in [("colour", ["single", "colour"]), ("shape", ["single", "shape"]), ("position", ["single", "position"]),
+                                     ("protected bit-exact", ["protect", "protected_exact"]), ("requested object appears", ["protect", "appears"])] {
+                    writeln!(w, "| {name} | {:.1} % | {:.1} % |", f(&ours[path[0]][path[1]]), f(&e2[path[0]][path[1]]))?;
+                }
+                for (name, key) in [("heatmap mIoU, fast, pixel mask", "miou_fast_pixel"), ("heatmap mIoU, exact, pixel mask", "miou_exact_pixel")] {
+                    writeln!(w, "| {name} | {} | {} |", opt(&ours["heatmap"][key]), opt(&e2["heatmap"][key]))?;
+                }
+                writeln!(w, "| training time (2 cores) | {:.1} min | {:.1} min |\n", ours_secs / 60.0, f(&r["training"]["total_secs"]) / 60.0)?;
             }
-            for (name, key) in [("heatmap mIoU, fast, pixel mask", "miou_fast_pixel"), ("heatmap mIoU, exact, pixel mask", "miou_exact_pixel")] {
-                writeln!(w, "| {name} | {} | {} |", opt(&ours["heatmap"][key]), opt(&e2["heatmap"][key]))?;
-            }
-            writeln!(w, "| training time (2 cores) | {:.1} min | {:.1} min |\n", ours_secs / 60.0, f(&r["training"]["total_secs"]) / 60.0)?;
         }
         Err(_) => writeln!(w, "Only one run is recorded here. The trainer is seeded end to end (data from integer seeds, init and noise from libtorch's generator, fixed thread count); `model_card --second-run DIR` records a second run beside it.\n")?,
     }
