@@ -58,6 +58,29 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (img.width(), img.height())
 }
 
+/// The subject mask the server sends for a map [c, h, w]: summed over channels, brought
+/// to width × height bilinearly (half-pixel centres, as torch's align_corners = false),
+/// kept above mean + 1 std (unbiased).
+fn subject_mask_of(values: &[f32], [c, h, w]: [usize; 3], width: usize, height: usize) -> Vec<bool> {
+    let plane: Vec<f64> = (0..h * w).map(|i| (0..c).map(|k| values[k * h * w + i] as f64).sum()).collect();
+    let taps = |src: usize, dst: usize, o: usize| {
+        let s = ((o as f64 + 0.5) * src as f64 / dst as f64 - 0.5).max(0.0);
+        let i0 = (s.floor() as usize).min(src - 1);
+        (i0, (i0 + 1).min(src - 1), s - i0 as f64)
+    };
+    let up: Vec<f64> = (0..height * width)
+        .map(|i| {
+            let ((y0, y1, fy), (x0, x1, fx)) = (taps(h, height, i / width), taps(w, width, i % width));
+            let row = |y: usize| (1.0 - fx) * plane[y * w + x0] + fx * plane[y * w + x1];
+            (1.0 - fy) * row(y0) + fy * row(y1)
+        })
+        .collect();
+    let n = up.len() as f64;
+    let mean = up.iter().sum::<f64>() / n;
+    let std = (up.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    up.iter().map(|&v| v > mean + std).collect()
+}
+
 /// Words, protection, two manipulation steps, default streaming: the events come as
 /// Started (subjects, steps), per step `step k`, then at step 0 the protected mask, and
 /// at each manipulated step a heatmap per subject (in subject order) then the mask; the
@@ -123,6 +146,15 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
         let token = started.subjects.iter().find(|t| t.index == h.token_index).unwrap();
         assert_eq!(h.token, token.text);
         assert_eq!(png_size(&h.png), (64, 48), "heatmap PNG at the image's size");
+        let mask = image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
+        assert_eq!(mask.dimensions(), (64, 48), "subject mask at the image's size");
+        assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255), "a 0/255 mask");
+        let expected = subject_mask_of(&values, [4, 12, 16], 64, 48);
+        let set = expected.iter().filter(|&&e| e).count();
+        assert!(set > 0 && set < 64 * 48 / 2, "{set} pixels: above mean + 1 std is a minority");
+        // f32 in the server against f64 here: pixels right at the threshold may flip.
+        let differ = mask.pixels().zip(&expected).filter(|(p, &e)| (p[0] == 255) != e).count();
+        assert!(differ <= 64 * 48 / 100, "{differ} pixels differ from this heatmap's own mask");
     }
     let masks = got.masks();
     let protected: Vec<_> = masks.iter().filter(|m| m.kind == pb::MaskKind::Protected as i32).collect();

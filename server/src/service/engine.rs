@@ -373,6 +373,7 @@ fn explain_events(e: &StepEvent, x: &crate::engine::pipeline::StepExplain, spec:
                     token: h.subject.token.clone(),
                     map: Some(pb_tensor(&h.map)?),
                     png: preview::heatmap_png(&h.map, base, width, height)?,
+                    subject_mask_png: preview::subject_mask_png(&h.map, width, height)?,
                 })
             })();
             match built {

@@ -97,10 +97,9 @@ fn heatmap_masks(
 
 /// The headline pixel mask (`mask::pixel_masks`): the last cross-attention layer (the
 /// paper's, and the one where fast Grad-SAM is exact, so one policy serves both modes), the
-/// step nearest t = 100, threshold mean + 1.0·std. Chosen on the tuning set (heat_sweep.py:
-/// 0.707 there; k 0.5 0.659, 0.75 0.693, 1.25 0.707, 1.5 0.692).
+/// step nearest t = 100, threshold mean + k·std with the k the server streams
+/// (`mask::SUBJECT_MASK_K`). Chosen on the tuning set (heat_sweep.py).
 const PIXEL_MASK_TIMESTEP: f64 = 100.0;
-const PIXEL_MASK_K: f64 = 1.0;
 
 /// A latent entering a step: (latent, step index, timestep).
 type StepLatent = (Tensor, usize, f64);
@@ -139,7 +138,7 @@ fn pixel_mask(model: &StableDiffusion, p: &GenerateParams, late: &StepLatent, la
     let cond = model.encode_prompt(&p.prompt);
     let (lat, step, t) = late;
     let maps = explain::attribute(model, &*scheduler, lat, *step, *t, &cond, layers, &[subject], mode, None)?;
-    let m = mask::pixel_masks(&maps, p.width, p.height, PIXEL_MASK_K).get(0).to_kind(Kind::Float);
+    let m = mask::pixel_masks(&maps, p.width, p.height, mask::SUBJECT_MASK_K).get(0).to_kind(Kind::Float);
     let values: Vec<f32> = Vec::try_from(m.flatten(0, -1))?;
     Ok(Mask::from_threshold(p.width as u32, p.height as u32, &values, 0.5))
 }
@@ -313,7 +312,7 @@ fn main() -> Result<()> {
         "label": a.label,
         "settings": {"n": a.n, "exact_n": a.exact_n, "guidance": a.guidance, "steps": a.steps, "scheduler": "DDIM",
                       "strength": a.strength, "size": 64, "heatmap_timestep": 500, "heatmap_layer": "last",
-                      "pixel_mask_timestep": PIXEL_MASK_TIMESTEP, "pixel_mask_layers": pixel_layers, "pixel_mask_k": PIXEL_MASK_K},
+                      "pixel_mask_timestep": PIXEL_MASK_TIMESTEP, "pixel_mask_layers": pixel_layers, "pixel_mask_k": mask::SUBJECT_MASK_K},
         "single": {"colour": colour.pct(), "shape": shape.pct(), "position": position.pct(), "all": all.pct()},
         "ceilings": {"judge_on_truth_all": truth_all.pct(), "vae_roundtrip_shape": vae_shape.pct(),
                      "vae_roundtrip_position": vae_position.pct(), "vae_roundtrip_all": vae_all.pct()},

@@ -89,6 +89,10 @@ pub fn subject_masks(maps: &Tensor, p: &MaskParams) -> Tensor {
     y.gt_tensor(&(mean + std * p.threshold_k))
 }
 
+/// The `k` of `pixel_masks` that the service streams and eval_tiny scores: chosen on the
+/// shapes model's tuning set (k 0.75 → 0.693 mIoU, 1.0 → 0.707, 1.25 → 0.707; trainer/DESIGN.md).
+pub const SUBJECT_MASK_K: f64 = 1.0;
+
 /// Pixel masks [S, H, W] (bool) of importance maps [S, C, h, w]: channels summed, the map
 /// brought to the image's size bilinearly, and kept above mean + k·std over the image. This
 /// is for showing and scoring where a subject is. The manipulation mask (`build_mask`) stays
