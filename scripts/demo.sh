@@ -33,6 +33,7 @@ echo
 echo "result:        $d/result.png"
 echo "change map:    $d/change_map.png"
 echo "previews:      $(ls "$d"/preview_*.png | wc -l) files, $d/preview_<step>.png"
-echo "heatmaps:      $(ls -v "$d"/heatmap_*.png | tr '\n' ' ')"
+echo "heatmaps:      $(ls -v "$d"/heatmap_*.png | grep -v '_mask\.png$' | tr '\n' ' ')"
+echo "subject masks: $(ls -v "$d"/heatmap_*_mask.png | tr '\n' ' ')"
 echo "masks:         $(ls -v "$d"/mask_*.png "$d"/protected_mask_*.png | tr '\n' ' ')"
 echo "manifest:      $d/manifest.json"

@@ -6,11 +6,11 @@
 //! | Latent | `latent_<step>.npy` (the latent entering step `step`) |
 //! | Mask (manipulation) | `mask_<step>.png` + `mask_<step>.npy` |
 //! | Mask (protected) | `protected_mask_<step>.png` + `.npy` |
-//! | Heatmap | `heatmap_<step>_tok<index>.png` + `.npy` |
+//! | Heatmap | `heatmap_<step>_tok<index>.png` + `.npy`, and its subject mask `…_mask.png` |
 //! | Result | `result.png` (+ `change_map.png` + `change_map.npy` for img2img) |
 //!
 //! `manifest.json` is a JSON array, one object per artifact in stream order, with
-//! `kind`, `step`, `timestep`, `token_index` / `token` (heatmaps), `reference_fraction`
+//! `kind`, `step`, `timestep`, `token_index` / `token` (heatmaps, subject masks), `reference_fraction`
 //! (masks), `shape` and `path` (relative to the folder), plus `npy` for masks, heatmaps
 //! and the change map.
 use crate::events::{extension_for_mime, Event, MaskKind};
@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 /// One manifest entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ManifestEntry {
-    /// `preview`, `latent`, `mask`, `protected_mask`, `heatmap`, `result` or `change_map`.
+    /// `preview`, `latent`, `mask`, `protected_mask`, `heatmap`, `subject_mask`, `result` or
+    /// `change_map`.
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<u32>,
@@ -54,6 +55,8 @@ pub struct Written {
     /// The change map of an img2img result (PNG) and its values as `.npy`.
     pub change_map: Option<PathBuf>,
     pub change_map_npy: Option<PathBuf>,
+    /// A heatmap's subject mask (PNG).
+    pub subject_mask: Option<PathBuf>,
 }
 
 /// Writes artifacts as they stream in; call [`Dumper::finish`] to write the manifest.
@@ -119,7 +122,7 @@ impl Dumper {
                 }
                 written.npy = Some(self.write(&npy, &h.map.to_npy())?);
                 let path = if h.png.is_empty() { npy.clone() } else { png };
-                self.entries.push(ManifestEntry {
+                let entry = ManifestEntry {
                     kind: "heatmap",
                     step: Some(h.step),
                     timestep: Some(h.timestep),
@@ -129,7 +132,16 @@ impl Dumper {
                     shape: tensor_shape(&h.map),
                     path,
                     npy: Some(npy),
-                });
+                };
+                if !h.subject_mask_png.is_empty() {
+                    let name = format!("{stem}_mask.png");
+                    written.subject_mask = Some(self.write(&name, &h.subject_mask_png)?);
+                    let shape = image_shape(&h.subject_mask_png).unwrap_or_default();
+                    let mask_entry = ManifestEntry { kind: "subject_mask", shape, path: name, npy: None, ..entry.clone() };
+                    self.entries.extend([entry, mask_entry]);
+                } else {
+                    self.entries.push(entry);
+                }
             }
             Event::Result(r) => {
                 let name = format!("result.{}", extension_for_mime(&r.mime_type));
@@ -250,13 +262,14 @@ mod tests {
             let mask = Mask { step: 2, timestep: 320.0, kind, mask: tensor(&[1, 1, 3, 4]), png: png(4, 3), reference_fraction: 0.5 };
             d.record(&Event::Mask(mask)).unwrap();
         }
-        let heatmap = Heatmap { step: 2, timestep: 320.0, token_index: 3, token: "star</w>".into(), map: tensor(&[4, 3, 4]), png: png(4, 3) };
+        let heatmap = Heatmap { step: 2, timestep: 320.0, token_index: 3, token: "star</w>".into(), map: tensor(&[4, 3, 4]), png: png(4, 3), subject_mask_png: png(4, 3) };
         let w = d.record(&Event::Heatmap(heatmap)).unwrap();
         assert_eq!(w.npy, Some(dir.join("heatmap_2_tok3.npy")));
+        assert_eq!(w.subject_mask, Some(dir.join("heatmap_2_tok3_mask.png")));
         let manifest = d.finish().unwrap();
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
         let kinds: Vec<&str> = m.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["preview", "latent", "mask", "protected_mask", "heatmap"]);
+        assert_eq!(kinds, ["preview", "latent", "mask", "protected_mask", "heatmap", "subject_mask"]);
         assert_eq!(m[0]["shape"], serde_json::json!([3, 4, 1]));
         assert_eq!(m[1]["path"], "latent_0.npy");
         assert_eq!(m[1]["shape"], serde_json::json!([1, 4, 3, 4]));
@@ -266,8 +279,12 @@ mod tests {
         assert_eq!(m[4]["path"], "heatmap_2_tok3.png");
         assert_eq!(m[4]["token_index"], 3);
         assert_eq!(m[4]["token"], "star</w>");
+        assert_eq!(m[5]["path"], "heatmap_2_tok3_mask.png");
+        assert_eq!(m[5]["token_index"], 3);
+        assert_eq!(m[5]["shape"], serde_json::json!([3, 4, 1]));
+        assert!(m[5].get("npy").is_none());
         assert!(m[0].get("token").is_none());
-        for f in ["preview_1.png", "latent_0.npy", "mask_2.png", "mask_2.npy", "protected_mask_2.npy", "heatmap_2_tok3.png", "heatmap_2_tok3.npy"] {
+        for f in ["preview_1.png", "latent_0.npy", "mask_2.png", "mask_2.npy", "protected_mask_2.npy", "heatmap_2_tok3.png", "heatmap_2_tok3.npy", "heatmap_2_tok3_mask.png"] {
             assert!(dir.join(f).exists(), "{f}");
         }
         assert_eq!(std::fs::read(dir.join("latent_0.npy")).unwrap().len(), 128 + 4 * 48);

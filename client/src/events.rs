@@ -133,6 +133,9 @@ pub struct Heatmap {
     pub map: Tensor,
     /// Colour-mapped, overlaid on the step's approximate preview, at the image's size.
     pub png: Vec<u8>,
+    /// Grey PNG at the image's size, 255 where the map puts the subject (empty from a
+    /// server that does not send it).
+    pub subject_mask_png: Vec<u8>,
 }
 
 /// The job's final image and its report.
@@ -217,6 +220,7 @@ impl JobEvent {
                 token: h.token,
                 map: tensor(h.map, "heatmap")?,
                 png: h.png,
+                subject_mask_png: h.subject_mask_png,
             }),
             Some(E::Result(r)) => Event::Result(Box::new(GenerateResult {
                 image: r.image,

@@ -590,7 +590,12 @@ fn explain_dump_json_and_render_identity() {
                 assert!(values.iter().all(|&v| v == 0.0 || v == 1.0));
                 assert!(l["reference_fraction"].is_number());
             }
-            None => assert_eq!(shape, vec![4, 12, 16]),
+            None => {
+                assert_eq!(shape, vec![4, 12, 16]);
+                let mask = image::open(l["subject_mask"].as_str().expect("subject mask path")).unwrap().to_luma8();
+                assert_eq!(mask.dimensions(), (64, 48), "{l}");
+                assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255), "{l}");
+            }
         }
     }
     let result = lines.last().unwrap();
@@ -621,10 +626,19 @@ fn explain_dump_json_and_render_identity() {
         let step = e["step"].as_u64().unwrap() as usize;
         assert_eq!(e["timestep"], timesteps[step], "{e}");
         assert!(dump.join(e["path"].as_str().unwrap()).is_file(), "{e}");
-        assert!(dump.join(e["npy"].as_str().unwrap()).is_file(), "{e}");
+        if e["kind"] == "subject_mask" {
+            assert!(e.get("npy").is_none(), "{e}");
+        } else {
+            assert!(dump.join(e["npy"].as_str().unwrap()).is_file(), "{e}");
+        }
         if e["kind"] == "heatmap" {
             assert!(e["token"].as_str().unwrap().ends_with("</w>"), "{e}");
         }
+    }
+    // Each heatmap is followed by its subject mask (same step and token).
+    for pair in entries.windows(2).filter(|p| p[0]["kind"] == "heatmap") {
+        assert_eq!(pair[1]["kind"], "subject_mask", "{}", pair[0]);
+        assert_eq!((&pair[1]["step"], &pair[1]["token_index"]), (&pair[0]["step"], &pair[0]["token_index"]));
     }
     let change = entries.iter().find(|e| e["kind"] == "change_map").expect("the change map is listed");
     assert_eq!(change["npy"], "change_map.npy");

@@ -129,6 +129,9 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
             put("token_index", json!(h.token_index));
             put("token", json!(h.token));
             put("shape", json!(h.map.shape));
+            if let Some(p) = &written.subject_mask {
+                put("subject_mask", path(p));
+            }
         }
         Event::Result(r) => {
             let s = &r.settings;
