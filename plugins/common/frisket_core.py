@@ -454,8 +454,8 @@ class JobState(object):
 
     def artifacts(self):
         """What to show as hidden layers, in order: [(kind, name, path, event)] where kind
-        is mask, protected_mask, heatmap or change_map and path the PNG (or .npy when the
-        server sent no PNG)."""
+        is mask, protected_mask, heatmap, subject_mask or change_map and path the PNG (or
+        .npy when the server sent no PNG)."""
         out = []
         for m in self.masks:
             kind = "protected_mask" if m.get("kind") == "protected" else "mask"
@@ -466,6 +466,8 @@ class JobState(object):
             path = h.get("path") or h.get("npy")
             if path:
                 out.append(("heatmap", artifact_layer_name("heatmap", h), path, h))
+            if h.get("subject_mask"):
+                out.append(("subject_mask", artifact_layer_name("subject_mask", h), h["subject_mask"], h))
         if self.result is not None and self.result.get("change_map"):
             out.append(("change_map", artifact_layer_name("change_map", {}), self.result["change_map"], self.result))
         return out
@@ -796,6 +798,9 @@ def artifact_layer_name(kind, event):
     if kind == "heatmap":
         token = (event.get("token") or "").replace("</w>", "")
         return "heatmap '{}' (token {}) step {}{}".format(token, event.get("token_index"), event.get("step"), _t(event))
+    if kind == "subject_mask":
+        token = (event.get("token") or "").replace("</w>", "")
+        return "where '{}' is (token {}) step {}{}".format(token, event.get("token_index"), event.get("step"), _t(event))
     if kind == "change_map":
         return "change map"
     return kind

@@ -178,6 +178,7 @@ def _main():
             case.check("a change map layer is in the group", any(n == "change map" for n in names), names)
             if expect_explain:
                 case.check("heatmap layers are in the group", any(n.startswith("heatmap") for n in names), names)
+                case.check("subject-mask layers are in the group", any(n.startswith("where '") for n in names), names)
                 case.check("mask layers are in the group", any(n.startswith("mask") for n in names), names)
         return layer_rgb(result)
 

@@ -98,6 +98,9 @@ def generate(a):
                     png = os.path.join(dump, stem + ".png")
                     core.write_png(png, lw, lh, 3, bytes((x * 5) & 255 for x in range(lw * lh * 3)))
                     event["path"] = png
+                    mask_png = os.path.join(dump, stem + "_mask.png")
+                    core.write_png(mask_png, w, h, 1, bytes(255 if x < w // 2 else 0 for _y in range(h) for x in range(w)))
+                    event["subject_mask"] = mask_png
                 emit(event)
     out = bytearray(rgb)
     for i in range(w * h):

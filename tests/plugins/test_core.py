@@ -21,7 +21,7 @@ README_SESSION = """\
 {"v":1,"event":"step","job_id":"job-1-b802e056","index":0,"total":3,"timestep":667.0,"elapsed_seconds":0.05}
 {"v":1,"event":"step","job_id":"job-1-b802e056","index":1,"total":3,"timestep":334.0,"elapsed_seconds":0.09}
 {"v":1,"event":"preview","job_id":"job-1-b802e056","step":1,"timestep":334.0,"mime_type":"image/png","width":16,"height":12,"path":"dump/preview_1.png"}
-{"v":1,"event":"heatmap","job_id":"job-1-b802e056","step":1,"timestep":334.0,"token_index":3,"token":"circle</w>","shape":[4,12,16],"path":"dump/heatmap_1_tok3.png","npy":"dump/heatmap_1_tok3.npy"}
+{"v":1,"event":"heatmap","job_id":"job-1-b802e056","step":1,"timestep":334.0,"token_index":3,"token":"circle</w>","shape":[4,12,16],"subject_mask":"dump/heatmap_1_tok3_mask.png","path":"dump/heatmap_1_tok3.png","npy":"dump/heatmap_1_tok3.npy"}
 {"v":1,"event":"mask","job_id":"job-1-b802e056","step":1,"timestep":334.0,"kind":"manipulation","shape":[1,1,12,16],"reference_fraction":0.25,"path":"dump/mask_1.png","npy":"dump/mask_1.npy"}
 {"v":1,"event":"mask","job_id":"job-1-b802e056","step":1,"timestep":334.0,"kind":"protected","shape":[1,1,12,16],"reference_fraction":0.5,"npy":"dump/protected_mask_1.npy"}
 {"v":1,"event":"step","job_id":"job-1-b802e056","index":2,"total":3,"timestep":1.0,"elapsed_seconds":0.13,"some_new_key":1}
@@ -157,10 +157,12 @@ class EventStream(unittest.TestCase):
         self.assertEqual(state.status_text(), "Done: seed 3, 0.2 s.")
         kinds = [(k, p) for k, _n, p, _e in state.artifacts()]
         self.assertEqual(kinds, [("mask", "dump/mask_1.png"), ("protected_mask", "dump/protected_mask_1.npy"),
-                                 ("heatmap", "dump/heatmap_1_tok3.png"), ("change_map", "dump/change_map.png")])
+                                 ("heatmap", "dump/heatmap_1_tok3.png"), ("subject_mask", "dump/heatmap_1_tok3_mask.png"),
+                                 ("change_map", "dump/change_map.png")])
         names = [n for _k, n, _p, _e in state.artifacts()]
         self.assertEqual(names[0], "mask step 1 t=334 (25% from the reference)")
         self.assertEqual(names[2], "heatmap 'circle' (token 3) step 1 t=334")
+        self.assertEqual(names[3], "where 'circle' is (token 3) step 1 t=334")
 
     def test_noise_partial_and_errors(self):
         buf = core.LineBuffer()

@@ -101,7 +101,7 @@ class GimpCore(unittest.TestCase):
         opts, outcome, events = self.run_job(client=FAKE_CLIENT, selection=sel, explain="fast",
                                              subjects="red, circle")
         kinds = self.check_result(opts, outcome, protected=sel)
-        self.assertEqual(kinds, ["mask", "protected_mask", "heatmap", "heatmap", "change_map"])
+        self.assertEqual(kinds, ["mask", "protected_mask", "heatmap", "subject_mask", "heatmap", "change_map"])
         self.assertIn("heatmap", events)
 
     # -- need the server's protected regions and Grad-SAM -------------------------------
@@ -113,6 +113,7 @@ class GimpCore(unittest.TestCase):
                                              steps=10)
         kinds = self.check_result(opts, outcome, protected=sel)
         self.assertIn("heatmap", kinds)
+        self.assertIn("subject_mask", kinds)
         self.assertIn("mask", kinds)
         self.assertIn("change_map", kinds)
 
