@@ -382,21 +382,25 @@ fn main() -> Result<()> {
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
     let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
     for step in start..total_steps {
-        // Where grounding's weight rises, the optimisers start afresh and the noise generator
-        // is reseeded, exactly as a resume from that step's checkpoint does. The shipped model
-        // was made that way (resumed at step 2000); a one-process run without the restart,
-        // otherwise identical, learnt colour but not position (17 % against 100 %, DESIGN.md).
-        if step == a.ground_from && step != start {
-            (unet_opt, te_opt, aux_opt) = fresh_optimizers();
-            tch::manual_seed((a.seed + 1 + step) as i64);
-            println!("unet: step {step}, grounding weight {} → {}: optimizer moments restart", a.ground_early_weight, a.ground_weight);
-        }
+        // Where grounding's weight rises, and where the focus phase starts, the optimisers start
+        // afresh and the noise generator is reseeded, exactly as a resume from that step's
+        // checkpoint does. The shipped model was made that way (resumed at steps 2000 and 8000);
+        // a one-process run without the restart at 2000, otherwise identical, learnt colour but
+        // not position (13 % against 100 %, DESIGN.md).
         let focusing = step >= a.unet_steps;
-        // The focus phase starts the same way (and so equals a resume from its checkpoint).
-        if step == a.unet_steps && step != start {
+        let restart = if step == start {
+            None
+        } else if step == a.ground_from {
+            Some(format!("grounding weight {} → {}", a.ground_early_weight, a.ground_weight))
+        } else if step == a.unet_steps {
+            Some(format!("focus phase on {:?}", a.focus_shapes))
+        } else {
+            None
+        };
+        if let Some(why) = restart {
             (unet_opt, te_opt, aux_opt) = fresh_optimizers();
             tch::manual_seed((a.seed + 1 + step) as i64);
-            println!("unet: step {step}, focus phase on {:?}: optimizer moments restart", a.focus_shapes);
+            println!("unet: step {step}, {why}: optimizer moments restart");
         }
         let lr = match focusing {
             false => lr_at(step, a.unet_steps, peak, 200),
