@@ -795,12 +795,10 @@ def artifact_layer_name(kind, event):
         return "mask step {}{}{}".format(event.get("step"), _t(event), share)
     if kind == "protected_mask":
         return "protected region step {}{}".format(event.get("step"), _t(event))
-    if kind == "heatmap":
+    if kind in ("heatmap", "subject_mask"):
         token = (event.get("token") or "").replace("</w>", "")
-        return "heatmap '{}' (token {}) step {}{}".format(token, event.get("token_index"), event.get("step"), _t(event))
-    if kind == "subject_mask":
-        token = (event.get("token") or "").replace("</w>", "")
-        return "where '{}' is (token {}) step {}{}".format(token, event.get("token_index"), event.get("step"), _t(event))
+        what = "heatmap '{}'" if kind == "heatmap" else "where '{}' is"
+        return (what + " (token {}) step {}{}").format(token, event.get("token_index"), event.get("step"), _t(event))
     if kind == "change_map":
         return "change map"
     return kind

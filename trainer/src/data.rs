@@ -30,6 +30,9 @@ pub fn subject_only(caption: &str) -> &str {
     caption.rsplit_once(" on a ").or_else(|| caption.rsplit_once(" on an ")).map_or(caption, |(s, _)| s)
 }
 
+/// One in FOCUS_ONE_IN of a focused single-object batch's scenes shows a focus shape.
+pub const FOCUS_ONE_IN: u64 = 2;
+
 /// How one training batch is drawn.
 pub struct BatchSpec<'a> {
     pub run_seed: u64,
@@ -39,8 +42,8 @@ pub struct BatchSpec<'a> {
     pub single_object: bool,
     /// Captions never trained on.
     pub held_out: &'a HashSet<String>,
-    /// Shapes drawn more often: half of a single-object batch's scenes take one of these
-    /// (empty: every shape equally likely).
+    /// Shapes drawn more often: one in FOCUS_ONE_IN of a single-object batch's scenes takes
+    /// one of these (empty: every shape equally likely).
     pub focus: &'a [Shape],
 }
 
@@ -55,7 +58,7 @@ fn scenes(spec: &BatchSpec) -> Vec<Scene> {
     let cfg = if spec.single_object { GenConfig::default().with_objects(1) } else { GenConfig::default() };
     let focused = |seed: u64| {
         let mut rng = Rng::new(seed ^ 0xf0c5);
-        match spec.focus.is_empty() || rng.chance(1, 2) {
+        match spec.focus.is_empty() || rng.chance(FOCUS_ONE_IN - 1, FOCUS_ONE_IN) {
             true => None,
             false => Some(cfg.clone().with_object(ObjectSpec { shape: Some(rng.pick(spec.focus)), ..ObjectSpec::any() })),
         }

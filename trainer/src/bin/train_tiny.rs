@@ -526,7 +526,7 @@ fn main() -> Result<()> {
                 "params": vae_params.count(), "final_loss_avg200": tail(&vae_losses), "scaling_factor": scaling_factor},
         "unet": {"blocks": UNET_BLOCKS, "steps": a.unet_steps, "batch": a.batch, "lr": peak, "secs": unet_secs,
                  "params": unet_params.count(), "ema": 0.999, "prediction_type": "v_prediction", "zero_terminal_snr": a.zero_snr, "x0_weight": format!("min(SNR + 1, {V_WEIGHT_CAP})"), "ground_weight": a.ground_weight, "ground_early_weight": a.ground_early_weight, "ground_from_step": a.ground_from, "resumed_at_steps": resumed_at,
-                 "focus": {"steps": a.focus_steps, "lr": a.focus_lr, "shapes": a.focus_shapes.iter().map(|s| s.name()).collect::<Vec<_>>(), "share_of_single_object_scenes": 0.5},
+                 "focus": {"steps": a.focus_steps, "lr": a.focus_lr, "shapes": a.focus_shapes.iter().map(|s| s.name()).collect::<Vec<_>>(), "share_of_single_object_scenes": 1.0 / data::FOCUS_ONE_IN as f64},
                  "single_object_batches": "2/3", "batch_reused_for_steps": 2, "empty_caption": 0.1, "subject_only_caption": 0.2,
                  "final_loss_avg200": tail(&unet_losses)},
         "text_encoder": {"width": TEXT_WIDTH, "layers": TEXT_LAYERS, "params": te_params.count(), "vocab": vocab,
