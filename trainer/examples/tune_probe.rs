@@ -8,9 +8,9 @@
 //! threshold policies can be compared offline (scripts/heat_sweep.py).
 //!   cargo run -p frisket-trainer --example tune_probe -- --model models/shapes --guidance 5
 use anyhow::{Context, Result};
-use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig};
-use frisket_trainer::engine::explain::{self, ExplainMode};
-use frisket_trainer::engine::image_io::tensor_to_rgb;
+use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig, ObjectQuery};
+use frisket_trainer::engine::explain::{self, ExplainMode, ProtectParams};
+use frisket_trainer::engine::image_io::{rgb_to_tensor, tensor_to_rgb};
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
 use frisket_trainer::engine::schedulers::SchedulerKind;
@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 const TIMESTEPS: [f64; 5] = [900.0, 700.0, 500.0, 300.0, 100.0];
 
 fn main() -> Result<()> {
-    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "vae-only"];
+    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "vae-only", "strength", "protect"];
     let f = Flags::from_env(&known, "the doc comment of trainer/examples/tune_probe.rs")?;
     let model_dir: std::path::PathBuf = f.get("model", "models/shapes".into())?;
     let n: u64 = f.get("n", 120)?;
@@ -57,6 +57,35 @@ fn main() -> Result<()> {
         println!("[tune] VAE round trip, shape right per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
         return Ok(());
     }
+    let strength: f64 = f.get("strength", 1.0)?;
+    if f.get("protect", false)? {
+        // eval_tiny's protect task on its own tuning cases (seeds 800_000..): does the
+        // requested object appear, at this --strength?
+        let (mut appears, mut at_position) = (0u64, 0u64);
+        let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for i in 0..n {
+            let case = frisket_trainer::data::protect_case(800_000 + i)?;
+            let mask = Tensor::from_slice(&case.reference.masks[0].to_gray().into_raw()).view([64, 64]);
+            let p = GenerateParams {
+                prompt: case.prompt.clone(),
+                seed: i,
+                reference: Some(rgb_to_tensor(&case.reference.image)),
+                strength,
+                protect: Some(ProtectParams { mask, feather: 0 }),
+                ..base.clone()
+            };
+            let out = model.generate(&p, &mut |_| Flow::Continue)?;
+            let c = check_object(&judge(&tensor_to_rgb(&out.image)?), &ObjectQuery::from_info(&case.wanted));
+            appears += (c.colour_right && c.shape_right) as u64;
+            at_position += c.all_right() as u64;
+            let e = per_shape.entry(case.wanted.shape.name()).or_default();
+            e.0 += (c.colour_right && c.shape_right) as u64;
+            e.1 += 1;
+        }
+        println!("[tune] protect, {n} cases, strength {strength}: appears {:.1} % (at its position {:.1} %)", 100.0 * appears as f64 / n as f64, 100.0 * at_position as f64 / n as f64);
+        println!("[tune] appears per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+        return Ok(());
+    }
     let (mut colour, mut shape, mut position) = (0u64, 0u64, 0u64);
     let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     let mut dumped: Vec<(String, Tensor)> = Vec::new();
@@ -64,7 +93,13 @@ fn main() -> Result<()> {
         let scene = generate(seed_base + i, &cfg).map_err(anyhow::Error::msg)?;
         let prompt = scene.meta.caption.clone();
         let q = parse_prompt(&prompt).map_err(anyhow::Error::msg)?.objects[0];
-        let p = GenerateParams { prompt: prompt.clone(), seed: seed_base + i, ..base.clone() };
+        let mut p = GenerateParams { prompt: prompt.clone(), seed: seed_base + i, ..base.clone() };
+        // --strength S < 1: SDEdit from the true scene, so the rate says at which noise level
+        // the model loses (or keeps) a shape it is shown.
+        if strength < 1.0 {
+            p.reference = Some(frisket_trainer::data::image_tensor(&scene).unsqueeze(0).to_kind(model.kind));
+            p.strength = strength;
+        }
         let mut kept: Vec<(Tensor, usize, f64)> = Vec::new();
         let out = model.generate(&p, &mut |e| {
             if !dump.is_empty() {

@@ -2,7 +2,7 @@
 //! Seeds are split by range so that training never sees an evaluation scene's seed, and
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
 use frisket_shapes::rng::Rng;
-use frisket_shapes::{generate, generate_default, GenConfig, ObjectSpec, Scene, Shape};
+use frisket_shapes::{generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape};
 use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
@@ -14,6 +14,30 @@ pub const TRAIN_SEED_BASE: u64 = 1 << 32;
 pub fn eval_single_object_scenes(n: u64) -> Vec<Scene> {
     let cfg = GenConfig::default().with_objects(1);
     (0..n).map(|seed| generate(seed, &cfg).expect("one object always fits")).collect()
+}
+
+/// The protect task: a one-object reference scene whose object is kept, and a prompt
+/// for a second object (another colour, another cell) that the generator placed validly
+/// beside it in the same scene. eval_tiny draws seeds 700_000.., tune_probe 800_000...
+pub struct ProtectCase {
+    pub reference: Scene,
+    pub kept: ObjectInfo,
+    pub wanted: ObjectInfo,
+    pub prompt: String,
+}
+
+pub fn protect_case(seed: u64) -> Result<ProtectCase, GenError> {
+    let target = generate(seed, &GenConfig::default().with_objects(2))?;
+    let (kept, wanted) = (target.meta.objects[0].clone(), target.meta.objects[1].clone());
+    let reference = generate(
+        seed,
+        &GenConfig::default()
+            .with_objects(1)
+            .with_object(ObjectSpec::exact(&kept))
+            .with_background(BackgroundSpec::Exact(target.meta.background.clone())),
+    )?;
+    let prompt = ObjectQuery::from_info(&wanted).phrase(&Default::default());
+    Ok(ProtectCase { reference, kept, wanted, prompt })
 }
 
 /// RGB u8 image → [3, H, W] float in [-1, 1] (the VAE's input range).

@@ -19,7 +19,7 @@
 //!    τ = 0.4, last layer, t = 500 (the measures of earlier runs).
 use anyhow::{Context, Result};
 use frisket_shapes::{
-    check_object, generate, judge, parse_prompt, BackgroundSpec, GenConfig, Mask, ObjectQuery, ObjectSpec,
+    check_object, judge, parse_prompt, Mask, ObjectQuery,
 };
 use frisket_trainer::data;
 use frisket_trainer::flags::Flags;
@@ -257,19 +257,8 @@ fn main() -> Result<()> {
     let mut protect_rows = Vec::new();
     let mut protect_samples: Vec<RgbImage> = Vec::new();
     for i in 0..a.n {
-        // The target scene: a random first object, a second one the generator places validly.
-        let target = generate(700_000 + i, &GenConfig::default().with_objects(2)).map_err(anyhow::Error::msg)?;
-        let (kept, wanted) = (&target.meta.objects[0], &target.meta.objects[1]);
-        let reference = generate(
-            700_000 + i,
-            &GenConfig::default()
-                .with_objects(1)
-                .with_object(ObjectSpec::exact(kept))
-                .with_background(BackgroundSpec::Exact(target.meta.background.clone())),
-        )
-        .map_err(anyhow::Error::msg)?;
-        let q = ObjectQuery::from_info(wanted);
-        let prompt = q.phrase(&Default::default());
+        let data::ProtectCase { reference, kept, wanted, prompt } = data::protect_case(700_000 + i)?;
+        let q = ObjectQuery::from_info(&wanted);
         let protect_mask = &reference.masks[0];
         let mask_t = Tensor::from_slice(&protect_mask.to_gray().into_raw()).view([64, 64]);
         let p = GenerateParams {
@@ -285,7 +274,7 @@ fn main() -> Result<()> {
             (0..64u32).all(|x| !protect_mask.get(x, y) || r.image.get_pixel(x, y) == reference.image.get_pixel(x, y))
         });
         exact_kept.add(kept_exact);
-        let c = check_object(&judge(&r.image), &ObjectQuery { position: wanted.position.into(), ..q });
+        let c = check_object(&judge(&r.image), &q);
         appears.add(c.colour_right && c.shape_right);
         appears_at.add(c.all_right());
         protect_rows.push(json!({"prompt": prompt, "kept": format!("{:?} {:?}", kept.colour, kept.shape), "protected_exact": kept_exact,
