@@ -156,13 +156,15 @@ fn main() -> Result<()> {
     };
     let resumed = u["resumed_at_steps"].as_array().map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
     let resume_note = if resumed.is_empty() { String::new() } else { format!("; resumed from checkpoints at step {resumed} (AdamW moments restart there)") };
-    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}{ground_note}; each drawn batch used for {} steps; EMA 0.999 (shipped){resume_note} | {:.1} min |",
+    writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}{ground_note}; each drawn batch used for {} steps; EMA 0.999{resume_note} | {:.1} min |",
         t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], t["unet"]["prediction_type"].as_str().unwrap_or("?"),
         t["unet"]["x0_weight"].as_str().unwrap_or("?"), t["unet"]["batch_reused_for_steps"], f(&t["unet"]["secs"]) / 60.0)?;
     let focus = &u["focus"];
     if focus["steps"].as_u64().unwrap_or(0) > 0 {
         let shapes: Vec<&str> = focus["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
-        writeln!(w, "| focus phase (UNet + text encoder, after the steps above) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), all else as above, except that {:.0} % of the single-object scenes show one of: {} (the shapes drawn worst on the tuning set, `examples/tune_probe`) | in the row above |",
+        // Older runs' training.json lacks it: their focus phase kept the main phase's 0.999.
+        let ema = focus["ema"].as_f64().unwrap_or(0.999);
+        writeln!(w, "| focus phase (UNet + text encoder, after the steps above) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), the EMA continued at {ema} (the exported weights), all else as above, except that {:.0} % of the single-object scenes show one of: {} (the shapes drawn worst on the tuning set, `examples/tune_probe`) | in the row above |",
             focus["steps"], u["batch"], focus["lr"], 100.0 * f(&focus["share_of_single_object_scenes"]), shapes.join(", "))?;
     }
     writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",
