@@ -6,11 +6,14 @@
 //! fast Grad-SAM maps of the shape word at steps nearest t ∈ TIMESTEPS for each
 //! cross-attention layer alone ([T, L, C, h, w]) and the judge's mask of that object, so that
 //! threshold policies can be compared offline (scripts/heat_sweep.py).
+//! `--strength S` (< 1) starts each render from its true scene (SDEdit), which says at which
+//! noise level a shape is lost; `--protect true` runs eval_tiny's protect task instead, on
+//! tuning cases from seed 800_000, at `--strength` (eval_tiny uses 0.9).
 //!   cargo run -p frisket-trainer --example tune_probe -- --model models/shapes --guidance 5
 use anyhow::{Context, Result};
 use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig, ObjectQuery};
-use frisket_trainer::engine::explain::{self, ExplainMode, ProtectParams};
-use frisket_trainer::engine::image_io::{rgb_to_tensor, tensor_to_rgb};
+use frisket_trainer::engine::explain::{self, ExplainMode};
+use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
 use frisket_trainer::engine::schedulers::SchedulerKind;
@@ -65,16 +68,7 @@ fn main() -> Result<()> {
         let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for i in 0..n {
             let case = frisket_trainer::data::protect_case(800_000 + i)?;
-            let mask = Tensor::from_slice(&case.reference.masks[0].to_gray().into_raw()).view([64, 64]);
-            let p = GenerateParams {
-                prompt: case.prompt.clone(),
-                seed: i,
-                reference: Some(rgb_to_tensor(&case.reference.image)),
-                strength,
-                protect: Some(ProtectParams { mask, feather: 0 }),
-                ..base.clone()
-            };
-            let out = model.generate(&p, &mut |_| Flow::Continue)?;
+            let out = model.generate(&case.params(&base, i, strength), &mut |_| Flow::Continue)?;
             let c = check_object(&judge(&tensor_to_rgb(&out.image)?), &ObjectQuery::from_info(&case.wanted));
             appears += (c.colour_right && c.shape_right) as u64;
             at_position += c.all_right() as u64;

@@ -3,6 +3,9 @@
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
 use frisket_shapes::rng::Rng;
 use frisket_shapes::{generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape};
+use crate::engine::explain::ProtectParams;
+use crate::engine::image_io::rgb_to_tensor;
+use crate::engine::pipeline::GenerateParams;
 use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
@@ -38,6 +41,22 @@ pub fn protect_case(seed: u64) -> Result<ProtectCase, GenError> {
     )?;
     let prompt = ObjectQuery::from_info(&wanted).phrase(&Default::default());
     Ok(ProtectCase { reference, kept, wanted, prompt })
+}
+
+impl ProtectCase {
+    /// The job: img2img from the reference at `strength`, the kept object's exact mask protected.
+    pub fn params(&self, base: &GenerateParams, seed: u64, strength: f64) -> GenerateParams {
+        let (w, h) = self.reference.image.dimensions();
+        let mask = Tensor::from_slice(&self.reference.masks[0].to_gray().into_raw()).view([h as i64, w as i64]);
+        GenerateParams {
+            prompt: self.prompt.clone(),
+            seed,
+            reference: Some(rgb_to_tensor(&self.reference.image)),
+            strength,
+            protect: Some(ProtectParams { mask, feather: 0 }),
+            ..base.clone()
+        }
+    }
 }
 
 /// RGB u8 image → [3, H, W] float in [-1, 1] (the VAE's input range).

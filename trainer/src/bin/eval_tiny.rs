@@ -23,8 +23,8 @@ use frisket_shapes::{
 };
 use frisket_trainer::data;
 use frisket_trainer::flags::Flags;
-use frisket_trainer::engine::explain::{self, mask, ExplainMode, MaskParams, ProtectParams};
-use frisket_trainer::engine::image_io::{rgb_to_tensor, tensor_to_rgb};
+use frisket_trainer::engine::explain::{self, mask, ExplainMode, MaskParams};
+use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
 use image::RgbImage;
@@ -257,19 +257,11 @@ fn main() -> Result<()> {
     let mut protect_rows = Vec::new();
     let mut protect_samples: Vec<RgbImage> = Vec::new();
     for i in 0..a.n {
-        let data::ProtectCase { reference, kept, wanted, prompt } = data::protect_case(700_000 + i)?;
-        let q = ObjectQuery::from_info(&wanted);
+        let case = data::protect_case(700_000 + i)?;
+        let data::ProtectCase { reference, kept, wanted, prompt } = &case;
+        let q = ObjectQuery::from_info(wanted);
         let protect_mask = &reference.masks[0];
-        let mask_t = Tensor::from_slice(&protect_mask.to_gray().into_raw()).view([64, 64]);
-        let p = GenerateParams {
-            prompt: prompt.clone(),
-            seed: i,
-            reference: Some(rgb_to_tensor(&reference.image)),
-            strength: a.strength,
-            protect: Some(ProtectParams { mask: mask_t, feather: 0 }),
-            ..base.clone()
-        };
-        let r = render(&model, &p)?;
+        let r = render(&model, &case.params(&base, i, a.strength))?;
         let kept_exact = (0..64u32).all(|y| {
             (0..64u32).all(|x| !protect_mask.get(x, y) || r.image.get_pixel(x, y) == reference.image.get_pixel(x, y))
         });
