@@ -25,6 +25,39 @@ import harness  # noqa: E402
 KRITA_TIMEOUT = int(os.environ.get("FRISKET_KRITA_TEST_TIMEOUT", "900"))
 
 
+# Krita (offscreen) hangs in contract_explain_layers when it runs after the other cases (seen
+# on CI and locally; alone it passes): the result file stops changing and the process idles
+# until the timeout, leaving that case unrecorded. The script rewrites the result file after
+# every case (all 11 take about 5 s), so a file unchanged for STALL_SECONDS means a hang:
+# Krita is stopped, and the cases it did not record run once more in a fresh Krita (reported
+# on stderr). A case that hangs again stays unrecorded and fails.
+STALL_SECONDS = int(os.environ.get("FRISKET_KRITA_STALL_SECONDS", "60"))
+
+
+def run_krita(runner, env, result_path, log_path):
+    """Runs the script once; returns its result (None if it wrote nothing)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([runner, "-s", "krita_plugin_test", "-f", "main"], env=dict(env, FRISKET_TEST_RESULT=result_path),
+                                stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(harness.ROOT, "tests", "krita"))
+        deadline = time.time() + KRITA_TIMEOUT
+        last_change = time.time()
+        last_mtime = None
+        while proc.poll() is None and time.time() < deadline:
+            mtime = os.path.getmtime(result_path) if os.path.exists(result_path) else None
+            if mtime != last_mtime:
+                last_mtime, last_change = mtime, time.time()
+            if time.time() - last_change > STALL_SECONDS:
+                break
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if not os.path.exists(result_path):
+        return None
+    with open(result_path) as f:
+        return json.load(f)
+
+
 def krita_importer():
     """Krita's plugin_importer.py (Tools > Scripts > Import Python Plugin from File)."""
     for path in glob.glob("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py") + \
@@ -80,18 +113,20 @@ class KritaPlugin(unittest.TestCase):
         })
         env.pop("FRISKET_SERVER", None)
         log_path = os.path.join(cls.workdir, "kritarunner.log")
-        with open(log_path, "wb") as log:
-            try:
-                subprocess.run([runner, "-s", "krita_plugin_test", "-f", "main"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=os.path.join(harness.ROOT, "tests", "krita"),
-                               timeout=KRITA_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
+        cls.result = run_krita(runner, env, out, log_path)
+        if cls.result is not None and "seconds" not in cls.result:
+            missing = [n for n in cls.result.get("planned", []) if n not in cls.result["cases"]]
+            if missing:
+                print("\nkritarunner stalled; running {} once more in a fresh Krita".format(", ".join(missing)),
+                      file=sys.stderr)
+                retry = run_krita(runner, dict(env, FRISKET_TEST_CASES=",".join(missing)), out + ".retry.json", log_path)
+                if retry is not None:
+                    cls.result["cases"].update(retry["cases"])
+                    cls.result["uncaught"] += retry["uncaught"]
+                    cls.result["fatal"] = cls.result["fatal"] or retry["fatal"]
         cls.runner_log = open(log_path, "rb").read().decode("utf-8", "replace")
-        if not os.path.exists(out):
+        if cls.result is None:
             raise AssertionError("kritarunner wrote no result file; its output:\n" + cls.runner_log[-4000:])
-        with open(out) as f:
-            cls.result = json.load(f)
         if os.environ.get("FRISKET_KRITA_TEST_VERBOSE"):
             print(json.dumps(cls.result, indent=1), file=sys.stderr)
 
