@@ -119,8 +119,8 @@ fn main() -> Result<()> {
     writeln!(w, "| part | configuration | parameters |\n|---|---|---:|")?;
     writeln!(w, "| VAE (`AutoencoderKL`) | blocks {}, 1 resnet per block, mid attention, 4 latent channels, factor 4 (64 px → 16×16 latent), scaling_factor {:.4} | {} |",
         t["vae"]["blocks"], f(&t["vae"]["scaling_factor"]), t["vae"]["params"])?;
-    writeln!(w, "| UNet (`UNet2DConditionModel`) | blocks {}, 1 layer per block, CrossAttnDown ×2 + DownBlock, 8 heads, cross-attention dim 64, sample 16 | {} |",
-        t["unet"]["blocks"], t["unet"]["params"])?;
+    writeln!(w, "| UNet (`UNet2DConditionModel`) | blocks {}, 1 layer per block, CrossAttnDown ×2 + DownBlock, {} heads per attention layer, cross-attention dim 64, sample 16 | {} |",
+        t["unet"]["blocks"], t["unet"]["heads"].as_i64().unwrap_or(8), t["unet"]["params"])?;
     writeln!(w, "| text encoder (`CLIPTextModel`) | width {}, {} layers, 4 heads, quick_gelu, 48 positions | {} |",
         t["text_encoder"]["width"], t["text_encoder"]["layers"], t["text_encoder"]["params"])?;
     writeln!(w, "| tokenizer (`CLIPTokenizer`) | byte-level BPE in CLIP's file layout, vocab {}, every caption word one token, `model_max_length` 48 | |\n", t["text_encoder"]["vocab"])?;
