@@ -11,8 +11,10 @@ plugin package `frisket`), FRISKET_TEST_SERVER (URL), FRISKET_TEST_MODEL,
 FRISKET_TEST_SIZE (WxH), FRISKET_CLIENT (the client binary, found by the plugin's
 discovery), FRISKET_TEST_CASES (optional comma-separated subset).
 """
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -42,6 +44,10 @@ class Case(object):
 
 def main(*_args):
     start = time.time()
+    # On a stall the runner sends SIGUSR1 and reads where every thread was (Python frames),
+    # written from the signal handler even while a C++ call holds the main thread.
+    stacks = open(os.environ.get("FRISKET_TEST_RESULT", "/tmp/frisket-krita-test.json") + ".stacks", "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         _main()
     except Exception:
@@ -56,12 +62,16 @@ def _main():
     from PyQt5.QtCore import QEventLoop, Qt
     from PyQt5.QtWidgets import QApplication
 
-    # Exceptions escaping a Qt slot would be a traceback dialog in Krita: count them.
+    # Exceptions escaping a Qt slot would be a traceback dialog in Krita: record them. Krita's
+    # own hook is not called: its modal dialog never closes offscreen, and that was the
+    # stalled kritarunner (stacks: excepthook.on_error under processEvents).
     previous_hook = sys.excepthook
 
     def hook(kind, value, tb):
-        RESULT["uncaught"].append("".join(traceback.format_exception(kind, value, tb)))
-        previous_hook(kind, value, tb)
+        text = "".join(traceback.format_exception(kind, value, tb))
+        RESULT["uncaught"].append(text)
+        sys.stderr.write(text)
+        _write()
 
     sys.excepthook = hook
 

@@ -32,6 +32,12 @@ class ClientCall(QObject):
         self._parse = parse
         self._server = server
         self._finished = False
+        # When the owner (a docker) is destroyed with the call in flight, the QProcess's
+        # destructor kills the client and still emits `finished`, after the timer is gone: the
+        # slot must then do nothing (it raised "wrapped C/C++ object of type QTimer has been
+        # deleted"). `destroyed` comes before the children are deleted.
+        gone = self._gone = []
+        self.destroyed.connect(lambda *_: gone.append(True))
         self._proc = QProcess(self)
         self._proc.finished.connect(self._on_finished)
         self._proc.errorOccurred.connect(self._on_error)
@@ -42,7 +48,7 @@ class ClientCall(QObject):
         self._proc.start(client, args)
 
     def _emit(self, result, error):
-        if self._finished:
+        if self._finished or self._gone:
             return
         self._finished = True
         self._timer.stop()
@@ -50,14 +56,20 @@ class ClientCall(QObject):
         self.deleteLater()
 
     def _on_error(self, err):
+        if self._gone:
+            return
         if err == QProcess.FailedToStart:
             self._emit(None, "Could not start the Frisket client ({}).".format(self._proc.errorString()))
 
     def _on_timeout(self):
+        if self._gone:
+            return
         self._proc.kill()
         self._emit(None, "The Frisket client did not answer in time.")
 
     def _on_finished(self, code, status):
+        if self._gone:
+            return
         out = bytes(self._proc.readAllStandardOutput()).decode("utf-8", "replace")
         err = bytes(self._proc.readAllStandardError()).decode("utf-8", "replace")
         try:
