@@ -68,7 +68,8 @@ def _main():
     previous_hook = sys.excepthook
 
     def hook(kind, value, tb):
-        text = "".join(traceback.format_exception(kind, value, tb))
+        during = RESULT["order"][-1] if RESULT["order"] else "set-up"
+        text = "during {}: ".format(during) + "".join(traceback.format_exception(kind, value, tb))
         RESULT["uncaught"].append(text)
         sys.stderr.write(text)
         _write()
