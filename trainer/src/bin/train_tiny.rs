@@ -371,7 +371,8 @@ fn main() -> Result<()> {
                 bail!("{} was trained with --zero-snr {z}; resume with the same flag or use another --work", ckpt.display());
             }
         }
-        // The head count changes no weight's shape, so a mismatch would load without error.
+        // The head count changes no weight's shape, so a mismatch would load without error;
+        // checkpoints without the field predate the flag and were trained with 8.
         let heads = st["heads"].as_i64().unwrap_or(8);
         if heads != a.heads {
             bail!("{} was trained with --heads {heads}; resume with the same flag or use another --work", ckpt.display());
