@@ -21,6 +21,27 @@ def _log(message):
     print("frisket: " + message, file=sys.stderr)
 
 
+def _unless_destroyed(slot):
+    """A ClientCall's slot that does nothing once the call is being destroyed (its owner, a
+    docker, was closed or freed with the call in flight). The destruction can come at any point,
+    also inside the slot (Python's cycle collector runs on an allocation and may free the
+    docker there), so the timer or the process may vanish between two lines: a RuntimeError
+    ("wrapped C/C++ object ... has been deleted") then means nobody waits for the answer."""
+
+    def wrapper(self, *args):
+        if self._gone:
+            return None
+        try:
+            return slot(self, *args)
+        except RuntimeError:
+            if not self._gone:
+                raise
+            return None
+
+    wrapper.__name__ = slot.__name__
+    return wrapper
+
+
 class ClientCall(QObject):
     """One short client command (`models`, `tokenize`, `cancel`), without blocking.
     `done(result, error)`: the parsed output, or None and a message."""
@@ -32,10 +53,8 @@ class ClientCall(QObject):
         self._parse = parse
         self._server = server
         self._finished = False
-        # When the owner (a docker) is destroyed with the call in flight, the QProcess's
-        # destructor kills the client and still emits `finished`, after the timer is gone: the
-        # slot must then do nothing (it raised "wrapped C/C++ object of type QTimer has been
-        # deleted"). `destroyed` comes before the children are deleted.
+        # Set when this call starts being destroyed (see _unless_destroyed); it raised "wrapped
+        # C/C++ object of type QTimer has been deleted" into Krita's traceback dialog before.
         gone = self._gone = []
         self.destroyed.connect(lambda *_: gone.append(True))
         self._proc = QProcess(self)
@@ -48,28 +67,25 @@ class ClientCall(QObject):
         self._proc.start(client, args)
 
     def _emit(self, result, error):
-        if self._finished or self._gone:
+        if self._finished:
             return
         self._finished = True
         self._timer.stop()
         self.done.emit(result, error)
         self.deleteLater()
 
+    @_unless_destroyed
     def _on_error(self, err):
-        if self._gone:
-            return
         if err == QProcess.FailedToStart:
             self._emit(None, "Could not start the Frisket client ({}).".format(self._proc.errorString()))
 
+    @_unless_destroyed
     def _on_timeout(self):
-        if self._gone:
-            return
         self._proc.kill()
         self._emit(None, "The Frisket client did not answer in time.")
 
+    @_unless_destroyed
     def _on_finished(self, code, status):
-        if self._gone:
-            return
         out = bytes(self._proc.readAllStandardOutput()).decode("utf-8", "replace")
         err = bytes(self._proc.readAllStandardError()).decode("utf-8", "replace")
         try:
