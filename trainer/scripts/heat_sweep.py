@@ -1,11 +1,13 @@
-"""heat_sweep.py DUMP.safetensors [--table]: mIoU of heatmap → mask policies on tune_probe's dump.
+"""heat_sweep.py DUMP.safetensors [--table | --last-layer]: mIoU of heatmap → mask policies on tune_probe's dump.
 
 Each entry holds fast Grad-SAM maps [T, L, C, h, w] of one render's shape word (T = the
 timesteps in tune_probe's TIMESTEPS, L = cross-attention layers) and the judge's 64×64 mask
 of the object. A policy picks timesteps, layers, how channels are combined, how the map is
 brought to pixels and where it is thresholded. Run on the tuning set, never on eval_tiny's
-prompts, so that the chosen policy can then be scored on held-out prompts. Without --table:
-the best of all policies; with it: the grid a reader can check by eye. Run it with the
+prompts, so that the chosen policy can then be scored on held-out prompts. Without a flag:
+the best of all policies; --table: the grid a reader can check by eye; --last-layer: the
+policies for the last layer alone (where fast = exact), as with `tune_probe --dump-layers
+last`, which dumps only that layer. Run it with the
 project venv's python (torch, safetensors).
 """
 import itertools
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-TIMESTEPS = [900, 700, 500, 300, 100]
+TIMESTEPS = [900, 700, 500, 300, 100, 50]
 
 
 def gaussian_blur(x, kernel=3, sigma=6.0):
@@ -46,6 +48,22 @@ def heat(maps, channels):
     return maps.relu().sum(dim=1, keepdim=True)  # "relu-sum"
 
 
+def otsu(values, bins=64):
+    """Otsu's threshold of a 1-D tensor: the cut that maximises the between-class variance."""
+    lo, hi = values.min().item(), values.max().item()
+    if hi <= lo:
+        return hi
+    hist = torch.histc(values, bins=bins, min=lo, max=hi).double()
+    centres = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    centres = (centres[:-1] + centres[1:]) / 2
+    w0 = hist.cumsum(0)
+    m0 = (hist * centres).cumsum(0)
+    total, mean_all = w0[-1], m0[-1]
+    w1 = total - w0
+    between = (mean_all * w0 - total * m0) ** 2 / (w0 * w1).clamp_min(1e-12)
+    return centres[between[:-1].argmax()].item()
+
+
 def to_mask(h, upsample, threshold, blur):
     if blur:
         h = gaussian_blur(h)
@@ -53,6 +71,8 @@ def to_mask(h, upsample, threshold, blur):
     kind, v = threshold
     if kind == "tau":
         return h[0, 0] >= v * h.max().clamp_min(1e-12)
+    if kind == "otsu":
+        return h[0, 0] > otsu(h.flatten()) + v * h.std()
     mean, std = h.mean(), h.std()
     return h[0, 0] > mean + v * std
 
@@ -119,8 +139,37 @@ def table(path):
                 print(f"  t{t:<4} {ln:5s} " + " ".join(f"{v:8.3f}" for v in row))
 
 
+def last_layer(path):
+    """Policies the engine can stream in both modes: the last layer alone (fast = exact there),
+    one map per timestep or the mean of two; channels, upsampling and threshold swept."""
+    torch.set_num_threads(1)
+    d = load_file(path)
+    ids = sorted(int(k.split("_")[1]) for k in d if k.startswith("maps_"))
+    entries = [(d[f"maps_{i}"], d[f"truth_{i}"] > 127) for i in ids]
+    ths = [("std", v) for v in (0.5, 0.75, 1.0, 1.25, 1.5)] + [("tau", v) for v in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)]
+    ths += [("otsu", v) for v in (-0.25, 0.0, 0.25)]
+    t = {v: k for k, v in enumerate(TIMESTEPS)}
+    results = []
+    for (tn, ts), ch, up, blur in itertools.product(
+        {"t50": [t[50]], "t100": [t[100]], "t300": [t[300]], "t50+100": [t[50], t[100]], "t100+300": [t[100], t[300]]}.items(), ("sum", "relu-sum", "abs"), ("bilinear", "bicubic"), (False, True)
+    ):
+        hs = [(heat(m[ts][:, -1].sum(0, keepdim=True), ch), tr) for m, tr in entries]
+        for th in ths:
+            ious = [iou(to_mask(h, up, th, blur), tr) for h, tr in hs]
+            results.append((sum(ious) / len(ious), tn, ch, up, blur, th))
+    results.sort(key=lambda r: -r[0])
+    print(f"{len(entries)} renders; last layer; best 25 (mIoU, timesteps, channels, upsampling, blur, threshold):")
+    for r in results[:25]:
+        print(f"  {r[0]:.3f}  {r[1]:9s} {r[2]:8s} {r[3]:8s} blur={r[4]!s:5s} {r[5][0]} {r[5][1]}")
+    for r in results:
+        if r[1:] == ("t100", "sum", "bilinear", False, ("std", 1.0)):
+            print(f"shipped (t100 sum bilinear, mean + 1.0·std): {r[0]:.3f}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[2] == "--table":
         table(sys.argv[1])
+    elif len(sys.argv) == 3 and sys.argv[2] == "--last-layer":
+        last_layer(sys.argv[1])
     else:
         main()
