@@ -58,27 +58,32 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (img.width(), img.height())
 }
 
-/// The subject mask the server sends for a map [c, h, w]: summed over channels, brought
-/// to width × height bilinearly (half-pixel centres, as torch's align_corners = false),
-/// kept above mean + 1 std (unbiased).
+/// The subject mask the server sends for a map [c, h, w]: summed over channels, negative
+/// heat dropped, brought to width × height bicubically (torch's cubic convolution, a = −0.75,
+/// half-pixel centres as align_corners = false, edge taps clamped), kept where it reaches
+/// 0.15 × its maximum.
 fn subject_mask_of(values: &[f32], [c, h, w]: [usize; 3], width: usize, height: usize) -> Vec<bool> {
-    let plane: Vec<f64> = (0..h * w).map(|i| (0..c).map(|k| values[k * h * w + i] as f64).sum()).collect();
-    let taps = |src: usize, dst: usize, o: usize| {
-        let s = ((o as f64 + 0.5) * src as f64 / dst as f64 - 0.5).max(0.0);
-        let i0 = (s.floor() as usize).min(src - 1);
-        (i0, (i0 + 1).min(src - 1), s - i0 as f64)
+    let plane: Vec<f64> = (0..h * w).map(|i| (0..c).map(|k| values[k * h * w + i] as f64).sum::<f64>().max(0.0)).collect();
+    // The four source taps and weights of output index `o` along an axis of `src` → `dst`.
+    let taps = |src: usize, dst: usize, o: usize| -> [(usize, f64); 4] {
+        let a = -0.75;
+        let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+        let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+        let s = (o as f64 + 0.5) * src as f64 / dst as f64 - 0.5;
+        let i0 = s.floor();
+        let t = s - i0;
+        let at = |d: f64| (i0 + d).clamp(0.0, (src - 1) as f64) as usize;
+        [(at(-1.0), far(t + 1.0)), (at(0.0), near(t)), (at(1.0), near(1.0 - t)), (at(2.0), far(2.0 - t))]
     };
     let up: Vec<f64> = (0..height * width)
         .map(|i| {
-            let ((y0, y1, fy), (x0, x1, fx)) = (taps(h, height, i / width), taps(w, width, i % width));
-            let row = |y: usize| (1.0 - fx) * plane[y * w + x0] + fx * plane[y * w + x1];
-            (1.0 - fy) * row(y0) + fy * row(y1)
+            let (ys, xs) = (taps(h, height, i / width), taps(w, width, i % width));
+            let row = |y: usize| xs.iter().map(|&(x, wx)| wx * plane[y * w + x]).sum::<f64>();
+            ys.iter().map(|&(y, wy)| wy * row(y)).sum()
         })
         .collect();
-    let n = up.len() as f64;
-    let mean = up.iter().sum::<f64>() / n;
-    let std = (up.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    up.iter().map(|&v| v > mean + std).collect()
+    let peak = up.iter().cloned().fold(f64::MIN, f64::max).max(1e-12);
+    up.iter().map(|&v| v >= 0.15 * peak).collect()
 }
 
 /// Words, protection, two manipulation steps, default streaming: the events come as
@@ -151,7 +156,10 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
         assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255), "a 0/255 mask");
         let expected = subject_mask_of(&values, [4, 12, 16], 64, 48);
         let set = expected.iter().filter(|&&e| e).count();
-        assert!(set > 0 && set < 64 * 48 / 2, "{set} pixels: above mean + 1 std is a minority");
+        // The fixture model is untrained, so its maps are nearly flat and 0.15 × the maximum
+        // keeps most or all of the image; the rule's shape on a peaked map is checked by
+        // mask.rs's unit test, and on the shipped model by eval_tiny's mIoU.
+        assert!(set > 0, "the map's maximum is always kept");
         // f32 in the server against f64 here: pixels right at the threshold may flip.
         let differ = mask.pixels().zip(&expected).filter(|(p, &e)| (p[0] == 255) != e).count();
         assert!(differ <= 64 * 48 / 100, "{differ} pixels differ from this heatmap's own mask");

@@ -133,10 +133,10 @@ pub fn mask_png(mask: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
 }
 
 /// Where an importance map [C, h, w] puts its subject, as an 8-bit grey PNG (0 or 255) at
-/// `width`×`height` (`mask::pixel_masks` at `SUBJECT_MASK_K`).
+/// `width`×`height` (`mask::pixel_masks` at `SUBJECT_MASK_TAU`).
 pub fn subject_mask_png(map: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
-    use crate::engine::explain::mask::{pixel_masks, SUBJECT_MASK_K};
-    let mask = pixel_masks(&map.to_device(Device::Cpu).unsqueeze(0), width as i64, height as i64, SUBJECT_MASK_K);
+    use crate::engine::explain::mask::{pixel_masks, SUBJECT_MASK_TAU};
+    let mask = pixel_masks(&map.to_device(Device::Cpu).unsqueeze(0), width as i64, height as i64, SUBJECT_MASK_TAU);
     mask_png(&mask.to_kind(Kind::Float), width, height)
 }
 

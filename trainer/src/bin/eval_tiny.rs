@@ -12,7 +12,7 @@
 //!    protected pixels bit-exact, and whether the judge finds the requested object;
 //!  * heatmap truth: Grad-SAM of the shape word against the judge's mask of that object in
 //!    the rendered image; mIoU over the renders where the judge found it. The headline mask
-//!    is `mask::pixel_masks` (bilinear to pixels, mean + 1.0·std) of the last
+//!    is `mask::pixel_masks` (bicubic to pixels, ≥ 0.15 × the maximum) of the last
 //!    cross-attention layer at the step nearest t = 100; that policy was chosen on a
 //!    separate tuning set (examples/tune_probe + scripts/heat_sweep.py, seeds 100_000..),
 //!    never on these prompts. Also reported: the engine's manipulation mask and DAAM's
@@ -97,8 +97,8 @@ fn heatmap_masks(
 
 /// The headline pixel mask (`mask::pixel_masks`): the last cross-attention layer (the
 /// paper's, and the one where fast Grad-SAM is exact, so one policy serves both modes), the
-/// step nearest t = 100, threshold mean + k·std with the k the server streams
-/// (`mask::SUBJECT_MASK_K`). Chosen on the tuning set (heat_sweep.py).
+/// step nearest t = 100, threshold τ × the maximum with the τ the server streams
+/// (`mask::SUBJECT_MASK_TAU`). Chosen on the tuning set (heat_sweep.py).
 const PIXEL_MASK_TIMESTEP: f64 = 100.0;
 
 /// A latent entering a step: (latent, step index, timestep).
@@ -138,7 +138,7 @@ fn pixel_mask(model: &StableDiffusion, p: &GenerateParams, late: &StepLatent, la
     let cond = model.encode_prompt(&p.prompt);
     let (lat, step, t) = late;
     let maps = explain::attribute(model, &*scheduler, lat, *step, *t, &cond, layers, &[subject], mode, None)?;
-    let m = mask::pixel_masks(&maps, p.width, p.height, mask::SUBJECT_MASK_K).get(0).to_kind(Kind::Float);
+    let m = mask::pixel_masks(&maps, p.width, p.height, mask::SUBJECT_MASK_TAU).get(0).to_kind(Kind::Float);
     let values: Vec<f32> = Vec::try_from(m.flatten(0, -1))?;
     Ok(Mask::from_threshold(p.width as u32, p.height as u32, &values, 0.5))
 }
@@ -293,7 +293,7 @@ fn main() -> Result<()> {
         "label": a.label,
         "settings": {"n": a.n, "exact_n": a.exact_n, "guidance": a.guidance, "steps": a.steps, "scheduler": "DDIM",
                       "strength": a.strength, "size": 64, "heatmap_timestep": 500, "heatmap_layer": "last",
-                      "pixel_mask_timestep": PIXEL_MASK_TIMESTEP, "pixel_mask_layers": pixel_layers, "pixel_mask_k": mask::SUBJECT_MASK_K},
+                      "pixel_mask_timestep": PIXEL_MASK_TIMESTEP, "pixel_mask_layers": pixel_layers, "pixel_mask_tau": mask::SUBJECT_MASK_TAU},
         "single": {"colour": colour.pct(), "shape": shape.pct(), "position": position.pct(), "all": all.pct()},
         "ceilings": {"judge_on_truth_all": truth_all.pct(), "vae_roundtrip_shape": vae_shape.pct(),
                      "vae_roundtrip_position": vae_position.pct(), "vae_roundtrip_all": vae_all.pct()},
@@ -301,7 +301,8 @@ fn main() -> Result<()> {
         "heatmap": {"miou_fast": mean(&iou_fast), "n_fast": iou_fast.len(), "miou_exact": mean(&iou_exact), "n_exact": iou_exact.len(),
                     "miou_fast_daam": mean(&iou_fast_daam), "miou_exact_daam": mean(&iou_exact_daam),
                     "miou_fast_pixel": mean(&iou_fast_pixel), "miou_exact_pixel": mean(&iou_exact_pixel)},
-        "render_secs": {"median": median_secs, "mean": mean(&secs), "max": sorted[sorted.len() - 1]},
+        "render_secs": {"median": median_secs, "mean": mean(&secs), "max": sorted[sorted.len() - 1],
+                        "cpu": format!("{}, {} threads", frisket_trainer::cpu_name(), tch::get_num_threads())},
         "eval_secs": t_all.elapsed().as_secs_f64(),
         "rows": rows,
         "protect_rows": protect_rows,

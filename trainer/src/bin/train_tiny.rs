@@ -526,10 +526,7 @@ fn main() -> Result<()> {
         writeln!(csv, "unet,{i},{l:.5}")?;
     }
     plot::loss_curves(&out.join("loss.png"), &[("VAE", &vae_losses), ("text encoder (classifier)", &te_losses), ("UNet + text encoder", &unet_losses)])?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-        .unwrap_or_default();
+    let cpu = frisket_trainer::cpu_name();
     let hardware = match a.device {
         Device::Cpu => format!("{cpu}, {} threads", tch::get_num_threads()),
         _ => "CUDA device 0".to_string(),

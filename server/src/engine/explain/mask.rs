@@ -89,23 +89,25 @@ pub fn subject_masks(maps: &Tensor, p: &MaskParams) -> Tensor {
     y.gt_tensor(&(mean + std * p.threshold_k))
 }
 
-/// The `k` of `pixel_masks` that the service streams and eval_tiny scores: chosen on the
-/// shapes model's tuning set (k 0.75 → 0.693 mIoU, 1.0 → 0.707, 1.25 → 0.707; trainer/DESIGN.md).
-pub const SUBJECT_MASK_K: f64 = 1.0;
+/// The τ of `pixel_masks` that the service streams and eval_tiny scores: chosen on the
+/// shapes model's tuning set (308 renders, last layer, t ≈ 100; trainer/DESIGN.md, eighth
+/// session): bicubic τ 0.15 → 0.699 mIoU, 0.175 → 0.699, 0.2 → 0.691; the earlier
+/// bilinear mean + 1.0·std → 0.684.
+pub const SUBJECT_MASK_TAU: f64 = 0.15;
 
-/// Pixel masks [S, H, W] (bool) of importance maps [S, C, h, w]: channels summed, the map
-/// brought to the image's size bilinearly, and kept above mean + k·std over the image. This
-/// is for showing and scoring where a subject is. The manipulation mask (`build_mask`) stays
-/// at latent cells, blurred and dilated, because it decides which latents are generated and
-/// must cover the subject; on a small latent (16 cells for the shapes model) one cell of
-/// dilation is a quarter of an object's width.
-pub fn pixel_masks(maps: &Tensor, width: i64, height: i64, k: f64) -> Tensor {
-    let heat = maps.to_kind(Kind::Float).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
-    let y = heat.upsample_bilinear2d([height, width], false, None, None);
-    let dims = [2i64, 3].as_slice();
-    let mean = y.mean_dim(dims, true, Kind::Float);
-    let std = y.std_dim(dims, true, true);
-    y.gt_tensor(&(mean + std * k)).squeeze_dim(1)
+/// Pixel masks [S, H, W] (bool) of importance maps [S, C, h, w]: channels summed, negative
+/// heat dropped, the map brought to the image's size bicubically (torch's, a = −0.75), and
+/// kept where it reaches τ × its maximum (DAAM's rule, with its own τ). This is for showing
+/// and scoring where a subject is. The manipulation mask (`build_mask`) stays at latent
+/// cells, blurred and dilated, because it decides which latents are generated and must
+/// cover the subject; on a small latent (16 cells for the shapes model) one cell of
+/// dilation is a quarter of an object's width. A map with no positive heat gives an empty
+/// mask.
+pub fn pixel_masks(maps: &Tensor, width: i64, height: i64, tau: f64) -> Tensor {
+    let heat = maps.to_kind(Kind::Float).sum_dim_intlist([1i64].as_slice(), true, Kind::Float).relu();
+    let y = heat.upsample_bicubic2d([height, width], false, None, None);
+    let peak = y.amax([2i64, 3].as_slice(), true).clamp_min(1e-12);
+    y.ge_tensor(&(peak * tau)).squeeze_dim(1)
 }
 
 /// The manipulation mask [C, h, w] (float 0/1): the union over subjects. 1 = the element
@@ -265,22 +267,26 @@ mod tests {
     #[test]
     fn pixel_masks_follow_the_heat_at_image_size() {
         // Subject 0: a 2×2 hot block at cells (2..4, 4..6) of an 8×8 latent, split over two
-        // channels; subject 1: flat, so nothing is above its mean.
+        // channels, on a faint floor; subject 1: no positive heat, so nothing is kept.
         let mut v = vec![0f32; 2 * 2 * 8 * 8];
+        for e in &mut v[..64] {
+            *e = 0.05;
+        }
         for (c, y, x) in [(0, 2, 4), (0, 2, 5), (1, 3, 4), (1, 3, 5)] {
             v[c * 64 + y * 8 + x] = 1.0;
         }
         for e in &mut v[128..] {
-            *e = 0.5;
+            *e = -0.5;
         }
         let maps = Tensor::from_slice(&v).reshape([2, 2, 8, 8]);
-        let m = pixel_masks(&maps, 32, 32, 0.5);
+        let m = pixel_masks(&maps, 32, 32, 0.15);
         assert_eq!(m.size(), vec![2, 32, 32]);
-        // Cells are 4 px: the block covers pixels y 8..16, x 16..24; bilinear keeps its core
-        // and a thin rim, nothing far away.
+        // Cells are 4 px: the block covers pixels y 8..16, x 16..24; bicubic keeps it and a
+        // rim of at most a cell, nothing far away (the floor is under τ × the peak).
         let kept = m.get(0).sum(Kind::Int64).int64_value(&[]);
-        assert!((64..=144).contains(&kept), "kept {kept} pixels for a 64-pixel block");
+        assert!((64..=256).contains(&kept), "kept {kept} pixels for a 64-pixel block");
         assert!(m.get(0).int64_value(&[12, 20]) == 1 && m.get(0).int64_value(&[12, 4]) == 0);
+        assert_eq!(m.get(0).int64_value(&[30, 30]), 0);
         assert_eq!(m.get(1).sum(Kind::Int64).int64_value(&[]), 0);
     }
 
