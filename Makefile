@@ -38,10 +38,10 @@ test: fixtures
 run: build
 	scripts/demo.sh $(SERVER_BIN) $(CLIENT_BIN) $(OUT)
 
-# Retrains models/shapes from nothing (≈ 1 h 41 min on 2 AMD EPYC cores; an Intel Xeon ran
-# 1.5× slower): tokenizer, VAE, text encoder pre-training, UNet + text encoder with attention
-# grounding, the focus phase, export, eval with the judge, model card. Stages resume from
-# $(TRAIN_WORK); delete it to start over.
+# Retrains models/shapes from nothing (≈ 1 h 41 min on 2 AMD EPYC cores; about 3 h on the
+# Intel Xeon of another session): tokenizer, VAE, text encoder pre-training, UNet + text
+# encoder with attention grounding, the focus phase, export, eval with the judge, model card.
+# Stages resume from $(TRAIN_WORK); delete it to start over.
 TRAIN_WORK ?= $(CURDIR)/target/train-tiny
 .PHONY: train-tiny
 train-tiny:

@@ -40,7 +40,7 @@ pub fn text_encoder(cfg_json: &serde_json::Value, device: Device) -> Result<(par
 }
 
 /// The CPU's model name (/proc/cpuinfo), for the records that time things: the training
-/// budget and the render time depend on it (an Intel Xeon here ran the VAE stage 1.55×
+/// budget and the render time depend on it (an Intel Xeon ran the UNet's training step 1.8×
 /// slower than the AMD EPYC the shipped model was trained on).
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
