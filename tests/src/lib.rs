@@ -95,11 +95,16 @@ impl Server {
     /// Starts `serve --models <fixtures> --listen 127.0.0.1:0 --device cpu EXTRA…` and
     /// returns once it listens and its health check answers SERVING.
     pub async fn start(extra: &[&str]) -> Server {
-        let models = models_dir();
+        Self::start_on(&models_dir(), extra).await
+    }
+
+    /// As `start`, serving the model folders under `models` (the repo's `models/` for the
+    /// shipped, trained model).
+    pub async fn start_on(models: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(server_binary())
             .arg("serve")
             .arg("--models")
-            .arg(&models)
+            .arg(models)
             .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
             .args(extra)
             .env("RUST_LOG", std::env::var("FRISKET_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))

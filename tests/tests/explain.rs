@@ -3,7 +3,7 @@
 //! the Result's summary, byte-identity with `frisket-server render`, and INVALID_ARGUMENT
 //! for each bad input while the server keeps serving.
 //!
-//! Needs the fixture models (`make fixtures`).
+//! Needs the fixture models (`make fixtures`); one test serves the shipped models/shapes.
 use frisket_e2e::{generate, reference_path, tensor_values, Collected, Server};
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
@@ -86,6 +86,50 @@ fn subject_mask_of(values: &[f32], [c, h, w]: [usize; 3], width: usize, height: 
     up.iter().map(|&v| v >= 0.15 * peak).collect()
 }
 
+/// `make run`'s job on the shipped, trained model (models/shapes): every streamed subject
+/// mask is the rule applied to its own map, and on a trained model's peaked maps the rule
+/// keeps a small region on the subject: the red circle asked for on the right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_masks_of_the_shipped_model_sit_on_the_subject() {
+    let root = frisket_e2e::workspace_root();
+    let server = Server::start_on(&root.join("models"), &[]).await;
+    let mut client = server.client().await;
+    let req = pb::GenerateRequest {
+        model: "shapes".into(),
+        prompt: "a red circle on the right".into(),
+        seed: Some(3),
+        steps: Some(20),
+        guidance: Some(5.0),
+        strength: Some(0.9),
+        reference_image: std::fs::read(root.join("examples/reference.png")).unwrap(),
+        protected_mask: std::fs::read(root.join("examples/protect.png")).unwrap(),
+        explain: Some(pb::ExplainOptions {
+            mode: pb::ExplainMode::Fast as i32,
+            subject_words: vec!["circle".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let got = generate(&mut client, req).await;
+    assert_eq!(got.code(), Code::Ok, "{:?}", got.error);
+    let heatmaps = got.heatmaps();
+    assert!(!heatmaps.is_empty());
+    for h in heatmaps {
+        let map = h.map.as_ref().unwrap();
+        assert_eq!(map.shape, [4, 16, 16]);
+        let values = tensor_values(map);
+        let mask = image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
+        assert_eq!(mask.dimensions(), (64, 64));
+        let expected = subject_mask_of(&values, [4, 16, 16], 64, 64);
+        let differ = mask.pixels().zip(&expected).filter(|(p, &e)| (p[0] == 255) != e).count();
+        assert!(differ <= 64 * 64 / 100, "step {}: {differ} pixels differ from this heatmap's own mask", h.step);
+        let xs: Vec<u32> = mask.enumerate_pixels().filter(|(_, _, p)| p[0] == 255).map(|(x, _, _)| x).collect();
+        assert!(!xs.is_empty() && xs.len() < 64 * 64 / 8, "step {}: {} pixels, a circle is about 5 % of the image", h.step, xs.len());
+        let centre_x = xs.iter().sum::<u32>() as f64 / xs.len() as f64;
+        assert!(centre_x > 40.0, "step {}: the mask's centre is at x {centre_x:.1}, the circle is on the right", h.step);
+    }
+}
+
 /// Words, protection, two manipulation steps, default streaming: the events come as
 /// Started (subjects, steps), per step `step k`, then at step 0 the protected mask, and
 /// at each manipulated step a heatmap per subject (in subject order) then the mask; the
@@ -157,8 +201,8 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
         let expected = subject_mask_of(&values, [4, 12, 16], 64, 48);
         let set = expected.iter().filter(|&&e| e).count();
         // The fixture model is untrained, so its maps are nearly flat and 0.15 × the maximum
-        // keeps most or all of the image; the rule's shape on a peaked map is checked by
-        // mask.rs's unit test, and on the shipped model by eval_tiny's mIoU.
+        // keeps most or all of the image; on the shipped model's peaked maps the rule is
+        // checked by subject_masks_of_the_shipped_model_sit_on_the_subject.
         assert!(set > 0, "the map's maximum is always kept");
         // f32 in the server against f64 here: pixels right at the threshold may flip.
         let differ = mask.pixels().zip(&expected).filter(|(p, &e)| (p[0] == 255) != e).count();
