@@ -5,7 +5,8 @@
 //! with `--dump FILE` it also writes, for every render with the right colour and shape, the
 //! fast Grad-SAM maps of the shape word at steps nearest t ∈ TIMESTEPS for each
 //! cross-attention layer alone ([T, L, C, h, w]) and the judge's mask of that object, so that
-//! threshold policies can be compared offline (scripts/heat_sweep.py).
+//! threshold policies can be compared offline (scripts/heat_sweep.py); `--dump-layers last`
+//! keeps only the last layer (L = 1), for `heat_sweep.py --last-layer`.
 //! `--strength S` (< 1) starts each render from its true scene (SDEdit), which says at which
 //! noise level a shape is lost; `--protect true` runs eval_tiny's protect task instead, on
 //! tuning cases from seed 800_000, at `--strength` (eval_tiny uses 0.9).
