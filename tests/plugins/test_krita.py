@@ -29,8 +29,8 @@ KRITA_TIMEOUT = int(os.environ.get("FRISKET_KRITA_TEST_TIMEOUT", "900"))
 # A kritarunner that stops writing its result file is stuck. The one hang seen (CI and
 # locally, in contract_explain_layers after the other cases) was Krita's own exception hook
 # showing a modal traceback dialog offscreen; the exception was the plug-in's ClientCall
-# slot running while an earlier case's docker was freed (controller.py, _unless_destroyed), and the script now records such
-# exceptions without the dialog. The script rewrites the result file after every case (all 11
+# slot running while an earlier case's docker was freed (controller.py, _unless_destroyed),
+# and the script now records such exceptions without the dialog. The script rewrites the result file after every case (all 11
 # take about 5 s), so a file unchanged for STALL_SECONDS means a hang: Krita is asked for its
 # Python stacks (SIGUSR1, faulthandler; printed on stderr), stopped, and the cases it did not
 # record run once more in a fresh Krita (reported on stderr). A case that hangs again stays

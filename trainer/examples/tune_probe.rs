@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let layers = model.unet.cross_attention_layer_count();
+    let first_dumped_layer = if dump_last_only { layers - 1 } else { 0 };
     let cfg = GenConfig::default().with_objects(1);
     if f.get("vae-only", false)? {
         // The decoder's ceiling per shape: the judge on VAE round trips of the true scenes.
@@ -134,8 +135,7 @@ fn main() -> Result<()> {
                     .iter()
                     .min_by(|a, b| (a.2 - target).abs().total_cmp(&(b.2 - target).abs()))
                     .context("no step ran")?;
-                let first = if dump_last_only { layers - 1 } else { 0 };
-                let per_layer: Vec<Tensor> = (first..layers)
+                let per_layer: Vec<Tensor> = (first_dumped_layer..layers)
                     .map(|l| explain::attribute(&model, &*scheduler, lat, *step, *t, &cond, &[l], &[subject], ExplainMode::Fast, None))
                     .collect::<Result<_>>()?;
                 per_t.push(Tensor::cat(&per_layer, 0)); // [L, C, h, w]

@@ -7,8 +7,8 @@ brought to pixels and where it is thresholded. Run on the tuning set, never on e
 prompts, so that the chosen policy can then be scored on held-out prompts. Without a flag:
 the best of all policies; --table: the grid a reader can check by eye; --last-layer: the
 policies for the last layer alone (where fast = exact), as with `tune_probe --dump-layers
-last`, which dumps only that layer. Run it with the
-project venv's python (torch, safetensors).
+last`, which dumps only that layer. Run it with the project venv's python (torch,
+safetensors).
 """
 import itertools
 import sys
@@ -161,9 +161,9 @@ def last_layer(path):
     print(f"{len(entries)} renders; last layer; best 25 (mIoU, timesteps, channels, upsampling, blur, threshold):")
     for r in results[:25]:
         print(f"  {r[0]:.3f}  {r[1]:9s} {r[2]:8s} {r[3]:8s} blur={r[4]!s:5s} {r[5][0]} {r[5][1]}")
-    for r in results:
-        if r[1:] == ("t100", "sum", "bilinear", False, ("std", 1.0)):
-            print(f"shipped (t100 sum bilinear, mean + 1.0·std): {r[0]:.3f}")
+    for label, policy in [("shipped, mask::pixel_masks (t100 bicubic, ≥ 0.15 × max)", ("t100", "sum", "bicubic", False, ("tau", 0.15))),
+                          ("before the eighth session (t100 bilinear, mean + 1.0·std)", ("t100", "sum", "bilinear", False, ("std", 1.0)))]:
+        print(f"{label}: {next(r[0] for r in results if r[1:] == policy):.3f}")
 
 
 if __name__ == "__main__":
