@@ -342,6 +342,29 @@ def _main():
         doc.close()
 
     @case
+    def docker_closed_mid_job():
+        """A docker destroyed with its job in flight (its window closed, Krita quitting): the
+        QProcess's destructor kills the client. Nothing may reach Krita's traceback dialog, and
+        the server job stops (test_krita.py reads its log)."""
+        c = Case("docker_closed_mid_job")
+        from PyQt5 import sip
+        doc = new_document("closed")
+        docker = new_docker(doc)
+        docker.set_options(options(steps=400, strength=1.0, seed=8, prompt="a job whose docker closes"))
+        if not c.check("Generate started the job", docker.generate(), docker.status.text()):
+            return
+        ctl = docker.controller
+        c.check("the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180),
+                docker.status.text())
+        RESULT["closed_docker_job_id"] = ctl.job_id
+        uncaught_before = len(RESULT["uncaught"])
+        sip.delete(docker)
+        pump(2.0)
+        c.check("destroying the docker raised nothing", len(RESULT["uncaught"]) == uncaught_before,
+                RESULT["uncaught"][uncaught_before:])
+        doc.close()
+
+    @case
     def protect_explain():
         c = Case("protect_explain")
         doc = new_document("protect")

@@ -135,7 +135,8 @@ class KritaPlugin(unittest.TestCase):
                     cls.result["cases"].update(retry["cases"])
                     cls.result["uncaught"] += retry["uncaught"]
                     cls.result["fatal"] = cls.result["fatal"] or retry["fatal"]
-        cls.runner_log = open(log_path, "rb").read().decode("utf-8", "replace")
+        with open(log_path, "rb") as log:
+            cls.runner_log = log.read().decode("utf-8", "replace")
         if cls.result is None:
             raise AssertionError("kritarunner wrote no result file; its output:\n" + cls.runner_log[-4000:])
         if os.environ.get("FRISKET_KRITA_TEST_VERBOSE"):
@@ -182,23 +183,42 @@ class KritaPlugin(unittest.TestCase):
     def test_cancel(self):
         self.assert_case("cancel")
 
+    def wait_for_server_log(self, patterns, timeout=10):
+        """The server log once every pattern is in it (or the timeout passed), and the matches."""
+        deadline = time.time() + timeout
+        while True:
+            log = self.server.log()
+            found = [re.search(p, log) for p in patterns]
+            if all(found) or time.time() > deadline:
+                return log, found
+            time.sleep(0.2)
+
     def test_cancel_stops_the_server_job(self):
         job = self.result.get("cancel_job_id")
         self.assertTrue(job, "the cancel case recorded no job id")
         if not self.server.log_path:
             self.skipTest("external server: no log to read")
-        deadline = time.time() + 10
-        while True:
-            log = self.server.log()
-            asked = re.search(r"cancel requested job_id={} found=true".format(re.escape(job)), log)
-            stopped = re.search(r"job\{{job_id={}\}}.*job stopped".format(re.escape(job)), log)
-            if (asked and stopped) or time.time() > deadline:
-                break
-            time.sleep(0.2)
+        log, (asked, stopped) = self.wait_for_server_log([
+            r"cancel requested job_id={} found=true".format(re.escape(job)),
+            r"job\{{job_id={}\}}.*job stopped".format(re.escape(job))])
         self.assertTrue(asked, "the server never saw Cancel for {}:\n{}".format(job, log[-3000:]))
         self.assertTrue(stopped, "the server never stopped {}:\n{}".format(job, log[-3000:]))
         finished = re.search(r"job\{{job_id={}\}}.*job finished".format(re.escape(job)), log)
         self.assertIsNone(finished, "the cancelled job ran to the end")
+
+    def test_closing_the_docker_mid_job(self):
+        self.assert_case("docker_closed_mid_job")
+
+    def test_closing_the_docker_stops_the_server_job(self):
+        """The client, killed with the docker, leaves the stream; the server stops the job."""
+        job = self.result.get("closed_docker_job_id")
+        self.assertTrue(job, "the docker_closed_mid_job case recorded no job id")
+        if not self.server.log_path:
+            self.skipTest("external server: no log to read")
+        log, (stopped,) = self.wait_for_server_log(
+            [r"job\{{job_id={}\}}.*job stopped.*client left|job\{{job_id={}\}}.*client left.*job stopped".format(
+                re.escape(job), re.escape(job))])
+        self.assertTrue(stopped, "the server never stopped {} after its client left:\n{}".format(job, log[-3000:]))
 
     def test_contract_explain_layers(self):
         """The plugin's half (fake client speaking the documented format)."""

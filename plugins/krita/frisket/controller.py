@@ -21,12 +21,20 @@ def _log(message):
     print("frisket: " + message, file=sys.stderr)
 
 
+def _note_destruction(obj):
+    """Gives `obj` the `_gone` flag that _unless_destroyed reads. A list, not an attribute
+    set from a method: the handler must not hold `obj` itself."""
+    gone = obj._gone = []
+    obj.destroyed.connect(lambda *_: gone.append(True))
+
+
 def _unless_destroyed(slot):
-    """A ClientCall's slot that does nothing once the call is being destroyed (its owner, a
-    docker, was closed or freed with the call in flight). The destruction can come at any point,
-    also inside the slot (Python's cycle collector runs on an allocation and may free the
-    docker there), so the timer or the process may vanish between two lines: a RuntimeError
-    ("wrapped C/C++ object ... has been deleted") then means nobody waits for the answer."""
+    """A slot of a ClientCall or GenerateController that does nothing once its object is being
+    destroyed (its owner, a docker, was closed or freed with the call or job in flight). The
+    destruction can come at any point, also inside the slot (Python's cycle collector runs on
+    an allocation and may free the docker there), so a timer, the process or a signal may
+    vanish between two lines: a RuntimeError ("wrapped C/C++ object ... has been deleted")
+    then means nobody waits for the answer."""
 
     def wrapper(self, *args):
         if self._gone:
@@ -53,10 +61,9 @@ class ClientCall(QObject):
         self._parse = parse
         self._server = server
         self._finished = False
-        # Set when this call starts being destroyed (see _unless_destroyed); it raised "wrapped
-        # C/C++ object of type QTimer has been deleted" into Krita's traceback dialog before.
-        gone = self._gone = []
-        self.destroyed.connect(lambda *_: gone.append(True))
+        # Without it, "wrapped C/C++ object of type QTimer has been deleted" reached Krita's
+        # traceback dialog.
+        _note_destruction(self)
         self._proc = QProcess(self)
         self._proc.finished.connect(self._on_finished)
         self._proc.errorOccurred.connect(self._on_error)
@@ -136,6 +143,7 @@ class GenerateController(QObject):
         self.buffer = None
         self._reset_job_outputs()
         self._done = True
+        _note_destruction(self)
 
     def _reset_job_outputs(self):
         """What one job builds up; cleared when the next one starts."""
@@ -207,6 +215,7 @@ class GenerateController(QObject):
         QTimer.singleShot(5000, self._kill)
 
     # ----------------------------------------------------------------- process
+    @_unless_destroyed
     def _on_cancel_answer(self, result, error):
         if not self.is_running():
             return
@@ -215,16 +224,19 @@ class GenerateController(QObject):
             # stream cancels it as well.
             self._kill()
 
+    @_unless_destroyed
     def _kill(self):
         if self.is_running() and self.process is not None and self.process.state() != QProcess.NotRunning:
             self.process.kill()
 
+    @_unless_destroyed
     @guarded
     def _on_stdout(self):
         data = bytes(self.process.readAllStandardOutput())
         for event in self.buffer.feed(data):
             self._handle(event)
 
+    @_unless_destroyed
     def _on_stderr(self):
         self._stderr += bytes(self.process.readAllStandardError())
 
@@ -242,6 +254,7 @@ class GenerateController(QObject):
         if not self.state.cancel_requested:
             self._status(self.state.status_text())
 
+    @_unless_destroyed
     @guarded
     def _on_finished(self, code, exit_status):
         if self._done:
@@ -265,6 +278,7 @@ class GenerateController(QObject):
             self._finish(False, core.describe_exit(None if crashed else code,
                                                    self._stderr.decode("utf-8", "replace"), self.opts.server))
 
+    @_unless_destroyed
     def _on_process_error(self, err):
         if err == QProcess.FailedToStart and not self._done:
             self._fail("Could not start the Frisket client {} ({}). Fix the client path in the "
