@@ -167,7 +167,19 @@ fn main() -> Result<()> {
         writeln!(w, "| focus phase (UNet + text encoder, after the steps above) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), the EMA continued at {ema} (the exported weights), all else as above, except that {:.0} % of the single-object scenes show one of: {} (the shapes drawn worst on the tuning set, `examples/tune_probe`) | in the row above |",
             focus["steps"], u["batch"], focus["lr"], 100.0 * f(&focus["share_of_single_object_scenes"]), shapes.join(", "))?;
     }
-    writeln!(w, "\nHardware: {}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}.\n",
+    let polish = &t["polish"];
+    let (mut polish_hardware, mut polish_loss) = (String::new(), String::new());
+    if polish["steps"].as_u64().unwrap_or(0) > 0 {
+        let shapes: Vec<&str> = polish["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
+        writeln!(w, "| polish (the UNet alone, from the exported fp16 weights) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), text encoder frozen, grounding weight {}, EMA {} started at the exported weights; scenes as in the focus phase ({}); seed {} | {:.1} min |",
+            polish["steps"], polish["batch"], polish["lr"], polish["ground_weight"], polish["ema"], shapes.join(", "), polish["seed"], f(&polish["secs"]) / 60.0)?;
+        let hw = polish["hardware"].as_str().unwrap_or("?");
+        if hw != t["hardware"].as_str().unwrap_or("?") {
+            polish_hardware = format!(" (the polish stage: {hw})");
+        }
+        polish_loss = format!(", polish {:.4}", f(&polish["final_loss_avg200"]));
+    }
+    writeln!(w, "\nHardware: {}{polish_hardware}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}{polish_loss}.\n",
         t["hardware"].as_str().unwrap_or("?"), f(&t["total_secs"]) / 60.0, t["seed"], f(&t["vae"]["final_loss_avg200"]), f(&t["unet"]["final_loss_avg200"]))?;
     writeln!(w, "![loss curves](loss.png)\n\nPanels, top to bottom: VAE loss, text-encoder classifier loss (pre-training), UNet loss (log scale, a faint line per power of ten; grey raw, colour a 100-step mean). Values in `loss.csv`.\n")?;
 

@@ -5,7 +5,8 @@
 //!              [--zero-snr true] [--te-pretrain-steps 1500] [--te-lr-scale 0.2] [--aux-weight 0.1]
 //!              [--ground-early-weight 0.05] [--ground-from 2000] [--ground-weight 0.5]
 //!              [--focus-steps 2000] [--focus-lr 2e-4] [--focus-shapes star,cross,diamond,triangle]
-//!              [--focus-ema 0.998] [--heads 2]
+//!              [--focus-ema 0.998] [--heads 2] [--polish-steps 0] [--polish-lr 2e-4]
+//!              [--polish-only false]
 //!
 //! Stages (each resumable: a finished stage's checkpoint in --work is loaded, not redone):
 //!  1. tokenizer: byte-level BPE over the caption vocabulary (bpe.rs);
@@ -21,7 +22,11 @@
 //!     captions, two thirds of the batches single-object; EMA of the weights (saved);
 //!     then a focus phase (fresh optimisers, its own lr schedule) in which half of the
 //!     single-object scenes show a shape the model drew worst on the tuning set;
-//!  5. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out.
+//!  5. export: fp16 diffusers folder (+ training.json, loss.csv, loss.png) in --out;
+//!  6. polish (when --polish-steps > 0): the exported UNet trained on alone, text encoder
+//!     frozen, on the focus phase's scenes, then exported again. It reads only --out, so
+//!     `--polish-only true` runs it on an existing export (a shipped model) and makes the
+//!     files a from-scratch run makes. It keeps no checkpoint: an interrupted polish is redone.
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
 use anyhow::{bail, Context, Result};
 use frisket_trainer::data::{self, BatchSpec};
@@ -36,6 +41,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use frisket_shapes::Shape;
+use frisket_trainer::engine::unet::UNet2DConditionModel;
 use tch::{Device, Kind, Tensor};
 
 /// Eval prompts (trainer/src/bin/eval_tiny.rs) that training never sees.
@@ -86,10 +92,17 @@ struct Args {
     /// and 64 wide. At 8 (heads 8 and 16 wide) a training step took 0.48 s against 0.36 s: the
     /// CPU's flash attention is slow on narrow heads, and attention was 35 % of the step.
     heads: i64,
+    /// Stage 6, after the export: the exported UNet trained on (text encoder frozen, fresh
+    /// AdamW, warm-up 100 and cosine from polish_lr, focus batches, EMA at focus_ema from the
+    /// exported weights), then exported again. It reads only the exported folder, so
+    /// `--polish-only true` runs it on an existing export and makes the same files.
+    polish_steps: u64,
+    polish_lr: f64,
+    polish_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from", "focus-steps", "focus-lr", "focus-shapes", "focus-ema", "heads"];
+    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from", "focus-steps", "focus-lr", "focus-shapes", "focus-ema", "heads", "polish-steps", "polish-lr", "polish-only"];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -110,6 +123,9 @@ fn parse_args() -> Result<Args> {
         focus_lr: f.get("focus-lr", 2e-4)?,
         focus_ema: f.get("focus-ema", 0.998)?,
         heads: f.get("heads", 2)?,
+        polish_steps: f.get("polish-steps", 0)?,
+        polish_lr: f.get("polish-lr", 2e-4)?,
+        polish_only: f.get("polish-only", false)?,
         focus_shapes: f
             .get::<String>("focus-shapes", "star,cross,diamond,triangle".into())?
             .split(',')
@@ -205,6 +221,36 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
     Ok((losses, prog.t0.elapsed().as_secs_f64()))
 }
 
+/// The UNet's losses on one batch of clean latents: each is noised at a random timestep,
+/// then the x₀-weighted v-prediction MSE, and the grounding loss on the attention captured at
+/// `capture` when `ground` is given (zero otherwise).
+fn denoising_losses(
+    unet: &UNet2DConditionModel, alphas: &Tensor, latents: &Tensor, ehs: &Tensor, capture: &[usize], ground: Option<&grounding::Targets>,
+) -> (Tensor, Tensor) {
+    let bsz = latents.size()[0];
+    let t = Tensor::randint(1000, [bsz], (Kind::Int64, latents.device()));
+    let noise = latents.randn_like();
+    let ac = alphas.index_select(0, &t).view([bsz, 1, 1, 1]);
+    let one_minus = -&ac + 1.0;
+    let noisy = latents * ac.sqrt() + &noise * one_minus.sqrt();
+    let (pred, probs) = unet.forward_timesteps_capturing(&noisy, &t.to_kind(Kind::Float), ehs, capture);
+    // v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀). The layout (which shape goes where) is decided
+    // at high noise, where ε-prediction's loss barely sees x₀: in x₀ terms ε-MSE weighs a
+    // timestep by its SNR (0.005 at t = 999), v-MSE by SNR + 1 (≥ 1). The first ε-model
+    // learnt colour but placed objects at chance. Capped at low noise (min-SNR's idea,
+    // Hang et al. 2023): weight min(SNR + 1, cap)/(SNR + 1) on the v-MSE.
+    let target = &noise * ac.sqrt() - latents * one_minus.sqrt();
+    let snr = &ac / &one_minus;
+    let w = (&snr + 1.0).clamp_max(V_WEIGHT_CAP) / (&snr + 1.0);
+    let per_sample = (pred - &target).square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+    let diffusion = (per_sample * w.view([bsz])).mean(Kind::Float);
+    let ground = match ground {
+        Some(targets) => grounding::loss(&probs, targets),
+        None => Tensor::zeros([], (Kind::Float, latents.device())),
+    };
+    (diffusion, ground)
+}
+
 /// The caption the text encoder sees for a scene caption at (step, i): 10 % empty (for
 /// classifier-free guidance), 20 % subject-only, else the full caption.
 fn caption_variant(r: f64, c: &str) -> &str {
@@ -281,6 +327,9 @@ fn main() -> Result<()> {
     }
     let started = Instant::now();
     let held_out = held_out_captions();
+    if a.polish_only {
+        return polish(&a, &a.out, &held_out);
+    }
 
     // 1. Tokenizer.
     let tok_dir = a.work.join("tokenizer");
@@ -395,7 +444,6 @@ fn main() -> Result<()> {
     // Every cross-attention layer is grounded (grounding.rs).
     let ground_layers: Vec<usize> = if a.ground_weight > 0.0 || a.ground_early_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
     let unet_t0 = Instant::now();
-    let bsz = a.batch as i64;
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
     let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
@@ -443,31 +491,12 @@ fn main() -> Result<()> {
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(step, i as u64), c)).collect();
         let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
         let ids = Tensor::stack(&ids, 0).to_device(a.device);
-        let t = Tensor::randint(1000, [bsz], (Kind::Int64, a.device));
-        let noise = latents.randn_like();
-        let ac = alphas.index_select(0, &t).view([bsz, 1, 1, 1]);
-        let one_minus = -&ac + 1.0;
-        let noisy = &latents * ac.sqrt() + &noise * one_minus.sqrt();
         let ehs = te.forward(&ids);
-        let (pred, probs) = unet.forward_timesteps_capturing(&noisy, &t.to_kind(Kind::Float), &ehs, &ground_layers);
-        // v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀). The layout (which shape goes where) is decided
-        // at high noise, where ε-prediction's loss barely sees x₀: in x₀ terms ε-MSE weighs a
-        // timestep by its SNR (0.005 at t = 999), v-MSE by SNR + 1 (≥ 1). The first ε-model
-        // learnt colour but placed objects at chance. Capped at low noise (min-SNR's idea,
-        // Hang et al. 2023): weight min(SNR + 1, cap)/(SNR + 1) on the v-MSE.
-        let target = &noise * ac.sqrt() - &latents * one_minus.sqrt();
-        let snr = &ac / &one_minus;
-        let w = (&snr + 1.0).clamp_max(V_WEIGHT_CAP) / (&snr + 1.0);
-        let per_sample = (pred - &target).square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
-        let diffusion_loss = (per_sample * w.view([bsz])).mean(Kind::Float);
+        let ground_weight = if step < a.ground_from { a.ground_early_weight } else { a.ground_weight };
+        let targets = (ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
+        let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref());
         // Keeps every attribute readable from the encoder's output (text_aux.rs).
         let (aux_loss, aux_acc) = aux.loss(&ehs, &text_aux::label_tensor(&texts, a.device));
-        let ground_weight = if step < a.ground_from { a.ground_early_weight } else { a.ground_weight };
-        let ground_loss = if ground_weight > 0.0 {
-            grounding::loss(&probs, &grounding::targets(&texts, owners, &tokenizer, a.device))
-        } else {
-            Tensor::zeros([], (Kind::Float, a.device))
-        };
         let loss = &diffusion_loss + &aux_loss * a.aux_weight + &ground_loss * ground_weight;
         unet_params.zero_grad();
         te_params.zero_grad();
@@ -525,7 +554,7 @@ fn main() -> Result<()> {
     for (i, l) in unet_losses.iter().enumerate() {
         writeln!(csv, "unet,{i},{l:.5}")?;
     }
-    plot::loss_curves(&out.join("loss.png"), &[("VAE", &vae_losses), ("text encoder (classifier)", &te_losses), ("UNet + text encoder", &unet_losses)])?;
+    plot_losses(out, &vae_losses, &te_losses, &unet_losses)?;
     let cpu = frisket_trainer::cpu_name();
     let hardware = match a.device {
         Device::Cpu => format!("{cpu}, {} threads", tch::get_num_threads()),
@@ -554,6 +583,116 @@ fn main() -> Result<()> {
     });
     std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&training)?)?;
     println!("wrote {} in {:.1} min", out.display(), started.elapsed().as_secs_f64() / 60.0);
+    if a.polish_steps > 0 {
+        polish(&a, out, &held_out)?;
+    }
+    Ok(())
+}
+
+/// The UNet panel shows the polish stage's steps after the UNet stage's.
+fn plot_losses(out: &Path, vae: &[f64], te: &[f64], unet: &[f64]) -> Result<()> {
+    plot::loss_curves(&out.join("loss.png"), &[("VAE", vae), ("text encoder (classifier)", te), ("UNet + text encoder", unet)])
+}
+
+/// Stage 6 (see Args::polish_steps). Reads everything from the exported folder `out`, so a
+/// polish of a shipped export and one inside a from-scratch run start from the same fp16
+/// weights and make the same files.
+fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
+    let started = Instant::now();
+    let read_json = |p: PathBuf| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
+    };
+    let mut training = read_json(out.join("training.json"))?;
+    if !training["polish"].is_null() {
+        bail!("{} is already polished (training.json has a polish entry); export again first", out.display());
+    }
+    let u = &training["unet"];
+    let zero_snr = u["zero_terminal_snr"].as_bool().context("training.json: unet.zero_terminal_snr")?;
+    // Scenes continue where the UNet stage's left off: new scenes, same generator.
+    let prior_steps = u["steps"].as_u64().unwrap_or(0) + u["focus"]["steps"].as_u64().unwrap_or(0);
+    let tokenizer = ClipTokenizer::from_dir(&out.join("tokenizer"))?;
+    let vae_cfg = read_json(out.join("vae/config.json"))?;
+    let scaling_factor = vae_cfg["scaling_factor"].as_f64().context("vae/config.json: scaling_factor")?;
+    let (vae_params, vae, _) = frisket_trainer::vae(&vae_cfg, a.device)?;
+    vae_params.load(&out.join("vae/diffusion_pytorch_model.safetensors"))?;
+    let unet_cfg = read_json(out.join("unet/config.json"))?;
+    let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
+    unet_params.load(&out.join("unet/diffusion_pytorch_model.safetensors"))?;
+    let (te_params, te, _) = frisket_trainer::text_encoder(&read_json(out.join("text_encoder/config.json"))?, a.device)?;
+    te_params.load(&out.join("text_encoder/model.safetensors"))?;
+    for t in vae_params.tensors.values().chain(te_params.tensors.values()) {
+        let _ = t.shallow_clone().set_requires_grad(false);
+    }
+    let alphas: Vec<f32> = configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
+    let alphas = Tensor::from_slice(&alphas).to_device(a.device);
+    let ground_layers: Vec<usize> = if a.ground_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
+    tch::manual_seed(a.seed as i64 + 3);
+    let mut opt = AdamW::new(&unet_params, a.polish_lr, 0.01);
+    let mut ema = Ema::new(&unet_params);
+    let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
+    let mut prog = Progress::new("polish", a.polish_steps);
+    let mut losses = Vec::new();
+    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
+    println!("polish: {} steps from the export in {} (text encoder frozen)", a.polish_steps, out.display());
+    for step in 0..a.polish_steps {
+        let global = prior_steps + step;
+        opt.lr = lr_at(step, a.polish_steps, a.polish_lr, 100);
+        if step % 2 == 0 || encoded.is_none() {
+            let pair = global / 2;
+            let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out, focus: &a.focus_shapes };
+            let (x, owners, caps) = data::batch_with_objects(&spec);
+            let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
+            encoded = Some((post, owners.to_device(a.device), caps));
+        }
+        let (post, owners, caps) = encoded.as_ref().unwrap();
+        let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
+        let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(global, i as u64), c)).collect();
+        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
+        let ehs = tch::no_grad(|| te.forward(&Tensor::stack(&ids, 0).to_device(a.device)));
+        let targets = (a.ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
+        let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref());
+        let loss = &diffusion_loss + &ground_loss * a.ground_weight;
+        unet_params.zero_grad();
+        loss.backward();
+        opt.step(&unet_params);
+        ema.update(&unet_params, a.focus_ema);
+        let lv = diffusion_loss.double_value(&[]);
+        losses.push(lv);
+        prog.add(step, lv, &format!("lr {:.2e} ground {:.3}", opt.lr, ground_loss.double_value(&[])));
+    }
+    let secs = prog.t0.elapsed().as_secs_f64();
+    write_component(out, "unet", &unet_cfg, &ema.params(a.device), "diffusion_pytorch_model.safetensors")?;
+    frisket_trainer::engine::model::StableDiffusion::load(out, Device::Cpu)
+        .with_context(|| format!("the engine cannot load {}", out.display()))?;
+
+    // Loss log and curves: the earlier stages' values are read back from loss.csv.
+    let csv = std::fs::read_to_string(out.join("loss.csv"))?;
+    let mut by_stage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in csv.lines().skip(1) {
+        let mut f = line.split(',');
+        if let (Some(stage), Some(_), Some(v)) = (f.next(), f.next(), f.next()) {
+            by_stage.entry(stage.to_string()).or_default().push(v.parse()?);
+        }
+    }
+    let mut file = std::fs::OpenOptions::new().append(true).open(out.join("loss.csv"))?;
+    for (i, l) in losses.iter().enumerate() {
+        writeln!(file, "polish,{i},{l:.5}")?;
+    }
+    let unet_then_polish: Vec<f64> = by_stage.get("unet").cloned().unwrap_or_default().into_iter().chain(losses.iter().copied()).collect();
+    plot_losses(out, by_stage.get("vae").map_or(&[], |v| v), by_stage.get("text").map_or(&[], |v| v), &unet_then_polish)?;
+
+    let hardware = match a.device {
+        Device::Cpu => format!("{}, {} threads", frisket_trainer::cpu_name(), tch::get_num_threads()),
+        _ => "CUDA device 0".to_string(),
+    };
+    let tail = losses.iter().rev().take(200).sum::<f64>() / losses.len().clamp(1, 200) as f64;
+    let total = training["total_secs"].as_f64().unwrap_or(0.0) + started.elapsed().as_secs_f64();
+    training["polish"] = json!({"steps": a.polish_steps, "batch": a.batch, "lr": a.polish_lr, "ema": a.focus_ema, "seed": a.seed as i64 + 3,
+        "shapes": a.focus_shapes.iter().map(|s| s.name()).collect::<Vec<_>>(), "ground_weight": a.ground_weight,
+        "text_encoder": "frozen", "secs": secs, "hardware": hardware, "final_loss_avg200": tail});
+    training["total_secs"] = json!(total);
+    std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&training)?)?;
+    println!("polish: wrote {} in {:.1} min", out.display(), started.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }
 
