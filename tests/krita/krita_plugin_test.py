@@ -134,6 +134,19 @@ def _main():
         pump(0.1)
         return docker
 
+    def start_long_job(c, name, seed, prompt):
+        """A new document and docker whose 400-step job has reached its first step; the
+        docker is None when Generate did not start it."""
+        doc = new_document(name)
+        docker = new_docker(doc)
+        docker.set_options(options(steps=400, strength=1.0, seed=seed, prompt=prompt))
+        if not c.check("Generate started the job", docker.generate(), docker.status.text()):
+            return doc, None
+        ctl = docker.controller
+        c.check("the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180),
+                docker.status.text())
+        return doc, docker
+
     def options(**kw):
         base = dict(server=server, model=model, prompt="a red circle on the left", negative_prompt="blurry",
                     subjects=[], strength=0.7, steps=4, seed=7, explain="off", selection_mode="protect")
@@ -308,18 +321,14 @@ def _main():
     @case
     def cancel():
         c = Case("cancel")
-        doc = new_document("cancel")
-        docker = new_docker(doc)
-        docker.set_options(options(steps=400, strength=1.0, seed=5, prompt="a long job to cancel"))
-        if not c.check("Generate started the job", docker.generate(), docker.status.text()):
+        doc, docker = start_long_job(c, "cancel", 5, "a long job to cancel")
+        if docker is None:
             return
         ctl = docker.controller
         c.info["job_id"] = ctl.job_id
         RESULT["cancel_job_id"] = ctl.job_id
         c.check("while it runs, Generate is disabled and Cancel enabled",
                 not docker.generate_button.isEnabled() and docker.cancel_button.isEnabled())
-        c.check("the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180),
-                docker.status.text())
         c.info["steps_before_cancel"] = ctl.state.steps_done
         t0 = time.time()
         docker.cancel()  # the Cancel button
@@ -348,15 +357,10 @@ def _main():
         the server job stops (test_krita.py reads its log)."""
         c = Case("docker_closed_mid_job")
         from PyQt5 import sip
-        doc = new_document("closed")
-        docker = new_docker(doc)
-        docker.set_options(options(steps=400, strength=1.0, seed=8, prompt="a job whose docker closes"))
-        if not c.check("Generate started the job", docker.generate(), docker.status.text()):
+        doc, docker = start_long_job(c, "closed", 8, "a job whose docker closes")
+        if docker is None:
             return
-        ctl = docker.controller
-        c.check("the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180),
-                docker.status.text())
-        RESULT["closed_docker_job_id"] = ctl.job_id
+        RESULT["closed_docker_job_id"] = docker.controller.job_id
         uncaught_before = len(RESULT["uncaught"])
         sip.delete(docker)
         pump(2.0)

@@ -251,6 +251,25 @@ fn denoising_losses(
     (diffusion, ground)
 }
 
+/// A drawn batch, encoded by the frozen VAE: the posterior, the per-pixel object owners and
+/// the captions. Each serves two consecutive steps (`pair` = step / 2; fresh timesteps, noise
+/// and caption dropout in each): the encode is a quarter of a step's time on the CPU. Two
+/// thirds of the batches are single-object scenes, as the eval's main prompts are.
+type EncodedBatch = (frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>);
+
+fn encode_batch(a: &Args, vae: &frisket_trainer::engine::vae::AutoencoderKl, pair: u64, held_out: &HashSet<String>, focus: &[Shape]) -> EncodedBatch {
+    let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out, focus };
+    let (x, owners, caps) = data::batch_with_objects(&spec);
+    let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
+    (post, owners.to_device(a.device), caps)
+}
+
+/// Padded token ids of `texts`, one row each.
+fn token_ids(tokenizer: &ClipTokenizer, texts: &[&str], device: Device) -> Tensor {
+    let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
+    Tensor::stack(&ids, 0).to_device(device)
+}
+
 /// The caption the text encoder sees for a scene caption at (step, i): 10 % empty (for
 /// classifier-free guidance), 20 % subject-only, else the full caption.
 fn caption_variant(r: f64, c: &str) -> &str {
@@ -278,8 +297,7 @@ fn pretrain_text_encoder(
         let caps = data::captions(&BatchSpec { run_seed: a.seed ^ 0x7e47, step, size: BATCH, single_object: step % 3 != 2, held_out, focus: &[] });
         let rng = |i: usize| frisket_shapes::rng::Rng::new(a.seed ^ 0x7e47 ^ (step << 16) ^ i as u64).unit();
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(rng(i), c)).collect();
-        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
-        let hidden = te.forward(&Tensor::stack(&ids, 0).to_device(a.device));
+        let hidden = te.forward(&token_ids(tokenizer, &texts, a.device));
         let (loss, acc) = aux.loss(&hidden, &text_aux::label_tensor(&texts, a.device));
         te_params.zero_grad();
         aux.params.zero_grad();
@@ -446,7 +464,7 @@ fn main() -> Result<()> {
     let unet_t0 = Instant::now();
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
-    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
+    let mut encoded: Option<EncodedBatch> = None;
     for step in start..total_steps {
         // Where grounding's weight rises, and where the focus phase starts, the optimisers start
         // afresh and the noise generator is reseeded, exactly as a resume from that step's
@@ -475,23 +493,14 @@ fn main() -> Result<()> {
         unet_opt.lr = lr;
         te_opt.lr = lr * a.te_lr_scale;
         aux_opt.lr = lr;
-        // Each drawn batch serves two consecutive steps (fresh timesteps, noise and caption
-        // dropout in each): the VAE encode is a quarter of a step's time on the CPU. Two
-        // thirds of the batches are single-object scenes, as the eval's main prompts are.
         if step % 2 == 0 || encoded.is_none() {
-            let pair = step / 2;
             let focus: &[Shape] = if focusing { &a.focus_shapes } else { &[] };
-            let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out: &held_out, focus };
-            let (x, owners, caps) = data::batch_with_objects(&spec);
-            let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
-            encoded = Some((post, owners.to_device(a.device), caps));
+            encoded = Some(encode_batch(&a, &vae, step / 2, &held_out, focus));
         }
         let (post, owners, caps) = encoded.as_ref().unwrap();
         let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(step, i as u64), c)).collect();
-        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
-        let ids = Tensor::stack(&ids, 0).to_device(a.device);
-        let ehs = te.forward(&ids);
+        let ehs = te.forward(&token_ids(&tokenizer, &texts, a.device));
         let ground_weight = if step < a.ground_from { a.ground_early_weight } else { a.ground_weight };
         let targets = (ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
         let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref());
@@ -632,23 +641,18 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
     let mut prog = Progress::new("polish", a.polish_steps);
     let mut losses = Vec::new();
-    let mut encoded: Option<(frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>)> = None;
+    let mut encoded: Option<EncodedBatch> = None;
     println!("polish: {} steps from the export in {} (text encoder frozen)", a.polish_steps, out.display());
     for step in 0..a.polish_steps {
         let global = prior_steps + step;
         opt.lr = lr_at(step, a.polish_steps, a.polish_lr, 100);
         if step % 2 == 0 || encoded.is_none() {
-            let pair = global / 2;
-            let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out, focus: &a.focus_shapes };
-            let (x, owners, caps) = data::batch_with_objects(&spec);
-            let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
-            encoded = Some((post, owners.to_device(a.device), caps));
+            encoded = Some(encode_batch(a, &vae, global / 2, held_out, &a.focus_shapes));
         }
         let (post, owners, caps) = encoded.as_ref().unwrap();
         let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(global, i as u64), c)).collect();
-        let ids: Vec<Tensor> = texts.iter().map(|t| Tensor::from_slice(&tokenizer.encode_padded(t))).collect();
-        let ehs = tch::no_grad(|| te.forward(&Tensor::stack(&ids, 0).to_device(a.device)));
+        let ehs = tch::no_grad(|| te.forward(&token_ids(&tokenizer, &texts, a.device)));
         let targets = (a.ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
         let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref());
         let loss = &diffusion_loss + &ground_loss * a.ground_weight;
