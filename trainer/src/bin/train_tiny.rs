@@ -365,7 +365,7 @@ fn main() -> Result<()> {
     let vae_resumed = vae_ckpt.exists() && vae_log.exists();
     let (vae_losses, vae_secs): (Vec<f64>, f64) = if vae_resumed {
         vae_params.load(&vae_ckpt)?;
-        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&vae_log)?)?;
+        let j = read_json(&vae_log)?;
         println!("vae: resumed from {}", vae_ckpt.display());
         (serde_json::from_value(j["losses"].clone())?, j["secs"].as_f64().unwrap_or(0.0))
     } else {
@@ -399,7 +399,7 @@ fn main() -> Result<()> {
     let (te_losses, te_secs, te_acc): (Vec<f64>, f64, Vec<f64>) = if te_resumed {
         te_params.load(&te_pre)?;
         aux.params.load(&a.work.join("aux_pretrained.safetensors"))?;
-        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&te_pre_log)?)?;
+        let j = read_json(&te_pre_log)?;
         println!("text encoder: pre-training resumed from {}", te_pre.display());
         (serde_json::from_value(j["losses"].clone())?, j["secs"].as_f64().unwrap_or(0.0), serde_json::from_value(j["accuracy"].clone())?)
     } else {
@@ -414,8 +414,7 @@ fn main() -> Result<()> {
 
     // 4. UNet + text encoder.
     tch::manual_seed(a.seed as i64 + 2);
-    let alphas: Vec<f32> = configs::alphas_cumprod(a.zero_snr).iter().map(|&v| v as f32).collect();
-    let alphas = Tensor::from_slice(&alphas).to_device(a.device);
+    let alphas = alphas_cumprod(a.zero_snr, a.device);
     let peak = 5e-4;
     // Fresh optimisers, at the start and where grounding's weight rises (below).
     let fresh_optimizers = || {
@@ -431,7 +430,7 @@ fn main() -> Result<()> {
     // Steps at which this stage was resumed from a checkpoint (the card states them).
     let mut resumed_at: Vec<u64> = Vec::new();
     if ckpt.join("state.json").exists() {
-        let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+        let st = read_json(&ckpt.join("state.json"))?;
         // A checkpoint trained under the other noise schedule would silently mix the two.
         if let Some(z) = st["zero_snr"].as_bool() {
             if z != a.zero_snr {
@@ -564,14 +563,9 @@ fn main() -> Result<()> {
         writeln!(csv, "unet,{i},{l:.5}")?;
     }
     plot_losses(out, &vae_losses, &te_losses, &unet_losses)?;
-    let cpu = frisket_trainer::cpu_name();
-    let hardware = match a.device {
-        Device::Cpu => format!("{cpu}, {} threads", tch::get_num_threads()),
-        _ => "CUDA device 0".to_string(),
-    };
+    let hardware = hardware(a.device);
     let stage_secs_this_process = [(!vae_resumed).then_some(vae_secs), (!te_resumed).then_some(te_secs), Some(unet_secs - prior_secs)];
     let overhead_secs = (started.elapsed().as_secs_f64() - stage_secs_this_process.iter().flatten().sum::<f64>()).max(0.0);
-    let tail = |l: &[f64]| l.iter().rev().take(200).sum::<f64>() / l.len().clamp(1, 200) as f64;
     let training = json!({
         "seed": a.seed,
         "hardware": hardware,
@@ -608,10 +602,7 @@ fn plot_losses(out: &Path, vae: &[f64], te: &[f64], unet: &[f64]) -> Result<()> 
 /// weights and make the same files.
 fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     let started = Instant::now();
-    let read_json = |p: PathBuf| -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
-    };
-    let mut training = read_json(out.join("training.json"))?;
+    let mut training = read_json(&out.join("training.json"))?;
     if !training["polish"].is_null() {
         bail!("{} is already polished (training.json has a polish entry); export again first", out.display());
     }
@@ -620,20 +611,19 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     // Scenes continue where the UNet stage's left off: new scenes, same generator.
     let prior_steps = u["steps"].as_u64().unwrap_or(0) + u["focus"]["steps"].as_u64().unwrap_or(0);
     let tokenizer = ClipTokenizer::from_dir(&out.join("tokenizer"))?;
-    let vae_cfg = read_json(out.join("vae/config.json"))?;
+    let vae_cfg = read_json(&out.join("vae/config.json"))?;
     let scaling_factor = vae_cfg["scaling_factor"].as_f64().context("vae/config.json: scaling_factor")?;
     let (vae_params, vae, _) = frisket_trainer::vae(&vae_cfg, a.device)?;
     vae_params.load(&out.join("vae/diffusion_pytorch_model.safetensors"))?;
-    let unet_cfg = read_json(out.join("unet/config.json"))?;
+    let unet_cfg = read_json(&out.join("unet/config.json"))?;
     let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
     unet_params.load(&out.join("unet/diffusion_pytorch_model.safetensors"))?;
-    let (te_params, te, _) = frisket_trainer::text_encoder(&read_json(out.join("text_encoder/config.json"))?, a.device)?;
+    let (te_params, te, _) = frisket_trainer::text_encoder(&read_json(&out.join("text_encoder/config.json"))?, a.device)?;
     te_params.load(&out.join("text_encoder/model.safetensors"))?;
     for t in vae_params.tensors.values().chain(te_params.tensors.values()) {
         let _ = t.shallow_clone().set_requires_grad(false);
     }
-    let alphas: Vec<f32> = configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
-    let alphas = Tensor::from_slice(&alphas).to_device(a.device);
+    let alphas = alphas_cumprod(zero_snr, a.device);
     let ground_layers: Vec<usize> = if a.ground_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
     tch::manual_seed(a.seed as i64 + 3);
     let mut opt = AdamW::new(&unet_params, a.polish_lr, 0.01);
@@ -685,19 +675,39 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     let unet_then_polish: Vec<f64> = by_stage.get("unet").cloned().unwrap_or_default().into_iter().chain(losses.iter().copied()).collect();
     plot_losses(out, by_stage.get("vae").map_or(&[], |v| v), by_stage.get("text").map_or(&[], |v| v), &unet_then_polish)?;
 
-    let hardware = match a.device {
-        Device::Cpu => format!("{}, {} threads", frisket_trainer::cpu_name(), tch::get_num_threads()),
-        _ => "CUDA device 0".to_string(),
-    };
-    let tail = losses.iter().rev().take(200).sum::<f64>() / losses.len().clamp(1, 200) as f64;
+    let hardware = hardware(a.device);
     let total = training["total_secs"].as_f64().unwrap_or(0.0) + started.elapsed().as_secs_f64();
     training["polish"] = json!({"steps": a.polish_steps, "batch": a.batch, "lr": a.polish_lr, "ema": a.focus_ema, "seed": a.seed as i64 + 3,
         "shapes": a.focus_shapes.iter().map(|s| s.name()).collect::<Vec<_>>(), "ground_weight": a.ground_weight,
-        "text_encoder": "frozen", "secs": secs, "hardware": hardware, "final_loss_avg200": tail});
+        "text_encoder": "frozen", "secs": secs, "hardware": hardware, "final_loss_avg200": tail(&losses)});
     training["total_secs"] = json!(total);
     std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&training)?)?;
     println!("polish: wrote {} in {:.1} min", out.display(), started.elapsed().as_secs_f64() / 60.0);
     Ok(())
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// ᾱ_t for t = 0..1000, as the trainer's noising reads it.
+fn alphas_cumprod(zero_snr: bool, device: Device) -> Tensor {
+    let alphas: Vec<f32> = configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
+    Tensor::from_slice(&alphas).to_device(device)
+}
+
+/// What training.json and the card record as the hardware.
+fn hardware(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("{}, {} threads", frisket_trainer::cpu_name(), tch::get_num_threads()),
+        _ => "CUDA device 0".to_string(),
+    }
+}
+
+/// The mean of the last 200 losses (training.json's final_loss_avg200).
+fn tail(losses: &[f64]) -> f64 {
+    losses.iter().rev().take(200).sum::<f64>() / losses.len().clamp(1, 200) as f64
 }
 
 fn write_component(out: &Path, dir: &str, cfg: &serde_json::Value, p: &Params, file: &str) -> Result<()> {
