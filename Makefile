@@ -38,9 +38,10 @@ test: fixtures
 run: build
 	scripts/demo.sh $(SERVER_BIN) $(CLIENT_BIN) $(OUT)
 
-# Retrains models/shapes from nothing (≈ 1 h 41 min on 2 AMD EPYC cores; about 3 h on the
-# Intel Xeon of another session): tokenizer, VAE, text encoder pre-training, UNet + text
-# encoder with attention grounding, the focus phase, export, eval with the judge, model card.
+# Retrains models/shapes from nothing: tokenizer, VAE, text encoder pre-training, UNet + text
+# encoder with attention grounding, the focus phase, export, the object-weighted polish, eval
+# with the judge, model card (≈ 1 h 41 min on 2 AMD EPYC cores before the polish, which took
+# 26 min on a slower EPYC; about 3 h on the Intel Xeon of another session).
 # Stages resume from $(TRAIN_WORK); delete it to start over.
 TRAIN_WORK ?= $(CURDIR)/target/train-tiny
 .PHONY: train-tiny

@@ -9,11 +9,13 @@
 //! keeps only the last layer (L = 1), for `heat_sweep.py --last-layer`.
 //! `--strength S` (< 1) starts each render from its true scene (SDEdit), which says at which
 //! noise level a shape is lost; `--protect true` runs eval_tiny's protect task instead, on
-//! tuning cases from seed 800_000, at `--strength` (eval_tiny uses 0.9).
+//! tuning cases from seed 800_000, at `--strength` (eval_tiny uses 0.9); with `--explain
+//! fast|exact` it adds `make run`'s Grad-SAM latent manipulation on the wanted shape's word
+//! (`--explain-subject auto`: the prompt's content words).
 //!   cargo run -p frisket-trainer --example tune_probe -- --model models/shapes --guidance 5
 use anyhow::{Context, Result};
 use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig, ObjectQuery};
-use frisket_trainer::engine::explain::{self, ExplainMode};
+use frisket_trainer::engine::explain::{self, ExplainMode, ExplainParams, SubjectSpec};
 use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
@@ -25,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 const TIMESTEPS: [f64; 6] = [900.0, 700.0, 500.0, 300.0, 100.0, 50.0];
 
 fn main() -> Result<()> {
-    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "dump-layers", "vae-only", "strength", "protect"];
+    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "dump-layers", "vae-only", "strength", "protect", "explain", "explain-subject"];
     let f = Flags::from_env(&known, "the doc comment of trainer/examples/tune_probe.rs")?;
     let model_dir: std::path::PathBuf = f.get("model", "models/shapes".into())?;
     let n: u64 = f.get("n", 120)?;
@@ -77,7 +79,9 @@ fn main() -> Result<()> {
         let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for i in 0..n {
             let case = frisket_trainer::data::protect_case(800_000 + i)?;
-            let out = model.generate(&case.params(&base, i, strength), &mut |_| Flow::Continue)?;
+            let mut p = case.params(&base, i, strength);
+            p.explain = explain_params(&f, &case)?;
+            let out = model.generate(&p, &mut |_| Flow::Continue)?;
             let c = check_object(&judge(&tensor_to_rgb(&out.image)?), &ObjectQuery::from_info(&case.wanted));
             appears += (c.colour_right && c.shape_right) as u64;
             at_position += c.all_right() as u64;
@@ -157,4 +161,22 @@ fn main() -> Result<()> {
         println!("[tune] wrote {} heat-map sets to {dump}", dumped.len() / 2);
     }
     Ok(())
+}
+
+/// `--explain none|fast|exact` (protect task only): Grad-SAM latent manipulation as `make run`
+/// asks for it, on `--explain-subject shape` (the wanted shape's word, as the demo's
+/// `--subject`) or `auto` (the prompt's content words).
+fn explain_params(f: &Flags, case: &frisket_trainer::data::ProtectCase) -> Result<Option<ExplainParams>> {
+    let mode = match f.get::<String>("explain", "none".into())?.as_str() {
+        "none" => return Ok(None),
+        "fast" => ExplainMode::Fast,
+        "exact" => ExplainMode::Exact,
+        other => anyhow::bail!("--explain: none, fast or exact, got {other:?}"),
+    };
+    let subjects = match f.get::<String>("explain-subject", "shape".into())?.as_str() {
+        "shape" => vec![SubjectSpec::Word(case.wanted.shape.name().to_string())],
+        "auto" => Vec::new(),
+        other => anyhow::bail!("--explain-subject: shape or auto, got {other:?}"),
+    };
+    Ok(Some(ExplainParams { mode, subjects, ..Default::default() }))
 }

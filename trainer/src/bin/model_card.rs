@@ -171,13 +171,18 @@ fn main() -> Result<()> {
     let (mut polish_hardware, mut polish_loss) = (String::new(), String::new());
     if polish["steps"].as_u64().unwrap_or(0) > 0 {
         let shapes: Vec<&str> = polish["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
-        writeln!(w, "| polish (the UNet alone, from the exported fp16 weights) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), text encoder frozen, grounding weight {}, EMA {} started at the exported weights; scenes as in the focus phase ({}); seed {} | {:.1} min |",
+        let object_weight = match polish["object_weight"].as_f64() {
+            Some(x) if x > 0.0 => format!(", latent cells under objects weighted 1 + {x} × their object share in the denoising loss"),
+            _ => String::new(),
+        };
+        writeln!(w, "| polish (the UNet alone, from the exported fp16 weights) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), text encoder frozen, grounding weight {}, EMA {} started at the exported weights; scenes as in the focus phase ({}){object_weight}; seed {} | {:.1} min |",
             polish["steps"], polish["batch"], polish["lr"], polish["ground_weight"], polish["ema"], shapes.join(", "), polish["seed"], f(&polish["secs"]) / 60.0)?;
         let hw = polish["hardware"].as_str().unwrap_or("?");
         if hw != t["hardware"].as_str().unwrap_or("?") {
             polish_hardware = format!(" (the polish stage: {hw})");
         }
-        polish_loss = format!(", polish {:.4}", f(&polish["final_loss_avg200"]));
+        let weighted = if object_weight.is_empty() { "" } else { " (object-weighted)" };
+        polish_loss = format!(", polish {:.4}{weighted}", f(&polish["final_loss_avg200"]));
     }
     writeln!(w, "\nHardware: {}{polish_hardware}. Total wall time {:.1} min. Seed {}. Final loss (mean of the last 200 steps): VAE {:.4}, UNet {:.4}{polish_loss}.\n",
         t["hardware"].as_str().unwrap_or("?"), f(&t["total_secs"]) / 60.0, t["seed"], f(&t["vae"]["final_loss_avg200"]), f(&t["unet"]["final_loss_avg200"]))?;
