@@ -276,7 +276,7 @@ fn main() -> Result<()> {
     writeln!(w, "## Samples\n")?;
     writeln!(w, "![single-object samples](samples.png)\n\nThe first 32 held-out prompts, in order (prompts in `eval-{}.json`).\n", e["label"].as_str().unwrap_or("first"))?;
     writeln!(w, "![protect samples](protect_samples.png)\n\nPairs of reference → result for the first 8 protect cases: the protected object is the reference's object.\n")?;
-    writeln!(w, "## Reproduce\n\n```sh\nmake train-tiny        # tokenizer, VAE, text encoder, UNet, export, eval, this card\n```\n\nThe trainer (`trainer/`) is Rust with tch and runs the engine's own model code, so training and serving share one forward. Stages resume from `target/train-tiny/` checkpoints. On a GPU: `target/debug/train_tiny --device cuda --batch 128`.")?;
+    writeln!(w, "## Reproduce\n\n```sh\nmake train-tiny        # tokenizer, VAE, text encoder, UNet, export, polish, eval, this card\n```\n\nThe trainer (`trainer/`) is Rust with tch and runs the engine's own model code, so training and serving share one forward. Stages resume from `target/train-tiny/` checkpoints. On a GPU: `target/debug/train_tiny --device cuda --batch 128`.")?;
     std::fs::write(dir.join("README.md"), md)?;
     println!("wrote {}", dir.join("README.md").display());
     Ok(())

@@ -202,12 +202,10 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
         opt.lr = lr_at(step, a.vae_steps, peak, 100);
         let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out, focus: &[] };
         let (x, owners, _) = data::batch_with_objects(&spec);
-        let objects = owners.gt(0.0).to_kind(Kind::Float);
         let x = x.to_device(a.device);
         // Objects are a few percent of the pixels but all of what the judge reads (shape
         // corners, edges): weight them and a one-pixel rim around them 1 + OBJECT_WEIGHT.
-        let rim = objects.to_device(a.device).max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false);
-        let w = rim * OBJECT_WEIGHT + 1.0;
+        let w = object_pixels(&owners, a.device) * OBJECT_WEIGHT + 1.0;
         let w = &w / w.mean(Kind::Float);
         let post = vae.encode(&x);
         let z = post.sample_with(&post.mean.randn_like());
@@ -264,14 +262,17 @@ fn denoising_losses(
     (diffusion, ground)
 }
 
-/// Per latent cell 1 + `extra` × the share of its pixels that are object or a one-pixel rim
-/// around one (the VAE stage's object pixels), scaled to mean 1 per sample so that the
-/// loss keeps its size. `owners`: [B, 1, H, W] object ids (0 background).
+/// 1 on object pixels and a one-pixel rim around them, 0 elsewhere. `owners`: [B, 1, H, W]
+/// object ids (0 background).
+fn object_pixels(owners: &Tensor, device: Device) -> Tensor {
+    owners.gt(0.0).to_kind(Kind::Float).to_device(device).max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false)
+}
+
+/// Per latent cell 1 + `extra` × the share of its pixels that are `object_pixels` (the VAE
+/// stage's weighted pixels), scaled to mean 1 per sample so that the loss keeps its size.
 fn object_cell_weights(owners: &Tensor, latents: &Tensor, extra: f64) -> Tensor {
     let (h, w) = (latents.size()[2], latents.size()[3]);
-    let objects = owners.gt(0.0).to_kind(Kind::Float).to_device(latents.device());
-    let rim = objects.max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false);
-    let cover = rim.adaptive_avg_pool2d([h, w]);
+    let cover = object_pixels(owners, latents.device()).adaptive_avg_pool2d([h, w]);
     let weights = cover * extra + 1.0;
     &weights / weights.mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float)
 }
