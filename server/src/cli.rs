@@ -1,12 +1,13 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
-use crate::engine::explain::dump::{Dump, Entry};
-use crate::engine::explain::{
+use frisket_engine::tch;
+use frisket_engine::explain::dump::{Dump, Entry};
+use frisket_engine::explain::{
     ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
 };
-use crate::engine::image_io;
-use crate::engine::model::{parse_device, StableDiffusion};
-use crate::engine::pipeline::{Flow, GenerateParams, StepEvent};
-use crate::engine::schedulers::SchedulerKind;
+use frisket_engine::image_io;
+use frisket_engine::model::{parse_device, StableDiffusion};
+use frisket_engine::pipeline::{Flow, GenerateParams, StepEvent};
+use frisket_engine::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;

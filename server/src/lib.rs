@@ -1,4 +1,3 @@
 //! Frisket server: the Stable Diffusion engine on libtorch and the gRPC service.
 pub mod cli;
-pub mod engine;
 pub mod service;

@@ -1,5 +1,6 @@
 //! `frisket-server render` with Grad-SAM and protection flags: the dump folder and its
 //! manifest, the paper preset, and one-line errors.
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output};

@@ -1,6 +1,8 @@
 //! The `frisket-server render` command: output against diffusers, and its errors.
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
+use frisket_engine::tch;
 use std::path::Path;
 use std::process::{Command, Output};
 

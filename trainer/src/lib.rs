@@ -1,4 +1,4 @@
-//! Trainer for Frisket's tiny "shapes" model (issue 5). See DESIGN.md.
+//! Trainer for Frisket's tiny "shapes" model.
 pub mod bpe;
 pub mod configs;
 pub mod data;
@@ -8,8 +8,8 @@ pub mod params;
 pub mod plot;
 pub mod text_aux;
 
-/// The engine's model code (server/src/engine): training runs exactly the forward the server runs.
-pub use frisket_server::engine;
+/// The engine's model code (the frisket-engine crate): training runs exactly the forward the server runs.
+pub use frisket_engine as engine;
 
 use anyhow::Result;
 use engine::clip::{ClipTextConfig, ClipTextModel};

@@ -4,10 +4,10 @@
 use super::jobs::{Job, Queue, StopReason};
 use super::models::Catalog;
 use super::preview;
-use crate::engine::explain;
-use crate::engine::image_io;
-use crate::engine::model::StableDiffusion;
-use crate::engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
+use frisket_engine::explain;
+use frisket_engine::image_io;
+use frisket_engine::model::StableDiffusion;
+use frisket_engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
 use frisket_proto::v1::{
     generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
     Settings, Started, Step, Tensor as PbTensor, Timings, Token,
@@ -17,7 +17,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::Device;
+use frisket_engine::tch::{self, Device};
 use tokio::runtime::Handle;
 use tonic::Status;
 use tracing::{error, info, info_span, warn};
@@ -337,7 +337,7 @@ fn pb_tensor(t: &tch::Tensor) -> anyhow::Result<PbTensor> {
 /// The Grad-SAM / protection events of one step, in stream order: the protected-region
 /// mask (first step only), one heatmap per subject, the manipulation mask — each as the
 /// request's `stream.explain` asks. An event that cannot be built is logged and skipped.
-fn explain_events(e: &StepEvent, x: &crate::engine::pipeline::StepExplain, spec: &super::request::JobSpec) -> Vec<Event> {
+fn explain_events(e: &StepEvent, x: &frisket_engine::pipeline::StepExplain, spec: &super::request::JobSpec) -> Vec<Event> {
     let want = spec.explain_stream;
     let (width, height) = (spec.width, spec.height);
     let mut events = Vec::new();

@@ -17,6 +17,7 @@ pub mod models;
 pub mod preview;
 pub mod request;
 
+use frisket_engine::tch;
 use anyhow::{Context, Result};
 use frisket_proto::v1::frisket_server::FrisketServer;
 use std::net::SocketAddr;
@@ -82,7 +83,7 @@ fn device_name(device: tch::Device) -> String {
 /// Runs the service until SIGTERM / Ctrl-C and the drain that follows.
 pub fn run(cfg: ServeConfig) -> Result<()> {
     init_tracing();
-    let device = crate::engine::model::parse_device(&cfg.device)?;
+    let device = frisket_engine::model::parse_device(&cfg.device)?;
     let catalog = Arc::new(models::Catalog::new(&cfg.models)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,8 +1,8 @@
 //! The models directory: one diffusers folder per model name. Names are checked before
 //! they touch the file system; metadata comes from the config files (no weights loaded),
 //! so ListModels and request validation never wait for the engine.
-use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vae::VaeConfig;
+use frisket_engine::tokenizer::ClipTokenizer;
+use frisket_engine::vae::VaeConfig;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;

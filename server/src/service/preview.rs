@@ -1,10 +1,10 @@
 //! Per-step previews and raw latents for the event stream.
 use super::request::{Format, Method, PreviewSpec};
-use crate::engine::image_io;
-use crate::engine::model::StableDiffusion;
+use frisket_engine::image_io;
+use frisket_engine::model::StableDiffusion;
 use anyhow::{Context, Result};
 use image::RgbImage;
-use tch::{Device, Kind, Tensor};
+use frisket_engine::tch::{Device, Kind, Tensor};
 
 /// SD 1.x latent → RGB: the widely used linear fit (ComfyUI's `latent_rgb_factors` for
 /// SD1.5), applied to the scaled latent; rows are latent channels, columns R, G, B.
@@ -135,7 +135,7 @@ pub fn mask_png(mask: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
 /// Where an importance map [C, h, w] puts its subject, as an 8-bit grey PNG (0 or 255) at
 /// `width`×`height` (`mask::pixel_masks` at `SUBJECT_MASK_TAU`).
 pub fn subject_mask_png(map: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
-    use crate::engine::explain::mask::{pixel_masks, SUBJECT_MASK_TAU};
+    use frisket_engine::explain::mask::{pixel_masks, SUBJECT_MASK_TAU};
     let mask = pixel_masks(&map.to_device(Device::Cpu).unsqueeze(0), width as i64, height as i64, SUBJECT_MASK_TAU);
     mask_png(&mask.to_kind(Kind::Float), width, height)
 }
@@ -152,7 +152,7 @@ pub fn heatmap_png(map: &Tensor, base: &RgbImage, width: u32, height: u32) -> Re
     let img = RgbImage::from_fn(w, h, |x, y| {
         let v = values[(y * w + x) as usize];
         let unit = if v.is_finite() && hi > lo { (v - lo) / span } else { 0.0 };
-        let heat = crate::engine::explain::dump::colormap(unit);
+        let heat = frisket_engine::explain::dump::colormap(unit);
         if !blend {
             return heat;
         }

@@ -1,14 +1,15 @@
 //! GenerateRequest → a validated job: defaults from the proto filled in, every field
 //! checked before the job is queued, so bad input costs no engine time and gets
 //! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
+use frisket_engine::tch;
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
-use crate::engine::explain::{
+use frisket_engine::explain::{
     self, mask, ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
 };
-use crate::engine::image_io;
-use crate::engine::pipeline::{img2img_start, GenerateParams};
-use crate::engine::schedulers::{self, SchedulerConfig, SchedulerKind};
+use frisket_engine::image_io;
+use frisket_engine::pipeline::{img2img_start, GenerateParams};
+use frisket_engine::schedulers::{self, SchedulerConfig, SchedulerKind};
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
 use tonic::Status;

@@ -1,7 +1,7 @@
 //! Token ids equal transformers' CLIPTokenizer (fixtures from tests/fixtures/ref_tokenizer.py).
 mod common;
 
-use frisket_server::engine::tokenizer::ClipTokenizer;
+use frisket_engine::tokenizer::ClipTokenizer;
 use serde_json::Value;
 
 #[test]

@@ -4,10 +4,10 @@
 //! SD2-style fixtures (DDIM and Euler, ε- and v-prediction); fast mode against exact mode.
 mod common;
 
-use frisket_server::engine::explain::{self, mask, ExplainMode, MaskParams, SubjectSpec};
-use frisket_server::engine::model::StableDiffusion;
-use frisket_server::engine::pipeline::GenerateParams;
-use frisket_server::engine::schedulers::SchedulerKind;
+use frisket_engine::explain::{self, mask, ExplainMode, MaskParams, SubjectSpec};
+use frisket_engine::model::StableDiffusion;
+use frisket_engine::pipeline::GenerateParams;
+use frisket_engine::schedulers::SchedulerKind;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Instant;

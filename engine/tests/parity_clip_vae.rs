@@ -3,9 +3,9 @@
 mod common;
 
 use common::{assert_rel_l2, model_dir, read_ref};
-use frisket_server::engine::clip::{ClipTextConfig, ClipTextModel};
-use frisket_server::engine::vae::{AutoencoderKl, VaeConfig};
-use frisket_server::engine::weights::Weights;
+use frisket_engine::clip::{ClipTextConfig, ClipTextModel};
+use frisket_engine::vae::{AutoencoderKl, VaeConfig};
+use frisket_engine::weights::Weights;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 

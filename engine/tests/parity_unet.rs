@@ -3,7 +3,7 @@
 mod common;
 
 use common::{assert_rel_l2, model_dir, read_ref};
-use frisket_server::engine::unet::{UNet2DConditionModel, UNetConfig};
+use frisket_engine::unet::{UNet2DConditionModel, UNetConfig};
 use std::collections::HashMap;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

@@ -2,11 +2,11 @@
 //! bit-exact protected pixels, the summary numbers, and the errors a request can get.
 mod common;
 
-use frisket_server::engine::explain::{ExplainMode, ExplainParams, LayerChoice, ProtectParams, StartMode, SubjectSpec};
-use frisket_server::engine::image_io;
-use frisket_server::engine::model::StableDiffusion;
-use frisket_server::engine::pipeline::{Flow, GenerateParams, Generated, StepEvent};
-use frisket_server::engine::schedulers::SchedulerKind;
+use frisket_engine::explain::{ExplainMode, ExplainParams, LayerChoice, ProtectParams, StartMode, SubjectSpec};
+use frisket_engine::image_io;
+use frisket_engine::model::StableDiffusion;
+use frisket_engine::pipeline::{Flow, GenerateParams, Generated, StepEvent};
+use frisket_engine::schedulers::SchedulerKind;
 use tch::{Device, Kind, Tensor};
 
 fn load(name: &str) -> StableDiffusion {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{fixtures, read_ref, rel_l2};
-use frisket_server::engine::schedulers::{build, numpy, Scheduler, SchedulerConfig, SchedulerKind};
+use frisket_engine::schedulers::{build, numpy, Scheduler, SchedulerConfig, SchedulerKind};
 use serde_json::Value;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};

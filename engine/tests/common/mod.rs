@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tch::Tensor;
+use frisket_engine::tch::{self, Tensor};
 
 /// The fixtures directory written by `make fixtures` (tests/fixtures/*.py).
 pub fn fixtures() -> PathBuf {

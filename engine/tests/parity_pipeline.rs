@@ -3,10 +3,10 @@
 //! fixture layouts (SD1-style and SD2-style).
 mod common;
 
-use frisket_server::engine::image_io;
-use frisket_server::engine::model::StableDiffusion;
-use frisket_server::engine::pipeline::{Flow, GenerateParams};
-use frisket_server::engine::schedulers::SchedulerKind;
+use frisket_engine::image_io;
+use frisket_engine::model::StableDiffusion;
+use frisket_engine::pipeline::{Flow, GenerateParams};
+use frisket_engine::schedulers::SchedulerKind;
 use serde_json::Value;
 use tch::{Device, Tensor};
 
@@ -96,7 +96,7 @@ fn stopping_from_the_callback_cancels() {
         })
         .err()
         .expect("job should stop");
-    assert!(err.downcast_ref::<frisket_server::engine::pipeline::Cancelled>().is_some(), "{err:#}");
+    assert!(err.downcast_ref::<frisket_engine::pipeline::Cancelled>().is_some(), "{err:#}");
     assert_eq!(calls, 2);
 }
 

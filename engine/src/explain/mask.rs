@@ -240,7 +240,7 @@ pub fn compare(image: &Tensor, reference: &Tensor, protected: Option<&Tensor>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::image_io;
+    use crate::image_io;
 
     #[test]
     fn reference_bytes_survive_the_round_trip() {

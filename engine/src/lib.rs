@@ -1,0 +1,21 @@
+//! Stable Diffusion 1.x/2.x on libtorch, matching diffusers numerically: model blocks,
+//! schedulers, the pipeline, Grad-SAM and protected regions. The only crate that links
+//! libtorch; `tch` is re-exported so the crates above use this one version of it.
+pub use tch;
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod embeddings;
+pub mod explain;
+pub mod image_io;
+pub mod model;
+pub mod nn;
+pub mod pipeline;
+pub mod resnet;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+pub mod weights;
