@@ -137,7 +137,8 @@ impl Dumper {
                     let name = format!("{stem}_mask.png");
                     written.subject_mask = Some(self.write(&name, &h.subject_mask_png)?);
                     let shape = image_shape(&h.subject_mask_png).unwrap_or_default();
-                    let mask_entry = ManifestEntry { kind: "subject_mask", shape, path: name, npy: None, ..entry.clone() };
+                    let mask_entry =
+                        ManifestEntry { kind: "subject_mask", shape, path: name, npy: None, ..entry.clone() };
                     self.entries.extend([entry, mask_entry]);
                 } else {
                     self.entries.push(entry);
@@ -146,8 +147,8 @@ impl Dumper {
             Event::Result(r) => {
                 let name = format!("result.{}", extension_for_mime(&r.mime_type));
                 written.path = Some(self.write(&name, &r.image)?);
-                let shape = image_shape(&r.image)
-                    .unwrap_or_else(|| vec![r.settings.height as u64, r.settings.width as u64, 3]);
+                let shape =
+                    image_shape(&r.image).unwrap_or_else(|| vec![r.settings.height as u64, r.settings.width as u64, 3]);
                 self.push("result", None, None, shape, name, None);
                 if let Some(change_map) = &r.change_map {
                     let name = "change_map.png".to_string();
@@ -220,7 +221,8 @@ fn tensor_shape(t: &Tensor) -> Vec<u64> {
 /// `[height, width, channels]` read from an encoded image's header.
 pub fn image_shape(bytes: &[u8]) -> Option<Vec<u64>> {
     use image::ImageDecoder;
-    let decoder = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_decoder().ok()?;
+    let decoder =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_decoder().ok()?;
     let (w, h) = decoder.dimensions();
     Some(vec![h as u64, w as u64, decoder.color_type().channel_count() as u64])
 }
@@ -259,10 +261,25 @@ mod tests {
         assert_eq!(w.path, Some(dir.join("preview_1.png")));
         d.record(&Event::Latent(Latent { step: 0, timestep: 999.0, latent: tensor(&[1, 4, 3, 4]) })).unwrap();
         for kind in [MaskKind::Manipulation, MaskKind::Protected] {
-            let mask = Mask { step: 2, timestep: 320.0, kind, mask: tensor(&[1, 1, 3, 4]), png: png(4, 3), reference_fraction: 0.5 };
+            let mask = Mask {
+                step: 2,
+                timestep: 320.0,
+                kind,
+                mask: tensor(&[1, 1, 3, 4]),
+                png: png(4, 3),
+                reference_fraction: 0.5,
+            };
             d.record(&Event::Mask(mask)).unwrap();
         }
-        let heatmap = Heatmap { step: 2, timestep: 320.0, token_index: 3, token: "star</w>".into(), map: tensor(&[4, 3, 4]), png: png(4, 3), subject_mask_png: png(4, 3) };
+        let heatmap = Heatmap {
+            step: 2,
+            timestep: 320.0,
+            token_index: 3,
+            token: "star</w>".into(),
+            map: tensor(&[4, 3, 4]),
+            png: png(4, 3),
+            subject_mask_png: png(4, 3),
+        };
         let w = d.record(&Event::Heatmap(heatmap)).unwrap();
         assert_eq!(w.npy, Some(dir.join("heatmap_2_tok3.npy")));
         assert_eq!(w.subject_mask, Some(dir.join("heatmap_2_tok3_mask.png")));
@@ -284,7 +301,16 @@ mod tests {
         assert_eq!(m[5]["shape"], serde_json::json!([3, 4, 1]));
         assert!(m[5].get("npy").is_none());
         assert!(m[0].get("token").is_none());
-        for f in ["preview_1.png", "latent_0.npy", "mask_2.png", "mask_2.npy", "protected_mask_2.npy", "heatmap_2_tok3.png", "heatmap_2_tok3.npy", "heatmap_2_tok3_mask.png"] {
+        for f in [
+            "preview_1.png",
+            "latent_0.npy",
+            "mask_2.png",
+            "mask_2.npy",
+            "protected_mask_2.npy",
+            "heatmap_2_tok3.png",
+            "heatmap_2_tok3.npy",
+            "heatmap_2_tok3_mask.png",
+        ] {
             assert!(dir.join(f).exists(), "{f}");
         }
         assert_eq!(std::fs::read(dir.join("latent_0.npy")).unwrap().len(), 128 + 4 * 48);

@@ -36,9 +36,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio_stream::Stream;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
-use tokio_stream::Stream;
 
 /// Largest message either way (results, previews and latents of big images).
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -193,7 +193,8 @@ impl Client {
             .map_err(|e| Error::InvalidInput(format!("invalid server URL {url:?}: {}", error_chain(&e))))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| Error::Connect { url: url.clone(), message: error_chain(&e) })?;
+        let channel =
+            endpoint.connect().await.map_err(|e| Error::Connect { url: url.clone(), message: error_chain(&e) })?;
         Ok(Self::from_channel(channel))
     }
 

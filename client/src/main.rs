@@ -211,11 +211,8 @@ fn parse() -> Cli {
         Err(e) => {
             // clap's message up to the first blank line or usage block, on one line.
             let rendered = e.render().to_string();
-            let body: Vec<&str> = rendered
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
-                .collect();
+            let body: Vec<&str> =
+                rendered.lines().map(str::trim).take_while(|l| !l.is_empty() && !l.starts_with("Usage:")).collect();
             let body = body.join(" ");
             let body = body.strip_prefix("error: ").unwrap_or(&body);
             let body = if body.is_empty() { "invalid arguments" } else { body };

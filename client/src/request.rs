@@ -89,27 +89,20 @@ impl GenerateRequestBuilder {
         let bytes = read_input(path)?;
         let bad = |e: image::ImageError| Error::InvalidInput(format!("{}: {e}", path.display()));
         let img = image::load_from_memory(&bytes).map_err(bad)?;
-        let is_grey_png = image::guess_format(&bytes).ok() == Some(image::ImageFormat::Png)
-            && img.color() == image::ColorType::L8;
+        let is_grey_png =
+            image::guess_format(&bytes).ok() == Some(image::ImageFormat::Png) && img.color() == image::ColorType::L8;
         if is_grey_png {
             return Ok(self.protected_mask(bytes));
         }
         let mut png = Vec::new();
-        img.to_luma8()
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(bad)?;
+        img.to_luma8().write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map_err(bad)?;
         Ok(self.protected_mask(png))
     }
 
     /// Stream previews every `every` steps (and always the last; 0: every step).
     pub fn previews(mut self, every: u32, method: PreviewMethod, format: ImageFormat, max_size: u32) -> Self {
-        self.stream().previews = Some(pb::PreviewOptions {
-            enabled: true,
-            every,
-            format: format as i32,
-            max_size,
-            method: method as i32,
-        });
+        self.stream().previews =
+            Some(pb::PreviewOptions { enabled: true, every, format: format as i32, max_size, method: method as i32 });
         self
     }
 

@@ -68,11 +68,12 @@ impl TryFrom<proto::v1::Tensor> for Tensor {
     type Error = Error;
 
     fn try_from(t: proto::v1::Tensor) -> Result<Self, Error> {
-        let dtype = DType::parse(&t.dtype)
-            .ok_or_else(|| Error::Protocol(format!("tensor has unknown dtype {:?}", t.dtype)))?;
+        let dtype =
+            DType::parse(&t.dtype).ok_or_else(|| Error::Protocol(format!("tensor has unknown dtype {:?}", t.dtype)))?;
         let mut shape = Vec::with_capacity(t.shape.len());
         for &d in &t.shape {
-            let d = usize::try_from(d).map_err(|_| Error::Protocol(format!("tensor has negative dimension in {:?}", t.shape)))?;
+            let d = usize::try_from(d)
+                .map_err(|_| Error::Protocol(format!("tensor has negative dimension in {:?}", t.shape)))?;
             shape.push(d);
         }
         let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));

@@ -84,7 +84,14 @@ pub struct Attention {
 
 impl Attention {
     /// `context_dim` is the key/value input width (`None`: self-attention).
-    pub fn new(p: &WeightPath, query_dim: i64, context_dim: Option<i64>, heads: i64, head_dim: i64, upcast: bool) -> Result<Self> {
+    pub fn new(
+        p: &WeightPath,
+        query_dim: i64,
+        context_dim: Option<i64>,
+        heads: i64,
+        head_dim: i64,
+        upcast: bool,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         let kv_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
@@ -212,7 +219,14 @@ impl BasicTransformerBlock {
         let eps = 1e-5; // Transformer2DModel's norm_eps default; the UNet never sets it
         Ok(Self {
             norm1: LayerNorm::load(&p.pp("norm1"), dim, eps)?,
-            attn1: Attention::new(&p.pp("attn1"), dim, c.only_cross_attention.then_some(ctx), heads, head_dim, c.upcast_attention)?,
+            attn1: Attention::new(
+                &p.pp("attn1"),
+                dim,
+                c.only_cross_attention.then_some(ctx),
+                heads,
+                head_dim,
+                c.upcast_attention,
+            )?,
             norm2: LayerNorm::load(&p.pp("norm2"), dim, eps)?,
             attn2: Attention::new(&p.pp("attn2"), dim, Some(ctx), heads, head_dim, c.upcast_attention)?,
             norm3: LayerNorm::load(&p.pp("norm3"), dim, eps)?,
@@ -247,7 +261,11 @@ enum Projection {
 
 impl Projection {
     fn load(p: &WeightPath, linear: bool, cin: i64, cout: i64) -> Result<Self> {
-        Ok(if linear { Self::Linear(Linear::load(p, cin, cout, true)?) } else { Self::Conv(Conv2d::load(p, cin, cout, 1, 1, 0)?) })
+        Ok(if linear {
+            Self::Linear(Linear::load(p, cin, cout, true)?)
+        } else {
+            Self::Conv(Conv2d::load(p, cin, cout, 1, 1, 0)?)
+        })
     }
 }
 
@@ -288,7 +306,11 @@ impl Transformer2DModel {
         let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
         let to_image = |t: Tensor| {
             let image = t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
-            if keep_channels_last { image } else { image.contiguous() }
+            if keep_channels_last {
+                image
+            } else {
+                image.contiguous()
+            }
         };
         let n = self.norm.forward(x);
         let mut t = match &self.proj_in {

@@ -66,7 +66,8 @@ impl EncoderLayer {
         let (b, n, d) = x.size3().expect("[batch, seq, hidden]");
         let h = self.layer_norm1.forward(x);
         let split = |t: Tensor| t.view([b, n, heads, d / heads]).transpose(1, 2);
-        let (q, k, v) = (split(self.q_proj.forward(&h)), split(self.k_proj.forward(&h)), split(self.v_proj.forward(&h)));
+        let (q, k, v) =
+            (split(self.q_proj.forward(&h)), split(self.k_proj.forward(&h)), split(self.v_proj.forward(&h)));
         // Causal: each token attends to itself and earlier ones (CLIP was trained that way,
         // and SD pipelines pass no padding mask). Default scale is head_dim^-0.5, as in CLIP.
         let att = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);

@@ -15,7 +15,11 @@ pub fn timesteps_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, 
     let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
     let (sin, cos) = (args.sin(), args.cos());
     let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], -1) } else { Tensor::cat(&[sin, cos], -1) };
-    if dim % 2 == 1 { emb.constant_pad_nd([0, 1]) } else { emb }
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    }
 }
 
 /// linear_1 → act → linear_2 (→ optional post activation).
@@ -27,7 +31,13 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub fn new(p: &WeightPath, in_dim: i64, out_dim: i64, act: Activation, post_act: Option<Activation>) -> Result<Self> {
+    pub fn new(
+        p: &WeightPath,
+        in_dim: i64,
+        out_dim: i64,
+        act: Activation,
+        post_act: Option<Activation>,
+    ) -> Result<Self> {
         Ok(Self {
             linear_1: Linear::load(&p.pp("linear_1"), in_dim, out_dim, true)?,
             linear_2: Linear::load(&p.pp("linear_2"), out_dim, out_dim, true)?,

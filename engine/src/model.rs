@@ -47,7 +47,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 }
 
 pub fn default_kind(device: Device) -> Kind {
-    if device.is_cuda() { Kind::Half } else { Kind::Float }
+    if device.is_cuda() {
+        Kind::Half
+    } else {
+        Kind::Float
+    }
 }
 
 /// Makes glibc's malloc keep the memory of freed CPU tensors for reuse instead of handing
@@ -104,7 +108,8 @@ impl StableDiffusion {
             Ok(sub)
         };
         let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
-        let text_encoder = ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+        let text_encoder =
+            ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
         let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
         let vae = AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?;
         let scheduler_config =
@@ -142,10 +147,8 @@ impl StableDiffusion {
         assert!(!prompts.is_empty(), "encode_prompts needs at least one prompt");
         let ids: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode_padded(p)).collect();
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut rows: Vec<Option<Tensor>> = ids
-            .iter()
-            .map(|key| cache.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone()))
-            .collect();
+        let mut rows: Vec<Option<Tensor>> =
+            ids.iter().map(|key| cache.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone())).collect();
         let mut missing: Vec<&Vec<i64>> = Vec::new();
         for (key, row) in ids.iter().zip(&rows) {
             if row.is_none() && !missing.contains(&key) {
@@ -154,7 +157,8 @@ impl StableDiffusion {
         }
         if !missing.is_empty() {
             let batch: Vec<Tensor> = missing.iter().map(|k| Tensor::from_slice(k)).collect();
-            let encoded = self.text_encoder.forward(&Tensor::stack(&batch, 0).to_device(self.device)).to_kind(self.kind);
+            let encoded =
+                self.text_encoder.forward(&Tensor::stack(&batch, 0).to_device(self.device)).to_kind(self.kind);
             for (i, key) in missing.iter().enumerate() {
                 let row = encoded.narrow(0, i as i64, 1).contiguous();
                 for (k, slot) in ids.iter().zip(rows.iter_mut()) {

@@ -136,7 +136,11 @@ impl StableDiffusion {
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         let factor = self.vae_scale_factor();
         if p.width <= 0 || p.height <= 0 || p.width % factor != 0 || p.height % factor != 0 {
-            bail!("width and height must be positive multiples of {factor} for this model, got {}x{}", p.width, p.height);
+            bail!(
+                "width and height must be positive multiples of {factor} for this model, got {}x{}",
+                p.width,
+                p.height
+            );
         }
         if p.steps == 0 {
             bail!("steps must be at least 1");
@@ -203,11 +207,8 @@ impl StableDiffusion {
         };
 
         let guided = p.guidance > 1.0;
-        let context = if guided {
-            self.encode_prompts(&[&p.negative_prompt, &p.prompt])
-        } else {
-            self.encode_prompt(&p.prompt)
-        };
+        let context =
+            if guided { self.encode_prompts(&[&p.negative_prompt, &p.prompt]) } else { self.encode_prompt(&p.prompt) };
         // Cross-attention keys/values are computed from it once, in the first step.
         let context = self.unet.prepare_context(&context);
         // Grad-SAM explains the conditional branch alone.

@@ -33,7 +33,8 @@ impl ResnetBlock2D {
             Some(t) => Some(Linear::load(&p.pp("time_emb_proj"), t, cout, true)?),
             None => None,
         };
-        let conv_shortcut = if cin != cout { Some(Conv2d::load(&p.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
+        let conv_shortcut =
+            if cin != cout { Some(Conv2d::load(&p.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
         Ok(Self {
             norm1: GroupNorm::load(&p.pp("norm1"), c.groups, cin, c.eps)?,
             conv1: Conv2d::load(&p.pp("conv1"), cin, cout, 3, 1, 1)?,
@@ -57,7 +58,11 @@ impl ResnetBlock2D {
             None => x.shallow_clone(),
         };
         let out = shortcut + h;
-        if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out / self.output_scale_factor
+        }
     }
 }
 
@@ -70,7 +75,10 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(p: &WeightPath, channels: i64, out_channels: i64, padding: i64) -> Result<Self> {
-        Ok(Self { conv: Conv2d::load(&p.pp("conv"), channels, out_channels, 3, 2, padding)?, asymmetric_pad: padding == 0 })
+        Ok(Self {
+            conv: Conv2d::load(&p.pp("conv"), channels, out_channels, 3, 2, padding)?,
+            asymmetric_pad: padding == 0,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -68,11 +68,8 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
-    ))
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
 }
 
 /// (content, normalized) of a special token written either as a string or as an AddedToken dict.
@@ -82,9 +79,7 @@ fn token_spec(v: &Value) -> Option<(String, bool)> {
         Value::String(s) => Some((s.clone(), false)),
         Value::Object(o) => Some((
             o.get("content")?.as_str()?.to_string(),
-            o.get("normalized")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            o.get("normalized").and_then(Value::as_bool).unwrap_or(false),
         )),
         _ => None,
     }
@@ -95,8 +90,7 @@ fn byte_chars() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -111,22 +105,18 @@ impl ClipTokenizer {
     /// Reads vocab.json, merges.txt and (if present) tokenizer_config.json / special_tokens_map.json from a model's tokenizer/ folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let vocab: HashMap<String, i64> = serde_json::from_value(
-            read_json(&dir.join("vocab.json"))?
-                .with_context(|| format!("{} has no vocab.json", dir.display()))?,
+            read_json(&dir.join("vocab.json"))?.with_context(|| format!("{} has no vocab.json", dir.display()))?,
         )
         .context("vocab.json is not a token → id map")?;
         let merges_path = dir.join("merges.txt");
-        let merges_text = std::fs::read_to_string(&merges_path)
-            .with_context(|| format!("reading {}", merges_path.display()))?;
+        let merges_text =
+            std::fs::read_to_string(&merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
         let merges = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .filter_map(|l| {
                 let (a, b) = l.split_once(' ')?;
-                Some((
-                    (*vocab.get(a)?, *vocab.get(b)?),
-                    *vocab.get(&format!("{a}{b}"))?,
-                ))
+                Some(((*vocab.get(a)?, *vocab.get(b)?), *vocab.get(&format!("{a}{b}"))?))
             })
             .enumerate()
             .fold(HashMap::new(), |mut m, (rank, (pair, id))| {
@@ -146,18 +136,13 @@ impl ClipTokenizer {
         let mut specials = config.clone();
         let mut listed: Vec<(String, bool)> = Vec::new();
         if let Some(Value::Object(decoder)) = config.get("added_tokens_decoder") {
-            let mut entries: Vec<(i64, &Value)> = decoder
-                .iter()
-                .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
-                .collect();
+            let mut entries: Vec<(i64, &Value)> =
+                decoder.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
             entries.sort_by_key(|e| e.0);
             for (_, v) in entries {
                 let special = v.get("special").and_then(Value::as_bool).unwrap_or(false);
                 if let Some(content) = v.get("content").and_then(Value::as_str) {
-                    let normalized = v
-                        .get("normalized")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(!special);
+                    let normalized = v.get("normalized").and_then(Value::as_bool).unwrap_or(!special);
                     listed.push((content.to_string(), normalized));
                 }
             }
@@ -165,27 +150,19 @@ impl ClipTokenizer {
             if let Some(Value::Object(map)) = read_json(&dir.join("special_tokens_map.json"))? {
                 specials.extend(map);
             }
-            if let Some(Value::Array(tokens)) = read_json(&dir.join("tokenizer.json"))?
-                .and_then(|mut t| t.get_mut("added_tokens").map(Value::take))
+            if let Some(Value::Array(tokens)) =
+                read_json(&dir.join("tokenizer.json"))?.and_then(|mut t| t.get_mut("added_tokens").map(Value::take))
             {
                 listed.extend(tokens.iter().filter_map(|t| {
                     let (content, _) = token_spec(t)?;
                     let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                    Some((
-                        content,
-                        t.get("normalized")
-                            .and_then(Value::as_bool)
-                            .unwrap_or(!special),
-                    ))
+                    Some((content, t.get("normalized").and_then(Value::as_bool).unwrap_or(!special)))
                 }));
             }
         }
         let preset: HashSet<String> = listed.iter().map(|t| t.0.clone()).collect();
         let named = |key: &str, default: &str| {
-            specials
-                .get(key)
-                .and_then(token_spec)
-                .unwrap_or_else(|| (default.to_string(), false))
+            specials.get(key).and_then(token_spec).unwrap_or_else(|| (default.to_string(), false))
         };
         let names = [
             named("bos_token", "<|startoftext|>"),
@@ -203,8 +180,7 @@ impl ClipTokenizer {
             }
         }
 
-        let mut id_to_token: HashMap<i64, String> =
-            vocab.iter().map(|(t, &i)| (i, t.clone())).collect();
+        let mut id_to_token: HashMap<i64, String> = vocab.iter().map(|(t, &i)| (i, t.clone())).collect();
         let mut next_id = vocab.values().max().map_or(0, |m| m + 1);
         let mut tok = Self {
             vocab,
@@ -238,16 +214,8 @@ impl ClipTokenizer {
                 next_id - 1
             });
             id_to_token.insert(id, content.clone());
-            let content = if normalized {
-                tok.normalize(&content)
-            } else {
-                content
-            };
-            tok.added.push(AddedToken {
-                content,
-                id,
-                normalized,
-            });
+            let content = if normalized { tok.normalize(&content) } else { content };
+            tok.added.push(AddedToken { content, id, normalized });
         }
         let [bos, eos, unk, pad] = names.map(|(content, _)| tok.vocab[&content]);
         (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) = (bos, eos, unk, pad);
@@ -272,10 +240,7 @@ impl ClipTokenizer {
 
     /// Ids without padding (BOS .. EOS), truncated to max_length.
     pub fn encode(&self, text: &str) -> Vec<i64> {
-        self.tagged(&self.pieces(text))
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect()
+        self.tagged(&self.pieces(text)).into_iter().map(|(id, _)| id).collect()
     }
 
     /// One entry per non-padding position (0 = BOS), with the word (pre-tokenized piece) each token came from.
@@ -317,11 +282,7 @@ impl ClipTokenizer {
     /// a final Σ becomes σ, unlike str::to_lowercase).
     fn normalize(&self, text: &str) -> String {
         let nfc: String = text.nfc().collect();
-        self.whitespace
-            .replace_all(&nfc, " ")
-            .chars()
-            .flat_map(char::to_lowercase)
-            .collect()
+        self.whitespace.replace_all(&nfc, " ").chars().flat_map(char::to_lowercase).collect()
     }
 
     /// Splits `text` around added tokens with the given `normalized` flag (leftmost-longest match).
@@ -357,27 +318,18 @@ impl ClipTokenizer {
         let mut out = Vec::new();
         for (raw, id) in self.split_added(text, false) {
             if id.is_some() {
-                out.push(Piece {
-                    text: raw.to_string(),
-                    added: id,
-                });
+                out.push(Piece { text: raw.to_string(), added: id });
                 continue;
             }
             let norm = self.normalize(raw);
             for (part, id) in self.split_added(&norm, true) {
                 if id.is_some() {
-                    out.push(Piece {
-                        text: part.to_string(),
-                        added: id,
-                    });
+                    out.push(Piece { text: part.to_string(), added: id });
                     continue;
                 }
                 for m in self.clip_split.find_iter(part) {
                     for w in self.byte_level_split.find_iter(m.as_str()) {
-                        out.push(Piece {
-                            text: w.as_str().to_string(),
-                            added: None,
-                        });
+                        out.push(Piece { text: w.as_str().to_string(), added: None });
                     }
                 }
             }
@@ -397,22 +349,14 @@ impl ClipTokenizer {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let sym = if i + 1 == chars.len() {
-                    format!("{c}</w>")
-                } else {
-                    c.to_string()
-                };
+                let sym = if i + 1 == chars.len() { format!("{c}</w>") } else { c.to_string() };
                 self.vocab.get(&sym).copied().unwrap_or(self.unk_id)
             })
             .collect();
         while let Some((pos, merged)) = ids
             .windows(2)
             .enumerate()
-            .filter_map(|(i, p)| {
-                self.merges
-                    .get(&(p[0], p[1]))
-                    .map(|&(rank, id)| (rank, i, id))
-            })
+            .filter_map(|(i, p)| self.merges.get(&(p[0], p[1])).map(|&(rank, id)| (rank, i, id)))
             .min()
             .map(|(_, i, id)| (i, id))
         {
@@ -429,8 +373,7 @@ mod tests {
     use super::*;
 
     fn sd1() -> Option<ClipTokenizer> {
-        let dir =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures/models/sd1/tokenizer");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures/models/sd1/tokenizer");
         if !dir.is_dir() {
             eprintln!("skipping: {} missing (run `make fixtures`)", dir.display());
             return None;
@@ -481,16 +424,10 @@ mod tests {
             ]
         );
         assert!(infos.iter().enumerate().all(|(i, t)| t.position == i));
-        assert_eq!(
-            (infos[0].id, infos[0].text.as_str()),
-            (49406, "<|startoftext|>")
-        );
+        assert_eq!((infos[0].id, infos[0].text.as_str()), (49406, "<|startoftext|>"));
         assert_eq!(infos[2].text, "cat</w>");
         assert_eq!(infos.last().unwrap().id, 49407);
-        assert_eq!(
-            infos.iter().map(|t| t.id).collect::<Vec<_>>(),
-            tok.encode("A Cat's   photo, 1990s!")
-        );
+        assert_eq!(infos.iter().map(|t| t.id).collect::<Vec<_>>(), tok.encode("A Cat's   photo, 1990s!"));
     }
 
     #[test]
@@ -498,10 +435,7 @@ mod tests {
         let Some(tok) = sd1() else { return };
         // "<|ENDOFTEXT|>" is not a special token (case-sensitive) and splits into three pieces.
         let infos = tok.tokens("lowpoly <|ENDOFTEXT|>");
-        let tagged: Vec<(&str, Option<usize>)> = infos
-            .iter()
-            .map(|t| (t.text.as_str(), t.word_index))
-            .collect();
+        let tagged: Vec<(&str, Option<usize>)> = infos.iter().map(|t| (t.text.as_str(), t.word_index)).collect();
         assert_eq!(
             tagged,
             [
@@ -520,10 +454,7 @@ mod tests {
         // A literal special token is one piece of its own.
         let infos = tok.tokens("a<|endoftext|>b");
         assert_eq!(infos[2].id, 49407);
-        assert_eq!(
-            (infos[2].word_index, infos[2].word.as_deref()),
-            (Some(1), Some("<|endoftext|>"))
-        );
+        assert_eq!((infos[2].word_index, infos[2].word.as_deref()), (Some(1), Some("<|endoftext|>")));
     }
 
     #[test]
@@ -531,10 +462,7 @@ mod tests {
         let Some(tok) = sd1() else { return };
         let infos = tok.tokens(&"cat ".repeat(100));
         assert_eq!(infos.len(), 77);
-        assert_eq!(
-            (infos[75].word_index, infos[76].id, infos[76].word_index),
-            (Some(74), 49407, None)
-        );
+        assert_eq!((infos[75].word_index, infos[76].id, infos[76].word_index), (Some(74), 49407, None));
         assert_eq!(tok.encode_padded("").len(), 77);
         assert_eq!(&tok.encode_padded("")[..3], &[49406, 49407, tok.pad_id()]);
     }

@@ -99,23 +99,57 @@ pub struct UNetConfig {
     pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
 }
 
-fn d_4() -> i64 { 4 }
-fn d_3() -> i64 { 3 }
-fn d_32() -> Option<i64> { Some(32) }
-fn d_one() -> PerBlock<usize> { PerBlock::One(1) }
-fn d_one_i() -> i64 { 1 }
-fn d_one_f() -> f64 { 1.0 }
-fn d_true() -> bool { true }
-fn d_false() -> PerBlock<bool> { PerBlock::One(false) }
-fn d_norm_eps() -> f64 { 1e-5 }
-fn d_silu() -> String { "silu".into() }
-fn d_positional() -> String { "positional".into() }
-fn d_default() -> String { "default".into() }
-fn d_mid_block() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
-fn d_layers_per_block() -> PerBlock<usize> { PerBlock::One(2) }
-fn d_attention_head_dim() -> PerBlock<i64> { PerBlock::One(8) }
-fn d_cross_attention_dim() -> PerBlock<i64> { PerBlock::One(1280) }
-fn d_block_out_channels() -> Vec<i64> { vec![320, 640, 1280, 1280] }
+fn d_4() -> i64 {
+    4
+}
+fn d_3() -> i64 {
+    3
+}
+fn d_32() -> Option<i64> {
+    Some(32)
+}
+fn d_one() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn d_one_i() -> i64 {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_true() -> bool {
+    true
+}
+fn d_false() -> PerBlock<bool> {
+    PerBlock::One(false)
+}
+fn d_norm_eps() -> f64 {
+    1e-5
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_layers_per_block() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn d_attention_head_dim() -> PerBlock<i64> {
+    PerBlock::One(8)
+}
+fn d_cross_attention_dim() -> PerBlock<i64> {
+    PerBlock::One(1280)
+}
+fn d_block_out_channels() -> Vec<i64> {
+    vec![320, 640, 1280, 1280]
+}
 fn d_down_blocks() -> Vec<String> {
     ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
@@ -140,7 +174,9 @@ impl UNetConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let refuse = |field: &str, value: &dyn std::fmt::Debug| -> Result<()> { bail!("`{field}` = {value:?} is not supported") };
+        let refuse = |field: &str, value: &dyn std::fmt::Debug| -> Result<()> {
+            bail!("`{field}` = {value:?} is not supported")
+        };
         if self.time_embedding_type != "positional" {
             refuse("time_embedding_type", &self.time_embedding_type)?;
         }
@@ -245,27 +281,28 @@ impl UNet2DConditionModel {
         let groups = cfg.norm_num_groups.expect("validated");
         let temb = cfg.time_embed_dim();
         let post_act = cfg.timestep_post_act.as_deref().map(Activation::from_name).transpose()?;
-        let block = |i: usize, cin: i64, cout: i64, prev: i64, layers: usize, cross: bool, resample: bool| BlockConfig {
-            in_channels: cin,
-            out_channels: cout,
-            prev_output_channels: prev,
-            temb_channels: temb,
-            num_layers: layers,
-            groups,
-            eps: cfg.norm_eps,
-            act,
-            output_scale_factor: 1.0,
-            attention: cross.then(|| AttentionConfig {
-                heads: r.heads[i],
-                transformer_layers: r.transformer_layers[i],
-                cross_attention_dim: r.cross_dims[i],
-                use_linear_projection: cfg.use_linear_projection,
-                only_cross_attention: r.only_cross[i],
-                upcast_attention: cfg.upcast_attention,
-            }),
-            resample,
-            downsample_padding: cfg.downsample_padding,
-        };
+        let block =
+            |i: usize, cin: i64, cout: i64, prev: i64, layers: usize, cross: bool, resample: bool| BlockConfig {
+                in_channels: cin,
+                out_channels: cout,
+                prev_output_channels: prev,
+                temb_channels: temb,
+                num_layers: layers,
+                groups,
+                eps: cfg.norm_eps,
+                act,
+                output_scale_factor: 1.0,
+                attention: cross.then(|| AttentionConfig {
+                    heads: r.heads[i],
+                    transformer_layers: r.transformer_layers[i],
+                    cross_attention_dim: r.cross_dims[i],
+                    use_linear_projection: cfg.use_linear_projection,
+                    only_cross_attention: r.only_cross[i],
+                    upcast_attention: cfg.upcast_attention,
+                }),
+                resample,
+                downsample_padding: cfg.downsample_padding,
+            };
 
         let mut cross_index = 0;
         let mut down = Vec::with_capacity(n);
@@ -418,7 +455,13 @@ impl UNet2DConditionModel {
         self.run_timesteps(sample, &t, context, capture)
     }
 
-    fn run_timesteps(&self, sample: &Tensor, timesteps: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
+    fn run_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &CrossContext,
+        capture: Option<&AttnCapture>,
+    ) -> Tensor {
         let cfg = &self.cfg;
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let t_emb = timesteps_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -459,6 +502,10 @@ impl UNet2DConditionModel {
         }
         let out = self.conv_out.forward(&self.conv_act.forward(&self.conv_norm_out.forward(&h)));
         // Callers get the usual contiguous layout.
-        if channels_last_weights { out.contiguous() } else { out }
+        if channels_last_weights {
+            out.contiguous()
+        } else {
+            out
+        }
     }
 }

@@ -64,7 +64,13 @@ impl BlockConfig {
     }
 }
 
-fn attentions(p: &WeightPath, c: &BlockConfig, channels: i64, count: usize, next: &mut usize) -> Result<Vec<Transformer2DModel>> {
+fn attentions(
+    p: &WeightPath,
+    c: &BlockConfig,
+    channels: i64,
+    count: usize,
+    next: &mut usize,
+) -> Result<Vec<Transformer2DModel>> {
     match c.transformer(channels) {
         Some(tc) => (0..count).map(|i| Transformer2DModel::new(&p.pp("attentions").pp(i), &tc, next)).collect(),
         None => Ok(Vec::new()),
@@ -96,7 +102,13 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it adds (one per resnet, plus the
     /// downsampled output).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &CrossContext,
+        capture: Option<&AttnCapture>,
+    ) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -158,7 +170,11 @@ impl UpBlock {
             resnets.push(ResnetBlock2D::new(&p.pp("resnets").pp(i), &c.resnet(cin + skip, c.out_channels))?);
         }
         let attentions = attentions(p, c, c.out_channels, c.num_layers, next_cross_index)?;
-        let upsampler = if c.resample { Some(Upsample2D::new(&p.pp("upsamplers.0"), c.out_channels, c.out_channels)?) } else { None };
+        let upsampler = if c.resample {
+            Some(Upsample2D::new(&p.pp("upsamplers.0"), c.out_channels, c.out_channels)?)
+        } else {
+            None
+        };
         Ok(Self { resnets, attentions, upsampler })
     }
 

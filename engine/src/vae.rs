@@ -119,7 +119,8 @@ impl AttentionBlock {
         // Checkpoints from before diffusers 0.14 name the projections query/key/value/proj_attn
         // and some store them as 1×1 convolutions; diffusers converts both on load.
         let old = !p.pp("to_q").contains("weight") && p.pp("query").contains("weight");
-        let [q, k, v, o] = if old { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
+        let [q, k, v, o] =
+            if old { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
         Ok(Self {
             group_norm: GroupNorm::load(&p.pp("group_norm"), groups, c, EPS)?,
             to_q: Linear::load_squeezable(&p.pp(q), c, c)?,
@@ -158,8 +159,11 @@ struct MidBlock {
 impl MidBlock {
     fn new(p: &WeightPath, cfg: &VaeConfig, c: i64) -> Result<Self> {
         let r = cfg.resnet(c, c)?;
-        let attention =
-            if cfg.mid_block_add_attention { Some(AttentionBlock::new(&p.pp("attentions.0"), c, cfg.norm_num_groups)?) } else { None };
+        let attention = if cfg.mid_block_add_attention {
+            Some(AttentionBlock::new(&p.pp("attentions.0"), c, cfg.norm_num_groups)?)
+        } else {
+            None
+        };
         Ok(Self {
             resnet0: ResnetBlock2D::new(&p.pp("resnets.0"), &r)?,
             attention,
@@ -178,7 +182,9 @@ impl MidBlock {
 
 /// Resnets of one encoder (`DownEncoderBlock2D`) or decoder (`UpDecoderBlock2D`) block.
 fn resnets(p: &WeightPath, cfg: &VaeConfig, n: i64, cin: i64, cout: i64) -> Result<Vec<ResnetBlock2D>> {
-    (0..n).map(|i| ResnetBlock2D::new(&p.pp("resnets").pp(i), &cfg.resnet(if i == 0 { cin } else { cout }, cout)?)).collect()
+    (0..n)
+        .map(|i| ResnetBlock2D::new(&p.pp("resnets").pp(i), &cfg.resnet(if i == 0 { cin } else { cout }, cout)?))
+        .collect()
 }
 
 struct Encoder {
@@ -199,7 +205,8 @@ impl Encoder {
             let b = p.pp("down_blocks").pp(i);
             let cin = if i == 0 { ch[0] } else { ch[i - 1] };
             // padding 0: diffusers pads right/bottom by one, then convolves with stride 2.
-            let down = if i + 1 < ch.len() { Some(Downsample2D::new(&b.pp("downsamplers.0"), cout, cout, 0)?) } else { None };
+            let down =
+                if i + 1 < ch.len() { Some(Downsample2D::new(&b.pp("downsamplers.0"), cout, cout, 0)?) } else { None };
             blocks.push((resnets(&b, cfg, cfg.layers_per_block, cin, cout)?, down));
         }
         Ok(Self {
@@ -307,7 +314,8 @@ impl AutoencoderKl {
     pub fn new(p: &WeightPath, cfg: &VaeConfig) -> Result<Self> {
         cfg.check()?;
         let l = cfg.latent_channels;
-        let quant_conv = if cfg.use_quant_conv { Some(Conv2d::load(&p.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
+        let quant_conv =
+            if cfg.use_quant_conv { Some(Conv2d::load(&p.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
         let post_quant_conv =
             if cfg.use_post_quant_conv { Some(Conv2d::load(&p.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
         Ok(Self {

@@ -38,7 +38,8 @@ pub fn find_weight_files(dir: &Path, prefer_fp16: bool) -> Result<Vec<PathBuf>> 
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
     let map = json["weight_map"].as_object().ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
     let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
     files.sort();
@@ -111,7 +112,11 @@ impl<'a> WeightPath<'a> {
     }
 
     pub fn name(&self, leaf: &str) -> String {
-        if self.prefix.is_empty() { leaf.to_string() } else { format!("{}.{leaf}", self.prefix) }
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
     }
 
     pub fn contains(&self, leaf: &str) -> bool {
@@ -127,14 +132,23 @@ impl<'a> WeightPath<'a> {
             .get(&name)
             .ok_or_else(|| anyhow!("missing tensor `{name}` in {}", self.weights.source()))?;
         if t.size() != shape {
-            bail!("tensor `{name}` in {} has shape {:?}, the config implies {:?}", self.weights.source(), t.size(), shape);
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, the config implies {:?}",
+                self.weights.source(),
+                t.size(),
+                shape
+            );
         }
         Ok(t.shallow_clone())
     }
 
     /// Like `get`, but a missing tensor is `None` (optional biases, alternative key names).
     pub fn get_opt(&self, leaf: &str, shape: &[i64]) -> Result<Option<Tensor>> {
-        if self.contains(leaf) { self.get(leaf, shape).map(Some) } else { Ok(None) }
+        if self.contains(leaf) {
+            self.get(leaf, shape).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn device(&self) -> Device {

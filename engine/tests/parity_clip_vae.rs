@@ -97,7 +97,13 @@ fn old_and_new_attention_layouts_agree() {
             .fold(k, |k, (o, n)| k.replace(&format!(".attentions.0.{o}."), &format!(".attentions.0.{n}.")));
         (k, v)
     });
-    let conv = variant(&|k, v| if old.iter().any(|o| k.ends_with(o.as_str())) { (k, v.unsqueeze(-1).unsqueeze(-1)) } else { (k, v) });
+    let conv = variant(&|k, v| {
+        if old.iter().any(|o| k.ends_with(o.as_str())) {
+            (k, v.unsqueeze(-1).unsqueeze(-1))
+        } else {
+            (k, v)
+        }
+    });
     let fixture = AutoencoderKl::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let _guard = tch::no_grad_guard();
     let z = Tensor::randn([1, 4, 6, 4], (Kind::Float, Device::Cpu));

@@ -12,7 +12,8 @@ use tch::{Device, Tensor};
 
 fn cases() -> Vec<Value> {
     let path = common::fixtures().join("ref/pipeline/cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
     serde_json::from_str::<Vec<Value>>(&text).unwrap()
 }
 
@@ -92,14 +93,17 @@ fn stopping_from_the_callback_cancels() {
     let err = model
         .generate(&params(&case), &mut |_| {
             calls += 1;
-            if calls == 2 { Flow::Stop } else { Flow::Continue }
+            if calls == 2 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
         })
         .err()
         .expect("job should stop");
     assert!(err.downcast_ref::<frisket_engine::pipeline::Cancelled>().is_some(), "{err:#}");
     assert_eq!(calls, 2);
 }
-
 
 /// A layout no published checkpoint has (2 UNet blocks, per-block layer and head counts,
 /// 4-block VAE without mid attention, sharded weights).

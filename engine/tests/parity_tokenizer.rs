@@ -8,10 +8,7 @@ use serde_json::Value;
 fn ids_match_transformers() {
     let path = common::fixtures().join("ref/tokenizer/cases.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "reading {}: {e} (run `python tests/fixtures/ref_tokenizer.py target/fixtures`)",
-            path.display()
-        )
+        panic!("reading {}: {e} (run `python tests/fixtures/ref_tokenizer.py target/fixtures`)", path.display())
     });
     let cases: Value = serde_json::from_str(&text).unwrap();
     let mut total = 0;
@@ -27,22 +24,11 @@ fn ids_match_transformers() {
             );
             // encode() is the padded ids up to and including the first EOS after BOS.
             let unpadded = tok.encode(prompt);
-            assert_eq!(
-                unpadded[..],
-                actual[..unpadded.len()],
-                "{model}: encode() is not a prefix for {prompt:?}"
-            );
+            assert_eq!(unpadded[..], actual[..unpadded.len()], "{model}: encode() is not a prefix for {prompt:?}");
             assert_eq!(tok.tokens(prompt).len(), unpadded.len());
             total += 1;
         }
-        println!(
-            "{model}: {} prompts equal (pad id {})",
-            list.as_array().unwrap().len(),
-            tok.pad_id()
-        );
+        println!("{model}: {} prompts equal (pad id {})", list.as_array().unwrap().len(), tok.pad_id());
     }
-    assert!(
-        total >= 120,
-        "expected ≥ 60 prompts per model, got {total} cases"
-    );
+    assert!(total >= 120, "expected ≥ 60 prompts per model, got {total} cases");
 }

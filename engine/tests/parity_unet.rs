@@ -59,7 +59,8 @@ fn sd1_captured_cross_attention_probabilities() {
     let unet = load("sd1");
     let r = read_ref("unet/sd1.safetensors");
     let (sample, t, ehs, expected) = inputs(&r, "main");
-    let layers: Vec<usize> = Vec::<i64>::try_from(&r["probs_layers"]).unwrap().into_iter().map(|l| l as usize).collect();
+    let layers: Vec<usize> =
+        Vec::<i64>::try_from(&r["probs_layers"]).unwrap().into_iter().map(|l| l as usize).collect();
 
     // Grad mode on (the default): the probabilities stay in the graph.
     let (out, probs) = unet.forward_capturing(sample, t, ehs, &layers);

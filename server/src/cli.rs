@@ -1,5 +1,6 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
-use frisket_engine::tch;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 use frisket_engine::explain::dump::{Dump, Entry};
 use frisket_engine::explain::{
     ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
@@ -8,8 +9,7 @@ use frisket_engine::image_io;
 use frisket_engine::model::{parse_device, StableDiffusion};
 use frisket_engine::pipeline::{Flow, GenerateParams, StepEvent};
 use frisket_engine::schedulers::SchedulerKind;
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use frisket_engine::tch;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;

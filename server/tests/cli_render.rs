@@ -7,7 +7,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn render(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_frisket-server")).arg("render").args(args).output().expect("running frisket-server")
+    Command::new(env!("CARGO_BIN_EXE_frisket-server"))
+        .arg("render")
+        .args(args)
+        .output()
+        .expect("running frisket-server")
 }
 
 fn one_line_error(out: &Output) -> String {
@@ -24,9 +28,27 @@ fn render_writes_the_diffusers_image() {
     let model = common::model_dir("sd1");
     // The sd1/ddim/txt2img case of tests/fixtures/ref_pipeline.py.
     let out = render(&[
-        "--model", model.to_str().unwrap(), "--prompt", "A small yellow STAR, top-left!", "--negative-prompt", "blurry",
-        "--seed", "1000", "--steps", "8", "--guidance", "7.5", "--scheduler", "ddim", "--width", "64", "--height", "48",
-        "--out", out_png.to_str().unwrap(), "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "A small yellow STAR, top-left!",
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        "1000",
+        "--steps",
+        "8",
+        "--guidance",
+        "7.5",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--out",
+        out_png.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ours = image::open(&out_png).unwrap().to_rgb8();
@@ -75,7 +97,14 @@ fn broken_model_folder_names_the_tensor() {
     tensors.retain(|(name, _)| name != missing);
     tch::Tensor::write_safetensors(&tensors, &unet_file).unwrap();
     let o = dir.join("o.png");
-    let e = one_line_error(&render(&["--model", dir.join("model").to_str().unwrap(), "--prompt", "x", "--out", o.to_str().unwrap()]));
+    let e = one_line_error(&render(&[
+        "--model",
+        dir.join("model").to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        o.to_str().unwrap(),
+    ]));
     assert!(e.contains(missing), "{e}");
 }
 

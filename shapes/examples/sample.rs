@@ -61,8 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         scene.image.save(out.join(format!("{stem}.png")))?;
         std::fs::write(out.join(format!("{stem}.json")), scene.to_json())?;
         for (m, mask) in scene.masks.iter().enumerate() {
-            mask.to_gray()
-                .save(out.join(format!("{stem}_mask{m}.png")))?;
+            mask.to_gray().save(out.join(format!("{stem}_mask{m}.png")))?;
         }
         writeln!(captions, "{stem}.png\t{}", scene.caption())?;
         let img = if degrade {
@@ -77,19 +76,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let found: Vec<String> = j
             .objects
             .iter()
-            .map(|o| {
-                format!(
-                    "{} {} {} {} ({} px)",
-                    o.size, o.colour, o.shape, o.position, o.area
-                )
-            })
+            .map(|o| format!("{} {} {} {} ({} px)", o.size, o.colour, o.shape, o.position, o.area))
             .collect();
-        let bg: Vec<String> = j
-            .background
-            .colours
-            .iter()
-            .map(|(c, s)| format!("{c} {:.0}%", s * 100.0))
-            .collect();
+        let bg: Vec<String> = j.background.colours.iter().map(|(c, s)| format!("{c} {:.0}%", s * 100.0)).collect();
         writeln!(
             judged,
             "{stem}.png\t{}\tjudge: {} | background {} {}",
@@ -99,10 +88,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bg.join(", ")
         )?;
         if (k as u32) < shown {
-            let (gx, gy) = (
-                (k as u32 % cols) * (size * scale + gap) + gap,
-                (k as u32 / cols) * (size * scale + gap) + gap,
-            );
+            let (gx, gy) =
+                ((k as u32 % cols) * (size * scale + gap) + gap, (k as u32 / cols) * (size * scale + gap) + gap);
             for y in 0..size * scale {
                 for x in 0..size * scale {
                     sheet.put_pixel(gx + x, gy + y, *img.get_pixel(x / scale, y / scale));

@@ -52,12 +52,7 @@ pub struct ObjectQuery {
 
 impl ObjectQuery {
     pub fn new(shape: Shape, colour: Colour) -> Self {
-        ObjectQuery {
-            shape,
-            colour,
-            size: None,
-            position: None,
-        }
+        ObjectQuery { shape, colour, size: None, position: None }
     }
 
     pub fn at(mut self, p: Position) -> Self {
@@ -71,12 +66,7 @@ impl ObjectQuery {
     }
 
     pub fn from_info(o: &ObjectInfo) -> Self {
-        ObjectQuery {
-            shape: o.shape,
-            colour: o.colour,
-            size: Some(o.size),
-            position: Some(o.position),
-        }
+        ObjectQuery { shape: o.shape, colour: o.colour, size: Some(o.size), position: Some(o.position) }
     }
 
     /// "a small yellow star at the top left".
@@ -111,10 +101,7 @@ pub struct ParsedPrompt {
 }
 
 fn article_for(next: &str) -> &'static str {
-    if matches!(
-        next.as_bytes().first(),
-        Some(b'a' | b'e' | b'i' | b'o' | b'u')
-    ) {
+    if matches!(next.as_bytes().first(), Some(b'a' | b'e' | b'i' | b'o' | b'u')) {
         "an"
     } else {
         "a"
@@ -128,48 +115,23 @@ pub fn background_phrase(bg: &Background) -> String {
             format!("{} {} background", article_for(colour.name()), colour)
         }
         Background::Gradient { from, to, .. } => {
-            format!(
-                "{} {from} and {to} gradient background",
-                article_for(from.name())
-            )
+            format!("{} {from} and {to} gradient background", article_for(from.name()))
         }
-        Background::Stripes {
-            colours: [a, b], ..
-        } => format!("a striped {a} and {b} background"),
-        Background::Checks {
-            colours: [a, b], ..
-        } => format!("a checked {a} and {b} background"),
+        Background::Stripes { colours: [a, b], .. } => format!("a striped {a} and {b} background"),
+        Background::Checks { colours: [a, b], .. } => format!("a checked {a} and {b} background"),
     }
 }
 
 /// The caption of a scene.
 pub fn caption(objects: &[ObjectInfo], background: &Background, style: &CaptionStyle) -> String {
-    let objs: Vec<String> = objects
-        .iter()
-        .map(|o| ObjectQuery::from_info(o).phrase(style))
-        .collect();
-    format!(
-        "{} on {}",
-        objs.join(" and "),
-        background_phrase(background)
-    )
+    let objs: Vec<String> = objects.iter().map(|o| ObjectQuery::from_info(o).phrase(style)).collect();
+    format!("{} on {}", objs.join(" and "), background_phrase(background))
 }
 
 /// Every word a caption or prompt can use (for training a tokenizer), sorted.
 pub fn vocabulary() -> Vec<&'static str> {
-    let mut words: Vec<&'static str> = vec![
-        "a",
-        "an",
-        "and",
-        "on",
-        "at",
-        "in",
-        "the",
-        "background",
-        "gradient",
-        "striped",
-        "checked",
-    ];
+    let mut words: Vec<&'static str> =
+        vec!["a", "an", "and", "on", "at", "in", "the", "background", "gradient", "striped", "checked"];
     words.extend(Size::ALL.iter().map(|s| s.name()));
     words.extend(Shape::ALL.iter().map(|s| s.name()));
     for c in Colour::ALL {
@@ -189,10 +151,7 @@ fn position_from_phrase(s: &str) -> Option<Position> {
         return Some(p);
     }
     // A few forgiving variants: "at the left", "on the top right", "in the middle", "at the centre".
-    let core = s
-        .trim_start_matches("at the ")
-        .trim_start_matches("on the ")
-        .trim_start_matches("in the ");
+    let core = s.trim_start_matches("at the ").trim_start_matches("on the ").trim_start_matches("in the ");
     let core = if core == "middle" { "centre" } else { core };
     Position::from_name(core)
 }
@@ -224,19 +183,12 @@ fn parse_object(s: &str) -> Result<ObjectQuery, String> {
     } else {
         Some(position_from_phrase(&rest).ok_or_else(|| format!("unknown position {rest:?}"))?)
     };
-    Ok(ObjectQuery {
-        shape,
-        colour,
-        size,
-        position,
-    })
+    Ok(ObjectQuery { shape, colour, size, position })
 }
 
 fn parse_background(s: &str) -> Result<BackgroundQuery, String> {
     let s = s.trim_start_matches("an ").trim_start_matches("a ");
-    let s = s
-        .strip_suffix(" background")
-        .ok_or_else(|| format!("background {s:?} must end in 'background'"))?;
+    let s = s.strip_suffix(" background").ok_or_else(|| format!("background {s:?} must end in 'background'"))?;
     let (kind, body) = if let Some(b) = s.strip_prefix("striped ") {
         (BgKind::Stripes, b)
     } else if let Some(b) = s.strip_prefix("checked ") {
@@ -253,9 +205,7 @@ fn parse_background(s: &str) -> Result<BackgroundQuery, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let want = if kind == BgKind::Solid { 1 } else { 2 };
     if colours.len() != want {
-        return Err(format!(
-            "{kind} background needs {want} colour(s), got {body:?}"
-        ));
+        return Err(format!("{kind} background needs {want} colour(s), got {body:?}"));
     }
     Ok(BackgroundQuery { kind, colours })
 }
@@ -263,13 +213,7 @@ fn parse_background(s: &str) -> Result<BackgroundQuery, String> {
 /// Parse a caption or prompt of the grammar above ("a red circle on the right",
 /// "a small blue ring and a green star at the top on a black background").
 pub fn parse_prompt(prompt: &str) -> Result<ParsedPrompt, String> {
-    let norm = prompt
-        .trim()
-        .trim_end_matches('.')
-        .to_lowercase()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let norm = prompt.trim().trim_end_matches('.').to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ");
     let (objs, bg) = match norm.rfind(" on a ").or_else(|| norm.rfind(" on an ")) {
         Some(k) => (&norm[..k], Some(parse_background(&norm[k + 4..])?)),
         None => (norm.as_str(), None),
@@ -277,10 +221,7 @@ pub fn parse_prompt(prompt: &str) -> Result<ParsedPrompt, String> {
     let mut parts: Vec<String> = Vec::new();
     let mut rest = objs;
     loop {
-        let cut = [" and a ", " and an "]
-            .iter()
-            .filter_map(|sep| rest.find(sep).map(|k| (k, 5)))
-            .min();
+        let cut = [" and a ", " and an "].iter().filter_map(|sep| rest.find(sep).map(|k| (k, 5))).min();
         match cut {
             Some((k, skip)) => {
                 parts.push(rest[..k].to_string());
@@ -292,14 +233,8 @@ pub fn parse_prompt(prompt: &str) -> Result<ParsedPrompt, String> {
             }
         }
     }
-    let objects = parts
-        .iter()
-        .map(|p| parse_object(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(ParsedPrompt {
-        objects,
-        background: bg,
-    })
+    let objects = parts.iter().map(|p| parse_object(p)).collect::<Result<Vec<_>, _>>()?;
+    Ok(ParsedPrompt { objects, background: bg })
 }
 
 #[cfg(test)]
@@ -309,29 +244,17 @@ mod tests {
     #[test]
     fn phrases() {
         let st = CaptionStyle::default();
-        let q = ObjectQuery::new(Shape::Star, Colour::Yellow)
-            .sized(Size::Small)
-            .at(Position::TopLeft);
+        let q = ObjectQuery::new(Shape::Star, Colour::Yellow).sized(Size::Small).at(Position::TopLeft);
         assert_eq!(q.phrase(&st), "a small yellow star at the top left");
-        let q = ObjectQuery::new(Shape::Circle, Colour::Orange)
-            .sized(Size::Medium)
-            .at(Position::Right);
+        let q = ObjectQuery::new(Shape::Circle, Colour::Orange).sized(Size::Medium).at(Position::Right);
         assert_eq!(q.phrase(&st), "an orange circle on the right");
-        assert_eq!(
-            q.phrase(&CaptionStyle {
-                sizes: SizeWords::Always
-            }),
-            "a medium orange circle on the right"
-        );
+        assert_eq!(q.phrase(&CaptionStyle { sizes: SizeWords::Always }), "a medium orange circle on the right");
     }
 
     #[test]
     fn parse_examples() {
         let p = parse_prompt("A red circle on the right.").unwrap();
-        assert_eq!(
-            p.objects,
-            vec![ObjectQuery::new(Shape::Circle, Colour::Red).at(Position::Right)]
-        );
+        assert_eq!(p.objects, vec![ObjectQuery::new(Shape::Circle, Colour::Red).at(Position::Right)]);
         assert_eq!(p.background, None);
         let p = parse_prompt(
             "a red circle on the left and a large green square at the bottom right on a striped white and grey background",
@@ -340,26 +263,15 @@ mod tests {
         assert_eq!(p.objects.len(), 2);
         assert_eq!(
             p.objects[1],
-            ObjectQuery::new(Shape::Square, Colour::Green)
-                .sized(Size::Large)
-                .at(Position::BottomRight)
+            ObjectQuery::new(Shape::Square, Colour::Green).sized(Size::Large).at(Position::BottomRight)
         );
         assert_eq!(
             p.background,
-            Some(BackgroundQuery {
-                kind: BgKind::Stripes,
-                colours: vec![Colour::White, Colour::Grey]
-            })
+            Some(BackgroundQuery { kind: BgKind::Stripes, colours: vec![Colour::White, Colour::Grey] })
         );
-        let p = parse_prompt(
-            "an orange ring in the center on a dark blue and black gradient background",
-        )
-        .unwrap();
+        let p = parse_prompt("an orange ring in the center on a dark blue and black gradient background").unwrap();
         assert_eq!(p.objects[0].position, Some(Position::Centre));
-        assert_eq!(
-            p.background.unwrap().colours,
-            vec![Colour::DarkBlue, Colour::Black]
-        );
+        assert_eq!(p.background.unwrap().colours, vec![Colour::DarkBlue, Colour::Black]);
         assert!(parse_prompt("a red banana").is_err());
     }
 

@@ -123,16 +123,7 @@ fn point_in_polygon(poly: &[[f64; 2]], x: f64, y: f64) -> bool {
 /// Pixels of a `width`×`height` grid whose centres fall inside `shape` drawn in the
 /// continuous box `(x0, y0, w, h)`. Calls `f(x, y)` for each, row by row.
 #[allow(clippy::too_many_arguments)]
-pub fn raster(
-    shape: Shape,
-    x0: f64,
-    y0: f64,
-    w: f64,
-    h: f64,
-    width: u32,
-    height: u32,
-    mut f: impl FnMut(u32, u32),
-) {
+pub fn raster(shape: Shape, x0: f64, y0: f64, w: f64, h: f64, width: u32, height: u32, mut f: impl FnMut(u32, u32)) {
     let xa = (x0 - 1.0).floor().max(0.0) as i64;
     let ya = (y0 - 1.0).floor().max(0.0) as i64;
     let xb = ((x0 + w + 1.0).ceil() as i64).min(width as i64);
@@ -166,10 +157,7 @@ mod tests {
         assert!(close(area(Shape::Square, n), 1.0));
         assert!(close(area(Shape::Diamond, n), 0.5));
         assert!(close(area(Shape::Triangle, n), 0.5));
-        assert!(close(
-            area(Shape::Ring, n),
-            std::f64::consts::PI / 4.0 * 0.75
-        ));
+        assert!(close(area(Shape::Ring, n), std::f64::consts::PI / 4.0 * 0.75));
         let a = 2.0 * CROSS_HALF_ARM;
         assert!(close(area(Shape::Cross, n), 2.0 * a - a * a));
         assert!(close(area(Shape::Star, n), Shape::Star.unit_area()));
@@ -189,10 +177,7 @@ mod tests {
                 x1 = x1.max(x);
                 y1 = y1.max(y);
             });
-            assert!(
-                x0 <= 1 && y0 <= 1 && x1 >= n - 2 && y1 >= n - 2,
-                "{s:?}: {x0} {y0} {x1} {y1}"
-            );
+            assert!(x0 <= 1 && y0 <= 1 && x1 >= n - 2 && y1 >= n - 2, "{s:?}: {x0} {y0} {x1} {y1}");
         }
     }
 }

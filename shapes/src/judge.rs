@@ -115,9 +115,7 @@ pub struct Judgement {
 impl Judgement {
     /// The largest found object of this colour and shape.
     pub fn find(&self, colour: Colour, shape: Shape) -> Option<&FoundObject> {
-        self.objects
-            .iter()
-            .find(|o| o.colour == colour && o.shape == shape)
+        self.objects.iter().find(|o| o.colour == colour && o.shape == shape)
     }
 
     /// The union of all found objects.
@@ -164,11 +162,7 @@ impl Judge {
                 let lab = srgb_to_lab(p.0);
                 let (c, d) = nearest(lab, all);
                 let (bc, _) = nearest(lab, &Colour::BACKGROUND);
-                let l = if c.is_object() && d <= self.config.max_colour_distance {
-                    c as u8
-                } else {
-                    NONE
-                };
+                let l = if c.is_object() && d <= self.config.max_colour_distance { c as u8 } else { NONE };
                 (l, d, bc as u8)
             });
             label[i] = l;
@@ -214,10 +208,7 @@ impl Judge {
                 if (px.len() as u32) < min_area {
                     return false;
                 }
-                let core = px
-                    .iter()
-                    .filter(|&&p| is_interior(&comp, p, w, h, id))
-                    .count() as u32;
+                let core = px.iter().filter(|&&p| is_interior(&comp, p, w, h, id)).count() as u32;
                 core >= self.config.min_core
             })
             .collect();
@@ -280,11 +271,7 @@ impl Judge {
                     })
                 })
             });
-            let pad = if touches {
-                PAD + (0.35 * (x1 - x0).max(y1 - y0) as f64).ceil() as usize
-            } else {
-                PAD
-            };
+            let pad = if touches { PAD + (0.35 * (x1 - x0).max(y1 - y0) as f64).ceil() as usize } else { PAD };
             let (lx0, ly0) = (x0 as i64 - pad as i64, y0 as i64 - pad as i64);
             let (lw, lh) = ((x1 - x0) as usize + 2 * pad, (y1 - y0) as usize + 2 * pad);
             let mut local = vec![0u8; lw * lh];
@@ -306,15 +293,8 @@ impl Judge {
                 }
             }
             let hole_area = holes(&local, lw, lh);
-            let shape_scores = fit_shapes(
-                &local,
-                lw,
-                lh,
-                pad,
-                (x1 - x0) as f64,
-                (y1 - y0) as f64,
-                self.config.blur_search_below,
-            );
+            let shape_scores =
+                fit_shapes(&local, lw, lh, pad, (x1 - x0) as f64, (y1 - y0) as f64, self.config.blur_search_below);
             let shape = shape_scores[0].0;
             if shape_scores[0].1 < self.config.min_shape_score {
                 // Scattered pixels that fit no shape at all.
@@ -351,19 +331,8 @@ impl Judge {
         }
         // 5. Background.
         let in_object: Vec<bool> = owner.iter().map(|&c| c != NOBODY).collect();
-        let background = analyse_background(
-            &bg_label,
-            &in_object,
-            w,
-            h,
-            self.config.min_background_share,
-        );
-        Judgement {
-            width: w,
-            height: h,
-            objects,
-            background,
-        }
+        let background = analyse_background(&bg_label, &in_object, w, h, self.config.min_background_share);
+        Judgement { width: w, height: h, objects, background }
     }
 }
 
@@ -478,8 +447,7 @@ impl Judge {
                         }
                     }
                 }
-                let mut others: Vec<[f32; 3]> =
-                    bg_acc.iter().map(|e| e.1.map(|v| v / e.2)).collect();
+                let mut others: Vec<[f32; 3]> = bg_acc.iter().map(|e| e.1.map(|v| v / e.2)).collect();
                 if others.is_empty() {
                     // No clean background in sight: use the nearest background colour.
                     others.push(Colour::ALL[bg_label[i] as usize].rgb().map(|v| v as f32));
@@ -489,12 +457,7 @@ impl Judge {
                 for &o in &cands {
                     let a = obj_rgb[o as usize];
                     let mut bs = others.clone();
-                    bs.extend(
-                        near_objs
-                            .iter()
-                            .filter(|&&q| q != o)
-                            .map(|&q| obj_rgb[q as usize]),
-                    );
+                    bs.extend(near_objs.iter().filter(|&&q| q != o).map(|&q| obj_rgb[q as usize]));
                     // How well do the other colours nearby explain p without this object
                     // (a blurred stripe edge, or the fringe between another object and
                     // the background)?
@@ -537,12 +500,7 @@ impl Judge {
                 for dy in -1..=1 {
                     for dx in -1..=1 {
                         let (nx, ny) = (x + dx, y + dy);
-                        if nx >= 0
-                            && ny >= 0
-                            && nx < wi
-                            && ny < hi
-                            && owner[(ny * wi + nx) as usize] == NOBODY
-                        {
+                        if nx >= 0 && ny >= 0 && nx < wi && ny < hi && owner[(ny * wi + nx) as usize] == NOBODY {
                             frontier.push((ny * wi + nx) as usize);
                         }
                     }
@@ -562,15 +520,9 @@ fn mix_fit(p: [f32; 3], a: [f32; 3], b: [f32; 3]) -> (f32, f32) {
     let ab = [a[0] - b[0], a[1] - b[1], a[2] - b[2]];
     let pb = [p[0] - b[0], p[1] - b[1], p[2] - b[2]];
     let len2 = ab[0] * ab[0] + ab[1] * ab[1] + ab[2] * ab[2];
-    let alpha = if len2 < 1e-3 {
-        0.0
-    } else {
-        ((pb[0] * ab[0] + pb[1] * ab[1] + pb[2] * ab[2]) / len2).clamp(0.0, 1.0)
-    };
-    let r = (0..3)
-        .map(|c| (pb[c] - alpha * ab[c]).powi(2))
-        .sum::<f32>()
-        .sqrt();
+    let alpha =
+        if len2 < 1e-3 { 0.0 } else { ((pb[0] * ab[0] + pb[1] * ab[1] + pb[2] * ab[2]) / len2).clamp(0.0, 1.0) };
+    let r = (0..3).map(|c| (pb[c] - alpha * ab[c]).powi(2)).sum::<f32>().sqrt();
     (r, alpha)
 }
 
@@ -588,12 +540,7 @@ fn holes(local: &[u8], lw: usize, lh: usize) -> u32 {
         }
     }
     while let Some((x, y)) = stack.pop() {
-        let nb = [
-            (x.wrapping_sub(1), y),
-            (x + 1, y),
-            (x, y.wrapping_sub(1)),
-            (x, y + 1),
-        ];
+        let nb = [(x.wrapping_sub(1), y), (x + 1, y), (x, y.wrapping_sub(1)), (x, y + 1)];
         for (nx, ny) in nb {
             if nx < lw && ny < lh && !seen[ny * lw + nx] && local[ny * lw + nx] != 1 {
                 seen[ny * lw + nx] = true;
@@ -601,27 +548,14 @@ fn holes(local: &[u8], lw: usize, lh: usize) -> u32 {
             }
         }
     }
-    local
-        .iter()
-        .zip(&seen)
-        .filter(|(&v, &s)| v != 1 && !s)
-        .count() as u32
+    local.iter().zip(&seen).filter(|(&v, &s)| v != 1 && !s).count() as u32
 }
 
 /// IoU of the object (value 1 in the padded window) with `shape` drawn in the box
 /// whose pixel extent is `bw`×`bh` (starting at window pixel (1,1)), its edges moved
 /// by `da`..`dd` pixels. Pixels of other objects (value 2) are ignored.
 #[allow(clippy::too_many_arguments)]
-fn template_iou(
-    local: &[u8],
-    lw: usize,
-    lh: usize,
-    pad: usize,
-    shape: Shape,
-    bw: f64,
-    bh: f64,
-    e: [f64; 4],
-) -> f64 {
+fn template_iou(local: &[u8], lw: usize, lh: usize, pad: usize, shape: Shape, bw: f64, bh: f64, e: [f64; 4]) -> f64 {
     let (x0, y0) = (pad as f64 + e[0], pad as f64 + e[1]);
     let (tw, th) = (bw - e[0] + e[2], bh - e[1] + e[3]);
     let (mut inter, mut uni) = (0u32, 0u32);
@@ -669,9 +603,7 @@ fn blurred_template(shape: Shape, lw: usize, lh: usize, b: [f64; 4], sigma: f64)
         }
     }
     let r = (2.5 * sigma).ceil() as i64;
-    let k: Vec<f64> = (-r..=r)
-        .map(|i| (-((i * i) as f64) / (2.0 * sigma * sigma)).exp())
-        .collect();
+    let k: Vec<f64> = (-r..=r).map(|i| (-((i * i) as f64) / (2.0 * sigma * sigma)).exp()).collect();
     let ks: f64 = k.iter().sum();
     let mut tmp = vec![0f64; lw * lh];
     for y in 0..lh {
@@ -754,8 +686,7 @@ fn fit_shapes(
             2 => (lw - pad..lw - pad + 2, pad..lh - pad),
             _ => (pad..lw - pad, lh - pad..lh - pad + 2),
         };
-        yr.clone()
-            .any(|y| xr.clone().any(|x| local[y * lw + x] == 2))
+        yr.clone().any(|y| xr.clone().any(|x| local[y * lw + x] == 2))
     };
     let hidden: Vec<usize> = (0..4).filter(|&s| side_hidden(s)).collect();
     if !hidden.is_empty() {
@@ -788,10 +719,7 @@ fn fit_shapes(
                 for g in [0.0, 0.5, 1.0, 1.5] {
                     let e = g * sigma;
                     let b = [pad as f64 - e, pad as f64 - e, bw + 2.0 * e, bh + 2.0 * e];
-                    entry.1 = entry.1.max(mask_iou(
-                        local,
-                        &blurred_template(entry.0, lw, lh, b, sigma),
-                    ));
+                    entry.1 = entry.1.max(mask_iou(local, &blurred_template(entry.0, lw, lh, b, sigma)));
                 }
             }
         }
@@ -800,13 +728,7 @@ fn fit_shapes(
     scores
 }
 
-fn analyse_background(
-    bg_label: &[u8],
-    in_object: &[bool],
-    w: u32,
-    h: u32,
-    min_share: f64,
-) -> BackgroundFound {
+fn analyse_background(bg_label: &[u8], in_object: &[bool], w: u32, h: u32, min_share: f64) -> BackgroundFound {
     let (wu, hu) = (w as usize, h as usize);
     // 3×3 majority filter over background pixels, to calm noise.
     let mut smooth = vec![u8::MAX; bg_label.len()];
@@ -828,9 +750,7 @@ fn analyse_background(
                     }
                 }
             }
-            let best = (0..16)
-                .max_by_key(|&k| (counts[k], k == bg_label[i] as usize))
-                .unwrap();
+            let best = (0..16).max_by_key(|&k| (counts[k], k == bg_label[i] as usize)).unwrap();
             smooth[i] = best as u8;
         }
     }
@@ -884,12 +804,8 @@ fn analyse_background(
         let long: Vec<u8> = runs.iter().filter(|r| r.1 >= 3).map(|r| r.0).collect();
         long.windows(2).filter(|p| p[0] != p[1]).count() as u32
     };
-    let th: u32 = (0..hu)
-        .map(|y| changes(&mut (0..wu).map(|x| smooth[y * wu + x])))
-        .sum();
-    let tv: u32 = (0..wu)
-        .map(|x| changes(&mut (0..hu).map(|y| smooth[y * wu + x])))
-        .sum();
+    let th: u32 = (0..hu).map(|y| changes(&mut (0..wu).map(|x| smooth[y * wu + x]))).sum();
+    let tv: u32 = (0..wu).map(|x| changes(&mut (0..hu).map(|y| smooth[y * wu + x]))).sum();
     let (th, tv) = (th as f64 / h as f64, tv as f64 / w as f64);
     let kind = if colours.first().is_none_or(|c| c.1 >= 0.9) {
         colours.truncate(1);
@@ -935,14 +851,11 @@ impl ObjectCheck {
 /// found object that gets the most right, in this order of importance: colour, shape,
 /// position; ties go to the larger object. With no objects found, all is wrong.
 pub fn check_object(j: &Judgement, q: &ObjectQuery) -> ObjectCheck {
-    let best = j.objects.iter().enumerate().max_by_key(|(_, o)| {
-        (
-            o.colour == q.colour,
-            o.shape == q.shape,
-            q.position == Some(o.position),
-            o.area,
-        )
-    });
+    let best = j
+        .objects
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, o)| (o.colour == q.colour, o.shape == q.shape, q.position == Some(o.position), o.area));
     match best {
         None => ObjectCheck {
             found: None,
@@ -1002,12 +915,7 @@ pub fn compare_to_truth(j: &Judgement, scene: &Scene) -> TruthReport {
     }
     let extra = used.iter().filter(|&&u| !u).count();
     let all_right = extra == 0 && object_right.iter().all(|&r| r);
-    TruthReport {
-        matches,
-        object_right,
-        extra,
-        all_right,
-    }
+    TruthReport { matches, object_right, extra, all_right }
 }
 
 /// Whether pixel `p` of a `w`×`h` label image is off the border and its four neighbours

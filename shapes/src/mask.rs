@@ -13,11 +13,7 @@ pub struct Mask {
 
 impl Mask {
     pub fn new(width: u32, height: u32) -> Self {
-        Mask {
-            width,
-            height,
-            data: vec![0; (width * height) as usize],
-        }
+        Mask { width, height, data: vec![0; (width * height) as usize] }
     }
 
     pub fn from_fn(width: u32, height: u32, mut f: impl FnMut(u32, u32) -> bool) -> Self {
@@ -35,11 +31,7 @@ impl Mask {
     /// `values[i] >= threshold` (e.g. a heatmap, row-major, same size).
     pub fn from_threshold(width: u32, height: u32, values: &[f32], threshold: f32) -> Self {
         assert_eq!(values.len(), (width * height) as usize);
-        Mask {
-            width,
-            height,
-            data: values.iter().map(|&v| (v >= threshold) as u8).collect(),
-        }
+        Mask { width, height, data: values.iter().map(|&v| (v >= threshold) as u8).collect() }
     }
 
     /// Pixels of a grey image that are ≥ 128.
@@ -53,12 +45,7 @@ impl Mask {
 
     /// 0 / 255 grey image.
     pub fn to_gray(&self) -> GrayImage {
-        GrayImage::from_raw(
-            self.width,
-            self.height,
-            self.data.iter().map(|&v| v * 255).collect(),
-        )
-        .unwrap()
+        GrayImage::from_raw(self.width, self.height, self.data.iter().map(|&v| v * 255).collect()).unwrap()
     }
 
     pub fn get(&self, x: u32, y: u32) -> bool {
@@ -79,20 +66,12 @@ impl Mask {
 
     pub fn intersection_count(&self, other: &Mask) -> u32 {
         self.check_size(other);
-        self.data
-            .iter()
-            .zip(&other.data)
-            .map(|(&a, &b)| (a & b) as u32)
-            .sum()
+        self.data.iter().zip(&other.data).map(|(&a, &b)| (a & b) as u32).sum()
     }
 
     pub fn union_count(&self, other: &Mask) -> u32 {
         self.check_size(other);
-        self.data
-            .iter()
-            .zip(&other.data)
-            .map(|(&a, &b)| (a | b) as u32)
-            .sum()
+        self.data.iter().zip(&other.data).map(|(&a, &b)| (a | b) as u32).sum()
     }
 
     /// Intersection over union; two empty masks give 1.0.
@@ -167,9 +146,6 @@ impl Mask {
     }
 
     fn check_size(&self, other: &Mask) {
-        assert!(
-            self.width == other.width && self.height == other.height,
-            "mask sizes differ"
-        );
+        assert!(self.width == other.width && self.height == other.height, "mask sizes differ");
     }
 }

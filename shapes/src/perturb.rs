@@ -11,9 +11,7 @@ pub fn gaussian_blur(img: &RgbImage, sigma: f64) -> RgbImage {
         return img.clone();
     }
     let r = (3.0 * sigma).ceil() as i64;
-    let k: Vec<f64> = (-r..=r)
-        .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp())
-        .collect();
+    let k: Vec<f64> = (-r..=r).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp()).collect();
     let sum: f64 = k.iter().sum();
     let k: Vec<f64> = k.iter().map(|v| v / sum).collect();
     let (w, h) = (img.width() as i64, img.height() as i64);
@@ -76,9 +74,5 @@ pub fn shift_colour(img: &RgbImage, shift: [i32; 3]) -> RgbImage {
 pub fn degrade(img: &RgbImage, sigma: f64, cast: u32, noise: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::new(seed ^ 0xD15_7047);
     let shift = [0; 3].map(|_: i32| rng.below(2 * cast as u64 + 1) as i32 - cast as i32);
-    add_noise(
-        &shift_colour(&gaussian_blur(img, sigma), shift),
-        noise,
-        rng.next_u64(),
-    )
+    add_noise(&shift_colour(&gaussian_blur(img, sigma), shift), noise, rng.next_u64())
 }

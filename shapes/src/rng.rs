@@ -12,9 +12,7 @@ pub struct Rng {
 impl Rng {
     pub fn new(seed: u64) -> Self {
         // Decorrelate nearby seeds before the first draw.
-        let mut r = Rng {
-            state: seed ^ 0x5EED_F215_4E75_0001,
-        };
+        let mut r = Rng { state: seed ^ 0x5EED_F215_4E75_0001 };
         r.next_u64();
         r
     }

@@ -176,9 +176,7 @@ impl Background {
         match *self {
             Background::Solid { colour } => vec![colour],
             Background::Gradient { from, to, .. } => vec![from, to],
-            Background::Stripes { colours, .. } | Background::Checks { colours, .. } => {
-                colours.to_vec()
-            }
+            Background::Stripes { colours, .. } | Background::Checks { colours, .. } => colours.to_vec(),
         }
     }
 
@@ -186,37 +184,15 @@ impl Background {
     pub fn pixel(&self, x: u32, y: u32, size: u32) -> [u8; 3] {
         match *self {
             Background::Solid { colour } => colour.rgb(),
-            Background::Gradient {
-                from,
-                to,
-                direction,
-            } => {
-                let t = if direction == Direction::Horizontal {
-                    x
-                } else {
-                    y
-                };
+            Background::Gradient { from, to, direction } => {
+                let t = if direction == Direction::Horizontal { x } else { y };
                 lerp_rgb(from.rgb(), to.rgb(), t, size.max(2) - 1)
             }
-            Background::Stripes {
-                colours,
-                direction,
-                width,
-                offset,
-            } => {
-                let t = if direction == Direction::Horizontal {
-                    y
-                } else {
-                    x
-                };
+            Background::Stripes { colours, direction, width, offset } => {
+                let t = if direction == Direction::Horizontal { y } else { x };
                 colours[(((t + offset) / width.max(1)) % 2) as usize].rgb()
             }
-            Background::Checks {
-                colours,
-                cell,
-                offset_x,
-                offset_y,
-            } => {
+            Background::Checks { colours, cell, offset_x, offset_y } => {
                 let c = cell.max(1);
                 colours[(((x + offset_x) / c + (y + offset_y) / c) % 2) as usize].rgb()
             }
@@ -341,11 +317,7 @@ impl ObjectSpec {
     }
 
     pub fn new(shape: Shape, colour: Colour) -> Self {
-        ObjectSpec {
-            shape: Some(shape),
-            colour: Some(colour),
-            ..Self::default()
-        }
+        ObjectSpec { shape: Some(shape), colour: Some(colour), ..Self::default() }
     }
 
     pub fn at(mut self, position: Position) -> Self {
@@ -489,10 +461,7 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
         return Err(GenError::Invalid(format!("size {s} (must be 32..=1024)")));
     }
     if cfg.min_objects > cfg.max_objects || cfg.max_objects > 9 {
-        return Err(GenError::Invalid(format!(
-            "objects {}..={}",
-            cfg.min_objects, cfg.max_objects
-        )));
+        return Err(GenError::Invalid(format!("objects {}..={}", cfg.min_objects, cfg.max_objects)));
     }
     if cfg.objects.len() > cfg.max_objects {
         return Err(GenError::Invalid(format!(
@@ -508,36 +477,25 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
 
     let background = draw_background(&mut rng, s, &cfg.background, &cfg.objects)?;
     let bg_colours = background.colours();
-    let allowed: Vec<Colour> = Colour::OBJECT
-        .iter()
-        .copied()
-        .filter(|c| bg_colours.iter().all(|&b| c.contrasts_with(b)))
-        .collect();
+    let allowed: Vec<Colour> =
+        Colour::OBJECT.iter().copied().filter(|c| bg_colours.iter().all(|&b| c.contrasts_with(b))).collect();
 
     // Validate forced attributes.
     for (i, spec) in cfg.objects.iter().enumerate() {
         if let Some(c) = spec.colour {
             if !c.is_object() {
-                return Err(GenError::Invalid(format!(
-                    "object {i}: {c} is a background colour"
-                )));
+                return Err(GenError::Invalid(format!("object {i}: {c} is a background colour")));
             }
             if !allowed.contains(&c) {
-                return Err(GenError::Invalid(format!(
-                    "object {i}: {c} does not contrast with the background"
-                )));
+                return Err(GenError::Invalid(format!("object {i}: {c} does not contrast with the background")));
             }
             if cfg.objects[..i].iter().any(|o| o.colour == Some(c)) {
-                return Err(GenError::Invalid(format!(
-                    "object {i}: colour {c} used twice"
-                )));
+                return Err(GenError::Invalid(format!("object {i}: colour {c} used twice")));
             }
         }
         if let Some(p) = spec.position {
             if cfg.objects[..i].iter().any(|o| o.position == Some(p)) {
-                return Err(GenError::Invalid(format!(
-                    "object {i}: position {p} used twice"
-                )));
+                return Err(GenError::Invalid(format!("object {i}: position {p} used twice")));
             }
         }
     }
@@ -556,8 +514,7 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
                         .iter()
                         .copied()
                         .filter(|c| {
-                            !placed.iter().any(|p| p.colour == *c)
-                                && !cfg.objects.iter().any(|o| o.colour == Some(*c))
+                            !placed.iter().any(|p| p.colour == *c) && !cfg.objects.iter().any(|o| o.colour == Some(*c))
                         })
                         .collect();
                     if free.is_empty() {
@@ -594,16 +551,9 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
                     None => jitter(&mut rng, s, shape, size, position.unwrap()),
                 };
                 let mut pixels = Vec::new();
-                raster(
-                    shape,
-                    placement.x0,
-                    placement.y0,
-                    placement.w,
-                    placement.h,
-                    s,
-                    s,
-                    |x, y| pixels.push(y * s + x),
-                );
+                raster(shape, placement.x0, placement.y0, placement.w, placement.h, s, s, |x, y| {
+                    pixels.push(y * s + x)
+                });
                 if pixels.is_empty() {
                     continue;
                 }
@@ -617,19 +567,11 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
                     keep_clear: spec.keep_clear,
                     pixels,
                 };
-                if let Some((new_owner, pos)) = try_place(
-                    s,
-                    &owner,
-                    &placed,
-                    &cand,
-                    position.is_some(),
-                    cfg.max_occlusion,
-                ) {
+                if let Some((new_owner, pos)) =
+                    try_place(s, &owner, &placed, &cand, position.is_some(), cfg.max_occlusion)
+                {
                     owner = new_owner;
-                    placed.push(Placed {
-                        position: pos,
-                        ..cand
-                    });
+                    placed.push(Placed { position: pos, ..cand });
                     ok = true;
                     break 'attempts;
                 }
@@ -639,10 +581,7 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
             }
         }
         if !ok {
-            return Err(GenError::NoRoom(format!(
-                "object {i} ({:?}) after {} attempts",
-                spec, ATTEMPTS
-            )));
+            return Err(GenError::NoRoom(format!("object {i} ({:?}) after {} attempts", spec, ATTEMPTS)));
         }
     }
 
@@ -651,22 +590,14 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
     for y in 0..s {
         for x in 0..s {
             let o = owner[(y * s + x) as usize];
-            let rgb = if o == 0 {
-                background.pixel(x, y, s)
-            } else {
-                placed[o as usize - 1].colour.rgb()
-            };
+            let rgb = if o == 0 { background.pixel(x, y, s) } else { placed[o as usize - 1].colour.rgb() };
             image.put_pixel(x, y, image::Rgb(rgb));
         }
     }
     let mut masks = Vec::with_capacity(placed.len());
     let mut objects = Vec::with_capacity(placed.len());
     for (k, p) in placed.iter().enumerate() {
-        let mask = Mask {
-            width: s,
-            height: s,
-            data: owner.iter().map(|&o| (o as usize == k + 1) as u8).collect(),
-        };
+        let mask = Mask { width: s, height: s, data: owner.iter().map(|&o| (o as usize == k + 1) as u8).collect() };
         objects.push(ObjectInfo {
             shape: p.shape,
             colour: p.colour,
@@ -684,18 +615,7 @@ pub fn generate(seed: u64, cfg: &GenConfig) -> Result<Scene, GenError> {
         masks.push(mask);
     }
     let caption = caption::caption(&objects, &background, &cfg.caption);
-    Ok(Scene {
-        meta: SceneMeta {
-            seed,
-            size: s,
-            caption,
-            background,
-            objects,
-        },
-        image,
-        masks,
-        owner,
-    })
+    Ok(Scene { meta: SceneMeta { seed, size: s, caption, background, objects }, image, masks, owner })
 }
 
 fn jitter(rng: &mut Rng, s: u32, shape: Shape, size: Size, position: Position) -> Placement {
@@ -713,12 +633,7 @@ fn jitter(rng: &mut Rng, s: u32, shape: Shape, size: Size, position: Position) -
     // Multiples of 1/256 px: short, exact decimals, so a placement read back from
     // JSON (by any parser) redraws exactly the same pixels.
     let q = |v: f64| (v * 256.0).floor() / 256.0;
-    Placement {
-        x0: q(x0),
-        y0: q(y0),
-        w: q(w),
-        h: q(h),
-    }
+    Placement { x0: q(x0), y0: q(y0), w: q(w), h: q(h) }
 }
 
 fn pixels_bbox(pixels: &[u32], s: u32) -> [u32; 4] {
@@ -764,30 +679,16 @@ fn try_place(
         for dy in -2..=2i64 {
             for dx in -2..=2i64 {
                 let (nx, ny) = (x + dx, y + dy);
-                if nx >= 0
-                    && ny >= 0
-                    && nx < s as i64
-                    && ny < s as i64
-                    && pred(owner[(ny * s as i64 + nx) as usize])
-                {
+                if nx >= 0 && ny >= 0 && nx < s as i64 && ny < s as i64 && pred(owner[(ny * s as i64 + nx) as usize]) {
                     return true;
                 }
             }
         }
         false
     };
-    let clear_ids: Vec<u8> = placed
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.keep_clear)
-        .map(|(j, _)| j as u8 + 1)
-        .collect();
-    if !clear_ids.is_empty()
-        && cand
-            .pixels
-            .iter()
-            .any(|&p| near(p, &|o| clear_ids.contains(&o)))
-    {
+    let clear_ids: Vec<u8> =
+        placed.iter().enumerate().filter(|(_, p)| p.keep_clear).map(|(j, _)| j as u8 + 1).collect();
+    if !clear_ids.is_empty() && cand.pixels.iter().any(|&p| near(p, &|o| clear_ids.contains(&o))) {
         return None;
     }
     if cand.keep_clear && cand.pixels.iter().any(|&p| near(p, &|o| o != 0)) {
@@ -801,21 +702,14 @@ fn try_place(
     let mut cand_pos = cand.position;
     for j in 1..=k {
         let obj = if j == k { cand } else { &placed[j - 1] };
-        let mask = Mask {
-            width: s,
-            height: s,
-            data: new_owner.iter().map(|&o| (o as usize == j) as u8).collect(),
-        };
+        let mask = Mask { width: s, height: s, data: new_owner.iter().map(|&o| (o as usize == j) as u8).collect() };
         let visible = mask.count();
-        if (visible as f64) < (1.0 - max_occlusion) * obj.pixels.len() as f64
-            || !mask.is_connected()
-        {
+        if (visible as f64) < (1.0 - max_occlusion) * obj.pixels.len() as f64 || !mask.is_connected() {
             return None;
         }
         // Its full extent stays visible: nothing covers its outermost pixels (tips of
         // stars and triangles, corners of squares...), so the box shows its true size.
-        if visible as usize != obj.pixels.len() && mask.bbox() != Some(pixels_bbox(&obj.pixels, s))
-        {
+        if visible as usize != obj.pixels.len() && mask.bbox() != Some(pixels_bbox(&obj.pixels, s)) {
             return None;
         }
         let c = mask.centroid()?;
@@ -842,18 +736,12 @@ fn draw_background(
     forced: &[ObjectSpec],
 ) -> Result<Background, GenError> {
     let forced_colours: Vec<Colour> = forced.iter().filter_map(|o| o.colour).collect();
-    let fits = |cols: &[Colour]| {
-        forced_colours
-            .iter()
-            .all(|&o| cols.iter().all(|&b| o.contrasts_with(b)))
-    };
+    let fits = |cols: &[Colour]| forced_colours.iter().all(|&o| cols.iter().all(|&b| o.contrasts_with(b)));
     let bg_ok = |c: Colour| fits(&[c]);
     let kind = match spec {
         BackgroundSpec::Exact(b) => {
             if b.colours().iter().any(|c| c.is_object()) {
-                return Err(GenError::Invalid(format!(
-                    "background {b:?} uses an object colour"
-                )));
+                return Err(GenError::Invalid(format!("background {b:?} uses an object colour")));
             }
             return Ok(b.clone());
         }
@@ -880,9 +768,7 @@ fn draw_background(
             .filter(|p| p[0] != p[1] && fits(p))
             .collect();
         if pairs.is_empty() {
-            return Err(GenError::Invalid(
-                "no background pair fits the forced colours".into(),
-            ));
+            return Err(GenError::Invalid("no background pair fits the forced colours".into()));
         }
         Ok(rng.pick(&pairs))
     };
@@ -895,38 +781,20 @@ fn draw_background(
     };
     Ok(match kind {
         BgKind::Solid => {
-            let cols: Vec<Colour> = Colour::BACKGROUND
-                .iter()
-                .copied()
-                .filter(|&c| bg_ok(c))
-                .collect();
+            let cols: Vec<Colour> = Colour::BACKGROUND.iter().copied().filter(|&c| bg_ok(c)).collect();
             if cols.is_empty() {
-                return Err(GenError::Invalid(
-                    "no background colour fits the forced colours".into(),
-                ));
+                return Err(GenError::Invalid("no background colour fits the forced colours".into()));
             }
-            Background::Solid {
-                colour: rng.pick(&cols),
-            }
+            Background::Solid { colour: rng.pick(&cols) }
         }
         BgKind::Gradient => {
-            let pairs: Vec<(Colour, Colour)> = GRADIENT_PAIRS
-                .iter()
-                .copied()
-                .filter(|&(a, b)| fits(&[a, b]))
-                .collect();
+            let pairs: Vec<(Colour, Colour)> = GRADIENT_PAIRS.iter().copied().filter(|&(a, b)| fits(&[a, b])).collect();
             if pairs.is_empty() {
-                return Err(GenError::Invalid(
-                    "no gradient fits the forced colours".into(),
-                ));
+                return Err(GenError::Invalid("no gradient fits the forced colours".into()));
             }
             let (a, b) = rng.pick(&pairs);
             let (from, to) = if rng.chance(1, 2) { (a, b) } else { (b, a) };
-            Background::Gradient {
-                from,
-                to,
-                direction: dir(rng),
-            }
+            Background::Gradient { from, to, direction: dir(rng) }
         }
         BgKind::Stripes => {
             let colours = pair(rng)?;
@@ -934,12 +802,7 @@ fn draw_background(
             // 4–8 px at 64×64.
             let width = ((sf * rng.range_f64(4.0, 8.0) / 64.0) as u32).max(2);
             let offset = rng.below(2 * width as u64) as u32;
-            Background::Stripes {
-                colours,
-                direction,
-                width,
-                offset,
-            }
+            Background::Stripes { colours, direction, width, offset }
         }
         BgKind::Checks => {
             let colours = pair(rng)?;
@@ -947,12 +810,7 @@ fn draw_background(
             let cell = ((sf * rng.range_f64(6.0, 10.0) / 64.0) as u32).max(2);
             let offset_x = rng.below(2 * cell as u64) as u32;
             let offset_y = rng.below(2 * cell as u64) as u32;
-            Background::Checks {
-                colours,
-                cell,
-                offset_x,
-                offset_y,
-            }
+            Background::Checks { colours, cell, offset_x, offset_y }
         }
     })
 }

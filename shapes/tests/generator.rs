@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use frisket_shapes::caption::BackgroundQuery;
 use frisket_shapes::{
-    generate, generate_default, parse_prompt, vocabulary, Background, BackgroundSpec, BgKind,
-    Colour, GenConfig, GenError, ObjectQuery, ObjectSpec, Position, Shape, Size,
+    generate, generate_default, parse_prompt, vocabulary, Background, BackgroundSpec, BgKind, Colour, GenConfig,
+    GenError, ObjectQuery, ObjectSpec, Position, Shape, Size,
 };
 
 /// Golden hashes (image bytes + owner map + caption). If the generator changes on
@@ -34,10 +34,7 @@ fn same_seed_same_bytes() {
 
 #[test]
 fn golden_hashes() {
-    let got: Vec<(u64, u64)> = GOLDEN
-        .iter()
-        .map(|&(s, _)| (s, generate_default(s).hash()))
-        .collect();
+    let got: Vec<(u64, u64)> = GOLDEN.iter().map(|&(s, _)| (s, generate_default(s).hash())).collect();
     for (s, h) in &got {
         println!("    ({s}, {h:#018x}),");
     }
@@ -47,14 +44,7 @@ fn golden_hashes() {
 fn expected_query(o: &frisket_shapes::ObjectInfo) -> ObjectQuery {
     let q = ObjectQuery::from_info(o);
     // The default caption style leaves "medium" out.
-    ObjectQuery {
-        size: if o.size == Size::Medium {
-            None
-        } else {
-            Some(o.size)
-        },
-        ..q
-    }
+    ObjectQuery { size: if o.size == Size::Medium { None } else { Some(o.size) }, ..q }
 }
 
 #[test]
@@ -70,20 +60,9 @@ fn captions_match_metadata() {
         let want: Vec<ObjectQuery> = sc.meta.objects.iter().map(expected_query).collect();
         assert_eq!(p.objects, want, "{cap:?}");
         let bg = &sc.meta.background;
-        assert_eq!(
-            p.background,
-            Some(BackgroundQuery {
-                kind: bg.kind(),
-                colours: bg.colours()
-            }),
-            "{cap:?}"
-        );
+        assert_eq!(p.background, Some(BackgroundQuery { kind: bg.kind(), colours: bg.colours() }), "{cap:?}");
         // Re-captioning the parsed prompt gives the caption back.
-        let again: Vec<String> = p
-            .objects
-            .iter()
-            .map(|q| q.phrase(&Default::default()))
-            .collect();
+        let again: Vec<String> = p.objects.iter().map(|q| q.phrase(&Default::default())).collect();
         assert!(cap.starts_with(&again.join(" and ")), "{cap:?}");
     }
 }
@@ -108,19 +87,11 @@ fn masks_are_exact_and_constraints_hold() {
                     match owners.first() {
                         Some(&k) => {
                             assert_eq!(sc.owner[i] as usize, k + 1);
-                            assert_eq!(
-                                px,
-                                m.objects[k].colour.rgb(),
-                                "seed {seed}: object pixel {x},{y}"
-                            );
+                            assert_eq!(px, m.objects[k].colour.rgb(), "seed {seed}: object pixel {x},{y}");
                         }
                         None => {
                             assert_eq!(sc.owner[i], 0);
-                            assert_eq!(
-                                px,
-                                m.background.pixel(x, y, size),
-                                "seed {seed}: background pixel {x},{y}"
-                            );
+                            assert_eq!(px, m.background.pixel(x, y, size), "seed {seed}: background pixel {x},{y}");
                         }
                     }
                 }
@@ -134,31 +105,20 @@ fn masks_are_exact_and_constraints_hold() {
                 assert_eq!(mask.bbox(), Some(o.bbox));
                 assert_eq!(mask.centroid(), Some(o.centroid));
                 assert!(mask.is_connected(), "seed {seed}: object {k} split");
-                assert_eq!(
-                    Position::of_point(o.centroid[0], o.centroid[1], size, size),
-                    o.position
-                );
+                assert_eq!(Position::of_point(o.centroid[0], o.centroid[1], size, size), o.position);
                 assert!(
                     o.pixel_count as f64 >= 0.9 * o.unoccluded_pixel_count as f64,
                     "seed {seed}: object {k} hidden"
                 );
                 assert!(o.colour.is_object());
-                assert!(
-                    bg.iter().all(|&b| o.colour.contrasts_with(b)),
-                    "seed {seed}: {} on {:?}",
-                    o.colour,
-                    bg
-                );
+                assert!(bg.iter().all(|&b| o.colour.contrasts_with(b)), "seed {seed}: {} on {:?}", o.colour, bg);
                 assert!(colours.insert(o.colour), "seed {seed}: colour twice");
                 assert!(positions.insert(o.position), "seed {seed}: position twice");
                 assert_eq!(Size::classify(o.extent), o.size);
                 // Never touching the image border.
                 assert!(o.bbox[0] >= 1 && o.bbox[1] >= 1 && o.bbox[2] < size && o.bbox[3] < size);
             }
-            assert_eq!(
-                sc.foreground().count(),
-                sc.masks.iter().map(|m| m.count()).sum::<u32>()
-            );
+            assert_eq!(sc.foreground().count(), sc.masks.iter().map(|m| m.count()).sum::<u32>());
         }
     }
 }
@@ -200,26 +160,16 @@ fn forced_objects_and_backgrounds() {
     for seed in 0..50 {
         let cfg = GenConfig::default()
             .with_objects(1)
-            .with_object(
-                ObjectSpec::new(Shape::Circle, Colour::Red)
-                    .at(Position::Right)
-                    .sized(Size::Medium),
-            )
+            .with_object(ObjectSpec::new(Shape::Circle, Colour::Red).at(Position::Right).sized(Size::Medium))
             .with_background(BackgroundSpec::Solid(Colour::White));
         let sc = generate(seed, &cfg).unwrap();
-        assert_eq!(
-            sc.caption(),
-            "a red circle on the right on a white background"
-        );
+        assert_eq!(sc.caption(), "a red circle on the right on a white background");
     }
     // Force one object, the rest random.
     for seed in 0..50 {
         let cfg = GenConfig::default()
             .with_objects(3)
-            .with_object(ObjectSpec {
-                shape: Some(Shape::Star),
-                ..ObjectSpec::any()
-            })
+            .with_object(ObjectSpec { shape: Some(Shape::Star), ..ObjectSpec::any() })
             .with_background(BackgroundSpec::Kind(BgKind::Checks));
         let sc = generate(seed, &cfg).unwrap();
         assert_eq!(sc.meta.objects.len(), 3);
@@ -247,18 +197,10 @@ fn protected_object_stays_bit_exact() {
     for seed in 0..60u64 {
         let reference = generate(seed, &GenConfig::default().with_objects(1)).unwrap();
         let kept = &reference.meta.objects[0];
-        let colour = if kept.colour == Colour::Red {
-            Colour::Yellow
-        } else {
-            Colour::Red
-        };
+        let colour = if kept.colour == Colour::Red { Colour::Yellow } else { Colour::Red };
         // The opposite cell (or a neighbour of the centre).
         let (c, r) = (kept.position.col(), kept.position.row());
-        let position = if (c, r) == (1, 1) {
-            Position::Left
-        } else {
-            Position::from_cell(2 - c, 2 - r)
-        };
+        let position = if (c, r) == (1, 1) { Position::Left } else { Position::from_cell(2 - c, 2 - r) };
         let cfg = GenConfig::default()
             .with_objects(2)
             .with_background(BackgroundSpec::Exact(reference.meta.background.clone()))
@@ -284,9 +226,8 @@ fn protected_object_stays_bit_exact() {
         assert_eq!(scene.meta.objects[1].position, position);
         // Nothing touches the protected object (2-pixel moat).
         let moat = frisket_shapes::Mask::from_fn(64, 64, |x, y| {
-            (x.saturating_sub(2)..=(x + 2).min(63)).any(|xx| {
-                (y.saturating_sub(2)..=(y + 2).min(63)).any(|yy| reference.masks[0].get(xx, yy))
-            })
+            (x.saturating_sub(2)..=(x + 2).min(63))
+                .any(|xx| (y.saturating_sub(2)..=(y + 2).min(63)).any(|yy| reference.masks[0].get(xx, yy)))
         });
         assert_eq!(moat.intersection_count(&scene.masks[1]), 0);
     }

@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use frisket_shapes::perturb::degrade;
-use frisket_shapes::{
-    compare_to_truth, generate, judge, Colour, GenConfig, Judgement, Scene, Shape,
-};
+use frisket_shapes::{compare_to_truth, generate, judge, Colour, GenConfig, Judgement, Scene, Shape};
 
 #[derive(Default)]
 struct Stats {
@@ -43,22 +41,10 @@ impl Stats {
                 continue;
             };
             let o = &j.objects[*i];
-            *self
-                .shape
-                .entry((t.shape.to_string(), o.shape.to_string()))
-                .or_default() += 1;
-            *self
-                .colour
-                .entry((t.colour.to_string(), o.colour.to_string()))
-                .or_default() += 1;
-            *self
-                .position
-                .entry((t.position.to_string(), o.position.to_string()))
-                .or_default() += 1;
-            *self
-                .size
-                .entry((t.size.to_string(), o.size.to_string()))
-                .or_default() += 1;
+            *self.shape.entry((t.shape.to_string(), o.shape.to_string())).or_default() += 1;
+            *self.colour.entry((t.colour.to_string(), o.colour.to_string())).or_default() += 1;
+            *self.position.entry((t.position.to_string(), o.position.to_string())).or_default() += 1;
+            *self.size.entry((t.size.to_string(), o.size.to_string())).or_default() += 1;
         }
         let mut truth: Vec<Colour> = scene.meta.background.colours();
         truth.sort();
@@ -76,12 +62,7 @@ impl Stats {
     }
 
     fn report(&self, title: &str) {
-        println!(
-            "== {title}: {} / {} images fully right ({:.2} %)",
-            self.right,
-            self.images,
-            100.0 * self.accuracy()
-        );
+        println!("== {title}: {} / {} images fully right ({:.2} %)", self.right, self.images, 100.0 * self.accuracy());
         println!(
             "   objects {}: missed {}, extra {}; background colours right {:.1} %, background kind right {:.1} %",
             self.objects,
@@ -90,38 +71,21 @@ impl Stats {
             100.0 * self.bg_colours_right as f64 / self.images as f64,
             100.0 * self.bg_kind_right as f64 / self.images as f64
         );
-        for (name, table) in [
-            ("shape", &self.shape),
-            ("colour", &self.colour),
-            ("position", &self.position),
-            ("size", &self.size),
-        ] {
+        for (name, table) in
+            [("shape", &self.shape), ("colour", &self.colour), ("position", &self.position), ("size", &self.size)]
+        {
             let total: usize = table.values().sum();
-            let ok: usize = table
-                .iter()
-                .filter(|((a, b), _)| a == b)
-                .map(|(_, n)| n)
-                .sum();
-            let confusions: Vec<String> = table
-                .iter()
-                .filter(|((a, b), _)| a != b)
-                .map(|((a, b), n)| format!("{a}→{b}: {n}"))
-                .collect();
+            let ok: usize = table.iter().filter(|((a, b), _)| a == b).map(|(_, n)| n).sum();
+            let confusions: Vec<String> =
+                table.iter().filter(|((a, b), _)| a != b).map(|((a, b), n)| format!("{a}→{b}: {n}")).collect();
             println!(
                 "   {name:8} {:.2} % right; confusions: {}",
                 100.0 * ok as f64 / total.max(1) as f64,
-                if confusions.is_empty() {
-                    "none".to_string()
-                } else {
-                    confusions.join(", ")
-                }
+                if confusions.is_empty() { "none".to_string() } else { confusions.join(", ") }
             );
         }
         if !self.wrong_seeds.is_empty() {
-            println!(
-                "   wrong seeds (first 20): {:?}",
-                &self.wrong_seeds[..self.wrong_seeds.len().min(20)]
-            );
+            println!("   wrong seeds (first 20): {:?}", &self.wrong_seeds[..self.wrong_seeds.len().min(20)]);
         }
     }
 }
@@ -153,11 +117,7 @@ fn judge_is_robust_to_blur_cast_and_noise() {
         st.add(&scene, &judge(&img));
     }
     st.report("degraded 64×64 (blur σ 0.8, cast ±8, noise ±10)");
-    assert!(
-        st.accuracy() >= 0.95,
-        "degraded accuracy {:.4}",
-        st.accuracy()
-    );
+    assert!(st.accuracy() >= 0.95, "degraded accuracy {:.4}", st.accuracy());
     assert!(st.bg_colours_right as f64 >= 0.95 * N as f64);
 }
 
@@ -185,11 +145,9 @@ fn every_shape_and_colour_is_recognised_alone() {
     for &shape in Shape::ALL {
         for colour in Colour::OBJECT {
             for &size in Size::ALL {
-                let cfg = GenConfig::default().with_objects(1).with_object(
-                    ObjectSpec::new(shape, colour)
-                        .sized(size)
-                        .at(Position::ALL[seed as usize % 9]),
-                );
+                let cfg = GenConfig::default()
+                    .with_objects(1)
+                    .with_object(ObjectSpec::new(shape, colour).sized(size).at(Position::ALL[seed as usize % 9]));
                 seed += 1;
                 let scene = generate(seed, &cfg).unwrap();
                 let j = judge(&scene.image);
@@ -213,9 +171,5 @@ fn judge_under_harder_degradation() {
         st.add(&scene, &judge(&img));
     }
     st.report("harder 64×64 (blur σ 1.1, cast ±16, noise ±16)");
-    assert!(
-        st.accuracy() >= 0.85,
-        "harder accuracy {:.4}",
-        st.accuracy()
-    );
+    assert!(st.accuracy() >= 0.85, "harder accuracy {:.4}", st.accuracy());
 }

@@ -3,8 +3,8 @@
 use frisket_shapes::geometry::raster;
 use frisket_shapes::perturb::degrade;
 use frisket_shapes::{
-    check_object, compare_to_truth, generate, judge, parse_prompt, BackgroundSpec, BgKind, Colour,
-    GenConfig, Mask, ObjectQuery, ObjectSpec, Position, Shape, Size,
+    check_object, compare_to_truth, generate, judge, parse_prompt, BackgroundSpec, BgKind, Colour, GenConfig, Mask,
+    ObjectQuery, ObjectSpec, Position, Shape, Size,
 };
 use image::{Rgb, RgbImage};
 
@@ -12,17 +12,10 @@ use image::{Rgb, RgbImage};
 fn single_object_prompt_metrics() {
     let cfg = GenConfig::default()
         .with_objects(1)
-        .with_object(
-            ObjectSpec::new(Shape::Star, Colour::Yellow)
-                .at(Position::TopLeft)
-                .sized(Size::Small),
-        )
+        .with_object(ObjectSpec::new(Shape::Star, Colour::Yellow).at(Position::TopLeft).sized(Size::Small))
         .with_background(BackgroundSpec::Solid(Colour::DarkBlue));
     let sc = generate(5, &cfg).unwrap();
-    assert_eq!(
-        sc.caption(),
-        "a small yellow star at the top left on a dark blue background"
-    );
+    assert_eq!(sc.caption(), "a small yellow star at the top left on a dark blue background");
     let j = judge(&sc.image);
     let q = parse_prompt(sc.caption()).unwrap().objects[0];
     let c = check_object(&j, &q);
@@ -30,10 +23,7 @@ fn single_object_prompt_metrics() {
     assert_eq!(j.background.kind, BgKind::Solid);
     assert_eq!(j.background.colour_set(), vec![Colour::DarkBlue]);
 
-    let c = check_object(
-        &j,
-        &ObjectQuery::new(Shape::Star, Colour::Red).at(Position::Left),
-    );
+    let c = check_object(&j, &ObjectQuery::new(Shape::Star, Colour::Red).at(Position::Left));
     assert!(!c.colour_right && c.shape_right && c.position_right == Some(false));
     assert_eq!((c.column_right, c.row_right), (Some(true), Some(false)));
     let c = check_object(&j, &ObjectQuery::new(Shape::Circle, Colour::Yellow));
@@ -63,11 +53,7 @@ fn empty_and_odd_images() {
     let j = judge(&img);
     assert_eq!(j.objects.len(), 1);
     assert_eq!(
-        (
-            j.objects[0].shape,
-            j.objects[0].colour,
-            j.objects[0].position
-        ),
+        (j.objects[0].shape, j.objects[0].colour, j.objects[0].position),
         (Shape::Square, Colour::Red, Position::Right)
     );
 
@@ -83,15 +69,9 @@ fn partly_hidden_shapes_are_still_recognised() {
     // A star whose top point is hidden behind a circle, and a triangle whose left
     // corner runs off the image: the judge lets the template reach behind both.
     let mut img = RgbImage::from_pixel(64, 64, Rgb(Colour::White.rgb()));
-    raster(Shape::Star, 16.0, 20.0, 26.0, 24.7, 64, 64, |x, y| {
-        img.put_pixel(x, y, Rgb(Colour::Purple.rgb()))
-    });
-    raster(Shape::Circle, 22.0, 6.0, 16.0, 16.0, 64, 64, |x, y| {
-        img.put_pixel(x, y, Rgb(Colour::Blue.rgb()))
-    });
-    raster(Shape::Triangle, -5.0, 46.0, 20.0, 17.3, 64, 64, |x, y| {
-        img.put_pixel(x, y, Rgb(Colour::Green.rgb()))
-    });
+    raster(Shape::Star, 16.0, 20.0, 26.0, 24.7, 64, 64, |x, y| img.put_pixel(x, y, Rgb(Colour::Purple.rgb())));
+    raster(Shape::Circle, 22.0, 6.0, 16.0, 16.0, 64, 64, |x, y| img.put_pixel(x, y, Rgb(Colour::Blue.rgb())));
+    raster(Shape::Triangle, -5.0, 46.0, 20.0, 17.3, 64, 64, |x, y| img.put_pixel(x, y, Rgb(Colour::Green.rgb())));
     let j = judge(&img);
     let got: Vec<(Colour, Shape)> = j.objects.iter().map(|o| (o.colour, o.shape)).collect();
     assert!(got.contains(&(Colour::Purple, Shape::Star)), "{got:?}");
@@ -108,22 +88,13 @@ fn judge_masks_match_truth() {
         let sc = generate(seed + 3_000_000, &cfg).unwrap();
         let jc = judge(&sc.image);
         let jd = judge(&degrade(&sc.image, 0.8, 8, 10, seed));
-        for (r, acc) in [
-            (compare_to_truth(&jc, &sc), &mut clean),
-            (compare_to_truth(&jd, &sc), &mut degraded),
-        ] {
-            *acc += r
-                .matches
-                .iter()
-                .map(|m| m.map_or(0.0, |(_, iou)| iou))
-                .sum::<f64>();
+        for (r, acc) in [(compare_to_truth(&jc, &sc), &mut clean), (compare_to_truth(&jd, &sc), &mut degraded)] {
+            *acc += r.matches.iter().map(|m| m.map_or(0.0, |(_, iou)| iou)).sum::<f64>();
         }
         n += sc.meta.objects.len();
     }
     let (clean, degraded) = (clean / n as f64, degraded / n as f64);
-    println!(
-        "judge mask vs true mask: mIoU clean {clean:.4}, degraded {degraded:.4} ({n} objects)"
-    );
+    println!("judge mask vs true mask: mIoU clean {clean:.4}, degraded {degraded:.4} ({n} objects)");
     assert!(clean > 0.999, "{clean}");
     assert!(degraded > 0.85, "{degraded}");
 }

@@ -177,7 +177,9 @@ impl Server {
 
     /// A Frisket client on a new connection, with 64 MiB message limits.
     pub async fn client(&self) -> FrisketClient<Channel> {
-        FrisketClient::new(self.channel().await).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(usize::MAX)
+        FrisketClient::new(self.channel().await)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(usize::MAX)
     }
 
     pub async fn health(&self, service: &str) -> Result<i32, tonic::Status> {
@@ -208,7 +210,8 @@ impl Server {
 
     /// Sends a signal, e.g. "TERM" or "INT".
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("running kill");
+        let status =
+            Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("running kill");
         assert!(status.success(), "kill -{name} failed");
     }
 
@@ -292,7 +295,10 @@ impl Collected {
 }
 
 /// Runs Generate to its end. A refusal before the stream starts is returned as `error`.
-pub async fn generate(client: &mut FrisketClient<Channel>, req: impl tonic::IntoRequest<pb::GenerateRequest>) -> Collected {
+pub async fn generate(
+    client: &mut FrisketClient<Channel>,
+    req: impl tonic::IntoRequest<pb::GenerateRequest>,
+) -> Collected {
     match client.generate(req).await {
         Ok(resp) => collect(resp.into_inner()).await,
         Err(status) => Collected { events: Vec::new(), error: Some(status) },
@@ -315,7 +321,10 @@ pub async fn collect(mut stream: tonic::Streaming<pb::GenerateEvent>) -> Collect
 }
 
 /// Reads events until `pred` matches one (returned), panicking on error or end of stream.
-pub async fn next_matching(stream: &mut tonic::Streaming<pb::GenerateEvent>, mut pred: impl FnMut(&Event) -> bool) -> Event {
+pub async fn next_matching(
+    stream: &mut tonic::Streaming<pb::GenerateEvent>,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Event {
     loop {
         match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
             Ok(Some(Ok(ev))) => {
@@ -333,7 +342,8 @@ pub async fn next_matching(stream: &mut tonic::Streaming<pb::GenerateEvent>, mut
 
 /// An RGB PNG of the given size with a simple pattern.
 pub fn png(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8]));
+    let img =
+        image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8]));
     encode_png(&image::DynamicImage::ImageRgb8(img))
 }
 

@@ -164,9 +164,29 @@ fn dump_dir_writes_artifacts_and_manifest() {
         let out_png = dir.join("out.png");
         let steps = 7u32;
         let o = server.frisket(&[
-            "generate", "--model", model, "--prompt", "a small yellow star", "--seed", "7",
-            "--steps", &steps.to_string(), "--scheduler", "euler", "--width", &w.to_string(), "--height", &h.to_string(),
-            "--preview-every", "3", "--latents-every", "2", "--dump-dir", s(&dump), "--out", s(&out_png),
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "a small yellow star",
+            "--seed",
+            "7",
+            "--steps",
+            &steps.to_string(),
+            "--scheduler",
+            "euler",
+            "--width",
+            &w.to_string(),
+            "--height",
+            &h.to_string(),
+            "--preview-every",
+            "3",
+            "--latents-every",
+            "2",
+            "--dump-dir",
+            s(&dump),
+            "--out",
+            s(&out_png),
         ]);
         assert_ok(&o);
         // Not a terminal, not --json: quiet, just the output path.
@@ -233,9 +253,34 @@ fn json_lines_are_ordered_and_end_with_the_result() {
     let dump = dir.join("dump");
     let out_png = dir.join("out.png");
     let o = server.frisket(&[
-        "generate", "--json", "--model", "sd1", "--prompt", "a red circle", "--seed", "3", "--steps", "5",
-        "--scheduler", "dpm++", "--width", "64", "--height", "48", "--preview-every", "2", "--preview-format", "jpeg",
-        "--latents-every", "1", "--dump-dir", s(&dump), "--out", s(&out_png), "--job-id", "cli-json-test",
+        "generate",
+        "--json",
+        "--model",
+        "sd1",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        "3",
+        "--steps",
+        "5",
+        "--scheduler",
+        "dpm++",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--preview-every",
+        "2",
+        "--preview-format",
+        "jpeg",
+        "--latents-every",
+        "1",
+        "--dump-dir",
+        s(&dump),
+        "--out",
+        s(&out_png),
+        "--job-id",
+        "cli-json-test",
     ]);
     assert_ok(&o);
     let lines = json_lines(&o);
@@ -257,7 +302,9 @@ fn json_lines_are_ordered_and_end_with_the_result() {
     let step_lines: Vec<&Value> = lines.iter().filter(|l| l["event"] == "step").collect();
     let indices: Vec<u64> = step_lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
     assert_eq!(indices, vec![0, 1, 2, 3, 4]);
-    assert!(step_lines.iter().all(|l| l["total"] == 5 && l["timestep"].is_number() && l["elapsed_seconds"].is_number()));
+    assert!(step_lines
+        .iter()
+        .all(|l| l["total"] == 5 && l["timestep"].is_number() && l["elapsed_seconds"].is_number()));
     assert!(lines.iter().skip(started + 1).all(|l| l["event"] != "started"));
     // Every step-related event comes after `started`.
     for (i, l) in lines.iter().enumerate() {
@@ -319,13 +366,27 @@ fn result_is_byte_identical_to_render() {
     let dir = scratch("render");
     let model_dir = models_dir().join("sd1");
     let common = [
-        "--prompt", "A small yellow STAR, top-left!", "--negative-prompt", "blurry", "--seed", "1000", "--steps", "8",
-        "--guidance", "7.5", "--width", "64", "--height", "48",
+        "--prompt",
+        "A small yellow STAR, top-left!",
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        "1000",
+        "--steps",
+        "8",
+        "--guidance",
+        "7.5",
+        "--width",
+        "64",
+        "--height",
+        "48",
     ];
     for scheduler in ["ddim", "dpm++-karras"] {
         let ours = dir.join(format!("client-{scheduler}.png"));
         let theirs = dir.join(format!("render-{scheduler}.png"));
-        let o = server.frisket(&[&["generate", "--model", "sd1", "--scheduler", scheduler, "--out", s(&ours)][..], &common].concat());
+        let o = server.frisket(
+            &[&["generate", "--model", "sd1", "--scheduler", scheduler, "--out", s(&ours)][..], &common].concat(),
+        );
         assert_ok(&o);
         let r = Command::new(server_binary())
             .args(["render", "--model", s(&model_dir), "--scheduler", scheduler, "--out", s(&theirs), "--quiet"])
@@ -339,8 +400,11 @@ fn result_is_byte_identical_to_render() {
     let reference = dir.join("client-ddim.png");
     let ours = dir.join("client-img2img.png");
     let theirs = dir.join("render-img2img.png");
-    let img2img = ["--prompt", "a blue square", "--seed", "5", "--steps", "6", "--scheduler", "euler-a", "--strength", "0.6"];
-    let o = server.frisket(&[&["generate", "--model", "sd1", "--reference", s(&reference), "--out", s(&ours)][..], &img2img].concat());
+    let img2img =
+        ["--prompt", "a blue square", "--seed", "5", "--steps", "6", "--scheduler", "euler-a", "--strength", "0.6"];
+    let o = server.frisket(
+        &[&["generate", "--model", "sd1", "--reference", s(&reference), "--out", s(&ours)][..], &img2img].concat(),
+    );
     assert_ok(&o);
     let r = Command::new(server_binary())
         .args(["render", "--model", s(&model_dir), "--reference", s(&reference), "--out", s(&theirs), "--quiet"])
@@ -415,14 +479,37 @@ fn errors_have_distinct_exit_codes() {
     let server = Server::start();
     let dir = scratch("errors");
     let out_png = dir.join("o.png");
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--scheduler", "plms", "--steps", "2", "--out", s(&out_png)]);
+    let o = server.frisket(&[
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--scheduler",
+        "plms",
+        "--steps",
+        "2",
+        "--out",
+        s(&out_png),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = one_line_error(&o);
     assert!(e.starts_with("error: INVALID_ARGUMENT: "), "{e}");
     assert!(e.contains("plms"), "{e}");
     assert!(!out_png.exists());
 
-    let o = server.frisket(&["generate", "--json", "--model", "sd1", "--prompt", "x", "--scheduler", "plms", "--out", s(&out_png)]);
+    let o = server.frisket(&[
+        "generate",
+        "--json",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--scheduler",
+        "plms",
+        "--out",
+        s(&out_png),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let lines = json_lines(&o);
     let last = lines.last().unwrap();
@@ -434,7 +521,19 @@ fn errors_have_distinct_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(one_line_error(&o).contains("no-such-model"));
 
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--width", "66", "--height", "48", "--out", s(&out_png)]);
+    let o = server.frisket(&[
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--width",
+        "66",
+        "--height",
+        "48",
+        "--out",
+        s(&out_png),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(one_line_error(&o).starts_with("error: INVALID_ARGUMENT: "));
 
@@ -446,7 +545,17 @@ fn errors_have_distinct_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(one_line_error(&o).contains("many"));
     let missing = dir.join("missing.png");
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--reference", s(&missing), "--out", s(&out_png)]);
+    let o = server.frisket(&[
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--reference",
+        s(&missing),
+        "--out",
+        s(&out_png),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(one_line_error(&o).contains("missing.png"));
 
@@ -540,12 +649,37 @@ fn explain_dump_json_and_render_identity() {
     mask.save(&mask_path).unwrap();
     let reference = frisket_e2e::reference_path("sd1");
     let common = [
-        "--prompt", "a small yellow star at the top left", "--seed", "9", "--steps", "10", "--strength", "0.9",
-        "--reference", s(&reference), "--protect", s(&mask_path), "--feather", "1", "--explain", "fast",
-        "--subject", "star", "--subject-index", "3", "--manipulate-at", "780,520,320", "--explain-layers", "last",
-        "--mask-threshold", "0.5",
+        "--prompt",
+        "a small yellow star at the top left",
+        "--seed",
+        "9",
+        "--steps",
+        "10",
+        "--strength",
+        "0.9",
+        "--reference",
+        s(&reference),
+        "--protect",
+        s(&mask_path),
+        "--feather",
+        "1",
+        "--explain",
+        "fast",
+        "--subject",
+        "star",
+        "--subject-index",
+        "3",
+        "--manipulate-at",
+        "780,520,320",
+        "--explain-layers",
+        "last",
+        "--mask-threshold",
+        "0.5",
     ];
-    let o = server.frisket(&[&["generate", "--json", "--model", "sd1", "--dump-dir", s(&dump), "--out", s(&out_png)][..], &common].concat());
+    let o = server.frisket(
+        &[&["generate", "--json", "--model", "sd1", "--dump-dir", s(&dump), "--out", s(&out_png)][..], &common]
+            .concat(),
+    );
     assert_ok(&o);
     let lines = json_lines(&o);
     let started = lines.iter().find(|l| l["event"] == "started").unwrap();
@@ -557,7 +691,8 @@ fn explain_dump_json_and_render_identity() {
         .collect();
     assert_eq!(subjects, [(4, "star"), (3, "yellow")]);
     assert_eq!(started["subjects_auto"], false);
-    let steps: Vec<u64> = started["manipulation_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        started["manipulation_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(steps.len(), 3);
 
     // Per manipulated step: heatmaps (star, then yellow) then the mask; the protected mask first.
@@ -654,11 +789,37 @@ fn explain_dump_json_and_render_identity() {
     assert!(std::fs::read(&out_png).unwrap() == std::fs::read(&theirs).unwrap(), "PNGs differ");
 
     // Grad-SAM options with --explain off: a usage error, as render's.
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--reference", s(&reference), "--explain", "off", "--subject", "x", "--out", s(&out_png)]);
+    let o = server.frisket(&[
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--reference",
+        s(&reference),
+        "--explain",
+        "off",
+        "--subject",
+        "x",
+        "--out",
+        s(&out_png),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(one_line_error(&o).contains("--explain off"));
     // A bad token index: INVALID_ARGUMENT from the server, exit 1.
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "a star", "--reference", s(&reference), "--subject-index", "90", "--out", s(&dir.join("x.png"))]);
+    let o = server.frisket(&[
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "a star",
+        "--reference",
+        s(&reference),
+        "--subject-index",
+        "90",
+        "--out",
+        s(&dir.join("x.png")),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(one_line_error(&o).starts_with("error: INVALID_ARGUMENT: subject token index 90"));
 }
@@ -672,7 +833,16 @@ fn paper_preset_matches_render() {
     let ours = dir.join("client.png");
     let theirs = dir.join("render.png");
     let reference = frisket_e2e::reference_path("sd1");
-    let common = ["--prompt", "a small yellow star at the top left", "--seed", "4", "--reference", s(&reference), "--preset", "paper"];
+    let common = [
+        "--prompt",
+        "a small yellow star at the top left",
+        "--seed",
+        "4",
+        "--reference",
+        s(&reference),
+        "--preset",
+        "paper",
+    ];
     let o = server.frisket(&[&["generate", "--json", "--model", "sd1", "--out", s(&ours)][..], &common].concat());
     assert_ok(&o);
     let lines = json_lines(&o);

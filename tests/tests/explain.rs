@@ -63,7 +63,8 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
 /// half-pixel centres as align_corners = false, edge taps clamped), kept where it reaches
 /// 0.15 × its maximum.
 fn subject_mask_of(values: &[f32], [c, h, w]: [usize; 3], width: usize, height: usize) -> Vec<bool> {
-    let plane: Vec<f64> = (0..h * w).map(|i| (0..c).map(|k| values[k * h * w + i] as f64).sum::<f64>().max(0.0)).collect();
+    let plane: Vec<f64> =
+        (0..h * w).map(|i| (0..c).map(|k| values[k * h * w + i] as f64).sum::<f64>().max(0.0)).collect();
     // The four source taps and weights of output index `o` along an axis of `src` → `dst`.
     let taps = |src: usize, dst: usize, o: usize| -> [(usize, f64); 4] {
         let a = -0.75;
@@ -118,15 +119,25 @@ async fn subject_masks_of_the_shipped_model_sit_on_the_subject() {
         let map = h.map.as_ref().unwrap();
         assert_eq!(map.shape, [4, 16, 16]);
         let values = tensor_values(map);
-        let mask = image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
+        let mask =
+            image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
         assert_eq!(mask.dimensions(), (64, 64));
         let expected = subject_mask_of(&values, [4, 16, 16], 64, 64);
         let differ = mask.pixels().zip(&expected).filter(|(p, &e)| (p[0] == 255) != e).count();
         assert!(differ <= 64 * 64 / 100, "step {}: {differ} pixels differ from this heatmap's own mask", h.step);
         let xs: Vec<u32> = mask.enumerate_pixels().filter(|(_, _, p)| p[0] == 255).map(|(x, _, _)| x).collect();
-        assert!(!xs.is_empty() && xs.len() < 64 * 64 / 8, "step {}: {} pixels, a circle is about 5 % of the image", h.step, xs.len());
+        assert!(
+            !xs.is_empty() && xs.len() < 64 * 64 / 8,
+            "step {}: {} pixels, a circle is about 5 % of the image",
+            h.step,
+            xs.len()
+        );
         let centre_x = xs.iter().sum::<u32>() as f64 / xs.len() as f64;
-        assert!(centre_x > 40.0, "step {}: the mask's centre is at x {centre_x:.1}, the circle is on the right", h.step);
+        assert!(
+            centre_x > 40.0,
+            "step {}: the mask's centre is at x {centre_x:.1}, the circle is on the right",
+            h.step
+        );
     }
 }
 
@@ -195,7 +206,8 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
         let token = started.subjects.iter().find(|t| t.index == h.token_index).unwrap();
         assert_eq!(h.token, token.text);
         assert_eq!(png_size(&h.png), (64, 48), "heatmap PNG at the image's size");
-        let mask = image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
+        let mask =
+            image::load_from_memory_with_format(&h.subject_mask_png, image::ImageFormat::Png).unwrap().to_luma8();
         assert_eq!(mask.dimensions(), (64, 48), "subject mask at the image's size");
         assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255), "a 0/255 mask");
         let expected = subject_mask_of(&values, [4, 12, 16], 64, 48);
@@ -266,13 +278,40 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
     let rendered = render(
         &dir,
         &[
-            "--model", s(&model), "--prompt", PROMPT, "--seed", "5", "--steps", "10", "--strength", "0.9",
-            "--reference", s(&reference_path("sd1")), "--protect", s(&mask_path), "--feather", "2",
-            "--explain", "fast", "--subject", "star", "--subject", "Yellow", "--manipulate-at", "780,300",
-            "--mask-threshold", "0.4",
+            "--model",
+            s(&model),
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "5",
+            "--steps",
+            "10",
+            "--strength",
+            "0.9",
+            "--reference",
+            s(&reference_path("sd1")),
+            "--protect",
+            s(&mask_path),
+            "--feather",
+            "2",
+            "--explain",
+            "fast",
+            "--subject",
+            "star",
+            "--subject",
+            "Yellow",
+            "--manipulate-at",
+            "780,300",
+            "--mask-threshold",
+            "0.4",
         ],
     );
-    assert!(rendered == result.image, "the service's PNG ({} bytes) differs from render's ({} bytes)", result.image.len(), rendered.len());
+    assert!(
+        rendered == result.image,
+        "the service's PNG ({} bytes) differs from render's ({} bytes)",
+        result.image.len(),
+        rendered.len()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -330,9 +369,28 @@ async fn auto_subjects_noise_start_and_masks_only() {
     let rendered = render(
         &dir,
         &[
-            "--model", s(&model), "--prompt", prompt, "--seed", "11", "--steps", "8", "--strength", "0.9",
-            "--scheduler", "euler", "--reference", s(&reference_path("sd2")), "--explain", "exact",
-            "--explain-layers", "all", "--manipulate-at", "600,200", "--start", "noise",
+            "--model",
+            s(&model),
+            "--prompt",
+            prompt,
+            "--seed",
+            "11",
+            "--steps",
+            "8",
+            "--strength",
+            "0.9",
+            "--scheduler",
+            "euler",
+            "--reference",
+            s(&reference_path("sd2")),
+            "--explain",
+            "exact",
+            "--explain-layers",
+            "all",
+            "--manipulate-at",
+            "600,200",
+            "--start",
+            "noise",
         ],
     );
     assert!(rendered == result.image, "the service's PNG differs from render's");
@@ -398,20 +456,65 @@ async fn bad_explain_input_is_invalid_and_the_server_keeps_serving() {
     let mask = |m: Vec<u8>| pb::GenerateRequest { protected_mask: m, ..good() };
     // (what, request, a word the message must contain, refused before the stream starts)
     let cases: Vec<(&str, pb::GenerateRequest, &str, bool)> = vec![
-        ("token index out of range", explain(pb::ExplainOptions { subject_indices: vec![77], ..Default::default() }), "out of range", true),
-        ("word not in the prompt", explain(pb::ExplainOptions { subject_words: vec!["moon".into()], ..Default::default() }), "moon", true),
+        (
+            "token index out of range",
+            explain(pb::ExplainOptions { subject_indices: vec![77], ..Default::default() }),
+            "out of range",
+            true,
+        ),
+        (
+            "word not in the prompt",
+            explain(pb::ExplainOptions { subject_words: vec!["moon".into()], ..Default::default() }),
+            "moon",
+            true,
+        ),
         ("mask of the wrong size", mask(frisket_e2e::mask_png(32, 48, |_, _| true)), "size", true),
         ("blank mask", mask(frisket_e2e::mask_png(64, 48, |_, _| false)), "blank", true),
         ("full mask", mask(frisket_e2e::mask_png(64, 48, |_, _| true)), "whole image", true),
-        ("mask covering every latent", mask(frisket_e2e::mask_png(64, 48, |x, y| x % 4 == 1 && y % 4 == 2)), "every latent", true),
+        (
+            "mask covering every latent",
+            mask(frisket_e2e::mask_png(64, 48, |x, y| x % 4 == 1 && y % 4 == 2)),
+            "every latent",
+            true,
+        ),
         ("not a mask", mask(b"garbage".to_vec()), "protected_mask", true),
-        ("timestep above the schedule", explain(pb::ExplainOptions { manipulate_at: vec![950.0], ..Default::default() }), "outside", true),
-        ("timestep below the schedule", explain(pb::ExplainOptions { manipulate_at: vec![0.5], ..Default::default() }), "outside", true),
-        ("NaN timestep", explain(pb::ExplainOptions { manipulate_at: vec![f64::NAN], ..Default::default() }), "not a number", true),
-        ("unknown layer spec", explain(pb::ExplainOptions { layers: "first".into(), ..Default::default() }), "layers", true),
+        (
+            "timestep above the schedule",
+            explain(pb::ExplainOptions { manipulate_at: vec![950.0], ..Default::default() }),
+            "outside",
+            true,
+        ),
+        (
+            "timestep below the schedule",
+            explain(pb::ExplainOptions { manipulate_at: vec![0.5], ..Default::default() }),
+            "outside",
+            true,
+        ),
+        (
+            "NaN timestep",
+            explain(pb::ExplainOptions { manipulate_at: vec![f64::NAN], ..Default::default() }),
+            "not a number",
+            true,
+        ),
+        (
+            "unknown layer spec",
+            explain(pb::ExplainOptions { layers: "first".into(), ..Default::default() }),
+            "layers",
+            true,
+        ),
         ("even blur kernel", explain(pb::ExplainOptions { blur_kernel: Some(4), ..Default::default() }), "odd", true),
-        ("zero exact batch", explain(pb::ExplainOptions { exact_batch: Some(0), ..Default::default() }), "exact_batch", true),
-        ("unknown mode", pb::GenerateRequest { explain: Some(pb::ExplainOptions { mode: 9, ..Default::default() }), ..good() }, "mode", true),
+        (
+            "zero exact batch",
+            explain(pb::ExplainOptions { exact_batch: Some(0), ..Default::default() }),
+            "exact_batch",
+            true,
+        ),
+        (
+            "unknown mode",
+            pb::GenerateRequest { explain: Some(pb::ExplainOptions { mode: 9, ..Default::default() }), ..good() },
+            "mode",
+            true,
+        ),
         (
             "options with mode OFF",
             pb::GenerateRequest {
@@ -444,7 +547,12 @@ async fn bad_explain_input_is_invalid_and_the_server_keeps_serving() {
             true,
         ),
         // Needs the model's UNet: refused by the engine before the job starts.
-        ("layer index out of range", explain(pb::ExplainOptions { layers: "0,99".into(), ..Default::default() }), "99", false),
+        (
+            "layer index out of range",
+            explain(pb::ExplainOptions { layers: "0,99".into(), ..Default::default() }),
+            "99",
+            false,
+        ),
     ];
     for (what, req, needle, early) in cases {
         let got: Collected = generate(&mut client, req).await;

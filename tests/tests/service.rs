@@ -149,22 +149,53 @@ async fn events_come_in_order_and_the_result_equals_render() {
     assert_eq!((result.mime_type.as_str(), result.seed), ("image/png", 1000));
     let s = result.settings.as_ref().unwrap();
     assert_eq!((s.model.as_str(), s.prompt.as_str(), s.negative_prompt.as_str()), ("sd1", PROMPT, "blurry"));
-    assert_eq!((s.seed, s.steps, s.guidance, s.scheduler.as_str(), s.width, s.height, s.img2img), (1000, 8, 7.5, "ddim", 64, 48, false));
+    assert_eq!(
+        (s.seed, s.steps, s.guidance, s.scheduler.as_str(), s.width, s.height, s.img2img),
+        (1000, 8, 7.5, "ddim", 64, 48, false)
+    );
     let t = result.timings.as_ref().unwrap();
-    assert!(t.total_seconds > 0.0 && t.seconds_per_step > 0.0 && t.queued_seconds >= 0.0 && t.decode_seconds >= 0.0, "{t:?}");
+    assert!(
+        t.total_seconds > 0.0 && t.seconds_per_step > 0.0 && t.queued_seconds >= 0.0 && t.decode_seconds >= 0.0,
+        "{t:?}"
+    );
 
     // Byte for byte what `frisket-server render` writes for the same settings.
     let dir = tempdir("render");
     let out = dir.join("render.png");
     let model = frisket_e2e::models_dir().join("sd1");
     let run = frisket_e2e::render(&[
-        "--model", model.to_str().unwrap(), "--prompt", PROMPT, "--negative-prompt", "blurry", "--seed", "1000",
-        "--steps", "8", "--guidance", "7.5", "--scheduler", "ddim", "--width", "64", "--height", "48",
-        "--device", "cpu", "--out", out.to_str().unwrap(), "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        "1000",
+        "--steps",
+        "8",
+        "--guidance",
+        "7.5",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(run.status.success(), "render failed: {}", String::from_utf8_lossy(&run.stderr));
     let rendered = std::fs::read(&out).unwrap();
-    assert!(rendered == result.image, "the service's PNG ({} bytes) differs from render's ({} bytes)", result.image.len(), rendered.len());
+    assert!(
+        rendered == result.image,
+        "the service's PNG ({} bytes) differs from render's ({} bytes)",
+        result.image.len(),
+        rendered.len()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -215,7 +246,8 @@ async fn models_tokens_and_server_info() {
     let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
     let names: Vec<_> = models.iter().map(|m| m.name.as_str()).collect();
     assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by name: {names:?}");
-    let model = |name: &str| models.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} not in {names:?}"));
+    let model =
+        |name: &str| models.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} not in {names:?}"));
     // Native size = unet sample_size × VAE factor: sd1 16 × 4 (3 VAE blocks), sd2 8 × 2 (2 blocks).
     // The fixture text encoders are narrow (32/48), so the prediction type decides the architecture.
     for (m, arch, prediction, native, multiple) in
@@ -385,7 +417,11 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
         ("negative guidance", pb::GenerateRequest { guidance: Some(-1.0), ..good() }, Code::InvalidArgument),
         ("NaN guidance", pb::GenerateRequest { guidance: Some(f64::NAN), ..good() }, Code::InvalidArgument),
         ("huge guidance", pb::GenerateRequest { guidance: Some(1000.0), ..good() }, Code::InvalidArgument),
-        ("corrupt image", pb::GenerateRequest { reference_image: b"not an image".to_vec(), ..good() }, Code::InvalidArgument),
+        (
+            "corrupt image",
+            pb::GenerateRequest { reference_image: b"not an image".to_vec(), ..good() },
+            Code::InvalidArgument,
+        ),
         ("truncated PNG", pb::GenerateRequest { reference_image: truncated_png, ..good() }, Code::InvalidArgument),
         ("strength 0", img2img(Some(0.0)), Code::InvalidArgument),
         ("strength 1.5", img2img(Some(1.5)), Code::InvalidArgument),
@@ -395,7 +431,11 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
             pb::GenerateRequest { protected_mask: frisket_e2e::grey_png(32, 32), ..img2img(None) },
             Code::InvalidArgument,
         ),
-        ("mask without reference", pb::GenerateRequest { protected_mask: frisket_e2e::grey_png(64, 48), ..good() }, Code::InvalidArgument),
+        (
+            "mask without reference",
+            pb::GenerateRequest { protected_mask: frisket_e2e::grey_png(64, 48), ..good() },
+            Code::InvalidArgument,
+        ),
         (
             "blank protected mask",
             pb::GenerateRequest { protected_mask: frisket_e2e::mask_png(64, 48, |_, _| false), ..img2img(None) },

@@ -18,23 +18,49 @@ fn main() -> anyhow::Result<()> {
     let mut opt = AdamW::new(&p, 2e-4, 0.0);
     let held = std::collections::HashSet::new();
     let layers: Vec<usize> = (0..unet.cross_attention_layer_count()).collect();
-    let (_, test_owners, test_caps) = data::batch_with_objects(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held, focus: &[] });
+    let (_, test_owners, test_caps) = data::batch_with_objects(&BatchSpec {
+        run_seed: 99,
+        step: 7,
+        size: 32,
+        single_object: true,
+        held_out: &held,
+        focus: &[],
+    });
     tch::manual_seed(0);
     let test_noise = Tensor::randn([32, 4, 16, 16], (Kind::Float, Device::Cpu));
     let per_layer = |caps: &[String]| -> Vec<f64> {
         let refs: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
         let ctx = tch::no_grad(|| m.encode_prompts(&refs)).to_kind(Kind::Float);
-        let (_, probs) = tch::no_grad(|| unet.forward_timesteps_capturing(&test_noise, &Tensor::full([32], 999.0, (Kind::Float, Device::Cpu)), &ctx, &layers));
+        let (_, probs) = tch::no_grad(|| {
+            unet.forward_timesteps_capturing(
+                &test_noise,
+                &Tensor::full([32], 999.0, (Kind::Float, Device::Cpu)),
+                &ctx,
+                &layers,
+            )
+        });
         let t = grounding::targets(&refs, &test_owners, &m.tokenizer, Device::Cpu);
         probs.iter().map(|pr| grounding::loss(std::slice::from_ref(pr), &t).double_value(&[])).collect()
     };
-    let swapped: Vec<String> = test_caps.iter().map(|c| c.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right")).collect();
+    let swapped: Vec<String> =
+        test_caps.iter().map(|c| c.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right")).collect();
     for step in 0..=steps {
         if step % 25 == 0 {
             let f = |v: Vec<f64>| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" ");
-            println!("step {step}: per-layer grounding at t=999 true [{}]  left/right swapped [{}]", f(per_layer(&test_caps)), f(per_layer(&swapped)));
+            println!(
+                "step {step}: per-layer grounding at t=999 true [{}]  left/right swapped [{}]",
+                f(per_layer(&test_caps)),
+                f(per_layer(&swapped))
+            );
         }
-        let (_, owners, caps) = data::batch_with_objects(&BatchSpec { run_seed: 5, step, size: 16, single_object: true, held_out: &held, focus: &[] });
+        let (_, owners, caps) = data::batch_with_objects(&BatchSpec {
+            run_seed: 5,
+            step,
+            size: 16,
+            single_object: true,
+            held_out: &held,
+            focus: &[],
+        });
         let refs: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
         let ctx = tch::no_grad(|| m.encode_prompts(&refs)).to_kind(Kind::Float);
         let noise = Tensor::randn([16, 4, 16, 16], (Kind::Float, Device::Cpu));

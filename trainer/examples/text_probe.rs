@@ -13,25 +13,54 @@ fn main() -> anyhow::Result<()> {
     let m_kind = m.kind;
     // The model's own training schedule (its scheduler config says which).
     let sched: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(&std::env::args().nth(1).unwrap()).join("scheduler/scheduler_config.json"))?)?;
+        std::path::Path::new(&std::env::args().nth(1).unwrap()).join("scheduler/scheduler_config.json"),
+    )?)?;
     let zero_snr = sched["rescale_betas_zero_snr"].as_bool().unwrap_or(false);
     let held = std::collections::HashSet::new();
-    let (x, owners, caps) = data::batch_with_objects(&BatchSpec { run_seed: 99, step: 7, size: 32, single_object: true, held_out: &held, focus: &[] });
+    let (x, owners, caps) = data::batch_with_objects(&BatchSpec {
+        run_seed: 99,
+        step: 7,
+        size: 32,
+        single_object: true,
+        held_out: &held,
+        focus: &[],
+    });
     let sf = m.vae.config().scaling_factor;
     let lat = tch::no_grad(|| m.vae.encode(&x.to_kind(m_kind)).mean * sf);
     let alphas: Vec<f32> = frisket_trainer::configs::alphas_cumprod(zero_snr).iter().map(|&v| v as f32).collect();
     let swap_pos = |c: &str| {
-        for (a, b) in [("at the top left", "at the bottom right"), ("at the top right", "at the bottom left"), ("at the bottom left", "at the top right"),
-                       ("at the bottom right", "at the top left"), ("at the top", "at the bottom"), ("at the bottom", "at the top"),
-                       ("on the left", "on the right"), ("on the right", "on the left"), ("in the centre", "at the top left")] {
-            if c.contains(a) { return c.replacen(a, b, 1); }
+        for (a, b) in [
+            ("at the top left", "at the bottom right"),
+            ("at the top right", "at the bottom left"),
+            ("at the bottom left", "at the top right"),
+            ("at the bottom right", "at the top left"),
+            ("at the top", "at the bottom"),
+            ("at the bottom", "at the top"),
+            ("on the left", "on the right"),
+            ("on the right", "on the left"),
+            ("in the centre", "at the top left"),
+        ] {
+            if c.contains(a) {
+                return c.replacen(a, b, 1);
+            }
         }
         c.to_string()
     };
     let swap_col = |c: &str| {
-        for (a, b) in [(" red ", " blue "), (" blue ", " red "), (" green ", " pink "), (" pink ", " green "), (" yellow ", " purple "), (" purple ", " yellow "),
-                       (" orange ", " cyan "), (" cyan ", " orange "), (" brown ", " red ")] {
-            if c.contains(a) { return c.replacen(a, b, 1); }
+        for (a, b) in [
+            (" red ", " blue "),
+            (" blue ", " red "),
+            (" green ", " pink "),
+            (" pink ", " green "),
+            (" yellow ", " purple "),
+            (" purple ", " yellow "),
+            (" orange ", " cyan "),
+            (" cyan ", " orange "),
+            (" brown ", " red "),
+        ] {
+            if c.contains(a) {
+                return c.replacen(a, b, 1);
+            }
         }
         c.to_string()
     };
@@ -56,7 +85,8 @@ fn main() -> anyhow::Result<()> {
             let layers: Vec<usize> = (0..m.unet.cross_attention_layer_count()).collect();
             let (_, probs) = m.unet.forward_capturing(&noisy, t as f64, &ctx, &layers);
             let targets = frisket_trainer::grounding::targets(&refs, &owners, &m.tokenizer, Device::Cpu);
-            let probs: Vec<(usize, Tensor)> = probs.into_iter().map(|(l, p)| (l, p.detach().to_kind(Kind::Float))).collect();
+            let probs: Vec<(usize, Tensor)> =
+                probs.into_iter().map(|(l, p)| (l, p.detach().to_kind(Kind::Float))).collect();
             frisket_trainer::grounding::loss(&probs, &targets).double_value(&[])
         };
         let g_true = ground(caps.clone());
@@ -67,7 +97,9 @@ fn main() -> anyhow::Result<()> {
         // training path vs inference path
         let ctx = m.encode_prompts(&caps.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         let a = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &ctx));
-        let b = tch::no_grad(|| m.unet.forward_timesteps(&noisy, &Tensor::full([32], t as f64, (Kind::Float, Device::Cpu)), &ctx));
+        let b = tch::no_grad(|| {
+            m.unet.forward_timesteps(&noisy, &Tensor::full([32], t as f64, (Kind::Float, Device::Cpu)), &ctx)
+        });
         let d = (a - b).abs().max().double_value(&[]);
         println!("t {t}: x0 mse true {truth:.4}  position swapped {pos:.4}  colour swapped {col:.4}  empty {empty:.4}  | grounding loss true {g_true:.3} position swapped {g_pos:.3} | forward vs forward_timesteps max diff {d:.2e}");
     }

@@ -27,7 +27,21 @@ use tch::{Device, Kind, Tensor};
 const TIMESTEPS: [f64; 6] = [900.0, 700.0, 500.0, 300.0, 100.0, 50.0];
 
 fn main() -> Result<()> {
-    let known = ["model", "n", "seed-base", "guidance", "steps", "scheduler", "dump", "dump-layers", "vae-only", "strength", "protect", "explain", "explain-subject"];
+    let known = [
+        "model",
+        "n",
+        "seed-base",
+        "guidance",
+        "steps",
+        "scheduler",
+        "dump",
+        "dump-layers",
+        "vae-only",
+        "strength",
+        "protect",
+        "explain",
+        "explain-subject",
+    ];
     let f = Flags::from_env(&known, "the doc comment of trainer/examples/tune_probe.rs")?;
     let model_dir: std::path::PathBuf = f.get("model", "models/shapes".into())?;
     let n: u64 = f.get("n", 120)?;
@@ -68,7 +82,10 @@ fn main() -> Result<()> {
             e.0 += c.shape_right as u64;
             e.1 += 1;
         }
-        println!("[tune] VAE round trip, shape right per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+        println!(
+            "[tune] VAE round trip, shape right per shape: {}",
+            per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", ")
+        );
         return Ok(());
     }
     let strength: f64 = f.get("strength", 1.0)?;
@@ -89,8 +106,15 @@ fn main() -> Result<()> {
             e.0 += (c.colour_right && c.shape_right) as u64;
             e.1 += 1;
         }
-        println!("[tune] protect, {n} cases, strength {strength}: appears {:.1} % (at its position {:.1} %)", 100.0 * appears as f64 / n as f64, 100.0 * at_position as f64 / n as f64);
-        println!("[tune] appears per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+        println!(
+            "[tune] protect, {n} cases, strength {strength}: appears {:.1} % (at its position {:.1} %)",
+            100.0 * appears as f64 / n as f64,
+            100.0 * at_position as f64 / n as f64
+        );
+        println!(
+            "[tune] appears per shape: {}",
+            per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", ")
+        );
         return Ok(());
     }
     let (mut colour, mut shape, mut position) = (0u64, 0u64, 0u64);
@@ -140,7 +164,20 @@ fn main() -> Result<()> {
                     .min_by(|a, b| (a.2 - target).abs().total_cmp(&(b.2 - target).abs()))
                     .context("no step ran")?;
                 let per_layer: Vec<Tensor> = (first_dumped_layer..layers)
-                    .map(|l| explain::attribute(&model, &*scheduler, lat, *step, *t, &cond, &[l], &[subject], ExplainMode::Fast, None))
+                    .map(|l| {
+                        explain::attribute(
+                            &model,
+                            &*scheduler,
+                            lat,
+                            *step,
+                            *t,
+                            &cond,
+                            &[l],
+                            &[subject],
+                            ExplainMode::Fast,
+                            None,
+                        )
+                    })
                     .collect::<Result<_>>()?;
                 per_t.push(Tensor::cat(&per_layer, 0)); // [L, C, h, w]
             }
@@ -154,7 +191,10 @@ fn main() -> Result<()> {
         "[tune] {} prompts from seed {seed_base}, guidance {} {} steps {}: colour {:.1} % shape {:.1} % position {:.1} %",
         n, base.guidance, base.steps, f.get::<String>("scheduler", "ddim".into())?, pct(colour), pct(shape), pct(position)
     );
-    println!("[tune] shape right per shape: {}", per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "[tune] shape right per shape: {}",
+        per_shape.iter().map(|(k, (h, t))| format!("{k} {h}/{t}")).collect::<Vec<_>>().join(", ")
+    );
     if !dump.is_empty() {
         let named: Vec<(&str, &Tensor)> = dumped.iter().map(|(k, t)| (k.as_str(), t)).collect();
         Tensor::write_safetensors(&named, &dump)?;

@@ -52,7 +52,8 @@ pub fn learn_merges(words: &BTreeMap<String, u64>) -> Vec<(String, String)> {
                 *counts.entry((p[0].clone(), p[1].clone())).or_default() += f;
             }
         }
-        let Some(best) = counts.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0))).map(|(k, _)| k.clone()) else {
+        let Some(best) = counts.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0))).map(|(k, _)| k.clone())
+        else {
             return merges;
         };
         for (s, _) in segs.iter_mut() {

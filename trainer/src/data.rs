@@ -1,11 +1,13 @@
 //! Training data: scenes drawn on the fly by the shapes generator (no dataset on disk).
 //! Seeds are split by range so that training never sees an evaluation scene's seed, and
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
-use frisket_shapes::rng::Rng;
-use frisket_shapes::{generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape};
 use crate::engine::explain::ProtectParams;
 use crate::engine::image_io::rgb_to_tensor;
 use crate::engine::pipeline::GenerateParams;
+use frisket_shapes::rng::Rng;
+use frisket_shapes::{
+    generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape,
+};
 use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
@@ -103,7 +105,9 @@ fn scenes(spec: &BatchSpec) -> Vec<Scene> {
         let mut rng = Rng::new(seed ^ 0xf0c5);
         match spec.focus.is_empty() || rng.chance(FOCUS_ONE_IN - 1, FOCUS_ONE_IN) {
             true => None,
-            false => Some(cfg.clone().with_object(ObjectSpec { shape: Some(rng.pick(spec.focus)), ..ObjectSpec::any() })),
+            false => {
+                Some(cfg.clone().with_object(ObjectSpec { shape: Some(rng.pick(spec.focus)), ..ObjectSpec::any() }))
+            }
         }
     };
     (0u64..)
@@ -111,7 +115,9 @@ fn scenes(spec: &BatchSpec) -> Vec<Scene> {
         .map(|i| TRAIN_SEED_BASE + spec.run_seed.wrapping_mul(1 << 40) + (spec.step << 12) + i)
         .map(|seed| match (spec.single_object, focused(seed)) {
             (false, _) => generate_default(seed),
-            (true, focused_cfg) => generate(seed, focused_cfg.as_ref().unwrap_or(&cfg)).expect("one object always fits"),
+            (true, focused_cfg) => {
+                generate(seed, focused_cfg.as_ref().unwrap_or(&cfg)).expect("one object always fits")
+            }
         })
         .filter(|s| !spec.held_out.contains(&s.meta.caption))
         .take(spec.size)
@@ -146,7 +152,8 @@ mod tests {
     #[test]
     fn focus_shapes_fill_half_of_the_single_object_scenes_only() {
         let held = HashSet::new();
-        let spec = |single_object, focus| BatchSpec { run_seed: 3, step: 1, size: 210, single_object, held_out: &held, focus };
+        let spec =
+            |single_object, focus| BatchSpec { run_seed: 3, step: 1, size: 210, single_object, held_out: &held, focus };
         let stars = |s: &[Scene]| s.iter().filter(|s| s.meta.objects[0].shape == Shape::Star).count();
         // One shape in seven without focus (30 of 210); half, plus a seventh of the rest, with it (120).
         assert!((15..=45).contains(&stars(&scenes(&spec(true, &[])))));

@@ -51,7 +51,10 @@ mod tests {
         assert_eq!(f.get("steps", 20usize).unwrap(), 20);
         assert_eq!(f.get("model", String::new()).unwrap(), "m");
         assert!(f.get("model", 0u64).is_err());
-        assert!(Flags::parse(args(&["--bogus", "1"]), &["n"], "x").unwrap_err().to_string().contains("unknown flag --bogus"));
+        assert!(Flags::parse(args(&["--bogus", "1"]), &["n"], "x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown flag --bogus"));
         assert!(Flags::parse(args(&["--n"]), &["n"], "x").unwrap_err().to_string().contains("needs a value"));
     }
 }

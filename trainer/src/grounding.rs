@@ -87,7 +87,8 @@ pub fn loss(probs: &[(usize, Tensor)], t: &Targets) -> Tensor {
             let att = p.mean_dim(1, false, Kind::Float).matmul(&t.tokens.transpose(1, 2)).transpose(1, 2);
             // A cell belongs to the object if any of its pixels does.
             let cells = t.masks.adaptive_max_pool2d([side, side]).0.view([b, SLOTS, n]);
-            let inside = (&att * cells).sum_dim_intlist(-1, false, Kind::Float) / (att.sum_dim_intlist(-1, false, Kind::Float) + 1e-8);
+            let inside = (&att * cells).sum_dim_intlist(-1, false, Kind::Float)
+                / (att.sum_dim_intlist(-1, false, Kind::Float) + 1e-8);
             ((-inside + 1.0) * &t.valid).sum(Kind::Float) / &n_valid
         })
         .collect();
@@ -105,6 +106,9 @@ mod tests {
         assert_eq!(object_words("a red circle in the centre"), vec![vec![1, 2, 5]]);
         assert!(object_words("").is_empty());
         // A gradient background says "and" too, after the background's "on a".
-        assert_eq!(object_words("a red circle on the left on a white and grey gradient background"), vec![vec![1, 2, 5]]);
+        assert_eq!(
+            object_words("a red circle on the left on a white and grey gradient background"),
+            vec![vec![1, 2, 5]]
+        );
     }
 }

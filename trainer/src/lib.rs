@@ -25,14 +25,20 @@ pub fn vae(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Para
     Ok((p, m, cfg))
 }
 
-pub fn unet(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Params, UNet2DConditionModel, UNetConfig)> {
+pub fn unet(
+    cfg_json: &serde_json::Value,
+    device: Device,
+) -> Result<(params::Params, UNet2DConditionModel, UNetConfig)> {
     let cfg: UNetConfig = serde_json::from_value(cfg_json.clone())?;
     let p = params::Params::discover(device, |w| UNet2DConditionModel::new(&w.root(), &cfg))?;
     let m = UNet2DConditionModel::new(&p.weights().root(), &cfg)?;
     Ok((p, m, cfg))
 }
 
-pub fn text_encoder(cfg_json: &serde_json::Value, device: Device) -> Result<(params::Params, ClipTextModel, ClipTextConfig)> {
+pub fn text_encoder(
+    cfg_json: &serde_json::Value,
+    device: Device,
+) -> Result<(params::Params, ClipTextModel, ClipTextConfig)> {
     let cfg: ClipTextConfig = serde_json::from_value(cfg_json.clone())?;
     let p = params::Params::discover(device, |w| ClipTextModel::new(&w.root(), &cfg))?;
     let m = ClipTextModel::new(&p.weights().root(), &cfg)?;
@@ -45,6 +51,10 @@ pub fn text_encoder(cfg_json: &serde_json::Value, device: Device) -> Result<(par
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default()
 }

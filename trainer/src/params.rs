@@ -42,7 +42,11 @@ fn init_tensor(name: &str, shape: &[i64], siblings: &HashMap<String, Vec<i64>>, 
     let t = if name.contains("embedding") && leaf == "weight" && shape.len() == 2 && !name.contains("time_embedding") {
         Tensor::randn(shape, opts) * 0.02
     } else if is_norm {
-        if leaf == "weight" { Tensor::ones(shape, opts) } else { Tensor::zeros(shape, opts) }
+        if leaf == "weight" {
+            Tensor::ones(shape, opts)
+        } else {
+            Tensor::zeros(shape, opts)
+        }
     } else {
         let fan_in: i64 = match (leaf, weight_shape) {
             ("weight", _) => shape[1..].iter().product(),
@@ -52,7 +56,11 @@ fn init_tensor(name: &str, shape: &[i64], siblings: &HashMap<String, Vec<i64>>, 
         let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
         Tensor::rand(shape, opts) * (2.0 * bound) - bound
     };
-    if shape.len() == 4 { channels_last(&t) } else { t }
+    if shape.len() == 4 {
+        channels_last(&t)
+    } else {
+        t
+    }
 }
 
 impl Params {
@@ -61,12 +69,17 @@ impl Params {
     /// the order the engine asks for tensors (deterministic for a given config).
     pub fn discover<T>(device: Device, build: impl Fn(&Weights) -> Result<T>) -> Result<Self> {
         let missing = Regex::new(r"missing tensor `([^`]+)`").unwrap();
-        let shape_re = Regex::new(r"tensor `([^`]+)` in \S+ has shape \[0\], the config implies \[([0-9, ]*)\]").unwrap();
+        let shape_re =
+            Regex::new(r"tensor `([^`]+)` in \S+ has shape \[0\], the config implies \[([0-9, ]*)\]").unwrap();
         let mut shapes: HashMap<String, Vec<i64>> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for _ in 0..100_000 {
-            let w = Weights::from_map(map.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(), device, Kind::Float);
+            let w = Weights::from_map(
+                map.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(),
+                device,
+                Kind::Float,
+            );
             let err = match build(&w) {
                 Ok(_) => {
                     // Initialise in discovery order so the values do not depend on HashMap order.
@@ -81,7 +94,8 @@ impl Params {
             };
             if let Some(c) = shape_re.captures(&err) {
                 let name = c[1].to_string();
-                let shape: Vec<i64> = c[2].split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+                let shape: Vec<i64> =
+                    c[2].split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
                 // Placeholder of the right shape; the real values are drawn at the end.
                 map.insert(name.clone(), Tensor::zeros(shape.as_slice(), (Kind::Float, device)));
                 shapes.insert(name.clone(), shape);
@@ -162,11 +176,24 @@ impl AdamW {
     pub fn step(&mut self, params: &Params) -> f64 {
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let grads: Vec<Option<Tensor>> =
-            params.tensors.values().map(|p| { let g = p.grad(); if g.defined() { Some(g) } else { None } }).collect();
+        let grads: Vec<Option<Tensor>> = params
+            .tensors
+            .values()
+            .map(|p| {
+                let g = p.grad();
+                if g.defined() {
+                    Some(g)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let sq: f64 = grads.iter().flatten().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum();
         let norm = sq.sqrt();
-        let scale = match self.clip_norm { Some(c) if norm > c => c / (norm + 1e-6), _ => 1.0 };
+        let scale = match self.clip_norm {
+            Some(c) if norm > c => c / (norm + 1e-6),
+            _ => 1.0,
+        };
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);

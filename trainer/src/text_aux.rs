@@ -70,9 +70,13 @@ impl CaptionClassifier {
         let bound = 1.0 / (width as f64).sqrt();
         let mut tensors = BTreeMap::new();
         tensors.insert("query".to_string(), (Tensor::randn([nq, width], opts) * bound).set_requires_grad(true));
-        tensors.insert("weight".to_string(), (Tensor::rand([nq, width, cmax], opts) * (2.0 * bound) - bound).set_requires_grad(true));
+        tensors.insert(
+            "weight".to_string(),
+            (Tensor::rand([nq, width, cmax], opts) * (2.0 * bound) - bound).set_requires_grad(true),
+        );
         tensors.insert("bias".to_string(), Tensor::zeros([nq, cmax], opts).set_requires_grad(true));
-        let invalid: Vec<f32> = qs.iter().flat_map(|&(_, c)| (0..cmax).map(move |k| if k < c { 0.0 } else { -1e9 })).collect();
+        let invalid: Vec<f32> =
+            qs.iter().flat_map(|&(_, c)| (0..cmax).map(move |k| if k < c { 0.0 } else { -1e9 })).collect();
         let invalid = Tensor::from_slice(&invalid).view([nq, cmax]).to_device(device);
         Self { params: Params { tensors, device }, invalid }
     }
@@ -81,7 +85,9 @@ impl CaptionClassifier {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let p = &self.params.tensors;
         let d = hidden.size()[2] as f64;
-        let att = Tensor::einsum("qd,bld->bql", &[&p["query"], hidden], None::<&[i64]>).g_div_scalar(d.sqrt()).softmax(-1, Kind::Float);
+        let att = Tensor::einsum("qd,bld->bql", &[&p["query"], hidden], None::<&[i64]>)
+            .g_div_scalar(d.sqrt())
+            .softmax(-1, Kind::Float);
         let pooled = Tensor::einsum("bql,bld->bqd", &[&att, hidden], None::<&[i64]>);
         Tensor::einsum("bqd,qdc->bqc", &[&pooled, &p["weight"]], None::<&[i64]>) + &p["bias"] + &self.invalid
     }

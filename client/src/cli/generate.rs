@@ -72,7 +72,8 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
             }
         }
         if as_json {
-            json::event_line(&event.event_job_id(&job_id), &event.event, &written, &args.out, manifest.as_deref()).emit();
+            json::event_line(&event.event_job_id(&job_id), &event.event, &written, &args.out, manifest.as_deref())
+                .emit();
         }
         progress.update(&event.event);
         if let Event::Result(r) = event.event {
@@ -204,7 +205,10 @@ fn explain_options(a: &GenerateArgs) -> Result<Option<pb::ExplainOptions>, Failu
         mode: mode as i32,
         subject_words: a.subjects.clone(),
         subject_indices: a.subject_indices.clone(),
-        layers: a.explain_layers.clone().unwrap_or_else(|| if paper && grad_sam { "last".into() } else { String::new() }),
+        layers: a
+            .explain_layers
+            .clone()
+            .unwrap_or_else(|| if paper && grad_sam { "last".into() } else { String::new() }),
         manipulate_at: match &a.manipulate_at {
             Some(ts) => ts.clone(),
             None if paper && grad_sam => PAPER_TIMESTEPS.to_vec(),
@@ -326,7 +330,13 @@ impl Progress {
                     let steps: Vec<String> = s
                         .manipulation_steps
                         .iter()
-                        .map(|&i| format!("{} (t={})", i + 1, s.timesteps.get(i as usize).map_or("?".into(), |t| fmt_timestep(*t))))
+                        .map(|&i| {
+                            format!(
+                                "{} (t={})",
+                                i + 1,
+                                s.timesteps.get(i as usize).map_or("?".into(), |t| fmt_timestep(*t))
+                            )
+                        })
                         .collect();
                     bar.println(format!(
                         "grad-sam: subjects {}{}; manipulating at steps {}",
@@ -355,7 +365,8 @@ impl Progress {
                 r.settings.steps, r.seed, r.settings.width, r.settings.height, t.total_seconds, t.seconds_per_step
             );
             if !r.reference_fraction_per_step.is_empty() {
-                let shares: Vec<String> = r.reference_fraction_per_step.iter().map(|f| format!("{:.0}%", f * 100.0)).collect();
+                let shares: Vec<String> =
+                    r.reference_fraction_per_step.iter().map(|f| format!("{:.0}%", f * 100.0)).collect();
                 eprintln!("from the reference at the manipulated steps: {}", shares.join(", "));
             }
             match r.psnr_protected {
@@ -416,7 +427,10 @@ mod tests {
         let e = r.explain.unwrap();
         assert_eq!(e.mode, pb::ExplainMode::Fast as i32);
         assert_eq!(e.start, pb::StartMode::Noise as i32);
-        assert_eq!((e.manipulate_at, e.layers.as_str(), e.mask_threshold), (vec![780.0, 520.0, 320.0], "last", Some(0.5)));
+        assert_eq!(
+            (e.manipulate_at, e.layers.as_str(), e.mask_threshold),
+            (vec![780.0, 520.0, 320.0], "last", Some(0.5))
+        );
 
         let r = request(&["--preset", "paper", "--steps", "20", "--start", "reference", "--explain", "off"]).unwrap();
         assert_eq!((r.steps, r.guidance), (Some(20), Some(8.0)));
@@ -426,13 +440,18 @@ mod tests {
     #[test]
     fn grad_sam_flags() {
         assert!(request(&[]).unwrap().explain.is_none());
-        let r = request(&["--layers", "all", "--subject", "star", "--subject-index", "2", "--manipulate-at", "700,300"]).unwrap();
+        let r =
+            request(&["--layers", "all", "--subject", "star", "--subject-index", "2", "--manipulate-at", "700,300"])
+                .unwrap();
         let e = r.explain.unwrap();
         assert_eq!(e.mode, pb::ExplainMode::Fast as i32, "Grad-SAM options turn it on");
         assert_eq!((e.layers.as_str(), e.subject_words, e.subject_indices), ("all", vec!["star".to_string()], vec![2]));
         assert_eq!(e.manipulate_at, vec![700.0, 300.0]);
         assert_eq!(e.start, pb::StartMode::Reference as i32);
-        let e = request(&["--explain", "exact", "--mask-threshold", "-0.25", "--mask-dilate", "1"]).unwrap().explain.unwrap();
+        let e = request(&["--explain", "exact", "--mask-threshold", "-0.25", "--mask-dilate", "1"])
+            .unwrap()
+            .explain
+            .unwrap();
         assert_eq!((e.mode, e.mask_threshold, e.dilation), (pb::ExplainMode::Exact as i32, Some(-0.25), Some(1)));
         let err = request(&["--explain", "off", "--subject", "star"]).unwrap_err();
         assert_eq!(err.exit, super::exit::USAGE);

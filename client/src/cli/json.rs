@@ -36,11 +36,7 @@ impl Line {
     }
 
     pub fn to_json_string(&self) -> String {
-        let fields: Vec<String> = self
-            .0
-            .iter()
-            .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), v))
-            .collect();
+        let fields: Vec<String> = self.0.iter().map(|(k, v)| format!("{}:{}", Value::String(k.clone()), v)).collect();
         format!("{{{}}}", fields.join(","))
     }
 
@@ -87,11 +83,8 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
             put("width", json!(s.width));
             put("height", json!(s.height));
             if !s.subjects.is_empty() {
-                let subjects: Vec<Value> = s
-                    .subjects
-                    .iter()
-                    .map(|t| json!({"index": t.index, "text": t.text, "word": t.word}))
-                    .collect();
+                let subjects: Vec<Value> =
+                    s.subjects.iter().map(|t| json!({"index": t.index, "text": t.text, "word": t.word})).collect();
                 put("subjects", json!(subjects));
                 put("subjects_auto", json!(s.subjects_auto));
                 put("manipulation_steps", json!(s.manipulation_steps));

@@ -49,7 +49,10 @@ impl Failure {
             if let Some(id) = &self.job_id {
                 line.put("job_id", json!(id));
             }
-            line.with("code", json!(self.code)).with("message", json!(self.message)).with("exit_code", json!(self.exit)).emit();
+            line.with("code", json!(self.code))
+                .with("message", json!(self.message))
+                .with("exit_code", json!(self.exit))
+                .emit();
         }
     }
 }
@@ -102,7 +105,8 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
         json::Line::new().with("models", json!(list)).emit();
         return Ok(exit::OK);
     }
-    let mut rows = vec![["NAME", "ARCH", "NATIVE", "MULTIPLE", "PREDICTION", "SCHEDULERS", "FEATURES"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["NAME", "ARCH", "NATIVE", "MULTIPLE", "PREDICTION", "SCHEDULERS", "FEATURES"].map(String::from).to_vec()];
     for m in &models {
         let features: Vec<&str> = [(m.img2img, "img2img"), (m.explain, "explain"), (m.protected_regions, "protect")]
             .into_iter()
@@ -177,7 +181,10 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
         vec!["version".to_string(), i.version.clone()],
         vec!["device".to_string(), i.device.clone()],
         vec!["devices".to_string(), i.devices.join(", ")],
-        vec!["queue".to_string(), format!("{} queued, {} running, capacity {}", i.queued_jobs, i.running_jobs, i.queue_capacity)],
+        vec![
+            "queue".to_string(),
+            format!("{} queued, {} running, capacity {}", i.queued_jobs, i.running_jobs, i.queue_capacity),
+        ],
         vec!["max steps".to_string(), i.max_steps.to_string()],
         vec!["max pixels".to_string(), i.max_pixels.to_string()],
     ];

@@ -38,8 +38,8 @@
 //! the latent positions under it: `I_s[c,i,j] ≈ Σ_l Σ_h A_l[h,q(i,j),s]·|g_l[h,q(i,j),s]|`
 //! for every channel c. Measured against the definition it is much weaker than the final
 //! layer's exact term (see the report and server/tests/parity_explain.rs).
-use super::AttributionPoint;
 use super::super::unet::UNet2DConditionModel;
+use super::AttributionPoint;
 use super::{layer_grid, output_coefficient};
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};

@@ -589,7 +589,11 @@ pub fn attribute(
     let n = model.unet.cross_attention_layer_count();
     ensure!(layers.iter().all(|&l| l < n), "cross-attention layers {layers:?} out of range (the model has {n})");
     let keys = cond.size()[1] as usize; // the tokenizer's model_max_length (77 for SD)
-    ensure!(subjects.iter().all(|&s| s < keys), "subject token positions {subjects:?} out of range (0 to {})", keys - 1);
+    ensure!(
+        subjects.iter().all(|&s| s < keys),
+        "subject token positions {subjects:?} out of range (0 to {})",
+        keys - 1
+    );
     let latents = latents.detach().to_kind(model.kind);
     let cond = cond.detach().to_kind(model.kind);
     let at = AttributionPoint { model, scheduler, latents: &latents, step_index, timestep, cond: &cond };

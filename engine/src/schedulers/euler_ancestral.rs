@@ -26,8 +26,7 @@ pub(super) fn new(c: &ClassConfig, n: usize) -> Result<Euler> {
     let sigmas: Vec<f32> =
         timesteps.iter().map(|&t| numpy::interp(t, &train) as f32).chain(std::iter::once(0.0)).collect();
     let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let init_noise_sigma =
-        if spacing == Spacing::Leading { sqrt32(max_sigma * max_sigma + 1.0) } else { max_sigma };
+    let init_noise_sigma = if spacing == Spacing::Leading { sqrt32(max_sigma * max_sigma + 1.0) } else { max_sigma };
     Ok(Euler {
         timesteps,
         sigmas,

@@ -1,8 +1,8 @@
 //! Shared helpers for the parity tests: where the fixtures are and how to compare.
 #![allow(dead_code)]
+use frisket_engine::tch::{self, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use frisket_engine::tch::{self, Tensor};
 
 /// The fixtures directory written by `make fixtures` (tests/fixtures/*.py).
 pub fn fixtures() -> PathBuf {

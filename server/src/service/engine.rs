@@ -8,6 +8,7 @@ use frisket_engine::explain;
 use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
 use frisket_engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
+use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
     generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
     Settings, Started, Step, Tensor as PbTensor, Timings, Token,
@@ -17,7 +18,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use frisket_engine::tch::{self, Device};
 use tokio::runtime::Handle;
 use tonic::Status;
 use tracing::{error, info, info_span, warn};
@@ -337,7 +337,11 @@ fn pb_tensor(t: &tch::Tensor) -> anyhow::Result<PbTensor> {
 /// The Grad-SAM / protection events of one step, in stream order: the protected-region
 /// mask (first step only), one heatmap per subject, the manipulation mask — each as the
 /// request's `stream.explain` asks. An event that cannot be built is logged and skipped.
-fn explain_events(e: &StepEvent, x: &frisket_engine::pipeline::StepExplain, spec: &super::request::JobSpec) -> Vec<Event> {
+fn explain_events(
+    e: &StepEvent,
+    x: &frisket_engine::pipeline::StepExplain,
+    spec: &super::request::JobSpec,
+) -> Vec<Event> {
     let want = spec.explain_stream;
     let (width, height) = (spec.width, spec.height);
     let mut events = Vec::new();

@@ -121,7 +121,9 @@ impl Frisket for FrisketService {
                     self.queue.capacity
                 )))
             }
-            Err(PushError::ShuttingDown) => Err(Status::unavailable("the server is shutting down and accepts no new jobs")),
+            Err(PushError::ShuttingDown) => {
+                Err(Status::unavailable("the server is shutting down and accepts no new jobs"))
+            }
             Err(PushError::DuplicateId) => {
                 Err(Status::already_exists(format!("a job with id {job_id:?} is already queued or running")))
             }

@@ -34,7 +34,9 @@ impl StopReason {
         match self {
             Self::ClientGone => None,
             Self::Cancelled => Some(Status::cancelled("job cancelled by a Cancel request")),
-            Self::Deadline => Some(Status::deadline_exceeded("the request's deadline (grpc-timeout) passed before the job finished")),
+            Self::Deadline => {
+                Some(Status::deadline_exceeded("the request's deadline (grpc-timeout) passed before the job finished"))
+            }
             Self::Shutdown => Some(Status::unavailable("the server shut down before the job finished")),
             Self::Stalled => Some(Status::cancelled("the client stopped reading the event stream")),
         }

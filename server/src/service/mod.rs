@@ -17,8 +17,8 @@ pub mod models;
 pub mod preview;
 pub mod request;
 
-use frisket_engine::tch;
 use anyhow::{Context, Result};
+use frisket_engine::tch;
 use frisket_proto::v1::frisket_server::FrisketServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,11 +107,17 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     outcome
 }
 
-async fn serve(cfg: ServeConfig, device: tch::Device, catalog: Arc<models::Catalog>, queue: Arc<jobs::Queue>) -> Result<()> {
+async fn serve(
+    cfg: ServeConfig,
+    device: tch::Device,
+    catalog: Arc<models::Catalog>,
+    queue: Arc<jobs::Queue>,
+) -> Result<()> {
     let limits = cfg.limits.clone();
     let mut devices = vec!["cpu".to_string()];
     devices.extend((0..tch::Cuda::device_count()).map(|n| format!("cuda:{n}")));
-    let service = grpc::FrisketService::new(queue.clone(), catalog.clone(), limits.clone(), device_name(device), devices);
+    let service =
+        grpc::FrisketService::new(queue.clone(), catalog.clone(), limits.clone(), device_name(device), devices);
     let frisket = FrisketServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -131,7 +137,8 @@ async fn serve(cfg: ServeConfig, device: tch::Device, catalog: Arc<models::Catal
         .build_v1alpha()
         .context("building the reflection service")?;
 
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         if let Ok(stream) = &conn {

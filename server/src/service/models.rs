@@ -1,9 +1,9 @@
 //! The models directory: one diffusers folder per model name. Names are checked before
 //! they touch the file system; metadata comes from the config files (no weights loaded),
 //! so ListModels and request validation never wait for the engine.
+use anyhow::{bail, Context, Result};
 use frisket_engine::tokenizer::ClipTokenizer;
 use frisket_engine::vae::VaeConfig;
-use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

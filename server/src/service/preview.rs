@@ -1,19 +1,15 @@
 //! Per-step previews and raw latents for the event stream.
 use super::request::{Format, Method, PreviewSpec};
+use anyhow::{Context, Result};
 use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use anyhow::{Context, Result};
-use image::RgbImage;
 use frisket_engine::tch::{Device, Kind, Tensor};
+use image::RgbImage;
 
 /// SD 1.x latent → RGB: the widely used linear fit (ComfyUI's `latent_rgb_factors` for
 /// SD1.5), applied to the scaled latent; rows are latent channels, columns R, G, B.
-pub const SD15_LATENT_RGB: [[f32; 3]; 4] = [
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-];
+pub const SD15_LATENT_RGB: [[f32; 3]; 4] =
+    [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
 
 /// The predicted clean latent [1, C, h, w] → an RGB image at latent resolution by the
 /// fixed linear map (grey from the channel mean for latents that are not 4-channel).
@@ -112,7 +108,11 @@ fn plane(t: &Tensor, sum: bool) -> Result<(u32, u32, Vec<f32>)> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Float);
     let t = if t.dim() == 2 { t.unsqueeze(0) } else { t };
     let (_, h, w) = t.size3().context("expected a [C, h, w] map")?;
-    let p = if sum { t.sum_dim_intlist([0i64].as_slice(), false, Kind::Float) } else { t.mean_dim([0i64].as_slice(), false, Kind::Float) };
+    let p = if sum {
+        t.sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+    } else {
+        t.mean_dim([0i64].as_slice(), false, Kind::Float)
+    };
     let values = Vec::<f32>::try_from(p.contiguous().view(-1)).context("copying map values")?;
     Ok((w as u32, h as u32, values))
 }
@@ -185,7 +185,10 @@ mod tests {
         let mask = Tensor::from_slice(&[1f32, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]).reshape([2, 2, 2]);
         let g = image::load_from_memory(&mask_png(&mask, 4, 4).unwrap()).unwrap().to_luma8();
         assert_eq!(g.dimensions(), (4, 4));
-        assert_eq!((g.get_pixel(0, 0)[0], g.get_pixel(3, 0)[0], g.get_pixel(0, 3)[0], g.get_pixel(3, 3)[0]), (128, 0, 255, 128));
+        assert_eq!(
+            (g.get_pixel(0, 0)[0], g.get_pixel(3, 0)[0], g.get_pixel(0, 3)[0], g.get_pixel(3, 3)[0]),
+            (128, 0, 255, 128)
+        );
         let base = RgbImage::from_pixel(2, 2, image::Rgb([0, 0, 0]));
         let rgb = image::load_from_memory(&heatmap_png(&mask, &base, 4, 4).unwrap()).unwrap().to_rgb8();
         assert_eq!(rgb.dimensions(), (4, 4));

@@ -1,7 +1,6 @@
 //! GenerateRequest → a validated job: defaults from the proto filled in, every field
 //! checked before the job is queued, so bad input costs no engine time and gets
 //! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
-use frisket_engine::tch;
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
 use frisket_engine::explain::{
@@ -10,6 +9,7 @@ use frisket_engine::explain::{
 use frisket_engine::image_io;
 use frisket_engine::pipeline::{img2img_start, GenerateParams};
 use frisket_engine::schedulers::{self, SchedulerConfig, SchedulerKind};
+use frisket_engine::tch;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
 use tonic::Status;
@@ -148,9 +148,8 @@ fn invalid(msg: impl Into<String>) -> Status {
 /// Decodes PNG/JPEG bytes with dimension and allocation limits (a small file must not
 /// expand into gigabytes). Same pixels as `image_io::decode_rgb`.
 fn decode_limited(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, String> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?;
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(max_side);
     limits.max_image_height = Some(max_side);
@@ -171,7 +170,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
 
     let meta = catalog.meta(&req.model)?;
     let scheduler_name = if req.scheduler.is_empty() { DEFAULT_SCHEDULER } else { req.scheduler.as_str() };
-    let (scheduler, karras) = SchedulerKind::parse_with_karras(scheduler_name).map_err(|e| invalid(format!("{e:#}")))?;
+    let (scheduler, karras) =
+        SchedulerKind::parse_with_karras(scheduler_name).map_err(|e| invalid(format!("{e:#}")))?;
 
     let steps = req.steps.unwrap_or(DEFAULT_STEPS);
     if steps == 0 {
@@ -182,7 +182,9 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     }
     let guidance = req.guidance.unwrap_or(DEFAULT_GUIDANCE);
     if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
-        return Err(invalid(format!("guidance must be between 0 and {MAX_GUIDANCE} (1 or less disables it), got {guidance}")));
+        return Err(invalid(format!(
+            "guidance must be between 0 and {MAX_GUIDANCE} (1 or less disables it), got {guidance}"
+        )));
     }
     if req.prompt.len() > MAX_PROMPT_BYTES || req.negative_prompt.len() > MAX_PROMPT_BYTES {
         return Err(invalid(format!("prompt and negative_prompt are limited to {MAX_PROMPT_BYTES} bytes")));
@@ -220,7 +222,9 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     let start = match pb::StartMode::try_from(options.start) {
         Ok(pb::StartMode::Reference) => StartMode::Reference,
         Ok(pb::StartMode::Noise) => StartMode::Noise,
-        Err(_) => return Err(invalid(format!("unknown explain.start {} (expected REFERENCE or NOISE)", options.start))),
+        Err(_) => {
+            return Err(invalid(format!("unknown explain.start {} (expected REFERENCE or NOISE)", options.start)))
+        }
     };
     if start == StartMode::Noise && reference.is_none() {
         return Err(invalid("explain.start NOISE needs a reference_image (img2img)"));
@@ -252,7 +256,10 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             meta.name
         )));
     }
-    if width > limits.max_side || height > limits.max_side || (width as u64) * (height as u64) > limits.max_pixels as u64 {
+    if width > limits.max_side
+        || height > limits.max_side
+        || (width as u64) * (height as u64) > limits.max_pixels as u64
+    {
         return Err(invalid(format!(
             "{width}×{height} is too large: this server allows at most {} pixels and {} per side",
             limits.max_pixels, limits.max_side
@@ -281,7 +288,11 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             } else if mask.dimensions() == source {
                 resize_mask_conservative(&mask, width, height)
             } else {
-                let also = if source == (width, height) { String::new() } else { format!(" or the output's {width}×{height}") };
+                let also = if source == (width, height) {
+                    String::new()
+                } else {
+                    format!(" or the output's {width}×{height}")
+                };
                 return Err(invalid(format!(
                     "protected_mask is {}×{} but reference_image is {}×{}; the mask must have the reference's size{also}",
                     mask.width(),
@@ -297,7 +308,17 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             Some(ProtectSpec { mask, feather: options.protect_feather })
         }
     };
-    let explain = explain_params(&options, &meta, catalog, &req.prompt, reference.is_some(), steps as usize, strength, scheduler, karras)?;
+    let explain = explain_params(
+        &options,
+        &meta,
+        catalog,
+        &req.prompt,
+        reference.is_some(),
+        steps as usize,
+        strength,
+        scheduler,
+        karras,
+    )?;
 
     let stream = req.stream.unwrap_or_default();
     let previews = match stream.previews {
@@ -472,14 +493,7 @@ fn explain_params(
     let timesteps = o.manipulate_at.clone();
     explain::snap_timesteps(&timesteps, run).map_err(|e| invalid(format!("explain.manipulate_at: {e:#}")))?;
 
-    Ok(Some(ExplainParams {
-        mode,
-        layers,
-        subjects,
-        timesteps,
-        mask,
-        exact_batch: o.exact_batch.map(|b| b as usize),
-    }))
+    Ok(Some(ExplainParams { mode, layers, subjects, timesteps, mask, exact_batch: o.exact_batch.map(|b| b as usize) }))
 }
 
 /// A seed for requests without one: 53 bits (exact in a JSON / JavaScript number).

@@ -49,16 +49,26 @@ fn main() -> Result<()> {
             let mut opt = AdamW::new(&p, 1e-4, 0.0);
             let x = Tensor::randn([bs, 4, side, side], (Kind::Float, dev));
             let ctx = Tensor::randn([bs, 24, text], (Kind::Float, dev));
-            time(&format!("unet {blocks:?}x{layers} latent {side}² batch {bs} ({groups} t-groups)"), p.count(), || {
-                let per = bs / groups;
-                let outs: Vec<Tensor> = (0..groups)
-                    .map(|g| unet.forward(&x.narrow(0, g * per, per), 100.0 + 200.0 * g as f64, &ctx.narrow(0, g * per, per)))
-                    .collect();
-                let y = Tensor::cat(&outs, 0);
-                p.zero_grad();
-                (y - &x).square().mean(Kind::Float).backward();
-                opt.step(&p);
-            });
+            time(
+                &format!("unet {blocks:?}x{layers} latent {side}² batch {bs} ({groups} t-groups)"),
+                p.count(),
+                || {
+                    let per = bs / groups;
+                    let outs: Vec<Tensor> = (0..groups)
+                        .map(|g| {
+                            unet.forward(
+                                &x.narrow(0, g * per, per),
+                                100.0 + 200.0 * g as f64,
+                                &ctx.narrow(0, g * per, per),
+                            )
+                        })
+                        .collect();
+                    let y = Tensor::cat(&outs, 0);
+                    p.zero_grad();
+                    (y - &x).square().mean(Kind::Float).backward();
+                    opt.step(&p);
+                },
+            );
         }
     }
     if which == "all" || which == "clip" {
@@ -77,7 +87,14 @@ fn main() -> Result<()> {
         use frisket_trainer::data::{self, BatchSpec};
         let held_out = std::collections::HashSet::new();
         let t = Instant::now();
-        let (x, _) = data::batch(&BatchSpec { run_seed: 0, step: 0, size: 32, single_object: false, held_out: &held_out, focus: &[] });
+        let (x, _) = data::batch(&BatchSpec {
+            run_seed: 0,
+            step: 0,
+            size: 32,
+            single_object: false,
+            held_out: &held_out,
+            focus: &[],
+        });
         println!("data: 32 scenes drawn in {:.3} s", t.elapsed().as_secs_f64());
         let (_, vae, _) = frisket_trainer::vae(&configs::vae(&[32, 64, 64], 1, 16, 1.0), dev)?;
         let t = Instant::now();

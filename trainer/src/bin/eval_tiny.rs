@@ -18,15 +18,13 @@
 //!    never on these prompts. Also reported: the engine's manipulation mask and DAAM's
 //!    τ = 0.4, last layer, t = 500 (the measures of earlier runs).
 use anyhow::{Context, Result};
-use frisket_shapes::{
-    check_object, judge, parse_prompt, Mask, ObjectQuery,
-};
+use frisket_shapes::{check_object, judge, parse_prompt, Mask, ObjectQuery};
 use frisket_trainer::data;
-use frisket_trainer::flags::Flags;
 use frisket_trainer::engine::explain::{self, mask, ExplainMode, MaskParams};
 use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
+use frisket_trainer::flags::Flags;
 use image::RgbImage;
 use serde_json::json;
 use std::path::PathBuf;
@@ -81,7 +79,8 @@ fn heatmap_masks(
     let scheduler = model.scheduler(p)?;
     let cond = model.encode_prompt(&p.prompt);
     let last = model.unet.cross_attention_layer_count() - 1;
-    let maps = explain::attribute(model, &*scheduler, latents_in, step, timestep, &cond, &[last], &[subject], mode, None)?;
+    let maps =
+        explain::attribute(model, &*scheduler, latents_in, step, timestep, &cond, &[last], &[subject], mode, None)?;
     let to_mask = |t: Tensor| -> Result<Mask> {
         let values: Vec<f32> = Vec::try_from(t.flatten(0, -1))?;
         Ok(Mask::from_threshold(p.width as u32, p.height as u32, &values, 0.5))
@@ -128,12 +127,24 @@ fn render(model: &StableDiffusion, p: &GenerateParams) -> Result<Render> {
         Flow::Continue
     })?;
     let secs = t0.elapsed().as_secs_f64();
-    Ok(Render { image: tensor_to_rgb(&out.image)?, secs, mid: mid.context("no step ran")?, late: late.context("no step ran")? })
+    Ok(Render {
+        image: tensor_to_rgb(&out.image)?,
+        secs,
+        mid: mid.context("no step ran")?,
+        late: late.context("no step ran")?,
+    })
 }
 
 /// The headline heatmap mask: `mask::pixel_masks` of `layers` at the step `late` was taken
 /// from.
-fn pixel_mask(model: &StableDiffusion, p: &GenerateParams, late: &StepLatent, layers: &[usize], subject: usize, mode: ExplainMode) -> Result<Mask> {
+fn pixel_mask(
+    model: &StableDiffusion,
+    p: &GenerateParams,
+    late: &StepLatent,
+    layers: &[usize],
+    subject: usize,
+    mode: ExplainMode,
+) -> Result<Mask> {
     let scheduler = model.scheduler(p)?;
     let cond = model.encode_prompt(&p.prompt);
     let (lat, step, t) = late;
@@ -171,7 +182,8 @@ fn main() -> Result<()> {
 
     // Ceilings: what the judge scores on the held-out scenes themselves, and on their VAE round
     // trips (no diffusion model can beat the decoder it paints through).
-    let (mut truth_all, mut vae_shape, mut vae_position, mut vae_all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
+    let (mut truth_all, mut vae_shape, mut vae_position, mut vae_all) =
+        (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     for scene in data::eval_single_object_scenes(a.n) {
         let q = parse_prompt(&scene.meta.caption).map_err(anyhow::Error::msg)?.objects[0];
         truth_all.add(check_object(&judge(&scene.image), &q).all_right());
@@ -191,7 +203,8 @@ fn main() -> Result<()> {
     }
 
     // Single-object prompts + heatmaps.
-    let (mut colour, mut shape, mut position, mut all) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
+    let (mut colour, mut shape, mut position, mut all) =
+        (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     let (mut iou_fast, mut iou_exact) = (Vec::new(), Vec::new());
     let (mut iou_fast_pixel, mut iou_exact_pixel) = (Vec::new(), Vec::new());
     let pixel_layers = [model.unet.cross_attention_layer_count() - 1];
@@ -233,7 +246,8 @@ fn main() -> Result<()> {
                 iou_exact_daam.push(exact_daam);
                 row["iou_exact"] = json!(exact);
                 row["iou_exact_daam"] = json!(exact_daam);
-                let exact_pixel = pixel_mask(&model, &p, &r.late, &pixel_layers, subject, ExplainMode::Exact)?.iou(truth);
+                let exact_pixel =
+                    pixel_mask(&model, &p, &r.late, &pixel_layers, subject, ExplainMode::Exact)?.iou(truth);
                 iou_exact_pixel.push(exact_pixel);
                 row["iou_exact_pixel"] = json!(exact_pixel);
             }
@@ -309,8 +323,13 @@ fn main() -> Result<()> {
     });
     let path = a.model.join(format!("eval-{}.json", a.label));
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
-    println!("{}", serde_json::to_string_pretty(&json!({"single": result["single"], "ceilings": result["ceilings"], "protect": result["protect"],
-        "heatmap": result["heatmap"], "render_secs": result["render_secs"]}))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &json!({"single": result["single"], "ceilings": result["ceilings"], "protect": result["protect"],
+        "heatmap": result["heatmap"], "render_secs": result["render_secs"]})
+        )?
+    );
     println!("wrote {}", path.display());
     Ok(())
 }

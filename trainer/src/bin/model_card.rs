@@ -27,21 +27,33 @@ fn opt(v: &Value) -> String {
 }
 
 fn mark(ok: bool) -> &'static str {
-    if ok { "met" } else { "**not met**" }
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
 }
 
 /// The loss column of loss.csv, in file order (all stages).
 fn losses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(dir.join("loss.csv")).with_context(|| format!("reading {}/loss.csv", dir.display()))?;
+    let text =
+        std::fs::read_to_string(dir.join("loss.csv")).with_context(|| format!("reading {}/loss.csv", dir.display()))?;
     Ok(text.lines().skip(1).filter_map(|l| l.rsplit_once(',').map(|(k, v)| (k.to_string(), v.to_string()))).collect())
 }
 
 /// reproduction.json from a second run's folder: its training time, scores, and the number of
 /// leading UNet steps whose logged loss equals this run's to the printed digits.
-fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Option<&str>, baseline: Option<&std::path::Path>) -> Result<()> {
+fn record_second_run(
+    dir: &std::path::Path,
+    second: &std::path::Path,
+    note: Option<&str>,
+    baseline: Option<&std::path::Path>,
+) -> Result<()> {
     // Byte-identical weights score identically (the eval is deterministic), so the second
     // run then needs no eval of its own.
-    let identical = WEIGHT_FILES.iter().all(|f| matches!((std::fs::read(dir.join(f)), std::fs::read(second.join(f))), (Ok(a), Ok(b)) if a == b));
+    let identical = WEIGHT_FILES
+        .iter()
+        .all(|f| matches!((std::fs::read(dir.join(f)), std::fs::read(second.join(f))), (Ok(a), Ok(b)) if a == b));
     let (t2, e2) = match identical {
         true => (read(&second.join("training.json"))?, training_and_eval(dir)?.1),
         false => training_and_eval(second)?,
@@ -53,7 +65,9 @@ fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Opti
     };
     let baseline = baseline.map(training_and_eval).transpose()?.map(|(t, e)| scores(&t, &e));
     let (a, b) = (losses(dir)?, losses(second)?);
-    let unet = |v: &[(String, String)]| v.iter().filter(|(k, _)| k.starts_with("unet,")).map(|(_, l)| l.clone()).collect::<Vec<_>>();
+    let unet = |v: &[(String, String)]| {
+        v.iter().filter(|(k, _)| k.starts_with("unet,")).map(|(_, l)| l.clone()).collect::<Vec<_>>()
+    };
     let (ua, ub) = (unet(&a), unet(&b));
     let same = ua.iter().zip(&ub).take_while(|(x, y)| x == y).count();
     let mut rec = scores(&t2, &e2);
@@ -63,30 +77,47 @@ fn record_second_run(dir: &std::path::Path, second: &std::path::Path, note: Opti
     rec["baseline"] = baseline.unwrap_or(Value::Null);
     rec["weights_identical"] = identical.into();
     std::fs::write(dir.join("reproduction.json"), serde_json::to_string_pretty(&rec)?)?;
-    println!("wrote {} (UNet losses identical for the first {same} of {} steps)", dir.join("reproduction.json").display(), ub.len());
+    println!(
+        "wrote {} (UNet losses identical for the first {same} of {} steps)",
+        dir.join("reproduction.json").display(),
+        ub.len()
+    );
     Ok(())
 }
 
 /// The weight files of a diffusers folder written by train_tiny.
-const WEIGHT_FILES: [&str; 3] = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"];
+const WEIGHT_FILES: [&str; 3] = [
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+];
 
 /// A train_tiny output folder's training.json and its (first) eval-*.json.
 fn training_and_eval(run: &std::path::Path) -> Result<(Value, Value)> {
     let eval = std::fs::read_dir(run)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eval-") && n.to_string_lossy().ends_with(".json")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("eval-") && n.to_string_lossy().ends_with(".json"))
+        })
         .with_context(|| format!("{} has no eval-*.json: run eval_tiny on it", run.display()))?;
     Ok((read(&run.join("training.json"))?, read(&eval)?))
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "models/shapes".into()));
+    let dir =
+        PathBuf::from(args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "models/shapes".into()));
     if let Some(i) = args.iter().position(|a| a == "--second-run") {
         let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|j| args.get(j + 1));
         let baseline = value_of("--second-run-baseline").map(std::path::Path::new);
-        record_second_run(&dir, std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?), value_of("--second-run-note").map(String::as_str), baseline)?;
+        record_second_run(
+            &dir,
+            std::path::Path::new(args.get(i + 1).context("--second-run needs a folder")?),
+            value_of("--second-run-note").map(String::as_str),
+            baseline,
+        )?;
     }
     let t = read(&dir.join("training.json"))?;
     let mut evals: Vec<Value> = Vec::new();
@@ -98,10 +129,12 @@ fn main() -> Result<()> {
         }
     }
     evals.sort_by_key(|e| e["label"].as_str().unwrap_or("").to_string());
-    let first = evals.iter().find(|e| e["label"] == "first").or(evals.first()).context("no eval-*.json: run eval_tiny")?;
+    let first =
+        evals.iter().find(|e| e["label"] == "first").or(evals.first()).context("no eval-*.json: run eval_tiny")?;
     let s = &first["settings"];
     let size_mb = |d: &str| -> f64 {
-        std::fs::read_dir(dir.join(d)).map_or(0.0, |it| it.flatten().map(|e| e.metadata().map_or(0, |m| m.len())).sum::<u64>() as f64 / 1e6)
+        std::fs::read_dir(dir.join(d))
+            .map_or(0.0, |it| it.flatten().map(|e| e.metadata().map_or(0, |m| m.len())).sum::<u64>() as f64 / 1e6)
     };
     let total_mb: f64 = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"].iter().map(|d| size_mb(d)).sum();
 
@@ -121,8 +154,11 @@ fn main() -> Result<()> {
         t["vae"]["blocks"], f(&t["vae"]["scaling_factor"]), t["vae"]["params"])?;
     writeln!(w, "| UNet (`UNet2DConditionModel`) | blocks {}, 1 layer per block, CrossAttnDown ×2 + DownBlock, {} heads per attention layer, cross-attention dim 64, sample 16 | {} |",
         t["unet"]["blocks"], t["unet"]["heads"].as_i64().unwrap_or(8), t["unet"]["params"])?;
-    writeln!(w, "| text encoder (`CLIPTextModel`) | width {}, {} layers, 4 heads, quick_gelu, 48 positions | {} |",
-        t["text_encoder"]["width"], t["text_encoder"]["layers"], t["text_encoder"]["params"])?;
+    writeln!(
+        w,
+        "| text encoder (`CLIPTextModel`) | width {}, {} layers, 4 heads, quick_gelu, 48 positions | {} |",
+        t["text_encoder"]["width"], t["text_encoder"]["layers"], t["text_encoder"]["params"]
+    )?;
     writeln!(w, "| tokenizer (`CLIPTokenizer`) | byte-level BPE in CLIP's file layout, vocab {}, every caption word one token, `model_max_length` 48 | |\n", t["text_encoder"]["vocab"])?;
 
     writeln!(w, "## Data\n")?;
@@ -146,7 +182,9 @@ fn main() -> Result<()> {
         "SD's scaled-linear schedule (β 0.00085→0.012, 1000 steps)"
     };
     let te_note = match (te["lr_scale_during_unet"].as_f64(), te["aux_weight_during_unet"].as_f64()) {
-        (Some(k), Some(aux)) => format!("; text encoder at {k} × the UNet's rate, the classifier's loss kept at weight {aux}"),
+        (Some(k), Some(aux)) => {
+            format!("; text encoder at {k} × the UNet's rate, the classifier's loss kept at weight {aux}")
+        }
         _ => String::new(),
     };
     let u = &t["unet"];
@@ -154,14 +192,22 @@ fn main() -> Result<()> {
         (Some(early), Some(from), Some(late)) => format!("; plus attention grounding (`trainer/src/grounding.rs`: each object's words must attend to its cells) at weight {early} before step {from} and {late} from it, where AdamW's moments and the noise generator restart (as on a resume)"),
         _ => String::new(),
     };
-    let resumed = u["resumed_at_steps"].as_array().map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-    let resume_note = if resumed.is_empty() { String::new() } else { format!("; resumed from checkpoints at step {resumed} (AdamW moments restart there)") };
+    let resumed = u["resumed_at_steps"]
+        .as_array()
+        .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let resume_note = if resumed.is_empty() {
+        String::new()
+    } else {
+        format!("; resumed from checkpoints at step {resumed} (AdamW moments restart there)")
+    };
     writeln!(w, "| UNet + text encoder (jointly) | {} × {} | AdamW lr {} (warm-up 200, cosine to 10 %), weight decay 0.01, grad-norm clip 1{te_note}; {} on {schedule}, loss weighted in x₀ terms {}{ground_note}; each drawn batch used for {} steps; EMA 0.999{resume_note} | {:.1} min |",
         t["unet"]["steps"], t["unet"]["batch"], t["unet"]["lr"], t["unet"]["prediction_type"].as_str().unwrap_or("?"),
         t["unet"]["x0_weight"].as_str().unwrap_or("?"), t["unet"]["batch_reused_for_steps"], f(&t["unet"]["secs"]) / 60.0)?;
     let focus = &u["focus"];
     if focus["steps"].as_u64().unwrap_or(0) > 0 {
-        let shapes: Vec<&str> = focus["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
+        let shapes: Vec<&str> =
+            focus["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
         // Older runs' training.json lacks it: their focus phase kept the main phase's 0.999.
         let ema = focus["ema"].as_f64().unwrap_or(0.999);
         writeln!(w, "| focus phase (UNet + text encoder, after the steps above) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), the EMA continued at {ema} (the exported weights), all else as above, except that {:.0} % of the single-object scenes show one of: {} (the shapes drawn worst on the tuning set, `examples/tune_probe`) | in the row above |",
@@ -170,9 +216,12 @@ fn main() -> Result<()> {
     let polish = &t["polish"];
     let (mut polish_hardware, mut polish_loss) = (String::new(), String::new());
     if polish["steps"].as_u64().unwrap_or(0) > 0 {
-        let shapes: Vec<&str> = polish["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
+        let shapes: Vec<&str> =
+            polish["shapes"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(Value::as_str).collect());
         let object_weight = match polish["object_weight"].as_f64() {
-            Some(x) if x > 0.0 => format!(", latent cells under objects weighted 1 + {x} × their object share in the denoising loss"),
+            Some(x) if x > 0.0 => {
+                format!(", latent cells under objects weighted 1 + {x} × their object share in the denoising loss")
+            }
             _ => String::new(),
         };
         writeln!(w, "| polish (the UNet alone, from the exported fp16 weights) | {} × {} | fresh AdamW, lr {} (warm-up 100, cosine to 10 %), text encoder frozen, grounding weight {}, EMA {} started at the exported weights; scenes as in the focus phase ({}){object_weight}; seed {} | {:.1} min |",
@@ -207,16 +256,40 @@ fn main() -> Result<()> {
         ("single object: position right (3×3 cell)", "≥ 75 %", |e| format!("{:.1} %", f(&e["single"]["position"]))),
         ("single object: all three right", "", |e| format!("{:.1} %", f(&e["single"]["all"]))),
         ("protect: protected object bit-exact", "100 %", |e| format!("{:.1} %", f(&e["protect"]["protected_exact"]))),
-        ("protect: requested object appears (colour + shape)", "≥ 75 %", |e| format!("{:.1} %", f(&e["protect"]["appears"]))),
-        ("protect: … and at the requested position", "", |e| format!("{:.1} %", f(&e["protect"]["appears_at_position"]))),
-        ("heatmap mIoU, fast Grad-SAM, pixel mask", "≥ 0.70", |e| format!("{} (n = {})", opt(&e["heatmap"]["miou_fast_pixel"]), e["heatmap"]["n_fast"])),
-        ("heatmap mIoU, exact Grad-SAM, pixel mask", "≥ 0.70", |e| format!("{} (n = {})", opt(&e["heatmap"]["miou_exact_pixel"]), e["heatmap"]["n_exact"])),
-        ("heatmap mIoU, fast = exact, engine manipulation mask, t 500", "", |e| format!("{:.3}", f(&e["heatmap"]["miou_fast"]))),
-        ("heatmap mIoU, fast = exact, DAAM's threshold (τ = 0.4), t 500", "", |e| format!("{:.3}", f(&e["heatmap"]["miou_fast_daam"]))),
-        ("64×64, 20-step render (median s)", "≤ 2 s", |e| format!("{:.2} s ({})", f(&e["render_secs"]["median"]), e["render_secs"]["cpu"].as_str().unwrap_or("CPU not recorded"))),
-        ("ceiling: judge on the true eval scenes, all right", "", |e| format!("{:.1} %", f(&e["ceilings"]["judge_on_truth_all"]))),
-        ("ceiling: judge on their VAE round trips, shape right", "", |e| format!("{:.1} %", f(&e["ceilings"]["vae_roundtrip_shape"]))),
-        ("ceiling: judge on their VAE round trips, position right", "", |e| format!("{:.1} %", f(&e["ceilings"]["vae_roundtrip_position"]))),
+        ("protect: requested object appears (colour + shape)", "≥ 75 %", |e| {
+            format!("{:.1} %", f(&e["protect"]["appears"]))
+        }),
+        ("protect: … and at the requested position", "", |e| {
+            format!("{:.1} %", f(&e["protect"]["appears_at_position"]))
+        }),
+        ("heatmap mIoU, fast Grad-SAM, pixel mask", "≥ 0.70", |e| {
+            format!("{} (n = {})", opt(&e["heatmap"]["miou_fast_pixel"]), e["heatmap"]["n_fast"])
+        }),
+        ("heatmap mIoU, exact Grad-SAM, pixel mask", "≥ 0.70", |e| {
+            format!("{} (n = {})", opt(&e["heatmap"]["miou_exact_pixel"]), e["heatmap"]["n_exact"])
+        }),
+        ("heatmap mIoU, fast = exact, engine manipulation mask, t 500", "", |e| {
+            format!("{:.3}", f(&e["heatmap"]["miou_fast"]))
+        }),
+        ("heatmap mIoU, fast = exact, DAAM's threshold (τ = 0.4), t 500", "", |e| {
+            format!("{:.3}", f(&e["heatmap"]["miou_fast_daam"]))
+        }),
+        ("64×64, 20-step render (median s)", "≤ 2 s", |e| {
+            format!(
+                "{:.2} s ({})",
+                f(&e["render_secs"]["median"]),
+                e["render_secs"]["cpu"].as_str().unwrap_or("CPU not recorded")
+            )
+        }),
+        ("ceiling: judge on the true eval scenes, all right", "", |e| {
+            format!("{:.1} %", f(&e["ceilings"]["judge_on_truth_all"]))
+        }),
+        ("ceiling: judge on their VAE round trips, shape right", "", |e| {
+            format!("{:.1} %", f(&e["ceilings"]["vae_roundtrip_shape"]))
+        }),
+        ("ceiling: judge on their VAE round trips, position right", "", |e| {
+            format!("{:.1} %", f(&e["ceilings"]["vae_roundtrip_position"]))
+        }),
     ];
     for (name, goal, get) in rows {
         write!(w, "| {name} | {goal} |")?;

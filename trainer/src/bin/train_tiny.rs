@@ -30,9 +30,11 @@
 //!     files a from-scratch run makes. It keeps no checkpoint: an interrupted polish is redone.
 //! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
 use anyhow::{bail, Context, Result};
+use frisket_shapes::Shape;
 use frisket_trainer::data::{self, BatchSpec};
-use frisket_trainer::flags::Flags;
 use frisket_trainer::engine::tokenizer::ClipTokenizer;
+use frisket_trainer::engine::unet::UNet2DConditionModel;
+use frisket_trainer::flags::Flags;
 use frisket_trainer::params::{AdamW, Params};
 use frisket_trainer::text_aux::{self, CaptionClassifier};
 use frisket_trainer::{bpe, configs, grounding, plot};
@@ -41,8 +43,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use frisket_shapes::Shape;
-use frisket_trainer::engine::unet::UNet2DConditionModel;
 use tch::{Device, Kind, Tensor};
 
 /// Eval prompts (trainer/src/bin/eval_tiny.rs) that training never sees.
@@ -107,7 +107,32 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let known = ["out", "work", "seed", "vae-steps", "vae-batch", "unet-steps", "batch", "device", "zero-snr", "te-pretrain-steps", "te-lr-scale", "aux-weight", "ground-weight", "ground-early-weight", "ground-from", "focus-steps", "focus-lr", "focus-shapes", "focus-ema", "heads", "polish-steps", "polish-lr", "polish-only", "polish-object-weight"];
+    let known = [
+        "out",
+        "work",
+        "seed",
+        "vae-steps",
+        "vae-batch",
+        "unet-steps",
+        "batch",
+        "device",
+        "zero-snr",
+        "te-pretrain-steps",
+        "te-lr-scale",
+        "aux-weight",
+        "ground-weight",
+        "ground-early-weight",
+        "ground-from",
+        "focus-steps",
+        "focus-lr",
+        "focus-shapes",
+        "focus-ema",
+        "heads",
+        "polish-steps",
+        "polish-lr",
+        "polish-only",
+        "polish-object-weight",
+    ];
     let f = Flags::from_env(&known, "the doc comment of trainer/src/bin/train_tiny.rs")?;
     Ok(Args {
         out: f.get("out", "models/shapes".into())?,
@@ -193,14 +218,20 @@ fn held_out_captions() -> HashSet<String> {
 }
 
 /// Stage 2. Returns (losses, seconds).
-fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::AutoencoderKl, held_out: &HashSet<String>) -> Result<(Vec<f64>, f64)> {
+fn train_vae(
+    a: &Args,
+    params: &Params,
+    vae: &frisket_trainer::engine::vae::AutoencoderKl,
+    held_out: &HashSet<String>,
+) -> Result<(Vec<f64>, f64)> {
     let peak = 5e-4;
     let mut opt = AdamW::new(params, peak, 0.0);
     let mut prog = Progress::new("vae", a.vae_steps);
     let mut losses = Vec::new();
     for step in 0..a.vae_steps {
         opt.lr = lr_at(step, a.vae_steps, peak, 100);
-        let spec = BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out, focus: &[] };
+        let spec =
+            BatchSpec { run_seed: a.seed, step, size: a.vae_batch, single_object: step % 2 == 0, held_out, focus: &[] };
         let (x, owners, _) = data::batch_with_objects(&spec);
         let x = x.to_device(a.device);
         // Objects are a few percent of the pixels but all of what the judge reads (shape
@@ -212,7 +243,8 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
         let y = vae.decode(&z);
         let l1 = ((&y - &x).abs() * &w).mean(Kind::Float);
         let mse = ((&y - &x).square() * &w).mean(Kind::Float);
-        let kl = ((post.mean.square() + post.logvar.exp() - 1.0 - &post.logvar) * 0.5).sum(Kind::Float) / a.vae_batch as f64;
+        let kl =
+            ((post.mean.square() + post.logvar.exp() - 1.0 - &post.logvar) * 0.5).sum(Kind::Float) / a.vae_batch as f64;
         let loss = &l1 + &mse * 0.5 + &kl * 1e-6;
         params.zero_grad();
         loss.backward();
@@ -230,7 +262,12 @@ fn train_vae(a: &Args, params: &Params, vae: &frisket_trainer::engine::vae::Auto
 /// [B, 1, h, w], mean 1 per sample, when given), and the grounding loss on the attention
 /// captured at `capture` when `ground` is given (zero otherwise).
 fn denoising_losses(
-    unet: &UNet2DConditionModel, alphas: &Tensor, latents: &Tensor, ehs: &Tensor, capture: &[usize], ground: Option<&grounding::Targets>,
+    unet: &UNet2DConditionModel,
+    alphas: &Tensor,
+    latents: &Tensor,
+    ehs: &Tensor,
+    capture: &[usize],
+    ground: Option<&grounding::Targets>,
     cell_weights: Option<&Tensor>,
 ) -> (Tensor, Tensor) {
     let bsz = latents.size()[0];
@@ -283,7 +320,13 @@ fn object_cell_weights(owners: &Tensor, latents: &Tensor, extra: f64) -> Tensor 
 /// thirds of the batches are single-object scenes, as the eval's main prompts are.
 type EncodedBatch = (frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>);
 
-fn encode_batch(a: &Args, vae: &frisket_trainer::engine::vae::AutoencoderKl, pair: u64, held_out: &HashSet<String>, focus: &[Shape]) -> EncodedBatch {
+fn encode_batch(
+    a: &Args,
+    vae: &frisket_trainer::engine::vae::AutoencoderKl,
+    pair: u64,
+    held_out: &HashSet<String>,
+    focus: &[Shape],
+) -> EncodedBatch {
     let spec = BatchSpec { run_seed: a.seed, step: pair, size: a.batch, single_object: pair % 3 != 2, held_out, focus };
     let (x, owners, caps) = data::batch_with_objects(&spec);
     let post = tch::no_grad(|| vae.encode(&x.to_device(a.device)));
@@ -299,14 +342,24 @@ fn token_ids(tokenizer: &ClipTokenizer, texts: &[&str], device: Device) -> Tenso
 /// The caption the text encoder sees for a scene caption at (step, i): 10 % empty (for
 /// classifier-free guidance), 20 % subject-only, else the full caption.
 fn caption_variant(r: f64, c: &str) -> &str {
-    if r < 0.1 { "" } else if r < 0.3 { data::subject_only(c) } else { c }
+    if r < 0.1 {
+        ""
+    } else if r < 0.3 {
+        data::subject_only(c)
+    } else {
+        c
+    }
 }
 
 /// Stage 3: the text encoder learns to keep every attribute word apart before the UNet sees
 /// it. Returns (losses, seconds, per-question accuracy over the last 100 steps).
 fn pretrain_text_encoder(
-    a: &Args, te: &frisket_trainer::engine::clip::ClipTextModel, te_params: &Params, aux: &CaptionClassifier,
-    tokenizer: &ClipTokenizer, held_out: &HashSet<String>,
+    a: &Args,
+    te: &frisket_trainer::engine::clip::ClipTextModel,
+    te_params: &Params,
+    aux: &CaptionClassifier,
+    tokenizer: &ClipTokenizer,
+    held_out: &HashSet<String>,
 ) -> Result<(Vec<f64>, f64, Vec<f64>)> {
     const BATCH: usize = 64;
     let peak = 1e-3;
@@ -320,7 +373,14 @@ fn pretrain_text_encoder(
         let lr = lr_at(step, a.te_pretrain_steps, peak, 100);
         te_opt.lr = lr;
         aux_opt.lr = lr;
-        let caps = data::captions(&BatchSpec { run_seed: a.seed ^ 0x7e47, step, size: BATCH, single_object: step % 3 != 2, held_out, focus: &[] });
+        let caps = data::captions(&BatchSpec {
+            run_seed: a.seed ^ 0x7e47,
+            step,
+            size: BATCH,
+            single_object: step % 3 != 2,
+            held_out,
+            focus: &[],
+        });
         let rng = |i: usize| frisket_shapes::rng::Rng::new(a.seed ^ 0x7e47 ^ (step << 16) ^ i as u64).unit();
         let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(rng(i), c)).collect();
         let hidden = te.forward(&token_ids(tokenizer, &texts, a.device));
@@ -405,7 +465,14 @@ fn main() -> Result<()> {
     }
     // Latent statistics → scaling_factor (1/std of the posterior mean), as SD did.
     let scaling_factor = tch::no_grad(|| {
-        let spec = BatchSpec { run_seed: a.seed ^ 0x5ca1e, step: 0, size: 128, single_object: false, held_out: &held_out, focus: &[] };
+        let spec = BatchSpec {
+            run_seed: a.seed ^ 0x5ca1e,
+            step: 0,
+            size: 128,
+            single_object: false,
+            held_out: &held_out,
+            focus: &[],
+        };
         let (x, _) = data::batch(&spec);
         1.0 / vae.encode(&x.to_device(a.device)).mean.std(true).double_value(&[])
     });
@@ -418,7 +485,12 @@ fn main() -> Result<()> {
     let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
     let (te_params, te, _) = frisket_trainer::text_encoder(&te_cfg, a.device)?;
     let aux = CaptionClassifier::new(TEXT_WIDTH, a.device);
-    println!("unet {:?}: {} parameters; text encoder: {} parameters", UNET_BLOCKS, unet_params.count(), te_params.count());
+    println!(
+        "unet {:?}: {} parameters; text encoder: {} parameters",
+        UNET_BLOCKS,
+        unet_params.count(),
+        te_params.count()
+    );
     let te_pre = a.work.join("te_pretrained.safetensors");
     let te_pre_log = a.work.join("te_pretrain.json");
     let te_resumed = te_pre.exists() && te_pre_log.exists();
@@ -427,7 +499,11 @@ fn main() -> Result<()> {
         aux.params.load(&a.work.join("aux_pretrained.safetensors"))?;
         let j = read_json(&te_pre_log)?;
         println!("text encoder: pre-training resumed from {}", te_pre.display());
-        (serde_json::from_value(j["losses"].clone())?, j["secs"].as_f64().unwrap_or(0.0), serde_json::from_value(j["accuracy"].clone())?)
+        (
+            serde_json::from_value(j["losses"].clone())?,
+            j["secs"].as_f64().unwrap_or(0.0),
+            serde_json::from_value(j["accuracy"].clone())?,
+        )
     } else {
         let (l, s, acc) = pretrain_text_encoder(&a, &te, &te_params, &aux, &tokenizer, &held_out)?;
         te_params.save(&te_pre, Kind::Float)?;
@@ -435,7 +511,8 @@ fn main() -> Result<()> {
         std::fs::write(&te_pre_log, json!({"losses": l, "secs": s, "accuracy": acc}).to_string())?;
         (l, s, acc)
     };
-    let te_accuracy: BTreeMap<String, f64> = text_aux::questions().into_iter().map(|q| q.0).zip(te_acc.iter().copied()).collect();
+    let te_accuracy: BTreeMap<String, f64> =
+        text_aux::questions().into_iter().map(|q| q.0).zip(te_acc.iter().copied()).collect();
     println!("text encoder: classifier accuracy over its last 100 steps {te_accuracy:?}");
 
     // 4. UNet + text encoder.
@@ -444,7 +521,11 @@ fn main() -> Result<()> {
     let peak = 5e-4;
     // Fresh optimisers, at the start and where grounding's weight rises (below).
     let fresh_optimizers = || {
-        (AdamW::new(&unet_params, peak, 0.01), AdamW::new(&te_params, peak * a.te_lr_scale, 0.01), AdamW::new(&aux.params, peak, 0.0))
+        (
+            AdamW::new(&unet_params, peak, 0.01),
+            AdamW::new(&te_params, peak * a.te_lr_scale, 0.01),
+            AdamW::new(&aux.params, peak, 0.0),
+        )
     };
     let (mut unet_opt, mut te_opt, mut aux_opt) = fresh_optimizers();
     let mut unet_ema = Ema::new(&unet_params);
@@ -460,14 +541,20 @@ fn main() -> Result<()> {
         // A checkpoint trained under the other noise schedule would silently mix the two.
         if let Some(z) = st["zero_snr"].as_bool() {
             if z != a.zero_snr {
-                bail!("{} was trained with --zero-snr {z}; resume with the same flag or use another --work", ckpt.display());
+                bail!(
+                    "{} was trained with --zero-snr {z}; resume with the same flag or use another --work",
+                    ckpt.display()
+                );
             }
         }
         // The head count changes no weight's shape, so a mismatch would load without error;
         // checkpoints without the field predate the flag and were trained with 8.
         let heads = st["heads"].as_i64().unwrap_or(8);
         if heads != a.heads {
-            bail!("{} was trained with --heads {heads}; resume with the same flag or use another --work", ckpt.display());
+            bail!(
+                "{} was trained with --heads {heads}; resume with the same flag or use another --work",
+                ckpt.display()
+            );
         }
         start = st["step"].as_u64().unwrap_or(0);
         resumed_at = serde_json::from_value(st["resumed_at"].clone()).unwrap_or_default();
@@ -485,7 +572,11 @@ fn main() -> Result<()> {
     let total_steps = a.unet_steps + a.focus_steps;
     let mut prog = Progress::new("unet", total_steps.saturating_sub(start));
     // Every cross-attention layer is grounded (grounding.rs).
-    let ground_layers: Vec<usize> = if a.ground_weight > 0.0 || a.ground_early_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
+    let ground_layers: Vec<usize> = if a.ground_weight > 0.0 || a.ground_early_weight > 0.0 {
+        (0..unet.cross_attention_layer_count()).collect()
+    } else {
+        Vec::new()
+    };
     let unet_t0 = Instant::now();
     // Deterministic per-step choices (caption dropout, batch kind) from the step number.
     let mix = |step: u64, i: u64| frisket_shapes::rng::Rng::new(a.seed ^ (step << 16) ^ i).unit();
@@ -528,7 +619,8 @@ fn main() -> Result<()> {
         let ehs = te.forward(&token_ids(&tokenizer, &texts, a.device));
         let ground_weight = if step < a.ground_from { a.ground_early_weight } else { a.ground_weight };
         let targets = (ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
-        let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref(), None);
+        let (diffusion_loss, ground_loss) =
+            denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref(), None);
         // Keeps every attribute readable from the encoder's output (text_aux.rs).
         let (aux_loss, aux_acc) = aux.loss(&ehs, &text_aux::label_tensor(&texts, a.device));
         let loss = &diffusion_loss + &aux_loss * a.aux_weight + &ground_loss * ground_weight;
@@ -544,7 +636,16 @@ fn main() -> Result<()> {
         te_ema.update(&te_params, decay);
         let lv = diffusion_loss.double_value(&[]);
         unet_losses.push(lv);
-        prog.add(step - start, lv, &format!("lr {lr:.2e} aux {:.3} position acc {:.2} ground {:.3}", aux_loss.double_value(&[]), aux_acc[3], ground_loss.double_value(&[])));
+        prog.add(
+            step - start,
+            lv,
+            &format!(
+                "lr {lr:.2e} aux {:.3} position acc {:.2} ground {:.3}",
+                aux_loss.double_value(&[]),
+                aux_acc[3],
+                ground_loss.double_value(&[])
+            ),
+        );
         if (step + 1) % 500 == 0 || step + 1 == a.unet_steps || step + 1 == total_steps {
             std::fs::create_dir_all(&ckpt)?;
             unet_params.save(&ckpt.join("unet.safetensors"), Kind::Float)?;
@@ -571,7 +672,10 @@ fn main() -> Result<()> {
         std::fs::copy(f.path(), tok_out.join(f.file_name()))?;
     }
     std::fs::create_dir_all(out.join("scheduler"))?;
-    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&configs::scheduler(a.zero_snr))?)?;
+    std::fs::write(
+        out.join("scheduler/scheduler_config.json"),
+        serde_json::to_string_pretty(&configs::scheduler(a.zero_snr))?,
+    )?;
     std::fs::write(out.join("model_index.json"), serde_json::to_string_pretty(&configs::model_index())?)?;
     // The engine loads it back (the eval renders through the server's pipeline).
     frisket_trainer::engine::model::StableDiffusion::load(out, Device::Cpu)
@@ -590,8 +694,10 @@ fn main() -> Result<()> {
     }
     plot_losses(out, &vae_losses, &te_losses, &unet_losses)?;
     let hardware = hardware(a.device);
-    let stage_secs_this_process = [(!vae_resumed).then_some(vae_secs), (!te_resumed).then_some(te_secs), Some(unet_secs - prior_secs)];
-    let overhead_secs = (started.elapsed().as_secs_f64() - stage_secs_this_process.iter().flatten().sum::<f64>()).max(0.0);
+    let stage_secs_this_process =
+        [(!vae_resumed).then_some(vae_secs), (!te_resumed).then_some(te_secs), Some(unet_secs - prior_secs)];
+    let overhead_secs =
+        (started.elapsed().as_secs_f64() - stage_secs_this_process.iter().flatten().sum::<f64>()).max(0.0);
     let training = json!({
         "seed": a.seed,
         "hardware": hardware,
@@ -620,7 +726,10 @@ fn main() -> Result<()> {
 
 /// The UNet panel shows the polish stage's steps after the UNet stage's.
 fn plot_losses(out: &Path, vae: &[f64], te: &[f64], unet: &[f64]) -> Result<()> {
-    plot::loss_curves(&out.join("loss.png"), &[("VAE", vae), ("text encoder (classifier)", te), ("UNet + text encoder", unet)])
+    plot::loss_curves(
+        &out.join("loss.png"),
+        &[("VAE", vae), ("text encoder (classifier)", te), ("UNet + text encoder", unet)],
+    )
 }
 
 /// Stage 6 (see Args::polish_steps). Reads everything from the exported folder `out`, so a
@@ -644,13 +753,15 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     let unet_cfg = read_json(&out.join("unet/config.json"))?;
     let (unet_params, unet, _) = frisket_trainer::unet(&unet_cfg, a.device)?;
     unet_params.load(&out.join("unet/diffusion_pytorch_model.safetensors"))?;
-    let (te_params, te, _) = frisket_trainer::text_encoder(&read_json(&out.join("text_encoder/config.json"))?, a.device)?;
+    let (te_params, te, _) =
+        frisket_trainer::text_encoder(&read_json(&out.join("text_encoder/config.json"))?, a.device)?;
     te_params.load(&out.join("text_encoder/model.safetensors"))?;
     for t in vae_params.tensors.values().chain(te_params.tensors.values()) {
         let _ = t.shallow_clone().set_requires_grad(false);
     }
     let alphas = alphas_cumprod(zero_snr, a.device);
-    let ground_layers: Vec<usize> = if a.ground_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
+    let ground_layers: Vec<usize> =
+        if a.ground_weight > 0.0 { (0..unet.cross_attention_layer_count()).collect() } else { Vec::new() };
     tch::manual_seed(a.seed as i64 + 3);
     let mut opt = AdamW::new(&unet_params, a.polish_lr, 0.01);
     let mut ema = Ema::new(&unet_params);
@@ -667,11 +778,14 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
         }
         let (post, owners, caps) = encoded.as_ref().unwrap();
         let latents = tch::no_grad(|| post.sample_with(&post.mean.randn_like()) * scaling_factor);
-        let texts: Vec<&str> = caps.iter().enumerate().map(|(i, c)| caption_variant(mix(global, i as u64), c)).collect();
+        let texts: Vec<&str> =
+            caps.iter().enumerate().map(|(i, c)| caption_variant(mix(global, i as u64), c)).collect();
         let ehs = tch::no_grad(|| te.forward(&token_ids(&tokenizer, &texts, a.device)));
         let targets = (a.ground_weight > 0.0).then(|| grounding::targets(&texts, owners, &tokenizer, a.device));
-        let cell_weights = (a.polish_object_weight > 0.0).then(|| object_cell_weights(owners, &latents, a.polish_object_weight));
-        let (diffusion_loss, ground_loss) = denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref(), cell_weights.as_ref());
+        let cell_weights =
+            (a.polish_object_weight > 0.0).then(|| object_cell_weights(owners, &latents, a.polish_object_weight));
+        let (diffusion_loss, ground_loss) =
+            denoising_losses(&unet, &alphas, &latents, &ehs, &ground_layers, targets.as_ref(), cell_weights.as_ref());
         let loss = &diffusion_loss + &ground_loss * a.ground_weight;
         unet_params.zero_grad();
         loss.backward();
@@ -699,8 +813,14 @@ fn polish(a: &Args, out: &Path, held_out: &HashSet<String>) -> Result<()> {
     for (i, l) in losses.iter().enumerate() {
         writeln!(file, "polish,{i},{l:.5}")?;
     }
-    let unet_then_polish: Vec<f64> = by_stage.get("unet").cloned().unwrap_or_default().into_iter().chain(losses.iter().copied()).collect();
-    plot_losses(out, by_stage.get("vae").map_or(&[], |v| v), by_stage.get("text").map_or(&[], |v| v), &unet_then_polish)?;
+    let unet_then_polish: Vec<f64> =
+        by_stage.get("unet").cloned().unwrap_or_default().into_iter().chain(losses.iter().copied()).collect();
+    plot_losses(
+        out,
+        by_stage.get("vae").map_or(&[], |v| v),
+        by_stage.get("text").map_or(&[], |v| v),
+        &unet_then_polish,
+    )?;
 
     let hardware = hardware(a.device);
     let total = training["total_secs"].as_f64().unwrap_or(0.0) + started.elapsed().as_secs_f64();
