@@ -1,5 +1,8 @@
 """heat_sweep.py DUMP.safetensors [--table | --last-layer]: mIoU of heatmap → mask policies on tune_probe's dump.
 
+A research tool for the heatmap defaults (docs/shapes-model-journal.md), not part of the product:
+  "$(scripts/venv.sh)/bin/python" trainer/research/heat_sweep.py tune.safetensors --last-layer
+
 Each entry holds fast Grad-SAM maps [T, L, C, h, w] of one render's shape word (T = the
 timesteps in tune_probe's TIMESTEPS, L = cross-attention layers) and the judge's 64×64 mask
 of the object. A policy picks timesteps, layers, how channels are combined, how the map is

@@ -1,7 +1,10 @@
 //! ground_probe MODEL_DIR UNET_CKPT STEPS: can this UNet learn absolute position at all?
-//! Trains only the attention grounding loss (grounding.rs) at t ∈ [950, 1000), where the
+//! A research tool for the training recipe (docs/shapes-model-journal.md), not part of the product.
+//! Trains only the attention grounding loss (src/grounding.rs) at t ∈ [950, 1000), where the
 //! noisy latent shows nothing and only the words say where the object is, and prints the
 //! grounding loss per layer on a fixed batch at t = 999 (true vs position-swapped caption).
+//! UNET_CKPT is a tch VarStore file of the UNet's weights to start from.
+//!   cargo run -p frisket-trainer --example ground_probe -- models/shapes UNET_CKPT 150
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::{grounding, params::AdamW};

@@ -1,4 +1,5 @@
 //! text_probe MODEL_DIR: does a trained shapes model listen to each part of its caption?
+//! A research tool for the training recipe (docs/shapes-model-journal.md), not part of the product.
 //! For 32 single-object training-distribution scenes, noised to t, the x₀ error of the UNet's
 //! prediction with the true caption, with the position phrase swapped, with the colour
 //! swapped, and with an empty caption. A part the model uses raises the error when swapped.
@@ -77,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             (x0 - lat.to_kind(Kind::Float)).square().mean(Kind::Float).double_value(&[])
         };
         let truth = x0_err(caps.clone());
-        // Attention grounding (grounding.rs) over all cross-attention layers: 1 − the share of
+        // Attention grounding (src/grounding.rs) over all cross-attention layers: 1 − the share of
         // each object's word attention that falls on its cells; true vs position-swapped words.
         let ground = |captions: Vec<String>| -> f64 {
             let refs: Vec<&str> = captions.iter().map(|s| s.as_str()).collect();

@@ -1,11 +1,14 @@
-//! tune_probe MODEL_DIR: inference settings and heatmap policies are chosen on a tuning set,
-//! never on eval_tiny's held-out prompts. The tuning set is single-object scenes from
-//! `--seed-base` (default 100_000; eval_tiny uses seeds 0..200 and 700_000..700_200).
+//! tune_probe --model MODEL_DIR: inference settings and heatmap policies are chosen on a tuning
+//! set, never on eval_tiny's held-out prompts.
+//! A research tool for the recipe and the inference defaults (docs/shapes-model-journal.md),
+//! not part of the product.
+//! The tuning set is single-object scenes from `--seed-base` (default 100_000; eval_tiny uses
+//! seeds 0..200 and 700_000..700_200).
 //! Prints the judge's colour / shape / position rates (and shape per shape) for one setting;
 //! with `--dump FILE` it also writes, for every render with the right colour and shape, the
 //! fast Grad-SAM maps of the shape word at steps nearest t ∈ TIMESTEPS for each
 //! cross-attention layer alone ([T, L, C, h, w]) and the judge's mask of that object, so that
-//! threshold policies can be compared offline (scripts/heat_sweep.py); `--dump-layers last`
+//! threshold policies can be compared offline (research/heat_sweep.py); `--dump-layers last`
 //! keeps only the last layer (L = 1), for `heat_sweep.py --last-layer`.
 //! `--strength S` (< 1) starts each render from its true scene (SDEdit), which says at which
 //! noise level a shape is lost; `--protect true` runs eval_tiny's protect task instead, on
@@ -42,7 +45,7 @@ fn main() -> Result<()> {
         "explain",
         "explain-subject",
     ];
-    let f = Flags::from_env(&known, "the doc comment of trainer/examples/tune_probe.rs")?;
+    let f = Flags::from_env(&known, "the doc comment of trainer/research/tune_probe.rs")?;
     let model_dir: std::path::PathBuf = f.get("model", "models/shapes".into())?;
     let n: u64 = f.get("n", 120)?;
     let seed_base: u64 = f.get("seed-base", 100_000)?;
