@@ -14,14 +14,14 @@ use tch::{Kind, Tensor};
 /// Training scenes use seeds from here up (the eval sets use seeds below 1_000_000).
 pub const TRAIN_SEED_BASE: u64 = 1 << 32;
 
-/// The held-out single-object eval scenes: seeds 0..n with one object (eval.rs renders their
+/// The held-out single-object eval scenes: seeds 0..n with one object (eval_tiny renders their
 /// captions and judges the results).
 pub fn eval_single_object_scenes(n: u64) -> Vec<Scene> {
     let cfg = GenConfig::default().with_objects(1);
     (0..n).map(|seed| generate(seed, &cfg).expect("one object always fits")).collect()
 }
 
-/// The protect task: a one-object reference scene whose object is kept, and a prompt
+/// The protect task: a one-object reference scene whose object is kept, and a prompt
 /// for a second object (another colour, another cell) that the generator placed validly
 /// beside it in the same scene. eval_tiny draws seeds 700_000.., tune_probe 800_000...
 pub struct ProtectCase {

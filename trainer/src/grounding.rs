@@ -1,13 +1,13 @@
 //! Attention grounding loss (TokenCompose, Wang et al. 2024), with the generator's exact
 //! object masks as the segmentation.
 //!
-//! The diffusion loss alone never taught the UNet the position words (DESIGN.md, third run):
-//! where the noisy latent shows the object, the UNet need not read where it is; where it does
-//! not, the gain from placing a blurry mean object right is tiny. This loss asks, at every
-//! timestep and every cross-attention layer, that the attention of an object's words (colour,
-//! shape, size, position) fall on that object's cells. At high noise only the words can say
-//! where that is, so the queries must learn absolute position. It is also what Grad-SAM reads:
-//! the heatmaps are these probabilities times their gradients.
+//! The diffusion loss alone does not teach the UNet the position words: where the noisy latent
+//! shows the object, the UNet need not read where it is; where it does not, the gain from
+//! placing a blurry mean object right is tiny. This loss asks, at every timestep and every
+//! cross-attention layer, that the attention of an object's words (colour, shape, size,
+//! position) fall on that object's cells. At high noise only the words can say where that is,
+//! so the queries must learn absolute position. It is also what Grad-SAM reads: the heatmaps
+//! are these probabilities times their gradients.
 use crate::engine::tokenizer::ClipTokenizer;
 use tch::{Device, Kind, Tensor};
 

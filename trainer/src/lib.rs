@@ -1,4 +1,4 @@
-//! Trainer for Frisket's tiny "shapes" model.
+//! Trainer for Frisket's tiny "shapes" model. trainer/README.md states the recipe and why.
 pub mod bpe;
 pub mod configs;
 pub mod data;
@@ -45,9 +45,9 @@ pub fn text_encoder(
     Ok((p, m, cfg))
 }
 
-/// The CPU's model name (/proc/cpuinfo), for the records that time things: the training
-/// budget and the render time depend on it (an Intel Xeon ran the UNet's training step 1.8×
-/// slower than the AMD EPYC the shipped model was trained on).
+/// The CPU's model name (/proc/cpuinfo), for the records that time things: training and
+/// render times differ markedly between CPUs with the same thread count, so a time means
+/// little without the machine that took it.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -1,11 +1,11 @@
-//! Auxiliary caption classifier on the text encoder's output (DESIGN.md, third run).
+//! Auxiliary caption classifier on the text encoder's output.
 //!
-//! Trained jointly from scratch, the text encoder merged the position words: the UNet could
-//! not use them early on, so they got no gradient. This head reads the encoder's last hidden
-//! states the way the UNet does, through attention (one learned query per question), and must
-//! answer every question a caption settles: each object slot's colour, shape, size word and
-//! position, and the background's kind and first colour. Its loss pre-trains the encoder and
-//! keeps those answers readable while the UNet trains.
+//! Trained jointly from scratch by the diffusion loss alone, the text encoder merges the
+//! position words: the UNet cannot use them early on, so they get no gradient. This head reads
+//! the encoder's last hidden states the way the UNet does, through attention (one learned query
+//! per question), and must answer every question a caption settles: each object slot's colour,
+//! shape, size word and position, and the background's kind and first colour. Its loss
+//! pre-trains the encoder and keeps those answers readable while the UNet trains.
 use crate::params::Params;
 use frisket_shapes::{parse_prompt, BgKind, Colour, Position, Shape, Size};
 use std::collections::BTreeMap;

@@ -1,10 +1,11 @@
 //! eval_tiny: scores a shapes model with the judge, through the server's own pipeline, and
-//! writes eval.json, samples.png and the model card (README.md) into the model folder.
+//! writes eval-LABEL.json, samples.png and protect_samples.png into the model folder
+//! (model_card turns them into the card).
 //!
 //!   eval_tiny [--model models/shapes] [--n 200] [--exact-n 200] [--guidance 5] [--steps 20]
 //!             [--strength 0.9] [--run-label first] [--ceilings-only false]
 //!
-//! What is measured (issue 5):
+//! What is measured:
 //!  * single-object prompts: the captions of the held-out scenes (seeds 0..n, never trained
 //!    on), txt2img 64×64 with DDIM; the judge's colour / shape / position verdicts;
 //!  * protect: a one-object reference scene with that object protected, and a prompt for a
@@ -14,9 +15,9 @@
 //!    the rendered image; mIoU over the renders where the judge found it. The headline mask
 //!    is `mask::pixel_masks` (bicubic to pixels, ≥ 0.15 × the maximum) of the last
 //!    cross-attention layer at the step nearest t = 100; that policy was chosen on a
-//!    separate tuning set (examples/tune_probe + scripts/heat_sweep.py, seeds 100_000..),
-//!    never on these prompts. Also reported: the engine's manipulation mask and DAAM's
-//!    τ = 0.4, last layer, t = 500 (the measures of earlier runs).
+//!    separate tuning set (trainer/research/: tune_probe + heat_sweep.py, seeds 100_000..),
+//!    never on these prompts. Also reported, for comparison: the engine's manipulation mask
+//!    and DAAM's τ = 0.4, last layer, t = 500.
 use anyhow::{Context, Result};
 use frisket_shapes::{check_object, judge, parse_prompt, Mask, ObjectQuery};
 use frisket_trainer::data;
@@ -97,7 +98,7 @@ fn heatmap_masks(
 /// The headline pixel mask (`mask::pixel_masks`): the last cross-attention layer (the
 /// paper's, and the one where fast Grad-SAM is exact, so one policy serves both modes), the
 /// step nearest t = 100, threshold τ × the maximum with the τ the server streams
-/// (`mask::SUBJECT_MASK_TAU`). Chosen on the tuning set (heat_sweep.py).
+/// (`mask::SUBJECT_MASK_TAU`). Chosen on the tuning set (trainer/research/heat_sweep.py).
 const PIXEL_MASK_TIMESTEP: f64 = 100.0;
 
 /// A latent entering a step: (latent, step index, timestep).
@@ -297,7 +298,7 @@ fn main() -> Result<()> {
         }
     }
 
-    // Render time of the issue's yardstick: 64×64, 20 steps (CFG), one job on this CPU.
+    // Render time at the card's yardstick: 64×64, 20 steps (CFG), one job on this CPU.
     let mut sorted = secs.clone();
     sorted.sort_by(f64::total_cmp);
     let median_secs = sorted[sorted.len() / 2];

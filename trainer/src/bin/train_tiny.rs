@@ -28,7 +28,7 @@
 //!     weight), then exported again. It reads only --out, so
 //!     `--polish-only true` runs it on an existing export (a shipped model) and makes the
 //!     files a from-scratch run makes. It keeps no checkpoint: an interrupted polish is redone.
-//! Progress with ETA goes to stdout. Everything is seeded (see DESIGN.md, Determinism).
+//! Progress with ETA goes to stdout. Everything is seeded (trainer/README.md, Determinism).
 use anyhow::{bail, Context, Result};
 use frisket_shapes::Shape;
 use frisket_trainer::data::{self, BatchSpec};
@@ -66,7 +66,8 @@ struct Args {
     unet_steps: u64,
     batch: usize,
     device: Device,
-    /// Train (and ship a scheduler config) with zero terminal SNR (DESIGN.md, second run).
+    /// Train (and ship a scheduler config) with zero terminal SNR, so that t = 999 is pure noise
+    /// as at sampling time, and the layout there can only come from the caption.
     zero_snr: bool,
     /// Steps of text-encoder pre-training with the caption classifier (batch 64).
     te_pretrain_steps: u64,
@@ -84,14 +85,13 @@ struct Args {
     focus_steps: u64,
     focus_lr: f64,
     focus_shapes: Vec<Shape>,
-    /// The EMA's decay during the focus phase. At the main phase's 0.999 (a 1000-step memory)
-    /// a quarter of the exported weights still predate the 1400 focus steps; on the tuning set
-    /// (400 prompts) decays 0.99–0.998 and the raw weights all scored 72–73.5 % shape against
-    /// 69.8 % at 0.999.
+    /// The EMA's decay during the focus phase. It is shorter than the main phase's 0.999 (a
+    /// memory of about 1000 steps), which would keep a large share of pre-phase weights in the
+    /// export and hide part of what the phase taught.
     focus_ema: f64,
     /// The UNet's attention heads per layer (SD 1.x's `attention_head_dim`): 2 gives heads 32
-    /// and 64 wide. At 8 (heads 8 and 16 wide) a training step took 0.48 s against 0.36 s: the
-    /// CPU's flash attention is slow on narrow heads, and attention was 35 % of the step.
+    /// and 64 wide. The CPU's flash attention is slow on narrow heads (8 heads are 8 and 16
+    /// wide), and attention is the largest single part of a training step.
     heads: i64,
     /// Stage 6, after the export: the exported UNet trained on (text encoder frozen, fresh
     /// AdamW, warm-up 100 and cosine from polish_lr, focus batches, EMA at focus_ema from the
@@ -279,9 +279,9 @@ fn denoising_losses(
     let (pred, probs) = unet.forward_timesteps_capturing(&noisy, &t.to_kind(Kind::Float), ehs, capture);
     // v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀). The layout (which shape goes where) is decided
     // at high noise, where ε-prediction's loss barely sees x₀: in x₀ terms ε-MSE weighs a
-    // timestep by its SNR (0.005 at t = 999), v-MSE by SNR + 1 (≥ 1). The first ε-model
-    // learnt colour but placed objects at chance. Capped at low noise (min-SNR's idea,
-    // Hang et al. 2023): weight min(SNR + 1, cap)/(SNR + 1) on the v-MSE.
+    // timestep by its SNR (0.005 at t = 999 on SD's schedule), v-MSE by SNR + 1 (≥ 1), so an
+    // ε-model learns colour but leaves placement to chance. Capped at low noise (min-SNR's
+    // idea, Hang et al. 2023): weight min(SNR + 1, cap)/(SNR + 1) on the v-MSE.
     let target = &noise * ac.sqrt() - latents * one_minus.sqrt();
     let snr = &ac / &one_minus;
     let w = (&snr + 1.0).clamp_max(V_WEIGHT_CAP) / (&snr + 1.0);
@@ -316,7 +316,7 @@ fn object_cell_weights(owners: &Tensor, latents: &Tensor, extra: f64) -> Tensor 
 
 /// A drawn batch, encoded by the frozen VAE: the posterior, the per-pixel object owners and
 /// the captions. Each serves two consecutive steps (`pair` = step / 2; fresh timesteps, noise
-/// and caption dropout in each): the encode is a quarter of a step's time on the CPU. Two
+/// and caption dropout in each): the encode is a sizeable part of a step on the CPU. Two
 /// thirds of the batches are single-object scenes, as the eval's main prompts are.
 type EncodedBatch = (frisket_trainer::engine::vae::DiagonalGaussian, Tensor, Vec<String>);
 
@@ -584,9 +584,9 @@ fn main() -> Result<()> {
     for step in start..total_steps {
         // Where grounding's weight rises, and where the focus phase starts, the optimisers start
         // afresh and the noise generator is reseeded, exactly as a resume from that step's
-        // checkpoint does. The shipped model was made that way (resumed at steps 2000 and 8000);
-        // a one-process run without the restart at 2000, otherwise identical, learnt colour but
-        // not position (13 % against 100 %, DESIGN.md).
+        // checkpoint does, so one process and a resumed run train the same weights. The restart
+        // where grounding's weight rises is kept as part of the recipe: a run without it,
+        // otherwise identical, did not learn position (docs/shapes-model-journal.md, fourth session).
         let focusing = step >= a.unet_steps;
         let restart = if step == start {
             None
