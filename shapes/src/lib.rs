@@ -9,7 +9,7 @@
 //! * [`judge()`] analyses any RGB image (a generated one, or a diffusion model's blurry,
 //!   noisy attempt) with colour segmentation and shape geometry, and reports which
 //!   coloured shapes are where ([`Judgement`]); [`check_object`] and [`Mask::iou`] give
-//!   the metrics the tiny-model issue asks for.
+//!   the metrics the tiny model is scored by (the trainer's `eval_tiny`).
 //! * [`mod@caption`], [`parse_prompt`] and [`vocabulary`] define the (small, regular)
 //!   language of captions and prompts.
 //!

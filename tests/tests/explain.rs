@@ -1,7 +1,7 @@
-//! Grad-SAM and protected regions through `frisket-server serve` (issue 4, the service
-//! part): the Mask / Heatmap events in count and order, the protected pixels bit-exact,
-//! the Result's summary, byte-identity with `frisket-server render`, and INVALID_ARGUMENT
-//! for each bad input while the server keeps serving.
+//! Grad-SAM and protected regions through `frisket-server serve`: the Mask / Heatmap events
+//! in count and order, the protected pixels bit-exact, the Result's summary, byte-identity
+//! with `frisket-server render`, and INVALID_ARGUMENT for each bad input while the server
+//! keeps serving.
 //!
 //! Needs the fixture models (`make fixtures`); one test serves the shipped models/shapes.
 use frisket_e2e::{generate, reference_path, tensor_values, Collected, Server};
