@@ -3,8 +3,8 @@
 //! Trains only the attention grounding loss (src/grounding.rs) at t ∈ [950, 1000), where the
 //! noisy latent shows nothing and only the words say where the object is, and prints the
 //! grounding loss per layer on a fixed batch at t = 999 (true vs position-swapped caption).
-//! UNET_CKPT is a tch VarStore file of the UNet's weights to start from.
-//!   cargo run -p frisket-trainer --example ground_probe -- models/shapes UNET_CKPT 150
+//! UNET_CKPT: the UNet's weights to start from, as train_tiny's checkpoints hold them.
+//!   cargo run -p frisket-trainer --example ground_probe -- models/shapes target/train-tiny/unet_ckpt/unet.safetensors 150
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::model::StableDiffusion;
 use frisket_trainer::{grounding, params::AdamW};
