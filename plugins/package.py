@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Builds the installable plugin archives (run by `make plugin-krita` / `make plugin-gimp`):
 
-  krita OUT.zip   frisket.desktop, frisket.action, frisket/ (+ frisket/frisket_core.py)
+  krita OUT.zip   frisket.desktop, frisket.action, frisket/ (+ frisket/frisket_core/)
                   at the top level: what Krita's Tools > Scripts > Import Python Plugin
                   from File expects.
-  gimp  OUT.zip   frisket-gimp/ (frisket-gimp.py, frisket_gimp_job.py, frisket_core.py):
+  gimp  OUT.zip   frisket-gimp/ (frisket-gimp.py, frisket_gimp_job.py, frisket_core/):
                   unzip into GIMP 3's plug-ins folder.
 
-The shared core (plugins/common/frisket_core.py) is copied into each archive, so an
-installed plugin needs nothing from this repository. Entries get a fixed timestamp, so the
+The shared core package (plugins/common/frisket_core/) is copied into each archive as a
+folder, so an installed plugin needs nothing from this repository. Entries get a fixed timestamp, so the
 same sources give the same archive.
 """
 import os
@@ -16,7 +16,7 @@ import sys
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORE = os.path.join(HERE, "common", "frisket_core.py")
+CORE = os.path.join(HERE, "common", "frisket_core")
 STAMP = (2024, 1, 1, 0, 0, 0)
 
 
@@ -44,6 +44,14 @@ def _add(zf, src, arcname, executable=False):
         zf.writestr(info, f.read())
 
 
+def _add_core(zf, folder):
+    """The core package as `folder`/frisket_core/."""
+    prefix = folder + "/" + os.path.basename(CORE)
+    _add_dir(zf, prefix)
+    for path in _files(CORE):
+        _add(zf, path, prefix + "/" + os.path.relpath(path, CORE).replace(os.sep, "/"))
+
+
 def build_krita(out):
     src = os.path.join(HERE, "krita")
     with zipfile.ZipFile(out, "w") as zf:
@@ -52,7 +60,7 @@ def build_krita(out):
         _add_dir(zf, "frisket")
         for path in _files(os.path.join(src, "frisket")):
             _add(zf, path, os.path.relpath(path, src).replace(os.sep, "/"))
-        _add(zf, CORE, "frisket/frisket_core.py")
+        _add_core(zf, "frisket")
 
 
 def build_gimp(out):
@@ -62,7 +70,7 @@ def build_gimp(out):
         for path in _files(src):
             rel = os.path.relpath(path, os.path.dirname(src)).replace(os.sep, "/")
             _add(zf, path, rel, executable=path.endswith("frisket-gimp.py"))
-        _add(zf, CORE, "frisket-gimp/frisket_core.py")
+        _add_core(zf, "frisket-gimp")
 
 
 def main(argv):

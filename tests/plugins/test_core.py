@@ -1,5 +1,6 @@
-"""plugins/common/frisket_core.py, the plugins' editor-independent core: unit tests, plus
-its arguments checked against the real `frisket` client."""
+"""plugins/common/frisket_core/, the plugins' editor-independent core: unit tests (its
+standard-library PNG codec included), plus its arguments checked against the real
+`frisket` client."""
 import json
 import os
 import stat

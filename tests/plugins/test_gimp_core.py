@@ -1,6 +1,6 @@
-"""The GIMP plug-in's core (frisket_gimp_job.py + frisket_core.py) without GIMP, against a
-real frisket-server on loopback: the drawable's pixels and a selection in, the result and
-the heatmap / mask / change-map layers out."""
+"""The GIMP plug-in's core (frisket_gimp_job.py + the frisket_core package) without GIMP,
+against a real frisket-server on loopback: the drawable's pixels and a selection in, the
+result and the heatmap / mask / change-map layers out."""
 import os
 import sys
 import unittest

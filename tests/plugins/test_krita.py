@@ -162,7 +162,9 @@ class KritaPlugin(unittest.TestCase):
     def test_plugin_loaded_from_the_zip(self):
         self.assertIsNone(self.result.get("fatal"), self.result.get("fatal"))
         self.assertTrue(self.result["plugin_file"].startswith(self.workdir), self.result["plugin_file"])
-        self.assertTrue(self.result["core_file"].startswith(self.workdir), "the zip carries frisket_core.py")
+        core_file = self.result["core_file"]
+        self.assertTrue(core_file.startswith(self.workdir), "the zip carries the frisket_core package")
+        self.assertTrue(core_file.endswith(os.path.join("frisket", "frisket_core", "__init__.py")), core_file)
         self.assertTrue(self.result["krita_version"].startswith("5."), self.result["krita_version"])
 
     def test_no_uncaught_exceptions(self):

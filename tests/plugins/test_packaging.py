@@ -21,6 +21,18 @@ package = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(package)
 
 
+CORE = os.path.join(harness.PLUGINS, "common", "frisket_core")
+
+
+def source_core_modules():
+    return sorted(n for n in os.listdir(CORE) if n.endswith(".py"))
+
+
+def core_modules(names, prefix):
+    """The core package's files in an archive, relative to its folder."""
+    return sorted(n[len(prefix):] for n in names if n.startswith(prefix) and n != prefix)
+
+
 class KritaZip(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -32,10 +44,24 @@ class KritaZip(unittest.TestCase):
 
     def test_layout(self):
         names = zipfile.ZipFile(self.zip).namelist()
-        for wanted in ("frisket.desktop", "frisket.action", "frisket/", "frisket/__init__.py",
-                       "frisket/frisket_core.py", "frisket/docker.py", "frisket/controller.py", "frisket/Manual.html"):
+        for wanted in ("frisket.desktop", "frisket.action", "frisket/", "frisket/__init__.py", "frisket/docker.py",
+                       "frisket/controller.py", "frisket/Manual.html", "frisket/frisket_core/"):
             self.assertIn(wanted, names)
-        self.assertFalse([n for n in names if n.endswith(".pyc")])
+        self.assertEqual(core_modules(names, "frisket/frisket_core/"), source_core_modules())
+        self.assertFalse([n for n in names if n.endswith(".pyc") or "__pycache__" in n])
+
+    def test_installed_plugin_uses_its_packaged_core(self):
+        """Unzipped, `frisket._core` imports frisket/frisket_core/, not plugins/common/ (the
+        package's __init__.py, which needs Krita, is left out)."""
+        out = os.path.join(self.tmp.name, "pykrita")
+        zipfile.ZipFile(self.zip).extractall(out)
+        code = ("import os, sys, types; package = types.ModuleType('frisket'); "
+                "package.__path__ = [os.path.join(sys.argv[1], 'frisket')]; sys.modules['frisket'] = package; "
+                "import frisket._core as c; print(c.core.__file__); print(c.core.__name__)")
+        p = subprocess.run([sys.executable, "-c", code, out], stdout=subprocess.PIPE, cwd=self.tmp.name, check=True)
+        core_file, name = p.stdout.decode().split()
+        self.assertEqual(core_file, os.path.join(out, "frisket", "frisket_core", "__init__.py"))
+        self.assertEqual(name, "frisket.frisket_core")
 
     def test_desktop_and_action(self):
         z = zipfile.ZipFile(self.zip)
@@ -121,8 +147,9 @@ class GimpZip(unittest.TestCase):
             z = zipfile.ZipFile(path)
             names = z.namelist()
             for wanted in ("frisket-gimp/", "frisket-gimp/frisket-gimp.py", "frisket-gimp/frisket_gimp_job.py",
-                           "frisket-gimp/frisket_core.py"):
+                           "frisket-gimp/frisket_core/"):
                 self.assertIn(wanted, names)
+            self.assertEqual(core_modules(names, "frisket-gimp/frisket_core/"), source_core_modules())
             mode = z.getinfo("frisket-gimp/frisket-gimp.py").external_attr >> 16
             self.assertTrue(mode & 0o111, "GIMP runs the plug-in file: it must be executable")
             out = os.path.join(tmp, "plug-ins")

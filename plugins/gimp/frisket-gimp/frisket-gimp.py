@@ -4,8 +4,8 @@
 Sends the active layer (the reference) and the selection (the protected region, or the
 region to change) to a Frisket server through the bundled `frisket` client in JSON-lines
 mode, then adds the result and, in a group, the Grad-SAM heatmaps, masks and the change map
-as hidden layers. Everything that is not GIMP glue is in frisket_gimp_job.py and
-frisket_core.py (tested without GIMP).
+as hidden layers. Everything that is not GIMP glue is in frisket_gimp_job.py and the
+frisket_core package (tested without GIMP).
 
 GIMP 3 Python API names this file relies on. tests/plugins/test_gimp_api.py checks that
 every Gimp.*, GimpUi.* and Gegl.* attribute used below is listed here, that every method

@@ -2,22 +2,23 @@
 dialog's values, and one job from pixels to layer files (tests/plugins/test_gimp_core.py
 runs it against a real server). frisket-gimp.py is only the GIMP glue around it.
 
-The shared core (request building, the JSON-lines event stream, mask conversion, PNG)
-is frisket_core.py: next to this file once installed, plugins/common/ in a checkout."""
+The shared core (request building, the JSON-lines event stream, mask conversion) is the
+frisket_core package: next to this file once installed, plugins/common/ in a checkout."""
 import os
 import shutil
 import sys
 import tempfile
 
-try:
-    import frisket_core as core
-except ImportError:  # a source checkout: plugins/gimp/frisket-gimp/ -> plugins/common/
-    _common = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "common")
-    sys.path.insert(0, _common)
-    import frisket_core as core
-
 PROCEDURE = "plug-in-frisket-generate"
 PLUGIN_DIR = os.path.dirname(os.path.realpath(__file__))
+
+if os.path.isfile(os.path.join(PLUGIN_DIR, "frisket_core", "__init__.py")):
+    _CORE_PARENT = PLUGIN_DIR
+else:  # a source checkout: plugins/gimp/frisket-gimp/ -> plugins/common/
+    _CORE_PARENT = os.path.join(os.path.dirname(os.path.dirname(PLUGIN_DIR)), "common")
+if _CORE_PARENT not in sys.path:
+    sys.path.insert(0, _CORE_PARENT)
+import frisket_core as core  # noqa: E402
 
 
 class Arg(object):
