@@ -4,8 +4,8 @@
   krita OUT.zip   frisket.desktop, frisket.action, frisket/ (+ frisket/frisket_core/)
                   at the top level: what Krita's Tools > Scripts > Import Python Plugin
                   from File expects.
-  gimp  OUT.zip   frisket-gimp/ (frisket-gimp.py, frisket_gimp_job.py, frisket_core/):
-                  unzip into GIMP 3's plug-ins folder.
+  gimp  OUT.zip   frisket-gimp/ (frisket-gimp.py, frisket_gimp_job.py, frisket_gimp_png.py,
+                  frisket_core/): unzip into GIMP 3's plug-ins folder.
 
 The shared core package (plugins/common/frisket_core/) is copied into each archive as a
 folder, so an installed plugin needs nothing from this repository. Entries get a fixed timestamp, so the

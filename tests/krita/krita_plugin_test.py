@@ -14,8 +14,10 @@ discovery), FRISKET_TEST_CASES (optional comma-separated subset).
 import faulthandler
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 
@@ -222,6 +224,25 @@ def _main():
         return fn
 
     # ------------------------------------------------------------------ cases
+    @case
+    def png_codec():
+        """krita_io.write_png (Qt's encoder, which writes the job's reference and mask) keeps 8-bit
+        RGB and grey bytes exactly; Qt reads the standard-library encoder's file to the same pixels."""
+        c = Case("png_codec")
+        tmp = tempfile.mkdtemp(prefix="frisket-krita-png-")
+        try:
+            for channels, data in ((3, original_rgb), (1, original_rgb[1::3])):
+                path = krita_io.write_png(os.path.join(tmp, "qt%d.png" % channels), width, height, channels, data)
+                decoded = core.read_png(path)
+                c.check("Qt's {}-channel PNG decodes to the bytes it was given".format(channels),
+                        decoded == (width, height, channels, data), decoded[:3])
+            path = core.write_png(os.path.join(tmp, "stdlib.png"), width, height, 3, original_rgb)
+            img = krita_io.load_image(path)
+            rgb = core.bgra_to_rgb(krita_io.to_bgra(img, width, height), width, height)
+            c.check("Qt reads the standard library's PNG to the same pixels", rgb == original_rgb)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     @case
     def models_and_subjects():
         c = Case("models_and_subjects")

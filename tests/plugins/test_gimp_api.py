@@ -113,8 +113,9 @@ class GimpGlue(unittest.TestCase):
     def test_compiles(self):
         with tempfile.TemporaryDirectory() as tmp:
             py_compile.compile(GLUE, cfile=os.path.join(tmp, "glue.pyc"), doraise=True)
-            py_compile.compile(os.path.join(os.path.dirname(GLUE), "frisket_gimp_job.py"),
-                               cfile=os.path.join(tmp, "job.pyc"), doraise=True)
+            for name in ("frisket_gimp_job.py", "frisket_gimp_png.py"):
+                py_compile.compile(os.path.join(os.path.dirname(GLUE), name), cfile=os.path.join(tmp, name + "c"),
+                                   doraise=True)
 
     def used_module_attributes(self):
         """Longest Gimp.* / GimpUi.* / Gegl.* chains (Gimp.X.y, not Gimp.X as well)."""

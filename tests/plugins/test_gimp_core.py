@@ -1,6 +1,7 @@
 """The GIMP plug-in's core (frisket_gimp_job.py + the frisket_core package) without GIMP,
 against a real frisket-server on loopback: the drawable's pixels and a selection in, the
-result and the heatmap / mask / change-map layers out."""
+result and the heatmap / mask / change-map layers out. The files are written with the
+standard-library PNG encoder (GIMP's is GEGL's: tests/plugins/test_gimp_png.py)."""
 import os
 import sys
 import unittest
@@ -44,7 +45,7 @@ class GimpCore(unittest.TestCase):
         events = []
         outcome = job.generate_from_pixels(client or harness.client_bin(), opts, W, H, self.rgba, 4, selection,
                                            on_event=lambda state, event: events.append(event.get("event")),
-                                           timeout=300)
+                                           timeout=300, write_png=core.write_png)
         self.addCleanup(outcome.cleanup)
         return opts, outcome, events
 
@@ -79,21 +80,21 @@ class GimpCore(unittest.TestCase):
 
     def test_errors_are_messages(self):
         opts, client_setting = job.options_from_values(values(server="http://127.0.0.1:9"))
-        outcome = job.generate_from_pixels(harness.client_bin(), opts, W, H, self.rgba, 4)
+        outcome = job.generate_from_pixels(harness.client_bin(), opts, W, H, self.rgba, 4, write_png=core.write_png)
         self.addCleanup(outcome.cleanup)
         self.assertFalse(outcome.ok)
         self.assertIn("No Frisket server answered at http://127.0.0.1:9", outcome.message)
         opts, _ = job.options_from_values(values(server=self.server.url, model="no-such-model"))
-        outcome = job.generate_from_pixels(harness.client_bin(), opts, W, H, self.rgba, 4)
+        outcome = job.generate_from_pixels(harness.client_bin(), opts, W, H, self.rgba, 4, write_png=core.write_png)
         self.addCleanup(outcome.cleanup)
         self.assertFalse(outcome.ok)
         self.assertIn("no-such-model", outcome.message)
         with self.assertRaises(core.FrisketError):
             job.generate_from_pixels(harness.client_bin(), job.options_from_values(values(prompt=""))[0], W, H,
-                                     self.rgba, 4)
+                                     self.rgba, 4, write_png=core.write_png)
         with self.assertRaises(core.FrisketError):  # everything protected
             job.generate_from_pixels(harness.client_bin(), job.options_from_values(values())[0], W, H, self.rgba,
-                                     4, b"\xff" * (W * H))
+                                     4, b"\xff" * (W * H), write_png=core.write_png)
 
     def test_contract_selection_in_result_and_heatmaps_out(self):
         """The plug-in's half against the documented JSON-lines format (fake client)."""

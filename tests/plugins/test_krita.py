@@ -170,6 +170,10 @@ class KritaPlugin(unittest.TestCase):
     def test_no_uncaught_exceptions(self):
         self.assertEqual(self.result.get("uncaught"), [], "a slot raised: Krita would show a traceback")
 
+    def test_png_files_through_qt(self):
+        """The job's PNGs are Qt's (QImage): the same bytes as the standard-library codec's."""
+        self.assert_case("png_codec")
+
     def test_models_and_subject_words(self):
         self.assert_case("models_and_subjects")
 

@@ -147,7 +147,7 @@ class GimpZip(unittest.TestCase):
             z = zipfile.ZipFile(path)
             names = z.namelist()
             for wanted in ("frisket-gimp/", "frisket-gimp/frisket-gimp.py", "frisket-gimp/frisket_gimp_job.py",
-                           "frisket-gimp/frisket_core/"):
+                           "frisket-gimp/frisket_gimp_png.py", "frisket-gimp/frisket_core/"):
                 self.assertIn(wanted, names)
             self.assertEqual(core_modules(names, "frisket-gimp/frisket_core/"), source_core_modules())
             mode = z.getinfo("frisket-gimp/frisket-gimp.py").external_attr >> 16

@@ -21,8 +21,9 @@ plugins/gimp/frisket-gimp/frisket_gimp_job.py). Callers use the names below as
               hosts without an event loop (GIMP, tests)
   * masks:    selection -> mask: protect_mask_from_selection()
   * pixels:   BGRA/RGBA <-> RGB byte layouts
-  * image_io: PNG and .npy read/write (8-bit grey/RGB/RGBA PNG, float32 .npy), no Qt/GEGL
-              needed
+  * image_io: PNG and .npy read/write (8-bit grey/RGB/RGBA PNG, float32 .npy) in the
+              standard library, for where no editor is present: inside Krita and GIMP the
+              editor's own PNG codec writes the job's files (prepare_job's write_png)
   * naming:   result_layer_name(), group_layer_name(), artifact_layer_name()
 """
 

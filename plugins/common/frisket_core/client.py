@@ -8,7 +8,6 @@ import threading
 
 from .errors import ClientNotFound, FrisketError, ProtocolError, describe_exit
 from .events import JobState, LineBuffer
-from .image_io import write_png
 from .masks import protect_mask_from_selection
 from .options import build_generate_args, new_job_id
 
@@ -95,10 +94,11 @@ class JobRun(object):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def prepare_job(workdir, width, height, rgb, selection, mode):
+def prepare_job(workdir, width, height, rgb, selection, mode, *, write_png):
     """Writes reference.png (RGB bytes) and, when something is protected, protect.png
-    (from the 8-bit selection, see protect_mask_from_selection). Returns (JobRun,
-    protect_path or None)."""
+    (from the 8-bit selection, see protect_mask_from_selection). `write_png(path, width,
+    height, channels, data)` is the PNG encoder: the editor's own (Qt, GEGL) inside an editor,
+    image_io.write_png without one. Returns (JobRun, protect_path or None)."""
     run = JobRun(workdir)
     os.makedirs(workdir, exist_ok=True)
     write_png(run.reference, width, height, 3, rgb)

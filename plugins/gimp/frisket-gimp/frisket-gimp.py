@@ -5,7 +5,8 @@ Sends the active layer (the reference) and the selection (the protected region, 
 region to change) to a Frisket server through the bundled `frisket` client in JSON-lines
 mode, then adds the result and, in a group, the Grad-SAM heatmaps, masks and the change map
 as hidden layers. Everything that is not GIMP glue is in frisket_gimp_job.py and the
-frisket_core package (tested without GIMP).
+frisket_core package (tested without GIMP); the files the plug-in writes go through GEGL
+(frisket_gimp_png.py), the ones it reads through GIMP's file loading.
 
 GIMP 3 Python API names this file relies on. tests/plugins/test_gimp_api.py checks that
 every Gimp.*, GimpUi.* and Gegl.* attribute used below is listed here, that every method
@@ -89,6 +90,7 @@ from gi.repository import GLib, GObject, Gio  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import frisket_gimp_job as job  # noqa: E402
+import frisket_gimp_png  # noqa: E402
 
 core = job.core
 
@@ -186,8 +188,9 @@ class FrisketPlugIn(Gimp.PlugIn):
             Gimp.progress_set_text("Frisket: " + state.status_text())
 
         try:
-            outcome = job.generate_from_pixels(client, opts, width, height, pixels, channels, selection, on_event)
-        except core.FrisketError as e:
+            outcome = job.generate_from_pixels(client, opts, width, height, pixels, channels, selection, on_event,
+                                               write_png=frisket_gimp_png.write_png)
+        except (core.FrisketError, OSError) as e:
             return _error(procedure, Gimp.PDBStatusType.EXECUTION_ERROR, str(e))
         if not outcome.ok:
             outcome.cleanup()

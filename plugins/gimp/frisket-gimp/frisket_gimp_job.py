@@ -100,10 +100,11 @@ class Outcome(object):
 
 
 def generate_from_pixels(client, opts, width, height, pixels, channels, selection=None, on_event=None,
-                         workdir=None, timeout=None):
+                         workdir=None, timeout=None, *, write_png):
     """Runs one job on a drawable's pixels (RGB or RGBA bytes, `channels` 3 or 4) and its
     selection (8-bit, one byte per pixel at the drawable's size, or None); returns an
-    Outcome whose `result` and `layers` name PNG files in its workdir. Problems with the
+    Outcome whose `result` and `layers` name PNG files in its workdir. `write_png` encodes
+    the files the plug-in writes (frisket_gimp_png.write_png in GIMP). Problems with the
     options raise core.FrisketError; a failed job comes back with ok False and a message."""
     problems = core.validate(opts, image_size=(width, height))
     if problems:
@@ -119,7 +120,8 @@ def generate_from_pixels(client, opts, width, height, pixels, channels, selectio
         raise core.FrisketError("The whole layer would be protected, so nothing can change: select less, or "
                                 "choose 'Selection is the region to change'.")
     workdir = workdir or tempfile.mkdtemp(prefix="frisket-gimp-")
-    run, protect = core.prepare_job(workdir, width, height, rgb, selection, opts.selection_mode)
+    run, protect = core.prepare_job(workdir, width, height, rgb, selection, opts.selection_mode,
+                                    write_png=write_png)
     state = core.run_job(client, opts, run, protect=protect, job_id=core.new_job_id("gimp"), on_event=on_event,
                          timeout=timeout)
     outcome = Outcome(state, workdir)
@@ -132,7 +134,7 @@ def generate_from_pixels(client, opts, width, height, pixels, channels, selectio
     for kind, name, apath, _event in state.artifacts():
         if apath.endswith(".npy"):  # no PNG from the server: show the raw map, normalised
             w, h, grey = core.npy_to_grey(apath)
-            apath = core.write_png(apath[:-4] + ".png", w, h, 1, grey)
+            apath = write_png(apath[:-4] + ".png", w, h, 1, grey)
         outcome.layers.append(LayerSpec(kind, name, apath, False))
     outcome.message = state.status_text()
     return outcome

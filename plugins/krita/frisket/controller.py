@@ -179,7 +179,8 @@ class GenerateController(QObject):
                 "or switch the selection to 'region to change'.")
         workdir = tempfile.mkdtemp(prefix="frisket-krita-")
         try:
-            run, protect = core.prepare_job(workdir, w, h, rgb, selection, opts.selection_mode)
+            run, protect = core.prepare_job(workdir, w, h, rgb, selection, opts.selection_mode,
+                                            write_png=krita_io.write_png)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

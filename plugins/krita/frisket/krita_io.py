@@ -1,10 +1,14 @@
-"""Krita document I/O: the visible image and the selection out, layers in."""
+"""Krita document I/O: the visible image and the selection out, layers in, and PNG files
+through Qt's codec (QImage)."""
 from PyQt5.QtCore import QByteArray, Qt
 from PyQt5.QtGui import QImage
 
 from ._core import core
 
 SRGB = "sRGB-elle-V2-srgbtrc.icc"
+# The pixel bytes a job's PNGs hold (8-bit grey masks, RGB references) as QImage formats
+# with the same byte layout.
+PNG_FORMATS = {1: QImage.Format_Grayscale8, 3: QImage.Format_RGB888}
 
 
 def is_rgba8(doc):
@@ -51,6 +55,19 @@ def qimage_bytes(img):
     ptr = img.constBits()
     ptr.setsize(img.byteCount())
     return bytes(ptr)
+
+
+def write_png(path, width, height, channels, data):
+    """Row-major 8-bit grey (channels 1) or RGB (3) bytes to a PNG file with Qt's encoder;
+    returns the path (core.prepare_job's write_png)."""
+    data = bytes(data)
+    if len(data) != width * height * channels:
+        raise ValueError("expected %d bytes, got %d" % (width * height * channels, len(data)))
+    # QImage reads `data` in place (lines of width * channels bytes); save() encodes it at once.
+    img = QImage(data, width, height, width * channels, PNG_FORMATS[channels])
+    if not img.save(path, "PNG"):
+        raise core.FrisketError("Could not write {}.".format(path))
+    return path
 
 
 def load_image(path):
