@@ -11,6 +11,7 @@ The shared core package (plugins/common/frisket_core/) is copied into each archi
 folder, so an installed plugin needs nothing from this repository. Entries get a fixed timestamp, so the
 same sources give the same archive.
 """
+
 import os
 import sys
 import zipfile

@@ -4,6 +4,7 @@ implementation we did not write) drive a running frisket-server.
 Usage: grpc_interop.py ADDRESS MODEL PROTO_ROOT
 Prints one JSON object describing what it saw; exits non-zero on any mismatch.
 """
+
 import json
 import sys
 import tempfile
@@ -15,7 +16,9 @@ from grpc_tools import protoc
 
 def load_stubs(proto_root: Path, out: Path):
     proto = "frisket/v1/frisket.proto"
-    code = protoc.main(["grpc_tools.protoc", f"-I{proto_root}", f"--python_out={out}", f"--grpc_python_out={out}", proto])
+    code = protoc.main(
+        ["grpc_tools.protoc", f"-I{proto_root}", f"--python_out={out}", f"--grpc_python_out={out}", proto]
+    )
     if code != 0:
         raise SystemExit(f"protoc failed with {code}")
     sys.path.insert(0, str(out))
@@ -35,10 +38,17 @@ def main(address: str, model: str, proto_root: Path) -> None:
         assert [t.index for t in tokens] == list(range(len(tokens))) and len(tokens) == 5, tokens
         steps = 6
         request = pb.GenerateRequest(
-            model=model, prompt="a red circle", seed=5, steps=steps, guidance=7.5, scheduler="euler-a",
-            width=64, height=48,
-            stream=pb.StreamOptions(previews=pb.PreviewOptions(enabled=True, every=2),
-                                    latents=pb.LatentOptions(enabled=True, every=3)),
+            model=model,
+            prompt="a red circle",
+            seed=5,
+            steps=steps,
+            guidance=7.5,
+            scheduler="euler-a",
+            width=64,
+            height=48,
+            stream=pb.StreamOptions(
+                previews=pb.PreviewOptions(enabled=True, every=2), latents=pb.LatentOptions(enabled=True, every=3)
+            ),
         )
         kinds, step_indices, preview_steps, latent_shapes = [], [], [], []
         result = None
@@ -63,10 +73,18 @@ def main(address: str, model: str, proto_root: Path) -> None:
             raise SystemExit("an unknown scheduler was accepted")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.code()
-        print(json.dumps({
-            "models": models, "events": len(kinds), "steps": step_indices, "previews": preview_steps,
-            "latent_shapes": latent_shapes, "result_bytes": len(result.image),
-        }))
+        print(
+            json.dumps(
+                {
+                    "models": models,
+                    "events": len(kinds),
+                    "steps": step_indices,
+                    "previews": preview_steps,
+                    "latent_shapes": latent_shapes,
+                    "result_bytes": len(result.image),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ plugin package `frisket`), FRISKET_TEST_SERVER (URL), FRISKET_TEST_MODEL,
 FRISKET_TEST_SIZE (WxH), FRISKET_CLIENT (the client binary, found by the plugin's
 discovery), FRISKET_TEST_CASES (optional comma-separated subset).
 """
+
 import faulthandler
 import json
 import os
@@ -79,9 +80,9 @@ def _main():
     sys.excepthook = hook
 
     import frisket  # noqa: F401  (registers the docker factory and the extension, as Krita does)
+    from frisket import krita_io
     from frisket._core import core
     from frisket.docker import FrisketDocker
-    from frisket import krita_io
 
     RESULT["plugin_file"] = frisket.__file__
     RESULT["core_file"] = core.__file__
@@ -115,6 +116,7 @@ def _main():
         layer = doc.createNode("original", "paintlayer")
         doc.rootNode().addChildNode(layer, None)
         from PyQt5.QtCore import QByteArray
+
         layer.setPixelData(QByteArray(core.rgb_to_bgra(original_rgb, width, height)), 0, 0, width, height)
         doc.refreshProjection()
         doc.waitForDone()
@@ -145,13 +147,24 @@ def _main():
         if not c.check("Generate started the job", docker.generate(), docker.status.text()):
             return doc, None
         ctl = docker.controller
-        c.check("the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180),
-                docker.status.text())
+        c.check(
+            "the job reached its first step", wait_for(lambda: ctl.state.steps_done >= 1, 180), docker.status.text()
+        )
         return doc, docker
 
     def options(**kw):
-        base = dict(server=server, model=model, prompt="a red circle on the left", negative_prompt="blurry",
-                    subjects=[], strength=0.7, steps=4, seed=7, explain="off", selection_mode="protect")
+        base = dict(
+            server=server,
+            model=model,
+            prompt="a red circle on the left",
+            negative_prompt="blurry",
+            subjects=[],
+            strength=0.7,
+            steps=4,
+            seed=7,
+            explain="off",
+            selection_mode="protect",
+        )
         base.update(kw)
         return core.GenerateOptions(**base)
 
@@ -187,8 +200,9 @@ def _main():
         case.check("the preview layer is gone", not left, [n.name() for n in left])
         name = core.result_layer_name(prompt, seed)
         results = nodes_named(doc, lambda n: n == name)
-        case.check("result layer {!r} exists".format(name), len(results) == 1,
-                   [n.name() for n in doc.rootNode().childNodes()])
+        case.check(
+            "result layer {!r} exists".format(name), len(results) == 1, [n.name() for n in doc.rootNode().childNodes()]
+        )
         if not results:
             return None
         result = results[0]
@@ -212,10 +226,16 @@ def _main():
         bad, outside, changed = _compare(original_rgb, result_rgb, mask)
         protected = sum(1 for m in mask if m)
         case.info.update(protected=protected, protected_differing=bad, outside=outside, outside_changed=changed)
-        case.check("pixels under the protected region equal the original bit for bit ({} pixels)".format(protected),
-                   protected > 0 and bad == 0, "{} of {} differ".format(bad, protected))
-        case.check("pixels outside the protected region changed", outside > 0 and changed > outside // 4,
-                   "{} of {} changed".format(changed, outside))
+        case.check(
+            "pixels under the protected region equal the original bit for bit ({} pixels)".format(protected),
+            protected > 0 and bad == 0,
+            "{} of {} differ".format(bad, protected),
+        )
+        case.check(
+            "pixels outside the protected region changed",
+            outside > 0 and changed > outside // 4,
+            "{} of {} changed".format(changed, outside),
+        )
 
     cases = []
 
@@ -234,8 +254,11 @@ def _main():
             for channels, data in ((3, original_rgb), (1, original_rgb[1::3])):
                 path = krita_io.write_png(os.path.join(tmp, "qt%d.png" % channels), width, height, channels, data)
                 decoded = core.read_png(path)
-                c.check("Qt's {}-channel PNG decodes to the bytes it was given".format(channels),
-                        decoded == (width, height, channels, data), decoded[:3])
+                c.check(
+                    "Qt's {}-channel PNG decodes to the bytes it was given".format(channels),
+                    decoded == (width, height, channels, data),
+                    decoded[:3],
+                )
             path = core.write_png(os.path.join(tmp, "stdlib.png"), width, height, 3, original_rgb)
             img = krita_io.load_image(path)
             rgb = core.bgra_to_rgb(krita_io.to_bgra(img, width, height), width, height)
@@ -256,8 +279,11 @@ def _main():
         docker.model.setCurrentText(model)
         docker.prompt.setPlainText("a red circle on the left")
         docker.refresh_subjects()
-        c.check("`frisket tokenize` filled the subject words",
-                wait_for(lambda: docker.subjects.count() >= 5, 30), docker.subjects.toolTip())
+        c.check(
+            "`frisket tokenize` filled the subject words",
+            wait_for(lambda: docker.subjects.count() >= 5, 30),
+            docker.subjects.toolTip(),
+        )
         words = [docker.subjects.item(i).text() for i in range(docker.subjects.count())]
         c.info["words"] = words
         c.check("subject words are the prompt's words", words[:3] == ["a", "red", "circle"], words)
@@ -274,13 +300,17 @@ def _main():
         pump(0.7)
         c.check("no selection", docker.selection_info.text().startswith("No selection"), docker.selection_info.text())
         select_rect(doc, 0, 0, 24, height)
-        c.check("a new selection is noticed within a second",
-                wait_for(lambda: "24x{} at 0,0 is kept exactly".format(height) in docker.selection_info.text(), 2),
-                docker.selection_info.text())
+        c.check(
+            "a new selection is noticed within a second",
+            wait_for(lambda: "24x{} at 0,0 is kept exactly".format(height) in docker.selection_info.text(), 2),
+            docker.selection_info.text(),
+        )
         docker.selection_mode.setCurrentIndex(docker.selection_mode.findData("change"))
-        c.check("the region-to-change mode is described",
-                wait_for(lambda: "changes; the rest is kept exactly" in docker.selection_info.text(), 2),
-                docker.selection_info.text())
+        c.check(
+            "the region-to-change mode is described",
+            wait_for(lambda: "changes; the rest is kept exactly" in docker.selection_info.text(), 2),
+            docker.selection_info.text(),
+        )
         doc.close()
 
     @case
@@ -293,28 +323,41 @@ def _main():
         started = docker.generate()
         wait_for(lambda: not docker.controller.is_running(), 60)
         msg = docker.status.text()
-        c.check("no server: a message, not a traceback", (not started or docker.controller.ok is False)
-                and "No Frisket server answered" in msg and "Traceback" not in msg, msg)
+        c.check(
+            "no server: a message, not a traceback",
+            (not started or docker.controller.ok is False)
+            and "No Frisket server answered" in msg
+            and "Traceback" not in msg,
+            msg,
+        )
         # server status messages (unknown model: NOT_FOUND from the server)
         docker.set_options(options(model="no-such-model"))
         docker.generate()
         wait_for(lambda: not docker.controller.is_running(), 60)
         msg = docker.status.text()
-        c.check("a server error reaches the status line", docker.controller.ok is False and "no-such-model" in msg,
-                msg)
+        c.check("a server error reaches the status line", docker.controller.ok is False and "no-such-model" in msg, msg)
         # bad settings: an empty prompt, a client path that does not exist
         docker.set_options(options(prompt=""))
-        c.check("an empty prompt is refused with a message",
-                docker.generate() is False and "prompt" in docker.status.text(), docker.status.text())
+        c.check(
+            "an empty prompt is refused with a message",
+            docker.generate() is False and "prompt" in docker.status.text(),
+            docker.status.text(),
+        )
         docker.set_options(options())
         docker.client_path.setText("/nonexistent/frisket")
-        c.check("a bad client path is refused with a message",
-                docker.generate() is False and "/nonexistent/frisket" in docker.status.text(), docker.status.text())
+        c.check(
+            "a bad client path is refused with a message",
+            docker.generate() is False and "/nonexistent/frisket" in docker.status.text(),
+            docker.status.text(),
+        )
         docker.client_path.setText("")
         # the whole image protected
         select_rect(doc, 0, 0, width, height)
-        c.check("protecting everything is refused with a message",
-                docker.generate() is False and "whole image" in docker.status.text(), docker.status.text())
+        c.check(
+            "protecting everything is refused with a message",
+            docker.generate() is False and "whole image" in docker.status.text(),
+            docker.status.text(),
+        )
         names = [n.name() for n in doc.rootNode().childNodes()]
         c.check("no layers were left behind", not any(n.startswith("[Frisket") for n in names), names)
         doc.close()
@@ -329,13 +372,20 @@ def _main():
         seen_preview_layer = []
         docker.controller.previewShown.connect(
             lambda step: seen_preview_layer.append(
-                [n.name() for n in doc.rootNode().childNodes()].count(core.PREVIEW_LAYER_NAME)))
+                [n.name() for n in doc.rootNode().childNodes()].count(core.PREVIEW_LAYER_NAME)
+            )
+        )
         if run_job(c, docker):
-            c.check("the preview layer existed while previews streamed",
-                    seen_preview_layer and all(k == 1 for k in seen_preview_layer), seen_preview_layer)
+            c.check(
+                "the preview layer existed while previews streamed",
+                seen_preview_layer and all(k == 1 for k in seen_preview_layer),
+                seen_preview_layer,
+            )
             rgb = check_layers_after(c, doc, docker, opts.prompt, 11, expect_explain=False)
             if rgb is not None:
-                changed = sum(1 for i in range(width * height) if rgb[3 * i:3 * i + 3] != original_rgb[3 * i:3 * i + 3])
+                changed = sum(
+                    1 for i in range(width * height) if rgb[3 * i : 3 * i + 3] != original_rgb[3 * i : 3 * i + 3]
+                )
                 c.check("the result differs from the original", changed > (width * height) // 4, changed)
         doc.close()
 
@@ -348,8 +398,10 @@ def _main():
         ctl = docker.controller
         c.info["job_id"] = ctl.job_id
         RESULT["cancel_job_id"] = ctl.job_id
-        c.check("while it runs, Generate is disabled and Cancel enabled",
-                not docker.generate_button.isEnabled() and docker.cancel_button.isEnabled())
+        c.check(
+            "while it runs, Generate is disabled and Cancel enabled",
+            not docker.generate_button.isEnabled() and docker.cancel_button.isEnabled(),
+        )
         c.info["steps_before_cancel"] = ctl.state.steps_done
         t0 = time.time()
         docker.cancel()  # the Cancel button
@@ -378,6 +430,7 @@ def _main():
         the server job stops (test_krita.py reads its log)."""
         c = Case("docker_closed_mid_job")
         from PyQt5 import sip
+
         doc, docker = start_long_job(c, "closed", 8, "a job whose docker closes")
         if docker is None:
             return
@@ -385,8 +438,11 @@ def _main():
         uncaught_before = len(RESULT["uncaught"])
         sip.delete(docker)
         pump(2.0)
-        c.check("destroying the docker raised nothing", len(RESULT["uncaught"]) == uncaught_before,
-                RESULT["uncaught"][uncaught_before:])
+        c.check(
+            "destroying the docker raised nothing",
+            len(RESULT["uncaught"]) == uncaught_before,
+            RESULT["uncaught"][uncaught_before:],
+        )
         doc.close()
 
     @case
@@ -397,8 +453,7 @@ def _main():
         select_rect(doc, 0, 0, x1, height)  # left half is protected
         docker = new_docker(doc)
         # Grad-SAM manipulates at t = 780, 520, 320: the schedule must reach them (strength 0.9).
-        opts = options(seed=7, explain="fast", subjects=["circle"], selection_mode="protect", strength=0.9,
-                       steps=10)
+        opts = options(seed=7, explain="fast", subjects=["circle"], selection_mode="protect", strength=0.9, steps=10)
         docker.set_options(opts)
         c.check("the checked subject is sent", docker.options().subjects == ["circle"], docker.options().subjects)
         if run_job(c, docker):
@@ -441,10 +496,12 @@ def _main():
         if run_job(c, docker, timeout=60):
             rgb = check_layers_after(c, doc, docker, opts.prompt, 3, expect_explain=True)
             names = c.info.get("group_children", [])
-            c.check("one heatmap layer per subject word (PNG and .npy-only)",
-                    sum(1 for n in names if n.startswith("heatmap")) == 2, names)
-            c.check("the protected-region mask is a layer", any(n.startswith("protected region") for n in names),
-                    names)
+            c.check(
+                "one heatmap layer per subject word (PNG and .npy-only)",
+                sum(1 for n in names if n.startswith("heatmap")) == 2,
+                names,
+            )
+            c.check("the protected-region mask is a layer", any(n.startswith("protected region") for n in names), names)
             if rgb is not None:
                 check_protected(c, rgb, _rect_mask(width, height, 0, 0, x1, height))
         docker.client_path.setText("")
@@ -468,20 +525,21 @@ def _known_image(width, height):
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(here, "..", "plugins"))
     import harness_image
+
     return harness_image.known_image(width, height)
 
 
 def _rect_mask(width, height, x0, y0, x1, y1):
     m = bytearray(width * height)
     for y in range(y0, y1):
-        m[y * width + x0:y * width + x1] = b"\xff" * (x1 - x0)
+        m[y * width + x0 : y * width + x1] = b"\xff" * (x1 - x0)
     return bytes(m)
 
 
 def _compare(original, result, mask):
     bad = outside = changed = 0
     for i, m in enumerate(mask):
-        same = original[3 * i:3 * i + 3] == result[3 * i:3 * i + 3]
+        same = original[3 * i : 3 * i + 3] == result[3 * i : 3 * i + 3]
         if m:
             bad += not same
         else:

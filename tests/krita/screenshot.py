@@ -9,6 +9,7 @@ against a real frisket-server with the fixture models and grabs the window), run
 
 usage: screenshot.py PLUGIN.zip OUT.png   (env FRISKET_SHOT_EXPLAIN=off|fast|exact)
 """
+
 import os
 import shutil
 import subprocess
@@ -35,23 +36,35 @@ def main(argv):
         krita_importer().PluginImporter(zip_path, resources, lambda p: True).import_all()
         helper = os.path.join(HERE, "screenshot_plugin")
         shutil.copy(os.path.join(helper, "frisket_screenshot.desktop"), os.path.join(resources, "pykrita"))
-        shutil.copytree(os.path.join(helper, "frisket_screenshot"),
-                        os.path.join(resources, "pykrita", "frisket_screenshot"))
+        shutil.copytree(
+            os.path.join(helper, "frisket_screenshot"), os.path.join(resources, "pykrita", "frisket_screenshot")
+        )
         with open(os.path.join(config, "kritarc"), "w") as f:
-            f.write("[python]\nenable_frisket=true\nenable_frisket_screenshot=true\n\n"
-                    "[General]\nshowSplashScreen=false\n")
+            f.write(
+                "[python]\nenable_frisket=true\nenable_frisket_screenshot=true\n\n[General]\nshowSplashScreen=false\n"
+            )
         server = harness.server()
         shot = os.path.join(tmp, "shot.png")
         env = harness.without_virtualenvs(os.environ)
-        env.update({
-            "XDG_CONFIG_HOME": config, "XDG_DATA_HOME": data, "FRISKET_CLIENT": harness.client_bin(),
-            "FRISKET_SHOT_OUT": shot, "FRISKET_SHOT_SERVER": server.url,
-            "FRISKET_SHOT_HELPERS": os.path.join(os.path.dirname(HERE), "plugins"),
-        })
+        env.update(
+            {
+                "XDG_CONFIG_HOME": config,
+                "XDG_DATA_HOME": data,
+                "FRISKET_CLIENT": harness.client_bin(),
+                "FRISKET_SHOT_OUT": shot,
+                "FRISKET_SHOT_SERVER": server.url,
+                "FRISKET_SHOT_HELPERS": os.path.join(os.path.dirname(HERE), "plugins"),
+            }
+        )
         env.pop("QT_QPA_PLATFORM", None)
         try:
-            subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x960x24", "krita", "--nosplash"], env=env,
-                           timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["xvfb-run", "-a", "-s", "-screen 0 1280x960x24", "krita", "--nosplash"],
+                env=env,
+                timeout=300,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             print("krita did not quit in time", file=sys.stderr)
         if os.path.exists(shot + ".json"):

@@ -10,6 +10,7 @@ Environment (all optional):
   FRISKET_SERVER_BIN, FRISKET_CLIENT_BIN   binaries (default target/debug/frisket-server, target/debug/frisket)
   FRISKET_PLUGIN_TEST_SERVER  use this running server instead of starting one (no log checks then)
 """
+
 import atexit
 import os
 import re
@@ -24,7 +25,7 @@ PLUGINS = os.path.join(ROOT, "plugins")
 sys.path.insert(0, os.path.join(PLUGINS, "common"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import frisket_core as core  # noqa: E402
+import frisket_core as core  # noqa: E402, F401  (the tests' `from harness import core`)
 from harness_image import known_image as _known_image  # noqa: E402
 
 MODEL = os.environ.get("FRISKET_PLUGIN_TEST_MODEL", "shapes")
@@ -58,8 +59,11 @@ def require_binaries():
     if missing:
         raise RuntimeError("missing {}: run `make build` (or cargo build --workspace)".format(", ".join(missing)))
     if not os.path.isfile(os.path.join(models_dir(), MODEL, "unet", "config.json")):
-        raise RuntimeError("model {} not found in {} (shapes ships in models/; the fixtures come from "
-                           "`make fixtures`)".format(MODEL, models_dir()))
+        raise RuntimeError(
+            "model {} not found in {} (shapes ships in models/; the fixtures come from `make fixtures`)".format(
+                MODEL, models_dir()
+            )
+        )
 
 
 class Server(object):
@@ -75,7 +79,10 @@ class Server(object):
         env["NO_COLOR"] = "1"
         self.proc = subprocess.Popen(
             [server_bin(), "serve", "--models", models_dir(), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE, stderr=self._log, env=env)
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
         self.address = None
         deadline = time.time() + 120
         line = b""
@@ -154,7 +161,7 @@ def rect_selection(width, height, x0, y0, x1, y1, value=255):
     """An 8-bit selection with [x0, x1) x [y0, y1) selected."""
     sel = bytearray(width * height)
     for y in range(y0, y1):
-        sel[y * width + x0:y * width + x1] = bytes([value]) * (x1 - x0)
+        sel[y * width + x0 : y * width + x1] = bytes([value]) * (x1 - x0)
     return bytes(sel)
 
 
@@ -164,8 +171,11 @@ def without_virtualenvs(env):
     (such as the torch venv `make` puts first) hides the system's PyQt5, so Krita cannot
     load its Python plugins at all."""
     env = dict(env)
-    keep = [d for d in env.get("PATH", "").split(os.pathsep)
-            if d and not os.path.isfile(os.path.join(os.path.dirname(d.rstrip("/")), "pyvenv.cfg"))]
+    keep = [
+        d
+        for d in env.get("PATH", "").split(os.pathsep)
+        if d and not os.path.isfile(os.path.join(os.path.dirname(d.rstrip("/")), "pyvenv.cfg"))
+    ]
     env["PATH"] = os.pathsep.join(keep)
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONHOME", None)
@@ -176,8 +186,8 @@ def compare_protected(original_rgb, result_rgb, mask, channels=3):
     """(protected pixels that differ, outside pixels, outside pixels that differ)."""
     bad = outside = changed = 0
     for i, m in enumerate(mask):
-        a = original_rgb[channels * i:channels * i + channels]
-        b = result_rgb[channels * i:channels * i + channels]
+        a = original_rgb[channels * i : channels * i + channels]
+        b = result_rgb[channels * i : channels * i + channels]
         if m:
             if a != b:
                 bad += 1

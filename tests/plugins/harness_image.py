@@ -16,5 +16,5 @@ def known_image(width, height):
                 red, green, blue = red // 4, green // 4, 200
             if (x // 4) % 4 == 0:
                 green = 255 - green
-            data[i:i + 3] = bytes((red, green, blue))
+            data[i : i + 3] = bytes((red, green, blue))
     return bytes(data)

@@ -1,6 +1,7 @@
 """plugins/common/frisket_core/, the plugins' editor-independent core: unit tests (its
 standard-library PNG codec included), plus its arguments checked against the real
 `frisket` client."""
+
 import json
 import os
 import stat
@@ -58,8 +59,9 @@ class ClientDiscovery(unittest.TestCase):
         self.assertEqual(core.find_client(os.path.dirname(setting), {}, None), (setting, "setting"))
         # plugin_dir/bin/frisket
         bin_client = self.exe("p2", "bin", "frisket")
-        self.assertEqual(core.find_client("", {"PATH": ""}, os.path.join(self.tmp, "p2")),
-                         (bin_client, "plugin folder"))
+        self.assertEqual(
+            core.find_client("", {"PATH": ""}, os.path.join(self.tmp, "p2")), (bin_client, "plugin folder")
+        )
 
     def test_missing(self):
         with self.assertRaises(core.ClientNotFound) as e:
@@ -75,15 +77,25 @@ class ClientDiscovery(unittest.TestCase):
 
 class Arguments(unittest.TestCase):
     def opts(self, **kw):
-        base = dict(server="http://127.0.0.1:1", model="sd1", prompt="a red circle", negative_prompt="blurry",
-                    subjects=["circle", "red", "circle", ""], strength=0.6, steps=8, seed=42, explain="fast",
-                    selection_mode="protect")
+        base = dict(
+            server="http://127.0.0.1:1",
+            model="sd1",
+            prompt="a red circle",
+            negative_prompt="blurry",
+            subjects=["circle", "red", "circle", ""],
+            strength=0.6,
+            steps=8,
+            seed=42,
+            explain="fast",
+            selection_mode="protect",
+        )
         base.update(kw)
         return core.GenerateOptions(**base)
 
     def test_generate_args(self):
-        args = core.build_generate_args(self.opts(), "out.png", reference="ref.png", protect="mask.png",
-                                        dump_dir="dump", job_id="krita-1")
+        args = core.build_generate_args(
+            self.opts(), "out.png", reference="ref.png", protect="mask.png", dump_dir="dump", job_id="krita-1"
+        )
         self.assertEqual(args[:2], ["generate", "--json"])
         pairs = dict(zip(args, args[1:]))
         self.assertEqual(pairs["--server"], "http://127.0.0.1:1")
@@ -105,10 +117,20 @@ class Arguments(unittest.TestCase):
         self.assertEqual(args[-2:], ["--out", "out.png"])
 
     def test_optional_parts(self):
-        args = core.build_generate_args(self.opts(seed=None, explain="off", negative_prompt=""), "o.png",
-                                        reference="r.png")
-        for flag in ("--seed", "--explain", "--masks", "--heatmaps", "--subject", "--protect", "--negative-prompt",
-                     "--dump-dir", "--job-id"):
+        args = core.build_generate_args(
+            self.opts(seed=None, explain="off", negative_prompt=""), "o.png", reference="r.png"
+        )
+        for flag in (
+            "--seed",
+            "--explain",
+            "--masks",
+            "--heatmaps",
+            "--subject",
+            "--protect",
+            "--negative-prompt",
+            "--dump-dir",
+            "--job-id",
+        ):
             self.assertNotIn(flag, args)
         self.assertNotIn("--seed", core.build_generate_args(self.opts(seed=-1), "o.png"))
         # no reference: no strength, no protect (the client requires --reference for them)
@@ -127,8 +149,10 @@ class Arguments(unittest.TestCase):
 
     def test_other_commands(self):
         self.assertEqual(core.build_models_args("S"), ["models", "--json", "--server", "S"])
-        self.assertEqual(core.build_tokenize_args("S", "sd1", "a b"),
-                         ["tokenize", "a b", "--model", "sd1", "--json", "--server", "S"])
+        self.assertEqual(
+            core.build_tokenize_args("S", "sd1", "a b"),
+            ["tokenize", "a b", "--model", "sd1", "--json", "--server", "S"],
+        )
         self.assertEqual(core.build_cancel_args("S", "j"), ["cancel", "j", "--json", "--server", "S"])
 
     def test_options_roundtrip(self):
@@ -143,7 +167,7 @@ class EventStream(unittest.TestCase):
         data = README_SESSION.encode()
         names = []
         for i in range(0, len(data), 7):  # arbitrary chunks, as a pipe delivers them
-            for event in buf.feed(data[i:i + 7]):
+            for event in buf.feed(data[i : i + 7]):
                 names.append(state.apply(event))
         names += [state.apply(e) for e in buf.flush()]
         self.assertEqual(names[0], "queued")
@@ -157,9 +181,16 @@ class EventStream(unittest.TestCase):
         self.assertEqual(state.progress(), 1.0)
         self.assertEqual(state.status_text(), "Done: seed 3, 0.2 s.")
         kinds = [(k, p) for k, _n, p, _e in state.artifacts()]
-        self.assertEqual(kinds, [("mask", "dump/mask_1.png"), ("protected_mask", "dump/protected_mask_1.npy"),
-                                 ("heatmap", "dump/heatmap_1_tok3.png"), ("subject_mask", "dump/heatmap_1_tok3_mask.png"),
-                                 ("change_map", "dump/change_map.png")])
+        self.assertEqual(
+            kinds,
+            [
+                ("mask", "dump/mask_1.png"),
+                ("protected_mask", "dump/protected_mask_1.npy"),
+                ("heatmap", "dump/heatmap_1_tok3.png"),
+                ("subject_mask", "dump/heatmap_1_tok3_mask.png"),
+                ("change_map", "dump/change_map.png"),
+            ],
+        )
         names = [n for _k, n, _p, _e in state.artifacts()]
         self.assertEqual(names[0], "mask step 1 t=334 (25% from the reference)")
         self.assertEqual(names[2], "heatmap 'circle' (token 3) step 1 t=334")
@@ -167,9 +198,9 @@ class EventStream(unittest.TestCase):
 
     def test_noise_partial_and_errors(self):
         buf = core.LineBuffer()
-        self.assertEqual(buf.feed(b"not json\n{\"v\":1,\"ev"), [])
+        self.assertEqual(buf.feed(b'not json\n{"v":1,"ev'), [])
         self.assertEqual(buf.noise, ["not json"])
-        events = buf.feed(b"ent\":\"error\",\"code\":\"UNAVAILABLE\",\"message\":\"x\",\"exit_code\":3}")
+        events = buf.feed(b'ent":"error","code":"UNAVAILABLE","message":"x","exit_code":3}')
         self.assertEqual(events, [])
         events = buf.flush()
         state = core.JobState()
@@ -185,21 +216,36 @@ class EventStream(unittest.TestCase):
 
     def test_messages(self):
         self.assertIn("busy", core.describe_error({"code": "RESOURCE_EXHAUSTED", "message": "queue full"}))
-        self.assertEqual(core.describe_error({"code": "INVALID_ARGUMENT", "message": "bad size"}),
-                         "bad size (INVALID_ARGUMENT)")
-        self.assertIn("raise the strength", core.describe_error(
-            {"code": "INVALID_ARGUMENT", "message": "manipulation timestep 780 is outside this job's schedule"}))
-        self.assertIn("No Frisket server answered at S",
-                      core.describe_exit(3, "error: UNAVAILABLE: nothing at S", "S"))
+        self.assertEqual(
+            core.describe_error({"code": "INVALID_ARGUMENT", "message": "bad size"}), "bad size (INVALID_ARGUMENT)"
+        )
+        self.assertIn(
+            "raise the strength",
+            core.describe_error(
+                {"code": "INVALID_ARGUMENT", "message": "manipulation timestep 780 is outside this job's schedule"}
+            ),
+        )
+        self.assertIn("No Frisket server answered at S", core.describe_exit(3, "error: UNAVAILABLE: nothing at S", "S"))
         self.assertIn("exit code 7", core.describe_exit(7, ""))
         self.assertIn("stopped unexpectedly", core.describe_exit(None, "boom"))
 
     def test_single_line_commands(self):
         models = core.parse_models('{"v":1,"models":[{"name":"sd1","size_multiple":4}]}\n')
         self.assertEqual(models[0]["name"], "sd1")
-        tokens = core.parse_tokens(json.dumps({"v": 1, "tokens": [
-            {"index": 0, "word": ""}, {"index": 1, "word": "a"}, {"index": 2, "word": "red"},
-            {"index": 3, "word": "a"}, {"index": 4, "word": ""}]}))
+        tokens = core.parse_tokens(
+            json.dumps(
+                {
+                    "v": 1,
+                    "tokens": [
+                        {"index": 0, "word": ""},
+                        {"index": 1, "word": "a"},
+                        {"index": 2, "word": "red"},
+                        {"index": 3, "word": "a"},
+                        {"index": 4, "word": ""},
+                    ],
+                }
+            )
+        )
         self.assertEqual(core.subject_candidates(tokens), [("a", [1, 3]), ("red", [2])])
         with self.assertRaises(core.FrisketError) as e:
             core.parse_models('{"v":1,"event":"error","code":"UNAVAILABLE","message":"m","exit_code":3}')
@@ -254,6 +300,7 @@ class Files(unittest.TestCase):
     def test_npy(self):
         sys.path.insert(0, HERE)
         from fake_frisket import write_npy
+
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.npy")
             write_npy(path, [1, 2, 2, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] * 2)
@@ -282,18 +329,24 @@ class RealClient(unittest.TestCase):
             self.fail("{} missing: run `make build`".format(harness.client_bin()))
 
     def run_client(self, args):
-        return subprocess.run([harness.client_bin()] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=60)
+        return subprocess.run([harness.client_bin()] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
 
     def test_usage_accepted(self):
         """No server: the client gets as far as connecting (exit 3), so every flag parsed."""
-        opts = core.GenerateOptions(server="http://127.0.0.1:9", model="sd1", prompt="p", subjects=["p"],
-                                    seed=1, steps=2, explain="exact")
+        opts = core.GenerateOptions(
+            server="http://127.0.0.1:9", model="sd1", prompt="p", subjects=["p"], seed=1, steps=2, explain="exact"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             ref = core.write_png(os.path.join(tmp, "r.png"), 8, 8, 3, bytes(192))
             mask = core.write_png(os.path.join(tmp, "m.png"), 8, 8, 1, bytes(64))
-            args = core.build_generate_args(opts, os.path.join(tmp, "o.png"), reference=ref, protect=mask,
-                                            dump_dir=os.path.join(tmp, "d"), job_id="x")
+            args = core.build_generate_args(
+                opts,
+                os.path.join(tmp, "o.png"),
+                reference=ref,
+                protect=mask,
+                dump_dir=os.path.join(tmp, "d"),
+                job_id="x",
+            )
             p = self.run_client(args)
         self.assertEqual(p.returncode, 3, p.stderr)
         state = core.JobState()

@@ -2,6 +2,7 @@
 against a real frisket-server on loopback: the drawable's pixels and a selection in, the
 result and the heatmap / mask / change-map layers out. The files are written with the
 standard-library PNG encoder (GIMP's is GEGL's: tests/plugins/test_gimp_png.py)."""
+
 import os
 import sys
 import unittest
@@ -21,8 +22,18 @@ FAKE_CLIENT = os.path.join(HERE, "fake_frisket.py")
 def values(**kw):
     """The dialog's values, as GIMP's ProcedureConfig would give them."""
     v = {a.name: a.default for a in job.ARGUMENTS}
-    v.update({"model": harness.MODEL, "prompt": "a red circle on the left", "negative-prompt": "blurry",
-              "steps": 4, "strength": 0.7, "seed": 21, "explain": "off", "selection-mode": "protect"})
+    v.update(
+        {
+            "model": harness.MODEL,
+            "prompt": "a red circle on the left",
+            "negative-prompt": "blurry",
+            "steps": 4,
+            "strength": 0.7,
+            "seed": 21,
+            "explain": "off",
+            "selection-mode": "protect",
+        }
+    )
     v.update(kw)
     return v
 
@@ -43,9 +54,18 @@ class GimpCore(unittest.TestCase):
         opts, client_setting = job.options_from_values(values(server=self.server.url, **kw))
         self.assertEqual(client_setting, "")
         events = []
-        outcome = job.generate_from_pixels(client or harness.client_bin(), opts, W, H, self.rgba, 4, selection,
-                                           on_event=lambda state, event: events.append(event.get("event")),
-                                           timeout=300, write_png=core.write_png)
+        outcome = job.generate_from_pixels(
+            client or harness.client_bin(),
+            opts,
+            W,
+            H,
+            self.rgba,
+            4,
+            selection,
+            on_event=lambda state, event: events.append(event.get("event")),
+            timeout=300,
+            write_png=core.write_png,
+        )
         self.addCleanup(outcome.cleanup)
         return opts, outcome, events
 
@@ -90,17 +110,31 @@ class GimpCore(unittest.TestCase):
         self.assertFalse(outcome.ok)
         self.assertIn("no-such-model", outcome.message)
         with self.assertRaises(core.FrisketError):
-            job.generate_from_pixels(harness.client_bin(), job.options_from_values(values(prompt=""))[0], W, H,
-                                     self.rgba, 4, write_png=core.write_png)
+            job.generate_from_pixels(
+                harness.client_bin(),
+                job.options_from_values(values(prompt=""))[0],
+                W,
+                H,
+                self.rgba,
+                4,
+                write_png=core.write_png,
+            )
         with self.assertRaises(core.FrisketError):  # everything protected
-            job.generate_from_pixels(harness.client_bin(), job.options_from_values(values())[0], W, H, self.rgba,
-                                     4, b"\xff" * (W * H), write_png=core.write_png)
+            job.generate_from_pixels(
+                harness.client_bin(),
+                job.options_from_values(values())[0],
+                W,
+                H,
+                self.rgba,
+                4,
+                b"\xff" * (W * H),
+                write_png=core.write_png,
+            )
 
     def test_contract_selection_in_result_and_heatmaps_out(self):
         """The plug-in's half against the documented JSON-lines format (fake client)."""
         sel = harness.rect_selection(W, H, 0, 0, self.half, H)
-        opts, outcome, events = self.run_job(client=FAKE_CLIENT, selection=sel, explain="fast",
-                                             subjects="red, circle")
+        opts, outcome, events = self.run_job(client=FAKE_CLIENT, selection=sel, explain="fast", subjects="red, circle")
         kinds = self.check_result(opts, outcome, protected=sel)
         self.assertEqual(kinds, ["mask", "protected_mask", "heatmap", "subject_mask", "heatmap", "change_map"])
         self.assertIn("heatmap", events)
@@ -110,8 +144,7 @@ class GimpCore(unittest.TestCase):
         """--protect and --explain fast against the real server."""
         sel = harness.rect_selection(W, H, 0, 0, self.half, H)
         # Grad-SAM manipulates at t = 780, 520, 320: the schedule must reach them (strength 0.9).
-        opts, outcome, events = self.run_job(selection=sel, explain="fast", subjects="circle", strength=0.9,
-                                             steps=10)
+        opts, outcome, events = self.run_job(selection=sel, explain="fast", subjects="circle", strength=0.9, steps=10)
         kinds = self.check_result(opts, outcome, protected=sel)
         self.assertIn("heatmap", kinds)
         self.assertIn("subject_mask", kinds)

@@ -62,12 +62,18 @@ class GeglPng(unittest.TestCase):
     def setUpClass(cls):
         cls.python = gegl_python()
         if cls.python is None:
-            raise unittest.SkipTest("no Python with GEGL's GObject introspection (apt-get install python3-gi "
-                                    "gir1.2-gegl-0.4)")
+            raise unittest.SkipTest(
+                "no Python with GEGL's GObject introspection (apt-get install python3-gi gir1.2-gegl-0.4)"
+            )
 
     def child(self, mode, request):
-        p = subprocess.run([self.python, "-c", CHILD, GIMP_DIR, mode], input=json.dumps(request).encode(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        p = subprocess.run(
+            [self.python, "-c", CHILD, GIMP_DIR, mode],
+            input=json.dumps(request).encode(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
         self.assertEqual(p.returncode, 0, p.stderr.decode("utf-8", "replace"))
         return json.loads(p.stdout.decode().strip().splitlines()[-1])
 
@@ -78,8 +84,16 @@ class GeglPng(unittest.TestCase):
         rgba[0::4], rgba[1::4], rgba[2::4], rgba[3::4] = rgb[0::3], rgb[1::3], rgb[2::3], rgb[2::3]
         images = [(1, grey), (3, rgb), (4, bytes(rgba)), (1, bytes([0, 255]) * (37 * 23 // 2) + b"\x80")]
         with tempfile.TemporaryDirectory() as tmp:
-            files = [{"path": os.path.join(tmp, "%d.png" % i), "width": 37, "height": 23, "channels": channels,
-                      "data": data.hex()} for i, (channels, data) in enumerate(images)]
+            files = [
+                {
+                    "path": os.path.join(tmp, "%d.png" % i),
+                    "width": 37,
+                    "height": 23,
+                    "channels": channels,
+                    "data": data.hex(),
+                }
+                for i, (channels, data) in enumerate(images)
+            ]
             self.child("files", files)
             for f, (channels, data) in zip(files, images):
                 with self.subTest(channels=channels):
@@ -93,13 +107,31 @@ class GeglPng(unittest.TestCase):
         rgba = bytearray(w * h * 4)
         rgba[0::4], rgba[1::4], rgba[2::4], rgba[3::4] = rgb[0::3], rgb[1::3], rgb[2::3], b"\xff" * (w * h)
         selection = harness.rect_selection(w, h, 0, 0, w // 2, h)
-        values = {"server": "http://127.0.0.1:9", "model": harness.MODEL, "prompt": "a red circle",
-                  "subjects": "red, circle", "steps": 4, "strength": 0.9, "seed": 3, "explain": "fast",
-                  "selection-mode": "protect", "client": ""}
+        values = {
+            "server": "http://127.0.0.1:9",
+            "model": harness.MODEL,
+            "prompt": "a red circle",
+            "subjects": "red, circle",
+            "steps": 4,
+            "strength": 0.9,
+            "seed": 3,
+            "explain": "fast",
+            "selection-mode": "protect",
+            "client": "",
+        }
         with tempfile.TemporaryDirectory() as tmp:
-            answer = self.child("job", {"client": FAKE_CLIENT, "values": values, "width": w, "height": h,
-                                        "pixels": bytes(rgba).hex(), "selection": selection.hex(),
-                                        "workdir": os.path.join(tmp, "job")})
+            answer = self.child(
+                "job",
+                {
+                    "client": FAKE_CLIENT,
+                    "values": values,
+                    "width": w,
+                    "height": h,
+                    "pixels": bytes(rgba).hex(),
+                    "selection": selection.hex(),
+                    "workdir": os.path.join(tmp, "job"),
+                },
+            )
             self.assertTrue(answer["ok"], answer["message"])
             rw, rh, channels, pixels = core.read_png(answer["result"])
             self.assertEqual((rw, rh, channels), (w, h, 3))

@@ -6,6 +6,7 @@ then runs tests/krita/krita_plugin_test.py inside `kritarunner` with the offscre
 platform. kritarunner always exits 0: the script writes its checks to a JSON file, and
 each test here asserts one case's checks. The server's log shows the cancelled job stop.
 """
+
 import glob
 import importlib.util
 import json
@@ -30,19 +31,24 @@ KRITA_TIMEOUT = int(os.environ.get("FRISKET_KRITA_TEST_TIMEOUT", "900"))
 # locally, in contract_explain_layers after the other cases) was Krita's own exception hook
 # showing a modal traceback dialog offscreen; the exception was the plug-in's ClientCall
 # slot running while an earlier case's docker was freed (controller.py, _unless_destroyed),
-# and the script now records such exceptions without the dialog. The script rewrites the result file after every case (all 11
-# take about 5 s), so a file unchanged for STALL_SECONDS means a hang: Krita is asked for its
-# Python stacks (SIGUSR1, faulthandler; printed on stderr), stopped, and the cases it did not
-# record run once more in a fresh Krita (reported on stderr). A case that hangs again stays
-# unrecorded and fails.
+# and the script records such exceptions without the dialog. The script rewrites the result
+# file after every case (together they take about 5 s), so a file unchanged for
+# STALL_SECONDS means a hang: Krita is asked for its Python stacks (SIGUSR1, faulthandler;
+# printed on stderr), stopped, and the cases it did not record run once more in a fresh
+# Krita (reported on stderr). A case that hangs again stays unrecorded and fails.
 STALL_SECONDS = int(os.environ.get("FRISKET_KRITA_STALL_SECONDS", "60"))
 
 
 def run_krita(runner, env, result_path, log_path):
     """Runs the script once; returns its result (None if it wrote nothing)."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([runner, "-s", "krita_plugin_test", "-f", "main"], env=dict(env, FRISKET_TEST_RESULT=result_path),
-                                stdout=log, stderr=subprocess.STDOUT, cwd=os.path.join(harness.ROOT, "tests", "krita"))
+        proc = subprocess.Popen(
+            [runner, "-s", "krita_plugin_test", "-f", "main"],
+            env=dict(env, FRISKET_TEST_RESULT=result_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=os.path.join(harness.ROOT, "tests", "krita"),
+        )
         deadline = time.time() + KRITA_TIMEOUT
         last_change = time.time()
         last_mtime = None
@@ -59,8 +65,12 @@ def run_krita(runner, env, result_path, log_path):
             stacks = result_path + ".stacks"
             if os.path.exists(stacks):
                 with open(stacks) as f:
-                    print("\nkritarunner stalled ({} s without a result); its Python stacks:\n{}".format(
-                        STALL_SECONDS, f.read()), file=sys.stderr)
+                    print(
+                        "\nkritarunner stalled ({} s without a result); its Python stacks:\n{}".format(
+                            STALL_SECONDS, f.read()
+                        ),
+                        file=sys.stderr,
+                    )
             proc.kill()
             proc.wait()
     if not os.path.exists(result_path):
@@ -71,8 +81,9 @@ def run_krita(runner, env, result_path, log_path):
 
 def krita_importer():
     """Krita's plugin_importer.py (Tools > Scripts > Import Python Plugin from File)."""
-    for path in glob.glob("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py") + \
-            glob.glob("/usr/*/share/krita/pykrita/plugin_importer/plugin_importer.py"):
+    for path in glob.glob("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py") + glob.glob(
+        "/usr/*/share/krita/pykrita/plugin_importer/plugin_importer.py"
+    ):
         spec = importlib.util.spec_from_file_location("krita_plugin_importer", path)
         module = importlib.util.module_from_spec(spec)
         module.i18n = lambda s: s  # Krita injects i18n as a builtin
@@ -97,7 +108,9 @@ class KritaPlugin(unittest.TestCase):
     def setUpClass(cls):
         runner = shutil.which("kritarunner")
         if runner is None:
-            raise AssertionError("kritarunner not found: install Krita 5 (`make deps-krita`, i.e. apt-get install krita)")
+            raise AssertionError(
+                "kritarunner not found: install Krita 5 (`make deps-krita`, i.e. apt-get install krita)"
+            )
         cls.workdir = tempfile.mkdtemp(prefix="frisket-krita-test-")
         zip_path = os.path.join(cls.workdir, "frisket-krita.zip")
         load_package_module().build_krita(zip_path)
@@ -111,26 +124,32 @@ class KritaPlugin(unittest.TestCase):
         cls.server = harness.server()
         out = os.path.join(cls.workdir, "result.json")
         env = harness.without_virtualenvs(os.environ)
-        env.update({
-            "QT_QPA_PLATFORM": "offscreen",
-            "FRISKET_TEST_RESULT": out,
-            "FRISKET_TEST_PYKRITA": os.path.join(resources, "pykrita"),
-            "FRISKET_TEST_SERVER": cls.server.url,
-            "FRISKET_TEST_MODEL": harness.MODEL,
-            "FRISKET_TEST_SIZE": "{}x{}".format(harness.WIDTH, harness.HEIGHT),
-            "FRISKET_CLIENT": harness.client_bin(),
-            "FRISKET_TEST_FAKE_CLIENT": os.path.join(HERE, "fake_frisket.py"),
-            "PYTHONPATH": os.path.join(harness.ROOT, "tests", "krita"),
-        })
+        env.update(
+            {
+                "QT_QPA_PLATFORM": "offscreen",
+                "FRISKET_TEST_RESULT": out,
+                "FRISKET_TEST_PYKRITA": os.path.join(resources, "pykrita"),
+                "FRISKET_TEST_SERVER": cls.server.url,
+                "FRISKET_TEST_MODEL": harness.MODEL,
+                "FRISKET_TEST_SIZE": "{}x{}".format(harness.WIDTH, harness.HEIGHT),
+                "FRISKET_CLIENT": harness.client_bin(),
+                "FRISKET_TEST_FAKE_CLIENT": os.path.join(HERE, "fake_frisket.py"),
+                "PYTHONPATH": os.path.join(harness.ROOT, "tests", "krita"),
+            }
+        )
         env.pop("FRISKET_SERVER", None)
         log_path = os.path.join(cls.workdir, "kritarunner.log")
         cls.result = run_krita(runner, env, out, log_path)
         if cls.result is not None and "seconds" not in cls.result:
             missing = [n for n in cls.result.get("planned", []) if n not in cls.result["cases"]]
             if missing:
-                print("\nkritarunner stalled; running {} once more in a fresh Krita".format(", ".join(missing)),
-                      file=sys.stderr)
-                retry = run_krita(runner, dict(env, FRISKET_TEST_CASES=",".join(missing)), out + ".retry.json", log_path)
+                print(
+                    "\nkritarunner stalled; running {} once more in a fresh Krita".format(", ".join(missing)),
+                    file=sys.stderr,
+                )
+                retry = run_krita(
+                    runner, dict(env, FRISKET_TEST_CASES=",".join(missing)), out + ".retry.json", log_path
+                )
                 if retry is not None:
                     cls.result["cases"].update(retry["cases"])
                     cls.result["uncaught"] += retry["uncaught"]
@@ -204,9 +223,12 @@ class KritaPlugin(unittest.TestCase):
         self.assertTrue(job, "the cancel case recorded no job id")
         if not self.server.log_path:
             self.skipTest("external server: no log to read")
-        log, (asked, stopped) = self.wait_for_server_log([
-            r"cancel requested job_id={} found=true".format(re.escape(job)),
-            r"job\{{job_id={}\}}.*job stopped".format(re.escape(job))])
+        log, (asked, stopped) = self.wait_for_server_log(
+            [
+                r"cancel requested job_id={} found=true".format(re.escape(job)),
+                r"job\{{job_id={}\}}.*job stopped".format(re.escape(job)),
+            ]
+        )
         self.assertTrue(asked, "the server never saw Cancel for {}:\n{}".format(job, log[-3000:]))
         self.assertTrue(stopped, "the server never stopped {}:\n{}".format(job, log[-3000:]))
         finished = re.search(r"job\{{job_id={}\}}.*job finished".format(re.escape(job)), log)
@@ -222,8 +244,12 @@ class KritaPlugin(unittest.TestCase):
         if not self.server.log_path:
             self.skipTest("external server: no log to read")
         log, (stopped,) = self.wait_for_server_log(
-            [r"job\{{job_id={}\}}.*job stopped.*client left|job\{{job_id={}\}}.*client left.*job stopped".format(
-                re.escape(job), re.escape(job))])
+            [
+                r"job\{{job_id={}\}}.*job stopped.*client left|job\{{job_id={}\}}.*client left.*job stopped".format(
+                    re.escape(job), re.escape(job)
+                )
+            ]
+        )
         self.assertTrue(stopped, "the server never stopped {} after its client left:\n{}".format(job, log[-3000:]))
 
     def test_contract_explain_layers(self):

@@ -1,5 +1,6 @@
 """The installable archives (`make plugin-krita`, `make plugin-gimp`) and the Krita
 package's load-time behaviour, without an editor."""
+
 import configparser
 import importlib.util
 import os
@@ -30,7 +31,7 @@ def source_core_modules():
 
 def core_modules(names, prefix):
     """The core package's files in an archive, relative to its folder."""
-    return sorted(n[len(prefix):] for n in names if n.startswith(prefix) and n != prefix)
+    return sorted(n[len(prefix) :] for n in names if n.startswith(prefix) and n != prefix)
 
 
 class KritaZip(unittest.TestCase):
@@ -44,8 +45,16 @@ class KritaZip(unittest.TestCase):
 
     def test_layout(self):
         names = zipfile.ZipFile(self.zip).namelist()
-        for wanted in ("frisket.desktop", "frisket.action", "frisket/", "frisket/__init__.py", "frisket/docker.py",
-                       "frisket/controller.py", "frisket/Manual.html", "frisket/frisket_core/"):
+        for wanted in (
+            "frisket.desktop",
+            "frisket.action",
+            "frisket/",
+            "frisket/__init__.py",
+            "frisket/docker.py",
+            "frisket/controller.py",
+            "frisket/Manual.html",
+            "frisket/frisket_core/",
+        ):
             self.assertIn(wanted, names)
         self.assertEqual(core_modules(names, "frisket/frisket_core/"), source_core_modules())
         self.assertFalse([n for n in names if n.endswith(".pyc") or "__pycache__" in n])
@@ -55,9 +64,11 @@ class KritaZip(unittest.TestCase):
         package's __init__.py, which needs Krita, is left out)."""
         out = os.path.join(self.tmp.name, "pykrita")
         zipfile.ZipFile(self.zip).extractall(out)
-        code = ("import os, sys, types; package = types.ModuleType('frisket'); "
-                "package.__path__ = [os.path.join(sys.argv[1], 'frisket')]; sys.modules['frisket'] = package; "
-                "import frisket._core as c; print(c.core.__file__); print(c.core.__name__)")
+        code = (
+            "import os, sys, types; package = types.ModuleType('frisket'); "
+            "package.__path__ = [os.path.join(sys.argv[1], 'frisket')]; sys.modules['frisket'] = package; "
+            "import frisket._core as c; print(c.core.__file__); print(c.core.__name__)"
+        )
         p = subprocess.run([sys.executable, "-c", code, out], stdout=subprocess.PIPE, cwd=self.tmp.name, check=True)
         core_file, name = p.stdout.decode().split()
         self.assertEqual(core_file, os.path.join(out, "frisket", "frisket_core", "__init__.py"))
@@ -88,8 +99,11 @@ class KritaZip(unittest.TestCase):
         with tempfile.TemporaryDirectory() as out:
             for name in sorted(os.listdir(os.path.join(harness.PLUGINS, "krita", "frisket"))):
                 if name.endswith(".py"):
-                    py_compile.compile(os.path.join(harness.PLUGINS, "krita", "frisket", name),
-                                       cfile=os.path.join(out, name + "c"), doraise=True)
+                    py_compile.compile(
+                        os.path.join(harness.PLUGINS, "krita", "frisket", name),
+                        cfile=os.path.join(out, name + "c"),
+                        doraise=True,
+                    )
 
 
 class KritaVersions(unittest.TestCase):
@@ -116,8 +130,10 @@ class KritaVersions(unittest.TestCase):
         sys.modules["krita"] = krita
         try:
             spec = importlib.util.spec_from_file_location(
-                "frisket_under_test", os.path.join(harness.PLUGINS, "krita", "frisket", "__init__.py"),
-                submodule_search_locations=[])
+                "frisket_under_test",
+                os.path.join(harness.PLUGINS, "krita", "frisket", "__init__.py"),
+                submodule_search_locations=[],
+            )
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         finally:
@@ -129,8 +145,9 @@ class KritaVersions(unittest.TestCase):
         return module, calls
 
     def test_krita6_is_refused(self):
-        import io
         import contextlib
+        import io
+
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             module, calls = self.load("6.0.0")
@@ -146,18 +163,26 @@ class GimpZip(unittest.TestCase):
             package.build_gimp(path)
             z = zipfile.ZipFile(path)
             names = z.namelist()
-            for wanted in ("frisket-gimp/", "frisket-gimp/frisket-gimp.py", "frisket-gimp/frisket_gimp_job.py",
-                           "frisket-gimp/frisket_gimp_png.py", "frisket-gimp/frisket_core/"):
+            for wanted in (
+                "frisket-gimp/",
+                "frisket-gimp/frisket-gimp.py",
+                "frisket-gimp/frisket_gimp_job.py",
+                "frisket-gimp/frisket_gimp_png.py",
+                "frisket-gimp/frisket_core/",
+            ):
                 self.assertIn(wanted, names)
             self.assertEqual(core_modules(names, "frisket-gimp/frisket_core/"), source_core_modules())
             mode = z.getinfo("frisket-gimp/frisket-gimp.py").external_attr >> 16
             self.assertTrue(mode & 0o111, "GIMP runs the plug-in file: it must be executable")
             out = os.path.join(tmp, "plug-ins")
             z.extractall(out)
-            code = ("import sys; sys.path.insert(0, sys.argv[1]); import frisket_gimp_job as j; "
-                    "print(j.core.__file__)")
-            p = subprocess.run([sys.executable, "-c", code, os.path.join(out, "frisket-gimp")],
-                               stdout=subprocess.PIPE, cwd=tmp, check=True)
+            code = "import sys; sys.path.insert(0, sys.argv[1]); import frisket_gimp_job as j; print(j.core.__file__)"
+            p = subprocess.run(
+                [sys.executable, "-c", code, os.path.join(out, "frisket-gimp")],
+                stdout=subprocess.PIPE,
+                cwd=tmp,
+                check=True,
+            )
             self.assertTrue(p.stdout.decode().strip().startswith(out), p.stdout)
 
 

@@ -2,10 +2,11 @@
 neither Krita nor GIMP.
 
 Python 3.8+ (the oldest Python bundled with Krita 5), standard library only (Krita's
-bundled Python has no pip packages; GIMP 3's Python may be minimal too). The plugins talk to a Frisket server only through the bundled
-`frisket` command-line client in its JSON-lines mode (client/README.md, "JSON lines
-(--json), format version 1"); this package builds the client's arguments, parses its
-output, converts selections to protected-region masks and names the layers.
+bundled Python has no pip packages; GIMP 3's Python may be minimal too). The plugins talk
+to a Frisket server only through the bundled `frisket` command-line client in its
+JSON-lines mode (client/README.md, "JSON lines (--json), format version 1"); this package
+builds the client's arguments, parses its output, converts selections to protected-region
+masks and names the layers.
 
 The canonical folder is plugins/common/frisket_core/. `make plugin-krita` copies it into
 the Krita package as frisket/frisket_core/ and `make plugin-gimp` next to the GIMP plug-in;

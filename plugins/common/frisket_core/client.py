@@ -1,5 +1,6 @@
 """The `frisket` client process: where it is, one job's files, and a blocking job runner
 (GIMP, tests; Krita runs the same arguments through a QProcess)."""
+
 import os
 import shutil
 import subprocess
@@ -71,12 +72,14 @@ def find_client(setting=None, environ=None, plugin_dir=None, path=None, platform
             raise ClientNotFound(
                 "The Frisket client configured by the {} ({}) is not an executable file. "
                 "Fix the client path in the plugin's settings.".format(
-                    "plugin setting" if source == "setting" else "$" + CLIENT_ENV, candidate))
+                    "plugin setting" if source == "setting" else "$" + CLIENT_ENV, candidate
+                )
+            )
         tried.append(candidate)
     raise ClientNotFound(
         "The Frisket client `frisket` was not found: set its path in the plugin's settings, "
-        "set ${}, put it next to the plugin or on the PATH (build it with `cargo build -p frisket`)."
-        .format(CLIENT_ENV))
+        "set ${}, put it next to the plugin or on the PATH (build it with `cargo build -p frisket`).".format(CLIENT_ENV)
+    )
 
 
 class JobRun(object):
@@ -116,8 +119,9 @@ def run_job(client, opts, run, protect=None, job_id=None, on_event=None, timeout
     every line; returns the JobState (its `error` set on failure, never raises for a
     failed job)."""
     job_id = job_id or new_job_id()
-    args = build_generate_args(opts, run.out, reference=run.reference, protect=protect, dump_dir=run.dump_dir,
-                               job_id=job_id)
+    args = build_generate_args(
+        opts, run.out, reference=run.reference, protect=protect, dump_dir=run.dump_dir, job_id=job_id
+    )
     state = JobState(job_id)
     try:
         proc = popen([client] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -16,7 +16,7 @@ class ProtocolError(FrisketError):
 
 _CODE_HINTS = {
     "UNAVAILABLE": "No Frisket server answered at {server}. Start one (`frisket-server serve --models DIR`) "
-                   "or fix the server address.",
+    "or fix the server address.",
     "USAGE": "The plugin built arguments the client did not accept (client too old or too new?): {message}",
     "INVALID_INPUT": "The client could not read an input file: {message}",
     "IO": "The client could not write its output: {message}",
@@ -40,8 +40,10 @@ def describe_error(event, server=None):
     else:
         text = code
     if "outside this job's schedule" in message:
-        text += (" Grad-SAM manipulates at t = 780, 520 and 320, so the job must start above t = 780: raise the "
-                 "strength or the steps (0.85 or more at 20 steps), or set Explain to off.")
+        text += (
+            " Grad-SAM manipulates at t = 780, 520 and 320, so the job must start above t = 780: raise the "
+            "strength or the steps (0.85 or more at 20 steps), or set Explain to off."
+        )
     return text
 
 
@@ -53,7 +55,7 @@ def describe_exit(exit_code, stderr_text="", server=None):
         if line.strip():
             last = line.strip()
     if last.startswith("error: "):
-        body = last[len("error: "):]
+        body = last[len("error: ") :]
         code, _, message = body.partition(": ")
         if code.isupper():
             return describe_error({"code": code, "message": message}, server)

@@ -1,5 +1,6 @@
 """The client's JSON-lines output: one-line command answers, and the event stream of a job
 (LineBuffer: bytes -> JSON objects; JobState: events -> state)."""
+
 import json
 
 from .errors import FrisketError, ProtocolError, describe_error
@@ -58,7 +59,8 @@ def check_version(obj):
     if v != PROTOCOL_VERSION:
         raise ProtocolError(
             "The Frisket client speaks JSON format version {} but this plugin understands version {}: "
-            "use a matching client.".format(v, PROTOCOL_VERSION))
+            "use a matching client.".format(v, PROTOCOL_VERSION)
+        )
 
 
 class LineBuffer(object):

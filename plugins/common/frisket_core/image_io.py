@@ -1,5 +1,6 @@
 """PNG (8-bit grey, grey+alpha, RGB, RGBA, non-interlaced) and .npy (float32/float64) files in
 the standard library alone."""
+
 import ast
 import struct
 import zlib
@@ -18,7 +19,7 @@ def encode_png(width, height, channels, data, level=6):
     data = bytes(data)
     if len(data) != stride * height:
         raise ValueError("expected %d bytes, got %d" % (stride * height, len(data)))
-    raw = b"".join(b"\x00" + data[y * stride:(y + 1) * stride] for y in range(height))
+    raw = b"".join(b"\x00" + data[y * stride : (y + 1) * stride] for y in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
     return _PNG_SIG + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, level)) + _chunk(b"IEND", b"")
 
@@ -37,9 +38,9 @@ def decode_png(blob):
     pos, idat, palette, trns = 8, [], None, None
     width = height = depth = ctype = interlace = None
     while pos < len(blob):
-        (length,) = struct.unpack(">I", blob[pos:pos + 4])
-        kind = blob[pos + 4:pos + 8]
-        body = blob[pos + 8:pos + 8 + length]
+        (length,) = struct.unpack(">I", blob[pos : pos + 4])
+        kind = blob[pos + 4 : pos + 8]
+        body = blob[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if kind == b"IHDR":
             width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
@@ -61,7 +62,7 @@ def decode_png(blob):
     pos = 0
     for y in range(height):
         ftype = raw[pos]
-        line = bytearray(raw[pos + 1:pos + 1 + stride])
+        line = bytearray(raw[pos + 1 : pos + 1 + stride])
         pos += 1 + stride
         if ftype == 1:
             for i in range(channels, stride):
@@ -84,13 +85,13 @@ def decode_png(blob):
                 line[i] = (line[i] + pred) & 0xFF
         elif ftype != 0:
             raise ValueError("bad PNG filter type %d" % ftype)
-        out[y * stride:(y + 1) * stride] = line
+        out[y * stride : (y + 1) * stride] = line
         prev = line
     if ctype == 3:
         has_alpha = trns is not None
         pix = bytearray()
         for idx in out:
-            pix += palette[3 * idx:3 * idx + 3]
+            pix += palette[3 * idx : 3 * idx + 3]
             if has_alpha:
                 pix.append(trns[idx] if idx < len(trns) else 255)
         return width, height, 4 if has_alpha else 3, bytes(pix)
@@ -124,7 +125,7 @@ def read_npy(path):
     else:
         (hlen,) = struct.unpack("<I", blob[8:12])
         start = 12
-    header = blob[start:start + hlen].decode("latin1")
+    header = blob[start : start + hlen].decode("latin1")
     meta = ast.literal_eval(header)
     if meta.get("fortran_order"):
         raise ValueError("Fortran-order .npy is not supported")
@@ -136,7 +137,7 @@ def read_npy(path):
     count = 1
     for s in shape:
         count *= s
-    values = struct.unpack("<%d%s" % (count, fmt), blob[start + hlen:start + hlen + count * struct.calcsize(fmt)])
+    values = struct.unpack("<%d%s" % (count, fmt), blob[start + hlen : start + hlen + count * struct.calcsize(fmt)])
     return shape, list(values)
 
 

@@ -6,7 +6,7 @@ RESULT_PREFIX = "[Frisket]"
 
 def short_prompt(prompt, limit=60):
     text = " ".join((prompt or "").split())
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def result_layer_name(prompt, seed):

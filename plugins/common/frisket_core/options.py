@@ -1,5 +1,6 @@
 """What the user chose (GenerateOptions), its checks, and the `frisket` command lines built
 from it."""
+
 import os
 import uuid
 
@@ -18,12 +19,38 @@ def default_server(environ=None):
 class GenerateOptions(object):
     """What the user chose in the docker / dialog."""
 
-    FIELDS = ("server", "model", "prompt", "negative_prompt", "subjects", "strength", "steps",
-              "seed", "explain", "selection_mode", "guidance", "scheduler", "preview_every")
+    FIELDS = (
+        "server",
+        "model",
+        "prompt",
+        "negative_prompt",
+        "subjects",
+        "strength",
+        "steps",
+        "seed",
+        "explain",
+        "selection_mode",
+        "guidance",
+        "scheduler",
+        "preview_every",
+    )
 
-    def __init__(self, server=DEFAULT_SERVER, model="", prompt="", negative_prompt="", subjects=(),
-                 strength=0.9, steps=20, seed=None, explain="fast", selection_mode="protect",
-                 guidance=None, scheduler=None, preview_every=1):
+    def __init__(
+        self,
+        server=DEFAULT_SERVER,
+        model="",
+        prompt="",
+        negative_prompt="",
+        subjects=(),
+        strength=0.9,
+        steps=20,
+        seed=None,
+        explain="fast",
+        selection_mode="protect",
+        guidance=None,
+        scheduler=None,
+        preview_every=1,
+    ):
         self.server = server
         self.model = model
         self.prompt = prompt
@@ -77,8 +104,11 @@ def validate(opts, models=None, image_size=None):
     if models and opts.model:
         info = next((m for m in models if m.get("name") == opts.model), None)
         if info is None:
-            problems.append("The server has no model named {!r} (it has: {}).".format(
-                opts.model, ", ".join(m.get("name", "?") for m in models)))
+            problems.append(
+                "The server has no model named {!r} (it has: {}).".format(
+                    opts.model, ", ".join(m.get("name", "?") for m in models)
+                )
+            )
         elif image_size:
             mult = int(info.get("size_multiple") or 1)
             w, h = image_size
@@ -86,7 +116,9 @@ def validate(opts, models=None, image_size=None):
                 problems.append(
                     "The image is {}x{} but model {} needs a width and height that are multiples of {}: "
                     "crop or resize the canvas (e.g. to {}x{}).".format(
-                        w, h, opts.model, mult, max(mult, w - w % mult), max(mult, h - h % mult)))
+                        w, h, opts.model, mult, max(mult, w - w % mult), max(mult, h - h % mult)
+                    )
+                )
     return problems
 
 

@@ -8,7 +8,7 @@ def bgra_to_rgb(data, width, height, background=255):
     data = bytes(data)
     if len(data) < 4 * n:
         raise ValueError("expected %d bytes of BGRA, got %d" % (4 * n, len(data)))
-    data = data[:4 * n]
+    data = data[: 4 * n]
     out = bytearray(3 * n)
     out[0::3], out[1::3], out[2::3] = data[2::4], data[1::4], data[0::4]
     alpha = data[3::4]

@@ -73,6 +73,7 @@ GIMP_METHODS:
     Gegl.Buffer.get
 END
 """
+
 import os
 import sys
 
@@ -85,8 +86,7 @@ gi.require_version("GimpUi", "3.0")
 from gi.repository import GimpUi  # noqa: E402
 
 gi.require_version("Gegl", "0.4")
-from gi.repository import Gegl  # noqa: E402
-from gi.repository import GLib, GObject, Gio  # noqa: E402
+from gi.repository import Gegl, Gio, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import frisket_gimp_job as job  # noqa: E402
@@ -107,8 +107,7 @@ def _add_arguments(procedure):
         elif arg.kind == "int":
             procedure.add_int_argument(arg.name, arg.nick, arg.blurb, arg.minimum, arg.maximum, arg.default, flags)
         elif arg.kind == "double":
-            procedure.add_double_argument(arg.name, arg.nick, arg.blurb, arg.minimum, arg.maximum, arg.default,
-                                          flags)
+            procedure.add_double_argument(arg.name, arg.nick, arg.blurb, arg.minimum, arg.maximum, arg.default, flags)
         elif arg.kind == "choice":
             choice = Gimp.Choice.new()
             for i, (nick, label) in enumerate(arg.choices):
@@ -144,7 +143,8 @@ class FrisketPlugIn(Gimp.PlugIn):
             "Change the layer to follow a prompt with Frisket, keeping the selection",
             "Sends the layer and the selection to a Frisket server (through the frisket client) and adds "
             "the result, plus Grad-SAM heatmaps, masks and the change map in a group of hidden layers.",
-            name)
+            name,
+        )
         procedure.set_attribution("Frisket", "Frisket", "2026")
         _add_arguments(procedure)
         return procedure
@@ -173,13 +173,15 @@ class FrisketPlugIn(Gimp.PlugIn):
         _ok, x, y = drawable.get_offsets()
         channels = 4 if drawable.has_alpha() else 3
         fmt = "R'G'B'A u8" if channels == 4 else "R'G'B' u8"
-        pixels = bytes(drawable.get_buffer().get(Gegl.Rectangle.new(0, 0, width, height), 1.0, fmt,
-                                                 Gegl.AbyssPolicy.NONE))
+        pixels = bytes(
+            drawable.get_buffer().get(Gegl.Rectangle.new(0, 0, width, height), 1.0, fmt, Gegl.AbyssPolicy.NONE)
+        )
         selection = None
         if not Gimp.Selection.is_empty(image):
             mask = image.get_selection()
-            selection = bytes(mask.get_buffer().get(Gegl.Rectangle.new(x, y, width, height), 1.0, "Y u8",
-                                                    Gegl.AbyssPolicy.NONE))
+            selection = bytes(
+                mask.get_buffer().get(Gegl.Rectangle.new(x, y, width, height), 1.0, "Y u8", Gegl.AbyssPolicy.NONE)
+            )
 
         Gimp.progress_init("Frisket: starting")
 
@@ -188,8 +190,9 @@ class FrisketPlugIn(Gimp.PlugIn):
             Gimp.progress_set_text("Frisket: " + state.status_text())
 
         try:
-            outcome = job.generate_from_pixels(client, opts, width, height, pixels, channels, selection, on_event,
-                                               write_png=frisket_gimp_png.write_png)
+            outcome = job.generate_from_pixels(
+                client, opts, width, height, pixels, channels, selection, on_event, write_png=frisket_gimp_png.write_png
+            )
         except (core.FrisketError, OSError) as e:
             return _error(procedure, Gimp.PDBStatusType.EXECUTION_ERROR, str(e))
         if not outcome.ok:

@@ -4,6 +4,7 @@ runs it against a real server). frisket-gimp.py is only the GIMP glue around it.
 
 The shared core (request building, the JSON-lines event stream, mask conversion) is the
 frisket_core package: next to this file once installed, plugins/common/ in a checkout."""
+
 import os
 import shutil
 import sys
@@ -34,18 +35,47 @@ ARGUMENTS = [
     Arg("model", "string", "_Model", "A model name from `frisket models`", "sd1"),
     Arg("prompt", "string", "_Prompt", "What the image should show", ""),
     Arg("negative-prompt", "string", "_Negative prompt", "What to steer away from", ""),
-    Arg("subjects", "string", "S_ubject words",
-        "Comma-separated words of the prompt for Grad-SAM (see `frisket tokenize`)", ""),
-    Arg("strength", "double", "S_trength", "Share of the schedule that runs, in (0, 1]; Grad-SAM needs 0.85 or more at 20 steps", 0.9, 0.01, 1.0),
+    Arg(
+        "subjects",
+        "string",
+        "S_ubject words",
+        "Comma-separated words of the prompt for Grad-SAM (see `frisket tokenize`)",
+        "",
+    ),
+    Arg(
+        "strength",
+        "double",
+        "S_trength",
+        "Share of the schedule that runs, in (0, 1]; Grad-SAM needs 0.85 or more at 20 steps",
+        0.9,
+        0.01,
+        1.0,
+    ),
     Arg("steps", "int", "St_eps", "Denoising steps", 20, 1, 500),
     Arg("seed", "int", "See_d", "Seed (-1: the server draws one)", -1, -1, 2147483647),
-    Arg("explain", "choice", "E_xplain", "Grad-SAM: off, fast or exact; adds heatmap and mask layers", "fast",
-        choices=[("off", "Off"), ("fast", "Fast"), ("exact", "Exact")]),
-    Arg("selection-mode", "choice", "Se_lection", "What the selection means", "protect",
-        choices=[("protect", "Selection is protected (kept exactly)"),
-                 ("change", "Selection is the region to change")]),
-    Arg("client", "string", "_Client path",
-        "The frisket client (empty: $FRISKET_CLIENT, next to the plug-in, then the PATH)", ""),
+    Arg(
+        "explain",
+        "choice",
+        "E_xplain",
+        "Grad-SAM: off, fast or exact; adds heatmap and mask layers",
+        "fast",
+        choices=[("off", "Off"), ("fast", "Fast"), ("exact", "Exact")],
+    ),
+    Arg(
+        "selection-mode",
+        "choice",
+        "Se_lection",
+        "What the selection means",
+        "protect",
+        choices=[("protect", "Selection is protected (kept exactly)"), ("change", "Selection is the region to change")],
+    ),
+    Arg(
+        "client",
+        "string",
+        "_Client path",
+        "The frisket client (empty: $FRISKET_CLIENT, next to the plug-in, then the PATH)",
+        "",
+    ),
 ]
 
 
@@ -99,8 +129,20 @@ class Outcome(object):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def generate_from_pixels(client, opts, width, height, pixels, channels, selection=None, on_event=None,
-                         workdir=None, timeout=None, *, write_png):
+def generate_from_pixels(
+    client,
+    opts,
+    width,
+    height,
+    pixels,
+    channels,
+    selection=None,
+    on_event=None,
+    workdir=None,
+    timeout=None,
+    *,
+    write_png,
+):
     """Runs one job on a drawable's pixels (RGB or RGBA bytes, `channels` 3 or 4) and its
     selection (8-bit, one byte per pixel at the drawable's size, or None); returns an
     Outcome whose `result` and `layers` name PNG files in its workdir. `write_png` encodes
@@ -117,13 +159,15 @@ def generate_from_pixels(client, opts, width, height, pixels, channels, selectio
         raise core.FrisketError("Only RGB images are supported (convert with Image > Mode > RGB).")
     mask = core.protect_mask_from_selection(selection, opts.selection_mode) if selection is not None else None
     if mask is not None and mask.count(0) == 0:
-        raise core.FrisketError("The whole layer would be protected, so nothing can change: select less, or "
-                                "choose 'Selection is the region to change'.")
+        raise core.FrisketError(
+            "The whole layer would be protected, so nothing can change: select less, or "
+            "choose 'Selection is the region to change'."
+        )
     workdir = workdir or tempfile.mkdtemp(prefix="frisket-gimp-")
-    run, protect = core.prepare_job(workdir, width, height, rgb, selection, opts.selection_mode,
-                                    write_png=write_png)
-    state = core.run_job(client, opts, run, protect=protect, job_id=core.new_job_id("gimp"), on_event=on_event,
-                         timeout=timeout)
+    run, protect = core.prepare_job(workdir, width, height, rgb, selection, opts.selection_mode, write_png=write_png)
+    state = core.run_job(
+        client, opts, run, protect=protect, job_id=core.new_job_id("gimp"), on_event=on_event, timeout=timeout
+    )
     outcome = Outcome(state, workdir)
     if state.result is None:
         outcome.message = core.describe_error(state.error or {"code": "CLIENT", "message": "no result"}, opts.server)

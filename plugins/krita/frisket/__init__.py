@@ -3,6 +3,7 @@ to a Frisket server through the bundled `frisket` client, shows each step's prev
 and brings the result, heatmaps and masks back as layers.
 
 Krita 6 (Qt 6 / PyQt6) is refused with a message: the plugin is written against PyQt5."""
+
 import sys
 
 from krita import Krita
@@ -18,8 +19,10 @@ def krita_major_version():
 
 
 def _refuse(version):
-    message = ("The Frisket plugin supports Krita 5.x (PyQt5); this is Krita {}. "
-               "It was not loaded. Use Krita 5, or check for a newer Frisket plugin.").format(version)
+    message = (
+        "The Frisket plugin supports Krita 5.x (PyQt5); this is Krita {}. "
+        "It was not loaded. Use Krita 5, or check for a newer Frisket plugin."
+    ).format(version)
     print("frisket: " + message, file=sys.stderr)
     try:  # Krita 6 ships PyQt6; show the message once the window is up
         try:

@@ -3,6 +3,7 @@ run in a QProcess (the UI never blocks), previews and the result back as layers.
 
 The docker's Generate button calls GenerateController.start(); tests drive the same
 object (tests/krita/)."""
+
 import os
 import shutil
 import sys
@@ -176,11 +177,13 @@ class GenerateController(QObject):
         if mask is not None and mask.count(0) == 0:
             raise core.FrisketError(
                 "The whole image would be protected, so nothing can change: select less, "
-                "or switch the selection to 'region to change'.")
+                "or switch the selection to 'region to change'."
+            )
         workdir = tempfile.mkdtemp(prefix="frisket-krita-")
         try:
-            run, protect = core.prepare_job(workdir, w, h, rgb, selection, opts.selection_mode,
-                                            write_png=krita_io.write_png)
+            run, protect = core.prepare_job(
+                workdir, w, h, rgb, selection, opts.selection_mode, write_png=krita_io.write_png
+            )
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -190,16 +193,20 @@ class GenerateController(QObject):
         self.buffer = core.LineBuffer()
         self._reset_job_outputs()
         self._done = False
-        args = core.build_generate_args(opts, run.out, reference=run.reference, protect=protect,
-                                        dump_dir=run.dump_dir, job_id=self.job_id)
+        args = core.build_generate_args(
+            opts, run.out, reference=run.reference, protect=protect, dump_dir=run.dump_dir, job_id=self.job_id
+        )
         self.process = QProcess(self)
         self.process.setWorkingDirectory(workdir)
         self.process.readyReadStandardOutput.connect(self._on_stdout)
         self.process.readyReadStandardError.connect(self._on_stderr)
         self.process.finished.connect(self._on_finished)
         self.process.errorOccurred.connect(self._on_process_error)
-        self._status("Starting…" if protect is None else
-                     "Starting… ({:.0%} of the image protected)".format(core.mask_coverage(mask)))
+        self._status(
+            "Starting…"
+            if protect is None
+            else "Starting… ({:.0%} of the image protected)".format(core.mask_coverage(mask))
+        )
         self.process.start(client, args)
         return self.job_id
 
@@ -210,8 +217,14 @@ class GenerateController(QObject):
             return
         self.state.cancel_requested = True
         self._status("Cancelling…")
-        call = ClientCall(self.client, core.build_cancel_args(self.opts.server, self.job_id),
-                          core.parse_single_line, self.opts.server, 5000, self)
+        call = ClientCall(
+            self.client,
+            core.build_cancel_args(self.opts.server, self.job_id),
+            core.parse_single_line,
+            self.opts.server,
+            5000,
+            self,
+        )
         call.done.connect(self._on_cancel_answer)
         QTimer.singleShot(5000, self._kill)
 
@@ -276,14 +289,21 @@ class GenerateController(QObject):
             self._finish(False, core.describe_error(self.state.error, self.opts.server))
         else:
             crashed = exit_status != QProcess.NormalExit
-            self._finish(False, core.describe_exit(None if crashed else code,
-                                                   self._stderr.decode("utf-8", "replace"), self.opts.server))
+            self._finish(
+                False,
+                core.describe_exit(
+                    None if crashed else code, self._stderr.decode("utf-8", "replace"), self.opts.server
+                ),
+            )
 
     @_unless_destroyed
     def _on_process_error(self, err):
         if err == QProcess.FailedToStart and not self._done:
-            self._fail("Could not start the Frisket client {} ({}). Fix the client path in the "
-                       "docker's settings.".format(self.client, self.process.errorString()))
+            self._fail(
+                "Could not start the Frisket client {} ({}). Fix the client path in the docker's settings.".format(
+                    self.client, self.process.errorString()
+                )
+            )
 
     # ----------------------------------------------------------------- layers
     def _show_preview(self, event):

@@ -1,12 +1,30 @@
 """The Frisket docker (Settings ▸ Dockers ▸ Frisket)."""
+
 import os
 
 from krita import DockWidget, Krita
 from PyQt5.QtCore import Qt, QTimer
-from PyQt5.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
-                             QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QMessageBox,
-                             QPlainTextEdit, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QToolButton,
-                             QVBoxLayout, QWidget)
+from PyQt5.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from . import krita_io, settings
 from ._core import core
@@ -180,8 +198,17 @@ class FrisketDocker(DockWidget):
         self.client_path.setText(settings.read("client_path"))
 
     def _save_settings(self, opts):
-        for key in ("server", "model", "prompt", "negative_prompt", "strength", "steps", "seed", "explain",
-                    "selection_mode"):
+        for key in (
+            "server",
+            "model",
+            "prompt",
+            "negative_prompt",
+            "strength",
+            "steps",
+            "seed",
+            "explain",
+            "selection_mode",
+        ):
             value = getattr(opts, key)
             settings.write(key, -1 if key == "seed" and value is None else value)
         settings.write("client_path", self.client_path.text().strip())
@@ -321,8 +348,12 @@ class FrisketDocker(DockWidget):
         self.model.clear()
         for m in self.models:
             tip = "{} {}x{}; explain: {}; protected regions: {}".format(
-                m.get("architecture", ""), m.get("native_width"), m.get("native_height"),
-                "yes" if m.get("explain") else "no", "yes" if m.get("protected_regions") else "no")
+                m.get("architecture", ""),
+                m.get("native_width"),
+                m.get("native_height"),
+                "yes" if m.get("explain") else "no",
+                "yes" if m.get("protected_regions") else "no",
+            )
             self.model.addItem(m.get("name", "?"))
             self.model.setItemData(self.model.count() - 1, tip, Qt.ToolTipRole)
         if current and self.model.findText(current) >= 0:
@@ -340,8 +371,9 @@ class FrisketDocker(DockWidget):
         except core.FrisketError:
             return  # reported on Generate
         server = self.server.text().strip() or core.DEFAULT_SERVER
-        call = ClientCall(client, core.build_tokenize_args(server, model, prompt), core.parse_tokens, server,
-                          parent=self)
+        call = ClientCall(
+            client, core.build_tokenize_args(server, model, prompt), core.parse_tokens, server, parent=self
+        )
         call.done.connect(self._on_tokens)
 
     def _on_tokens(self, tokens, error):
@@ -363,8 +395,7 @@ class FrisketDocker(DockWidget):
         elif mode == "protect":
             text = "Selection {}x{} at {},{} is kept exactly.".format(box[2], box[3], box[0], box[1])
         else:
-            text = "Selection {}x{} at {},{} changes; the rest is kept exactly.".format(box[2], box[3], box[0],
-                                                                                      box[1])
+            text = "Selection {}x{} at {},{} changes; the rest is kept exactly.".format(box[2], box[3], box[0], box[1])
         if self.selection_info.text() != text:
             self.selection_info.setText(text)
 

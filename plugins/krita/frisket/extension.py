@@ -1,5 +1,6 @@
 """Tools ▸ Scripts ▸ Frisket: Generate / Cancel (actions from frisket.action): they run the
 Frisket docker's buttons, so they can get keyboard shortcuts."""
+
 from krita import Extension, Krita
 from PyQt5.QtWidgets import QMessageBox
 

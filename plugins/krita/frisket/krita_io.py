@@ -1,5 +1,6 @@
 """Krita document I/O: the visible image and the selection out, layers in, and PNG files
 through Qt's codec (QImage)."""
+
 from PyQt5.QtCore import QByteArray, Qt
 from PyQt5.QtGui import QImage
 

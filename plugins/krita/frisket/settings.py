@@ -1,4 +1,5 @@
 """The plugin's settings, kept in kritarc ([frisket] group)."""
+
 import os
 
 from krita import Krita
@@ -36,4 +37,5 @@ def write(key, value):
 def find_client():
     """(path, source) of the `frisket` client: setting, $FRISKET_CLIENT, next to the plugin, PATH."""
     from ._core import PLUGIN_DIR
+
     return core.find_client(setting=read("client_path"), environ=os.environ, plugin_dir=PLUGIN_DIR)

@@ -2,6 +2,7 @@
 is up, opens the known test image, fills the Frisket docker, selects the left half, runs one job against the
 server in $FRISKET_SHOT_SERVER, saves a screenshot to $FRISKET_SHOT_OUT
 and quits. Not part of the plugin."""
+
 import json
 import os
 import sys
@@ -88,6 +89,7 @@ def _run():
         QApplication.processEvents()
         time.sleep(0.05)
     from PyQt5.QtCore import Qt
+
     for i in range(dock.subjects.count()):
         if dock.subjects.item(i).text() == "circle":
             dock.subjects.item(i).setCheckState(Qt.Checked)
@@ -114,7 +116,6 @@ def shoot():
     try:
         window = Krita.instance().activeWindow()
         qwin = window.qwindow()
-        dock = find_docker(window)
         view = window.activeView()
         if view is not None and view.canvas() is not None:
             view.canvas().setZoomLevel(3.5)
