@@ -8,33 +8,23 @@ use anyhow::{bail, Result};
 use std::cell::RefCell;
 use tch::{Kind, Tensor};
 
-/// Which cross-attention layers (attn2, numbered in forward order) to capture, and what
-/// was captured. Passed down the UNet only by `forward_capturing`.
-pub struct AttnCapture<'a> {
+/// Which cross-attention layers (attn2, numbered in forward order) to capture, and the
+/// probabilities captured from them. Passed down the UNet when a caller asks for them.
+pub(crate) struct AttnCapture<'a> {
     layers: &'a [usize],
     probs: RefCell<Vec<(usize, Tensor)>>,
-    /// The UNet's output-head input (Grad-SAM's fast mode), set by the UNet.
-    head_input: RefCell<Option<Tensor>>,
 }
 
 impl<'a> AttnCapture<'a> {
-    pub fn new(layers: &'a [usize]) -> Self {
-        Self { layers, probs: RefCell::new(Vec::new()), head_input: RefCell::new(None) }
-    }
-
-    pub fn set_head_input(&self, h: &Tensor) {
-        *self.head_input.borrow_mut() = Some(h.shallow_clone());
-    }
-
-    pub fn take_head_input(&self) -> Option<Tensor> {
-        self.head_input.borrow_mut().take()
+    pub(crate) fn new(layers: &'a [usize]) -> Self {
+        Self { layers, probs: RefCell::new(Vec::new()) }
     }
 
     fn wants(&self, layer: usize) -> bool {
         self.layers.contains(&layer)
     }
 
-    pub fn into_probs(self) -> Vec<(usize, Tensor)> {
+    pub(crate) fn into_probs(self) -> Vec<(usize, Tensor)> {
         self.probs.into_inner()
     }
 }
@@ -50,9 +40,9 @@ pub struct CrossContext {
 }
 
 impl CrossContext {
-    /// `states`: [B, keys, cross_attention_dim]; `layers`: the number of attn2 layers.
-    pub fn new(states: &Tensor, layers: usize) -> Self {
-        Self { states: states.shallow_clone(), kv: RefCell::new((0..layers).map(|_| None).collect()) }
+    /// `states`: [B, keys, cross_attention_dim].
+    pub fn new(states: &Tensor) -> Self {
+        Self { states: states.shallow_clone(), kv: RefCell::new(Vec::new()) }
     }
 
     pub fn states(&self) -> &Tensor {
@@ -297,7 +287,7 @@ impl Transformer2DModel {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
         let (b, c, h, w) = x.size4().expect("[batch, channels, height, width]");
         // Token rows are the pixels of a channels-last image: when the UNet runs
         // channels-last (on the CPU), both conversions are free views and the output stays

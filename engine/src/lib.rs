@@ -5,13 +5,16 @@ pub use tch;
 
 pub mod attention;
 pub mod clip;
+pub mod compare;
 pub mod config;
 pub mod embeddings;
 pub mod explain;
+pub mod hooks;
 pub mod image_io;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
+pub mod protect;
 pub mod resnet;
 pub mod schedulers;
 pub mod tokenizer;

@@ -1,18 +1,76 @@
-//! txt2img and img2img, step for step as diffusers' StableDiffusion(Img2Img)Pipeline, with
-//! an event per step that callers (the CLI, the gRPC service) turn into progress streams.
-use super::explain::job::{pure_noise, ExplainJob};
-pub use super::explain::job::{ExplainSummary, Heatmap, Manipulation, StepExplain, StepFraction};
-use super::explain::{self, ExplainParams, ProtectParams, StartMode};
+//! txt2img and img2img, step for step as diffusers' StableDiffusion(Img2Img)Pipeline.
+//!
+//! A job is planned once: [`StableDiffusion::prepare`] validates its parameters and
+//! resolves them into a [`PreparedJob`] (scheduler, timesteps, start, Grad-SAM and
+//! protection plans), which callers may read (to announce the job) and then hand to
+//! [`StableDiffusion::generate`]. Generation calls the job's step hooks (`hooks.rs`) and
+//! reports every step to the caller, who turns it into progress streams.
+use super::compare::{compare, Comparison};
+use super::explain::edit::{EditState, Manipulation, StepFraction};
+use super::explain::{ExplainParams, ExplainPlan};
+use super::hooks::{ReferenceLatents, StepHook, StepPoint};
 use super::image_io;
 use super::model::StableDiffusion;
-use super::schedulers::{self, Scheduler, SchedulerKind};
-use anyhow::{bail, Result};
+use super::protect::{Protect, ProtectParams, ProtectPlan};
+use super::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
+use super::unet::{Capture, CrossContext};
+use anyhow::{bail, ensure, Result};
+use std::str::FromStr;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// libtorch's default CPU generator is process-wide; a job seeds it and draws all of its
 /// noise at once under this lock, so concurrent jobs (and tests) cannot interleave draws.
 static GENERATOR: Mutex<()> = Mutex::new(());
+
+/// The defaults of a job's settings, and the paper's preset. Every front end (the gRPC
+/// request, `frisket-server render`, the trainer's evaluation) takes them from here.
+pub mod defaults {
+    pub const STEPS: usize = 20;
+    pub const GUIDANCE: f64 = 7.5;
+    pub const STRENGTH: f64 = 0.8;
+    pub const SCHEDULER: &str = "ddim";
+    /// The paper's manipulation timesteps (snapped to the job's schedule).
+    pub const TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
+
+    /// `--preset paper`: the settings of the paper's code. Its scheduler (DDPM) is not one
+    /// of ours, so the job keeps its own; its start is pure noise, and Grad-SAM runs fast
+    /// on the last cross-attention layer with k = 0.5.
+    pub mod paper {
+        pub const NAME: &str = "paper";
+        pub const STEPS: usize = 50;
+        pub const GUIDANCE: f64 = 8.0;
+        pub const STRENGTH: f64 = 0.9;
+        pub const TIMESTEPS: [f64; 3] = super::TIMESTEPS;
+        pub const MASK_THRESHOLD: f64 = 0.5;
+    }
+}
+
+/// How a job with a reference image starts.
+///
+/// The default is `Reference` (SDEdit img2img): it is exactly diffusers' img2img, so a
+/// request that only adds a reference keeps its meaning and its numbers, a protect-only
+/// job starts consistent with the region it keeps, and Grad-SAM's first manipulation
+/// already sees a latent laid out like the reference. `Noise` is the paper's code: pure
+/// noise at the strength's start timestep, the reference entering only through the
+/// manipulations (and the protected region); the paper preset selects it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartMode {
+    #[default]
+    Reference,
+    Noise,
+}
+
+impl FromStr for StartMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "reference" => Self::Reference,
+            "noise" => Self::Noise,
+            other => bail!("unknown start `{other}` (expected noise or reference)"),
+        })
+    }
+}
 
 #[derive(Debug)]
 pub struct GenerateParams {
@@ -58,19 +116,59 @@ impl Default for GenerateParams {
             prompt: String::new(),
             negative_prompt: String::new(),
             seed: 0,
-            steps: 20,
-            guidance: 7.5,
+            steps: defaults::STEPS,
+            guidance: defaults::GUIDANCE,
             scheduler: SchedulerKind::Ddim,
             karras: false,
             width: 512,
             height: 512,
             reference: None,
-            strength: 0.8,
+            strength: defaults::STRENGTH,
             start: StartMode::Reference,
             explain: None,
             protect: None,
         }
     }
+}
+
+/// diffusers' img2img `get_timesteps`: the index of the first timestep to run.
+pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    steps.saturating_sub(init_timestep) * order
+}
+
+/// The scheduler a job runs and the index of its first step: 0 for txt2img, img2img's
+/// start for a job with a reference at `strength`.
+pub fn schedule(
+    config: &SchedulerConfig,
+    kind: SchedulerKind,
+    karras: bool,
+    steps: usize,
+    img2img_strength: Option<f64>,
+) -> Result<(Box<dyn Scheduler>, usize)> {
+    let scheduler = schedulers::build(kind, config, karras, steps)?;
+    let start = match img2img_strength {
+        Some(strength) => img2img_start(steps, strength, scheduler.order()),
+        None => 0,
+    };
+    ensure!(
+        start < scheduler.timesteps().len(),
+        "strength {} with {steps} steps leaves no step to run: raise strength or steps",
+        img2img_strength.unwrap_or(1.0)
+    );
+    Ok((scheduler, start))
+}
+
+/// A job planned against a model: validated, with everything resolved that the steps need.
+pub struct PreparedJob {
+    pub params: GenerateParams,
+    scheduler: Box<dyn Scheduler>,
+    /// Index of the first step in the scheduler's timesteps.
+    pub start: usize,
+    /// The timesteps this job runs, in order.
+    pub timesteps: Vec<f64>,
+    pub explain: Option<ExplainPlan>,
+    pub protect: Option<ProtectPlan>,
 }
 
 /// What happened in one denoising step.
@@ -85,8 +183,9 @@ pub struct StepEvent<'a> {
     pub latents: &'a Tensor,
     /// The scheduler's prediction of the clean latent x̂0 at this step.
     pub denoised: &'a Tensor,
-    /// Grad-SAM / protection output of this step; None for plain jobs and plain steps.
-    pub explain: Option<StepExplain<'a>>,
+    /// Grad-SAM's maps and mask, on a manipulated step (computed before the step's UNet
+    /// call, from the latent entering it).
+    pub manipulation: Option<&'a Manipulation>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,13 +194,41 @@ pub enum Flow {
     Stop,
 }
 
+/// Why a job did not produce an image.
+#[derive(Debug)]
+pub enum GenerateError {
+    /// The caller's step callback returned `Flow::Stop`.
+    Cancelled,
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for GenerateError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl std::fmt::Display for GenerateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cancelled => f.write_str("cancelled"),
+            Self::Failed(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for GenerateError {}
+
 pub struct Generated {
     /// [3, H, W] float in [0, 1] on the CPU (diffusers' output_type="np", channels first).
     pub image: Tensor,
     pub latents: Tensor,
     pub timesteps: Vec<f64>,
-    /// Jobs with Grad-SAM or a protected region.
-    pub explain: Option<ExplainSummary>,
+    /// img2img: the result against its reference (change map, PSNR inside and outside a
+    /// protected region).
+    pub comparison: Option<Comparison>,
+    /// Grad-SAM: the share of latents from the reference at each manipulated step.
+    pub reference_fractions: Vec<StepFraction>,
 }
 
 /// Noise for one job, drawn in the order diffusers draws from its generator.
@@ -126,14 +253,18 @@ fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize,
     JobNoise { vae_sample, initial, per_step, reference }
 }
 
-/// diffusers' img2img `get_timesteps`: the index of the first timestep to run.
-pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    steps.saturating_sub(init_timestep) * order
+/// Pure noise at `step_index` in the scheduler's parameterisation: the latent whose model
+/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM and
+/// DPM-Solver++, √(σ²+1)·ε for the σ-space Euler schedulers.
+fn pure_noise(scheduler: &dyn Scheduler, noise: &Tensor, step_index: usize) -> Tensor {
+    let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
+    let scale = scheduler.scale_model_input(&one, step_index).double_value(&[0]);
+    noise / scale
 }
 
 impl StableDiffusion {
-    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+    /// Validates `p` against this model and plans the job.
+    pub fn prepare(&self, p: &GenerateParams) -> Result<PreparedJob> {
         let factor = self.vae_scale_factor();
         if p.width <= 0 || p.height <= 0 || p.width % factor != 0 || p.height % factor != 0 {
             bail!(
@@ -142,50 +273,49 @@ impl StableDiffusion {
                 p.height
             );
         }
-        if p.steps == 0 {
-            bail!("steps must be at least 1");
-        }
-        if !p.guidance.is_finite() || p.guidance < 0.0 {
-            bail!("guidance must be a finite number ≥ 0, got {}", p.guidance);
-        }
+        ensure!(p.steps > 0, "steps must be at least 1");
+        ensure!(
+            p.guidance.is_finite() && p.guidance >= 0.0,
+            "guidance must be a finite number ≥ 0, got {}",
+            p.guidance
+        );
         if let Some(reference) = &p.reference {
-            if !(0.0..=1.0).contains(&p.strength) {
-                bail!("strength must be in [0, 1], got {}", p.strength);
-            }
+            ensure!((0.0..=1.0).contains(&p.strength), "strength must be in [0, 1], got {}", p.strength);
             let size = reference.size();
-            if size != [1, 3, p.height, p.width] {
-                bail!("reference image is {:?}, expected [1, 3, {}, {}]", size, p.height, p.width);
-            }
-            if img2img_start(p.steps, p.strength, 1) >= p.steps {
-                bail!("strength {} with {} steps leaves no step to run", p.strength, p.steps);
-            }
+            ensure!(
+                size == [1, 3, p.height, p.width],
+                "reference image is {size:?}, expected [1, 3, {}, {}]",
+                p.height,
+                p.width
+            );
         }
-        explain::plan(self, p)?;
-        Ok(())
+        if (p.explain.is_some() || p.protect.is_some()) && p.reference.is_none() {
+            bail!("Grad-SAM manipulation and protected regions need a reference image (img2img)");
+        }
+        let strength = p.reference.as_ref().map(|_| p.strength);
+        let (scheduler, start) = schedule(&self.scheduler_config, p.scheduler, p.karras, p.steps, strength)?;
+        let timesteps = scheduler.timesteps()[start..].to_vec();
+        let explain = p.explain.as_ref().map(|e| ExplainPlan::new(self, &p.prompt, e, &timesteps)).transpose()?;
+        let protect = p.protect.as_ref().map(|m| ProtectPlan::new(m, p.width, p.height, factor)).transpose()?;
+        Ok(PreparedJob { params: p.clone(), scheduler, start, timesteps, explain, protect })
     }
 
-    pub fn scheduler(&self, p: &GenerateParams) -> Result<Box<dyn Scheduler>> {
-        schedulers::build(p.scheduler, &self.scheduler_config, p.karras, p.steps)
-    }
-
-    /// Runs a whole job. `on_step` is called after every step; returning `Flow::Stop`
-    /// ends the job early with an error (the caller asked to cancel).
-    pub fn generate(&self, p: &GenerateParams, on_step: &mut dyn FnMut(&StepEvent) -> Flow) -> Result<Generated> {
-        self.validate(p)?;
-        let plan = explain::plan(self, p)?;
+    /// Runs a prepared job. `on_step` is called after every step; returning `Flow::Stop`
+    /// ends the job with `GenerateError::Cancelled`.
+    pub fn generate(
+        &self,
+        job: PreparedJob,
+        on_step: &mut dyn FnMut(&StepEvent) -> Flow,
+    ) -> Result<Generated, GenerateError> {
         let _no_grad = tch::no_grad_guard();
-        let mut scheduler = self.scheduler(p)?;
-        let timesteps = scheduler.timesteps().to_vec();
+        let PreparedJob { params: p, mut scheduler, start, timesteps, explain, protect } = job;
         let factor = self.vae_scale_factor();
         let channels = self.unet.config().in_channels;
         let latent_shape = [1, channels, p.height / factor, p.width / factor];
 
-        let start = match &p.reference {
-            Some(_) => img2img_start(p.steps, p.strength, scheduler.order()),
-            None => 0,
-        };
-        let step_draws = if scheduler.needs_step_noise() { timesteps.len() - start } else { 0 };
-        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws, plan.is_some());
+        let edited = explain.is_some() || protect.is_some();
+        let step_draws = if scheduler.needs_step_noise() { timesteps.len() } else { 0 };
+        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws, edited);
         let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
 
         let scaling = self.vae.config().scaling_factor;
@@ -206,29 +336,47 @@ impl StableDiffusion {
             None => to_dev(&noise.initial) * scheduler.init_noise_sigma(),
         };
 
+        // The step hooks, in the order they act: the protected region, then Grad-SAM.
+        let reference = match (reference_latents, &noise.reference) {
+            (Some(clean), Some(eps)) => Some(ReferenceLatents { clean, noise: to_dev(eps) }),
+            _ => None,
+        };
+        let protect_pixels = protect.as_ref().map(|plan| plan.pixels.shallow_clone());
+        let mut protect_hook = match (protect, &reference, &p.reference) {
+            (Some(plan), Some(r), Some(image)) => Some(Protect::new(plan, r.clone(), image)),
+            _ => None,
+        };
+        let mut edit = match (explain, &reference) {
+            (Some(plan), Some(r)) => {
+                let protected = protect_hook.as_ref().map(|h| h.latent_mask().shallow_clone());
+                Some(EditState::new(plan, r.clone(), protected))
+            }
+            _ => None,
+        };
+
         let guided = p.guidance > 1.0;
         let context =
             if guided { self.encode_prompts(&[&p.negative_prompt, &p.prompt]) } else { self.encode_prompt(&p.prompt) };
         // Cross-attention keys/values are computed from it once, in the first step.
-        let context = self.unet.prepare_context(&context);
+        let context = CrossContext::new(&context);
         // Grad-SAM explains the conditional branch alone.
         let states = context.states();
         let cond = if guided { states.narrow(0, 1, 1) } else { states.shallow_clone() };
-        let mut job = plan.as_ref().map(|plan| {
-            let eps = noise.reference.as_ref().expect("drawn for explain/protect jobs");
-            ExplainJob::new(self, plan, reference_latents.as_ref(), eps, &to_dev)
-        });
 
-        let total = timesteps.len() - start;
-        for (index, step_index) in (start..timesteps.len()).enumerate() {
-            let t = timesteps[step_index];
-            let manipulation = match job.as_mut() {
-                Some(job) => job.before_step(self, &*scheduler, &mut latents, index, step_index, t, &cond)?,
-                None => None,
-            };
+        let total = timesteps.len();
+        for (index, &t) in timesteps.iter().enumerate() {
+            let step_index = start + index;
+            let at = StepPoint { model: self, scheduler: &*scheduler, index, step_index, timestep: t, cond: &cond };
+            if let Some(hook) = protect_hook.as_mut() {
+                hook.before_step(&at, &mut latents)?;
+            }
+            if let Some(hook) = edit.as_mut() {
+                hook.before_step(&at, &mut latents)?;
+            }
+            let manipulation = edit.as_mut().and_then(EditState::take_manipulation);
             let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
             let model_in = scheduler.scale_model_input(&model_in, step_index);
-            let out = self.unet.forward_prepared(&model_in, t, &context);
+            let out = self.unet.forward(&model_in, t, &context, Capture::NONE).sample;
             let noise_pred = if guided {
                 let parts = out.chunk(2, 0);
                 &parts[0] + (&parts[1] - &parts[0]) * p.guidance
@@ -244,27 +392,24 @@ impl StableDiffusion {
                 latents_in: &latents,
                 latents: &step.prev_sample,
                 denoised: &step.pred_original_sample,
-                explain: match (&plan, &manipulation) {
-                    (Some(plan), m) if index == 0 || m.is_some() => {
-                        Some(StepExplain { plan: (index == 0).then_some(plan), manipulation: m.as_ref() })
-                    }
-                    _ => None,
-                },
+                manipulation: manipulation.as_ref(),
             };
             if on_step(&event) == Flow::Stop {
-                bail!(Cancelled);
+                return Err(GenerateError::Cancelled);
             }
             latents = step.prev_sample;
         }
 
-        let (image, explain) = match (job, &plan) {
-            (Some(job), Some(plan)) => {
-                let (image, summary) = job.finish(self, plan, p, &mut latents)?;
-                (image, Some(summary))
-            }
-            _ => (self.decode_latents(&latents), None),
-        };
-        Ok(Generated { image, latents, timesteps: timesteps[start..].to_vec(), explain })
+        if let Some(hook) = protect_hook.as_mut() {
+            hook.before_decode(&mut latents);
+        }
+        let mut image = self.decode_latents(&latents);
+        if let Some(hook) = protect_hook.as_mut() {
+            hook.after_decode(&mut image);
+        }
+        let comparison = p.reference.as_ref().map(|r| compare(&image, r, protect_pixels.as_ref()));
+        let reference_fractions = edit.map(EditState::into_fractions).unwrap_or_default();
+        Ok(Generated { image, latents, timesteps, comparison, reference_fractions })
     }
 
     /// Scaled latents → [3, H, W] image in [0, 1] on the CPU.
@@ -277,15 +422,3 @@ impl StableDiffusion {
         image_io::postprocess(&self.vae.decode(&z))
     }
 }
-
-/// The error a job ends with when its caller stopped it.
-#[derive(Debug, Clone, Copy)]
-pub struct Cancelled;
-
-impl std::fmt::Display for Cancelled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("cancelled")
-    }
-}
-
-impl std::error::Error for Cancelled {}

@@ -1,6 +1,7 @@
 //! UNet2DConditionModel (diffusers' unets/unet_2d_condition.py) for SD 1.x/2.x-style
 //! configs; the architecture is read from unet/config.json.
-use super::attention::{AttnCapture, CrossContext};
+use super::attention::AttnCapture;
+pub use super::attention::CrossContext;
 use super::config::{read_config, PerBlock};
 use super::embeddings::{timesteps_embedding, TimestepEmbedding};
 use super::nn::{channels_last, is_channels_last, Activation, Conv2d, GroupNorm};
@@ -360,56 +361,36 @@ impl UNet2DConditionModel {
         &self.cfg
     }
 
-    /// Number of cross-attention layers (attn2), the valid indices for `forward_capturing`.
+    /// Number of cross-attention layers (attn2), the valid indices for `Capture::layers`.
     pub fn cross_attention_layer_count(&self) -> usize {
         self.cross_layers
     }
 
-    /// sample [B,C,H,W], timestep (same for the whole batch; diffusers casts it to float32
-    /// for the embedding), encoder_hidden_states [B,77,D] → noise prediction [B,C',H,W].
-    pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Tensor {
-        self.run(sample, timestep, &self.prepare_context(encoder_hidden_states), None)
-    }
-
-    /// The encoder hidden states [B,77,D] of a job, for `forward_prepared`: it keeps the
-    /// cross-attention keys and values computed from them in the first call for the later
-    /// ones. For this UNet only; grad mode as in that first call.
-    pub fn prepare_context(&self, encoder_hidden_states: &Tensor) -> CrossContext {
-        CrossContext::new(encoder_hidden_states, self.cross_layers)
-    }
-
-    /// `forward` with a context from `prepare_context`; the same result.
-    pub fn forward_prepared(&self, sample: &Tensor, timestep: f64, context: &CrossContext) -> Tensor {
-        self.run(sample, timestep, context, None)
-    }
-
-    /// Same, also returning the post-softmax cross-attention probabilities
-    /// [B, heads, H·W, keys] of the requested layers, in forward order. They are part of
-    /// the autograd graph (when grad mode is on), so d(output)/d(probs) can be taken.
-    pub fn forward_capturing(
+    /// The UNet's one entry point: `sample` [B,C,H,W] at `timesteps` (one for the whole
+    /// batch, or one per row), attending to `context` (the encoder hidden states [B,77,D];
+    /// a context kept across a job's steps reuses its cross-attention keys and values)
+    /// → the noise prediction [B,C',H,W], plus what `capture` asks for.
+    pub fn forward<'t>(
         &self,
         sample: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        layers: &[usize],
-    ) -> (Tensor, Vec<(usize, Tensor)>) {
-        self.forward_capturing_prepared(sample, timestep, &self.prepare_context(encoder_hidden_states), layers)
-    }
-
-    /// `forward_capturing`, also returning the input of the output head (the last up
-    /// block's output [B, C0, H, W], in the graph): Grad-SAM's fast mode factorises
-    /// the final layer's Jacobian through it (explain/fast.rs).
-    pub fn forward_capturing_features(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        layers: &[usize],
-    ) -> (Tensor, Vec<(usize, Tensor)>, Tensor) {
-        let capture = AttnCapture::new(layers);
-        let out = self.run(sample, timestep, &self.prepare_context(encoder_hidden_states), Some(&capture));
-        let features = capture.take_head_input().expect("the UNet sets its head input");
-        (out, capture.into_probs(), features)
+        timesteps: impl Into<Timesteps<'t>>,
+        context: &CrossContext,
+        capture: Capture<'_>,
+    ) -> UNetOutput {
+        let timesteps = match timesteps.into() {
+            // float32 like diffusers (which casts even a float64 timestep with `.float()`).
+            Timesteps::Shared(t) => {
+                Tensor::from_slice(&[t as f32]).to_device(sample.device()).expand([sample.size()[0]], false)
+            }
+            Timesteps::PerRow(t) => t.shallow_clone(),
+        };
+        let attn = (!capture.layers.is_empty()).then(|| AttnCapture::new(capture.layers));
+        let (sample, head_input) = self.run_timesteps(sample, &timesteps, context, attn.as_ref());
+        UNetOutput {
+            sample,
+            probs: attn.map(AttnCapture::into_probs).unwrap_or_default(),
+            head_input: capture.head_input.then_some(head_input),
+        }
     }
 
     /// The output head: conv_norm_out → conv_act → conv_out.
@@ -417,51 +398,14 @@ impl UNet2DConditionModel {
         (&self.conv_norm_out, self.conv_act, &self.conv_out)
     }
 
-    /// `forward_capturing` with a context from `prepare_context`.
-    pub fn forward_capturing_prepared(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        context: &CrossContext,
-        layers: &[usize],
-    ) -> (Tensor, Vec<(usize, Tensor)>) {
-        let capture = AttnCapture::new(layers);
-        let out = self.run(sample, timestep, context, Some(&capture));
-        (out, capture.into_probs())
-    }
-
-    /// Training's forward: one timestep per sample (`timesteps` [B]), a fresh cross context.
-    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
-        self.run_timesteps(sample, timesteps, &self.prepare_context(encoder_hidden_states), None)
-    }
-
-    /// `forward_timesteps`, also returning the cross-attention probabilities of `layers`
-    /// ([B, heads, H·W, keys] each, in the graph): the trainer's attention grounding loss.
-    pub fn forward_timesteps_capturing(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        layers: &[usize],
-    ) -> (Tensor, Vec<(usize, Tensor)>) {
-        let capture = AttnCapture::new(layers);
-        let out = self.run_timesteps(sample, timesteps, &self.prepare_context(encoder_hidden_states), Some(&capture));
-        (out, capture.into_probs())
-    }
-
-    fn run(&self, sample: &Tensor, timestep: f64, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
-        // float32 like diffusers (which casts even a float64 timestep with `.float()`).
-        let t = Tensor::from_slice(&[timestep as f32]).to_device(sample.device()).expand([sample.size()[0]], false);
-        self.run_timesteps(sample, &t, context, capture)
-    }
-
+    /// The noise prediction and the output head's input.
     fn run_timesteps(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &CrossContext,
         capture: Option<&AttnCapture>,
-    ) -> Tensor {
+    ) -> (Tensor, Tensor) {
         let cfg = &self.cfg;
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let t_emb = timesteps_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -497,15 +441,59 @@ impl UNet2DConditionModel {
             });
             h = block.forward(&h, &own, &emb, context, size, capture);
         }
-        if let Some(c) = capture {
-            c.set_head_input(&h);
-        }
         let out = self.conv_out.forward(&self.conv_act.forward(&self.conv_norm_out.forward(&h)));
         // Callers get the usual contiguous layout.
-        if channels_last_weights {
-            out.contiguous()
-        } else {
-            out
-        }
+        (if channels_last_weights { out.contiguous() } else { out }, h)
     }
+}
+
+/// The timesteps of a UNet call.
+#[derive(Clone, Copy)]
+pub enum Timesteps<'a> {
+    /// One timestep for every row (inference).
+    Shared(f64),
+    /// One per row, [B] (training, rows of different jobs).
+    PerRow(&'a Tensor),
+}
+
+impl From<f64> for Timesteps<'_> {
+    fn from(t: f64) -> Self {
+        Self::Shared(t)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Timesteps<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Self::PerRow(t)
+    }
+}
+
+/// What a UNet call returns besides its prediction.
+#[derive(Clone, Copy, Default)]
+pub struct Capture<'a> {
+    /// Cross-attention layers whose post-softmax probabilities [B, heads, H·W, keys] to
+    /// return, in forward order. They are part of the autograd graph when grad mode is
+    /// on, so d(output)/d(probs) can be taken (Grad-SAM, attention grounding).
+    pub layers: &'a [usize],
+    /// Return the output head's input (the last up block's output [B, C0, H, W], in the
+    /// graph): Grad-SAM's fast mode factorises the final layer's Jacobian through it.
+    pub head_input: bool,
+}
+
+impl<'a> Capture<'a> {
+    pub const NONE: Capture<'static> = Capture { layers: &[], head_input: false };
+
+    pub fn layers(layers: &'a [usize]) -> Self {
+        Self { layers, head_input: false }
+    }
+}
+
+/// A UNet call's results.
+pub struct UNetOutput {
+    /// The prediction (noise, or v for v-prediction models) [B, C', H, W].
+    pub sample: Tensor,
+    /// `Capture::layers`' probabilities, as (layer, probs), in forward order.
+    pub probs: Vec<(usize, Tensor)>,
+    /// With `Capture::head_input`.
+    pub head_input: Option<Tensor>,
 }

@@ -102,7 +102,7 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it adds (one per resnet, plus the
     /// downsampled output).
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
@@ -144,7 +144,13 @@ impl MidBlock {
         Ok(Self { first, layers })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &CrossContext, capture: Option<&AttnCapture>) -> Tensor {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &CrossContext,
+        capture: Option<&AttnCapture>,
+    ) -> Tensor {
         let mut h = self.first.forward(x, Some(temb));
         for (attn, resnet) in &self.layers {
             h = resnet.forward(&attn.forward(&h, context, capture), Some(temb));
@@ -184,7 +190,7 @@ impl UpBlock {
 
     /// `skips` in the order they were produced; consumed from the end. `upsample_size` is
     /// the spatial size of the next skip connection (diffusers' forward_upsample_size).
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         skips: &[Tensor],

@@ -5,6 +5,28 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// Why a component's weights do not fit the model its config describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightError {
+    /// The config implies a tensor the files lack.
+    Missing { name: String, source: String },
+    /// The tensor exists with another shape than the config implies.
+    Shape { name: String, source: String, actual: Vec<i64>, expected: Vec<i64> },
+}
+
+impl std::fmt::Display for WeightError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing { name, source } => write!(f, "missing tensor `{name}` in {source}"),
+            Self::Shape { name, source, actual, expected } => {
+                write!(f, "tensor `{name}` in {source} has shape {actual:?}, the config implies {expected:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WeightError {}
+
 /// All tensors of one model component (unet, vae, text_encoder), on the target device.
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
@@ -126,17 +148,15 @@ impl<'a> WeightPath<'a> {
     /// The tensor `prefix.leaf`, which must have exactly `shape`.
     pub fn get(&self, leaf: &str, shape: &[i64]) -> Result<Tensor> {
         let name = self.name(leaf);
+        let source = || self.weights.source();
         let t = self
             .weights
             .tensors
             .get(&name)
-            .ok_or_else(|| anyhow!("missing tensor `{name}` in {}", self.weights.source()))?;
+            .ok_or_else(|| WeightError::Missing { name: name.clone(), source: source() })?;
         if t.size() != shape {
-            bail!(
-                "tensor `{name}` in {} has shape {:?}, the config implies {:?}",
-                self.weights.source(),
-                t.size(),
-                shape
+            return Err(
+                WeightError::Shape { name, source: source(), actual: t.size(), expected: shape.to_vec() }.into()
             );
         }
         Ok(t.shallow_clone())

@@ -2,10 +2,11 @@
 //! bit-exact protected pixels, the summary numbers, and the errors a request can get.
 mod common;
 
-use frisket_engine::explain::{ExplainMode, ExplainParams, LayerChoice, ProtectParams, StartMode, SubjectSpec};
+use frisket_engine::explain::{ExplainMode, ExplainParams, LayerChoice, SubjectSpec};
 use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateParams, Generated, StepEvent};
+use frisket_engine::pipeline::{Flow, GenerateParams, Generated, StartMode, StepEvent};
+use frisket_engine::protect::ProtectParams;
 use frisket_engine::schedulers::SchedulerKind;
 use tch::{Device, Kind, Tensor};
 
@@ -48,34 +49,34 @@ struct Seen {
     /// (index, timestep, subject token indices of the heatmaps, mask shape, fraction)
     manipulations: Vec<(usize, f64, Vec<usize>, Vec<i64>, f64)>,
     auto: Option<bool>,
+    subjects: Vec<String>,
     protected_share: Option<f64>,
     heatmap_shapes: Vec<Vec<i64>>,
 }
 
 fn run(model: &StableDiffusion, p: &GenerateParams) -> (Generated, Seen) {
     let mut seen = Seen::default();
+    let job = model.prepare(p).unwrap();
+    if job.explain.is_some() || job.protect.is_some() {
+        seen.plans.push(0);
+        seen.auto = Some(job.explain.as_ref().is_some_and(|e| e.subjects_auto));
+        seen.subjects = job.explain.iter().flat_map(|e| e.subjects.iter().map(|s| s.label())).collect();
+        seen.protected_share = job.protect.as_ref().map(|m| m.latents.mean(Kind::Float).double_value(&[]));
+    }
     let out = model
-        .generate(p, &mut |e: &StepEvent| {
+        .generate(job, &mut |e: &StepEvent| {
             seen.steps += 1;
-            if let Some(x) = &e.explain {
-                if let Some(plan) = x.plan {
-                    seen.plans.push(e.index);
-                    seen.auto = Some(plan.subjects_auto);
-                    seen.protected_share =
-                        plan.protected_latents.as_ref().map(|m| m.mean(Kind::Float).double_value(&[]));
-                }
-                if let Some(m) = x.manipulation {
-                    assert_eq!(m.index, e.index);
-                    assert_eq!(m.timestep, e.timestep);
-                    seen.heatmap_shapes.extend(m.heatmaps.iter().map(|h| h.map.size()));
-                    seen.manipulations.push((
-                        m.index,
-                        m.timestep,
-                        m.heatmaps.iter().map(|h| h.subject.token_index).collect(),
-                        m.mask.size(),
-                        m.reference_fraction,
-                    ));
-                }
+            if let Some(m) = e.manipulation {
+                assert_eq!(m.index, e.index);
+                assert_eq!(m.timestep, e.timestep);
+                seen.heatmap_shapes.extend(m.heatmaps.iter().map(|h| h.map.size()));
+                seen.manipulations.push((
+                    m.index,
+                    m.timestep,
+                    m.heatmaps.iter().map(|h| h.subject.token_index).collect(),
+                    m.mask.size(),
+                    m.reference_fraction,
+                ));
             }
             Flow::Continue
         })
@@ -116,7 +117,7 @@ fn protected_pixels_are_bit_exact_and_the_rest_changes() {
         println!("{scheduler}: outside the region {outside_changed}/{outside} pixels changed; events {seen:?}");
         assert_eq!(inside_diff, 0, "{scheduler}: protected pixels differ from the reference");
         assert!(outside_changed > outside / 2, "{scheduler}: only {outside_changed}/{outside} pixels outside changed");
-        let summary = out.explain.as_ref().expect("a summary");
+        let summary = out.comparison.as_ref().expect("img2img compares with the reference");
         assert_eq!(summary.psnr_protected, Some(f64::INFINITY));
         assert!(summary.psnr_outside.is_finite() && summary.psnr_outside > 0.0);
         assert_eq!(summary.change_map.size(), vec![h, w]);
@@ -130,7 +131,7 @@ fn protected_pixels_are_bit_exact_and_the_rest_changes() {
                 .double_value(&[]),
             0.0
         );
-        // One plan on the first step; three manipulations (780, 520, 320 snapped), in order,
+        // One plan; three manipulations (780, 520, 320 snapped), in order,
         // one heatmap per subject ("star" is token 4) and a [4, 12, 16] mask each.
         assert_eq!(seen.steps, 9);
         assert_eq!(seen.plans, vec![0]);
@@ -144,8 +145,8 @@ fn protected_pixels_are_bit_exact_and_the_rest_changes() {
             assert_eq!(subjects, &vec![4]);
             assert_eq!(shape, &vec![4, 12, 16]);
             assert!(*fraction >= share && *fraction < 1.0, "{fraction}");
-            assert_eq!(summary.reference_fractions[i].fraction, *fraction);
-            assert_eq!(summary.reference_fractions[i].timestep, *t);
+            assert_eq!(out.reference_fractions[i].fraction, *fraction);
+            assert_eq!(out.reference_fractions[i].timestep, *t);
         }
         if scheduler == SchedulerKind::Ddim {
             // DDIM leading, 10 steps, strength 0.9: 801, 701, …, 1 → 780→801, 520→501, 320→301.
@@ -173,9 +174,8 @@ fn exact_mode_runs_in_a_job_with_automatic_subjects() {
     assert_eq!(seen.manipulations.len(), 1);
     // Automatic subjects: the content words "red", "circle", "blue" (tokens 2, 3, 6).
     assert_eq!(seen.manipulations[0].2, vec![2, 3, 6]);
-    let summary = out.explain.unwrap();
-    assert_eq!(summary.psnr_protected, None);
-    assert_eq!(summary.subjects.iter().map(|s| s.label()).collect::<Vec<_>>(), vec!["red", "circle", "blue"]);
+    assert_eq!(out.comparison.unwrap().psnr_protected, None);
+    assert_eq!(seen.subjects, vec!["red", "circle", "blue"]);
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn plain_and_noise_starts_differ_and_explain_draws_leave_the_job_alone() {
     let img = reference("sd1");
     let p = job(&img, "a duck");
     let (plain, _) = run(&model, &p);
-    assert!(plain.explain.is_none());
+    assert!(plain.reference_fractions.is_empty());
     // A protect-only job: the same draws as img2img plus one, so outside the protected
     // latents its first step sees the same latent.
     let mut first = Vec::new();
@@ -192,7 +192,7 @@ fn plain_and_noise_starts_differ_and_explain_draws_leave_the_job_alone() {
     let (w, h) = (img.width() as i64, img.height() as i64);
     q.protect = Some(ProtectParams { mask: rect(w, h, (0, 0, 8, 8)), feather: 0 });
     model
-        .generate(&q, &mut |e: &StepEvent| {
+        .generate(model.prepare(&q).unwrap(), &mut |e: &StepEvent| {
             if e.index == 0 {
                 first.push(e.latents_in.copy());
             }
@@ -201,7 +201,7 @@ fn plain_and_noise_starts_differ_and_explain_draws_leave_the_job_alone() {
         .unwrap();
     let mut plain_first = Vec::new();
     model
-        .generate(&p, &mut |e: &StepEvent| {
+        .generate(model.prepare(&p).unwrap(), &mut |e: &StepEvent| {
             if e.index == 0 {
                 plain_first.push(e.latents_in.copy());
             }
@@ -217,10 +217,7 @@ fn plain_and_noise_starts_differ_and_explain_draws_leave_the_job_alone() {
 }
 
 fn error(model: &StableDiffusion, p: &GenerateParams) -> String {
-    let e = model.validate(p).expect_err("expected an error").to_string();
-    let g = model.generate(p, &mut |_| Flow::Continue).err().expect("generate fails too").to_string();
-    assert_eq!(e, g);
-    e
+    model.prepare(p).err().expect("expected an error").to_string()
 }
 
 #[test]

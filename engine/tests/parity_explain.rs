@@ -6,7 +6,7 @@ mod common;
 
 use frisket_engine::explain::{self, mask, ExplainMode, MaskParams, SubjectSpec};
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::GenerateParams;
+use frisket_engine::pipeline;
 use frisket_engine::schedulers::SchedulerKind;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -51,8 +51,7 @@ fn parse(c: &Value) -> Case {
 
 /// Our maps for a case: (maps [S, C, h, w], seconds).
 fn maps(model: &StableDiffusion, case: &Case, z: &Tensor, mode: ExplainMode) -> (Tensor, f64) {
-    let p = GenerateParams { scheduler: case.scheduler, steps: case.steps, ..Default::default() };
-    let scheduler = model.scheduler(&p).unwrap();
+    let (scheduler, _) = pipeline::schedule(&model.scheduler_config, case.scheduler, false, case.steps, None).unwrap();
     assert_eq!(scheduler.timesteps()[case.step_index], case.timestep, "{}: timestep", case.key);
     let cond = model.encode_prompt(&case.prompt);
     let started = Instant::now();
@@ -88,7 +87,7 @@ fn exact_maps_match_pytorch() {
         let model = &models[&case.model];
         // The subject words resolve to the reference's token positions.
         let specs: Vec<SubjectSpec> = case.words.iter().map(|w| SubjectSpec::Word(w.clone())).collect();
-        let (subjects, auto) = explain::resolve_subjects(model, &case.prompt, &specs).unwrap();
+        let (subjects, auto) = explain::resolve_subjects(&model.tokenizer, &case.prompt, &specs).unwrap();
         assert!(!auto);
         assert_eq!(subjects.iter().map(|s| s.token_index).collect::<Vec<_>>(), case.subjects, "{}", case.key);
         let z = &expected[&format!("{}.z", case.key)];

@@ -5,7 +5,7 @@ mod common;
 
 use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateParams};
+use frisket_engine::pipeline::{Flow, GenerateError, GenerateParams};
 use frisket_engine::schedulers::SchedulerKind;
 use serde_json::Value;
 use tch::{Device, Tensor};
@@ -49,7 +49,7 @@ fn check_model(model_name: &str) {
         let p = params(case);
         let mut steps_seen = 0;
         let out = model
-            .generate(&p, &mut |_| {
+            .generate(model.prepare(&p).unwrap_or_else(|e| panic!("{key}: {e:#}")), &mut |_| {
                 steps_seen += 1;
                 Flow::Continue
             })
@@ -84,14 +84,14 @@ fn shipped_shapes_model_matches_diffusers() {
     check_model("shapes");
 }
 
-/// Cancelling from the step callback stops the job with the `Cancelled` error.
+/// Cancelling from the step callback stops the job with `GenerateError::Cancelled`.
 #[test]
 fn stopping_from_the_callback_cancels() {
     let model = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
     let case = cases().into_iter().find(|c| c["model"] == "sd1").unwrap();
     let mut calls = 0;
     let err = model
-        .generate(&params(&case), &mut |_| {
+        .generate(model.prepare(&params(&case)).unwrap(), &mut |_| {
             calls += 1;
             if calls == 2 {
                 Flow::Stop
@@ -101,7 +101,7 @@ fn stopping_from_the_callback_cancels() {
         })
         .err()
         .expect("job should stop");
-    assert!(err.downcast_ref::<frisket_engine::pipeline::Cancelled>().is_some(), "{err:#}");
+    assert!(matches!(err, GenerateError::Cancelled), "{err:#}");
     assert_eq!(calls, 2);
 }
 

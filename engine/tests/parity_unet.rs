@@ -3,7 +3,7 @@
 mod common;
 
 use common::{assert_rel_l2, model_dir, read_ref};
-use frisket_engine::unet::{UNet2DConditionModel, UNetConfig};
+use frisket_engine::unet::{Capture, CrossContext, UNet2DConditionModel, UNetConfig, UNetOutput};
 use std::collections::HashMap;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -23,7 +23,7 @@ fn inputs<'a>(r: &'a HashMap<String, Tensor>, case: &str) -> (&'a Tensor, f64, &
 
 fn check_case(unet: &UNet2DConditionModel, r: &HashMap<String, Tensor>, model: &str, case: &str) {
     let (sample, t, ehs, expected) = inputs(r, case);
-    let out = tch::no_grad(|| unet.forward(sample, t, ehs));
+    let out = tch::no_grad(|| unet.forward(sample, t, &CrossContext::new(ehs), Capture::NONE).sample);
     assert_rel_l2(&format!("{model} UNet `{case}` (t={t})"), &out, expected, 1e-4);
 }
 
@@ -35,12 +35,12 @@ fn sd1_unet_matches_diffusers() {
     check_case(&unet, &r, "sd1", "main");
     check_case(&unet, &r, "sd1", "int_t");
 
-    // Rough timing of one call (batch 2, 16×24 latent) for the report.
+    // Rough timing of one call (batch 2, 16×24 latent), printed with the test output.
     let (sample, t, ehs, _) = inputs(&r, "main");
     let start = Instant::now();
     let runs = 5;
     for _ in 0..runs {
-        let _ = tch::no_grad(|| unet.forward(sample, t, ehs));
+        let _ = tch::no_grad(|| unet.forward(sample, t, &CrossContext::new(ehs), Capture::NONE).sample);
     }
     println!("sd1 UNet forward: {:.1} ms/call", start.elapsed().as_secs_f64() * 1e3 / runs as f64);
 }
@@ -63,11 +63,12 @@ fn sd1_captured_cross_attention_probabilities() {
         Vec::<i64>::try_from(&r["probs_layers"]).unwrap().into_iter().map(|l| l as usize).collect();
 
     // Grad mode on (the default): the probabilities stay in the graph.
-    let (out, probs) = unet.forward_capturing(sample, t, ehs, &layers);
-    let plain = unet.forward(sample, t, ehs);
+    let UNetOutput { sample: out, probs, .. } =
+        unet.forward(sample, t, &CrossContext::new(ehs), Capture::layers(&layers));
+    let plain = unet.forward(sample, t, &CrossContext::new(ehs), Capture::NONE).sample;
     // Explicit softmax vs SDPA in the captured layers: equal up to float rounding.
-    assert_rel_l2("sd1 forward_capturing vs forward", &out, &plain, 1e-5);
-    assert_rel_l2("sd1 forward_capturing vs diffusers", &out, expected, 1e-4);
+    assert_rel_l2("sd1 capturing forward vs forward", &out, &plain, 1e-5);
+    assert_rel_l2("sd1 capturing forward vs diffusers", &out, expected, 1e-4);
     assert_eq!(probs.iter().map(|(l, _)| *l).collect::<Vec<_>>(), layers);
     for (layer, p) in &probs {
         assert_rel_l2(&format!("sd1 cross-attention probs, layer {layer}"), p, &r[&format!("probs.{layer}")], 1e-4);
@@ -83,8 +84,9 @@ fn sd1_captured_cross_attention_probabilities() {
     }
 
     // Capturing under no_grad still returns the probabilities (without a graph).
-    let (out_ng, probs_ng) = tch::no_grad(|| unet.forward_capturing(sample, t, ehs, &[layers[0]]));
-    assert_rel_l2("sd1 forward_capturing under no_grad", &out_ng, expected, 1e-4);
+    let UNetOutput { sample: out_ng, probs: probs_ng, .. } =
+        tch::no_grad(|| unet.forward(sample, t, &CrossContext::new(ehs), Capture::layers(&[layers[0]])));
+    assert_rel_l2("sd1 capturing forward under no_grad", &out_ng, expected, 1e-4);
     assert_eq!(probs_ng.len(), 1);
 }
 

@@ -12,14 +12,13 @@
 //! which makes that call a shallow clone.
 //!
 //! The parameter list is *discovered* from the engine itself: build the model from an empty
-//! map, read the name of the first missing tensor from the error, insert an empty stand-in of shape
-//! [0], rebuild, read the shape "the config implies" from the shape error, insert a properly
-//! initialised tensor, and repeat until the model builds. The result is exactly the set of
+//! map, take the name of the first missing tensor from its `WeightError::Missing`, insert an empty
+//! stand-in of shape [0], rebuild, take the shape the config implies from the `WeightError::Shape`,
+//! insert a properly initialised tensor, and repeat until the model builds. The result is exactly the set of
 //! tensors (diffusers' names and shapes) the engine reads for that config.
 use crate::engine::nn::channels_last;
-use crate::engine::weights::Weights;
+use crate::engine::weights::{WeightError, Weights};
 use anyhow::{bail, Context, Result};
-use regex::Regex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -68,9 +67,6 @@ impl Params {
     /// Call `tch::manual_seed` first: initial values come from libtorch's generator, drawn in
     /// the order the engine asks for tensors (deterministic for a given config).
     pub fn discover<T>(device: Device, build: impl Fn(&Weights) -> Result<T>) -> Result<Self> {
-        let missing = Regex::new(r"missing tensor `([^`]+)`").unwrap();
-        let shape_re =
-            Regex::new(r"tensor `([^`]+)` in \S+ has shape \[0\], the config implies \[([0-9, ]*)\]").unwrap();
         let mut shapes: HashMap<String, Vec<i64>> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
         let mut map: HashMap<String, Tensor> = HashMap::new();
@@ -90,20 +86,19 @@ impl Params {
                     }
                     return Ok(Self { tensors, device });
                 }
-                Err(e) => format!("{e:#}"),
+                Err(e) => e,
             };
-            if let Some(c) = shape_re.captures(&err) {
-                let name = c[1].to_string();
-                let shape: Vec<i64> =
-                    c[2].split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-                // Placeholder of the right shape; the real values are drawn at the end.
-                map.insert(name.clone(), Tensor::zeros(shape.as_slice(), (Kind::Float, device)));
-                shapes.insert(name.clone(), shape);
-                order.push(name);
-            } else if let Some(c) = missing.captures(&err) {
-                map.insert(c[1].to_string(), Tensor::zeros([0], (Kind::Float, device)));
-            } else {
-                bail!("building the model failed for another reason than a missing tensor: {err}");
+            match err.downcast_ref::<WeightError>() {
+                Some(WeightError::Shape { name, actual, expected, .. }) if actual.as_slice() == [0] => {
+                    // Placeholder of the right shape; the real values are drawn at the end.
+                    map.insert(name.clone(), Tensor::zeros(expected.as_slice(), (Kind::Float, device)));
+                    shapes.insert(name.clone(), expected.clone());
+                    order.push(name.clone());
+                }
+                Some(WeightError::Missing { name, .. }) => {
+                    map.insert(name.clone(), Tensor::zeros([0], (Kind::Float, device)));
+                }
+                _ => bail!("building the model failed for another reason than a missing tensor: {err:#}"),
             }
         }
         bail!("parameter discovery did not converge")

@@ -1,5 +1,4 @@
-//! From importance maps to the manipulation mask; the protected region at latent and pixel
-//! size; compositing the reference back; the change map and PSNRs of a result.
+//! From importance maps to the manipulation mask, and a subject's map as a pixel mask.
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -129,118 +128,12 @@ pub fn iou(a: &Tensor, b: &Tensor) -> f64 {
     }
 }
 
-/// Checks a protect mask ([H, W] 8-bit, non-zero = protected) against the image size and
-/// returns it at image size [1, 1, H, W] and at latent size [1, 1, H/f, W/f] (float 0/1,
-/// CPU): a latent element is protected if any pixel under it is.
-pub fn protect_masks(mask: &Tensor, width: i64, height: i64, factor: i64) -> Result<(Tensor, Tensor)> {
-    let size = mask.size();
-    ensure!(
-        size.len() == 2,
-        "the protect mask must be one 8-bit channel at image size ([height, width]), got shape {size:?}"
-    );
-    ensure!(
-        size[0] == height && size[1] == width,
-        "the protect mask is {}×{} pixels but the image is {width}×{height}; it must be the image's size",
-        size[1],
-        size[0]
-    );
-    let pixels = mask.to_device(tch::Device::Cpu).ne(0).to_kind(Kind::Float).reshape([1, 1, height, width]);
-    let count = pixels.sum(Kind::Float).double_value(&[]);
-    ensure!(count > 0.0, "the protect mask is blank: no pixel is protected (send no mask to protect nothing)");
-    ensure!(count < (width * height) as f64, "the protect mask covers the whole image: nothing could change");
-    let latents = pixels.max_pool2d([factor, factor], [factor, factor], [0, 0], [1, 1], false);
-    let covered = latents.mean(Kind::Float).double_value(&[]);
-    ensure!(
-        covered < 1.0,
-        "the protect mask touches every {factor}×{factor} pixel block, so it protects every latent element: nothing could change"
-    );
-    Ok((pixels, latents))
-}
-
-/// The reference [1, 3, H, W] in [-1, 1] as the [3, H, W] image in [0, 1] whose 8-bit
-/// conversion (`image_io::tensor_to_rgb`) gives back the reference's bytes exactly.
-pub fn reference_unit(reference: &Tensor) -> Tensor {
-    (reference.to_device(tch::Device::Cpu).to_kind(Kind::Float).squeeze_dim(0) / 2.0 + 0.5).clamp(0.0, 1.0)
-}
-
-/// Composites the reference back into the protected pixels of `image` ([3, H, W] in
-/// [0, 1], CPU): protected pixels take the reference's values exactly; with a feather F,
-/// unprotected pixels at chessboard distance d ≤ F from the region take the weight
-/// 1 − d/(F+1) of the reference (the feather reaches only outward).
-pub fn composite(image: &Tensor, reference: &Tensor, protected: &Tensor, feather: u32) -> Tensor {
-    let reference = reference_unit(reference);
-    let inside = protected.reshape([1, 1, protected.size()[2], protected.size()[3]]).to_kind(Kind::Float);
-    let mut weight = inside.copy();
-    let mut reached = inside.copy();
-    for d in 1..=feather {
-        let grown = reached.max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false);
-        let ring = &grown - &reached;
-        weight += ring * (1.0 - d as f64 / (feather as f64 + 1.0));
-        reached = grown;
-    }
-    let weight = weight.squeeze_dim(0);
-    let blended = &reference * &weight + image * (weight.rsub_scalar(1.0));
-    let inside = inside.squeeze_dim(0).ne(0);
-    blended.where_self(&inside.logical_not(), &reference)
-}
-
-/// An image [3, H, W] in [0, 1] as the 8-bit values `image_io::tensor_to_rgb` writes,
-/// in float.
-fn levels(image: &Tensor) -> Tensor {
-    (image.to_kind(Kind::Float) * 255.0).round().clamp(0.0, 255.0)
-}
-
-/// What a result changed against its reference, at the 8-bit level.
-pub struct Comparison {
-    /// [H, W] per-pixel mean over RGB of |output − reference|, in [0, 1].
-    pub change_map: Tensor,
-    /// PSNR (dB) inside the protected region; +∞ when identical; None without a region.
-    pub psnr_protected: Option<f64>,
-    /// PSNR (dB) outside the protected region (the whole image without one).
-    pub psnr_outside: f64,
-}
-
-fn psnr(diff_sq: &Tensor, region: &Tensor) -> Option<f64> {
-    let count = region.sum(Kind::Float).double_value(&[]) * 3.0;
-    if count == 0.0 {
-        return None;
-    }
-    let mse = (diff_sq * region).sum(Kind::Float).double_value(&[]) / count;
-    Some(if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() })
-}
-
-/// Compares `image` ([3, H, W] in [0, 1]) with `reference` ([1, 3, H, W] in [-1, 1]);
-/// `protected` [1, 1, H, W] 0/1 splits the PSNR.
-pub fn compare(image: &Tensor, reference: &Tensor, protected: Option<&Tensor>) -> Comparison {
-    let out = levels(image);
-    let refv = levels(&reference_unit(reference));
-    let diff = out - refv;
-    let change_map = diff.abs().mean_dim([0i64].as_slice(), false, Kind::Float) / 255.0;
-    let diff_sq = diff.square();
-    let (h, w) = (diff_sq.size()[1], diff_sq.size()[2]);
-    match protected {
-        Some(p) => {
-            let inside = p.reshape([1, h, w]).to_kind(Kind::Float);
-            let outside = inside.rsub_scalar(1.0);
-            Comparison {
-                change_map,
-                psnr_protected: psnr(&diff_sq, &inside),
-                psnr_outside: psnr(&diff_sq, &outside).unwrap_or(f64::INFINITY),
-            }
-        }
-        None => Comparison {
-            change_map,
-            psnr_protected: None,
-            psnr_outside: psnr(&diff_sq, &Tensor::ones([1, h, w], (Kind::Float, tch::Device::Cpu)))
-                .unwrap_or(f64::INFINITY),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::compare;
     use crate::image_io;
+    use crate::protect::{composite, protect_masks, reference_unit};
 
     #[test]
     fn reference_bytes_survive_the_round_trip() {

@@ -1,5 +1,4 @@
-//! Grad-SAM explainable latent manipulation (issue 4; `../shared/paper-notes.md`) and
-//! protected regions.
+//! Grad-SAM explainable latent manipulation.
 //!
 //! At chosen timesteps the latent `z_t` entering the step is explained: for each subject
 //! token s, the importance of every latent element,
@@ -22,15 +21,16 @@
 //! and its cost). The maps become a mask (`mask.rs`), and the latent is replaced outside
 //! the mask by the reference noised to that step: `z ← m⊙z + (1−m)⊙add_noise(E(ref), ε, k)`.
 pub mod dump;
+pub mod edit;
 mod exact;
 mod fast;
-pub mod job;
 pub mod mask;
 
 pub use mask::MaskParams;
 
 use super::model::StableDiffusion;
 use super::schedulers::Scheduler;
+use super::tokenizer::{ClipTokenizer, TokenInfo};
 use anyhow::{bail, ensure, Result};
 use std::str::FromStr;
 use tch::{Kind, Tensor};
@@ -160,53 +160,15 @@ impl Default for ExplainParams {
     }
 }
 
-/// A region of the reference that must come through unchanged.
-#[derive(Debug)]
-pub struct ProtectParams {
-    /// [H, W] 8-bit mask at image size; non-zero pixels are protected.
-    pub mask: Tensor,
-    /// Outward feather in pixels: unprotected pixels within this (chessboard) distance of
-    /// the region are blended towards the reference, weight 1 − d/(feather+1).
-    pub feather: u32,
-}
-
-impl Clone for ProtectParams {
-    fn clone(&self) -> Self {
-        Self { mask: self.mask.shallow_clone(), feather: self.feather }
-    }
-}
-
-/// How a job with a reference image starts.
-///
-/// The default is `Reference` (SDEdit img2img): it is exactly diffusers' img2img, so a
-/// request that only adds a reference keeps its meaning and its numbers, a protect-only
-/// job starts consistent with the region it keeps, and Grad-SAM's first manipulation
-/// already sees a latent laid out like the reference. `Noise` is the paper's code: pure
-/// noise at the strength's start timestep, the reference entering only through the
-/// manipulations (and the protected region); `--preset paper` selects it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StartMode {
-    #[default]
-    Reference,
-    Noise,
-}
-
-impl FromStr for StartMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "reference" => Self::Reference,
-            "noise" => Self::Noise,
-            other => bail!("unknown start `{other}` (expected noise or reference)"),
-        })
-    }
-}
-
 /// One subject token, as chosen for the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
     /// Position among the prompt's tokens (77 for SD; 0 = start token).
     pub token_index: usize,
+    /// The token id (the padding id past the prompt's end).
+    pub id: i64,
+    /// Index of the prompt word it came from, if any.
+    pub word_index: Option<usize>,
     /// The token as in the vocabulary ("star</w>"), or "(padding)" past the prompt's end.
     pub token: String,
     /// The prompt word it came from (lower-cased), if any.
@@ -230,11 +192,10 @@ pub struct PlannedStep {
     pub requested: Vec<f64>,
 }
 
-/// What a job with Grad-SAM and/or a protected region will do, resolved and validated.
-#[derive(Debug)]
+/// What Grad-SAM will do in a job, resolved against the model and the job's schedule.
+#[derive(Clone, Debug)]
 pub struct ExplainPlan {
-    /// None: protection only.
-    pub mode: Option<ExplainMode>,
+    pub mode: ExplainMode,
     /// Cross-attention layers in the sum (ascending).
     pub layers: Vec<usize>,
     pub subjects: Vec<Subject>,
@@ -244,14 +205,28 @@ pub struct ExplainPlan {
     pub steps: Vec<PlannedStep>,
     pub mask: MaskParams,
     pub exact_batch: Option<usize>,
-    /// [1, 1, h, w] float 0/1 at latent size: the protected latent elements (CPU).
-    pub protected_latents: Option<Tensor>,
-    /// [1, 1, H, W] float 0/1 at image size (CPU).
-    pub protected_pixels: Option<Tensor>,
-    pub feather: u32,
 }
 
 impl ExplainPlan {
+    /// Validates `params` and resolves them for `prompt` on `model`, for a job that runs
+    /// the timesteps `run`.
+    pub fn new(model: &StableDiffusion, prompt: &str, params: &ExplainParams, run: &[f64]) -> Result<Self> {
+        params.mask.validate()?;
+        if let Some(b) = params.exact_batch {
+            ensure!(b >= 1, "the exact-mode batch must be at least 1");
+        }
+        let (subjects, subjects_auto) = resolve_subjects(&model.tokenizer, prompt, &params.subjects)?;
+        Ok(Self {
+            mode: params.mode,
+            layers: params.layers.resolve(model.unet.cross_attention_layer_count())?,
+            subjects,
+            subjects_auto,
+            steps: snap_timesteps(&params.timesteps, run)?,
+            mask: params.mask.clone(),
+            exact_batch: params.exact_batch,
+        })
+    }
+
     pub fn step_at(&self, index: usize) -> Option<&PlannedStep> {
         self.steps.iter().find(|s| s.index == index)
     }
@@ -401,7 +376,7 @@ const STOP_WORDS: &[&str] = &[
 ];
 
 /// The prompt's content words (alphabetic, not a stop word), each with all its tokens.
-pub fn auto_subjects(tokens: &[super::tokenizer::TokenInfo]) -> Vec<Subject> {
+pub fn auto_subjects(tokens: &[TokenInfo]) -> Vec<Subject> {
     tokens
         .iter()
         .filter(|t| {
@@ -409,14 +384,30 @@ pub fn auto_subjects(tokens: &[super::tokenizer::TokenInfo]) -> Vec<Subject> {
                 .as_deref()
                 .is_some_and(|w| w.chars().all(char::is_alphabetic) && !STOP_WORDS.contains(&w.to_lowercase().as_str()))
         })
-        .map(|t| Subject { token_index: t.position, token: t.text.clone(), word: t.word.clone() })
+        .map(Subject::from_token)
         .collect()
 }
 
+impl Subject {
+    fn from_token(t: &TokenInfo) -> Self {
+        Self {
+            token_index: t.position,
+            id: t.id,
+            word_index: t.word_index,
+            token: t.text.clone(),
+            word: t.word.clone(),
+        }
+    }
+}
+
 /// Resolves the request's subjects against the prompt's tokens. Returns (subjects, auto).
-pub fn resolve_subjects(model: &StableDiffusion, prompt: &str, specs: &[SubjectSpec]) -> Result<(Vec<Subject>, bool)> {
-    let tokens = model.tokenizer.tokens(prompt);
-    let max = model.tokenizer.max_length();
+pub fn resolve_subjects(
+    tokenizer: &ClipTokenizer,
+    prompt: &str,
+    specs: &[SubjectSpec],
+) -> Result<(Vec<Subject>, bool)> {
+    let tokens = tokenizer.tokens(prompt);
+    let max = tokenizer.max_length();
     let words = || {
         let mut w: Vec<String> = tokens.iter().filter_map(|t| t.word.clone()).collect();
         w.dedup();
@@ -443,7 +434,7 @@ pub fn resolve_subjects(model: &StableDiffusion, prompt: &str, specs: &[SubjectS
                         t.word.as_deref().is_some_and(|w| w.to_lowercase() == wanted)
                             || (t.word.is_some() && t.text.trim_end_matches("</w>").to_lowercase() == wanted)
                     })
-                    .map(|t| Subject { token_index: t.position, token: t.text.clone(), word: t.word.clone() })
+                    .map(Subject::from_token)
                     .collect();
                 ensure!(!hits.is_empty(), "subject word `{word}` is not in the prompt (its words: {})", words());
                 hits
@@ -455,8 +446,14 @@ pub fn resolve_subjects(model: &StableDiffusion, prompt: &str, specs: &[SubjectS
                     max - 1
                 );
                 let subject = match tokens.get(*i) {
-                    Some(t) => Subject { token_index: *i, token: t.text.clone(), word: t.word.clone() },
-                    None => Subject { token_index: *i, token: "(padding)".into(), word: None },
+                    Some(t) => Subject::from_token(t),
+                    None => Subject {
+                        token_index: *i,
+                        id: tokenizer.pad_id(),
+                        word_index: None,
+                        token: "(padding)".into(),
+                        word: None,
+                    },
                 };
                 vec![subject]
             }
@@ -507,61 +504,6 @@ pub fn snap_timesteps(requested: &[f64], run: &[f64]) -> Result<Vec<PlannedStep>
     }
     steps.sort_by_key(|s| s.index);
     Ok(steps)
-}
-
-/// The timesteps a job runs and the index of its first step (img2img's start).
-pub fn run_schedule(model: &StableDiffusion, p: &super::pipeline::GenerateParams) -> Result<(Vec<f64>, usize)> {
-    let scheduler = model.scheduler(p)?;
-    let timesteps = scheduler.timesteps().to_vec();
-    let start = match &p.reference {
-        Some(_) => super::pipeline::img2img_start(p.steps, p.strength, scheduler.order()),
-        None => 0,
-    };
-    Ok((timesteps, start))
-}
-
-/// Validates and resolves a job's explain/protect settings; None when it has neither.
-pub fn plan(model: &StableDiffusion, p: &super::pipeline::GenerateParams) -> Result<Option<ExplainPlan>> {
-    if p.explain.is_none() && p.protect.is_none() {
-        return Ok(None);
-    }
-    ensure!(p.reference.is_some(), "Grad-SAM manipulation and protected regions need a reference image (img2img)");
-    let (timesteps, start) = run_schedule(model, p)?;
-    let run = &timesteps[start.min(timesteps.len())..];
-    let mut plan = ExplainPlan {
-        mode: None,
-        layers: Vec::new(),
-        subjects: Vec::new(),
-        subjects_auto: false,
-        steps: Vec::new(),
-        mask: MaskParams::default(),
-        exact_batch: None,
-        protected_latents: None,
-        protected_pixels: None,
-        feather: 0,
-    };
-    if let Some(e) = &p.explain {
-        e.mask.validate()?;
-        if let Some(b) = e.exact_batch {
-            ensure!(b >= 1, "the exact-mode batch must be at least 1");
-        }
-        plan.layers = e.layers.resolve(model.unet.cross_attention_layer_count())?;
-        let (subjects, auto) = resolve_subjects(model, &p.prompt, &e.subjects)?;
-        plan.subjects = subjects;
-        plan.subjects_auto = auto;
-        plan.steps = snap_timesteps(&e.timesteps, run)?;
-        plan.mode = Some(e.mode);
-        plan.mask = e.mask.clone();
-        plan.exact_batch = e.exact_batch;
-    }
-    if let Some(protect) = &p.protect {
-        let (pixels, latents) = mask::protect_masks(&protect.mask, p.width, p.height, model.vae_scale_factor())?;
-        ensure!(protect.feather <= 256, "feather {} is too wide (at most 256 pixels)", protect.feather);
-        plan.protected_pixels = Some(pixels);
-        plan.protected_latents = Some(latents);
-        plan.feather = protect.feather;
-    }
-    Ok(Some(plan))
 }
 
 /// The importance maps I_s of `latents` ([1, C, h, w], the latent entering step
