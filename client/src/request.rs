@@ -6,8 +6,8 @@ use std::path::Path;
 
 pub use pb::{ExplainMode, ImageFormat, PreviewMethod, StartMode};
 
-/// Builds a [`pb::GenerateRequest`]. Unset fields keep the server's defaults (20 steps,
-/// guidance 7.5, ddim, the model's native size / the reference's size, strength 0.8).
+/// Builds a [`pb::GenerateRequest`]. Unset fields keep the server's defaults (see the
+/// proto), or the preset's.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateRequestBuilder {
     req: pb::GenerateRequest,
@@ -31,7 +31,7 @@ impl GenerateRequestBuilder {
         self
     }
 
-    /// `None`: the server's default (20).
+    /// `None`: the server's default.
     pub fn steps(mut self, steps: impl Into<Option<u32>>) -> Self {
         self.req.steps = steps.into();
         self
@@ -123,6 +123,12 @@ impl GenerateRequestBuilder {
     /// the img2img `start` / protected-region `protect_feather`.
     pub fn explain(mut self, options: pb::ExplainOptions) -> Self {
         self.req.explain = Some(options);
+        self
+    }
+
+    /// A named set of server-side defaults for the fields left unset ("paper").
+    pub fn preset(mut self, name: impl Into<String>) -> Self {
+        self.req.preset = name.into();
         self
     }
 

@@ -1,6 +1,6 @@
 //! Images in and out of the engine: 8-bit RGB files ↔ float tensors in diffusers' ranges.
 use anyhow::{bail, Context, Result};
-use image::{ImageFormat, RgbImage};
+use image::{GrayImage, ImageFormat, RgbImage};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -40,6 +40,13 @@ pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
     let bytes = (image * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([1, 2, 0]).contiguous();
     let data: Vec<u8> = Vec::<u8>::try_from(bytes.flatten(0, -1)).context("copying image bytes")?;
     RgbImage::from_raw(w as u32, h as u32, data).context("image buffer size")
+}
+
+/// An 8-bit greyscale image as PNG bytes (masks, change maps).
+pub fn encode_grey_png(img: &GrayImage) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png).context("encoding PNG")?;
+    Ok(out.into_inner())
 }
 
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {

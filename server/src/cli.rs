@@ -1,15 +1,17 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use crate::service::models::Catalog;
+use crate::service::request;
+use crate::service::Limits;
 use frisket_engine::explain::dump::{Dump, Entry};
-use frisket_engine::explain::{
-    ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
-};
+use frisket_engine::explain::edit::Manipulation;
+use frisket_engine::explain::ExplainMode;
 use frisket_engine::image_io;
 use frisket_engine::model::{parse_device, StableDiffusion};
-use frisket_engine::pipeline::{Flow, GenerateParams, StepEvent};
-use frisket_engine::schedulers::SchedulerKind;
+use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
 use frisket_engine::tch;
+use frisket_proto::v1 as pb;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -61,21 +63,18 @@ pub struct RenderArgs {
     pub seed: u64,
     /// Denoising steps [default: 20; 50 with --preset paper].
     #[arg(long)]
-    pub steps: Option<usize>,
+    pub steps: Option<u32>,
     /// Classifier-free guidance scale [default: 7.5; 8 with --preset paper].
     #[arg(long)]
     pub guidance: Option<f64>,
     /// ddim, euler, euler-a, dpm++ or dpm++-karras.
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
-    /// Karras sigmas (for dpm++).
-    #[arg(long)]
-    pub karras: bool,
     /// Output width in pixels; defaults to the reference's width, else 512.
     #[arg(long)]
-    pub width: Option<i64>,
+    pub width: Option<u32>,
     #[arg(long)]
-    pub height: Option<i64>,
+    pub height: Option<u32>,
     /// img2img: the image to start from (PNG or JPEG).
     #[arg(long)]
     pub reference: Option<PathBuf>,
@@ -91,14 +90,14 @@ pub struct RenderArgs {
     pub subjects: Vec<String>,
     /// Grad-SAM: a subject by token position among the 77 (0 = start token; repeatable).
     #[arg(long = "subject-index", value_name = "N", requires = "reference")]
-    pub subject_indices: Vec<usize>,
+    pub subject_indices: Vec<u32>,
     /// Grad-SAM attribution: exact (one backward per latent element), fast, or off.
     /// Defaults to fast when another Grad-SAM option or --preset paper is given, else off.
     #[arg(long, value_parser = ["exact", "fast", "off"], requires = "reference")]
     pub explain: Option<String>,
     /// Cross-attention layers: last, all, or a list like 0,5,10 [default: last].
     #[arg(long, requires = "reference")]
-    pub explain_layers: Option<LayerChoice>,
+    pub explain_layers: Option<String>,
     /// Timesteps to manipulate at, snapped to the job's nearest [default: 780,520,320].
     #[arg(long, value_delimiter = ',', value_name = "T1,T2,…", requires = "reference")]
     pub manipulate_at: Option<Vec<f64>>,
@@ -107,19 +106,19 @@ pub struct RenderArgs {
     pub mask_threshold: Option<f64>,
     /// Mask Gaussian blur kernel (odd) [default: 3].
     #[arg(long, requires = "reference")]
-    pub mask_blur: Option<i64>,
+    pub mask_blur: Option<u32>,
     /// Mask Gaussian blur sigma [default: 6].
     #[arg(long, requires = "reference")]
     pub mask_sigma: Option<f64>,
     /// Mask dilation max-filter size (odd) [default: 3].
     #[arg(long, requires = "reference")]
-    pub mask_dilate: Option<i64>,
+    pub mask_dilate: Option<u32>,
     /// Mask dilation passes [default: 1].
     #[arg(long, requires = "reference")]
-    pub mask_dilate_passes: Option<usize>,
+    pub mask_dilate_passes: Option<u32>,
     /// Exact mode: latent elements per backward pass [default: from the latent size].
     #[arg(long, requires = "reference")]
-    pub exact_batch: Option<usize>,
+    pub exact_batch: Option<u32>,
     /// A protected region: an 8-bit mask image at the output size, non-zero = protected.
     #[arg(long, value_name = "MASK.png", requires = "reference")]
     pub protect: Option<PathBuf>,
@@ -185,61 +184,68 @@ fn serve(a: ServeArgs) -> Result<()> {
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
-        limits: crate::service::Limits::default(),
+        limits: Limits::default(),
     })
 }
 
-fn render(a: RenderArgs) -> Result<()> {
-    let (scheduler, karras_by_name) = SchedulerKind::parse_with_karras(&a.scheduler)?;
-    let device = parse_device(&a.device)?;
-    let reference = match &a.reference {
-        Some(path) => {
-            let mut img = image_io::read_rgb(path)?;
-            let (w, h) = (a.width.unwrap_or(img.width() as i64), a.height.unwrap_or(img.height() as i64));
-            if (w, h) != (img.width() as i64, img.height() as i64) {
-                anyhow::ensure!(w > 0 && h > 0, "width and height must be positive");
-                img = image::imageops::resize(&img, w as u32, h as u32, image::imageops::FilterType::Lanczos3);
-            }
-            Some(img)
-        }
-        None => None,
+/// The render flags as the request the service gets: the same defaults, preset and
+/// validation apply to both.
+fn request(a: &RenderArgs) -> Result<pb::GenerateRequest> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
     };
-    let width = a.width.or(reference.as_ref().map(|r| r.width() as i64)).unwrap_or(512);
-    let height = a.height.or(reference.as_ref().map(|r| r.height() as i64)).unwrap_or(512);
-    let paper = a.preset.is_some();
-    let explain = explain_params(&a, paper)?;
-    let protect = match &a.protect {
-        Some(path) => {
-            let img = image::open(path).with_context(|| format!("reading the protect mask {}", path.display()))?;
-            let luma = img.to_luma8();
-            let (w, h) = luma.dimensions();
-            let mask = tch::Tensor::from_slice(luma.as_raw()).reshape([h as i64, w as i64]);
-            Some(ProtectParams { mask, feather: a.feather })
-        }
-        None => None,
-    };
-    let loaded = Instant::now();
-    let model = StableDiffusion::load(&a.model, device)?;
-    let params = GenerateParams {
+    let explain = explain_options(a)?;
+    Ok(pb::GenerateRequest {
+        model: catalog_name(a)?,
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
-        seed: a.seed,
-        steps: a.steps.unwrap_or(if paper { 50 } else { 20 }),
-        guidance: a.guidance.unwrap_or(if paper { 8.0 } else { 7.5 }),
-        scheduler,
-        karras: a.karras || karras_by_name,
-        width,
-        height,
-        reference: reference.as_ref().map(image_io::rgb_to_tensor),
-        strength: a.strength.unwrap_or(if paper { 0.9 } else { 0.8 }),
-        start: a.start.unwrap_or(if paper { StartMode::Noise } else { StartMode::Reference }),
+        seed: Some(a.seed),
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler: a.scheduler.clone(),
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        reference_image: a.reference.as_ref().map(|p| read(p, "reference")).transpose()?.unwrap_or_default(),
+        strength: a.strength,
+        protected_mask: match &a.protect {
+            Some(path) => grey_png(path)?,
+            None => Vec::new(),
+        },
         explain,
-        protect,
-    };
-    model.validate(&params)?;
+        preset: a.preset.clone().unwrap_or_default(),
+        ..Default::default()
+    })
+}
+
+/// The name `--model`'s folder has in its one-model catalog.
+fn catalog_name(a: &RenderArgs) -> Result<String> {
+    Ok(a.model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string())
+}
+
+/// A protect mask file as the 8-bit greyscale PNG the request carries.
+fn grey_png(path: &PathBuf) -> Result<Vec<u8>> {
+    let img = image::open(path).with_context(|| format!("reading the protect mask {}", path.display()))?;
+    image_io::encode_grey_png(&img.to_luma8())
+}
+
+fn render(a: RenderArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let catalog = Catalog::new(root)?;
+    let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let (width, height) = (spec.width, spec.height);
+    let loaded = Instant::now();
+    let model = StableDiffusion::load(&a.model, device)?;
+    let job = model.prepare(&spec.params())?;
     let mut dump = a.dump_dir.as_deref().map(Dump::create).transpose()?;
     if !a.quiet {
         eprintln!("loaded {} on {:?} in {:.2}s", a.model.display(), device, loaded.elapsed().as_secs_f64());
+        report_plan(&job);
+    }
+    if let (Some(d), Some(p)) = (dump.as_mut(), &job.protect) {
+        let entry = Entry { kind: "protect".into(), ..Entry::default() };
+        d.write("protect", &p.latents.squeeze_dim(0), false, entry)?;
     }
     let started = Instant::now();
     let quiet = a.quiet;
@@ -247,19 +253,16 @@ fn render(a: RenderArgs) -> Result<()> {
     let mut last = Instant::now();
     let mut explain_seconds = Vec::new();
     let mut dump_error = None;
-    let out = model.generate(&params, &mut |e| {
+    let out = model.generate(job, &mut |e| {
         step_seconds.push(last.elapsed().as_secs_f64());
         last = Instant::now();
-        if let Some(x) = &e.explain {
-            if let Some(m) = x.manipulation {
-                explain_seconds
-                    .push(serde_json::json!({"step": m.index, "timestep": m.timestep, "seconds": m.seconds}));
-            }
+        if let Some(m) = e.manipulation {
+            explain_seconds.push(serde_json::json!({"step": m.index, "timestep": m.timestep, "seconds": m.seconds}));
             if !quiet {
-                report_explain(e);
+                report_manipulation(m);
             }
             if let Some(d) = dump.as_mut() {
-                if let Err(err) = dump_step(d, e) {
+                if let Err(err) = dump_manipulation(d, m) {
                     dump_error.get_or_insert(err);
                     return Flow::Stop;
                 }
@@ -286,14 +289,15 @@ fn render(a: RenderArgs) -> Result<()> {
     }
     let png = image_io::encode_png(&image_io::tensor_to_rgb(&out.image)?)?;
     std::fs::write(&a.out, png).with_context(|| format!("writing {}", a.out.display()))?;
-    if let Some(summary) = &out.explain {
+    let edited = spec.explain.is_some() || spec.protect.is_some();
+    if let (Some(c), true) = (&out.comparison, edited) {
         if !quiet {
-            let fractions: Vec<String> = summary
+            let fractions: Vec<String> = out
                 .reference_fractions
                 .iter()
                 .map(|f| format!("t={} {:.0}%", f.timestep, f.fraction * 100.0))
                 .collect();
-            let protected = match summary.psnr_protected {
+            let protected = match c.psnr_protected {
                 Some(v) if v.is_infinite() => "protected region bit-exact (PSNR ∞), ".to_string(),
                 Some(v) => format!("protected region PSNR {v:.2} dB, "),
                 None => String::new(),
@@ -301,20 +305,11 @@ fn render(a: RenderArgs) -> Result<()> {
             eprintln!(
                 "\nfrom the reference: {}; {protected}PSNR outside {:.2} dB",
                 if fractions.is_empty() { "-".into() } else { fractions.join(", ") },
-                summary.psnr_outside
+                c.psnr_outside
             );
         }
         if let Some(d) = dump.as_mut() {
-            let entry = Entry {
-                kind: "change".into(),
-                step: None,
-                timestep: None,
-                token_index: None,
-                token: None,
-                shape: vec![],
-                path: String::new(),
-            };
-            d.write("change", &summary.change_map, true, entry)?;
+            d.write("change", &c.change_map, true, Entry { kind: "change".into(), ..Entry::default() })?;
         }
     }
     if let Some(d) = &dump {
@@ -329,8 +324,10 @@ fn render(a: RenderArgs) -> Result<()> {
     Ok(())
 }
 
-/// The Grad-SAM settings from the render flags; None when Grad-SAM is off.
-fn explain_params(a: &RenderArgs, paper: bool) -> Result<Option<ExplainParams>> {
+/// The request's ExplainOptions from the flags (None when nothing in it is set): Grad-SAM
+/// is on (fast) when a Grad-SAM option is given, and Grad-SAM options with `--explain off`
+/// are an error. Unset fields keep the server's defaults or the preset's.
+fn explain_options(a: &RenderArgs) -> Result<Option<pb::ExplainOptions>> {
     let asked = !a.subjects.is_empty()
         || !a.subject_indices.is_empty()
         || a.explain_layers.is_some()
@@ -342,100 +339,76 @@ fn explain_params(a: &RenderArgs, paper: bool) -> Result<Option<ExplainParams>> 
         || a.mask_dilate_passes.is_some()
         || a.exact_batch.is_some();
     let mode = match a.explain.as_deref() {
-        Some("off") => {
-            if asked {
-                bail!("Grad-SAM options were given with --explain off");
-            }
-            return Ok(None);
-        }
-        Some(m) => m.parse::<ExplainMode>()?,
-        None if asked || paper => ExplainMode::Fast,
-        None => return Ok(None),
+        Some("off") if asked => bail!("Grad-SAM options were given with --explain off"),
+        Some("off") => Some(pb::ExplainMode::Off),
+        Some(m) => Some(match m.parse::<ExplainMode>()? {
+            ExplainMode::Fast => pb::ExplainMode::Fast,
+            ExplainMode::Exact => pb::ExplainMode::Exact,
+        }),
+        None if asked => Some(pb::ExplainMode::Fast),
+        None => None,
     };
-    let defaults = MaskParams::default();
-    let subjects = a
-        .subjects
-        .iter()
-        .map(|w| SubjectSpec::Word(w.clone()))
-        .chain(a.subject_indices.iter().map(|&i| SubjectSpec::Index(i)))
-        .collect();
-    Ok(Some(ExplainParams {
-        mode,
-        layers: a.explain_layers.clone().unwrap_or(LayerChoice::Last),
-        subjects,
-        timesteps: a.manipulate_at.clone().unwrap_or_default(),
-        mask: MaskParams {
-            blur_kernel: a.mask_blur.unwrap_or(defaults.blur_kernel),
-            blur_sigma: a.mask_sigma.unwrap_or(defaults.blur_sigma),
-            dilate_kernel: a.mask_dilate.unwrap_or(defaults.dilate_kernel),
-            dilate_passes: a.mask_dilate_passes.unwrap_or(defaults.dilate_passes),
-            threshold_k: a.mask_threshold.unwrap_or(defaults.threshold_k),
-        },
+    let options = pb::ExplainOptions {
+        mode: mode.map(|m| m as i32),
+        subject_words: a.subjects.clone(),
+        subject_indices: a.subject_indices.clone(),
+        layers: a.explain_layers.clone().unwrap_or_default(),
+        manipulate_at: a.manipulate_at.clone().unwrap_or_default(),
+        mask_threshold: a.mask_threshold,
+        blur_kernel: a.mask_blur,
+        blur_sigma: a.mask_sigma,
+        dilation: a.mask_dilate,
+        dilation_passes: a.mask_dilate_passes,
         exact_batch: a.exact_batch,
-    }))
+        start: a.start.map(|s| match s {
+            StartMode::Reference => pb::StartMode::Reference as i32,
+            StartMode::Noise => pb::StartMode::Noise as i32,
+        }),
+        protect_feather: a.feather,
+    };
+    Ok((options != pb::ExplainOptions::default()).then_some(options))
 }
 
-/// One line per Grad-SAM event on stderr.
-fn report_explain(e: &StepEvent) {
-    let Some(x) = &e.explain else { return };
-    if let Some(plan) = x.plan {
-        if plan.mode.is_some() {
-            let subjects: Vec<String> =
-                plan.subjects.iter().map(|s| format!("{} (token {})", s.label(), s.token_index)).collect();
-            let steps: Vec<String> = plan.steps.iter().map(|s| format!("{} (t={})", s.index + 1, s.timestep)).collect();
-            eprintln!(
-                "grad-sam: subjects {}{}; layers {:?}; manipulating at steps {}",
-                subjects.join(", "),
-                if plan.subjects_auto { " [picked from the prompt]" } else { "" },
-                plan.layers,
-                steps.join(", ")
-            );
-        }
-        if let Some(p) = &plan.protected_latents {
-            let share = p.mean(tch::Kind::Float).double_value(&[]);
-            eprintln!(
-                "protect: {:.0}% of the latent elements are kept from the reference at every step",
-                share * 100.0
-            );
-        }
-    }
-    if let Some(m) = x.manipulation {
+/// The job's Grad-SAM plan and protected share, one line each on stderr.
+fn report_plan(job: &PreparedJob) {
+    if let Some(plan) = &job.explain {
+        let subjects: Vec<String> =
+            plan.subjects.iter().map(|s| format!("{} (token {})", s.label(), s.token_index)).collect();
+        let steps: Vec<String> = plan.steps.iter().map(|s| format!("{} (t={})", s.index + 1, s.timestep)).collect();
         eprintln!(
-            "\nstep {} t={}: mask keeps {:.0}% generated, {:.0}% from the reference ({:.2}s)",
-            m.index + 1,
-            m.timestep,
-            m.mask.mean(tch::Kind::Float).double_value(&[]) * 100.0,
-            m.reference_fraction * 100.0,
-            m.seconds
+            "grad-sam: subjects {}{}; layers {:?}; manipulating at steps {}",
+            subjects.join(", "),
+            if plan.subjects_auto { " [picked from the prompt]" } else { "" },
+            plan.layers,
+            steps.join(", ")
         );
     }
+    if let Some(p) = &job.protect {
+        let share = p.latents.mean(tch::Kind::Float).double_value(&[]);
+        eprintln!("protect: {:.0}% of the latent elements are kept from the reference at every step", share * 100.0);
+    }
 }
 
-/// Writes a step's heatmaps and mask (and on the first step the protected mask).
-fn dump_step(d: &mut Dump, e: &StepEvent) -> Result<()> {
-    let Some(x) = &e.explain else { return Ok(()) };
-    let entry = |kind: &str| Entry {
-        kind: kind.into(),
-        step: Some(e.index),
-        timestep: Some(e.timestep),
-        token_index: None,
-        token: None,
-        shape: vec![],
-        path: String::new(),
-    };
-    if let Some(p) = x.plan.and_then(|p| p.protected_latents.as_ref()) {
-        let mut en = entry("protect");
-        (en.step, en.timestep) = (None, None);
-        d.write("protect", &p.squeeze_dim(0), false, en)?;
+/// One line per manipulated step on stderr.
+fn report_manipulation(m: &Manipulation) {
+    eprintln!(
+        "\nstep {} t={}: mask keeps {:.0}% generated, {:.0}% from the reference ({:.2}s)",
+        m.index + 1,
+        m.timestep,
+        m.mask.mean(tch::Kind::Float).double_value(&[]) * 100.0,
+        m.reference_fraction * 100.0,
+        m.seconds
+    );
+}
+
+/// Writes a manipulated step's heatmaps and mask.
+fn dump_manipulation(d: &mut Dump, m: &Manipulation) -> Result<()> {
+    let entry = |kind: &str| Entry { kind: kind.into(), step: Some(m.index), timestep: Some(m.timestep), ..Entry::default() };
+    for h in &m.heatmaps {
+        let mut en = entry("heatmap");
+        en.token_index = Some(h.subject.token_index);
+        en.token = Some(h.subject.token.clone());
+        d.write(&format!("heatmap_step{:03}_token{:02}", m.index, h.subject.token_index), &h.map, true, en)?;
     }
-    if let Some(m) = x.manipulation {
-        for h in &m.heatmaps {
-            let mut en = entry("heatmap");
-            en.token_index = Some(h.subject.token_index);
-            en.token = Some(h.subject.token.clone());
-            d.write(&format!("heatmap_step{:03}_token{:02}", m.index, h.subject.token_index), &h.map, true, en)?;
-        }
-        d.write(&format!("mask_step{:03}", m.index), &m.mask, false, entry("mask"))?;
-    }
-    Ok(())
+    d.write(&format!("mask_step{:03}", m.index), &m.mask, false, entry("mask"))
 }

@@ -105,7 +105,7 @@ async fn subject_masks_of_the_shipped_model_sit_on_the_subject() {
         reference_image: std::fs::read(root.join("examples/reference.png")).unwrap(),
         protected_mask: std::fs::read(root.join("examples/protect.png")).unwrap(),
         explain: Some(pb::ExplainOptions {
-            mode: pb::ExplainMode::Fast as i32,
+            mode: Some(pb::ExplainMode::Fast as i32),
             subject_words: vec!["circle".into()],
             ..Default::default()
         }),
@@ -161,7 +161,7 @@ async fn explain_events_come_in_order_and_the_result_equals_render() {
         reference_image: reference.clone(),
         protected_mask: mask.clone(),
         explain: Some(pb::ExplainOptions {
-            mode: pb::ExplainMode::Fast as i32,
+            mode: Some(pb::ExplainMode::Fast as i32),
             subject_words: vec!["star".into(), "Yellow".into()],
             manipulate_at: vec![780.0, 300.0],
             mask_threshold: Some(0.4),
@@ -333,10 +333,10 @@ async fn auto_subjects_noise_start_and_masks_only() {
         scheduler: "euler".into(),
         reference_image: std::fs::read(reference_path("sd2")).unwrap(),
         explain: Some(pb::ExplainOptions {
-            mode: pb::ExplainMode::Exact as i32,
+            mode: Some(pb::ExplainMode::Exact as i32),
             layers: "all".into(),
             manipulate_at: vec![600.0, 200.0],
-            start: pb::StartMode::Noise as i32,
+            start: Some(pb::StartMode::Noise as i32),
             ..Default::default()
         }),
         stream: Some(pb::StreamOptions {
@@ -446,11 +446,11 @@ async fn bad_explain_input_is_invalid_and_the_server_keeps_serving() {
         strength: Some(0.9),
         reference_image: reference.clone(),
         protected_mask: frisket_e2e::mask_png(64, 48, in_rect),
-        explain: Some(pb::ExplainOptions { mode: pb::ExplainMode::Fast as i32, ..Default::default() }),
+        explain: Some(pb::ExplainOptions { mode: Some(pb::ExplainMode::Fast as i32), ..Default::default() }),
         ..Default::default()
     };
     let explain = |o: pb::ExplainOptions| pb::GenerateRequest {
-        explain: Some(pb::ExplainOptions { mode: pb::ExplainMode::Fast as i32, ..o }),
+        explain: Some(pb::ExplainOptions { mode: Some(pb::ExplainMode::Fast as i32), ..o }),
         ..good()
     };
     let mask = |m: Vec<u8>| pb::GenerateRequest { protected_mask: m, ..good() };
@@ -511,7 +511,7 @@ async fn bad_explain_input_is_invalid_and_the_server_keeps_serving() {
         ),
         (
             "unknown mode",
-            pb::GenerateRequest { explain: Some(pb::ExplainOptions { mode: 9, ..Default::default() }), ..good() },
+            pb::GenerateRequest { explain: Some(pb::ExplainOptions { mode: Some(9), ..Default::default() }), ..good() },
             "mode",
             true,
         ),

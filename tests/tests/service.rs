@@ -444,7 +444,7 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
         (
             "explain without a reference",
             pb::GenerateRequest {
-                explain: Some(pb::ExplainOptions { mode: pb::ExplainMode::Fast as i32, ..Default::default() }),
+                explain: Some(pb::ExplainOptions { mode: Some(pb::ExplainMode::Fast as i32), ..Default::default() }),
                 ..good()
             },
             Code::InvalidArgument,

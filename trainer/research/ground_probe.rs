@@ -7,6 +7,7 @@
 //!   cargo run -p frisket-trainer --example ground_probe -- models/shapes target/train-tiny/unet_ckpt/unet.safetensors 150
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::model::StableDiffusion;
+use frisket_trainer::engine::unet::{Capture, CrossContext};
 use frisket_trainer::{grounding, params::AdamW};
 use tch::{Device, Kind, Tensor};
 fn main() -> anyhow::Result<()> {
@@ -34,14 +35,9 @@ fn main() -> anyhow::Result<()> {
     let per_layer = |caps: &[String]| -> Vec<f64> {
         let refs: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
         let ctx = tch::no_grad(|| m.encode_prompts(&refs)).to_kind(Kind::Float);
-        let (_, probs) = tch::no_grad(|| {
-            unet.forward_timesteps_capturing(
-                &test_noise,
-                &Tensor::full([32], 999.0, (Kind::Float, Device::Cpu)),
-                &ctx,
-                &layers,
-            )
-        });
+        let t = Tensor::full([32], 999.0, (Kind::Float, Device::Cpu));
+        let probs =
+            tch::no_grad(|| unet.forward(&test_noise, &t, &CrossContext::new(&ctx), Capture::layers(&layers))).probs;
         let t = grounding::targets(&refs, &test_owners, &m.tokenizer, Device::Cpu);
         probs.iter().map(|pr| grounding::loss(std::slice::from_ref(pr), &t).double_value(&[])).collect()
     };
@@ -68,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         let ctx = tch::no_grad(|| m.encode_prompts(&refs)).to_kind(Kind::Float);
         let noise = Tensor::randn([16, 4, 16, 16], (Kind::Float, Device::Cpu));
         let t = Tensor::randint_low(950, 1000, [16], (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
-        let (_, probs) = unet.forward_timesteps_capturing(&noise, &t, &ctx, &layers);
+        let probs = unet.forward(&noise, &t, &CrossContext::new(&ctx), Capture::layers(&layers)).probs;
         let loss = grounding::loss(&probs, &grounding::targets(&refs, &owners, &m.tokenizer, Device::Cpu));
         p.zero_grad();
         loss.backward();

@@ -3,10 +3,11 @@
 //! For 32 single-object training-distribution scenes, noised to t, the x₀ error of the UNet's
 //! prediction with the true caption, with the position phrase swapped, with the colour
 //! swapped, and with an empty caption. A part the model uses raises the error when swapped.
-//! Also checks that `forward` (inference, one t) equals `forward_timesteps` (training).
+//! Also checks that `forward` (inference, one t) equals it with one timestep per row (training).
 //!   cargo run -p frisket-trainer --example text_probe -- models/shapes
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::model::StableDiffusion;
+use frisket_trainer::engine::unet::{Capture, CrossContext};
 use tch::{Device, Kind, Tensor};
 fn main() -> anyhow::Result<()> {
     tch::set_num_threads(2);
@@ -73,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         let x0_err = |captions: Vec<String>| -> f64 {
             let refs: Vec<&str> = captions.iter().map(|s| s.as_str()).collect();
             let ctx = m.encode_prompts(&refs);
-            let v = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &ctx)).to_kind(Kind::Float);
+            let v = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &CrossContext::new(&ctx), Capture::NONE).sample).to_kind(Kind::Float);
             let x0 = &noisy.to_kind(Kind::Float) * ac.sqrt() - v * (1.0 - ac).sqrt();
             (x0 - lat.to_kind(Kind::Float)).square().mean(Kind::Float).double_value(&[])
         };
@@ -84,7 +85,7 @@ fn main() -> anyhow::Result<()> {
             let refs: Vec<&str> = captions.iter().map(|s| s.as_str()).collect();
             let ctx = m.encode_prompts(&refs);
             let layers: Vec<usize> = (0..m.unet.cross_attention_layer_count()).collect();
-            let (_, probs) = m.unet.forward_capturing(&noisy, t as f64, &ctx, &layers);
+            let probs = m.unet.forward(&noisy, t as f64, &CrossContext::new(&ctx), Capture::layers(&layers)).probs;
             let targets = frisket_trainer::grounding::targets(&refs, &owners, &m.tokenizer, Device::Cpu);
             let probs: Vec<(usize, Tensor)> =
                 probs.into_iter().map(|(l, p)| (l, p.detach().to_kind(Kind::Float))).collect();
@@ -97,12 +98,11 @@ fn main() -> anyhow::Result<()> {
         let empty = x0_err(caps.iter().map(|_| String::new()).collect());
         // training path vs inference path
         let ctx = m.encode_prompts(&caps.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-        let a = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &ctx));
-        let b = tch::no_grad(|| {
-            m.unet.forward_timesteps(&noisy, &Tensor::full([32], t as f64, (Kind::Float, Device::Cpu)), &ctx)
-        });
+        let per_row = Tensor::full([32], t as f64, (Kind::Float, Device::Cpu));
+        let a = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &CrossContext::new(&ctx), Capture::NONE).sample);
+        let b = tch::no_grad(|| m.unet.forward(&noisy, &per_row, &CrossContext::new(&ctx), Capture::NONE).sample);
         let d = (a - b).abs().max().double_value(&[]);
-        println!("t {t}: x0 mse true {truth:.4}  position swapped {pos:.4}  colour swapped {col:.4}  empty {empty:.4}  | grounding loss true {g_true:.3} position swapped {g_pos:.3} | forward vs forward_timesteps max diff {d:.2e}");
+        println!("t {t}: x0 mse true {truth:.4}  position swapped {pos:.4}  colour swapped {col:.4}  empty {empty:.4}  | grounding loss true {g_true:.3} position swapped {g_pos:.3} | shared vs per-row timesteps max diff {d:.2e}");
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use frisket_shapes::{check_object, generate, judge, parse_prompt, GenConfig, Obj
 use frisket_trainer::engine::explain::{self, ExplainMode, ExplainParams, SubjectSpec};
 use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
-use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
+use frisket_trainer::engine::pipeline::{self, Flow, GenerateParams};
 use frisket_trainer::engine::schedulers::SchedulerKind;
 use frisket_trainer::flags::Flags;
 use std::collections::BTreeMap;
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
             let case = frisket_trainer::data::protect_case(800_000 + i)?;
             let mut p = case.params(&base, i, strength);
             p.explain = explain_params(&f, &case)?;
-            let out = model.generate(&p, &mut |_| Flow::Continue)?;
+            let out = model.generate(model.prepare(&p)?, &mut |_| Flow::Continue)?;
             let c = check_object(&judge(&tensor_to_rgb(&out.image)?), &ObjectQuery::from_info(&case.wanted));
             appears += (c.colour_right && c.shape_right) as u64;
             at_position += c.all_right() as u64;
@@ -135,7 +135,7 @@ fn main() -> Result<()> {
             p.strength = strength;
         }
         let mut kept: Vec<(Tensor, usize, f64)> = Vec::new();
-        let out = model.generate(&p, &mut |e| {
+        let out = model.generate(model.prepare(&p)?, &mut |e| {
             if !dump.is_empty() {
                 kept.push((e.latents_in.copy(), e.index, e.timestep));
             }
@@ -158,7 +158,7 @@ fn main() -> Result<()> {
                 .find(|t| t.word.as_deref() == Some(q.shape.name()))
                 .map(|t| t.position)
                 .context("shape word not in the prompt")?;
-            let scheduler = model.scheduler(&p)?;
+            let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
             let cond = model.encode_prompt(&prompt);
             let mut per_t = Vec::new();
             for target in TIMESTEPS {

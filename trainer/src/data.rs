@@ -1,7 +1,7 @@
 //! Training data: scenes drawn on the fly by the shapes generator (no dataset on disk).
 //! Seeds are split by range so that training never sees an evaluation scene's seed, and
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
-use crate::engine::explain::ProtectParams;
+use crate::engine::protect::ProtectParams;
 use crate::engine::image_io::rgb_to_tensor;
 use crate::engine::pipeline::GenerateParams;
 use frisket_shapes::rng::Rng;

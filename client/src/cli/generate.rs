@@ -105,23 +105,18 @@ impl EventJobId for frisket::JobEvent {
     }
 }
 
-/// `--preset paper`'s settings (as `frisket-server render --preset paper`).
-pub const PAPER_STEPS: u32 = 50;
-pub const PAPER_GUIDANCE: f64 = 8.0;
-pub const PAPER_STRENGTH: f64 = 0.9;
-pub const PAPER_TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
-pub const PAPER_THRESHOLD: f64 = 0.5;
-
 pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Failure> {
-    let paper = a.preset == Some(PresetArg::Paper);
     let mut b = GenerateRequestBuilder::new(&a.model, &a.prompt)
         .negative_prompt(&a.negative_prompt)
         .seed(a.seed)
-        .steps(a.steps.or(paper.then_some(PAPER_STEPS)))
-        .guidance(a.guidance.or(paper.then_some(PAPER_GUIDANCE)))
+        .steps(a.steps)
+        .guidance(a.guidance)
         .scheduler(a.scheduler.clone().unwrap_or_default())
         .size(a.width.unwrap_or(0), a.height.unwrap_or(0))
-        .strength(a.strength.or(paper.then_some(PAPER_STRENGTH)));
+        .strength(a.strength);
+    if a.preset == Some(PresetArg::Paper) {
+        b = b.preset("paper");
+    }
     if let Some(path) = &a.reference {
         b = b.reference_file(path)?;
     }
@@ -155,10 +150,10 @@ pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Fai
 }
 
 /// The request's ExplainOptions from the flags (None when nothing in it is set), with
-/// `frisket-server render`'s rules: Grad-SAM is on (fast) when a Grad-SAM option or
-/// --preset paper is given, and Grad-SAM options with `--explain off` are a usage error.
+/// `frisket-server render`'s rules: Grad-SAM is on (fast) when a Grad-SAM option is given,
+/// and Grad-SAM options with `--explain off` are a usage error. What is left unset keeps
+/// the server's default or the preset's.
 fn explain_options(a: &GenerateArgs) -> Result<Option<pb::ExplainOptions>, Failure> {
-    let paper = a.preset == Some(PresetArg::Paper);
     let mut asked: Vec<&str> = Vec::new();
     for (flag, set) in [
         ("--subject", !a.subjects.is_empty()),
@@ -183,44 +178,34 @@ fn explain_options(a: &GenerateArgs) -> Result<Option<pb::ExplainOptions>, Failu
                 asked.join(", ")
             )));
         }
-        Some(ExplainArg::Off) => pb::ExplainMode::Off,
-        Some(ExplainArg::Fast) => pb::ExplainMode::Fast,
-        Some(ExplainArg::Exact) => pb::ExplainMode::Exact,
-        None if !asked.is_empty() || paper => pb::ExplainMode::Fast,
-        None => pb::ExplainMode::Off,
+        Some(ExplainArg::Off) => Some(pb::ExplainMode::Off),
+        Some(ExplainArg::Fast) => Some(pb::ExplainMode::Fast),
+        Some(ExplainArg::Exact) => Some(pb::ExplainMode::Exact),
+        None if !asked.is_empty() => Some(pb::ExplainMode::Fast),
+        None => None,
     };
-    let start = match a.start {
-        Some(StartArg::Noise) => pb::StartMode::Noise,
-        Some(StartArg::Reference) => pb::StartMode::Reference,
-        None if paper => pb::StartMode::Noise,
-        None => pb::StartMode::Reference,
-    };
+    let start = a.start.map(|s| match s {
+        StartArg::Noise => pb::StartMode::Noise,
+        StartArg::Reference => pb::StartMode::Reference,
+    });
     if let Some(ts) = &a.manipulate_at {
         if ts.is_empty() || ts.iter().any(|t| !t.is_finite()) {
             return Err(Failure::usage("--manipulate-at takes timesteps like 780,520,320 (see --help)".into()));
         }
     }
-    let grad_sam = mode != pb::ExplainMode::Off;
     let options = pb::ExplainOptions {
-        mode: mode as i32,
+        mode: mode.map(|m| m as i32),
         subject_words: a.subjects.clone(),
         subject_indices: a.subject_indices.clone(),
-        layers: a
-            .explain_layers
-            .clone()
-            .unwrap_or_else(|| if paper && grad_sam { "last".into() } else { String::new() }),
-        manipulate_at: match &a.manipulate_at {
-            Some(ts) => ts.clone(),
-            None if paper && grad_sam => PAPER_TIMESTEPS.to_vec(),
-            None => Vec::new(),
-        },
-        mask_threshold: a.mask_threshold.or((paper && grad_sam).then_some(PAPER_THRESHOLD)),
+        layers: a.explain_layers.clone().unwrap_or_default(),
+        manipulate_at: a.manipulate_at.clone().unwrap_or_default(),
+        mask_threshold: a.mask_threshold,
         blur_kernel: a.mask_blur,
         blur_sigma: a.mask_sigma,
         dilation: a.mask_dilate,
         dilation_passes: a.mask_dilate_passes,
         exact_batch: a.exact_batch,
-        start: start as i32,
+        start: start.map(|s| s as i32),
         protect_feather: a.feather.unwrap_or(0),
     };
     Ok((options != pb::ExplainOptions::default()).then_some(options))
@@ -422,19 +407,17 @@ mod tests {
 
     #[test]
     fn paper_preset_and_overrides() {
+        // The server fills in the preset's values; the request names it and carries only
+        // what the flags set.
         let r = request(&["--preset", "paper"]).unwrap();
-        assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
-        let e = r.explain.unwrap();
-        assert_eq!(e.mode, pb::ExplainMode::Fast as i32);
-        assert_eq!(e.start, pb::StartMode::Noise as i32);
-        assert_eq!(
-            (e.manipulate_at, e.layers.as_str(), e.mask_threshold),
-            (vec![780.0, 520.0, 320.0], "last", Some(0.5))
-        );
+        assert_eq!(r.preset, "paper");
+        assert_eq!((r.steps, r.guidance, r.strength), (None, None, None));
+        assert!(r.explain.is_none(), "{:?}", r.explain);
 
         let r = request(&["--preset", "paper", "--steps", "20", "--start", "reference", "--explain", "off"]).unwrap();
-        assert_eq!((r.steps, r.guidance), (Some(20), Some(8.0)));
-        assert!(r.explain.is_none(), "nothing left to send: {:?}", r.explain);
+        assert_eq!((r.preset.as_str(), r.steps, r.guidance), ("paper", Some(20), None));
+        let e = r.explain.unwrap();
+        assert_eq!((e.mode, e.start), (Some(pb::ExplainMode::Off as i32), Some(pb::StartMode::Reference as i32)));
     }
 
     #[test]
@@ -444,15 +427,15 @@ mod tests {
             request(&["--layers", "all", "--subject", "star", "--subject-index", "2", "--manipulate-at", "700,300"])
                 .unwrap();
         let e = r.explain.unwrap();
-        assert_eq!(e.mode, pb::ExplainMode::Fast as i32, "Grad-SAM options turn it on");
+        assert_eq!(e.mode, Some(pb::ExplainMode::Fast as i32), "Grad-SAM options turn it on");
         assert_eq!((e.layers.as_str(), e.subject_words, e.subject_indices), ("all", vec!["star".to_string()], vec![2]));
         assert_eq!(e.manipulate_at, vec![700.0, 300.0]);
-        assert_eq!(e.start, pb::StartMode::Reference as i32);
+        assert_eq!(e.start, None);
         let e = request(&["--explain", "exact", "--mask-threshold", "-0.25", "--mask-dilate", "1"])
             .unwrap()
             .explain
             .unwrap();
-        assert_eq!((e.mode, e.mask_threshold, e.dilation), (pb::ExplainMode::Exact as i32, Some(-0.25), Some(1)));
+        assert_eq!((e.mode, e.mask_threshold, e.dilation), (Some(pb::ExplainMode::Exact as i32), Some(-0.25), Some(1)));
         let err = request(&["--explain", "off", "--subject", "star"]).unwrap_err();
         assert_eq!(err.exit, super::exit::USAGE);
         assert!(err.message.contains("--subject"), "{}", err.message);

@@ -77,7 +77,7 @@ pub fn map_image(t: &Tensor, scale: u32, colour: bool) -> Result<RgbImage> {
 }
 
 /// One manifest entry.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, Default)]
 pub struct Entry {
     /// "heatmap", "mask", "protect" or "change".
     pub kind: String,

@@ -37,7 +37,7 @@
 //! column norm Σ_e (∂x̂0[e]/∂A_l[h,q,s])²; the map is then placed by locality, query q ↔
 //! the latent positions under it: `I_s[c,i,j] ≈ Σ_l Σ_h A_l[h,q(i,j),s]·|g_l[h,q(i,j),s]|`
 //! for every channel c. Measured against the definition it is much weaker than the final
-//! layer's exact term (see the report and server/tests/parity_explain.rs).
+//! layer's exact term (engine/tests/parity_explain.rs prints both against the definition).
 use super::super::unet::{Capture, CrossContext, UNet2DConditionModel, UNetOutput};
 use super::AttributionPoint;
 use super::{layer_grid, output_coefficient};

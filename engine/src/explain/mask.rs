@@ -88,10 +88,8 @@ pub fn subject_masks(maps: &Tensor, p: &MaskParams) -> Tensor {
     y.gt_tensor(&(mean + std * p.threshold_k))
 }
 
-/// The τ of `pixel_masks` that the service streams and eval_tiny scores: chosen on the
-/// shapes model's tuning set (308 renders, last layer, t ≈ 100; trainer/DESIGN.md, eighth
-/// session): bicubic τ 0.15 → 0.699 mIoU, 0.175 → 0.699, 0.2 → 0.691; the earlier
-/// bilinear mean + 1.0·std → 0.684.
+/// The τ of `pixel_masks` that the service streams and eval_tiny scores, chosen on the
+/// shapes model's tuning set (the sweep is in docs/shapes-model-journal.md).
 pub const SUBJECT_MASK_TAU: f64 = 0.15;
 
 /// Pixel masks [S, H, W] (bool) of importance maps [S, C, h, w]: channels summed, negative

@@ -1,4 +1,4 @@
-//! Jobs and the bounded queue between the gRPC handlers and the engine thread.
+//! Jobs and the bounded queue between the gRPC handlers and the worker thread.
 //!
 //! The queue is a bounded channel with two extras a plain channel lacks: a waiting job
 //! can be taken out (Cancel, a client that left, a passed deadline) so it frees its
@@ -24,7 +24,7 @@ pub enum StopReason {
     Deadline,
     /// The server shut down before the job could finish.
     Shutdown,
-    /// The client kept the stream open but stopped reading it (see engine.rs).
+    /// The client kept the stream open but stopped reading it (see worker.rs).
     Stalled,
 }
 
@@ -141,7 +141,7 @@ struct State {
     running: Option<Arc<Job>>,
     /// False once shutdown began: new jobs are refused.
     accepting: bool,
-    /// The engine thread returns once this is set and nothing waits.
+    /// The worker thread returns once this is set and nothing waits.
     exit: bool,
 }
 
@@ -298,8 +298,8 @@ impl Queue {
         self.wake.notify_all();
     }
 
-    /// Lets the engine thread return once no job waits.
-    pub fn exit_engine(&self) {
+    /// Lets the worker thread return once no job waits.
+    pub fn exit_worker(&self) {
         self.lock().exit = true;
         self.wake.notify_all();
     }

@@ -1,16 +1,16 @@
 //! `frisket-server serve`: the gRPC service (frisket.v1.Frisket, grpc.health.v1.Health and
-//! server reflection v1/v1alpha) in front of one engine thread.
+//! server reflection v1/v1alpha) in front of one worker thread.
 //!
 //! Request flow: a handler validates the request (request.rs), queues a [`jobs::Job`] in
 //! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
-//! of the job's bounded event channel as the response stream. The engine thread
-//! (engine.rs) owns the models, runs one job at a time and sends its events; a closed
+//! of the job's bounded event channel as the response stream. The worker thread
+//! (worker.rs) owns the models, runs one job at a time and sends its events; a closed
 //! stream, Cancel, the deadline or shutdown stop a job before its next step.
 //!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
-pub mod engine;
+pub mod worker;
 pub mod grpc;
 pub mod jobs;
 pub mod models;
@@ -91,17 +91,17 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
-    let engine = engine::spawn(queue.clone(), catalog.clone(), device, runtime.handle().clone())
-        .context("starting the engine thread")?;
+    let worker = worker::spawn(queue.clone(), catalog.clone(), device, runtime.handle().clone())
+        .context("starting the worker thread")?;
     let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone()));
-    queue.exit_engine();
+    queue.exit_worker();
     // The drain already waited for the jobs; a job still running here has been told to stop.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !engine.is_finished() && std::time::Instant::now() < deadline {
+    while !worker.is_finished() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if !engine.is_finished() {
-        warn!("engine thread still busy at exit");
+    if !worker.is_finished() {
+        warn!("worker thread still busy at exit");
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome

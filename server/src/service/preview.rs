@@ -84,24 +84,16 @@ pub fn latent_bytes(latent: &Tensor) -> Result<(Vec<i64>, Vec<u8>)> {
     Ok((shape, bytes))
 }
 
-/// Per-pixel |output − reference|, the mean over R, G and B rounded to the nearest 8-bit
-/// level (the engine's change map, `explain::mask::compare`), as an 8-bit grey PNG.
-pub fn change_map(output: &RgbImage, reference: &RgbImage) -> Result<Vec<u8>> {
-    let (w, h) = output.dimensions();
-    let grey = image::GrayImage::from_fn(w, h, |x, y| {
-        let (a, b) = (output.get_pixel(x, y), reference.get_pixel(x, y));
-        let sum: u32 = (0..3).map(|c| a[c].abs_diff(b[c]) as u32).sum();
-        // sum/3 is never exactly halfway between two levels.
-        image::Luma([((sum as f64) / 3.0).round() as u8])
-    });
-    encode_grey(&grey)
+/// A result's change map ([H, W] in [0, 1], the engine's comparison with the reference)
+/// as an 8-bit grey PNG.
+pub fn change_map_png(map: &Tensor) -> Result<Vec<u8>> {
+    let (h, w) = map.size2().context("expected an [H, W] change map")?;
+    let levels = (map.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+    let bytes = Vec::<u8>::try_from(levels.contiguous().view(-1)).context("copying the change map")?;
+    let grey = image::GrayImage::from_raw(w as u32, h as u32, bytes).context("change map size")?;
+    image_io::encode_grey_png(&grey)
 }
 
-fn encode_grey(img: &image::GrayImage) -> Result<Vec<u8>> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).context("encoding PNG")?;
-    Ok(out.into_inner())
-}
 
 /// A [C, h, w] map as an [h, w] plane: `sum` over channels, else their mean.
 fn plane(t: &Tensor, sum: bool) -> Result<(u32, u32, Vec<f32>)> {
@@ -129,7 +121,7 @@ pub fn mask_png(mask: &Tensor, width: u32, height: u32) -> Result<Vec<u8>> {
     } else {
         image::imageops::resize(&grey, width, height, image::imageops::FilterType::Nearest)
     };
-    encode_grey(&grey)
+    image_io::encode_grey_png(&grey)
 }
 
 /// Where an importance map [C, h, w] puts its subject, as an 8-bit grey PNG (0 or 255) at
@@ -175,7 +167,10 @@ mod tests {
     fn change_map_is_the_rounded_mean_difference() {
         let a = RgbImage::from_raw(2, 1, vec![10, 20, 30, 0, 0, 0]).unwrap();
         let b = RgbImage::from_raw(2, 1, vec![11, 22, 30, 255, 255, 254]).unwrap();
-        let png = change_map(&a, &b).unwrap();
+        // The output as the engine holds it ([3, H, W] in [0, 1]) and the reference as a request brings it.
+        let output = image_io::rgb_to_tensor(&a).squeeze_dim(0) / 2.0 + 0.5;
+        let comparison = frisket_engine::compare::compare(&output, &image_io::rgb_to_tensor(&b), None);
+        let png = change_map_png(&comparison.change_map).unwrap();
         let g = image::load_from_memory(&png).unwrap().to_luma8();
         assert_eq!(g.as_raw(), &vec![1, 255]);
     }

@@ -3,27 +3,20 @@
 //! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
-use frisket_engine::explain::{
-    self, mask, ExplainMode, ExplainParams, LayerChoice, MaskParams, ProtectParams, StartMode, SubjectSpec,
-};
+use frisket_engine::explain::{self, ExplainMode, ExplainParams, LayerChoice, MaskParams, SubjectSpec};
 use frisket_engine::image_io;
-use frisket_engine::pipeline::{img2img_start, GenerateParams};
-use frisket_engine::schedulers::{self, SchedulerConfig, SchedulerKind};
+use frisket_engine::pipeline::{self, defaults, GenerateParams, StartMode};
+use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
+use frisket_engine::schedulers::{SchedulerConfig, SchedulerKind};
 use frisket_engine::tch;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
 use tonic::Status;
 
-pub const DEFAULT_STEPS: u32 = 20;
-pub const DEFAULT_GUIDANCE: f64 = 7.5;
 pub const MAX_GUIDANCE: f64 = 50.0;
-pub const DEFAULT_STRENGTH: f64 = 0.8;
-pub const DEFAULT_SCHEDULER: &str = "ddim";
 /// Bytes of prompt text accepted (the tokenizer keeps 75 tokens anyway).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 pub const MAX_JOB_ID_BYTES: usize = 128;
-/// Widest outward feather of a protected region, in pixels (as `frisket-server render`).
-pub const MAX_FEATHER: u32 = 256;
 /// Largest exact-mode batch (latent elements per backward pass) a request may ask for.
 pub const MAX_EXACT_BATCH: u32 = 256;
 
@@ -164,23 +157,24 @@ fn decode_limited(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, St
 
 /// Validates `req` against the model and limits. Blocking (decodes images, reads configs).
 pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random_seed: u64) -> Result<JobSpec, Status> {
+    let req = &*with_preset(req)?;
     if req.job_id.len() > MAX_JOB_ID_BYTES || req.job_id.chars().any(|c| c.is_control()) {
         return Err(invalid(format!("job_id must be at most {MAX_JOB_ID_BYTES} bytes of printable text")));
     }
 
     let meta = catalog.meta(&req.model)?;
-    let scheduler_name = if req.scheduler.is_empty() { DEFAULT_SCHEDULER } else { req.scheduler.as_str() };
+    let scheduler_name = if req.scheduler.is_empty() { defaults::SCHEDULER } else { req.scheduler.as_str() };
     let (scheduler, karras) =
         SchedulerKind::parse_with_karras(scheduler_name).map_err(|e| invalid(format!("{e:#}")))?;
 
-    let steps = req.steps.unwrap_or(DEFAULT_STEPS);
+    let steps = req.steps.unwrap_or(defaults::STEPS as u32);
     if steps == 0 {
         return Err(invalid("steps must be at least 1".to_string()));
     }
     if steps > limits.max_steps {
         return Err(invalid(format!("steps {steps} is more than this server's limit of {}", limits.max_steps)));
     }
-    let guidance = req.guidance.unwrap_or(DEFAULT_GUIDANCE);
+    let guidance = req.guidance.unwrap_or(defaults::GUIDANCE);
     if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
         return Err(invalid(format!(
             "guidance must be between 0 and {MAX_GUIDANCE} (1 or less disables it), got {guidance}"
@@ -194,7 +188,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     if !img2img && req.prompt.trim().is_empty() {
         return Err(invalid("prompt is required for txt2img (no reference_image given)"));
     }
-    let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
+    let strength = req.strength.unwrap_or(defaults::STRENGTH);
     if req.strength.is_some() && (!strength.is_finite() || strength <= 0.0 || strength > 1.0) {
         return Err(invalid(format!("strength must be in (0, 1], got {strength}")));
     }
@@ -219,11 +213,14 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         Some(mask)
     };
     let options = req.explain.clone().unwrap_or_default();
-    let start = match pb::StartMode::try_from(options.start) {
+    let start = match pb::StartMode::try_from(options.start.unwrap_or_default()) {
         Ok(pb::StartMode::Reference) => StartMode::Reference,
         Ok(pb::StartMode::Noise) => StartMode::Noise,
         Err(_) => {
-            return Err(invalid(format!("unknown explain.start {} (expected REFERENCE or NOISE)", options.start)))
+            return Err(invalid(format!(
+                "unknown explain.start {} (expected REFERENCE or NOISE)",
+                options.start.unwrap_or_default()
+            )))
         }
     };
     if start == StartMode::Noise && reference.is_none() {
@@ -273,7 +270,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
         }
     });
-    if img2img && img2img_start(steps as usize, strength, 1) >= steps as usize {
+    if img2img && pipeline::img2img_start(steps as usize, strength, 1) >= steps as usize {
         return Err(invalid(format!(
             "strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
         )));
@@ -303,7 +300,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             };
             let factor = meta.size_multiple.max(1) as i64;
             // Blank, full or covering every latent element: refused here, before queueing.
-            let _checked = mask::protect_masks(&mask_tensor(&mask), width as i64, height as i64, factor)
+            let _checked = protect::protect_masks(&mask_tensor(&mask), width as i64, height as i64, factor)
                 .map_err(|e| invalid(format!("protected_mask: {e:#}")))?;
             Some(ProtectSpec { mask, feather: options.protect_feather })
         }
@@ -382,11 +379,11 @@ fn explain_params(
     scheduler: SchedulerKind,
     karras: bool,
 ) -> Result<Option<ExplainParams>, Status> {
-    let mode = match pb::ExplainMode::try_from(o.mode) {
+    let mode = match pb::ExplainMode::try_from(o.mode.unwrap_or_default()) {
         Ok(pb::ExplainMode::Off) => None,
         Ok(pb::ExplainMode::Fast) => Some(ExplainMode::Fast),
         Ok(pb::ExplainMode::Exact) => Some(ExplainMode::Exact),
-        Err(_) => return Err(invalid(format!("unknown explain.mode {} (expected OFF, FAST or EXACT)", o.mode))),
+        Err(_) => return Err(invalid(format!("unknown explain.mode {} (expected OFF, FAST or EXACT)", o.mode.unwrap_or_default()))),
     };
     let given: Vec<&str> = [
         ("subject_words", !o.subject_words.is_empty()),
@@ -437,63 +434,63 @@ fn explain_params(
         o.layers.parse::<LayerChoice>().map_err(|e| invalid(format!("explain.layers: {e:#}")))?
     };
 
-    // Subjects against the prompt's tokens (the engine resolves them the same way).
-    let tokenizer = catalog.tokenizer(&meta.name)?;
-    let tokens = tokenizer.tokens(prompt);
-    let max = tokenizer.max_length();
-    let words = || {
-        let mut w: Vec<String> = tokens.iter().filter_map(|t| t.word.clone()).collect();
-        w.dedup();
-        if w.is_empty() {
-            "none".to_string()
-        } else {
-            w.join(", ")
-        }
-    };
-    for word in &o.subject_words {
-        let wanted = word.trim().to_lowercase();
-        if wanted.is_empty() {
-            return Err(invalid("explain.subject_words has an empty word"));
-        }
-        let found = tokens.iter().any(|t| {
-            t.word.as_deref().is_some_and(|w| w.to_lowercase() == wanted)
-                || (t.word.is_some() && t.text.trim_end_matches("</w>").to_lowercase() == wanted)
-        });
-        if !found {
-            return Err(invalid(format!("subject word {word:?} is not in the prompt (its words: {})", words())));
-        }
+    // Subjects and timesteps resolved as the engine will resolve them, so that a request
+    // the model cannot run is refused before it waits in the queue.
+    if o.subject_words.iter().any(|w| w.trim().is_empty()) {
+        return Err(invalid("explain.subject_words has an empty word"));
     }
-    for &i in &o.subject_indices {
-        if i as usize >= max {
-            return Err(invalid(format!(
-                "subject token index {i} is out of range: a prompt has {max} token positions, 0 to {} (0 is the start token; see Tokenize)",
-                max - 1
-            )));
-        }
-    }
-    if o.subject_words.is_empty() && o.subject_indices.is_empty() && explain::auto_subjects(&tokens).is_empty() {
-        return Err(invalid(format!(
-            "no subject found in the prompt (words: {}); name one in explain.subject_words or subject_indices",
-            words()
-        )));
-    }
-    let subjects = o
+    let subjects: Vec<SubjectSpec> = o
         .subject_words
         .iter()
         .map(|w| SubjectSpec::Word(w.clone()))
         .chain(o.subject_indices.iter().map(|&i| SubjectSpec::Index(i as usize)))
         .collect();
-
-    // Timesteps against the schedule this job runs (empty: the paper's defaults within it).
+    let tokenizer = catalog.tokenizer(&meta.name)?;
+    explain::resolve_subjects(&tokenizer, prompt, &subjects)
+        .map_err(|e| invalid(format!("{e:#} (see Tokenize)")))?;
     let config = SchedulerConfig::load(&meta.dir.join("scheduler/scheduler_config.json"))
         .map_err(|e| Status::failed_precondition(format!("model {:?} is unusable: {e:#}", meta.name)))?;
-    let schedule = schedulers::build(scheduler, &config, karras, steps).map_err(|e| invalid(format!("{e:#}")))?;
-    let first = img2img_start(steps, strength, schedule.order()).min(schedule.timesteps().len());
-    let run = &schedule.timesteps()[first..];
+    let (schedule, first) =
+        pipeline::schedule(&config, scheduler, karras, steps, Some(strength)).map_err(|e| invalid(format!("{e:#}")))?;
     let timesteps = o.manipulate_at.clone();
-    explain::snap_timesteps(&timesteps, run).map_err(|e| invalid(format!("explain.manipulate_at: {e:#}")))?;
+    explain::snap_timesteps(&timesteps, &schedule.timesteps()[first..])
+        .map_err(|e| invalid(format!("explain.manipulate_at: {e:#}")))?;
 
     Ok(Some(ExplainParams { mode, layers, subjects, timesteps, mask, exact_batch: o.exact_batch.map(|b| b as usize) }))
+}
+
+/// The request with its preset's values in the fields it leaves unset.
+fn with_preset(req: &GenerateRequest) -> Result<std::borrow::Cow<'_, GenerateRequest>, Status> {
+    use defaults::paper;
+    match req.preset.as_str() {
+        "" => Ok(std::borrow::Cow::Borrowed(req)),
+        paper::NAME => {
+            if req.reference_image.is_empty() {
+                return Err(invalid("the paper preset needs a reference_image (img2img)"));
+            }
+            let mut r = req.clone();
+            r.steps.get_or_insert(paper::STEPS as u32);
+            r.guidance.get_or_insert(paper::GUIDANCE);
+            r.strength.get_or_insert(paper::STRENGTH);
+            let e = r.explain.get_or_insert_with(Default::default);
+            e.start.get_or_insert(pb::StartMode::Noise as i32);
+            if *e.mode.get_or_insert(pb::ExplainMode::Fast as i32) != pb::ExplainMode::Off as i32 {
+                if e.layers.trim().is_empty() {
+                    e.layers = "last".into();
+                }
+                if e.manipulate_at.is_empty() {
+                    e.manipulate_at = paper::TIMESTEPS.to_vec();
+                }
+                e.mask_threshold.get_or_insert(paper::MASK_THRESHOLD);
+            }
+            Ok(std::borrow::Cow::Owned(r))
+        }
+        other => Err(invalid(format!(
+            "unknown preset {:?} (expected \"{}\" or none)",
+            other.chars().take(100).collect::<String>(),
+            paper::NAME
+        ))),
+    }
 }
 
 /// A seed for requests without one: 53 bits (exact in a JSON / JavaScript number).
@@ -506,8 +503,37 @@ pub fn random_seed() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::resize_mask_conservative;
+    use super::{pb, resize_mask_conservative, with_preset};
     use image::GrayImage;
+
+    #[test]
+    fn the_paper_preset_fills_only_unset_fields() {
+        let req = pb::GenerateRequest { preset: "paper".into(), reference_image: vec![1], ..Default::default() };
+        let r = with_preset(&req).unwrap().into_owned();
+        assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
+        let e = r.explain.unwrap();
+        assert_eq!((e.mode, e.start), (Some(pb::ExplainMode::Fast as i32), Some(pb::StartMode::Noise as i32)));
+        assert_eq!((e.layers.as_str(), e.manipulate_at, e.mask_threshold), ("last", vec![780.0, 520.0, 320.0], Some(0.5)));
+
+        let explicit = pb::ExplainOptions {
+            mode: Some(pb::ExplainMode::Off as i32),
+            start: Some(pb::StartMode::Reference as i32),
+            ..Default::default()
+        };
+        let req = pb::GenerateRequest { steps: Some(20), explain: Some(explicit.clone()), ..req };
+        let r = with_preset(&req).unwrap().into_owned();
+        assert_eq!((r.steps, r.guidance), (Some(20), Some(8.0)));
+        assert_eq!(r.explain, Some(explicit), "Grad-SAM off keeps its options unset");
+
+        let none = pb::GenerateRequest::default();
+        assert!(matches!(with_preset(&none).unwrap(), std::borrow::Cow::Borrowed(_)));
+        let bad = pb::GenerateRequest { preset: "x".repeat(1000), reference_image: vec![1], ..Default::default() };
+        let status = with_preset(&bad).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().len() < 200, "{}", status.message());
+        let txt2img = pb::GenerateRequest { preset: "paper".into(), ..Default::default() };
+        assert!(with_preset(&txt2img).unwrap_err().message().contains("reference_image"));
+    }
 
     #[test]
     fn mask_resizing_keeps_every_protected_pixel() {

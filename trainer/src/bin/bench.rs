@@ -1,5 +1,6 @@
 //! bench: forward+backward step times of candidate sizes on this CPU (2 threads).
 use anyhow::Result;
+use frisket_trainer::engine::unet::{Capture, CrossContext};
 use frisket_trainer::{configs, params::AdamW};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -59,8 +60,10 @@ fn main() -> Result<()> {
                             unet.forward(
                                 &x.narrow(0, g * per, per),
                                 100.0 + 200.0 * g as f64,
-                                &ctx.narrow(0, g * per, per),
+                                &CrossContext::new(&ctx.narrow(0, g * per, per)),
+                                Capture::NONE,
                             )
+                            .sample
                         })
                         .collect();
                     let y = Tensor::cat(&outs, 0);

@@ -24,7 +24,7 @@ use frisket_trainer::data;
 use frisket_trainer::engine::explain::{self, mask, ExplainMode, MaskParams};
 use frisket_trainer::engine::image_io::tensor_to_rgb;
 use frisket_trainer::engine::model::StableDiffusion;
-use frisket_trainer::engine::pipeline::{Flow, GenerateParams};
+use frisket_trainer::engine::pipeline::{self, Flow, GenerateParams};
 use frisket_trainer::flags::Flags;
 use image::RgbImage;
 use serde_json::json;
@@ -77,7 +77,7 @@ fn heatmap_masks(
     subject: usize,
     mode: ExplainMode,
 ) -> Result<(Mask, Mask)> {
-    let scheduler = model.scheduler(p)?;
+    let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
     let cond = model.encode_prompt(&p.prompt);
     let last = model.unet.cross_attention_layer_count() - 1;
     let maps =
@@ -116,7 +116,7 @@ fn render(model: &StableDiffusion, p: &GenerateParams) -> Result<Render> {
     let t0 = Instant::now();
     let (mut mid, mut late): (Option<StepLatent>, Option<StepLatent>) = (None, None);
     let (mut best_mid, mut best_late) = (f64::INFINITY, f64::INFINITY);
-    let out = model.generate(p, &mut |e| {
+    let out = model.generate(model.prepare(p)?, &mut |e| {
         if (e.timestep - 500.0).abs() < best_mid {
             best_mid = (e.timestep - 500.0).abs();
             mid = Some((e.latents_in.copy(), e.index, e.timestep));
@@ -146,7 +146,7 @@ fn pixel_mask(
     subject: usize,
     mode: ExplainMode,
 ) -> Result<Mask> {
-    let scheduler = model.scheduler(p)?;
+    let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
     let cond = model.encode_prompt(&p.prompt);
     let (lat, step, t) = late;
     let maps = explain::attribute(model, &*scheduler, lat, *step, *t, &cond, layers, &[subject], mode, None)?;

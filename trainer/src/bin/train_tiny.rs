@@ -33,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use frisket_shapes::Shape;
 use frisket_trainer::data::{self, BatchSpec};
 use frisket_trainer::engine::tokenizer::ClipTokenizer;
-use frisket_trainer::engine::unet::UNet2DConditionModel;
+use frisket_trainer::engine::unet::{Capture, CrossContext, UNet2DConditionModel, UNetOutput};
 use frisket_trainer::flags::Flags;
 use frisket_trainer::params::{AdamW, Params};
 use frisket_trainer::text_aux::{self, CaptionClassifier};
@@ -276,7 +276,9 @@ fn denoising_losses(
     let ac = alphas.index_select(0, &t).view([bsz, 1, 1, 1]);
     let one_minus = -&ac + 1.0;
     let noisy = latents * ac.sqrt() + &noise * one_minus.sqrt();
-    let (pred, probs) = unet.forward_timesteps_capturing(&noisy, &t.to_kind(Kind::Float), ehs, capture);
+    let t = t.to_kind(Kind::Float);
+    let UNetOutput { sample: pred, probs, .. } =
+        unet.forward(&noisy, &t, &CrossContext::new(ehs), Capture::layers(capture));
     // v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀). The layout (which shape goes where) is decided
     // at high noise, where ε-prediction's loss barely sees x₀: in x₀ terms ε-MSE weighs a
     // timestep by its SNR (0.005 at t = 999 on SD's schedule), v-MSE by SNR + 1 (≥ 1), so an
@@ -586,7 +588,7 @@ fn main() -> Result<()> {
         // afresh and the noise generator is reseeded, exactly as a resume from that step's
         // checkpoint does, so one process and a resumed run train the same weights. The restart
         // where grounding's weight rises is kept as part of the recipe: a run without it,
-        // otherwise identical, did not learn position (docs/shapes-model-journal.md, fourth session).
+        // otherwise identical, did not learn position (docs/shapes-model-journal.md).
         let focusing = step >= a.unet_steps;
         let restart = if step == start {
             None

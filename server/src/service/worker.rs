@@ -1,13 +1,12 @@
-//! The engine thread: the one thread that owns the loaded models and runs jobs, one at a
+//! The worker: the one thread that owns the loaded models and runs jobs, one at a
 //! time (tch tensors are not Sync and grad mode is per thread). Jobs come from the
 //! [`Queue`]; events go back over each job's bounded stream channel.
 use super::jobs::{Job, Queue, StopReason};
 use super::models::Catalog;
 use super::preview;
-use frisket_engine::explain;
 use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{img2img_start, Cancelled, Flow, StepEvent};
+use frisket_engine::pipeline::{Flow, GenerateError, StepEvent};
 use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
     generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
@@ -23,12 +22,12 @@ use tonic::Status;
 use tracing::{error, info, info_span, warn};
 
 pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handle) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("frisket-engine".into()).spawn(move || {
-        let mut engine = Engine { models: HashMap::new(), device, rt, catalog };
+    std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
+        let mut worker = Worker { models: HashMap::new(), device, rt, catalog };
         while let Some(job) = queue.next() {
             let span = info_span!("job", job_id = %job.id);
             let _entered = span.enter();
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&job)));
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run(&job)));
             // The job leaves the queue before its last message goes out, so a client that
             // reacts to that message (Cancel, a new job with the same id, GetServerInfo)
             // never sees it still running.
@@ -36,7 +35,7 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
             match outcome {
                 Ok(Ok(result)) => {
                     let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
-                    if send(&engine.rt, &job, Event::Result(result)) {
+                    if send(&worker.rt, &job, Event::Result(result)) {
                         info!(seconds, "job finished");
                     } else {
                         let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
@@ -63,7 +62,7 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
                 }
             }
         }
-        info!("engine thread exiting");
+        info!("worker thread exiting");
     })
 }
 
@@ -78,7 +77,7 @@ impl From<Status> for End {
     }
 }
 
-struct Engine {
+struct Worker {
     models: HashMap<String, StableDiffusion>,
     device: Device,
     rt: Handle,
@@ -122,7 +121,7 @@ fn send(rt: &Handle, job: &Job, event: Event) -> bool {
     }
 }
 
-impl Engine {
+impl Worker {
     fn model(&mut self, name: &str) -> Result<&StableDiffusion, Status> {
         if !self.models.contains_key(name) {
             let dir = self.catalog.resolve(name)?;
@@ -145,40 +144,28 @@ impl Engine {
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
         let model = self.model(&spec.meta.name)?;
-        let params = spec.params();
-        model.validate(&params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        let scheduler = model.scheduler(&params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        let start = match &params.reference {
-            Some(_) => img2img_start(params.steps, params.strength, scheduler.order()),
-            None => 0,
-        };
-        let timesteps = scheduler.timesteps()[start..].to_vec();
-        drop(scheduler);
+        let prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let timesteps = prepared.timesteps.clone();
         // The resolved Grad-SAM plan: its subjects (picked from the prompt when none were
         // named) and manipulation steps go out in Started.
-        let plan = explain::plan(model, &params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        let (subjects, subjects_auto, manipulation_steps) = match plan.as_ref().filter(|p| p.mode.is_some()) {
+        let (subjects, subjects_auto, manipulation_steps) = match &prepared.explain {
             Some(plan) => {
-                let tokens = model.tokenizer.tokens(&spec.prompt);
                 let subjects = plan
                     .subjects
                     .iter()
-                    .map(|s| {
-                        let info = tokens.get(s.token_index);
-                        Token {
-                            index: s.token_index as u32,
-                            id: info.map_or(model.tokenizer.pad_id(), |t| t.id),
-                            text: s.token.clone(),
-                            word: s.word.clone().unwrap_or_default(),
-                            word_index: info.and_then(|t| t.word_index).map(|w| w as u32),
-                        }
+                    .map(|s| Token {
+                        index: s.token_index as u32,
+                        id: s.id,
+                        text: s.token.clone(),
+                        word: s.word.clone().unwrap_or_default(),
+                        word_index: s.word_index.map(|w| w as u32),
                     })
                     .collect();
                 (subjects, plan.subjects_auto, plan.steps.iter().map(|s| s.index as u32).collect())
             }
             None => (Vec::new(), false, Vec::new()),
         };
-        drop(plan);
+        let protected_latents = prepared.protect.as_ref().map(|p| p.latents.shallow_clone());
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
@@ -254,8 +241,9 @@ impl Engine {
                     }
                 }
             }
-            if let Some(x) = &e.explain {
-                for event in explain_events(e, x, spec) {
+            let protected = if e.index == 0 { protected_latents.as_ref() } else { None };
+            if protected.is_some() || e.manipulation.is_some() {
+                for event in explain_events(e, protected, spec) {
                     if !send(&rt, job, event) {
                         return Flow::Stop;
                     }
@@ -269,33 +257,25 @@ impl Engine {
             last_step_end = Instant::now();
             Flow::Continue
         };
-        let generated = model.generate(&params, &mut on_step);
-        let generated = match generated {
+        let generated = match model.generate(prepared, &mut on_step) {
             Ok(g) => g,
-            Err(e) if e.is::<Cancelled>() => {
+            Err(GenerateError::Cancelled) => {
                 let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
                 info!(steps_done, total = total_steps, "job stopped before step {}", steps_done);
                 return Err(End::Stopped(reason));
             }
-            Err(e) => return Err(Status::internal(format!("generation failed: {e:#}")).into()),
+            Err(GenerateError::Failed(e)) => return Err(Status::internal(format!("generation failed: {e:#}")).into()),
         };
         let decode_seconds = last_step_end.elapsed().as_secs_f64();
 
         // The same encode path as `frisket-server render`.
         let rgb = image_io::tensor_to_rgb(&generated.image).map_err(|e| Status::internal(format!("{e:#}")))?;
         let png = image_io::encode_png(&rgb).map_err(|e| Status::internal(format!("{e:#}")))?;
-        let change_map = match &spec.reference {
-            Some(reference) => preview::change_map(&rgb, reference).unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let (fractions, psnr_protected, psnr_outside) = match &generated.explain {
-            Some(summary) => (
-                summary.reference_fractions.iter().map(|f| f.fraction).collect(),
-                summary.psnr_protected,
-                Some(summary.psnr_outside),
-            ),
+        let (change_map, psnr_protected, psnr_outside) = match &generated.comparison {
+            Some(c) => (preview::change_map_png(&c.change_map).unwrap_or_default(), c.psnr_protected, Some(c.psnr_outside)),
             None => (Vec::new(), None, None),
         };
+        let fractions = generated.reference_fractions.iter().map(|f| f.fraction).collect();
         let total_seconds = started.elapsed().as_secs_f64();
         let result = JobResult {
             image: png,
@@ -337,16 +317,12 @@ fn pb_tensor(t: &tch::Tensor) -> anyhow::Result<PbTensor> {
 /// The Grad-SAM / protection events of one step, in stream order: the protected-region
 /// mask (first step only), one heatmap per subject, the manipulation mask — each as the
 /// request's `stream.explain` asks. An event that cannot be built is logged and skipped.
-fn explain_events(
-    e: &StepEvent,
-    x: &frisket_engine::pipeline::StepExplain,
-    spec: &super::request::JobSpec,
-) -> Vec<Event> {
+fn explain_events(e: &StepEvent, protected: Option<&tch::Tensor>, spec: &super::request::JobSpec) -> Vec<Event> {
     let want = spec.explain_stream;
     let (width, height) = (spec.width, spec.height);
     let mut events = Vec::new();
     if want.masks {
-        if let Some(p) = x.plan.and_then(|p| p.protected_latents.as_ref()) {
+        if let Some(p) = protected {
             let mask = p.squeeze_dim(0); // [1, h, w]
             let built = (|| -> anyhow::Result<PbMask> {
                 Ok(PbMask {
@@ -364,7 +340,7 @@ fn explain_events(
             }
         }
     }
-    let Some(m) = x.manipulation else { return events };
+    let Some(m) = e.manipulation else { return events };
     if want.heatmaps && !m.heatmaps.is_empty() {
         let base = preview::approx_rgb(e.denoised);
         for h in &m.heatmaps {
