@@ -230,6 +230,7 @@ fn grey_png(path: &PathBuf) -> Result<Vec<u8>> {
 
 fn render(a: RenderArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
+    anyhow::ensure!(a.model.is_dir(), "model folder {} does not exist", a.model.display());
     let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let catalog = Catalog::new(root)?;
     let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())

@@ -176,7 +176,8 @@ fn bad_explain_arguments_give_one_line_errors() {
     let small = dir.join("small.png");
     image::GrayImage::from_pixel(8, 8, image::Luma([255])).save(&small).unwrap();
     let e = one_line_error(&with(&["--protect", small.to_str().unwrap()]));
-    assert!(e.contains("8×8 pixels but the image is 64×48"), "{e}");
+    // The service's check: the mask must have the reference's size.
+    assert!(e.contains("protected_mask is 8×8 but reference_image is 64×48"), "{e}");
     let blank = dir.join("blank.png");
     image::GrayImage::new(64, 48).save(&blank).unwrap();
     let e = one_line_error(&with(&["--protect", blank.to_str().unwrap()]));
