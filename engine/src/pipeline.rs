@@ -417,7 +417,7 @@ impl StableDiffusion {
         let cfg = self.vae.config();
         let mut z = latents / cfg.scaling_factor;
         if let Some(shift) = cfg.shift_factor {
-            z = z + shift;
+            z += shift;
         }
         image_io::postprocess(&self.vae.decode(&z))
     }

@@ -50,7 +50,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&self.act.forward(temb)).unsqueeze(-1).unsqueeze(-1);
+            h += proj.forward(&self.act.forward(temb)).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)));
         let shortcut = match &self.conv_shortcut {

@@ -41,13 +41,16 @@ fn job(img: &image::RgbImage, prompt: &str) -> GenerateParams {
     }
 }
 
+/// A manipulated step: (index, timestep, subject token indices of the heatmaps, mask shape,
+/// share from the reference).
+type SeenManipulation = (usize, f64, Vec<usize>, Vec<i64>, f64);
+
 /// What the step callback saw, in order.
 #[derive(Default, Debug)]
 struct Seen {
     steps: usize,
     plans: Vec<usize>,
-    /// (index, timestep, subject token indices of the heatmaps, mask shape, fraction)
-    manipulations: Vec<(usize, f64, Vec<usize>, Vec<i64>, f64)>,
+    manipulations: Vec<SeenManipulation>,
     auto: Option<bool>,
     subjects: Vec<String>,
     protected_share: Option<f64>,

@@ -125,10 +125,8 @@ fn fast_masks_match_exact_masks() {
             per_subject.join(", ")
         );
         // The final layer is computed exactly (factorised); other layers are estimated.
-        if case.layers.len() == 1 {
-            if iou < 0.8 || err > 1e-3 {
-                failures.push(format!("{}: IoU {iou:.3}, rel L2 {err:.2e}", case.key));
-            }
+        if case.layers.len() == 1 && (iou < 0.8 || err > 1e-3) {
+            failures.push(format!("{}: IoU {iou:.3}, rel L2 {err:.2e}", case.key));
         }
         assert_eq!(fast.kind(), Kind::Float);
     }

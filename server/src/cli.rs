@@ -1,9 +1,9 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
 use crate::service::models::Catalog;
 use crate::service::request;
 use crate::service::Limits;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 use frisket_engine::explain::dump::{Dump, Entry};
 use frisket_engine::explain::edit::Manipulation;
 use frisket_engine::explain::ExplainMode;
@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Render one image locally, without the service.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
     /// Serve the gRPC API (frisket.v1.Frisket, health, reflection) until SIGTERM/Ctrl-C.
     Serve(ServeArgs),
 }
@@ -167,7 +167,7 @@ pub fn parse() -> Cli {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Render(args) => render(args),
+        Command::Render(args) => render(*args),
         Command::Serve(args) => serve(args),
     }
 }
@@ -404,7 +404,8 @@ fn report_manipulation(m: &Manipulation) {
 
 /// Writes a manipulated step's heatmaps and mask.
 fn dump_manipulation(d: &mut Dump, m: &Manipulation) -> Result<()> {
-    let entry = |kind: &str| Entry { kind: kind.into(), step: Some(m.index), timestep: Some(m.timestep), ..Entry::default() };
+    let entry =
+        |kind: &str| Entry { kind: kind.into(), step: Some(m.index), timestep: Some(m.timestep), ..Entry::default() };
     for h in &m.heatmaps {
         let mut en = entry("heatmap");
         en.token_index = Some(h.subject.token_index);

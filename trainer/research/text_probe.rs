@@ -74,7 +74,8 @@ fn main() -> anyhow::Result<()> {
         let x0_err = |captions: Vec<String>| -> f64 {
             let refs: Vec<&str> = captions.iter().map(|s| s.as_str()).collect();
             let ctx = m.encode_prompts(&refs);
-            let v = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &CrossContext::new(&ctx), Capture::NONE).sample).to_kind(Kind::Float);
+            let v = tch::no_grad(|| m.unet.forward(&noisy, t as f64, &CrossContext::new(&ctx), Capture::NONE).sample)
+                .to_kind(Kind::Float);
             let x0 = &noisy.to_kind(Kind::Float) * ac.sqrt() - v * (1.0 - ac).sqrt();
             (x0 - lat.to_kind(Kind::Float)).square().mean(Kind::Float).double_value(&[])
         };

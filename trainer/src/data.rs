@@ -1,9 +1,9 @@
 //! Training data: scenes drawn on the fly by the shapes generator (no dataset on disk).
 //! Seeds are split by range so that training never sees an evaluation scene's seed, and
 //! captions equal to a held-out eval prompt are skipped, so the eval prompts are truly unseen.
-use crate::engine::protect::ProtectParams;
 use crate::engine::image_io::rgb_to_tensor;
 use crate::engine::pipeline::GenerateParams;
+use crate::engine::protect::ProtectParams;
 use frisket_shapes::rng::Rng;
 use frisket_shapes::{
     generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape,

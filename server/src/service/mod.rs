@@ -10,12 +10,12 @@
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
-pub mod worker;
 pub mod grpc;
 pub mod jobs;
 pub mod models;
 pub mod preview;
 pub mod request;
+pub mod worker;
 
 use anyhow::{Context, Result};
 use frisket_engine::tch;

@@ -88,12 +88,12 @@ pub fn latent_bytes(latent: &Tensor) -> Result<(Vec<i64>, Vec<u8>)> {
 /// as an 8-bit grey PNG.
 pub fn change_map_png(map: &Tensor) -> Result<Vec<u8>> {
     let (h, w) = map.size2().context("expected an [H, W] change map")?;
-    let levels = (map.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+    let levels =
+        (map.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
     let bytes = Vec::<u8>::try_from(levels.contiguous().view(-1)).context("copying the change map")?;
     let grey = image::GrayImage::from_raw(w as u32, h as u32, bytes).context("change map size")?;
     image_io::encode_grey_png(&grey)
 }
-
 
 /// A [C, h, w] map as an [h, w] plane: `sum` over channels, else their mean.
 fn plane(t: &Tensor, sum: bool) -> Result<(u32, u32, Vec<f32>)> {

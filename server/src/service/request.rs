@@ -383,7 +383,12 @@ fn explain_params(
         Ok(pb::ExplainMode::Off) => None,
         Ok(pb::ExplainMode::Fast) => Some(ExplainMode::Fast),
         Ok(pb::ExplainMode::Exact) => Some(ExplainMode::Exact),
-        Err(_) => return Err(invalid(format!("unknown explain.mode {} (expected OFF, FAST or EXACT)", o.mode.unwrap_or_default()))),
+        Err(_) => {
+            return Err(invalid(format!(
+                "unknown explain.mode {} (expected OFF, FAST or EXACT)",
+                o.mode.unwrap_or_default()
+            )))
+        }
     };
     let given: Vec<&str> = [
         ("subject_words", !o.subject_words.is_empty()),
@@ -446,8 +451,7 @@ fn explain_params(
         .chain(o.subject_indices.iter().map(|&i| SubjectSpec::Index(i as usize)))
         .collect();
     let tokenizer = catalog.tokenizer(&meta.name)?;
-    explain::resolve_subjects(&tokenizer, prompt, &subjects)
-        .map_err(|e| invalid(format!("{e:#} (see Tokenize)")))?;
+    explain::resolve_subjects(&tokenizer, prompt, &subjects).map_err(|e| invalid(format!("{e:#} (see Tokenize)")))?;
     let config = SchedulerConfig::load(&meta.dir.join("scheduler/scheduler_config.json"))
         .map_err(|e| Status::failed_precondition(format!("model {:?} is unusable: {e:#}", meta.name)))?;
     let (schedule, first) =
@@ -513,7 +517,10 @@ mod tests {
         assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
         let e = r.explain.unwrap();
         assert_eq!((e.mode, e.start), (Some(pb::ExplainMode::Fast as i32), Some(pb::StartMode::Noise as i32)));
-        assert_eq!((e.layers.as_str(), e.manipulate_at, e.mask_threshold), ("last", vec![780.0, 520.0, 320.0], Some(0.5)));
+        assert_eq!(
+            (e.layers.as_str(), e.manipulate_at, e.mask_threshold),
+            ("last", vec![780.0, 520.0, 320.0], Some(0.5))
+        );
 
         let explicit = pb::ExplainOptions {
             mode: Some(pb::ExplainMode::Off as i32),

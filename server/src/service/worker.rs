@@ -272,7 +272,9 @@ impl Worker {
         let rgb = image_io::tensor_to_rgb(&generated.image).map_err(|e| Status::internal(format!("{e:#}")))?;
         let png = image_io::encode_png(&rgb).map_err(|e| Status::internal(format!("{e:#}")))?;
         let (change_map, psnr_protected, psnr_outside) = match &generated.comparison {
-            Some(c) => (preview::change_map_png(&c.change_map).unwrap_or_default(), c.psnr_protected, Some(c.psnr_outside)),
+            Some(c) => {
+                (preview::change_map_png(&c.change_map).unwrap_or_default(), c.psnr_protected, Some(c.psnr_outside))
+            }
             None => (Vec::new(), None, None),
         };
         let fractions = generated.reference_fractions.iter().map(|f| f.fraction).collect();

@@ -28,6 +28,7 @@
 //!     weight), then exported again. It reads only --out, so
 //!     `--polish-only true` runs it on an existing export (a shipped model) and makes the
 //!     files a from-scratch run makes. It keeps no checkpoint: an interrupted polish is redone.
+//!
 //! Progress with ETA goes to stdout. Everything is seeded (trainer/README.md, Determinism).
 use anyhow::{bail, Context, Result};
 use frisket_shapes::Shape;
@@ -194,7 +195,7 @@ impl Progress {
     fn add(&mut self, step: u64, loss: f64, extra: &str) {
         self.acc += loss;
         self.n += 1;
-        if step % 25 == 0 || step + 1 == self.steps {
+        if step.is_multiple_of(25) || step + 1 == self.steps {
             let el = self.t0.elapsed().as_secs_f64();
             let per = el / (step + 1) as f64;
             let eta = per * (self.steps - step - 1) as f64;
