@@ -28,9 +28,23 @@ $(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh $(wildcard models/sha
 	for script in tests/fixtures/ref_*.py; do $(PY) $$script $(FIXTURES) || exit 1; done
 	touch $@
 
-test: fixtures
+test: fixtures lint
 	cargo test $(CARGO_FLAGS) --workspace
 	$(MAKE) test-plugins
+
+# Formatting and lints: rustfmt (rustfmt.toml), clippy with warnings as errors, and ruff
+# over the Python (ruff.toml).
+.PHONY: lint lint-rust lint-python
+lint: lint-rust lint-python
+lint-rust:
+	cargo fmt --all -- --check
+	cargo clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+
+RUFF_VERSION := 0.17.6
+lint-python:
+	@$(VENV)/bin/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(VENV)/bin/pip install -q "ruff==$(RUFF_VERSION)"
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # The main job on the shipped tiny model (models/shapes): a server on loopback, the client
 # changes examples/reference.png to follow a prompt with examples/protect.png kept
@@ -40,8 +54,8 @@ run: build
 
 # Retrains models/shapes from nothing: tokenizer, VAE, text encoder pre-training, UNet + text
 # encoder with attention grounding, the focus phase, export, the object-weighted polish, eval
-# with the judge, model card (≈ 1 h 41 min on 2 AMD EPYC cores before the polish, which took
-# 26 min on a slower EPYC; about 3 h on the Intel Xeon of another session).
+# with the judge, model card (sized for 2 h on 2 CPU cores; the card records each run's
+# times and hardware, trainer/README.md the recipe).
 # Stages resume from $(TRAIN_WORK); delete it to start over.
 TRAIN_WORK ?= $(CURDIR)/target/train-tiny
 .PHONY: train-tiny

@@ -11,6 +11,7 @@ exact mode (64 px: one backward pass per latent element) against a plain step at
 size, and a whole `--preset paper` job against plain img2img with the same steps.
 Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
+
 import json
 import os
 import statistics
@@ -51,16 +52,40 @@ def build_model(folder: Path, cache: Path) -> None:
         layers_per_block=1,
         latent_channels=4,
     )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=4, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=4,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     write_vocab(folder / "tokenizer", cache / "downloads")
     tok = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"))
     tok.model_max_length = 77
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
 
 
@@ -74,18 +99,50 @@ def diffusers_step_times(folder: Path) -> list:
         return kwargs
 
     start = time.perf_counter()
-    pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
-         generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=on_step)
+    pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        width=SIZE,
+        height=SIZE,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+        callback_on_step_end=on_step,
+    )
     return [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]
 
 
 def frisket_step_times(binary: str, folder: Path) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         timings = Path(tmp) / "timings.json"
-        subprocess.run([binary, "render", "--model", str(folder), "--prompt", PROMPT, "--steps", str(STEPS),
-                        "--guidance", str(GUIDANCE), "--seed", str(SEED), "--width", str(SIZE), "--height", str(SIZE),
-                        "--scheduler", "ddim", "--out", str(Path(tmp) / "out.png"), "--quiet",
-                        "--timings", str(timings)], check=True)
+        subprocess.run(
+            [
+                binary,
+                "render",
+                "--model",
+                str(folder),
+                "--prompt",
+                PROMPT,
+                "--steps",
+                str(STEPS),
+                "--guidance",
+                str(GUIDANCE),
+                "--seed",
+                str(SEED),
+                "--width",
+                str(SIZE),
+                "--height",
+                str(SIZE),
+                "--scheduler",
+                "ddim",
+                "--out",
+                str(Path(tmp) / "out.png"),
+                "--quiet",
+                "--timings",
+                str(timings),
+            ],
+            check=True,
+        )
         return json.loads(timings.read_text())["step_seconds"][1:]
 
 
@@ -114,14 +171,38 @@ def streamed_step_times(server_bin: str, client_bin: str, folder: Path) -> tuple
         models = Path(tmp) / "models"
         models.mkdir()
         os.symlink(folder, models / "mid")
-        server = subprocess.Popen([server_bin, "serve", "--models", str(models), "--listen", "127.0.0.1:0",
-                                   "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        server = subprocess.Popen(
+            [server_bin, "serve", "--models", str(models), "--listen", "127.0.0.1:0", "--device", "cpu"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             line = server.stdout.readline()
             url = "http://" + line.strip().rsplit(" ", 1)[-1]
-            args = [client_bin, "generate", "--server", url, "--model", "mid", "--prompt", PROMPT, "--seed", str(SEED),
-                    "--guidance", str(GUIDANCE), "--width", str(SIZE), "--height", str(SIZE), "--scheduler", "ddim",
-                    "--out", str(Path(tmp) / "out.png"), "--json"]
+            args = [
+                client_bin,
+                "generate",
+                "--server",
+                url,
+                "--model",
+                "mid",
+                "--prompt",
+                PROMPT,
+                "--seed",
+                str(SEED),
+                "--guidance",
+                str(GUIDANCE),
+                "--width",
+                str(SIZE),
+                "--height",
+                str(SIZE),
+                "--scheduler",
+                "ddim",
+                "--out",
+                str(Path(tmp) / "out.png"),
+                "--json",
+            ]
             subprocess.run(args + ["--steps", "1"], check=True, stdout=subprocess.DEVNULL)  # loads the model
             stream = ["--steps", str(STEPS), "--preview-every", "1", "--latents-every", "1"]
             step_stamps, first_preview = streamed_job(args + stream)
@@ -146,8 +227,25 @@ def reference_png(path: Path, size: int) -> None:
 def render_timings(binary: str, folder: Path, args: list) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         timings = Path(tmp) / "timings.json"
-        subprocess.run([binary, "render", "--model", str(folder), "--prompt", PROMPT, "--seed", str(SEED),
-                        "--out", str(Path(tmp) / "out.png"), "--quiet", "--timings", str(timings)] + args, check=True)
+        subprocess.run(
+            [
+                binary,
+                "render",
+                "--model",
+                str(folder),
+                "--prompt",
+                PROMPT,
+                "--seed",
+                str(SEED),
+                "--out",
+                str(Path(tmp) / "out.png"),
+                "--quiet",
+                "--timings",
+                str(timings),
+            ]
+            + args,
+            check=True,
+        )
         return json.loads(timings.read_text())
 
 
@@ -158,31 +256,54 @@ def explain_bench(binary: str, folder: Path) -> None:
         reference_png(ref64, 64)
         paper = ["--steps", "50", "--guidance", "8", "--strength", "0.9", "--scheduler", "ddim"]
         plain = render_timings(binary, folder, ["--reference", str(ref256)] + paper)
-        fast = render_timings(binary, folder, ["--reference", str(ref256), "--preset", "paper", "--subject", "lighthouse"])
-        small = ["--reference", str(ref64), "--steps", "10", "--strength", "0.9", "--scheduler", "ddim",
-                 "--subject", "lighthouse", "--manipulate-at", "780"]
+        fast = render_timings(
+            binary, folder, ["--reference", str(ref256), "--preset", "paper", "--subject", "lighthouse"]
+        )
+        small = [
+            "--reference",
+            str(ref64),
+            "--steps",
+            "10",
+            "--strength",
+            "0.9",
+            "--scheduler",
+            "ddim",
+            "--subject",
+            "lighthouse",
+            "--manipulate-at",
+            "780",
+        ]
         exact = render_timings(binary, folder, small + ["--explain", "exact"])
         fast64 = render_timings(binary, folder, small + ["--explain", "fast"])
     plain_step = statistics.median(plain["step_seconds"][1:])
     fast_attr = statistics.median(e["seconds"] for e in fast["explain_seconds"])
     manipulated = [fast["step_seconds"][e["step"]] for e in fast["explain_seconds"]]
-    print(f"Grad-SAM fast (last layer, {SIZE}px): attribution {fast_attr:.3f} s per manipulated step = "
-          f"{fast_attr / plain_step:.2f}x a plain step ({plain_step:.3f} s); whole manipulated step "
-          f"{statistics.median(manipulated) / plain_step:.2f}x (goal: fast <= 3x)")
+    print(
+        f"Grad-SAM fast (last layer, {SIZE}px): attribution {fast_attr:.3f} s per manipulated step = "
+        f"{fast_attr / plain_step:.2f}x a plain step ({plain_step:.3f} s); whole manipulated step "
+        f"{statistics.median(manipulated) / plain_step:.2f}x (goal: fast <= 3x)"
+    )
     small_step = statistics.median(exact["step_seconds"][2:])
     exact_attr = exact["explain_seconds"][0]["seconds"]
     fast64_attr = fast64["explain_seconds"][0]["seconds"]
-    print(f"Grad-SAM exact (last layer, 64px, 256 latent elements): {exact_attr:.3f} s = "
-          f"{exact_attr / small_step:.1f}x a plain step ({small_step:.3f} s); fast at 64px {fast64_attr / small_step:.2f}x")
-    print(f"--preset paper job (45 steps, 3 manipulations) {fast['total_seconds']:.2f} s vs plain img2img "
-          f"{plain['total_seconds']:.2f} s: {fast['total_seconds'] / plain['total_seconds']:.3f}x")
+    print(
+        f"Grad-SAM exact (last layer, 64px, 256 latent elements): {exact_attr:.3f} s = "
+        f"{exact_attr / small_step:.1f}x a plain step ({small_step:.3f} s); "
+        f"fast at 64px {fast64_attr / small_step:.2f}x"
+    )
+    print(
+        f"--preset paper job (45 steps, 3 manipulations) {fast['total_seconds']:.2f} s vs plain img2img "
+        f"{plain['total_seconds']:.2f} s: {fast['total_seconds'] / plain['total_seconds']:.3f}x"
+    )
 
 
 def main(server_bin: str, client_bin: str, cache: Path) -> None:
     folder = cache / "bench-model-128-256-256"
     build_model(folder, cache)
-    print(f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
-          f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)")
+    print(
+        f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
+        f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)"
+    )
     # Alternate the two a few times so that background load hits both alike.
     theirs, ours = [], []
     for _ in range(2):
@@ -197,12 +318,18 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
     streamed, first_preview, first_preview_new_prompt = streamed_step_times(server_bin, client_bin, folder)
     plain = statistics.median(frisket_step_times(server_bin, folder))
     streamed = statistics.median(streamed)
-    print(f"service, preview+latent every step: {streamed:.3f} s/step, render {plain:.3f} s/step, "
-          f"ratio {streamed / plain:.3f} (goal <= 1.05)")
-    print(f"time to first preview {first_preview:.3f} s, one step {plain:.3f} s, "
-          f"ratio {first_preview / plain:.3f} (goal <= 1.2)")
-    print(f"  with a prompt not encoded before: {first_preview_new_prompt:.3f} s, "
-          f"ratio {first_preview_new_prompt / plain:.3f}")
+    print(
+        f"service, preview+latent every step: {streamed:.3f} s/step, render {plain:.3f} s/step, "
+        f"ratio {streamed / plain:.3f} (goal <= 1.05)"
+    )
+    print(
+        f"time to first preview {first_preview:.3f} s, one step {plain:.3f} s, "
+        f"ratio {first_preview / plain:.3f} (goal <= 1.2)"
+    )
+    print(
+        f"  with a prompt not encoded before: {first_preview_new_prompt:.3f} s, "
+        f"ratio {first_preview_new_prompt / plain:.3f}"
+    )
     explain_bench(server_bin, folder)
 
 

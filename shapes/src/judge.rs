@@ -384,11 +384,11 @@ impl Judge {
         // two other colours; true object pixels grow back below.
         for (o, (_, px)) in objs.iter_mut().enumerate() {
             let o = o as u32;
-            let core: Vec<u32> = px.iter().copied().filter(|&p| is_interior(&owner, p, w, h, o)).collect();
+            let core: Vec<u32> = px.iter().copied().filter(|&p| is_interior(owner, p, w, h, o)).collect();
             if core.is_empty() {
                 continue;
             }
-            let dropped: Vec<u32> = px.iter().copied().filter(|&p| !is_interior(&owner, p, w, h, o)).collect();
+            let dropped: Vec<u32> = px.iter().copied().filter(|&p| !is_interior(owner, p, w, h, o)).collect();
             for p in dropped {
                 owner[p as usize] = NOBODY;
             }

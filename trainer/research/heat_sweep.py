@@ -13,6 +13,7 @@ policies for the last layer alone (where fast = exact), as with `tune_probe --du
 last`, which dumps only that layer. Run it with the project venv's python (torch,
 safetensors).
 """
+
 import itertools
 import sys
 
@@ -91,14 +92,15 @@ def main():
     ids = sorted(int(k.split("_")[1]) for k in d if k.startswith("maps_"))
     entries = [(d[f"maps_{i}"], d[f"truth_{i}"] > 127) for i in ids]
     n_layers = entries[0][0].shape[1]
-    print(f"{len(entries)} renders, {n_layers} layers; truth covers {sum(t.float().mean().item() for _, t in entries) / len(entries):.3f} of the image on average")
+    truth_share = sum(t.float().mean().item() for _, t in entries) / len(entries)
+    print(f"{len(entries)} renders, {n_layers} layers; truth covers {truth_share:.3f} of the image on average")
 
     t500 = TIMESTEPS.index(500)
     base = sum(iou(engine_mask(m[t500, -1:].sum(0, keepdim=True)), t) for m, t in entries) / len(entries)
     print(f"engine mask, t 500, last layer (eval_tiny's measure): mIoU {base:.3f}")
 
     layer_sets = {"last": [n_layers - 1], "all": list(range(n_layers))}
-    layer_sets.update({f"L{l}": [l] for l in range(n_layers)})
+    layer_sets.update({f"L{layer}": [layer] for layer in range(n_layers)})
     time_sets = {f"t{t}": [k] for k, t in enumerate(TIMESTEPS)}
     time_sets["t500+300"] = [TIMESTEPS.index(500), TIMESTEPS.index(300)]
     time_sets["all-t"] = list(range(len(TIMESTEPS)))
@@ -119,10 +121,12 @@ def main():
     for r in results[:15]:
         print(f"  {r[0]:.3f}  {r[1]:9s} {r[2]:5s} {r[3]:8s} {r[4]:8s} blur={r[5]!s:5s} {r[6][0]} {r[6][1]}")
     for name, pick in [
-        ("t500 last sum bilinear tau0.4 (DAAM, as eval_tiny)", lambda r: r[1:] == ("t500", "last", "sum", "bilinear", False, ("tau", 0.4))),
+        (
+            "t500 last sum bilinear tau0.4 (DAAM, as eval_tiny)",
+            lambda r: r[1:] == ("t500", "last", "sum", "bilinear", False, ("tau", 0.4)),
+        ),
     ]:
         print(name, [f"{r[0]:.3f}" for r in results if pick(r)])
-
 
 
 def table(path):
@@ -154,7 +158,16 @@ def last_layer(path):
     t = {v: k for k, v in enumerate(TIMESTEPS)}
     results = []
     for (tn, ts), ch, up, blur in itertools.product(
-        {"t50": [t[50]], "t100": [t[100]], "t300": [t[300]], "t50+100": [t[50], t[100]], "t100+300": [t[100], t[300]]}.items(), ("sum", "relu-sum", "abs"), ("bilinear", "bicubic"), (False, True)
+        {
+            "t50": [t[50]],
+            "t100": [t[100]],
+            "t300": [t[300]],
+            "t50+100": [t[50], t[100]],
+            "t100+300": [t[100], t[300]],
+        }.items(),
+        ("sum", "relu-sum", "abs"),
+        ("bilinear", "bicubic"),
+        (False, True),
     ):
         hs = [(heat(m[ts][:, -1].sum(0, keepdim=True), ch), tr) for m, tr in entries]
         for th in ths:
@@ -164,8 +177,10 @@ def last_layer(path):
     print(f"{len(entries)} renders; last layer; best 25 (mIoU, timesteps, channels, upsampling, blur, threshold):")
     for r in results[:25]:
         print(f"  {r[0]:.3f}  {r[1]:9s} {r[2]:8s} {r[3]:8s} blur={r[4]!s:5s} {r[5][0]} {r[5][1]}")
-    for label, policy in [("shipped, mask::pixel_masks (t100 bicubic, ≥ 0.15 × max)", ("t100", "sum", "bicubic", False, ("tau", 0.15))),
-                          ("before the eighth session (t100 bilinear, mean + 1.0·std)", ("t100", "sum", "bilinear", False, ("std", 1.0)))]:
+    for label, policy in [
+        ("shipped, mask::pixel_masks (t100 bicubic, ≥ 0.15 × max)", ("t100", "sum", "bicubic", False, ("tau", 0.15))),
+        ("before the eighth session (t100 bilinear, mean + 1.0·std)", ("t100", "sum", "bilinear", False, ("std", 1.0))),
+    ]:
         print(f"{label}: {next(r[0] for r in results if r[1:] == policy):.3f}")
 
 
