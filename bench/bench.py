@@ -9,6 +9,8 @@ of the job before, as the goal measures it, and for a new prompt, which the serv
 Last, Grad-SAM: per manipulated step, the attribution time of fast mode (256 px) and of
 exact mode (64 px: one backward pass per latent element) against a plain step at the same
 size, and a whole `--preset paper` job against plain img2img with the same steps.
+The machine (CPU, extensions, sgemm rate) comes first, and each engine's step rate is
+printed in GFLOP/s beside that ceiling.
 Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
 
@@ -27,6 +29,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
 from clip_vocab import write_vocab  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 STEPS, SIZE, SEED, GUIDANCE = 6, 256, 7, 7.5
 PROMPT = "a watercolour lighthouse on a cliff at dusk"
@@ -297,9 +302,19 @@ def explain_bench(binary: str, folder: Path) -> None:
     )
 
 
+def cfg_step_gflop(folder: Path) -> float:
+    """GFLOP of one classifier-free-guidance UNet call (batch 2) at the bench size."""
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    latent = torch.randn(2, 4, SIZE // 8, SIZE // 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    return machine.flops(unet, latent, torch.tensor([500, 500]), context) / 1e9
+
+
 def main(server_bin: str, client_bin: str, cache: Path) -> None:
+    ceiling = machine.describe()["sgemm_gflops"]
     folder = cache / "bench-model-128-256-256"
     build_model(folder, cache)
+    gflop = cfg_step_gflop(folder)
     print(
         f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
         f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)"
@@ -311,8 +326,12 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
             theirs += diffusers_step_times(folder)
         ours += frisket_step_times(server_bin, folder)
     theirs, ours = statistics.median(theirs), statistics.median(ours)
-    print(f"diffusers {theirs:.3f} s/step")
-    print(f"frisket   {ours:.3f} s/step")
+    for name, seconds in (("diffusers", theirs), ("frisket  ", ours)):
+        rate = gflop / seconds
+        print(
+            f"{name} {seconds:.3f} s/step, {rate:.1f} GFLOP/s "
+            f"({gflop:.1f} GFLOP per CFG step; {100 * rate / ceiling:.0f} % of sgemm {ceiling} GFLOP/s)"
+        )
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
 
     streamed, first_preview, first_preview_new_prompt = streamed_step_times(server_bin, client_bin, folder)
