@@ -68,6 +68,13 @@ train-tiny:
 bench: build
 	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE)
 
+# Needs a CUDA GPU: full-size random-weight SD 1.5 (512²) and SDXL (1024²) in fp16, Frisket
+# against diffusers in one run (s/step, peak GPU memory, image difference); JSON in $(OUT).
+.PHONY: gpu-check
+gpu-check: build
+	mkdir -p $(OUT)
+	$(PY) bench/gpu_check.py $(SERVER_BIN) $(CACHE) $(OUT)/gpu-check.json
+
 # Editor plugins (plugins/): the Krita and GIMP adapters over the `frisket` client's JSON
 # lines. `make plugin-krita` builds the zip for Krita's Tools > Scripts > Import Python
 # Plugin from File; `make test-plugins` (part of `make test`) runs tests/plugins/, with a
