@@ -24,8 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
 from clip_vocab import write_vocab  # noqa: E402
@@ -94,8 +100,78 @@ def build_model(folder: Path, cache: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def diffusers_step_times(folder: Path) -> list:
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+def build_sdxl_model(folder: Path, cache: Path) -> None:
+    """A mid-size model in SDXL's layout: no attention in the first block, transformer depth
+    per block, two text encoders (CLIP-L width and OpenCLIP-bigG width, 4 layers each) whose
+    penultimate states make the 2048-wide context, and the size/crop conditioning."""
+    if (folder / "model_index.json").exists():
+        return
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 8,
+        block_out_channels=(128, 256, 256),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 4),
+        layers_per_block=2,
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + 1280,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(64, 128, 128, 128),
+        layers_per_block=1,
+        latent_channels=4,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+    def text_config(hidden: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=hidden,
+            bos_token_id=49406,
+            eos_token_id=49407,
+        )
+
+    tokenizers = []
+    for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        write_vocab(folder / sub, cache / "downloads")
+        tok = CLIPTokenizer(str(folder / sub / "vocab.json"), str(folder / sub / "merges.txt"), pad_token=pad)
+        tok.model_max_length = 77
+        tokenizers.append(tok)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config(768, 12, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(1280, 20, "gelu")),
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+    )
+    pipe.save_pretrained(folder)
+
+
+def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list:
+    pipe = pipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     stamps = []
 
@@ -307,7 +383,20 @@ def cfg_step_gflop(folder: Path) -> float:
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     latent = torch.randn(2, 4, SIZE // 8, SIZE // 8)
     context = torch.randn(2, 77, unet.config.cross_attention_dim)
-    return machine.flops(unet, latent, torch.tensor([500, 500]), context) / 1e9
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.zeros(2, 6)}
+    return machine.flops(unet, latent, torch.tensor([500, 500]), context, **extra) / 1e9
+
+
+def print_rates(theirs: float, ours: float, gflop: float, ceiling: float) -> None:
+    for name, seconds in (("diffusers", theirs), ("frisket  ", ours)):
+        rate = gflop / seconds
+        print(
+            f"{name} {seconds:.3f} s/step, {rate:.1f} GFLOP/s "
+            f"({gflop:.1f} GFLOP per CFG step; {100 * rate / ceiling:.0f} % of sgemm {ceiling} GFLOP/s)"
+        )
 
 
 def main(server_bin: str, client_bin: str, cache: Path) -> None:
@@ -326,12 +415,7 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
             theirs += diffusers_step_times(folder)
         ours += frisket_step_times(server_bin, folder)
     theirs, ours = statistics.median(theirs), statistics.median(ours)
-    for name, seconds in (("diffusers", theirs), ("frisket  ", ours)):
-        rate = gflop / seconds
-        print(
-            f"{name} {seconds:.3f} s/step, {rate:.1f} GFLOP/s "
-            f"({gflop:.1f} GFLOP per CFG step; {100 * rate / ceiling:.0f} % of sgemm {ceiling} GFLOP/s)"
-        )
+    print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
 
     streamed, first_preview, first_preview_new_prompt = streamed_step_times(server_bin, client_bin, folder)
@@ -350,6 +434,22 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
         f"ratio {first_preview_new_prompt / plain:.3f}"
     )
     explain_bench(server_bin, folder)
+    sdxl_bench(server_bin, cache, ceiling)
+
+
+def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
+    folder = cache / "bench-sdxl-128-256-256"
+    build_sdxl_model(folder, cache)
+    gflop = cfg_step_gflop(folder)
+    theirs, ours = [], []
+    for _ in range(2):
+        with torch.no_grad():
+            theirs += diffusers_step_times(folder, StableDiffusionXLPipeline)
+        ours += frisket_step_times(server_bin, folder)
+    theirs, ours = statistics.median(theirs), statistics.median(ours)
+    print(f"mid-size SDXL-layout UNet (128/256/256, depth 1/2/2, context 2048), {SIZE}x{SIZE}, {STEPS} DDIM steps")
+    print_rates(theirs, ours, gflop, ceiling)
+    print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
 
 
 if __name__ == "__main__":
