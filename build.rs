@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .codec_path("crate::codec::FrisketCodec")
         .file_descriptor_set_path(out_dir.join("frisket_descriptor.bin"))
         .compile_protos(&["proto/frisket/v1/frisket.proto"], &["proto"])?;
     Ok(())

@@ -1,4 +1,6 @@
 //! Generated gRPC types and stubs for Frisket's API (`proto/frisket/v1/frisket.proto`).
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("frisket.v1");
 }

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod protect;
 pub mod resnet;
 pub mod schedulers;
+pub mod text;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;

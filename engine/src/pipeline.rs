@@ -67,7 +67,7 @@ impl FromStr for StartMode {
         Ok(match s {
             "reference" => Self::Reference,
             "noise" => Self::Noise,
-            other => bail!("unknown start `{other}` (expected noise or reference)"),
+            other => bail!("unknown start {} (expected noise or reference)", crate::text::quote(other)),
         })
     }
 }

@@ -239,7 +239,7 @@ fn bad_requests_get_clear_errors() {
     let e = error(&model, &with(&|e| e.subjects = vec![SubjectSpec::Index(77)]));
     assert!(e.contains("token index 77 is out of range"), "{e}");
     let e = error(&model, &with(&|e| e.subjects = vec![SubjectSpec::Word("duck".into())]));
-    assert!(e.contains("`duck` is not in the prompt"), "{e}");
+    assert!(e.contains("\"duck\" is not in the prompt"), "{e}");
     let e = error(&model, &with(&|e| e.timesteps = vec![950.0]));
     assert!(e.contains("950") && e.contains("outside this job's schedule"), "{e}");
     let e = error(&model, &with(&|e| e.layers = LayerChoice::List(vec![11])));

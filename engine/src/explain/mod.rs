@@ -50,7 +50,7 @@ impl FromStr for ExplainMode {
         Ok(match s {
             "exact" => Self::Exact,
             "fast" => Self::Fast,
-            other => bail!("unknown explain mode `{other}` (expected exact or fast)"),
+            other => bail!("unknown explain mode {} (expected exact or fast)", crate::text::quote(other)),
         })
     }
 }
@@ -83,7 +83,12 @@ impl FromStr for LayerChoice {
             list => {
                 let layers =
                     list.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().map_err(
-                        |_| anyhow::anyhow!("explain layers `{s}`: expected last, all or a list like 0,5,10"),
+                        |_| {
+                            anyhow::anyhow!(
+                                "explain layers {}: expected last, all or a list like 0,5,10",
+                                crate::text::quote(s)
+                            )
+                        },
                     )?;
                 Self::List(layers)
             }
@@ -411,7 +416,7 @@ pub fn resolve_subjects(
     let words = || {
         let mut w: Vec<String> = tokens.iter().filter_map(|t| t.word.clone()).collect();
         w.dedup();
-        w.join(", ")
+        crate::text::quote(&w.join(", "))
     };
     if specs.is_empty() {
         let subjects = auto_subjects(&tokens);
@@ -436,7 +441,12 @@ pub fn resolve_subjects(
                     })
                     .map(Subject::from_token)
                     .collect();
-                ensure!(!hits.is_empty(), "subject word `{word}` is not in the prompt (its words: {})", words());
+                ensure!(
+                    !hits.is_empty(),
+                    "subject word {} is not in the prompt (its words: {})",
+                    crate::text::quote(word),
+                    words()
+                );
                 hits
             }
             SubjectSpec::Index(i) => {

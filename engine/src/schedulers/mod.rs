@@ -44,7 +44,7 @@ impl SchedulerKind {
             "euler-a" => (Self::EulerAncestral, false),
             "dpm++" => (Self::DpmSolverMultistep, false),
             "dpm++-karras" => (Self::DpmSolverMultistep, true),
-            other => bail!("unknown scheduler `{other}` (expected one of {})", Self::NAMES),
+            other => bail!("unknown scheduler {} (expected one of {})", crate::text::quote(other), Self::NAMES),
         })
     }
 

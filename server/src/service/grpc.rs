@@ -3,6 +3,7 @@ use super::jobs::{EventResult, Job, PushError, Queue};
 use super::models::{Catalog, SCHEDULERS};
 use super::request::{self, prepare};
 use super::Limits;
+use frisket_engine::text::quote;
 use frisket_proto::v1::frisket_server::Frisket;
 use frisket_proto::v1::{
     CancelRequest, CancelResponse, GenerateRequest, GetServerInfoRequest, ListModelsRequest, ListModelsResponse,
@@ -100,7 +101,7 @@ impl Frisket for FrisketService {
         let spec = match spec {
             Ok(spec) => spec,
             Err(status) => {
-                info!(job_id = %job_id, code = ?status.code(), "request refused: {}", status.message());
+                info!(job_id = %quote(&job_id), code = ?status.code(), message = ?status.message(), "request refused");
                 return Err(status);
             }
         };
@@ -159,7 +160,7 @@ impl Frisket for FrisketService {
                     word_index: t.word_index.map(|w| w as u32),
                 })
                 .collect();
-            Ok(Response::new(TokenizeResponse { tokens, truncated }))
+            Ok(Response::new(TokenizeResponse { tokens, truncated, max_length: tok.max_length() as u32 }))
         })
         .await
     }
@@ -201,9 +202,7 @@ impl Frisket for FrisketService {
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let id = request.into_inner().job_id;
-        if id.is_empty() {
-            return Err(Status::invalid_argument("job_id is required"));
-        }
+        request::check_job_id(&id)?;
         let found = self.queue.cancel(&id);
         info!(job_id = %id, found, "cancel requested");
         Ok(Response::new(CancelResponse { found }))

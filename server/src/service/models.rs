@@ -2,6 +2,7 @@
 //! they touch the file system; metadata comes from the config files (no weights loaded),
 //! so ListModels and request validation never wait for the engine.
 use anyhow::{bail, Context, Result};
+use frisket_engine::text::quote;
 use frisket_engine::tokenizer::ClipTokenizer;
 use frisket_engine::vae::VaeConfig;
 use serde_json::Value;
@@ -43,7 +44,8 @@ pub fn check_name(name: &str) -> Result<(), Status> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !ok {
         return Err(Status::invalid_argument(format!(
-            "invalid model name {name:?}: use a name from ListModels (letters, digits, '.', '_' and '-', not starting with '.')"
+            "invalid model name {}: use a name from ListModels (letters, digits, '.', '_' and '-', not starting with '.')",
+            quote(name)
         )));
     }
     Ok(())

@@ -9,6 +9,7 @@ use frisket_engine::pipeline::{self, defaults, GenerateParams, StartMode};
 use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
 use frisket_engine::schedulers::{SchedulerConfig, SchedulerKind};
 use frisket_engine::tch;
+use frisket_engine::text::quote;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
 use tonic::Status;
@@ -155,11 +156,27 @@ fn decode_limited(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, St
     })
 }
 
+/// A job id (chosen by the client in Generate, named in Cancel): 1 to `MAX_JOB_ID_BYTES`
+/// bytes of ASCII letters, digits and `-_.:`, so it is safe in logs, file names and URLs.
+pub fn check_job_id(id: &str) -> Result<(), Status> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_JOB_ID_BYTES
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "job_id {} must be 1 to {MAX_JOB_ID_BYTES} bytes of ASCII letters, digits and -_.:",
+            quote(id)
+        )))
+    }
+}
+
 /// Validates `req` against the model and limits. Blocking (decodes images, reads configs).
 pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random_seed: u64) -> Result<JobSpec, Status> {
     let req = &*with_preset(req)?;
-    if req.job_id.len() > MAX_JOB_ID_BYTES || req.job_id.chars().any(|c| c.is_control()) {
-        return Err(invalid(format!("job_id must be at most {MAX_JOB_ID_BYTES} bytes of printable text")));
+    if !req.job_id.is_empty() {
+        check_job_id(&req.job_id)?;
     }
 
     let meta = catalog.meta(&req.model)?;
@@ -489,11 +506,7 @@ fn with_preset(req: &GenerateRequest) -> Result<std::borrow::Cow<'_, GenerateReq
             }
             Ok(std::borrow::Cow::Owned(r))
         }
-        other => Err(invalid(format!(
-            "unknown preset {:?} (expected \"{}\" or none)",
-            other.chars().take(100).collect::<String>(),
-            paper::NAME
-        ))),
+        other => Err(invalid(format!("unknown preset {} (expected \"{}\" or none)", quote(other), paper::NAME))),
     }
 }
 

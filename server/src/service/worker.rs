@@ -48,7 +48,7 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
                     job.end_stopped(reason);
                 }
                 Ok(Err(End::Failed(status))) => {
-                    warn!(code = ?status.code(), "job failed: {}", status.message());
+                    warn!(code = ?status.code(), message = ?status.message(), "job failed");
                     job.end_with(status);
                 }
                 Err(panic) => {
