@@ -235,20 +235,22 @@ pub struct Generated {
 struct JobNoise {
     vae_sample: Option<Tensor>,
     initial: Tensor,
-    per_step: Vec<Tensor>,
+    /// The draws of the scheduler's steps (float32, on the CPU), one entry per step of the
+    /// job; None where that step draws nothing.
+    per_step: Vec<Option<Tensor>>,
     /// Grad-SAM / protection: the one ε that noises the reference, drawn after all of
     /// diffusers' draws so that those stay the same.
     reference: Option<Tensor>,
 }
 
-fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize, reference: bool) -> JobNoise {
+fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: &[bool], reference: bool) -> JobNoise {
     let _guard = GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let opts = (Kind::Float, Device::Cpu);
     // Same bits as torch.Generator().manual_seed(seed): libtorch takes the seed as u64.
     tch::manual_seed(seed as i64);
     let vae_sample = img2img.then(|| Tensor::randn(latent_shape, opts));
     let initial = Tensor::randn(latent_shape, opts);
-    let per_step = (0..step_draws).map(|_| Tensor::randn(latent_shape, opts)).collect();
+    let per_step = step_draws.iter().map(|&draws| draws.then(|| Tensor::randn(latent_shape, opts))).collect();
     let reference = reference.then(|| Tensor::randn(latent_shape, opts));
     JobNoise { vae_sample, initial, per_step, reference }
 }
@@ -314,8 +316,8 @@ impl StableDiffusion {
         let latent_shape = [1, channels, p.height / factor, p.width / factor];
 
         let edited = explain.is_some() || protect.is_some();
-        let step_draws = if scheduler.needs_step_noise() { timesteps.len() } else { 0 };
-        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws, edited);
+        let step_draws: Vec<bool> = (start..start + timesteps.len()).map(|i| scheduler.needs_step_noise(i)).collect();
+        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), &step_draws, edited);
         let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
 
         let scaling = self.vae.config().scaling_factor;
@@ -383,7 +385,8 @@ impl StableDiffusion {
             } else {
                 out
             };
-            let step_noise = noise.per_step.get(index).map(to_dev);
+            // Each scheduler takes its draw to the dtype diffusers draws it in.
+            let step_noise = noise.per_step[index].as_ref().map(|t| t.to_device(self.device));
             let step = scheduler.step(&noise_pred, step_index, &latents, step_noise.as_ref());
             let event = StepEvent {
                 index,
