@@ -33,11 +33,12 @@ pub mod defaults {
     /// The paper's manipulation timesteps (snapped to the job's schedule).
     pub const TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
 
-    /// `--preset paper`: the settings of the paper's code. Its scheduler (DDPM) is not one
-    /// of ours, so the job keeps its own; its start is pure noise, and Grad-SAM runs fast
-    /// on the last cross-attention layer with k = 0.5.
+    /// `--preset paper`: the settings of the paper's code: DDPM for 50 steps, CFG 8,
+    /// strength 0.9, a pure-noise start, and Grad-SAM fast on the last cross-attention layer
+    /// with k = 0.5.
     pub mod paper {
         pub const NAME: &str = "paper";
+        pub const SCHEDULER: &str = "ddpm";
         pub const STEPS: usize = 50;
         pub const GUIDANCE: f64 = 8.0;
         pub const STRENGTH: f64 = 0.9;
@@ -256,8 +257,8 @@ fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: &[bool
 }
 
 /// Pure noise at `step_index` in the scheduler's parameterisation: the latent whose model
-/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM and
-/// DPM-Solver++, √(σ²+1)·ε for the σ-space Euler schedulers.
+/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM,
+/// DDPM, DPM-Solver++ and UniPC, √(σ²+1)·ε for the σ-space Euler schedulers.
 fn pure_noise(scheduler: &dyn Scheduler, noise: &Tensor, step_index: usize) -> Tensor {
     let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
     let scale = scheduler.scale_model_input(&one, step_index).double_value(&[0]);
