@@ -167,6 +167,7 @@ impl UniPc {
                 } else {
                     let k = order as i64 - 1;
                     Tensor::linalg_solve(&u.r.narrow(0, 0, k).narrow(1, 0, k), &u.b.narrow(0, 0, k), true)
+                        .to_device(sample.device())
                         .to_kind(sample.kind())
                 };
                 Self::weighted(&rhos, d1s)
@@ -184,7 +185,7 @@ impl UniPc {
         let rhos = if order == 1 {
             Tensor::ones([1], (last_sample.kind(), last_sample.device())) * 0.5
         } else {
-            Tensor::linalg_solve(&u.r, &u.b, true).to_kind(last_sample.kind())
+            Tensor::linalg_solve(&u.r, &u.b, true).to_device(last_sample.device()).to_kind(last_sample.kind())
         };
         let d1_t = model_t - m0;
         let last = order as i64 - 1;
