@@ -101,7 +101,7 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale [server default: 7.5; 8 with --preset paper].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// ddim, euler, euler-a, dpm++ or dpm++-karras [server default: ddim].
+    /// ddim, ddpm, euler, euler-karras, euler-a, dpm++, dpm++-karras, dpm++-sde, dpm++-sde-karras, unipc or unipc-karras (`frisket models` lists them) [server default: ddim; ddpm with --preset paper].
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Output width in pixels [default: the reference's, else the model's native width].
@@ -188,7 +188,7 @@ pub struct GenerateArgs {
     /// Exact mode: latent elements per backward pass [default: from the latent size].
     #[arg(long, requires = "reference")]
     pub exact_batch: Option<u32>,
-    /// `paper`: 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise
+    /// `paper`: DDPM, 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise
     /// start, fast Grad-SAM (as `frisket-server render --preset paper`); explicit flags
     /// override it.
     #[arg(long, value_enum, requires = "reference")]

@@ -42,7 +42,8 @@ impl GenerateRequestBuilder {
         self
     }
 
-    /// ddim, euler, euler-a, dpm++ or dpm++-karras (validated by the server).
+    /// A scheduler name from ListModels (ddim, ddpm, euler, euler-a, dpm++, dpm++-sde, unipc,
+    /// and `-karras` variants; validated by the server).
     pub fn scheduler(mut self, scheduler: impl Into<String>) -> Self {
         self.req.scheduler = scheduler.into();
         self

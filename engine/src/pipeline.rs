@@ -33,11 +33,12 @@ pub mod defaults {
     /// The paper's manipulation timesteps (snapped to the job's schedule).
     pub const TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
 
-    /// `--preset paper`: the settings of the paper's code. Its scheduler (DDPM) is not one
-    /// of ours, so the job keeps its own; its start is pure noise, and Grad-SAM runs fast
-    /// on the last cross-attention layer with k = 0.5.
+    /// `--preset paper`: the settings of the paper's code: DDPM for 50 steps, CFG 8,
+    /// strength 0.9, a pure-noise start, and Grad-SAM fast on the last cross-attention layer
+    /// with k = 0.5.
     pub mod paper {
         pub const NAME: &str = "paper";
+        pub const SCHEDULER: &str = "ddpm";
         pub const STEPS: usize = 50;
         pub const GUIDANCE: f64 = 8.0;
         pub const STRENGTH: f64 = 0.9;
@@ -235,27 +236,29 @@ pub struct Generated {
 struct JobNoise {
     vae_sample: Option<Tensor>,
     initial: Tensor,
-    per_step: Vec<Tensor>,
+    /// The draws of the scheduler's steps (float32, on the CPU), one entry per step of the
+    /// job; None where that step draws nothing.
+    per_step: Vec<Option<Tensor>>,
     /// Grad-SAM / protection: the one ε that noises the reference, drawn after all of
     /// diffusers' draws so that those stay the same.
     reference: Option<Tensor>,
 }
 
-fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: usize, reference: bool) -> JobNoise {
+fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: &[bool], reference: bool) -> JobNoise {
     let _guard = GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let opts = (Kind::Float, Device::Cpu);
     // Same bits as torch.Generator().manual_seed(seed): libtorch takes the seed as u64.
     tch::manual_seed(seed as i64);
     let vae_sample = img2img.then(|| Tensor::randn(latent_shape, opts));
     let initial = Tensor::randn(latent_shape, opts);
-    let per_step = (0..step_draws).map(|_| Tensor::randn(latent_shape, opts)).collect();
+    let per_step = step_draws.iter().map(|&draws| draws.then(|| Tensor::randn(latent_shape, opts))).collect();
     let reference = reference.then(|| Tensor::randn(latent_shape, opts));
     JobNoise { vae_sample, initial, per_step, reference }
 }
 
 /// Pure noise at `step_index` in the scheduler's parameterisation: the latent whose model
-/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM and
-/// DPM-Solver++, √(σ²+1)·ε for the σ-space Euler schedulers.
+/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM,
+/// DDPM, DPM-Solver++ and UniPC, √(σ²+1)·ε for the σ-space Euler schedulers.
 fn pure_noise(scheduler: &dyn Scheduler, noise: &Tensor, step_index: usize) -> Tensor {
     let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
     let scale = scheduler.scale_model_input(&one, step_index).double_value(&[0]);
@@ -314,8 +317,8 @@ impl StableDiffusion {
         let latent_shape = [1, channels, p.height / factor, p.width / factor];
 
         let edited = explain.is_some() || protect.is_some();
-        let step_draws = if scheduler.needs_step_noise() { timesteps.len() } else { 0 };
-        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), step_draws, edited);
+        let step_draws: Vec<bool> = (start..start + timesteps.len()).map(|i| scheduler.needs_step_noise(i)).collect();
+        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), &step_draws, edited);
         let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
 
         let scaling = self.vae.config().scaling_factor;
@@ -383,7 +386,8 @@ impl StableDiffusion {
             } else {
                 out
             };
-            let step_noise = noise.per_step.get(index).map(to_dev);
+            // Each scheduler takes its draw to the dtype diffusers draws it in.
+            let step_noise = noise.per_step[index].as_ref().map(|t| t.to_device(self.device));
             let step = scheduler.step(&noise_pred, step_index, &latents, step_noise.as_ref());
             let event = StepEvent {
                 index,

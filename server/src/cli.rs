@@ -67,9 +67,9 @@ pub struct RenderArgs {
     /// Classifier-free guidance scale [default: 7.5; 8 with --preset paper].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// ddim, euler, euler-a, dpm++ or dpm++-karras.
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: String,
+    /// ddim, ddpm, euler, euler-karras, euler-a, dpm++, dpm++-karras, dpm++-sde, dpm++-sde-karras, unipc or unipc-karras [default: ddim; ddpm with --preset paper].
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Output width in pixels; defaults to the reference's width, else 512.
     #[arg(long)]
     pub width: Option<u32>,
@@ -125,9 +125,8 @@ pub struct RenderArgs {
     /// Outward feather of the protected region, in pixels.
     #[arg(long, default_value_t = 0, requires = "protect")]
     pub feather: u32,
-    /// `paper`: 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise start,
-    /// fast Grad-SAM (exact for the last layer); explicit flags override it. The scheduler stays
-    /// --scheduler's (the paper's DDPM is not implemented; DDIM by default).
+    /// `paper`: DDPM, 50 steps, CFG 8, strength 0.9, t = 780/520/320, last layer, k = 0.5, noise
+    /// start, fast Grad-SAM (exact for the last layer); explicit flags override it.
     #[arg(long, value_parser = ["paper"], requires = "reference")]
     pub preset: Option<String>,
     /// Write every heatmap and mask as .npy and .png, with a manifest.json.
@@ -202,7 +201,7 @@ fn request(a: &RenderArgs) -> Result<pb::GenerateRequest> {
         seed: Some(a.seed),
         steps: a.steps,
         guidance: a.guidance,
-        scheduler: a.scheduler.clone(),
+        scheduler: a.scheduler.clone().unwrap_or_default(),
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         reference_image: a.reference.as_ref().map(|p| read(p, "reference")).transpose()?.unwrap_or_default(),

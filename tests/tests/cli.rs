@@ -824,8 +824,8 @@ fn explain_dump_json_and_render_identity() {
     assert!(one_line_error(&o).starts_with("error: INVALID_ARGUMENT: subject token index 90"));
 }
 
-/// `--preset paper` is render's preset (50 steps, CFG 8, strength 0.9, 780/520/320, last
-/// layer, k = 0.5, noise start, fast Grad-SAM): the same PNG, 45 steps, 3 manipulations.
+/// `--preset paper` is render's preset (DDPM, 50 steps, CFG 8, strength 0.9, 780/520/320,
+/// last layer, k = 0.5, noise start, fast Grad-SAM): the same PNG, 45 steps, 3 manipulations.
 #[test]
 fn paper_preset_matches_render() {
     let server = Server::start();
@@ -853,6 +853,7 @@ fn paper_preset_matches_render() {
     let result = lines.last().unwrap();
     assert_eq!((result["settings"]["steps"].as_u64(), result["settings"]["guidance"].as_f64()), (Some(50), Some(8.0)));
     assert_eq!(result["settings"]["strength"], 0.9);
+    assert_eq!(result["settings"]["scheduler"], "ddpm");
     assert_eq!(lines.iter().filter(|l| l["event"] == "mask").count(), 3);
     let r = Command::new(server_binary())
         .args(["render", "--model", s(&models_dir().join("sd1")), "--out", s(&theirs), "--quiet"])

@@ -256,7 +256,22 @@ async fn models_tokens_and_server_info() {
         assert_eq!(m.architecture, arch);
         assert_eq!(m.prediction_type, prediction);
         assert_eq!((m.native_width, m.native_height, m.size_multiple), (native, native, multiple), "{}", m.name);
-        assert_eq!(m.schedulers, ["ddim", "euler", "euler-a", "dpm++", "dpm++-karras"]);
+        assert_eq!(
+            m.schedulers,
+            [
+                "ddim",
+                "ddpm",
+                "euler",
+                "euler-karras",
+                "euler-a",
+                "dpm++",
+                "dpm++-karras",
+                "dpm++-sde",
+                "dpm++-sde-karras",
+                "unipc",
+                "unipc-karras"
+            ]
+        );
         assert!(m.img2img && m.explain && m.protected_regions);
     }
 

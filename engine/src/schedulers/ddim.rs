@@ -24,15 +24,7 @@ impl Ddim {
         c.unsupported("thresholding", json!(false))?;
         let train = c.num_train_timesteps();
         let alphas_cumprod = to_f32_vec(&c.alphas_cumprod(false)?);
-        let spacing = c.spacing("leading")?;
-        // int64 timesteps: linspace values rounded half-to-even (np.round).
-        let timesteps: Vec<f64> = spaced_timesteps(spacing, train, n, get!(c, steps_offset, 0))
-            .into_iter()
-            .map(f64::round_ties_even)
-            .collect();
-        if let Some(t) = timesteps.iter().find(|&&t| t >= train as f64) {
-            bail!("DDIMScheduler: timestep {t} is beyond the {train} train timesteps (steps_offset too large for {n} steps)");
-        }
+        let timesteps = integer_timesteps(c, n)?;
         let final_alpha_cumprod = if get!(c, set_alpha_to_one, true) { 1.0 } else { alphas_cumprod[0] };
         let clip = get!(c, clip_sample, true).then(|| get!(c, clip_sample_range, 1.0) as f32);
         Ok(Self {
@@ -46,11 +38,54 @@ impl Ddim {
         })
     }
 
-    /// ᾱ at an integer timestep; Python indexing, so the -1 that trailing spacing can
-    /// produce reads the last entry.
     fn alpha_at(&self, t: i64) -> f32 {
-        self.alphas_cumprod[t.rem_euclid(self.alphas_cumprod.len() as i64) as usize]
+        alpha_at(&self.alphas_cumprod, t)
     }
+}
+
+/// DDIM's and DDPM's int64 timesteps (leading spacing by default): linspace values rounded
+/// half-to-even (np.round). Timesteps past the train range are refused (diffusers fails on
+/// them while stepping).
+pub(super) fn integer_timesteps(c: &ClassConfig, n: usize) -> Result<Vec<f64>> {
+    let train = c.num_train_timesteps();
+    let timesteps: Vec<f64> = spaced_timesteps(c.spacing("leading")?, train, n, get!(c, steps_offset, 0))
+        .into_iter()
+        .map(f64::round_ties_even)
+        .collect();
+    if let Some(t) = timesteps.iter().find(|&&t| t >= train as f64) {
+        bail!("{}: timestep {t} is beyond the {train} train timesteps (steps_offset too large for {n} steps)", c.class);
+    }
+    Ok(timesteps)
+}
+
+/// ᾱ at an integer timestep; Python indexing, so the -1 that trailing spacing can produce
+/// reads the last entry.
+pub(super) fn alpha_at(alphas_cumprod: &[f32], t: i64) -> f32 {
+    alphas_cumprod[t.rem_euclid(alphas_cumprod.len() as i64) as usize]
+}
+
+/// x̂0 from the model output at ᾱ_t, as DDIM and DDPM compute it (float32 scalars).
+pub(super) fn alpha_x0(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Tensor {
+    let (sqrt_a, sqrt_b) = (sqrt32(alpha_prod_t) as f64, sqrt32(1.0 - alpha_prod_t) as f64);
+    match prediction {
+        PredictionType::Epsilon => (sample - model_output * sqrt_b) / sqrt_a,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => sample * sqrt_a - model_output * sqrt_b,
+    }
+}
+
+/// √ᾱ_t·x0 + √(1−ᾱ_t)·ε with the coefficients in the sample's dtype, as DDIM's and DDPM's
+/// add_noise.
+pub(super) fn alpha_add_noise(alpha_prod_t: f32, original: &Tensor, noise: &Tensor) -> Tensor {
+    let a = coefficient(alpha_prod_t, original);
+    let sqrt_alpha = a.pow_tensor_scalar(0.5);
+    let sqrt_one_minus_alpha = a.rsub_scalar(1.0).pow_tensor_scalar(0.5);
+    sqrt_alpha * original + sqrt_one_minus_alpha * noise
 }
 
 impl Scheduler for Ddim {
@@ -105,20 +140,11 @@ impl Scheduler for Ddim {
     }
 
     fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
-        let alpha_prod_t = self.alpha_at(self.timesteps[step_index] as i64);
-        let (sqrt_a, sqrt_b) = (sqrt32(alpha_prod_t) as f64, sqrt32(1.0 - alpha_prod_t) as f64);
-        match self.prediction {
-            PredictionType::Epsilon => (sample - model_output * sqrt_b) / sqrt_a,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample * sqrt_a - model_output * sqrt_b,
-        }
+        alpha_x0(self.prediction, model_output, sample, self.alpha_at(self.timesteps[step_index] as i64))
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
-        let a = coefficient(self.alpha_at(self.timesteps[step_index] as i64), original);
-        let sqrt_alpha = a.pow_tensor_scalar(0.5);
-        let sqrt_one_minus_alpha = a.rsub_scalar(1.0).pow_tensor_scalar(0.5);
-        sqrt_alpha * original + sqrt_one_minus_alpha * noise
+        alpha_add_noise(self.alpha_at(self.timesteps[step_index] as i64), original, noise)
     }
 
     fn alphas_cumprod(&self) -> &[f64] {

@@ -1,5 +1,7 @@
-//! diffusers' DPMSolverMultistepScheduler, algorithm "dpmsolver++" (orders 1–3, midpoint or
-//! heun). Deterministic: no generator noise. Its coefficient maths (log, exp on 0-dim
+//! diffusers' DPMSolverMultistepScheduler, algorithms "dpmsolver++" (deterministic) and
+//! "sde-dpmsolver++" (orders 1–3, midpoint or heun). The SDE variant's step() draws
+//! `randn(model_output.shape)` in float32 from the pipeline's generator on every step; the
+//! pipeline passes that draw in as `noise`. Its coefficient maths (log, exp on 0-dim
 //! float32 tensors) runs in libtorch so it rounds exactly as diffusers'.
 use super::{
     coefficient, get, numpy, scalar, sqrt32, to_f32_vec, train_sigmas, ClassConfig, PredictionType, Scheduler,
@@ -19,13 +21,15 @@ pub struct DpmSolver {
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_zero: bool,
+    /// sde-dpmsolver++: each update adds σ_t·√(1 − e^(−2h))·noise.
+    sde: bool,
     /// The last `order` converted model outputs (x̂0), oldest first.
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
 }
 
 /// (α_t, σ_t) of a sigma, diffusers' `_sigma_to_alpha_sigma_t` on 0-dim tensors.
-fn alpha_sigma(sigma: f32) -> (Tensor, Tensor) {
+pub(super) fn alpha_sigma(sigma: f32) -> (Tensor, Tensor) {
     let sigma = scalar(sigma);
     // `1 / x` on a tensor is x.reciprocal() * 1 in torch.
     let alpha = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
@@ -33,12 +37,71 @@ fn alpha_sigma(sigma: f32) -> (Tensor, Tensor) {
     (alpha, sigma_t)
 }
 
-fn lambda(alpha: &Tensor, sigma: &Tensor) -> Tensor {
+pub(super) fn lambda(alpha: &Tensor, sigma: &Tensor) -> Tensor {
     alpha.log() - sigma.log()
 }
 
+/// The int64 timesteps of the multistep solvers (DPM-Solver++, UniPC) before any karras
+/// conversion: `n + 1` points over `[0, last_timestep)`, reversed, the t = 0 end dropped.
+pub(super) fn multistep_timesteps(c: &ClassConfig, last_timestep: usize, n: usize) -> Result<Vec<f64>> {
+    let train_n = c.num_train_timesteps();
+    Ok(match c.spacing("linspace")? {
+        super::Spacing::Linspace => numpy::linspace(0.0, (last_timestep - 1) as f64, n + 1)
+            .into_iter()
+            .skip(1)
+            .rev()
+            .map(f64::round_ties_even)
+            .collect(),
+        super::Spacing::Leading => {
+            let ratio = last_timestep / (n + 1);
+            let steps_offset = get!(c, steps_offset, 0);
+            (1..=n).rev().map(|i| (i * ratio) as f64 + steps_offset as f64).collect()
+        }
+        super::Spacing::Trailing => numpy::arange(last_timestep as f64, 0.0, -(train_n as f64 / n as f64))
+            .into_iter()
+            .map(|t| t.round_ties_even() - 1.0)
+            .collect(),
+    })
+}
+
+/// `convert_model_output` with x̂0 prediction (DPM-Solver++, UniPC's predict_x0): the model
+/// output as x̂0 at `sigma`.
+pub(super) fn x0_at_sigma(prediction: PredictionType, sigma: f32, model_output: &Tensor, sample: &Tensor) -> Tensor {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    match prediction {
+        PredictionType::Epsilon => (sample - &sigma_t * model_output) / &alpha_t,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => &alpha_t * sample - &sigma_t * model_output,
+    }
+}
+
+/// α_t·x0 + σ_t·ε at `sigma`, the coefficients in the sample's dtype and device, as the
+/// multistep solvers' add_noise.
+pub(super) fn sigma_add_noise(sigma: f32, original: &Tensor, noise: &Tensor) -> Tensor {
+    let sigma = coefficient(sigma, original);
+    let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
+    let sigma_t = &sigma * &alpha_t;
+    alpha_t * original + sigma_t * noise
+}
+
+/// The SDE terms of an update over a step of log-SNR length `h`: e^(−h), 1 − e^(−2h) and the
+/// noise coefficient σ_t·√(1 − e^(−2h)), each as diffusers writes it.
+struct SdeTerms {
+    exp_neg_h: Tensor,
+    one_minus_exp_2h: Tensor,
+    noise_coeff: Tensor,
+}
+
+fn sde_terms(h: &Tensor, sigma_t: &Tensor) -> SdeTerms {
+    let one_minus_exp_2h = (h * -2.0).exp().rsub_scalar(1.0);
+    let noise_coeff = sigma_t * (h * -2.0).exp().rsub_scalar(1.0).sqrt();
+    SdeTerms { exp_neg_h: (-h).exp(), one_minus_exp_2h, noise_coeff }
+}
+
 impl DpmSolver {
-    pub(super) fn new(c: &ClassConfig, karras: bool, n: usize) -> Result<Self> {
+    /// `sde` selects algorithm_type "sde-dpmsolver++" whatever the config says (the
+    /// `dpm++-sde` names); otherwise the config's algorithm_type applies.
+    pub(super) fn new(c: &ClassConfig, karras: bool, sde: bool, n: usize) -> Result<Self> {
         for key in [
             "thresholding",
             "use_exponential_sigmas",
@@ -49,10 +112,15 @@ impl DpmSolver {
         ] {
             c.unsupported(key, json!(false))?;
         }
-        c.unsupported("variance_type", Value::Null)?;
-        let algorithm = get!(c, algorithm_type, "dpmsolver++".into());
+        // Learned variances make diffusers drop output channels; other values are unused.
+        if let Some(v) = c.other("variance_type").and_then(Value::as_str) {
+            if v.starts_with("learned") {
+                bail!("DPMSolverMultistepScheduler option variance_type = \"{v}\" is not supported");
+            }
+        }
+        let algorithm = if sde { "sde-dpmsolver++".into() } else { get!(c, algorithm_type, "dpmsolver++".into()) };
         // diffusers maps the "deis" algorithm to dpmsolver++ and UniPC/DEIS solver types to midpoint.
-        c.unsupported_value("algorithm_type", &algorithm, &["dpmsolver++", "deis"])?;
+        c.unsupported_value("algorithm_type", &algorithm, &["dpmsolver++", "deis", "sde-dpmsolver++"])?;
         let solver_type = get!(c, solver_type, "midpoint".into());
         c.unsupported_value("solver_type", &solver_type, &["midpoint", "heun", "logrho", "bh1", "bh2"])?;
         let order = get!(c, solver_order, 2);
@@ -81,24 +149,7 @@ impl DpmSolver {
             }
             Some(v) => bail!("DPMSolverMultistepScheduler lambda_min_clipped = {v} is not a number"),
         };
-        let steps_offset = get!(c, steps_offset, 0);
-        let mut timesteps: Vec<f64> = match c.spacing("linspace")? {
-            // n + 1 points, reversed, the last (t = 0 end) dropped.
-            super::Spacing::Linspace => numpy::linspace(0.0, (last_timestep - 1) as f64, n + 1)
-                .into_iter()
-                .skip(1)
-                .rev()
-                .map(f64::round_ties_even)
-                .collect(),
-            super::Spacing::Leading => {
-                let ratio = last_timestep / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio) as f64 + steps_offset as f64).collect()
-            }
-            super::Spacing::Trailing => numpy::arange(last_timestep as f64, 0.0, -(train_n as f64 / n as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect(),
-        };
+        let mut timesteps = multistep_timesteps(c, last_timestep, n)?;
         let train = train_sigmas(&alphas_cumprod);
         let mut sigmas: Vec<f64>;
         if karras || get!(c, use_karras_sigmas, false) {
@@ -136,6 +187,7 @@ impl DpmSolver {
             lower_order_final: get!(c, lower_order_final, true),
             euler_at_final: get!(c, euler_at_final, false),
             final_sigma_zero: final_sigmas_type == "zero",
+            sde: algorithm == "sde-dpmsolver++",
             model_outputs: (0..order).map(|_| None).collect(),
             lower_order_nums: 0,
         })
@@ -143,22 +195,25 @@ impl DpmSolver {
 
     /// `convert_model_output` for dpmsolver++: the model output as x̂0.
     fn convert(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Tensor {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        match self.prediction {
-            PredictionType::Epsilon => (sample - &sigma_t * model_output) / &alpha_t,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => &alpha_t * sample - &sigma_t * model_output,
-        }
+        x0_at_sigma(self.prediction, self.sigmas[step_index], model_output, sample)
     }
 
-    fn first_order(&self, x0: &Tensor, sample: &Tensor, i: usize) -> Tensor {
+    fn first_order(&self, x0: &Tensor, sample: &Tensor, i: usize, noise: Option<&Tensor>) -> Tensor {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(&alpha_t, &sigma_t) - lambda(&alpha_s, &sigma_s);
-        (&sigma_t / &sigma_s) * sample - (&alpha_t * ((-&h).exp() - 1.0)) * x0
+        match noise {
+            None => (&sigma_t / &sigma_s) * sample - (&alpha_t * ((-&h).exp() - 1.0)) * x0,
+            Some(noise) => {
+                let e = sde_terms(&h, &sigma_t);
+                ((&sigma_t / &sigma_s) * &e.exp_neg_h) * sample
+                    + (&alpha_t * &e.one_minus_exp_2h) * x0
+                    + &e.noise_coeff * noise
+            }
+        }
     }
 
-    fn second_order(&self, sample: &Tensor, i: usize) -> Tensor {
+    fn second_order(&self, sample: &Tensor, i: usize, noise: Option<&Tensor>) -> Tensor {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
@@ -169,6 +224,16 @@ impl DpmSolver {
         let (h, h_0) = (&lambda_t - &lambda_s0, &lambda_s0 - &lambda_s1);
         let r0 = &h_0 / &h;
         let d1 = r0.reciprocal() * (m0 - m1);
+        if let Some(noise) = noise {
+            let e = sde_terms(&h, &sigma_t);
+            let base = ((&sigma_t / &sigma_s0) * &e.exp_neg_h) * sample + (&alpha_t * &e.one_minus_exp_2h) * m0;
+            let d1_term = if self.heun {
+                (&alpha_t * (&e.one_minus_exp_2h / (&h * -2.0) + 1.0)) * d1
+            } else {
+                ((&alpha_t * &e.one_minus_exp_2h) * 0.5) * d1
+            };
+            return base + d1_term + &e.noise_coeff * noise;
+        }
         let em1 = (-&h).exp() - 1.0;
         let base = (&sigma_t / &sigma_s0) * sample - (&alpha_t * &em1) * m0;
         if self.heun {
@@ -178,7 +243,7 @@ impl DpmSolver {
         }
     }
 
-    fn third_order(&self, sample: &Tensor, i: usize) -> Tensor {
+    fn third_order(&self, sample: &Tensor, i: usize, noise: Option<&Tensor>) -> Tensor {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
@@ -197,6 +262,15 @@ impl DpmSolver {
         let r_sum = &r0 + &r1;
         let d1 = &d1_0 + (&r0 / &r_sum) * (&d1_0 - &d1_1);
         let d2 = r_sum.reciprocal() * (&d1_0 - &d1_1);
+        if let Some(noise) = noise {
+            let e = sde_terms(&h, &sigma_t);
+            let two_h = &h * 2.0;
+            return ((&sigma_t / &sigma_s0) * &e.exp_neg_h) * sample
+                + (&alpha_t * &e.one_minus_exp_2h) * m0
+                + (&alpha_t * (&e.one_minus_exp_2h / (&h * -2.0) + 1.0)) * d1
+                + (&alpha_t * ((&e.one_minus_exp_2h - &two_h) / two_h.pow_tensor_scalar(2) - 0.5)) * d2
+                + &e.noise_coeff * noise;
+        }
         let em1 = (-&h).exp() - 1.0;
         (&sigma_t / &sigma_s0) * sample - (&alpha_t * &em1) * m0 + (&alpha_t * (&em1 / &h + 1.0)) * d1
             - (&alpha_t * ((&em1 + &h) / h.pow_tensor_scalar(2) - 0.5)) * d2
@@ -220,7 +294,7 @@ impl Scheduler for DpmSolver {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: Option<&Tensor>) -> StepOutput {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> StepOutput {
         let n = self.timesteps.len();
         let lower_order_final =
             i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
@@ -229,15 +303,23 @@ impl Scheduler for DpmSolver {
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(x0.shallow_clone()));
         let sample = sample.to_kind(Kind::Float);
+        let noise = self
+            .sde
+            .then(|| noise.expect("the dpm++-sde scheduler needs step noise (needs_step_noise)").to_kind(Kind::Float));
+        let noise = noise.as_ref();
         let prev_sample = if self.order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            self.first_order(&x0, &sample, i)
+            self.first_order(&x0, &sample, i, noise)
         } else if self.order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            self.second_order(&sample, i)
+            self.second_order(&sample, i, noise)
         } else {
-            self.third_order(&sample, i)
+            self.third_order(&sample, i, noise)
         };
         self.lower_order_nums = (self.lower_order_nums + 1).min(self.order);
         StepOutput { prev_sample: prev_sample.to_kind(model_output.kind()), pred_original_sample: x0 }
+    }
+
+    fn needs_step_noise(&self, _step_index: usize) -> bool {
+        self.sde
     }
 
     fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
@@ -245,11 +327,7 @@ impl Scheduler for DpmSolver {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor {
-        // In the sample's dtype and device, as diffusers.
-        let sigma = coefficient(self.sigmas[step_index], original);
-        let alpha_t = (sigma.pow_tensor_scalar(2) + 1.0).pow_tensor_scalar(0.5).reciprocal();
-        let sigma_t = &sigma * &alpha_t;
-        alpha_t * original + sigma_t * noise
+        sigma_add_noise(self.sigmas[step_index], original, noise)
     }
 
     fn alphas_cumprod(&self) -> &[f64] {

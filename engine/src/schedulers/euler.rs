@@ -137,7 +137,7 @@ impl Scheduler for Euler {
         StepOutput { prev_sample, pred_original_sample: pred_original }
     }
 
-    fn needs_step_noise(&self) -> bool {
+    fn needs_step_noise(&self, _step_index: usize) -> bool {
         self.ancestral
     }
 

@@ -56,6 +56,7 @@ pub(super) fn step(
     let derivative = (&sample - &pred_original) / sigma_from as f64;
     let dt = sigma_down - sigma_from;
     let prev_sample = &sample + derivative * dt as f64;
+    let noise = noise.to_kind(model_output.kind());
     let prev_sample = (prev_sample + noise * sigma_up as f64).to_kind(model_output.kind());
     StepOutput { prev_sample, pred_original_sample: pred_original }
 }

@@ -1,21 +1,27 @@
-//! Noise schedulers, ported from diffusers 0.42.1 to give the same numbers: DDIM, Euler,
-//! Euler ancestral and DPM-Solver++ (multistep), each built the way diffusers'
-//! `XScheduler.from_config(scheduler_config.json)` builds it — the file may have been saved
-//! by another class; unknown keys are ignored and missing ones take *this* class's default.
+//! Noise schedulers, ported from diffusers 0.42.1 to give the same numbers: DDIM, DDPM,
+//! Euler, Euler ancestral, DPM-Solver++ (multistep, ODE and SDE) and UniPC, each built the
+//! way diffusers' `XScheduler.from_config(scheduler_config.json)` builds it — the file may
+//! have been saved by another class; unknown keys are ignored and missing ones take *this*
+//! class's default.
 //!
 //! Numerics follow diffusers' dtypes: betas/ᾱ in torch float32 (computed with libtorch, so
 //! linspace/cumprod round identically), timesteps in numpy float64 (see `numpy.rs`), sigmas
 //! float32, step arithmetic in the sample dtype with float32 scalars.
 //!
-//! Generator noise: only Euler ancestral consumes it — one `randn(latents.shape)` in the
-//! model output's dtype at the end of *every* step, the last included. DDIM (eta 0), Euler
-//! (s_churn 0: no draw at all) and DPM-Solver++ (not SDE) draw nothing.
+//! Generator noise: step() of three schedulers draws from the pipeline's generator, one
+//! `randn(latents.shape)` per drawing step, after the initial latents — Euler ancestral on
+//! every step, the last included (model output dtype); DDPM on every step whose timestep is
+//! above 0 (model output dtype); DPM-Solver++ SDE on every step (float32).
+//! `Scheduler::needs_step_noise` says which steps draw. DDIM (eta 0), Euler (s_churn 0),
+//! DPM-Solver++ (ODE) and UniPC draw nothing.
 mod ddim;
+mod ddpm;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
 #[doc(hidden)]
 pub mod numpy;
+mod unipc;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -28,33 +34,65 @@ use tch::{Device, Kind, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SchedulerKind {
     Ddim,
+    Ddpm,
     Euler,
     EulerAncestral,
     DpmSolverMultistep,
+    /// DPMSolverMultistepScheduler with algorithm_type "sde-dpmsolver++".
+    DpmSolverSde,
+    UniPc,
 }
 
-impl SchedulerKind {
-    const NAMES: &'static str = "ddim, euler, euler-a, dpm++, dpm++-karras";
+/// Every scheduler name a job accepts: (name, kind, karras sigmas). The one list of names;
+/// the server's model metadata and the error messages take theirs from it.
+const TABLE: [(&str, SchedulerKind, bool); 11] = [
+    ("ddim", SchedulerKind::Ddim, false),
+    ("ddpm", SchedulerKind::Ddpm, false),
+    ("euler", SchedulerKind::Euler, false),
+    ("euler-karras", SchedulerKind::Euler, true),
+    ("euler-a", SchedulerKind::EulerAncestral, false),
+    ("dpm++", SchedulerKind::DpmSolverMultistep, false),
+    ("dpm++-karras", SchedulerKind::DpmSolverMultistep, true),
+    ("dpm++-sde", SchedulerKind::DpmSolverSde, false),
+    ("dpm++-sde-karras", SchedulerKind::DpmSolverSde, true),
+    ("unipc", SchedulerKind::UniPc, false),
+    ("unipc-karras", SchedulerKind::UniPc, true),
+];
 
-    /// Parses a scheduler name; `dpm++-karras` is DPM-Solver++ with karras sigmas (the bool).
+/// The scheduler names, in [`TABLE`]'s order.
+pub const NAMES: [&str; TABLE.len()] = {
+    let mut names = [""; TABLE.len()];
+    let mut i = 0;
+    while i < TABLE.len() {
+        names[i] = TABLE[i].0;
+        i += 1;
+    }
+    names
+};
+
+impl SchedulerKind {
+    /// Parses a scheduler name; a `-karras` name is its kind with karras sigmas (the bool).
     pub fn parse_with_karras(name: &str) -> Result<(Self, bool)> {
-        Ok(match name {
-            "ddim" => (Self::Ddim, false),
-            "euler" => (Self::Euler, false),
-            "euler-a" => (Self::EulerAncestral, false),
-            "dpm++" => (Self::DpmSolverMultistep, false),
-            "dpm++-karras" => (Self::DpmSolverMultistep, true),
-            other => bail!("unknown scheduler {} (expected one of {})", crate::text::quote(other), Self::NAMES),
-        })
+        match TABLE.iter().find(|(n, _, _)| *n == name) {
+            Some(&(_, kind, karras)) => Ok((kind, karras)),
+            None => bail!("unknown scheduler {} (expected one of {})", crate::text::quote(name), NAMES.join(", ")),
+        }
+    }
+
+    /// The name of this kind with or without karras sigmas, if it has one.
+    pub fn name(self, karras: bool) -> Option<&'static str> {
+        TABLE.iter().find(|&&(_, k, c)| k == self && c == karras).map(|(n, _, _)| *n)
     }
 
     /// The diffusers class this kind reproduces.
     pub fn class_name(self) -> &'static str {
         match self {
             Self::Ddim => "DDIMScheduler",
+            Self::Ddpm => "DDPMScheduler",
             Self::Euler => "EulerDiscreteScheduler",
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
-            Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::DpmSolverMultistep | Self::DpmSolverSde => "DPMSolverMultistepScheduler",
+            Self::UniPc => "UniPCMultistepScheduler",
         }
     }
 }
@@ -69,12 +107,7 @@ impl FromStr for SchedulerKind {
 
 impl std::fmt::Display for SchedulerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Ddim => "ddim",
-            Self::Euler => "euler",
-            Self::EulerAncestral => "euler-a",
-            Self::DpmSolverMultistep => "dpm++",
-        })
+        f.write_str(self.name(false).expect("every kind has a plain name"))
     }
 }
 
@@ -198,6 +231,15 @@ impl ClassConfig<'_> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// A key of this class kept in `other`: its value, or None when absent, null or listed
+    /// in `_use_default_values` (the class default applies).
+    fn other(&self, key: &str) -> Option<&Value> {
+        if self.cfg.use_default_values.iter().any(|k| k == key) {
+            return None;
+        }
+        self.cfg.other.get(key).filter(|v| !v.is_null())
     }
 
     fn unsupported_value(&self, key: &str, value: &str, supported: &[&str]) -> Result<()> {
@@ -343,25 +385,26 @@ pub trait Scheduler: Send {
     /// `noise` is required by ancestral schedulers (shape of sample, standard normal).
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, noise: Option<&Tensor>)
         -> StepOutput;
-    /// Whether step() consumes fresh noise (the pipeline pre-draws it in diffusers' order).
-    fn needs_step_noise(&self) -> bool {
+    /// Whether step() at `step_index` consumes fresh generator noise, one standard normal
+    /// draw of the sample's shape (the pipeline pre-draws it in diffusers' order).
+    fn needs_step_noise(&self, _step_index: usize) -> bool {
         false
     }
     /// img2img: noise `original` to the timestep at `step_index` (diffusers add_noise with
     /// begin_index = step_index).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Tensor;
-    /// Sampling starts at `step_index` (diffusers set_begin_index) – img2img. The four
-    /// schedulers here take the step index explicitly, so there is nothing to remember.
+    /// Sampling starts at `step_index` (diffusers set_begin_index) – img2img. The schedulers
+    /// here take the step index explicitly, so there is nothing to remember.
     fn set_begin_index(&mut self, _step_index: usize) {}
-    /// Model calls per timestep entry (diffusers `order`; 1 for all four).
+    /// Model calls per timestep entry (diffusers `order`; 1 for all of them).
     fn order(&self) -> usize {
         1
     }
     /// x̂0 as `step` predicts it at `step_index` from `model_output` for `sample` (the
     /// unscaled latent, as passed to `step`), before any clipping: affine in the model
     /// output, and a pure function (no scheduler state), so Grad-SAM can differentiate it.
-    /// DDIM: (z − √(1−ᾱ)·ε)/√ᾱ or √ᾱ·z − √(1−ᾱ)·v; Euler: z − σ·ε or the v form in σ
-    /// space; DPM-Solver++: its converted model output.
+    /// DDIM/DDPM: (z − √(1−ᾱ)·ε)/√ᾱ or √ᾱ·z − √(1−ᾱ)·v; Euler: z − σ·ε or the v form in
+    /// σ space; DPM-Solver++ and UniPC: their converted model output.
     fn pred_original(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor;
     /// Train-time ᾱ_t (float32 values) for t = 0..num_train_timesteps.
     fn alphas_cumprod(&self) -> &[f64];
@@ -369,8 +412,8 @@ pub trait Scheduler: Send {
 }
 
 /// Builds a scheduler like `XScheduler.from_config(config)` + `set_timesteps(steps)`.
-/// `karras` overrides `use_karras_sigmas` to true (Euler and DPM-Solver++ only); false
-/// leaves the config's own value.
+/// `karras` overrides `use_karras_sigmas` to true (Euler, DPM-Solver++ and UniPC only);
+/// false leaves the config's own value.
 pub fn build(
     kind: SchedulerKind,
     config: &SchedulerConfig,
@@ -381,17 +424,22 @@ pub fn build(
     if num_inference_steps == 0 {
         bail!("the number of inference steps must be at least 1");
     }
-    if num_inference_steps > cfg.num_train_timesteps() && kind == SchedulerKind::Ddim {
+    if num_inference_steps > cfg.num_train_timesteps() && matches!(kind, SchedulerKind::Ddim | SchedulerKind::Ddpm) {
         bail!("{num_inference_steps} inference steps exceed the {} train timesteps", cfg.num_train_timesteps());
     }
-    if karras && matches!(kind, SchedulerKind::Ddim | SchedulerKind::EulerAncestral) {
-        bail!("karras sigmas are not available for the {kind} scheduler (only euler and dpm++)");
+    if karras && matches!(kind, SchedulerKind::Ddim | SchedulerKind::Ddpm | SchedulerKind::EulerAncestral) {
+        bail!("karras sigmas are not available for the {kind} scheduler (only euler, dpm++, dpm++-sde and unipc)");
     }
     let built: Box<dyn Scheduler> = match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&cfg, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(&cfg, karras, num_inference_steps)?),
         SchedulerKind::EulerAncestral => Box::new(euler_ancestral::new(&cfg, num_inference_steps)?),
-        SchedulerKind::DpmSolverMultistep => Box::new(dpm_solver::DpmSolver::new(&cfg, karras, num_inference_steps)?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&cfg, num_inference_steps)?),
+        SchedulerKind::DpmSolverMultistep => {
+            Box::new(dpm_solver::DpmSolver::new(&cfg, karras, false, num_inference_steps)?)
+        }
+        SchedulerKind::DpmSolverSde => Box::new(dpm_solver::DpmSolver::new(&cfg, karras, true, num_inference_steps)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&cfg, karras, num_inference_steps)?),
     };
     Ok(built)
 }
@@ -424,9 +472,17 @@ mod tests {
             SchedulerKind::parse_with_karras("dpm++-karras").unwrap(),
             (SchedulerKind::DpmSolverMultistep, true)
         );
+        assert_eq!(SchedulerKind::parse_with_karras("dpm++-sde-karras").unwrap(), (SchedulerKind::DpmSolverSde, true));
         assert_eq!("euler-a".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
+        assert_eq!("unipc".parse::<SchedulerKind>().unwrap(), SchedulerKind::UniPc);
         let err = "pndm".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(err.contains("ddim, euler, euler-a, dpm++, dpm++-karras"), "{err}");
+        assert!(err.contains(&NAMES.join(", ")), "{err}");
+        for name in NAMES {
+            let (kind, karras) = SchedulerKind::parse_with_karras(name).unwrap();
+            assert_eq!(kind.name(karras), Some(name));
+            // Every name builds from an empty config (each class's defaults).
+            build(kind, &SchedulerConfig::default(), karras, 10).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `frisket.v1.Frisket` gRPC service.
 use super::jobs::{EventResult, Job, PushError, Queue};
-use super::models::{Catalog, SCHEDULERS};
+use super::models::Catalog;
 use super::request::{self, prepare};
 use super::Limits;
 use frisket_engine::text::quote;
@@ -177,7 +177,8 @@ impl Frisket for FrisketService {
                 native_height: m.native_height,
                 size_multiple: m.size_multiple,
                 prediction_type: m.prediction_type,
-                schedulers: SCHEDULERS.iter().map(|s| s.to_string()).collect(),
+                // Every model accepts every scheduler name (GenerateRequest.scheduler).
+                schedulers: frisket_engine::schedulers::NAMES.iter().map(|s| s.to_string()).collect(),
                 img2img: true,
                 explain: true,
                 protected_regions: true,

@@ -11,9 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::Status;
 
-/// Scheduler names every model accepts (GenerateRequest.scheduler).
-pub const SCHEDULERS: [&str; 5] = ["ddim", "euler", "euler-a", "dpm++", "dpm++-karras"];
-
 /// What a client needs to know about a model, read from its config files.
 #[derive(Clone, Debug)]
 pub struct ModelMeta {
@@ -186,6 +183,25 @@ mod tests {
         }
         for bad in ["", ".", "..", "../sd1", "a/b", "a\\b", ".hidden", "sd 1", "/abs", "é"] {
             assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The user-facing lists of scheduler names (docs, CLI help, the proto) name every
+    /// scheduler the engine has.
+    #[test]
+    fn every_scheduler_is_documented() {
+        let docs = [
+            ("README.md", include_str!("../../../README.md")),
+            ("client/README.md", include_str!("../../../client/README.md")),
+            ("proto/frisket/v1/frisket.proto", include_str!("../../../proto/frisket/v1/frisket.proto")),
+            ("client/src/main.rs", include_str!("../../../client/src/main.rs")),
+            ("server/src/cli.rs", include_str!("../cli.rs")),
+        ];
+        for (path, text) in docs {
+            for name in frisket_engine::schedulers::NAMES {
+                let quoted = [format!("`{name}`"), format!("{name},"), format!("{name} "), format!("{name};")];
+                assert!(quoted.iter().any(|q| text.contains(q.as_str())), "{path} does not name the scheduler {name}");
+            }
         }
     }
 }

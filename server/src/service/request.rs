@@ -490,6 +490,9 @@ fn with_preset(req: &GenerateRequest) -> Result<std::borrow::Cow<'_, GenerateReq
                 return Err(invalid("the paper preset needs a reference_image (img2img)"));
             }
             let mut r = req.clone();
+            if r.scheduler.is_empty() {
+                r.scheduler = paper::SCHEDULER.into();
+            }
             r.steps.get_or_insert(paper::STEPS as u32);
             r.guidance.get_or_insert(paper::GUIDANCE);
             r.strength.get_or_insert(paper::STRENGTH);
@@ -528,6 +531,7 @@ mod tests {
         let req = pb::GenerateRequest { preset: "paper".into(), reference_image: vec![1], ..Default::default() };
         let r = with_preset(&req).unwrap().into_owned();
         assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
+        assert_eq!(r.scheduler, "ddpm", "the paper's scheduler");
         let e = r.explain.unwrap();
         assert_eq!((e.mode, e.start), (Some(pb::ExplainMode::Fast as i32), Some(pb::StartMode::Noise as i32)));
         assert_eq!(
@@ -540,9 +544,14 @@ mod tests {
             start: Some(pb::StartMode::Reference as i32),
             ..Default::default()
         };
-        let req = pb::GenerateRequest { steps: Some(20), explain: Some(explicit.clone()), ..req };
+        let req = pb::GenerateRequest {
+            steps: Some(20),
+            scheduler: "euler-a".into(),
+            explain: Some(explicit.clone()),
+            ..req
+        };
         let r = with_preset(&req).unwrap().into_owned();
-        assert_eq!((r.steps, r.guidance), (Some(20), Some(8.0)));
+        assert_eq!((r.steps, r.guidance, r.scheduler.as_str()), (Some(20), Some(8.0), "euler-a"));
         assert_eq!(r.explain, Some(explicit), "Grad-SAM off keeps its options unset");
 
         let none = pb::GenerateRequest::default();
