@@ -38,7 +38,7 @@
 //! the latent positions under it: `I_s[c,i,j] ≈ Σ_l Σ_h A_l[h,q(i,j),s]·|g_l[h,q(i,j),s]|`
 //! for every channel c. Measured against the definition it is much weaker than the final
 //! layer's exact term (engine/tests/parity_explain.rs prints both against the definition).
-use super::super::unet::{Capture, CrossContext, UNet2DConditionModel, UNetOutput};
+use super::super::unet::{Capture, UNet2DConditionModel, UNetOutput};
 use super::AttributionPoint;
 use super::{layer_grid, output_coefficient};
 use anyhow::{ensure, Context, Result};
@@ -62,8 +62,7 @@ pub(super) fn importance(at: &AttributionPoint, layers: &[usize], subjects: &[us
 
     let model_in = scheduler.scale_model_input(latents, step_index);
     let capture = Capture { layers, head_input: true };
-    let UNetOutput { sample: out, probs, head_input } =
-        unet.forward(&model_in, timestep, &CrossContext::new(cond), capture);
+    let UNetOutput { sample: out, probs, head_input } = unet.forward(&model_in, timestep, cond, capture);
     let features = head_input.context("the UNet returns its head input when asked")?;
     ensure!(probs.len() == layers.len(), "captured {} cross-attention layers, asked for {}", probs.len(), layers.len());
     let mut maps = Tensor::zeros([s, c, h, w], (Kind::Float, device));
