@@ -1,7 +1,7 @@
 //! A Stable Diffusion model folder (diffusers layout) loaded onto one device: SD 1.x/2.x
 //! (one text encoder) or SDXL (two, `text_encoder_2/` and `tokenizer_2/`).
 use super::clip::ClipTextModel;
-use super::config::read_config;
+use super::config::{read_config, PerBlock};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, CrossContext, UNet2DConditionModel};
@@ -291,13 +291,14 @@ impl StableDiffusion {
                     second.text_encoder.projection_dim()
                 );
                 let width = c.text_encoder.hidden_size() + second.text_encoder.hidden_size();
-                let cross = c.unet.config().cross_attention_dim.expand(1, "cross_attention_dim").ok();
-                if let Some(cross) = cross.and_then(|v| v.first().copied()) {
-                    ensure!(
-                        cross == width,
-                        "the UNet attends to {cross} features but the two text encoders give {width}"
-                    );
-                }
+                let cross = match &c.unet.config().cross_attention_dim {
+                    PerBlock::One(d) => vec![*d],
+                    PerBlock::Each(d) => d.clone(),
+                };
+                ensure!(
+                    cross.iter().all(|&d| d == width),
+                    "the UNet attends to {cross:?} features (cross_attention_dim) but the two text encoders give {width}"
+                );
                 Family::Sdxl
             }
             None => {

@@ -40,6 +40,18 @@ fn folder_is_detected_as_sdxl() {
     assert_eq!(load_sd1().family(), Family::Sd1);
 }
 
+/// In float16 an SDXL model keeps its `force_upcast` VAE in float32 (as diffusers' SDXL
+/// pipelines decode and encode); SD 1.x keeps the model's dtype. Loading alone runs no
+/// half-precision kernel, so this holds on the CPU too.
+#[test]
+fn force_upcast_vae_stays_float32_in_half_precision() {
+    let sdxl = StableDiffusion::load_with_kind(&common::model_dir("sdxl"), Device::Cpu, Kind::Half).unwrap();
+    assert!(sdxl.vae.config().force_upcast);
+    assert_eq!(sdxl.vae.kind(), Kind::Float);
+    let sd1 = StableDiffusion::load_with_kind(&common::model_dir("sd1"), Device::Cpu, Kind::Half).unwrap();
+    assert_eq!(sd1.vae.kind(), Kind::Half);
+}
+
 fn load_sd1() -> StableDiffusion {
     StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap()
 }
@@ -295,5 +307,28 @@ fn protected_pixels_are_bit_exact_with_grad_sam() {
         assert!(outside_changed > outside / 2, "{scheduler}: only {outside_changed}/{outside} pixels outside changed");
         assert_eq!(manipulated, 3, "the default timesteps 780, 520, 320");
         assert_eq!(out.comparison.unwrap().psnr_protected, Some(f64::INFINITY));
+    }
+}
+
+#[test]
+fn text_time_config_needs_its_widths_and_other_added_embeddings_are_refused() {
+    use frisket_engine::unet::UNetConfig;
+    let base = std::fs::read_to_string(common::model_dir("sdxl").join("unet/config.json")).unwrap();
+    let with = |field: &str, value: &str| {
+        let mut json: serde_json::Value = serde_json::from_str(&base).unwrap();
+        json[field] = serde_json::from_str(value).unwrap();
+        serde_json::from_value::<UNetConfig>(json).unwrap()
+    };
+    let cfg = with("addition_embed_type", r#""text_time""#);
+    cfg.validate().unwrap();
+    // 88 inputs = 6 time ids × 8 + a pooled embedding of 40.
+    assert_eq!(cfg.text_time_dims(6), Some((8, 40)));
+    for (field, value, named) in [
+        ("addition_embed_type", r#""text""#, "addition_embed_type"),
+        ("addition_time_embed_dim", "null", "addition_time_embed_dim"),
+        ("projection_class_embeddings_input_dim", "null", "projection_class_embeddings_input_dim"),
+    ] {
+        let err = format!("{:#}", with(field, value).validate().unwrap_err());
+        assert!(err.contains(named), "error for {field} = {value} does not name {named}: {err}");
     }
 }
