@@ -46,6 +46,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Whether the last cross-attention layer feeds the output head through per-token
 /// operations only (the final up block is a cross-attention block, as in SD 1.x/2.x).
+/// SDXL's final up block has no attention (convolutions and an upsampler lie between its
+/// last attn2 and the head), so there every layer, the last included, is the estimate.
 pub fn final_layer_factorises(unet: &UNet2DConditionModel) -> bool {
     unet.config().up_block_types.last().is_some_and(|t| t == "CrossAttnUpBlock2D")
 }
