@@ -338,3 +338,35 @@ fn text_time_config_needs_its_widths_and_other_added_embeddings_are_refused() {
         assert!(err.contains(named), "error for {field} = {value} does not name {named}: {err}");
     }
 }
+
+/// The prompt cache hands out fresh rows: zeroing an empty negative prompt in one job's
+/// context leaves the cached encoding of "" alone, and cached, batched and single
+/// encodings agree (states and pooled).
+#[test]
+fn prompt_cache_keeps_sdxl_rows_apart() {
+    let model = load();
+    let size = SizeConditioning { original: (64, 48), crop_top_left: (0, 0), target: (64, 48) };
+    let (empty, empty_pooled) = tch::no_grad(|| model.encode_prompts_pooled(&[""]));
+    let context = tch::no_grad(|| model.text_context("a duck", Some(""), &size));
+    assert_eq!(context.states().narrow(0, 0, 1).abs().max().double_value(&[]), 0.0);
+    let (again, again_pooled) = tch::no_grad(|| model.encode_prompts_pooled(&[""]));
+    assert!(again.abs().max().double_value(&[]) > 0.0, "the cached empty prompt was zeroed");
+    assert_eq!(again, empty);
+    assert_eq!(again_pooled, empty_pooled);
+
+    let (batch, pooled) = tch::no_grad(|| model.encode_prompts_pooled(&["a red circle", "a duck", "a red circle"]));
+    let pooled = pooled.expect("SDXL pools");
+    // Each prompt alone, on a second copy of the model whose cache is empty.
+    let fresh = load();
+    for (row, prompt) in ["a red circle", "a duck", "a red circle"].iter().enumerate() {
+        let (single, single_pooled) = tch::no_grad(|| fresh.encode_prompts_pooled(&[prompt]));
+        let row = row as i64;
+        common::assert_rel_l2(&format!("states of {prompt:?}"), &batch.narrow(0, row, 1), &single, 1e-6);
+        common::assert_rel_l2(
+            &format!("pooled of {prompt:?}"),
+            &pooled.narrow(0, row, 1),
+            &single_pooled.unwrap(),
+            1e-6,
+        );
+    }
+}
