@@ -31,22 +31,88 @@ impl<'a> AttnCapture<'a> {
 
 /// The encoder hidden states of a UNet call, with the keys and values each cross-attention
 /// layer (attn2) projects from them, computed on first use and kept: every denoising step
-/// of a job attends to the same states, so a context prepared once per job
-/// (`UNet2DConditionModel::prepare_context`) saves those projections in all later steps.
+/// of a job attends to the same states, so a context prepared once per job saves those
+/// projections in all later steps. SDXL-style UNets (`addition_embed_type = "text_time"`)
+/// also take the added conditioning that goes with the states.
 pub struct CrossContext {
     states: Tensor,
+    added: Option<AddedCond>,
     /// Indexed by attn2 number: [B, heads, keys, d] keys and values.
     kv: RefCell<Vec<Option<(Tensor, Tensor)>>>,
+}
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs`), one row per batch row.
+pub struct AddedCond {
+    /// The pooled text embedding [B, projection_dim] (`text_embeds`).
+    pub text_embeds: Tensor,
+    /// [B, 6]: original size (h, w), crop top-left (top, left), target size (h, w).
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    fn rows(&self, start: i64, len: i64) -> Self {
+        Self { text_embeds: self.text_embeds.narrow(0, start, len), time_ids: self.time_ids.narrow(0, start, len) }
+    }
+
+    fn repeat(&self, times: i64) -> Self {
+        Self { text_embeds: self.text_embeds.repeat([times, 1]), time_ids: self.time_ids.repeat([times, 1]) }
+    }
+}
+
+impl Clone for AddedCond {
+    fn clone(&self) -> Self {
+        Self { text_embeds: self.text_embeds.shallow_clone(), time_ids: self.time_ids.shallow_clone() }
+    }
 }
 
 impl CrossContext {
     /// `states`: [B, keys, cross_attention_dim].
     pub fn new(states: &Tensor) -> Self {
-        Self { states: states.shallow_clone(), kv: RefCell::new(Vec::new()) }
+        Self { states: states.shallow_clone(), added: None, kv: RefCell::new(Vec::new()) }
+    }
+
+    /// `states` with SDXL's added conditioning (rows matching the states' rows).
+    pub fn with_added(states: &Tensor, added: AddedCond) -> Self {
+        Self { states: states.shallow_clone(), added: Some(added), kv: RefCell::new(Vec::new()) }
     }
 
     pub fn states(&self) -> &Tensor {
         &self.states
+    }
+
+    pub fn added(&self) -> Option<&AddedCond> {
+        self.added.as_ref()
+    }
+
+    /// Rows `start..start+len` of the batch, as a fresh context.
+    pub fn rows(&self, start: i64, len: i64) -> Self {
+        Self {
+            states: self.states.narrow(0, start, len),
+            added: self.added.as_ref().map(|a| a.rows(start, len)),
+            kv: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The batch repeated `times` times, as a fresh context.
+    pub fn repeat(&self, times: i64) -> Self {
+        Self {
+            states: self.states.repeat([times, 1, 1]),
+            added: self.added.as_ref().map(|a| a.repeat(times)),
+            kv: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The same conditioning, detached and converted to `kind` (fresh context).
+    pub fn detached(&self, kind: Kind) -> Self {
+        let conv = |t: &Tensor| t.detach().to_kind(kind);
+        Self {
+            states: conv(&self.states),
+            added: self
+                .added
+                .as_ref()
+                .map(|a| AddedCond { text_embeds: conv(&a.text_embeds), time_ids: a.time_ids.detach() }),
+            kv: RefCell::new(Vec::new()),
+        }
     }
 
     /// Layer `index`'s keys and values, projected by `attn` the first time they are asked for.

@@ -1,5 +1,7 @@
-//! CLIP text encoder, as transformers' `CLIPTextModel`: SD pipelines use its
-//! `last_hidden_state` as the UNet's `encoder_hidden_states`.
+//! CLIP text encoder, as transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`.
+//! SD 1.x/2.x pipelines use its `last_hidden_state` as the UNet's `encoder_hidden_states`;
+//! SDXL uses the penultimate hidden state of two encoders and the second one's projected
+//! pooled output.
 use super::config::read_config;
 use super::nn::{Activation, Embedding, LayerNorm, Linear};
 use super::weights::{WeightPath, Weights};
@@ -20,6 +22,21 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Where the pooled output is taken: the first position holding this id, except that
+    /// the legacy value 2 means the position of the largest id (transformers' rule).
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+    /// Width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default = "default_projection")]
+    pub projection_dim: i64,
+}
+
+fn default_eos() -> i64 {
+    2
+}
+
+fn default_projection() -> i64 {
+    512
 }
 
 fn default_act() -> String {
@@ -82,15 +99,29 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// CLIPTextModelWithProjection's projection of the pooled output (no bias).
+    text_projection: Option<Linear>,
     heads: i64,
     act: Activation,
     max_positions: i64,
+    eos_token_id: i64,
+}
+
+/// What SDXL takes from a text encoder.
+pub struct PenultimateOutput {
+    /// `hidden_states[-2]`: the output of the second-to-last layer, without the final norm,
+    /// [batch, seq, hidden].
+    pub hidden: Tensor,
+    /// The pooled output through `text_projection` [batch, projection_dim], when the
+    /// encoder has a projection and it was asked for.
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextModel {
     /// `p` is the root of the text encoder's weights. transformers 4 saved them under
     /// `text_model.` (as every published SD checkpoint has them); transformers 5 saves
-    /// `CLIPTextModel` without that prefix. Both load.
+    /// `CLIPTextModel` without that prefix. Both load. A `text_projection` next to them
+    /// (CLIPTextModelWithProjection) is loaded too.
     pub fn new(p: &WeightPath, cfg: &ClipTextConfig) -> Result<Self> {
         ensure!(
             cfg.hidden_size % cfg.num_attention_heads == 0,
@@ -109,9 +140,15 @@ impl ClipTextModel {
             position_embedding: Embedding::load(&e.pp("position_embedding"), cfg.max_position_embeddings, d)?,
             layers,
             final_layer_norm: LayerNorm::load(&t.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            text_projection: if p.pp("text_projection").contains("weight") {
+                Some(Linear::load(&p.pp("text_projection"), d, cfg.projection_dim, false)?)
+            } else {
+                None
+            },
             heads: cfg.num_attention_heads,
             act: Activation::from_name(&cfg.hidden_act)?,
             max_positions: cfg.max_position_embeddings,
+            eos_token_id: cfg.eos_token_id,
         })
     }
 
@@ -125,13 +162,51 @@ impl ClipTextModel {
     /// `last_hidden_state` (after `final_layer_norm`), [batch, seq, hidden], for `input_ids`
     /// of shape [batch, seq] with seq ≤ max_position_embeddings.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.final_layer_norm.forward(&self.hidden_after(input_ids, self.layers.len()))
+    }
+
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> i64 {
+        self.token_embedding.weight.size()[1]
+    }
+
+    /// Width of the projected pooled output, for an encoder with `text_projection`.
+    pub fn projection_dim(&self) -> Option<i64> {
+        self.text_projection.as_ref().map(|p| p.weight.size()[0])
+    }
+
+    /// SDXL's reading of the encoder: `hidden_states[-2]` and, with `pooled` (which needs
+    /// `text_projection`), the projected pooled output: the final-normed last hidden state
+    /// at the end-of-text position.
+    pub fn forward_penultimate(&self, input_ids: &Tensor, pooled: bool) -> PenultimateOutput {
+        let n = self.layers.len();
+        assert!(n >= 2, "the penultimate hidden state needs at least 2 encoder layers, this encoder has {n}");
+        let hidden = self.hidden_after(input_ids, n - 1);
+        let pooled = pooled.then(|| {
+            let projection = self.text_projection.as_ref().expect("pooled output needs text_projection");
+            let last = self.final_layer_norm.forward(&self.layers[n - 1].forward(&hidden, self.heads, self.act));
+            let ids = input_ids.to_kind(Kind::Int64);
+            let positions = if self.eos_token_id == 2 {
+                ids.argmax(-1, false)
+            } else {
+                ids.eq(self.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            };
+            let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
+            let at_eos = last.index(&[Some(rows), Some(positions)]);
+            projection.forward(&at_eos)
+        });
+        PenultimateOutput { hidden, pooled }
+    }
+
+    /// The hidden state after the first `layers` encoder layers (0: the embeddings).
+    fn hidden_after(&self, input_ids: &Tensor, layers: usize) -> Tensor {
         let seq = *input_ids.size().last().expect("[batch, seq] ids");
         assert!(seq <= self.max_positions, "{seq} tokens exceed max_position_embeddings {}", self.max_positions);
         let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
         let mut x = self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions);
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
             x = layer.forward(&x, self.heads, self.act);
         }
-        self.final_layer_norm.forward(&x)
+        x
     }
 }

@@ -4,6 +4,7 @@
 //! the pipeline itself.
 use super::model::StableDiffusion;
 use super::schedulers::Scheduler;
+use super::unet::CrossContext;
 use anyhow::Result;
 use tch::Tensor;
 
@@ -16,8 +17,9 @@ pub struct StepPoint<'a> {
     /// The same step's index in the scheduler's timesteps.
     pub step_index: usize,
     pub timestep: f64,
-    /// The prompt's conditional text embedding [1, keys, D] (without the CFG branch).
-    pub cond: &'a Tensor,
+    /// The prompt's conditioning, one row (without the CFG branch): the text embedding
+    /// [1, keys, D] and, for SDXL, its added conditioning.
+    pub cond: &'a CrossContext,
 }
 
 pub trait StepHook {

@@ -1,25 +1,153 @@
-//! A Stable Diffusion model folder (diffusers layout) loaded onto one device.
+//! A Stable Diffusion model folder (diffusers layout) loaded onto one device: SD 1.x/2.x
+//! (one text encoder) or SDXL (two, `text_encoder_2/` and `tokenizer_2/`).
 use super::clip::ClipTextModel;
+use super::config::{read_config, PerBlock};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
-use super::unet::UNet2DConditionModel;
-use super::vae::AutoencoderKl;
-use anyhow::{bail, Context, Result};
+use super::unet::{AddedCond, CrossContext, UNet2DConditionModel};
+use super::vae::{AutoencoderKl, VaeConfig};
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
+
+/// Which Stable Diffusion generation a model is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "sd1",
+            Self::Sd2 => "sd2",
+            Self::Sdxl => "sdxl",
+        }
+    }
+
+    /// SD 1.x vs 2.x from the text encoder's width (768: CLIP-L, 1024: OpenCLIP-H) and,
+    /// for other widths (small or retrained models), the prediction type (2.x: v).
+    pub fn single_encoder(text_hidden_size: i64, prediction_type: Option<&str>) -> Self {
+        match text_hidden_size {
+            768 => Self::Sd1,
+            1024 => Self::Sd2,
+            _ if prediction_type == Some("v_prediction") => Self::Sd2,
+            _ => Self::Sd1,
+        }
+    }
+}
+
+/// SDXL's second text encoder (OpenCLIP bigG, `CLIPTextModelWithProjection`) with its
+/// tokenizer (the same vocabulary, padding with "!").
+pub struct SecondEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+}
+
+/// model_index.json: the pipeline class and the SDXL pipeline settings the engine honours.
+#[derive(Debug, Default, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// SDXL: an absent negative prompt is the zero embedding (diffusers' default: true).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// SDXL refiner: time ids carry an aesthetic score instead of the target size.
+    #[serde(default)]
+    pub requires_aesthetics_score: Option<bool>,
+}
+
+impl ModelIndex {
+    /// model_index.json of `dir`, or the defaults when the folder has none.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("model_index.json");
+        if path.is_file() {
+            read_config(&path)
+        } else {
+            Ok(Self::default())
+        }
+    }
+
+    pub fn is_sdxl_class(&self) -> bool {
+        self.class_name.as_deref().is_some_and(|c| c.starts_with("StableDiffusionXL"))
+    }
+}
+
+/// Whether `dir` holds an SDXL pipeline: model_index.json names an SDXL pipeline class, or
+/// the folder has a second text encoder.
+pub fn is_sdxl_folder(dir: &Path) -> bool {
+    dir.join("text_encoder_2").is_dir() || ModelIndex::read(dir).is_ok_and(|i| i.is_sdxl_class())
+}
+
+/// SDXL's size conditioning of a job (the UNet's six time ids), in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeConditioning {
+    /// (width, height) the picture notionally had before cropping and resizing.
+    pub original: (i64, i64),
+    /// (top, left) of the crop.
+    pub crop_top_left: (i64, i64),
+    /// (width, height) of the output.
+    pub target: (i64, i64),
+}
+
+impl SizeConditioning {
+    /// diffusers' `add_time_ids`: original (h, w), crop (top, left), target (h, w).
+    pub fn time_ids(&self) -> [f32; 6] {
+        let (ow, oh) = self.original;
+        let (top, left) = self.crop_top_left;
+        let (tw, th) = self.target;
+        [oh, ow, top, left, th, tw].map(|v| v as f32)
+    }
+}
+
+/// The parts of a model, loaded by `StableDiffusion::load` from a diffusers folder or
+/// built by a caller from other sources (e.g. converted single-file checkpoints), and put
+/// together by `StableDiffusion::from_components`.
+pub struct Components {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    /// SDXL's second encoder.
+    pub text_encoder_2: Option<SecondEncoder>,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKl,
+    pub scheduler_config: SchedulerConfig,
+    /// SDXL: model_index.json's `force_zeros_for_empty_prompt` (default true).
+    pub force_zeros_for_empty_prompt: bool,
+}
 
 pub struct StableDiffusion {
     pub dir: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second text encoder and tokenizer.
+    pub text_encoder_2: Option<SecondEncoder>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKl,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub kind: Kind,
+    /// SDXL: an empty negative prompt is the zero embedding (and zero pooled embedding).
+    pub force_zeros_for_empty_prompt: bool,
+    family: Family,
     /// Text-encoder outputs of recent prompts, most recently used last (`encode_prompts`).
-    prompt_cache: Mutex<Vec<(Vec<i64>, Tensor)>>,
+    prompt_cache: Mutex<Vec<(Vec<i64>, Encoded)>>,
+}
+
+/// One prompt's text-encoder output: the UNet's encoder hidden states [1, 77, D] and, for
+/// SDXL, the pooled embedding [1, P].
+struct Encoded {
+    states: Tensor,
+    pooled: Option<Tensor>,
+}
+
+impl Encoded {
+    fn shallow_clone(&self) -> Self {
+        Self { states: self.states.shallow_clone(), pooled: self.pooled.as_ref().map(Tensor::shallow_clone) }
+    }
 }
 
 /// How many prompt encodings `StableDiffusion` keeps (≈ 77·D floats each: 0.3 MB for SD 2).
@@ -100,31 +228,105 @@ impl StableDiffusion {
         if device == Device::Cpu {
             tune_cpu_allocator();
         }
+        let index = ModelIndex::read(dir).context("reading model_index.json")?;
+        let sdxl = dir.join("text_encoder_2").is_dir() || index.is_sdxl_class();
         let component = |name: &str| -> Result<PathBuf> {
             let sub = dir.join(name);
-            if !sub.join("config.json").is_file() && name != "tokenizer" && name != "scheduler" {
+            let needs_config = !name.starts_with("tokenizer") && name != "scheduler";
+            if needs_config && !sub.join("config.json").is_file() {
                 bail!("{} is not a diffusers model folder: {name}/config.json is missing", dir.display());
             }
             Ok(sub)
         };
+        if sdxl {
+            ensure!(
+                !index.requires_aesthetics_score.unwrap_or(false),
+                "{}: SDXL refiner models (requires_aesthetics_score) are not supported",
+                dir.display()
+            );
+        }
         let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
         let text_encoder =
             ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+        let text_encoder_2 = if sdxl {
+            Some(SecondEncoder {
+                tokenizer: ClipTokenizer::from_dir(&component("tokenizer_2")?).context("loading tokenizer_2/")?,
+                text_encoder: ClipTextModel::load(&component("text_encoder_2")?, device, kind)
+                    .context("loading text_encoder_2/")?,
+            })
+        } else {
+            None
+        };
         let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
-        let vae = AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?;
+        let vae_dir = component("vae")?;
+        let vae_config = VaeConfig::from_dir(&vae_dir).context("loading vae/")?;
+        let vae = AutoencoderKl::load(&vae_dir, device, vae_kind(sdxl, &vae_config, kind)).context("loading vae/")?;
         let scheduler_config =
             SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
+        let components = Components {
             tokenizer,
             text_encoder,
+            text_encoder_2,
             unet,
             vae,
             scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+        };
+        Self::from_components(dir, components, device, kind).with_context(|| format!("loading {}", dir.display()))
+    }
+
+    /// Puts loaded parts together, checking that they fit one another. `dir` names the
+    /// model in messages.
+    pub fn from_components(dir: &Path, c: Components, device: Device, kind: Kind) -> Result<Self> {
+        let family = match &c.text_encoder_2 {
+            Some(second) => {
+                let (time_dim, pooled) =
+                    c.unet.config().text_time_dims(6).context(
+                        "an SDXL model needs a UNet with addition_embed_type \"text_time\" (unet/config.json)",
+                    )?;
+                ensure!(
+                    second.text_encoder.projection_dim() == Some(pooled),
+                    "the UNet's add_embedding takes 6 time ids × {time_dim} plus a pooled embedding of {pooled}, \
+                     but text_encoder_2 pools to {:?} (projection_dim)",
+                    second.text_encoder.projection_dim()
+                );
+                let width = c.text_encoder.hidden_size() + second.text_encoder.hidden_size();
+                let cross = match &c.unet.config().cross_attention_dim {
+                    PerBlock::One(d) => vec![*d],
+                    PerBlock::Each(d) => d.clone(),
+                };
+                ensure!(
+                    cross.iter().all(|&d| d == width),
+                    "the UNet attends to {cross:?} features (cross_attention_dim) but the two text encoders give {width}"
+                );
+                Family::Sdxl
+            }
+            None => {
+                ensure!(
+                    c.unet.config().addition_embed_type.is_none(),
+                    "the UNet has added conditioning (addition_embed_type) but the folder has no text_encoder_2/"
+                );
+                Family::single_encoder(c.text_encoder.hidden_size(), c.scheduler_config.prediction_type.as_deref())
+            }
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tokenizer: c.tokenizer,
+            text_encoder: c.text_encoder,
+            text_encoder_2: c.text_encoder_2,
+            unet: c.unet,
+            vae: c.vae,
+            scheduler_config: c.scheduler_config,
             device,
             kind,
+            force_zeros_for_empty_prompt: c.force_zeros_for_empty_prompt,
+            family,
             prompt_cache: Mutex::new(Vec::new()),
         })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     /// Pixels per latent element along each side.
@@ -132,23 +334,39 @@ impl StableDiffusion {
         self.vae.config().scale_factor()
     }
 
-    /// The text encoder's last hidden state for one prompt, [1, 77, D].
+    /// The size the model was trained at, (width, height) in pixels: the UNet's
+    /// sample_size × the VAE's scale factor (512 for SD 1.x, 1024 for SDXL).
+    pub fn native_size(&self) -> (i64, i64) {
+        let (h, w) = self.unet.config().sample_size().unwrap_or((64, 64));
+        let f = self.vae_scale_factor();
+        (w * f, h * f)
+    }
+
+    /// The text encoder's output for one prompt, [1, 77, D]: the UNet's encoder hidden
+    /// states (SD 1.x/2.x: the last hidden state; SDXL: both encoders' penultimate hidden
+    /// states, concatenated).
     pub fn encode_prompt(&self, prompt: &str) -> Tensor {
         self.encode_prompts(&[prompt])
     }
 
-    /// The same for several prompts, [prompts, 77, D] in order. Prompts encoded recently
-    /// (the same token ids) are taken from a small cache: jobs often repeat a prompt with
-    /// other seeds or settings, and most share the negative prompt. The others go through
-    /// the text encoder in one batch (the negative and positive prompt of classifier-free
-    /// guidance together). Each row depends only on its own prompt, so caching and
-    /// batching give the same values as encoding each prompt alone.
+    /// The same for several prompts, [prompts, 77, D] in order.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Tensor {
+        self.encode_prompts_pooled(prompts).0
+    }
+
+    /// The encoder hidden states of `prompts` [prompts, 77, D] and, for SDXL, their pooled
+    /// embeddings [prompts, P]. Prompts encoded recently (the same token ids) are taken
+    /// from a small cache: jobs often repeat a prompt with other seeds or settings, and
+    /// most share the negative prompt. The others go through the text encoder(s) in one
+    /// batch (the negative and positive prompt of classifier-free guidance together). Each
+    /// row depends only on its own prompt, so caching and batching give the same values as
+    /// encoding each prompt alone.
+    pub fn encode_prompts_pooled(&self, prompts: &[&str]) -> (Tensor, Option<Tensor>) {
         assert!(!prompts.is_empty(), "encode_prompts needs at least one prompt");
-        let ids: Vec<Vec<i64>> = prompts.iter().map(|p| self.tokenizer.encode_padded(p)).collect();
+        let ids: Vec<Vec<i64>> = prompts.iter().map(|p| self.cache_key(p)).collect();
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut rows: Vec<Option<Tensor>> =
-            ids.iter().map(|key| cache.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone())).collect();
+        let mut rows: Vec<Option<Encoded>> =
+            ids.iter().map(|key| cache.iter().find(|(k, _)| k == key).map(|(_, e)| e.shallow_clone())).collect();
         let mut missing: Vec<&Vec<i64>> = Vec::new();
         for (key, row) in ids.iter().zip(&rows) {
             if row.is_none() && !missing.contains(&key) {
@@ -156,17 +374,16 @@ impl StableDiffusion {
             }
         }
         if !missing.is_empty() {
-            let batch: Vec<Tensor> = missing.iter().map(|k| Tensor::from_slice(k)).collect();
-            let encoded =
-                self.text_encoder.forward(&Tensor::stack(&batch, 0).to_device(self.device)).to_kind(self.kind);
+            let encoded = self.run_text_encoders(&missing);
             for (i, key) in missing.iter().enumerate() {
-                let row = encoded.narrow(0, i as i64, 1).contiguous();
+                let row = |t: &Tensor| t.narrow(0, i as i64, 1).contiguous();
+                let entry = Encoded { states: row(&encoded.states), pooled: encoded.pooled.as_ref().map(row) };
                 for (k, slot) in ids.iter().zip(rows.iter_mut()) {
                     if k == *key && slot.is_none() {
-                        *slot = Some(row.shallow_clone());
+                        *slot = Some(entry.shallow_clone());
                     }
                 }
-                cache.push(((*key).clone(), row));
+                cache.push(((*key).clone(), entry));
             }
         }
         // Most recently used last; the least recently used go first.
@@ -179,8 +396,71 @@ impl StableDiffusion {
         let excess = cache.len().saturating_sub(PROMPT_CACHE_SIZE);
         cache.drain(..excess);
         drop(cache);
-        // A fresh tensor, so that callers may modify it without touching the cache.
-        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every prompt encoded")).collect();
-        Tensor::cat(&rows, 0)
+        // Fresh tensors, so that callers may modify them without touching the cache.
+        let rows: Vec<Encoded> = rows.into_iter().map(|r| r.expect("every prompt encoded")).collect();
+        let states = Tensor::cat(&rows.iter().map(|r| &r.states).collect::<Vec<_>>(), 0);
+        let pooled: Option<Vec<&Tensor>> = rows.iter().map(|r| r.pooled.as_ref()).collect();
+        (states, pooled.map(|p| Tensor::cat(&p, 0)))
+    }
+
+    /// What a job's UNet calls attend to: the prompt's conditioning, after the negative
+    /// prompt's when `negative_prompt` is given (classifier-free guidance), with SDXL's
+    /// pooled embeddings and time ids from `size`. SDXL with `force_zeros_for_empty_prompt`
+    /// takes an empty negative prompt as zeros, as diffusers does for an absent one.
+    pub fn text_context(&self, prompt: &str, negative_prompt: Option<&str>, size: &SizeConditioning) -> CrossContext {
+        let prompts: Vec<&str> = negative_prompt.into_iter().chain([prompt]).collect();
+        let (states, pooled) = self.encode_prompts_pooled(&prompts);
+        let Some(pooled) = pooled else { return CrossContext::new(&states) };
+        if negative_prompt == Some("") && self.force_zeros_for_empty_prompt {
+            let _ = states.narrow(0, 0, 1).zero_();
+            let _ = pooled.narrow(0, 0, 1).zero_();
+        }
+        let rows = prompts.len() as i64;
+        let time_ids = Tensor::from_slice(&size.time_ids())
+            .reshape([1, 6])
+            .repeat([rows, 1])
+            .to_device(self.device)
+            .to_kind(self.kind);
+        CrossContext::with_added(&states, AddedCond { text_embeds: pooled, time_ids })
+    }
+
+    /// The prompt cache's key: the token ids of each tokenizer.
+    fn cache_key(&self, prompt: &str) -> Vec<i64> {
+        let mut ids = self.tokenizer.encode_padded(prompt);
+        if let Some(second) = &self.text_encoder_2 {
+            ids.extend(second.tokenizer.encode_padded(prompt));
+        }
+        ids
+    }
+
+    /// Runs the text encoder(s) on a batch of cache keys.
+    fn run_text_encoders(&self, keys: &[&Vec<i64>]) -> Encoded {
+        let len = self.tokenizer.max_length();
+        let batch = |range: std::ops::Range<usize>| {
+            let rows: Vec<Tensor> = keys.iter().map(|k| Tensor::from_slice(&k[range.clone()])).collect();
+            Tensor::stack(&rows, 0).to_device(self.device)
+        };
+        match &self.text_encoder_2 {
+            None => Encoded { states: self.text_encoder.forward(&batch(0..len)).to_kind(self.kind), pooled: None },
+            Some(second) => {
+                let len_2 = second.tokenizer.max_length();
+                let first = self.text_encoder.forward_penultimate(&batch(0..len), false);
+                let other = second.text_encoder.forward_penultimate(&batch(len..len + len_2), true);
+                Encoded {
+                    states: Tensor::cat(&[first.hidden, other.hidden], -1).to_kind(self.kind),
+                    pooled: other.pooled.map(|p| p.to_kind(self.kind)),
+                }
+            }
+        }
+    }
+}
+
+/// The dtype the VAE runs in: SDXL pipelines run a `force_upcast` VAE in float32 when the
+/// model runs in float16; SD 1.x/2.x pipelines keep the model's dtype.
+pub fn vae_kind(sdxl: bool, config: &VaeConfig, kind: Kind) -> Kind {
+    if sdxl && config.force_upcast && kind == Kind::Half {
+        Kind::Float
+    } else {
+        kind
     }
 }

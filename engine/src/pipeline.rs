@@ -10,10 +10,10 @@ use super::explain::edit::{EditState, Manipulation, StepFraction};
 use super::explain::{ExplainParams, ExplainPlan};
 use super::hooks::{ReferenceLatents, StepHook, StepPoint};
 use super::image_io;
-use super::model::StableDiffusion;
+use super::model::{SizeConditioning, StableDiffusion};
 use super::protect::{Protect, ProtectParams, ProtectPlan};
 use super::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use super::unet::{Capture, CrossContext};
+use super::unet::Capture;
 use anyhow::{bail, ensure, Result};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -32,6 +32,8 @@ pub mod defaults {
     pub const SCHEDULER: &str = "ddim";
     /// The paper's manipulation timesteps (snapped to the job's schedule).
     pub const TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
+    /// SDXL's crop conditioning (top, left): an uncropped picture.
+    pub const CROP_TOP_LEFT: (i64, i64) = (0, 0);
 
     /// `--preset paper`: the settings of the paper's code: DDPM for 50 steps, CFG 8,
     /// strength 0.9, a pure-noise start, and Grad-SAM fast on the last cross-attention layer
@@ -96,6 +98,19 @@ pub struct GenerateParams {
     /// A region kept from the reference at every step and bit-exact in the output (needs
     /// `reference`).
     pub protect: Option<ProtectParams>,
+    /// SDXL's size conditioning: the (width, height) the picture notionally had before
+    /// cropping; `None`: the output size (diffusers' default).
+    pub original_size: Option<(i64, i64)>,
+    /// SDXL's crop conditioning, (top, left) in pixels.
+    pub crop_top_left: (i64, i64),
+}
+
+impl GenerateParams {
+    /// SDXL's time ids of this job.
+    pub fn size_conditioning(&self) -> SizeConditioning {
+        let target = (self.width, self.height);
+        SizeConditioning { original: self.original_size.unwrap_or(target), crop_top_left: self.crop_top_left, target }
+    }
 }
 
 impl Clone for GenerateParams {
@@ -128,6 +143,8 @@ impl Default for GenerateParams {
             start: StartMode::Reference,
             explain: None,
             protect: None,
+            original_size: None,
+            crop_top_left: defaults::CROP_TOP_LEFT,
         }
     }
 }
@@ -292,6 +309,14 @@ impl StableDiffusion {
                 p.width
             );
         }
+        if let Some((w, h)) = p.original_size {
+            ensure!(w > 0 && h > 0, "original size must be positive, got {w}x{h}");
+        }
+        ensure!(
+            p.crop_top_left.0 >= 0 && p.crop_top_left.1 >= 0,
+            "crop top-left must not be negative, got {:?}",
+            p.crop_top_left
+        );
         if (p.explain.is_some() || p.protect.is_some()) && p.reference.is_none() {
             bail!("Grad-SAM manipulation and protected regions need a reference image (img2img)");
         }
@@ -322,13 +347,15 @@ impl StableDiffusion {
         let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
 
         let scaling = self.vae.config().scaling_factor;
+        let vae_kind = self.vae.kind();
         let mut reference_latents = None;
         let mut latents = match &p.reference {
             Some(reference) => {
                 scheduler.set_begin_index(start);
                 let dist = self.vae.encode(&to_dev(reference));
                 let sample_noise = noise.vae_sample.as_ref().expect("img2img draws VAE noise");
-                let init = dist.sample_with(&to_dev(sample_noise)) * scaling;
+                let sample_noise = sample_noise.to_device(self.device).to_kind(vae_kind);
+                let init = dist.sample_with(&sample_noise).to_kind(self.kind) * scaling;
                 let latents = match p.start {
                     StartMode::Reference => scheduler.add_noise(&init, &to_dev(&noise.initial), start),
                     StartMode::Noise => pure_noise(&*scheduler, &to_dev(&noise.initial), start),
@@ -358,13 +385,11 @@ impl StableDiffusion {
         };
 
         let guided = p.guidance > 1.0;
-        let context =
-            if guided { self.encode_prompts(&[&p.negative_prompt, &p.prompt]) } else { self.encode_prompt(&p.prompt) };
+        let negative = guided.then_some(p.negative_prompt.as_str());
         // Cross-attention keys/values are computed from it once, in the first step.
-        let context = CrossContext::new(&context);
+        let context = self.text_context(&p.prompt, negative, &p.size_conditioning());
         // Grad-SAM explains the conditional branch alone.
-        let states = context.states();
-        let cond = if guided { states.narrow(0, 1, 1) } else { states.shallow_clone() };
+        let cond = if guided { context.rows(1, 1) } else { context.rows(0, 1) };
 
         let total = timesteps.len();
         for (index, &t) in timesteps.iter().enumerate() {
@@ -419,7 +444,7 @@ impl StableDiffusion {
     /// Scaled latents → [3, H, W] image in [0, 1] on the CPU.
     pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
         let cfg = self.vae.config();
-        let mut z = latents / cfg.scaling_factor;
+        let mut z = latents.to_kind(self.vae.kind()) / cfg.scaling_factor;
         if let Some(shift) = cfg.shift_factor {
             z += shift;
         }

@@ -1,7 +1,7 @@
-//! UNet2DConditionModel (diffusers' unets/unet_2d_condition.py) for SD 1.x/2.x-style
+//! UNet2DConditionModel (diffusers' unets/unet_2d_condition.py) for SD 1.x/2.x and SDXL
 //! configs; the architecture is read from unet/config.json.
 use super::attention::AttnCapture;
-pub use super::attention::CrossContext;
+pub use super::attention::{AddedCond, CrossContext};
 use super::config::{read_config, PerBlock};
 use super::embeddings::{timesteps_embedding, TimestepEmbedding};
 use super::nn::{channels_last, is_channels_last, Activation, Conv2d, GroupNorm};
@@ -74,6 +74,16 @@ pub struct UNetConfig {
     pub time_embedding_act_fn: Option<String>,
     #[serde(default)]
     pub timestep_post_act: Option<String>,
+    /// `None`, or "text_time" (SDXL: the pooled text embedding and the size/crop time ids
+    /// are embedded and added to the time embedding).
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// "text_time": width of each time id's sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// "text_time": input width of `add_embedding` (time ids × their width + pooled width).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
 
     // Refused unless default.
     #[serde(default = "d_positional")]
@@ -88,8 +98,6 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<i64>,
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
     #[serde(default)]
     pub encoder_hid_dim: Option<i64>,
     #[serde(default)]
@@ -190,10 +198,23 @@ impl UNetConfig {
         if self.dual_cross_attention {
             refuse("dual_cross_attention", &true)?;
         }
-        let unset: [(&str, bool, &dyn std::fmt::Debug); 7] = [
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                ensure!(
+                    self.addition_time_embed_dim.is_some_and(|d| d > 0),
+                    "`addition_embed_type` = \"text_time\" needs a positive `addition_time_embed_dim`"
+                );
+                ensure!(
+                    self.projection_class_embeddings_input_dim.is_some_and(|d| d > 0),
+                    "`addition_embed_type` = \"text_time\" needs `projection_class_embeddings_input_dim`"
+                );
+            }
+            Some(other) => refuse("addition_embed_type", &other)?,
+        }
+        let unset: [(&str, bool, &dyn std::fmt::Debug); 6] = [
             ("class_embed_type", self.class_embed_type.is_some(), &self.class_embed_type),
             ("num_class_embeds", self.num_class_embeds.is_some(), &self.num_class_embeds),
-            ("addition_embed_type", self.addition_embed_type.is_some(), &self.addition_embed_type),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some(), &self.encoder_hid_dim),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some(), &self.encoder_hid_dim_type),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some(), &self.time_cond_proj_dim),
@@ -256,12 +277,41 @@ impl UNetConfig {
     pub fn time_embed_dim(&self) -> i64 {
         self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
     }
+
+    /// "text_time" added conditioning: (width of each time id's embedding, width of the
+    /// pooled text embedding it expects for `time_ids` time ids).
+    pub fn text_time_dims(&self, time_ids: i64) -> Option<(i64, i64)> {
+        match (self.addition_embed_type.as_deref(), self.addition_time_embed_dim) {
+            (Some("text_time"), Some(dim)) => {
+                let input = self.projection_class_embeddings_input_dim.unwrap_or(0);
+                Some((dim, input - dim * time_ids))
+            }
+            _ => None,
+        }
+    }
+
+    /// The latent size the model was trained at, (height, width), when the config says.
+    pub fn sample_size(&self) -> Option<(i64, i64)> {
+        match self.sample_size.as_ref()? {
+            PerBlock::One(n) => Some((*n, *n)),
+            PerBlock::Each(v) if v.len() == 2 => Some((v[0], v[1])),
+            PerBlock::Each(_) => None,
+        }
+    }
+}
+
+/// SDXL's added conditioning path: each time id's sinusoidal embedding, concatenated after
+/// the pooled text embedding, through `add_embedding` (linear_1 → SiLU → linear_2).
+struct TextTimeEmbedding {
+    time_dim: i64,
+    embedding: TimestepEmbedding,
 }
 
 pub struct UNet2DConditionModel {
     cfg: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    add_embedding: Option<TextTimeEmbedding>,
     time_embed_act: Option<Activation>,
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
@@ -338,6 +388,14 @@ impl UNet2DConditionModel {
         Ok(Self {
             conv_in: Conv2d::load(&p.pp("conv_in"), cfg.in_channels, ch[0], kin, 1, (kin - 1) / 2)?,
             time_embedding: TimestepEmbedding::new(&p.pp("time_embedding"), ch[0], temb, act, post_act)?,
+            add_embedding: match (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
+                (Some(time_dim), Some(input)) if cfg.addition_embed_type.is_some() => Some(TextTimeEmbedding {
+                    time_dim,
+                    // diffusers builds it with TimestepEmbedding's default activation.
+                    embedding: TimestepEmbedding::new(&p.pp("add_embedding"), input, temb, Activation::Silu, None)?,
+                }),
+                _ => None,
+            },
             time_embed_act: cfg.time_embedding_act_fn.as_deref().map(Activation::from_name).transpose()?,
             down,
             mid,
@@ -367,9 +425,10 @@ impl UNet2DConditionModel {
     }
 
     /// The UNet's one entry point: `sample` [B,C,H,W] at `timesteps` (one for the whole
-    /// batch, or one per row), attending to `context` (the encoder hidden states [B,77,D];
-    /// a context kept across a job's steps reuses its cross-attention keys and values)
-    /// → the noise prediction [B,C',H,W], plus what `capture` asks for.
+    /// batch, or one per row), attending to `context` (the encoder hidden states [B,77,D],
+    /// plus SDXL's added conditioning for a "text_time" UNet; a context kept across a job's
+    /// steps reuses its cross-attention keys and values) → the noise prediction
+    /// [B,C',H,W], plus what `capture` asks for.
     pub fn forward<'t>(
         &self,
         sample: &Tensor,
@@ -411,6 +470,18 @@ impl UNet2DConditionModel {
         let t_emb = timesteps_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
             .to_kind(sample.kind());
         let mut emb = self.time_embedding.forward(&t_emb);
+        if let Some(add) = &self.add_embedding {
+            let added = context.added().expect(
+                "this UNet (addition_embed_type \"text_time\") needs the pooled text embedding and time ids in its CrossContext",
+            );
+            let rows = added.text_embeds.size()[0];
+            let time_embeds =
+                timesteps_embedding(&added.time_ids.flatten(0, -1), add.time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+                    .reshape([rows, -1]);
+            let add_embeds =
+                Tensor::cat(&[added.text_embeds.to_kind(Kind::Float), time_embeds], -1).to_kind(emb.kind());
+            emb += add.embedding.forward(&add_embeds);
+        }
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
         }

@@ -40,6 +40,8 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// Whether the VAE must run in float32 when the rest of the model runs in float16
+    /// (SDXL's VAE overflows in half precision); SDXL pipelines honour it.
     #[serde(default = "yes")]
     pub force_upcast: bool,
 }
@@ -308,6 +310,8 @@ pub struct AutoencoderKl {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
+    /// The dtype of its weights; inputs are converted to it.
+    kind: Kind,
 }
 
 impl AutoencoderKl {
@@ -324,6 +328,7 @@ impl AutoencoderKl {
             quant_conv,
             post_quant_conv,
             decoder: Decoder::new(&p.pp("decoder"), cfg)?,
+            kind: p.kind(),
         })
     }
 
@@ -338,10 +343,15 @@ impl AutoencoderKl {
         &self.cfg
     }
 
+    /// The dtype it runs in (its outputs have it too).
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// Image in [-1, 1], [B, in_channels, H, W] with H, W multiples of `scale_factor()`,
     /// to the latent distribution (after `quant_conv`).
     pub fn encode(&self, x: &Tensor) -> DiagonalGaussian {
-        let h = self.encoder.forward(x);
+        let h = self.encoder.forward(&x.to_kind(self.kind));
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&h),
             None => h,
@@ -352,9 +362,10 @@ impl AutoencoderKl {
     /// Unscaled latents (the pipeline divides by `scaling_factor` first) to an image in
     /// about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Tensor {
+        let z = z.to_kind(self.kind);
         let z = match &self.post_quant_conv {
-            Some(q) => q.forward(z),
-            None => z.shallow_clone(),
+            Some(q) => q.forward(&z),
+            None => z,
         };
         self.decoder.forward(&z)
     }

@@ -8,6 +8,7 @@ use frisket_engine::explain::{self, mask, ExplainMode, MaskParams, SubjectSpec};
 use frisket_engine::model::StableDiffusion;
 use frisket_engine::pipeline;
 use frisket_engine::schedulers::SchedulerKind;
+use frisket_engine::unet::CrossContext;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -53,7 +54,7 @@ fn parse(c: &Value) -> Case {
 fn maps(model: &StableDiffusion, case: &Case, z: &Tensor, mode: ExplainMode) -> (Tensor, f64) {
     let (scheduler, _) = pipeline::schedule(&model.scheduler_config, case.scheduler, false, case.steps, None).unwrap();
     assert_eq!(scheduler.timesteps()[case.step_index], case.timestep, "{}: timestep", case.key);
-    let cond = model.encode_prompt(&case.prompt);
+    let cond = CrossContext::new(&model.encode_prompt(&case.prompt));
     let started = Instant::now();
     let out = explain::attribute(
         model,

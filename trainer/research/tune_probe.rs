@@ -159,7 +159,7 @@ fn main() -> Result<()> {
                 .map(|t| t.position)
                 .context("shape word not in the prompt")?;
             let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
-            let cond = model.encode_prompt(&prompt);
+            let cond = model.text_context(&prompt, None, &p.size_conditioning());
             let mut per_t = Vec::new();
             for target in TIMESTEPS {
                 let (lat, step, t) = kept

@@ -6,7 +6,7 @@
 //! b's slice of ∂y/∂A_l is ∂x̂0[e_b]/∂A_l (the copies do not interact: every UNet op is
 //! per sample), so one backward gives B element gradients. The forward graph is kept and
 //! reused for all ⌈N/B⌉ backward passes.
-use super::super::unet::{Capture, CrossContext, UNetOutput};
+use super::super::unet::{Capture, UNetOutput};
 use super::AttributionPoint;
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
@@ -32,9 +32,8 @@ pub(super) fn importance(
 
     let z = latents.repeat([b, 1, 1, 1]);
     let model_in = scheduler.scale_model_input(&z, step_index);
-    let ctx = cond.repeat([b, 1, 1]);
-    let UNetOutput { sample: out, probs, .. } =
-        model.unet.forward(&model_in, timestep, &CrossContext::new(&ctx), Capture::layers(layers));
+    let ctx = cond.repeat(b);
+    let UNetOutput { sample: out, probs, .. } = model.unet.forward(&model_in, timestep, &ctx, Capture::layers(layers));
     ensure!(probs.len() == layers.len(), "captured {} cross-attention layers, asked for {}", probs.len(), layers.len());
     let x0 = scheduler.pred_original(&out, step_index, &z).reshape([b, n]);
     let attn: Vec<Tensor> = probs.iter().map(|(_, p)| p.shallow_clone()).collect();

@@ -38,7 +38,7 @@
 //! the latent positions under it: `I_s[c,i,j] ≈ Σ_l Σ_h A_l[h,q(i,j),s]·|g_l[h,q(i,j),s]|`
 //! for every channel c. Measured against the definition it is much weaker than the final
 //! layer's exact term (engine/tests/parity_explain.rs prints both against the definition).
-use super::super::unet::{Capture, CrossContext, UNet2DConditionModel, UNetOutput};
+use super::super::unet::{Capture, UNet2DConditionModel, UNetOutput};
 use super::AttributionPoint;
 use super::{layer_grid, output_coefficient};
 use anyhow::{ensure, Context, Result};
@@ -46,6 +46,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Whether the last cross-attention layer feeds the output head through per-token
 /// operations only (the final up block is a cross-attention block, as in SD 1.x/2.x).
+/// SDXL's final up block has no attention (convolutions and an upsampler lie between its
+/// last attn2 and the head), so there every layer, the last included, is the estimate.
 pub fn final_layer_factorises(unet: &UNet2DConditionModel) -> bool {
     unet.config().up_block_types.last().is_some_and(|t| t == "CrossAttnUpBlock2D")
 }
@@ -62,8 +64,7 @@ pub(super) fn importance(at: &AttributionPoint, layers: &[usize], subjects: &[us
 
     let model_in = scheduler.scale_model_input(latents, step_index);
     let capture = Capture { layers, head_input: true };
-    let UNetOutput { sample: out, probs, head_input } =
-        unet.forward(&model_in, timestep, &CrossContext::new(cond), capture);
+    let UNetOutput { sample: out, probs, head_input } = unet.forward(&model_in, timestep, cond, capture);
     let features = head_input.context("the UNet returns its head input when asked")?;
     ensure!(probs.len() == layers.len(), "captured {} cross-attention layers, asked for {}", probs.len(), layers.len());
     let mut maps = Tensor::zeros([s, c, h, w], (Kind::Float, device));

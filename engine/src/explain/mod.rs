@@ -31,6 +31,7 @@ pub use mask::MaskParams;
 use super::model::StableDiffusion;
 use super::schedulers::Scheduler;
 use super::tokenizer::{ClipTokenizer, TokenInfo};
+use super::unet::CrossContext;
 use anyhow::{bail, ensure, Result};
 use std::str::FromStr;
 use tch::{Kind, Tensor};
@@ -518,8 +519,9 @@ pub fn snap_timesteps(requested: &[f64], run: &[f64]) -> Result<Vec<PlannedStep>
 
 /// The importance maps I_s of `latents` ([1, C, h, w], the latent entering step
 /// `step_index` at `timestep`) for the token positions `subjects`, summed over `layers`:
-/// [S, C, h, w] float32 on the model's device. `cond` is the conditional text embedding
-/// [1, keys, D] (77 keys for SD).
+/// [S, C, h, w] float32 on the model's device. `cond` is the conditioning of the prompt
+/// alone: the text embedding [1, keys, D] (77 keys for SD) and, for SDXL, its added
+/// conditioning (`StableDiffusion::text_context` without a negative prompt).
 #[allow(clippy::too_many_arguments)]
 pub fn attribute(
     model: &StableDiffusion,
@@ -527,7 +529,7 @@ pub fn attribute(
     latents: &Tensor,
     step_index: usize,
     timestep: f64,
-    cond: &Tensor,
+    cond: &CrossContext,
     layers: &[usize],
     subjects: &[usize],
     mode: ExplainMode,
@@ -535,19 +537,19 @@ pub fn attribute(
 ) -> Result<Tensor> {
     let size = latents.size();
     ensure!(size.len() == 4 && size[0] == 1, "expected one latent [1, C, h, w], got {size:?}");
-    ensure!(cond.size().first() == Some(&1), "expected one conditional embedding [1, keys, D]");
+    ensure!(cond.states().size().first() == Some(&1), "expected one conditional embedding [1, keys, D]");
     ensure!(!subjects.is_empty(), "no subject to explain");
     ensure!(!layers.is_empty(), "no cross-attention layer to explain");
     let n = model.unet.cross_attention_layer_count();
     ensure!(layers.iter().all(|&l| l < n), "cross-attention layers {layers:?} out of range (the model has {n})");
-    let keys = cond.size()[1] as usize; // the tokenizer's model_max_length (77 for SD)
+    let keys = cond.states().size()[1] as usize; // the tokenizer's model_max_length (77 for SD)
     ensure!(
         subjects.iter().all(|&s| s < keys),
         "subject token positions {subjects:?} out of range (0 to {})",
         keys - 1
     );
     let latents = latents.detach().to_kind(model.kind);
-    let cond = cond.detach().to_kind(model.kind);
+    let cond = cond.detached(model.kind);
     let at = AttributionPoint { model, scheduler, latents: &latents, step_index, timestep, cond: &cond };
     let maps = tch::with_grad(|| match mode {
         ExplainMode::Exact => exact::importance(&at, layers, subjects, exact_batch),
@@ -565,7 +567,7 @@ pub(super) struct AttributionPoint<'a> {
     pub latents: &'a Tensor,
     pub step_index: usize,
     pub timestep: f64,
-    pub cond: &'a Tensor,
+    pub cond: &'a CrossContext,
 }
 
 /// The factor b of x̂0 = a·z + b·(model output) at `step_index` (all schedulers' x̂0 is

@@ -107,6 +107,7 @@ impl JobSpec {
             start: self.start,
             explain: self.explain.clone(),
             protect: self.protect.as_ref().map(|p| ProtectParams { mask: mask_tensor(&p.mask), feather: p.feather }),
+            ..GenerateParams::default()
         }
     }
 }

@@ -78,7 +78,7 @@ fn heatmap_masks(
     mode: ExplainMode,
 ) -> Result<(Mask, Mask)> {
     let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
-    let cond = model.encode_prompt(&p.prompt);
+    let cond = model.text_context(&p.prompt, None, &p.size_conditioning());
     let last = model.unet.cross_attention_layer_count() - 1;
     let maps =
         explain::attribute(model, &*scheduler, latents_in, step, timestep, &cond, &[last], &[subject], mode, None)?;
@@ -147,7 +147,7 @@ fn pixel_mask(
     mode: ExplainMode,
 ) -> Result<Mask> {
     let (scheduler, _) = pipeline::schedule(&model.scheduler_config, p.scheduler, p.karras, p.steps, None)?;
-    let cond = model.encode_prompt(&p.prompt);
+    let cond = model.text_context(&p.prompt, None, &p.size_conditioning());
     let (lat, step, t) = late;
     let maps = explain::attribute(model, &*scheduler, lat, *step, *t, &cond, layers, &[subject], mode, None)?;
     let m = mask::pixel_masks(&maps, p.width, p.height, mask::SUBJECT_MASK_TAU).get(0).to_kind(Kind::Float);
