@@ -1,15 +1,19 @@
-//! A Stable Diffusion model folder (diffusers layout) loaded onto one device.
-use super::clip::ClipTextModel;
+//! A Stable Diffusion model, from a diffusers folder or a single-file checkpoint, loaded
+//! onto one device.
+use super::checkpoint::{self, Component, Converted, Family, LoadOptions};
+use super::clip::{ClipTextConfig, ClipTextModel};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
-use super::unet::UNet2DConditionModel;
-use super::vae::AutoencoderKl;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKl, VaeConfig};
+use super::weights::Weights;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 pub struct StableDiffusion {
+    /// The model folder or checkpoint file it was loaded from.
     pub dir: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -44,6 +48,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         }
     }
     Ok(device)
+}
+
+fn vae_from(c: Component) -> Result<AutoencoderKl> {
+    let device_kind = c.tensors.values().next().map(|t| (t.device(), t.kind()));
+    let (device, kind) = device_kind.context("the VAE has no tensors")?;
+    let cfg = VaeConfig::from_value(c.config)?;
+    AutoencoderKl::new(&Weights::from_map(c.tensors, device, kind).root(), &cfg).context("building the VAE")
 }
 
 pub fn default_kind(device: Device) -> Kind {
@@ -89,17 +100,29 @@ pub fn tune_cpu_allocator() {
 }
 
 impl StableDiffusion {
-    pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        Self::load_with_kind(dir, device, default_kind(device))
+    /// Loads a diffusers model folder or a single-file `.safetensors` checkpoint.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        Self::load_with_kind(path, device, default_kind(device))
     }
 
-    pub fn load_with_kind(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("model folder {} does not exist", dir.display());
-        }
+    pub fn load_with_kind(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with(path, &LoadOptions::default(), device, kind)
+    }
+
+    /// A folder or a single file, with `opts` (prediction type of a single file; a VAE file
+    /// that replaces the model's own VAE).
+    pub fn load_with(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Self> {
         if device == Device::Cpu {
             tune_cpu_allocator();
         }
+        if path.is_file() {
+            return Self::load_file(path, opts, device, kind)
+                .with_context(|| format!("loading the checkpoint {}", path.display()));
+        }
+        if !path.is_dir() {
+            bail!("model {} does not exist (expected a diffusers folder or a .safetensors file)", path.display());
+        }
+        let dir = path;
         let component = |name: &str| -> Result<PathBuf> {
             let sub = dir.join(name);
             if !sub.join("config.json").is_file() && name != "tokenizer" && name != "scheduler" {
@@ -111,11 +134,53 @@ impl StableDiffusion {
         let text_encoder =
             ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
         let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
-        let vae = AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?;
+        let vae = match opts.vae {
+            None => AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?,
+            Some(file) => {
+                let own = VaeConfig::from_dir(&component("vae")?)?;
+                let c = checkpoint::load_vae(file, own.scaling_factor, own.sample_size, device, kind)?;
+                vae_from(c)?
+            }
+        };
         let scheduler_config =
             SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
+        Ok(Self::assemble(dir, tokenizer, text_encoder, unet, vae, scheduler_config, device, kind))
+    }
+
+    /// An SD 1.x or 2.x single-file checkpoint; tokenizer and scheduler from the family's
+    /// defaults.
+    fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Self> {
+        let converted = checkpoint::convert(path, opts, device, kind)?;
+        let family = converted.family;
+        if family == Family::Sdxl {
+            bail!("SDXL checkpoints are recognised but this engine cannot run SDXL models yet");
+        }
+        let Converted { unet, vae, mut text_encoders, scheduler, pad_tokens, .. } = converted;
+        let text = text_encoders.pop().context("no text encoder")?;
+        let tokenizer = ClipTokenizer::standard(pad_tokens[0])?;
+        let text_cfg = ClipTextConfig::from_value(text.config)?;
+        let text_encoder = ClipTextModel::new(&Weights::from_map(text.tensors, device, kind).root(), &text_cfg)
+            .context("building the text encoder")?;
+        let unet_cfg = UNetConfig::from_value(unet.config)?;
+        let unet = UNet2DConditionModel::new(&Weights::from_map(unet.tensors, device, kind).root(), &unet_cfg)
+            .context("building the UNet")?;
+        let vae = vae_from(vae)?;
+        Ok(Self::assemble(path, tokenizer, text_encoder, unet, vae, scheduler, device, kind))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        path: &Path,
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKl,
+        scheduler_config: SchedulerConfig,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
+        Self {
+            dir: path.to_path_buf(),
             tokenizer,
             text_encoder,
             unet,
@@ -124,7 +189,7 @@ impl StableDiffusion {
             device,
             kind,
             prompt_cache: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// Pixels per latent element along each side.
