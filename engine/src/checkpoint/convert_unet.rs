@@ -41,7 +41,7 @@ fn layout(h: &Header) -> Result<Layout> {
     let downsamples = (1..inputs).filter(|i| h.contains(&format!("{UNET}input_blocks.{i}.0.op.weight"))).count();
     let blocks = downsamples + 1;
     ensure!(
-        inputs > 1 && (inputs - 1 - downsamples) % blocks == 0,
+        inputs > 1 && (inputs - 1 - downsamples).is_multiple_of(blocks),
         "{file}: {inputs} UNet input blocks with {downsamples} downsamplers do not form equal down blocks"
     );
     let layers = (inputs - 1 - downsamples) / blocks;
