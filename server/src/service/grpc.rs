@@ -169,17 +169,31 @@ impl Frisket for FrisketService {
         let models = blocking(move || Ok(catalog.list())).await?;
         let models = models
             .into_iter()
-            .map(|m| ModelInfo {
-                name: m.name,
-                architecture: m.architecture,
-                native_width: m.native_width,
-                native_height: m.native_height,
-                size_multiple: m.size_multiple,
-                prediction_type: m.prediction_type,
-                schedulers: SCHEDULERS.iter().map(|s| s.to_string()).collect(),
-                img2img: true,
-                explain: true,
-                protected_regions: true,
+            .map(|listed| match listed.meta {
+                Ok(m) => ModelInfo {
+                    name: m.name,
+                    architecture: m.architecture,
+                    native_width: m.native_width,
+                    native_height: m.native_height,
+                    size_multiple: m.size_multiple,
+                    prediction_type: m.prediction_type,
+                    schedulers: if m.runnable {
+                        SCHEDULERS.iter().map(|s| s.to_string()).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    img2img: m.runnable,
+                    explain: m.runnable,
+                    protected_regions: m.runnable,
+                    error: String::new(),
+                    format: m.format.name().to_string(),
+                },
+                Err(error) => ModelInfo {
+                    name: listed.name,
+                    error,
+                    format: listed.format.name().to_string(),
+                    ..Default::default()
+                },
             })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))

@@ -7,7 +7,7 @@ use frisket_engine::explain::{self, ExplainMode, ExplainParams, LayerChoice, Mas
 use frisket_engine::image_io;
 use frisket_engine::pipeline::{self, defaults, GenerateParams, StartMode};
 use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
-use frisket_engine::schedulers::{SchedulerConfig, SchedulerKind};
+use frisket_engine::schedulers::SchedulerKind;
 use frisket_engine::tch;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::{GrayImage, RgbImage};
@@ -163,6 +163,12 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     }
 
     let meta = catalog.meta(&req.model)?;
+    if !meta.runnable {
+        return Err(Status::failed_precondition(format!(
+            "model {:?} is an {} checkpoint, which this server lists but cannot run yet",
+            meta.name, meta.architecture
+        )));
+    }
     let scheduler_name = if req.scheduler.is_empty() { defaults::SCHEDULER } else { req.scheduler.as_str() };
     let (scheduler, karras) =
         SchedulerKind::parse_with_karras(scheduler_name).map_err(|e| invalid(format!("{e:#}")))?;
@@ -452,7 +458,8 @@ fn explain_params(
         .collect();
     let tokenizer = catalog.tokenizer(&meta.name)?;
     explain::resolve_subjects(&tokenizer, prompt, &subjects).map_err(|e| invalid(format!("{e:#} (see Tokenize)")))?;
-    let config = SchedulerConfig::load(&meta.dir.join("scheduler/scheduler_config.json"))
+    let config = meta
+        .scheduler_config()
         .map_err(|e| Status::failed_precondition(format!("model {:?} is unusable: {e:#}", meta.name)))?;
     let (schedule, first) =
         pipeline::schedule(&config, scheduler, karras, steps, Some(strength)).map_err(|e| invalid(format!("{e:#}")))?;
