@@ -249,3 +249,39 @@ fn vae_override_is_used() {
     let converted = checkpoint::convert(&path, &opts, Device::Cpu, Kind::Float).unwrap();
     check_tensors("sd2 with sd1's vae", &converted.vae.tensors, "sd1_vae");
 }
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kb.unwrap_or(0) * 1024
+}
+
+/// A full-size SD 1.5 checkpoint (bench/single_file_checkpoint.py) loads as fp32 on the CPU
+/// without holding the file and the converted tensors at once: the peak stays below the
+/// converted tensors plus half the file (libtorch's own footprint included).
+#[test]
+#[ignore = "needs FRISKET_FULL_CHECKPOINT: a ~2 GB file from bench/single_file_checkpoint.py"]
+fn full_size_checkpoint_loads_within_its_converted_size() {
+    let path = PathBuf::from(std::env::var("FRISKET_FULL_CHECKPOINT").expect("FRISKET_FULL_CHECKPOINT"));
+    let file_size = std::fs::metadata(&path).unwrap().len();
+    let before = peak_rss();
+    let start = std::time::Instant::now();
+    let model = StableDiffusion::load(&path, Device::Cpu).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let peak = peak_rss();
+    // fp16 in the file, fp32 in memory.
+    let converted = file_size * 2;
+    let gb = |b: u64| b as f64 / 1e9;
+    println!(
+        "{}: {:.2} GB file loaded in {seconds:.1} s; peak RSS {:.2} GB (before {:.2} GB), converted tensors {:.2} GB",
+        path.display(),
+        gb(file_size),
+        gb(peak),
+        gb(before),
+        gb(converted)
+    );
+    assert_eq!(model.unet.config().block_out_channels, [320, 640, 1280, 1280]);
+    assert!(peak < converted + file_size / 2, "peak RSS {:.2} GB", gb(peak));
+}

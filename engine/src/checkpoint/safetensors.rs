@@ -3,6 +3,7 @@
 //! The header is validated before any tensor is touched: its length against the file
 //! size, every tensor's byte range against the data section, and its dtype and shape
 //! against that range.
+use crate::nn::channels_last;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
@@ -174,7 +175,7 @@ impl MappedFile {
     }
 
     /// The tensor `name` as stored, copied out of the map; floating tensors are converted to
-    /// `kind` on `device` right away. The pages read are dropped from this process afterwards.
+    /// `kind` on `device` right away (4-d ones on the CPU laid out channels-last). The pages read are dropped from this process afterwards.
     pub fn tensor(&self, name: &str, device: Device, kind: Kind) -> Result<Tensor> {
         let e = self.header.get(name).with_context(|| format!("{}: no tensor `{name}`", self.header.path.display()))?;
         let (stored, _) = dtype_kind(&e.dtype).expect("dtype checked when parsing the header");
@@ -182,6 +183,9 @@ impl MappedFile {
         let t = Tensor::f_from_data_size(&self.map[start..end], &e.shape, stored)
             .with_context(|| format!("{}: creating tensor `{name}`", self.header.path.display()))?;
         let t = if e.is_float() { t.to_device(device).to_kind(kind) } else { t.to_device(device) };
+        // Convolution weights in the layout `nn::Conv2d` keeps them in on the CPU, so that
+        // building the model makes no second copy of them.
+        let t = if t.dim() == 4 && device == Device::Cpu && kind == Kind::Float { channels_last(&t) } else { t };
         self.release(start, end);
         Ok(t)
     }
