@@ -285,3 +285,16 @@ fn full_size_checkpoint_loads_within_its_converted_size() {
     assert_eq!(model.unet.config().block_out_channels, [320, 640, 1280, 1280]);
     assert!(peak < converted + file_size / 2, "peak RSS {:.2} GB", gb(peak));
 }
+
+/// Files load in the engine's kind whatever they store: the bf16 SDXL file read as fp16
+/// equals diffusers' conversion cast to fp16.
+#[test]
+fn tensors_take_the_engine_kind() {
+    let converted =
+        checkpoint::convert(&single("sdxl.safetensors"), &LoadOptions::default(), Device::Cpu, Kind::Half).unwrap();
+    let theirs = common::read_ref("single_file/sdxl_unet.safetensors");
+    for (name, t) in &converted.unet.tensors {
+        assert_eq!(t.kind(), Kind::Half, "{name}");
+        assert!(t.equal(&theirs[name].to_kind(Kind::Half)), "{name}");
+    }
+}

@@ -3,7 +3,7 @@
 //! prefix), and OpenCLIP as SD 2.x and SDXL store it (`resblocks`, fused `in_proj`).
 use super::plan::{Op, Plan};
 use super::safetensors::Header;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 const HEAD_DIM: i64 = 64;
 
 fn shape<'a>(h: &'a Header, name: &str) -> Result<&'a [i64]> {
-    h.shape(name).with_context(|| format!("{}: no text-encoder tensor `{name}`", h.path.display()))
+    h.weight_shape(name, "text-encoder")
 }
 
 fn count(h: &Header, prefix: &str) -> usize {

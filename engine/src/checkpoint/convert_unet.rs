@@ -23,7 +23,7 @@ struct Layout {
 }
 
 fn shape<'a>(h: &'a Header, leaf: &str) -> Result<&'a [i64]> {
-    h.shape(&format!("{UNET}{leaf}")).with_context(|| format!("{}: no UNet tensor `{UNET}{leaf}`", h.path.display()))
+    h.weight_shape(&format!("{UNET}{leaf}"), "UNet")
 }
 
 /// How many `prefix<N>.` indices exist under `prefix`.
@@ -154,6 +154,7 @@ fn rename(key: &str, layers: usize) -> Option<String> {
     let sub = parts.next()?;
     let leaf = parts.next()?;
     let (block, layer) = match side {
+        "down" if i == 0 => return None,
         "down" => ((i - 1) / (layers + 1), (i - 1) % (layers + 1)),
         _ => (i / (layers + 1), i % (layers + 1)),
     };

@@ -4,7 +4,7 @@
 //! becoming linear layers.
 use super::plan::{Op, Plan};
 use super::safetensors::Header;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
@@ -28,7 +28,7 @@ pub fn locate(h: &Header) -> Option<VaeLayout> {
 }
 
 fn shape<'a>(h: &'a Header, name: &str) -> Result<&'a [i64]> {
-    h.shape(name).with_context(|| format!("{}: no VAE tensor `{name}`", h.path.display()))
+    h.weight_shape(name, "VAE")
 }
 
 fn indices(h: &Header, prefix: &str) -> BTreeSet<usize> {

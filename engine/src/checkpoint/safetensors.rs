@@ -99,7 +99,10 @@ impl Header {
             let entry = parse_entry(&v).with_context(|| format!("{name}: tensor `{key}` has a malformed entry"))?;
             let (_, width) = dtype_kind(&entry.dtype)
                 .with_context(|| format!("{name}: tensor `{key}` has unsupported dtype {}", entry.dtype))?;
-            let numel: i64 = entry.shape.iter().product();
+            let bytes =
+                entry.shape.iter().try_fold(width as u64, |n, &d| n.checked_mul(d as u64)).with_context(|| {
+                    format!("{name}: tensor `{key}` has an impossibly large shape {:?}", entry.shape)
+                })?;
             ensure!(
                 entry.start <= entry.end && entry.end <= data_len,
                 "{name}: tensor `{key}` lies at bytes {}..{} but the data section has {data_len} bytes (truncated file?)",
@@ -107,11 +110,10 @@ impl Header {
                 entry.end
             );
             ensure!(
-                entry.end - entry.start == numel as usize * width,
-                "{name}: tensor `{key}` ({} {:?}) needs {} bytes but its range has {}",
+                (entry.end - entry.start) as u64 == bytes,
+                "{name}: tensor `{key}` ({} {:?}) needs {bytes} bytes but its range has {}",
                 entry.dtype,
                 entry.shape,
-                numel as usize * width,
                 entry.end - entry.start
             );
             tensors.insert(key, entry);
@@ -126,6 +128,13 @@ impl Header {
     /// The shape of `name`, if the file has it.
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
         self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The shape of the weight `name` (at least 2-d), or an error naming it as a `what` tensor.
+    pub fn weight_shape(&self, name: &str, what: &str) -> Result<&[i64]> {
+        let shape = self.shape(name).with_context(|| format!("{}: no {what} tensor `{name}`", self.path.display()))?;
+        ensure!(shape.len() >= 2, "{}: {what} tensor `{name}` has shape {shape:?}, not a weight", self.path.display());
+        Ok(shape)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -205,5 +214,43 @@ impl MappedFile {
                 let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Header;
+    use std::path::Path;
+
+    fn parse(header: &str, data: usize) -> anyhow::Result<Header> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        Header::parse(Path::new("t.safetensors"), &mut bytes.as_slice(), bytes.len() as u64)
+    }
+
+    fn error(header: &str, data: usize) -> String {
+        format!("{:#}", parse(header, data).expect_err("a bad header was accepted"))
+    }
+
+    #[test]
+    fn headers_are_checked_against_the_data() {
+        let ok = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}"#;
+        let h = parse(ok, 12).unwrap();
+        assert_eq!(h.shape("a"), Some(&[2i64, 3][..]));
+        assert_eq!(h.metadata["format"], "pt");
+        assert!(error(ok, 11).contains("data section has 11 bytes"));
+        let wrong_size = r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,12]}}"#;
+        assert!(error(wrong_size, 12).contains("needs 24 bytes but its range has 12"));
+        let dtype = r#"{"a":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}}"#;
+        assert!(error(dtype, 1).contains("unsupported dtype F8_E4M3"));
+        let reversed = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,0]}}"#;
+        assert!(error(reversed, 1).contains("lies at bytes 1..0"));
+        let negative = r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#;
+        assert!(error(negative, 1).contains("malformed"));
+        let huge = r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,1]}}"#;
+        assert!(error(huge, 1).contains("impossibly large"));
+        assert!(error("not json", 0).contains("not JSON"));
+        assert!(error("[1]", 0).contains("not a JSON object"));
     }
 }
