@@ -298,3 +298,36 @@ fn tensors_take_the_engine_kind() {
         assert!(t.equal(&theirs[name].to_kind(Kind::Half)), "{name}");
     }
 }
+
+/// As in diffusers, an SD 2.x file saved at global step 875000 is the ε base model (512 px).
+#[test]
+fn sd2_base_is_told_by_its_global_step() {
+    let dir = scratch("step");
+    let conv = Tensor::zeros([32, 4, 3, 3], (Kind::Float, Device::Cpu));
+    let emb = Tensor::zeros([10, 8], (Kind::Float, Device::Cpu));
+    for (step, prediction, native) in
+        [(875_000i64, PredictionType::Epsilon, 512), (1i64, PredictionType::VPrediction, 768)]
+    {
+        let path = dir.join(format!("step{step}.safetensors"));
+        let tensors = [
+            ("model.diffusion_model.input_blocks.0.0.weight".to_string(), conv.shallow_clone()),
+            ("cond_stage_model.model.token_embedding.weight".to_string(), emb.shallow_clone()),
+            ("global_step".to_string(), Tensor::from(step)),
+        ];
+        Tensor::write_safetensors(&tensors, &path).unwrap();
+        let info = checkpoint::inspect(&path, None).unwrap();
+        assert_eq!((info.family, info.prediction, info.native_size), (Family::Sd2, prediction, native), "{step}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `vae` also replaces a diffusers folder's VAE (its config then comes from the file).
+#[test]
+fn vae_override_on_a_folder() {
+    let vae = single("sd1.safetensors");
+    let opts = LoadOptions { vae: Some(&vae), ..Default::default() };
+    let model = StableDiffusion::load_with(&common::model_dir("sd1"), &opts, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(model.vae.config().block_out_channels, [32, 32, 64, 64]);
+    let own = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
+    assert_eq!(own.vae.config().block_out_channels, [16, 32, 32]);
+}

@@ -42,6 +42,19 @@ impl Family {
         }
     }
 
+    /// The prediction type of a file of this family: `requested` if given; otherwise
+    /// diffusers' heuristic, under which an SD 2.x file saved at `global_step` 875000 is the
+    /// ε base model and any other is v-prediction.
+    pub fn prediction(self, h: &Header, requested: Option<PredictionType>) -> Result<PredictionType> {
+        if let Some(p) = requested {
+            return Ok(p);
+        }
+        if self == Self::Sd2 && h.read_int("global_step")? == Some(875_000) {
+            return Ok(PredictionType::Epsilon);
+        }
+        Ok(self.default_prediction())
+    }
+
     /// Native image side in pixels; SD 2.x's ε models are the 512 px base models.
     pub fn native_size(self, prediction: Option<PredictionType>) -> i64 {
         match (self, prediction.unwrap_or(self.default_prediction())) {
@@ -170,6 +183,7 @@ pub fn inspect(path: &Path, prediction: Option<PredictionType>) -> Result<Info> 
     check_extension(path)?;
     let h = Header::read(path)?;
     let family = detect::detect(&h)?;
+    let prediction = family.prediction(&h, prediction)?;
     let layout = convert_vae::locate(&h);
     let scale = match &layout {
         Some(l) => {
@@ -180,8 +194,8 @@ pub fn inspect(path: &Path, prediction: Option<PredictionType>) -> Result<Info> 
     };
     Ok(Info {
         family,
-        prediction: prediction.unwrap_or(family.default_prediction()),
-        native_size: family.native_size(prediction),
+        prediction,
+        native_size: family.native_size(Some(prediction)),
         vae_scale_factor: scale,
         has_vae: layout.is_some(),
     })
@@ -193,7 +207,7 @@ pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> R
     let file = MappedFile::open(path)?;
     let h = &file.header;
     let family = detect::detect(h)?;
-    let prediction = opts.prediction.unwrap_or(family.default_prediction());
+    let prediction = family.prediction(h, opts.prediction)?;
     let native = family.native_size(Some(prediction));
 
     let unet_plan = convert_unet::plan(h)?;

@@ -130,6 +130,24 @@ impl Header {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
+    /// The value of a one-element integer tensor (e.g. `global_step`), read from the file.
+    pub fn read_int(&self, name: &str) -> Result<Option<i64>> {
+        let Some(e) = self.get(name) else { return Ok(None) };
+        let width = match e.dtype.as_str() {
+            "I64" => 8,
+            "I32" => 4,
+            _ => return Ok(None),
+        };
+        if e.end - e.start != width {
+            return Ok(None);
+        }
+        let mut file = File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
+        let mut bytes = [0u8; 8];
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start((self.data_offset + e.start) as u64))?;
+        file.read_exact(&mut bytes[..width]).with_context(|| format!("reading `{name}` of {}", self.path.display()))?;
+        Ok(Some(if width == 8 { i64::from_le_bytes(bytes) } else { i32::from_le_bytes(bytes[..4].try_into()?) as i64 }))
+    }
+
     /// The shape of the weight `name` (at least 2-d), or an error naming it as a `what` tensor.
     pub fn weight_shape(&self, name: &str, what: &str) -> Result<&[i64]> {
         let shape = self.shape(name).with_context(|| format!("{}: no {what} tensor `{name}`", self.path.display()))?;

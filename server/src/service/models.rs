@@ -224,6 +224,9 @@ fn read_meta(name: &str, path: &Path, format: ModelFormat) -> Result<ModelMeta> 
         ModelFormat::Diffusers => read_folder_meta(name, path),
         ModelFormat::SingleFile => {
             let info = checkpoint::inspect(path, None)?;
+            if !info.has_vae {
+                bail!("{} has no VAE (no first_stage_model.* tensors)", path.display());
+            }
             let prediction = match info.prediction {
                 PredictionType::Epsilon => "epsilon",
                 PredictionType::VPrediction => "v_prediction",
