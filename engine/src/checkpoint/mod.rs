@@ -10,6 +10,7 @@ pub mod plan;
 pub mod safetensors;
 
 use crate::schedulers::{PredictionType, SchedulerConfig};
+use crate::vae::VaeConfig;
 use anyhow::{bail, Context, Result};
 use safetensors::{Header, MappedFile};
 use serde_json::{json, Value};
@@ -186,10 +187,7 @@ pub fn inspect(path: &Path, prediction: Option<PredictionType>) -> Result<Info> 
     let prediction = family.prediction(&h, prediction)?;
     let layout = convert_vae::locate(&h);
     let scale = match &layout {
-        Some(l) => {
-            let cfg = convert_vae::config(&h, l, family.vae_scaling_factor(), 0)?;
-            1 << (cfg["block_out_channels"].as_array().map_or(1, Vec::len).max(1) - 1)
-        }
+        Some(l) => VaeConfig::from_value(convert_vae::config(&h, l, family.vae_scaling_factor(), 0)?)?.scale_factor(),
         None => 8,
     };
     Ok(Info {
@@ -211,8 +209,7 @@ pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> R
     let native = family.native_size(Some(prediction));
 
     let unet_plan = convert_unet::plan(h)?;
-    let mut unet_config = convert_unet::config(h, family)?;
-    unet_config["sample_size"] = json!(native / 8);
+    let unet_config = convert_unet::config(h, family)?;
     let text_plans = match family {
         Family::Sd1 => vec![convert_clip::clip(h, detect::CLIP_SD1)?],
         Family::Sd2 => vec![convert_clip::open_clip(h, detect::OPEN_CLIP_SD2, true)?],
@@ -224,6 +221,10 @@ pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> R
         Some(vae_path) => load_vae(vae_path, family.vae_scaling_factor(), native, device, kind)?,
         None => read_vae(&file, family, native, device, kind)?,
     };
+    // The UNet's native latent size follows the prediction type (SD 2.x base: 512 px).
+    let mut unet_config = unet_config;
+    let scale = VaeConfig::from_value(vae.config.clone())?.scale_factor();
+    unet_config["sample_size"] = json!(native / scale);
     let unet = Component { config: unet_config, tensors: unet_plan.load(&file, device, kind)? };
     let text_encoders = text_plans
         .into_iter()
