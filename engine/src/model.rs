@@ -50,6 +50,61 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// The components of a model, before they become a `StableDiffusion`.
+struct Parts {
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKl,
+    scheduler_config: SchedulerConfig,
+}
+
+/// A diffusers folder; `opts.vae` replaces its VAE.
+fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Parts> {
+    let component = |name: &str| -> Result<PathBuf> {
+        let sub = dir.join(name);
+        if !sub.join("config.json").is_file() && name != "tokenizer" && name != "scheduler" {
+            bail!("{} is not a diffusers model folder: {name}/config.json is missing", dir.display());
+        }
+        Ok(sub)
+    };
+    let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
+    let text_encoder =
+        ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+    let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
+    let vae = match opts.vae {
+        None => AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?,
+        Some(file) => {
+            let own = VaeConfig::from_dir(&component("vae")?)?;
+            let c = checkpoint::load_vae(file, own.scaling_factor, own.sample_size, device, kind)?;
+            vae_from(c)?
+        }
+    };
+    let scheduler_config =
+        SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
+    Ok(Parts { tokenizer, text_encoder, unet, vae, scheduler_config })
+}
+
+/// An SD 1.x or 2.x single-file checkpoint; tokenizer and scheduler from the family's
+/// defaults.
+fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Parts> {
+    if checkpoint::inspect(path, opts.prediction)?.family == Family::Sdxl {
+        bail!("SDXL checkpoints are recognised but this engine cannot run SDXL models yet");
+    }
+    let converted = checkpoint::convert(path, opts, device, kind)?;
+    let Converted { unet, vae, mut text_encoders, scheduler, pad_tokens, .. } = converted;
+    let text = text_encoders.pop().context("no text encoder")?;
+    let tokenizer = ClipTokenizer::standard(pad_tokens[0])?;
+    let text_cfg = ClipTextConfig::from_value(text.config)?;
+    let text_encoder = ClipTextModel::new(&Weights::from_map(text.tensors, device, kind).root(), &text_cfg)
+        .context("building the text encoder")?;
+    let unet_cfg = UNetConfig::from_value(unet.config)?;
+    let unet = UNet2DConditionModel::new(&Weights::from_map(unet.tensors, device, kind).root(), &unet_cfg)
+        .context("building the UNet")?;
+    let vae = vae_from(vae)?;
+    Ok(Parts { tokenizer, text_encoder, unet, vae, scheduler_config: scheduler })
+}
+
 fn vae_from(c: Component) -> Result<AutoencoderKl> {
     let device_kind = c.tensors.values().next().map(|t| (t.device(), t.kind()));
     let (device, kind) = device_kind.context("the VAE has no tensors")?;
@@ -115,81 +170,24 @@ impl StableDiffusion {
         if device == Device::Cpu {
             tune_cpu_allocator();
         }
-        if path.is_file() {
-            return Self::load_file(path, opts, device, kind)
-                .with_context(|| format!("loading the checkpoint {}", path.display()));
-        }
-        if !path.is_dir() {
+        let parts = if path.is_file() {
+            load_file(path, opts, device, kind).with_context(|| format!("loading the checkpoint {}", path.display()))?
+        } else if path.is_dir() {
+            load_folder(path, opts, device, kind)?
+        } else {
             bail!("model {} does not exist (expected a diffusers folder or a .safetensors file)", path.display());
-        }
-        let dir = path;
-        let component = |name: &str| -> Result<PathBuf> {
-            let sub = dir.join(name);
-            if !sub.join("config.json").is_file() && name != "tokenizer" && name != "scheduler" {
-                bail!("{} is not a diffusers model folder: {name}/config.json is missing", dir.display());
-            }
-            Ok(sub)
         };
-        let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
-        let text_encoder =
-            ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
-        let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
-        let vae = match opts.vae {
-            None => AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?,
-            Some(file) => {
-                let own = VaeConfig::from_dir(&component("vae")?)?;
-                let c = checkpoint::load_vae(file, own.scaling_factor, own.sample_size, device, kind)?;
-                vae_from(c)?
-            }
-        };
-        let scheduler_config =
-            SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
-        Ok(Self::assemble(dir, tokenizer, text_encoder, unet, vae, scheduler_config, device, kind))
-    }
-
-    /// An SD 1.x or 2.x single-file checkpoint; tokenizer and scheduler from the family's
-    /// defaults.
-    fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Self> {
-        let converted = checkpoint::convert(path, opts, device, kind)?;
-        let family = converted.family;
-        if family == Family::Sdxl {
-            bail!("SDXL checkpoints are recognised but this engine cannot run SDXL models yet");
-        }
-        let Converted { unet, vae, mut text_encoders, scheduler, pad_tokens, .. } = converted;
-        let text = text_encoders.pop().context("no text encoder")?;
-        let tokenizer = ClipTokenizer::standard(pad_tokens[0])?;
-        let text_cfg = ClipTextConfig::from_value(text.config)?;
-        let text_encoder = ClipTextModel::new(&Weights::from_map(text.tensors, device, kind).root(), &text_cfg)
-            .context("building the text encoder")?;
-        let unet_cfg = UNetConfig::from_value(unet.config)?;
-        let unet = UNet2DConditionModel::new(&Weights::from_map(unet.tensors, device, kind).root(), &unet_cfg)
-            .context("building the UNet")?;
-        let vae = vae_from(vae)?;
-        Ok(Self::assemble(path, tokenizer, text_encoder, unet, vae, scheduler, device, kind))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        path: &Path,
-        tokenizer: ClipTokenizer,
-        text_encoder: ClipTextModel,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKl,
-        scheduler_config: SchedulerConfig,
-        device: Device,
-        kind: Kind,
-    ) -> Self {
-        Self {
+        Ok(Self {
             dir: path.to_path_buf(),
-            tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config,
+            tokenizer: parts.tokenizer,
+            text_encoder: parts.text_encoder,
+            unet: parts.unet,
+            vae: parts.vae,
+            scheduler_config: parts.scheduler_config,
             device,
             kind,
             prompt_cache: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// Pixels per latent element along each side.
