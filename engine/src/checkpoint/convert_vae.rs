@@ -148,7 +148,9 @@ pub fn plan(h: &Header, layout: &VaeLayout) -> Result<Plan> {
                 let short = &key[prefix.len()..];
                 match rename(short, blocks) {
                     Some((target, op)) => plan.push(target, key, op),
-                    None if prefix.is_empty() => {}
+                    // A standalone VAE file may hold other tensors; training checkpoints may
+                    // keep the autoencoder's loss (LPIPS, discriminator) next to it.
+                    None if prefix.is_empty() || short.starts_with("loss.") => {}
                     None => bail!("{}: VAE tensor `{key}` has no diffusers counterpart", h.path.display()),
                 }
             }
