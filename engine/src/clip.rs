@@ -51,6 +51,11 @@ impl ClipTextConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         read_config(&dir.join("config.json"))
     }
+
+    /// A config given as a JSON value (the fields of text_encoder/config.json).
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        super::config::from_value(value, "text encoder")
+    }
 }
 
 struct EncoderLayer {

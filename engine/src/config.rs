@@ -10,6 +10,11 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// A config from a JSON value built in code (single-file checkpoints derive their configs).
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).with_context(|| format!("building the {what} config"))
+}
+
 /// A config value given either once for all blocks or once per block.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]

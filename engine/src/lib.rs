@@ -4,6 +4,7 @@
 pub use tch;
 
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod compare;
 pub mod config;

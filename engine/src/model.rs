@@ -1,11 +1,13 @@
-//! A Stable Diffusion model folder (diffusers layout) loaded onto one device: SD 1.x/2.x
-//! (one text encoder) or SDXL (two, `text_encoder_2/` and `tokenizer_2/`).
-use super::clip::ClipTextModel;
+//! A Stable Diffusion model, from a diffusers folder or a single-file checkpoint, loaded
+//! onto one device: SD 1.x/2.x (one text encoder) or SDXL (two: CLIP-L and OpenCLIP bigG).
+use super::checkpoint::{self, Component, Converted, LoadOptions};
+use super::clip::{ClipTextConfig, ClipTextModel};
 use super::config::{read_config, PerBlock};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
-use super::unet::{AddedCond, CrossContext, UNet2DConditionModel};
+use super::unet::{AddedCond, CrossContext, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
+use super::weights::Weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -120,6 +122,7 @@ pub struct Components {
 }
 
 pub struct StableDiffusion {
+    /// The model folder or checkpoint file it was loaded from.
     pub dir: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -174,6 +177,103 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// A diffusers folder; `opts.vae` replaces its VAE.
+fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Components> {
+    let index = ModelIndex::read(dir).context("reading model_index.json")?;
+    let sdxl = dir.join("text_encoder_2").is_dir() || index.is_sdxl_class();
+    let component = |name: &str| -> Result<PathBuf> {
+        let sub = dir.join(name);
+        let needs_config = !name.starts_with("tokenizer") && name != "scheduler";
+        if needs_config && !sub.join("config.json").is_file() {
+            bail!("{} is not a diffusers model folder: {name}/config.json is missing", dir.display());
+        }
+        Ok(sub)
+    };
+    if sdxl {
+        ensure!(
+            !index.requires_aesthetics_score.unwrap_or(false),
+            "{}: SDXL refiner models (requires_aesthetics_score) are not supported",
+            dir.display()
+        );
+    }
+    let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
+    let text_encoder =
+        ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+    let text_encoder_2 = if sdxl {
+        Some(SecondEncoder {
+            tokenizer: ClipTokenizer::from_dir(&component("tokenizer_2")?).context("loading tokenizer_2/")?,
+            text_encoder: ClipTextModel::load(&component("text_encoder_2")?, device, kind)
+                .context("loading text_encoder_2/")?,
+        })
+    } else {
+        None
+    };
+    let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
+    let vae_dir = component("vae")?;
+    let vae_config = VaeConfig::from_dir(&vae_dir).context("loading vae/")?;
+    let vae = match opts.vae {
+        None => AutoencoderKl::load(&vae_dir, device, vae_kind(sdxl, &vae_config, kind)).context("loading vae/")?,
+        Some(file) => {
+            let c = checkpoint::load_vae(file, vae_config.scaling_factor, vae_config.sample_size, device, kind)?;
+            vae_from(c, sdxl)?
+        }
+    };
+    let scheduler_config =
+        SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
+    Ok(Components {
+        tokenizer,
+        text_encoder,
+        text_encoder_2,
+        unet,
+        vae,
+        scheduler_config,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+    })
+}
+
+/// A single-file checkpoint; tokenizers and scheduler from the family's defaults.
+fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Components> {
+    let Converted { family, unet, vae, text_encoders, scheduler, pad_tokens, .. } =
+        checkpoint::convert(path, opts, device, kind)?;
+    let mut encoders = text_encoders.into_iter().zip(pad_tokens).map(|(c, pad)| -> Result<_> {
+        let cfg = ClipTextConfig::from_value(c.config)?;
+        let model = ClipTextModel::new(&Weights::from_map(c.tensors, device, kind).root(), &cfg)
+            .context("building a text encoder")?;
+        Ok((ClipTokenizer::standard(pad)?, model))
+    });
+    let (tokenizer, text_encoder) = encoders.next().context("no text encoder")??;
+    let text_encoder_2 = match encoders.next() {
+        Some(second) => {
+            let (tokenizer, text_encoder) = second?;
+            Some(SecondEncoder { tokenizer, text_encoder })
+        }
+        None => None,
+    };
+    let unet_cfg = UNetConfig::from_value(unet.config)?;
+    let unet = UNet2DConditionModel::new(&Weights::from_map(unet.tensors, device, kind).root(), &unet_cfg)
+        .context("building the UNet")?;
+    Ok(Components {
+        tokenizer,
+        text_encoder,
+        text_encoder_2,
+        unet,
+        vae: vae_from(vae, family == Family::Sdxl)?,
+        scheduler_config: scheduler,
+        force_zeros_for_empty_prompt: true,
+    })
+}
+
+/// A VAE from converted tensors; SDXL's `force_upcast` VAE in float32 when the rest runs in
+/// float16 (the half-rounded weights upcast, as diffusers does at decode time).
+fn vae_from(c: Component, sdxl: bool) -> Result<AutoencoderKl> {
+    let device_kind = c.tensors.values().next().map(|t| (t.device(), t.kind()));
+    let (device, kind) = device_kind.context("the VAE has no tensors")?;
+    let cfg = VaeConfig::from_value(c.config)?;
+    let kind = vae_kind(sdxl, &cfg, kind);
+    let tensors = c.tensors.into_iter().map(|(name, t)| (name, t.to_kind(kind))).collect();
+    AutoencoderKl::new(&Weights::from_map(tensors, device, kind).root(), &cfg).context("building the VAE")
+}
+
 pub fn default_kind(device: Device) -> Kind {
     if device.is_cuda() {
         Kind::Half
@@ -217,62 +317,29 @@ pub fn tune_cpu_allocator() {
 }
 
 impl StableDiffusion {
-    pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        Self::load_with_kind(dir, device, default_kind(device))
+    /// Loads a diffusers model folder or a single-file `.safetensors` checkpoint.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        Self::load_with_kind(path, device, default_kind(device))
     }
 
-    pub fn load_with_kind(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("model folder {} does not exist", dir.display());
-        }
+    pub fn load_with_kind(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with(path, &LoadOptions::default(), device, kind)
+    }
+
+    /// A folder or a single file, with `opts` (prediction type of a single file; a VAE file
+    /// that replaces the model's own VAE).
+    pub fn load_with(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Self> {
         if device == Device::Cpu {
             tune_cpu_allocator();
         }
-        let index = ModelIndex::read(dir).context("reading model_index.json")?;
-        let sdxl = dir.join("text_encoder_2").is_dir() || index.is_sdxl_class();
-        let component = |name: &str| -> Result<PathBuf> {
-            let sub = dir.join(name);
-            let needs_config = !name.starts_with("tokenizer") && name != "scheduler";
-            if needs_config && !sub.join("config.json").is_file() {
-                bail!("{} is not a diffusers model folder: {name}/config.json is missing", dir.display());
-            }
-            Ok(sub)
-        };
-        if sdxl {
-            ensure!(
-                !index.requires_aesthetics_score.unwrap_or(false),
-                "{}: SDXL refiner models (requires_aesthetics_score) are not supported",
-                dir.display()
-            );
-        }
-        let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
-        let text_encoder =
-            ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
-        let text_encoder_2 = if sdxl {
-            Some(SecondEncoder {
-                tokenizer: ClipTokenizer::from_dir(&component("tokenizer_2")?).context("loading tokenizer_2/")?,
-                text_encoder: ClipTextModel::load(&component("text_encoder_2")?, device, kind)
-                    .context("loading text_encoder_2/")?,
-            })
+        let components = if path.is_file() {
+            load_file(path, opts, device, kind).with_context(|| format!("loading the checkpoint {}", path.display()))?
+        } else if path.is_dir() {
+            load_folder(path, opts, device, kind)?
         } else {
-            None
+            bail!("model {} does not exist (expected a diffusers folder or a .safetensors file)", path.display());
         };
-        let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
-        let vae_dir = component("vae")?;
-        let vae_config = VaeConfig::from_dir(&vae_dir).context("loading vae/")?;
-        let vae = AutoencoderKl::load(&vae_dir, device, vae_kind(sdxl, &vae_config, kind)).context("loading vae/")?;
-        let scheduler_config =
-            SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
-        let components = Components {
-            tokenizer,
-            text_encoder,
-            text_encoder_2,
-            unet,
-            vae,
-            scheduler_config,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
-        };
-        Self::from_components(dir, components, device, kind).with_context(|| format!("loading {}", dir.display()))
+        Self::from_components(path, components, device, kind).with_context(|| format!("loading {}", path.display()))
     }
 
     /// Puts loaded parts together, checking that they fit one another. `dir` names the

@@ -64,6 +64,40 @@ pub struct ClipTokenizer {
     cache: Mutex<HashMap<String, Vec<i64>>>,
 }
 
+/// The optional JSON files of a tokenizer folder.
+struct TokenizerFiles {
+    config: Option<Value>,
+    special_tokens_map: Option<Value>,
+    tokenizer_json: Option<Value>,
+}
+
+/// OpenAI's CLIP BPE merges (`bpe_simple_vocab_16e6.txt.gz`, MIT licence, see
+/// assets/LICENSE-CLIP), from which transformers' CLIP vocab.json and merges.txt are built.
+const CLIP_BPE_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
+/// The merges CLIP uses: vocabulary 49408 = 256 bytes × 2 (with and without "</w>") +
+/// merges + 2 special tokens.
+const CLIP_MERGES: usize = 49152 - 256 - 2;
+
+/// vocab.json and merges.txt of the standard CLIP tokenizer, built as OpenAI's
+/// simple_tokenizer (and transformers' conversion of it) does: the byte symbols, the byte
+/// symbols with "</w>", the merged symbols in merge order, then the two special tokens.
+fn standard_vocab() -> Result<(Value, String)> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(CLIP_BPE_GZ), &mut text)
+        .context("decompressing the shipped CLIP BPE vocabulary")?;
+    let merges: Vec<&str> = text.split('\n').skip(1).take(CLIP_MERGES).collect();
+    let bytes: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
+    let printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let rest: Vec<u8> = (0..=255u8).filter(|b| !printable.contains(b)).collect();
+    let order = [printable, rest].concat();
+    let mut vocab: Vec<String> = order.iter().map(|&b| bytes[b as usize].clone()).collect();
+    vocab.extend(order.iter().map(|&b| format!("{}</w>", bytes[b as usize])));
+    vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
+    vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
+    let map: Map<String, Value> = vocab.into_iter().enumerate().map(|(i, t)| (t, Value::from(i as i64))).collect();
+    Ok((Value::Object(map), format!("#version: 0.2\n{}\n", merges.join("\n"))))
+}
+
 fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -104,13 +138,33 @@ fn byte_chars() -> [char; 256] {
 impl ClipTokenizer {
     /// Reads vocab.json, merges.txt and (if present) tokenizer_config.json / special_tokens_map.json from a model's tokenizer/ folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let vocab: HashMap<String, i64> = serde_json::from_value(
-            read_json(&dir.join("vocab.json"))?.with_context(|| format!("{} has no vocab.json", dir.display()))?,
-        )
-        .context("vocab.json is not a token → id map")?;
+        let vocab =
+            read_json(&dir.join("vocab.json"))?.with_context(|| format!("{} has no vocab.json", dir.display()))?;
         let merges_path = dir.join("merges.txt");
         let merges_text =
             std::fs::read_to_string(&merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
+        let files = TokenizerFiles {
+            config: read_json(&dir.join("tokenizer_config.json"))?,
+            special_tokens_map: read_json(&dir.join("special_tokens_map.json"))?,
+            tokenizer_json: read_json(&dir.join("tokenizer.json"))?,
+        };
+        Self::from_parts(vocab, &merges_text, files)
+    }
+
+    /// The standard CLIP tokenizer (OpenAI's BPE vocabulary, shipped in `engine/assets/`)
+    /// padding with `pad_token`: `<|endoftext|>` for CLIP-L (SD 1.x, SDXL's first encoder),
+    /// "!" for the OpenCLIP encoders (SD 2.x, SDXL's second), as their published
+    /// tokenizer folders do. For checkpoints that ship no tokenizer.
+    pub fn standard(pad_token: &str) -> Result<Self> {
+        let (vocab, merges) = standard_vocab()?;
+        let config = serde_json::json!({ "pad_token": pad_token, "model_max_length": 77 });
+        let files = TokenizerFiles { config: Some(config), special_tokens_map: None, tokenizer_json: None };
+        Self::from_parts(vocab, &merges, files)
+    }
+
+    fn from_parts(vocab: Value, merges_text: &str, files: TokenizerFiles) -> Result<Self> {
+        let vocab: HashMap<String, i64> =
+            serde_json::from_value(vocab).context("vocab.json is not a token → id map")?;
         let merges = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -129,7 +183,7 @@ impl ClipTokenizer {
         // bos/eos/unk/pad and tokenizer.json's added_tokens come first. Then bos, eos, unk, pad are added
         // in that order unless already present, a later one replacing an earlier one with the same text
         // (so SD 1.x's `"pad_token": "<|endoftext|>"` turns eos into a non-normalized token).
-        let config = match read_json(&dir.join("tokenizer_config.json"))? {
+        let config = match files.config {
             Some(Value::Object(m)) => m,
             _ => Map::new(),
         };
@@ -147,11 +201,11 @@ impl ClipTokenizer {
                 }
             }
         } else {
-            if let Some(Value::Object(map)) = read_json(&dir.join("special_tokens_map.json"))? {
+            if let Some(Value::Object(map)) = files.special_tokens_map {
                 specials.extend(map);
             }
             if let Some(Value::Array(tokens)) =
-                read_json(&dir.join("tokenizer.json"))?.and_then(|mut t| t.get_mut("added_tokens").map(Value::take))
+                files.tokenizer_json.and_then(|mut t| t.get_mut("added_tokens").map(Value::take))
             {
                 listed.extend(tokens.iter().filter_map(|t| {
                     let (content, _) = token_spec(t)?;

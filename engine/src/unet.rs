@@ -182,6 +182,13 @@ impl UNetConfig {
         Ok(cfg)
     }
 
+    /// A config given as a JSON value (the fields of unet/config.json), validated.
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        let cfg: Self = super::config::from_value(value, "UNet")?;
+        cfg.validate().context("unsupported UNet config")?;
+        Ok(cfg)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let refuse = |field: &str, value: &dyn std::fmt::Debug| -> Result<()> {
             bail!("`{field}` = {value:?} is not supported")

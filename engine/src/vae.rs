@@ -73,6 +73,11 @@ impl VaeConfig {
         read_config(&dir.join("config.json"))
     }
 
+    /// A config given as a JSON value (the fields of vae/config.json).
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        super::config::from_value(value, "VAE")
+    }
+
     /// Pixels per latent along each side: every block but the last halves the resolution.
     pub fn scale_factor(&self) -> i64 {
         1 << (self.block_out_channels.len().max(1) - 1)

@@ -1,5 +1,6 @@
 //! Loading a component's safetensors and handing out tensors by diffusers' names, with
 //! errors that name the tensor when it is missing or its shape disagrees with the config.
+use super::checkpoint::safetensors::MappedFile;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,14 +72,13 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Weights {
-    /// Loads every tensor of `files`, converted to `kind` (floating tensors only) on `device`.
+    /// Loads every tensor of `files` (memory-mapped, one tensor at a time), converted to `kind` (floating tensors only) on `device`.
     pub fn load(files: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
         let mut tensors = HashMap::new();
         for file in files {
-            let loaded = Tensor::read_safetensors(file).with_context(|| format!("reading {}", file.display()))?;
-            for (name, t) in loaded {
-                let t = if t.is_floating_point() { t.to_device(device).to_kind(kind) } else { t.to_device(device) };
-                tensors.insert(name, t);
+            let mapped = MappedFile::open(file)?;
+            for name in mapped.header.tensors.keys() {
+                tensors.insert(name.clone(), mapped.tensor(name, device, kind)?);
             }
         }
         Ok(Self { tensors, files: files.to_vec(), device, kind })

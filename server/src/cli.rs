@@ -4,11 +4,12 @@ use crate::service::request;
 use crate::service::Limits;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use frisket_engine::checkpoint::LoadOptions;
 use frisket_engine::explain::dump::{Dump, Entry};
 use frisket_engine::explain::edit::Manipulation;
 use frisket_engine::explain::ExplainMode;
 use frisket_engine::image_io;
-use frisket_engine::model::{parse_device, StableDiffusion};
+use frisket_engine::model::{default_kind, parse_device, StableDiffusion};
 use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
 use frisket_engine::tch;
 use frisket_proto::v1 as pb;
@@ -33,7 +34,8 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// A folder with one diffusers model folder per model name (e.g. models/sd1, models/sd2).
+    /// A folder of models: diffusers model folders and single-file `.safetensors`
+    /// checkpoints (original SD layout), named by folder name or file stem.
     #[arg(long)]
     pub models: PathBuf,
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
@@ -52,9 +54,13 @@ pub struct ServeArgs {
 
 #[derive(Args)]
 pub struct RenderArgs {
-    /// A diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    /// or a single-file `.safetensors` checkpoint in the original SD layout.
     #[arg(long)]
     pub model: PathBuf,
+    /// A VAE `.safetensors` file used instead of the model's own VAE.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -218,7 +224,8 @@ fn request(a: &RenderArgs) -> Result<pb::GenerateRequest> {
 
 /// The name `--model`'s folder has in its one-model catalog.
 fn catalog_name(a: &RenderArgs) -> Result<String> {
-    Ok(a.model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string())
+    let name = if a.model.is_file() { a.model.file_stem() } else { a.model.file_name() };
+    Ok(name.and_then(|n| n.to_str()).unwrap_or("model").to_string())
 }
 
 /// A protect mask file as the 8-bit greyscale PNG the request carries.
@@ -229,14 +236,19 @@ fn grey_png(path: &PathBuf) -> Result<Vec<u8>> {
 
 fn render(a: RenderArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    anyhow::ensure!(a.model.is_dir(), "model folder {} does not exist", a.model.display());
+    anyhow::ensure!(
+        a.model.is_dir() || a.model.is_file(),
+        "model {} does not exist (a model folder or a .safetensors file)",
+        a.model.display()
+    );
     let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let catalog = Catalog::new(root)?;
     let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let (width, height) = (spec.width, spec.height);
     let loaded = Instant::now();
-    let model = StableDiffusion::load(&a.model, device)?;
+    let opts = LoadOptions { vae: a.vae.as_deref(), ..Default::default() };
+    let model = StableDiffusion::load_with(&a.model, &opts, device, default_kind(device))?;
     let job = model.prepare(&spec.params())?;
     let mut dump = a.dump_dir.as_deref().map(Dump::create).transpose()?;
     if !a.quiet {

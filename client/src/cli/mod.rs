@@ -99,6 +99,8 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
                     "img2img": m.img2img,
                     "explain": m.explain,
                     "protected_regions": m.protected_regions,
+                    "format": m.format,
+                    "error": m.error,
                 })
             })
             .collect();
@@ -107,7 +109,10 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
     }
     let mut rows =
         vec![["NAME", "ARCH", "NATIVE", "MULTIPLE", "PREDICTION", "SCHEDULERS", "FEATURES"].map(String::from).to_vec()];
-    for m in &models {
+    for m in models.iter().filter(|m| !m.error.is_empty()) {
+        eprintln!("{}: unusable: {}", m.name, m.error);
+    }
+    for m in models.iter().filter(|m| m.error.is_empty()) {
         let features: Vec<&str> = [(m.img2img, "img2img"), (m.explain, "explain"), (m.protected_regions, "protect")]
             .into_iter()
             .filter_map(|(on, name)| on.then_some(name))

@@ -170,18 +170,28 @@ impl Frisket for FrisketService {
         let models = blocking(move || Ok(catalog.list())).await?;
         let models = models
             .into_iter()
-            .map(|m| ModelInfo {
-                name: m.name,
-                architecture: m.architecture,
-                native_width: m.native_width,
-                native_height: m.native_height,
-                size_multiple: m.size_multiple,
-                prediction_type: m.prediction_type,
-                // Every model accepts every scheduler name (GenerateRequest.scheduler).
-                schedulers: frisket_engine::schedulers::NAMES.iter().map(|s| s.to_string()).collect(),
-                img2img: true,
-                explain: true,
-                protected_regions: true,
+            .map(|listed| match listed.meta {
+                Ok(m) => ModelInfo {
+                    name: m.name,
+                    architecture: m.architecture,
+                    native_width: m.native_width,
+                    native_height: m.native_height,
+                    size_multiple: m.size_multiple,
+                    prediction_type: m.prediction_type,
+                    // Every model accepts every scheduler name (GenerateRequest.scheduler).
+                    schedulers: frisket_engine::schedulers::NAMES.iter().map(|s| s.to_string()).collect(),
+                    img2img: true,
+                    explain: true,
+                    protected_regions: true,
+                    error: String::new(),
+                    format: m.format.name().to_string(),
+                },
+                Err(error) => ModelInfo {
+                    name: listed.name,
+                    error,
+                    format: listed.format.name().to_string(),
+                    ..Default::default()
+                },
             })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))

@@ -1,7 +1,12 @@
-//! The models directory: one diffusers folder per model name. Names are checked before
-//! they touch the file system; metadata comes from the config files (no weights loaded),
-//! so ListModels and request validation never wait for the engine.
+//! The models directory: diffusers folders and single-file `.safetensors` checkpoints side
+//! by side, the folder or file stem naming the model. Names are checked before they touch
+//! the file system, and a name must resolve (after symlinks) to a path inside the models
+//! root. Metadata comes from config files or a checkpoint's header (no weights loaded), so
+//! ListModels and request validation never wait for the engine.
 use anyhow::{bail, Context, Result};
+use frisket_engine::checkpoint;
+use frisket_engine::model::{is_sdxl_folder, Family};
+use frisket_engine::schedulers::{PredictionType, SchedulerConfig};
 use frisket_engine::text::quote;
 use frisket_engine::tokenizer::ClipTokenizer;
 use frisket_engine::vae::VaeConfig;
@@ -11,12 +16,35 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::Status;
 
-/// What a client needs to know about a model, read from its config files.
+/// The extension of single-file checkpoints in the models folder.
+const CHECKPOINT_EXT: &str = "safetensors";
+
+/// How a model is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    Diffusers,
+    /// One `.safetensors` file in the original SD layout.
+    SingleFile,
+}
+
+impl ModelFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diffusers => "diffusers",
+            Self::SingleFile => "single-file",
+        }
+    }
+}
+
+/// What a client needs to know about a model, read from its config files or header.
 #[derive(Clone, Debug)]
 pub struct ModelMeta {
     pub name: String,
+    /// The model folder or checkpoint file.
     pub dir: PathBuf,
-    /// "sd1" or "sd2".
+    pub format: ModelFormat,
+    /// "sd1", "sd2" or "sdxl".
     pub architecture: String,
     pub native_width: u32,
     pub native_height: u32,
@@ -25,8 +53,31 @@ pub struct ModelMeta {
     pub prediction_type: String,
 }
 
+impl ModelMeta {
+    /// The model's scheduler config: its scheduler/ folder, or its family's defaults.
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        match self.format {
+            ModelFormat::Diffusers => SchedulerConfig::load(&self.dir.join("scheduler/scheduler_config.json")),
+            ModelFormat::SingleFile => {
+                let info = checkpoint::inspect(&self.dir, None)?;
+                info.family.scheduler_config(info.prediction)
+            }
+        }
+    }
+}
+
+/// One entry of the models folder: its metadata, or why it cannot be used.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub name: String,
+    pub format: ModelFormat,
+    pub meta: Result<ModelMeta, String>,
+}
+
 pub struct Catalog {
     root: PathBuf,
+    /// `root`, canonicalized: every model path must resolve inside it.
+    canonical_root: PathBuf,
     tokenizers: Mutex<HashMap<String, Arc<ClipTokenizer>>>,
 }
 
@@ -53,70 +104,103 @@ impl Catalog {
         if !root.is_dir() {
             bail!("models directory {} does not exist", root.display());
         }
-        Ok(Self { root: root.to_path_buf(), tokenizers: Mutex::new(HashMap::new()) })
+        let canonical_root = root.canonicalize().with_context(|| format!("resolving {}", root.display()))?;
+        Ok(Self { root: root.to_path_buf(), canonical_root, tokenizers: Mutex::new(HashMap::new()) })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Valid model names under the root (subfolders with unet/config.json), sorted.
+    /// The model `name` as stored under the root (folder first, then `name.safetensors`),
+    /// if it exists and resolves inside the root.
+    fn locate(&self, name: &str) -> Option<(PathBuf, ModelFormat)> {
+        let dir = self.root.join(name);
+        let file = self.root.join(format!("{name}.{CHECKPOINT_EXT}"));
+        let found = if is_model_dir(&dir) {
+            (dir, ModelFormat::Diffusers)
+        } else if file.is_file() {
+            (file, ModelFormat::SingleFile)
+        } else {
+            return None;
+        };
+        let inside = found.0.canonicalize().is_ok_and(|real| real.starts_with(&self.canonical_root));
+        if !inside {
+            tracing::warn!(model = %name, "ignoring {}: it resolves outside the models folder", found.0.display());
+            return None;
+        }
+        Some(found)
+    }
+
+    /// Valid model names under the root (diffusers folders with unet/config.json and
+    /// `.safetensors` files, by stem), sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| check_name(n).is_ok() && is_model_dir(&self.root.join(n)))
+                    .map(|n| n.strip_suffix(&format!(".{CHECKPOINT_EXT}")).map(str::to_string).unwrap_or(n))
+                    .filter(|n| check_name(n).is_ok() && self.locate(n).is_some())
                     .collect()
             })
             .unwrap_or_default();
         names.sort();
+        names.dedup();
         names
     }
 
-    /// The folder of a model, or INVALID_ARGUMENT (bad name) / NOT_FOUND (no such model).
+    /// The folder or file of a model, or INVALID_ARGUMENT (bad name) / NOT_FOUND (no such model).
     pub fn resolve(&self, name: &str) -> Result<PathBuf, Status> {
         check_name(name)?;
-        let dir = self.root.join(name);
-        if !is_model_dir(&dir) {
-            let names = self.names();
-            return Err(Status::not_found(format!(
-                "model {name:?} not found; available: {}",
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
-            )));
+        match self.locate(name) {
+            Some((path, _)) => Ok(path),
+            None => {
+                let names = self.names();
+                Err(Status::not_found(format!(
+                    "model {name:?} not found; available: {}",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                )))
+            }
         }
-        Ok(dir)
     }
 
-    /// Metadata of one model (reads its small config files).
+    /// Metadata of one model (reads its small config files or its checkpoint header).
     pub fn meta(&self, name: &str) -> Result<ModelMeta, Status> {
-        let dir = self.resolve(name)?;
-        read_meta(name, &dir).map_err(|e| Status::failed_precondition(format!("model {name:?} is unusable: {e:#}")))
+        let path = self.resolve(name)?;
+        let format = if path.is_dir() { ModelFormat::Diffusers } else { ModelFormat::SingleFile };
+        read_meta(name, &path, format)
+            .map_err(|e| Status::failed_precondition(format!("model {name:?} is unusable: {e:#}")))
     }
 
-    /// Every usable model; folders whose configs do not parse are logged and left out.
-    pub fn list(&self) -> Vec<ModelMeta> {
+    /// Every model under the root; those that cannot be used carry their error.
+    pub fn list(&self) -> Vec<Listed> {
         self.names()
             .into_iter()
-            .filter_map(|name| match read_meta(&name, &self.root.join(&name)) {
-                Ok(meta) => Some(meta),
-                Err(e) => {
-                    tracing::warn!(model = %name, "skipping model folder: {e:#}");
-                    None
+            .filter_map(|name| {
+                let (path, format) = self.locate(&name)?;
+                let meta = read_meta(&name, &path, format).map_err(|e| format!("{e:#}"));
+                if let Err(e) = &meta {
+                    tracing::warn!(model = %name, "unusable model: {e}");
                 }
+                Some(Listed { name, format, meta })
             })
             .collect()
     }
 
-    /// The model's tokenizer, loaded once (blocking: call from a blocking context).
+    /// The model's tokenizer, loaded once (blocking: call from a blocking context). Single
+    /// files use the standard CLIP tokenizer with their family's pad token.
     pub fn tokenizer(&self, name: &str) -> Result<Arc<ClipTokenizer>, Status> {
-        let dir = self.resolve(name)?;
+        let path = self.resolve(name)?;
         if let Some(t) = self.tokenizers.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(t.clone());
         }
-        let tok = ClipTokenizer::from_dir(&dir.join("tokenizer"))
-            .map_err(|e| Status::failed_precondition(format!("model {name:?}: loading tokenizer/ failed: {e:#}")))?;
+        let tok = if path.is_dir() {
+            ClipTokenizer::from_dir(&path.join("tokenizer")).context("loading tokenizer/")
+        } else {
+            checkpoint::inspect(&path, None).and_then(|info| ClipTokenizer::standard(info.family.pad_tokens()[0]))
+        };
+        let tok = tok.map_err(|e| Status::failed_precondition(format!("model {name:?}: tokenizer: {e:#}")))?;
         let tok = Arc::new(tok);
         self.tokenizers.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), tok.clone());
         Ok(tok)
@@ -132,7 +216,34 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn read_meta(name: &str, dir: &Path) -> Result<ModelMeta> {
+fn read_meta(name: &str, path: &Path, format: ModelFormat) -> Result<ModelMeta> {
+    match format {
+        ModelFormat::Diffusers => read_folder_meta(name, path),
+        ModelFormat::SingleFile => {
+            let info = checkpoint::inspect(path, None)?;
+            if !info.has_vae {
+                bail!("{} has no VAE (no first_stage_model.* tensors)", path.display());
+            }
+            let prediction = match info.prediction {
+                PredictionType::Epsilon => "epsilon",
+                PredictionType::VPrediction => "v_prediction",
+                PredictionType::Sample => "sample",
+            };
+            Ok(ModelMeta {
+                name: name.to_string(),
+                dir: path.to_path_buf(),
+                format,
+                architecture: info.family.name().to_string(),
+                native_width: info.native_size as u32,
+                native_height: info.native_size as u32,
+                size_multiple: info.vae_scale_factor as u32,
+                prediction_type: prediction.to_string(),
+            })
+        }
+    }
+}
+
+fn read_folder_meta(name: &str, dir: &Path) -> Result<ModelMeta> {
     let unet = read_json(&dir.join("unet/config.json"))?;
     let vae = VaeConfig::from_dir(&dir.join("vae"))?;
     let factor = vae.scale_factor() as u32;
@@ -140,14 +251,13 @@ fn read_meta(name: &str, dir: &Path) -> Result<ModelMeta> {
         Ok(cfg) => cfg.get("prediction_type").and_then(Value::as_str).unwrap_or("epsilon").to_string(),
         Err(_) => "epsilon".to_string(),
     };
-    let width = read_json(&dir.join("text_encoder/config.json"))
-        .ok()
-        .and_then(|cfg| cfg.get("hidden_size").and_then(Value::as_u64));
-    let architecture = match width {
-        Some(768) => "sd1",
-        Some(1024) => "sd2",
-        _ if prediction_type == "v_prediction" => "sd2",
-        _ => "sd1",
+    let family = if is_sdxl_folder(dir) {
+        Family::Sdxl
+    } else {
+        let width = read_json(&dir.join("text_encoder/config.json"))
+            .ok()
+            .and_then(|cfg| cfg.get("hidden_size").and_then(Value::as_i64));
+        Family::single_encoder(width.unwrap_or(0), Some(&prediction_type))
     };
     // sample_size is one int, or [height, width].
     let (sample_h, sample_w) = match unet.get("sample_size") {
@@ -164,7 +274,8 @@ fn read_meta(name: &str, dir: &Path) -> Result<ModelMeta> {
     Ok(ModelMeta {
         name: name.to_string(),
         dir: dir.to_path_buf(),
-        architecture: architecture.to_string(),
+        format: ModelFormat::Diffusers,
+        architecture: family.name().to_string(),
         native_width: sample_w * factor,
         native_height: sample_h * factor,
         size_multiple: factor,

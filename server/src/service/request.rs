@@ -7,7 +7,7 @@ use frisket_engine::explain::{self, ExplainMode, ExplainParams, LayerChoice, Mas
 use frisket_engine::image_io;
 use frisket_engine::pipeline::{self, defaults, GenerateParams, StartMode};
 use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
-use frisket_engine::schedulers::{SchedulerConfig, SchedulerKind};
+use frisket_engine::schedulers::SchedulerKind;
 use frisket_engine::tch;
 use frisket_engine::text::quote;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
@@ -470,7 +470,8 @@ fn explain_params(
         .collect();
     let tokenizer = catalog.tokenizer(&meta.name)?;
     explain::resolve_subjects(&tokenizer, prompt, &subjects).map_err(|e| invalid(format!("{e:#} (see Tokenize)")))?;
-    let config = SchedulerConfig::load(&meta.dir.join("scheduler/scheduler_config.json"))
+    let config = meta
+        .scheduler_config()
         .map_err(|e| Status::failed_precondition(format!("model {:?} is unusable: {e:#}", meta.name)))?;
     let (schedule, first) =
         pipeline::schedule(&config, scheduler, karras, steps, Some(strength)).map_err(|e| invalid(format!("{e:#}")))?;

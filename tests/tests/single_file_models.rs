@@ -1,0 +1,111 @@
+//! A models folder holding a diffusers folder, single-file checkpoints and a broken file
+//! side by side (fixtures from tests/fixtures/ref_single_file.py): ListModels reports each,
+//! the broken one with its error, names cannot escape the folder, and jobs on the single
+//! file run while the broken file is refused.
+use frisket_e2e::{fixtures_dir, generate, models_dir, render, txt2img, Server};
+use frisket_proto::v1 as pb;
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("frisket-single-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn single(name: &str) -> PathBuf {
+    let path = fixtures_dir().join("models/single").join(name);
+    assert!(path.is_file(), "{} missing (run tests/fixtures/ref_single_file.py)", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_single_files_and_broken_files_side_by_side() {
+    let root = tempdir("models");
+    copy_dir(&models_dir().join("sd1"), &root.join("sd1"));
+    std::fs::copy(single("sd1.safetensors"), root.join("illustrated.safetensors")).unwrap();
+    let bytes = std::fs::read(single("sd2.safetensors")).unwrap();
+    std::fs::write(root.join("broken.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::write(root.join("notes.txt"), "not a model").unwrap();
+    // A link that resolves outside the models folder is not a model of it.
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(single("sd2.safetensors"), root.join("escape.safetensors")).unwrap();
+
+    let server = Server::start_on(&root, &[]).await;
+    let mut client = server.client().await;
+    let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["broken", "illustrated", "sd1"]);
+
+    let broken = &models[0];
+    assert!(broken.error.contains("truncated") && broken.error.contains("broken.safetensors"), "{}", broken.error);
+    assert_eq!(broken.format, "single-file");
+    let file = &models[1];
+    assert!(file.error.is_empty(), "{}", file.error);
+    assert_eq!(
+        (file.format.as_str(), file.architecture.as_str(), file.prediction_type.as_str()),
+        ("single-file", "sd1", "epsilon")
+    );
+    assert_eq!((file.native_width, file.native_height, file.size_multiple), (512, 512, 8));
+    assert!(file.img2img && file.explain && file.protected_regions);
+    assert_eq!(models[2].format, "diffusers");
+
+    // A job on the single file runs to its result; the broken file is refused.
+    let done = generate(&mut client, txt2img("illustrated", "a red circle", 3, 3, 64, 64)).await;
+    assert_eq!(done.code(), Code::Ok, "{:?}", done.error);
+    assert!(!done.result().expect("a result").image.is_empty());
+    let refused = generate(&mut client, txt2img("broken", "a red circle", 3, 3, 64, 64)).await;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{:?}", refused.error);
+    let escaped = generate(&mut client, txt2img("escape", "a red circle", 3, 3, 64, 64)).await;
+    assert_eq!(escaped.code(), Code::NotFound, "{:?}", escaped.error);
+
+    let tokens = client
+        .tokenize(pb::TokenizeRequest { model: "illustrated".into(), prompt: "a red cat".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tokens.tokens.iter().any(|t| t.text == "cat</w>"));
+    drop(server);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// `render --model FILE --vae FILE` renders a single file with a separate VAE.
+#[test]
+fn render_takes_a_single_file_and_a_vae() {
+    let dir = tempdir("render");
+    let out = dir.join("out.png");
+    let sd1 = single("sd1.safetensors");
+    let run = render(&[
+        "--model",
+        sd1.to_str().unwrap(),
+        "--vae",
+        sd1.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(image::image_dimensions(&out).unwrap(), (64, 64));
+    std::fs::remove_dir_all(&dir).ok();
+}
