@@ -1,12 +1,15 @@
 //! A Stable Diffusion model folder (diffusers layout) loaded onto one device.
 use super::clip::ClipTextModel;
+use super::lora::{AppliedLoras, Component, Lora, ParamIndex};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
 use super::vae::AutoencoderKl;
+use super::weights::Weights;
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 pub struct StableDiffusion {
@@ -19,7 +22,12 @@ pub struct StableDiffusion {
     pub device: Device,
     pub kind: Kind,
     /// Text-encoder outputs of recent prompts, most recently used last (`encode_prompts`).
+    /// Emptied when a LoRA set change touches the text encoder.
     prompt_cache: Mutex<Vec<(Vec<i64>, Tensor)>>,
+    /// The LoRA-able components' weights by diffusers name: the tensors the modules hold.
+    params: HashMap<Component, Weights>,
+    param_index: ParamIndex,
+    loras: AppliedLoras,
 }
 
 /// How many prompt encodings `StableDiffusion` keeps (≈ 77·D floats each: 0.3 MB for SD 2).
@@ -108,9 +116,15 @@ impl StableDiffusion {
             Ok(sub)
         };
         let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
-        let text_encoder =
-            ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
-        let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
+        let (text_encoder, te_weights) = ClipTextModel::load_with_weights(&component("text_encoder")?, device, kind)
+            .context("loading text_encoder/")?;
+        let (unet, unet_weights) =
+            UNet2DConditionModel::load_with_weights(&component("unet")?, device, kind).context("loading unet/")?;
+        let params = HashMap::from([(Component::TextEncoder, te_weights), (Component::Unet, unet_weights)]);
+        let mut param_index = ParamIndex::default();
+        for (component, weights) in &params {
+            param_index.add_weights(*component, weights);
+        }
         let vae = AutoencoderKl::load(&component("vae")?, device, kind).context("loading vae/")?;
         let scheduler_config =
             SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).context("loading scheduler/")?;
@@ -124,7 +138,34 @@ impl StableDiffusion {
             device,
             kind,
             prompt_cache: Mutex::new(Vec::new()),
+            params,
+            param_index,
+            loras: AppliedLoras::default(),
         })
+    }
+
+    /// Merges `set` (LoRAs with their weights) into the weights in place of the set merged
+    /// before, which is taken out exactly (the touched tensors' original values are kept).
+    /// The same set again does nothing. A LoRA that does not fit the model is an error
+    /// with a `lora::LoraError` in its chain, and leaves the model as it was.
+    pub fn set_loras(&mut self, set: &[(Arc<Lora>, f32)]) -> Result<()> {
+        let text_encoder_before = self.loras.touches_text_encoder();
+        if self.loras.apply(&self.params, &self.param_index, set)?
+            && (text_encoder_before || self.loras.touches_text_encoder())
+        {
+            self.prompt_cache.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        Ok(())
+    }
+
+    /// The LoRA set merged now.
+    pub fn loras(&self) -> &[(Arc<Lora>, f32)] {
+        self.loras.set()
+    }
+
+    /// The names and shapes of the parameters LoRAs may change.
+    pub fn param_index(&self) -> &ParamIndex {
+        &self.param_index
     }
 
     /// Pixels per latent element along each side.

@@ -71,13 +71,19 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Weights {
-    /// Loads every tensor of `files`, converted to `kind` (floating tensors only) on `device`.
+    /// Loads every tensor of `files`, converted to `kind` (floating tensors only) on `device`,
+    /// in the layout the modules use (`nn::conv_layout`), so that the map's tensors are the
+    /// very tensors the modules built from it hold (LoRAs merge into them).
     pub fn load(files: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
         let mut tensors = HashMap::new();
         for file in files {
             let loaded = Tensor::read_safetensors(file).with_context(|| format!("reading {}", file.display()))?;
             for (name, t) in loaded {
-                let t = if t.is_floating_point() { t.to_device(device).to_kind(kind) } else { t.to_device(device) };
+                let t = if t.is_floating_point() {
+                    crate::nn::conv_layout(t.to_device(device).to_kind(kind))
+                } else {
+                    t.to_device(device)
+                };
                 tensors.insert(name, t);
             }
         }
@@ -108,6 +114,15 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` itself (sharing storage with the modules built from it).
+    pub fn tensor(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(name).map(Tensor::shallow_clone)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
     }
 
     fn source(&self) -> String {
