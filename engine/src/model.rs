@@ -1,6 +1,6 @@
 //! A Stable Diffusion model folder (diffusers layout) loaded onto one device.
 use super::clip::ClipTextModel;
-use super::lora::{AppliedLoras, Component, Lora, ParamIndex};
+use super::lora::{AppliedLoras, Component, LoraSet, ParamIndex};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
@@ -9,7 +9,7 @@ use super::weights::Weights;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 pub struct StableDiffusion {
@@ -148,7 +148,7 @@ impl StableDiffusion {
     /// before, which is taken out exactly (the touched tensors' original values are kept).
     /// The same set again does nothing. A LoRA that does not fit the model is an error
     /// with a `lora::LoraError` in its chain, and leaves the model as it was.
-    pub fn set_loras(&mut self, set: &[(Arc<Lora>, f32)]) -> Result<()> {
+    pub fn set_loras(&mut self, set: &LoraSet) -> Result<()> {
         let text_encoder_before = self.loras.touches_text_encoder();
         if self.loras.apply(&self.params, &self.param_index, set)?
             && (text_encoder_before || self.loras.touches_text_encoder())
@@ -158,9 +158,14 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// The LoRA set merged now.
-    pub fn loras(&self) -> &[(Arc<Lora>, f32)] {
-        self.loras.set()
+    /// The names and weights of the LoRAs merged now.
+    pub fn loras(&self) -> Vec<(String, f32)> {
+        self.loras.names()
+    }
+
+    /// A LoRA-able parameter by its diffusers name: the tensor the model computes with.
+    pub fn param(&self, component: Component, name: &str) -> Option<Tensor> {
+        self.params.get(&component)?.tensor(name)
     }
 
     /// The names and shapes of the parameters LoRAs may change.

@@ -6,26 +6,27 @@ use super::{Lora, LoraModule};
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// LoRAs with their weights (the update of each is scaled by its weight).
-pub type LoraSet = [(Arc<Lora>, f32)];
+pub type LoraSet<'a> = [(&'a Lora, f32)];
 
 /// The LoRA set merged into a model, and the original values of the tensors it changed.
 #[derive(Default)]
 pub struct AppliedLoras {
-    set: Vec<(Arc<Lora>, f32)>,
+    /// `Lora::id`s and weights, with the names for reporting.
+    set: Vec<(u64, String, f32)>,
     originals: HashMap<(Component, String), Tensor>,
 }
 
-fn same_set(a: &LoraSet, b: &LoraSet) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|((la, wa), (lb, wb))| Arc::ptr_eq(la, lb) && wa.to_bits() == wb.to_bits())
+fn same_set(a: &[(u64, String, f32)], b: &LoraSet) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((id, _, wa), (l, wb))| *id == l.id && wa.to_bits() == wb.to_bits())
 }
 
 impl AppliedLoras {
-    pub fn set(&self) -> &LoraSet {
-        &self.set
+    /// The names and weights of the merged LoRAs.
+    pub fn names(&self) -> Vec<(String, f32)> {
+        self.set.iter().map(|(_, name, w)| (name.clone(), *w)).collect()
     }
 
     /// Whether any of the merged LoRAs changes a text encoder.
@@ -51,14 +52,17 @@ impl AppliedLoras {
         self.restore(params);
         for ((component, name), updates) in by_param {
             let mut t = param(params, component, &name)?;
-            let mut merged = t.to_kind(Kind::Float);
-            for (module, factor) in updates {
-                merged += update(module, &t) * factor;
-            }
-            self.originals.insert((component, name), t.copy());
-            t.copy_(&merged);
+            let original = t.copy();
+            let delta = updates
+                .into_iter()
+                .map(|(module, factor)| update(module, &t) * factor)
+                .reduce(|a, b| a + b)
+                .expect("a parameter is listed with its updates");
+            // Out of place: `to_kind` of a float32 tensor is the tensor itself.
+            t.copy_(&(original.to_kind(Kind::Float) + delta));
+            self.originals.insert((component, name), original);
         }
-        self.set = set.to_vec();
+        self.set = set.iter().map(|(l, w)| (l.id, l.name.clone(), *w)).collect();
         Ok(true)
     }
 

@@ -8,12 +8,13 @@ mod params;
 
 pub use header::Header;
 pub use keys::{parse_key, Component, ModuleName, ParsedKey, Role};
-pub use merge::AppliedLoras;
+pub use merge::{AppliedLoras, LoraSet};
 pub use params::ParamIndex;
 
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::Tensor;
 
 /// Why a LoRA cannot be applied to a model. The service answers INVALID_ARGUMENT.
@@ -57,7 +58,9 @@ struct Parts {
 
 /// The file's keys grouped by module, in a fixed order (so the first mismatch reported
 /// is the same on every run).
-fn group_keys<'a>(keys: impl Iterator<Item = &'a String>) -> Result<BTreeMap<(Component, ModuleName), Parts>, LoraError> {
+fn group_keys<'a>(
+    keys: impl Iterator<Item = &'a String>,
+) -> Result<BTreeMap<(Component, ModuleName), Parts>, LoraError> {
     let mut modules: BTreeMap<(Component, ModuleName), Parts> = BTreeMap::new();
     for key in keys {
         let parsed = parse_key(key)?;
@@ -94,7 +97,8 @@ struct AdapterMeta {
 }
 
 fn adapter_meta(metadata: &HashMap<String, String>, component: Component) -> AdapterMeta {
-    let Some(json) = metadata.get("lora_adapter_metadata").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    let Some(json) =
+        metadata.get("lora_adapter_metadata").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
     else {
         return AdapterMeta::default();
     };
@@ -133,6 +137,8 @@ impl LoraModule {
 
 /// A LoRA file, parsed (tensors on the CPU as stored).
 pub struct Lora {
+    /// Unique per loaded file in this process (how a model tells LoRA sets apart).
+    pub id: u64,
     pub name: String,
     pub path: PathBuf,
     pub modules: Vec<LoraModule>,
@@ -149,7 +155,8 @@ impl Lora {
             .into_iter()
             .collect();
         let modules = Self::modules(&header, tensors).with_context(|| format!("LoRA {}", path.display()))?;
-        Ok(Self { name, path: path.to_path_buf(), modules })
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), name, path: path.to_path_buf(), modules })
     }
 
     fn modules(header: &Header, mut tensors: HashMap<String, Tensor>) -> Result<Vec<LoraModule>, LoraError> {

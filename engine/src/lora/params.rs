@@ -86,7 +86,12 @@ impl ParamIndex {
             module: format!("{}.{}", component.as_str(), module.as_str()),
         })?;
         if model != shape {
-            return Err(LoraError::Shape { key: key.to_string(), param: name, lora: shape.to_vec(), model: model.to_vec() });
+            return Err(LoraError::Shape {
+                key: key.to_string(),
+                param: name,
+                lora: shape.to_vec(),
+                model: model.to_vec(),
+            });
         }
         Ok(name)
     }
