@@ -99,6 +99,7 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
                     "img2img": m.img2img,
                     "explain": m.explain,
                     "protected_regions": m.protected_regions,
+                    "loras": m.loras,
                 })
             })
             .collect();

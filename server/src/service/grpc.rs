@@ -166,10 +166,14 @@ impl Frisket for FrisketService {
 
     async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let catalog = self.catalog.clone();
-        let models = blocking(move || Ok(catalog.list())).await?;
+        let (models, loras) = blocking(move || {
+            let models: Vec<_> = catalog.list().into_iter().map(|m| (catalog.loras().fitting(&m.dir), m)).collect();
+            Ok((models, catalog.loras().names()))
+        })
+        .await?;
         let models = models
             .into_iter()
-            .map(|m| ModelInfo {
+            .map(|(fitting, m)| ModelInfo {
                 name: m.name,
                 architecture: m.architecture,
                 native_width: m.native_width,
@@ -180,9 +184,10 @@ impl Frisket for FrisketService {
                 img2img: true,
                 explain: true,
                 protected_regions: true,
+                loras: fitting,
             })
             .collect();
-        Ok(Response::new(ListModelsResponse { models }))
+        Ok(Response::new(ListModelsResponse { models, loras }))
     }
 
     async fn get_server_info(&self, _request: Request<GetServerInfoRequest>) -> Result<Response<ServerInfo>, Status> {
