@@ -146,9 +146,29 @@ fn lora_for_another_model_is_refused_by_key() {
     assert!(Header::read(&path).unwrap().shapes.contains_key(&key), "{key} is not a key of the file");
     let index = ParamIndex::from_model_dir(&common::model_dir("sd1")).unwrap();
     assert_eq!(Lora::check_header(&Header::read(&path).unwrap(), &index).unwrap_err(), *lora_err);
-    for fits in ["sd1_kohya", "sd1_peft"] {
+    for fits in ["sd1_kohya", "sd1_kohya_sgm", "sd1_peft"] {
         Lora::check_header(&Header::read(&lora_path(fits)).unwrap(), &index).unwrap();
     }
     assert!(model.loras().is_empty());
     assert!(render(&model, case).equal(&plain), "a refused LoRA changed the model");
+}
+
+/// kohya's SDXL-style keys (the original UNet's input_blocks/middle_block/output_blocks
+/// numbering) reach the same parameters as the diffusers-named keys: the same file in
+/// both spellings renders the same image, bit for bit.
+#[test]
+fn sgm_named_keys_reach_the_same_parameters() {
+    let mut model = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
+    let case = &cases()[0];
+    let diffusers_named = Lora::load(&lora_path("sd1_kohya")).unwrap();
+    let sgm_named = Lora::load(&lora_path("sd1_kohya_sgm")).unwrap();
+    let mut a = diffusers_named.targets(model.param_index()).unwrap();
+    let mut b = sgm_named.targets(model.param_index()).unwrap();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    model.set_loras(&[(&diffusers_named, 0.8)]).unwrap();
+    let expected = render(&model, case);
+    model.set_loras(&[(&sgm_named, 0.8)]).unwrap();
+    assert!(render(&model, case).equal(&expected));
 }

@@ -5,6 +5,7 @@ mod header;
 mod keys;
 mod merge;
 mod params;
+mod sgm;
 
 pub use header::Header;
 pub use keys::{parse_key, Component, ModuleName, ParsedKey, Role};

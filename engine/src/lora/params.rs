@@ -2,11 +2,13 @@
 //! finds the parameter it changes.
 use super::header::Header;
 use super::keys::{Component, ModuleName};
+use super::sgm::SgmLayout;
 use super::LoraError;
 use crate::weights::{find_weight_files, Weights};
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 #[derive(Default)]
 struct ComponentIndex {
@@ -14,6 +16,8 @@ struct ComponentIndex {
     shapes: HashMap<String, Vec<i64>>,
     /// kohya's underscored module name → the dotted module name.
     underscored: HashMap<String, String>,
+    /// The UNet's SGM block numbering, made on first use.
+    sgm: OnceLock<SgmLayout>,
 }
 
 /// Parameter names (diffusers') and shapes of a model's LoRA-able components.
@@ -25,6 +29,7 @@ pub struct ParamIndex {
 impl ParamIndex {
     pub fn add(&mut self, component: Component, name: &str, shape: Vec<i64>) {
         let c = self.components.entry(component).or_default();
+        c.sgm = OnceLock::new();
         if let Some(module) = name.strip_suffix(".weight") {
             c.underscored.insert(module.replace('.', "_"), module.to_string());
         }
@@ -65,7 +70,14 @@ impl ParamIndex {
                 .find(|m| c.shapes.contains_key(&format!("{m}.weight")))?,
             ModuleName::Underscored(u) => with_prefix_variants(u, "text_model_", component)
                 .into_iter()
-                .find_map(|u| c.underscored.get(&u).cloned())?,
+                .find_map(|u| c.underscored.get(&u).cloned())
+                .or_else(|| {
+                    let sgm = c.sgm.get_or_init(|| SgmLayout::new(c.underscored.values().map(String::as_str)));
+                    (component == Component::Unet)
+                        .then(|| sgm.to_diffusers(u))
+                        .flatten()
+                        .and_then(|d| c.underscored.get(&d).cloned())
+                })?,
         };
         let name = format!("{dotted}.weight");
         let shape = c.shapes.get(&name)?;
