@@ -6,6 +6,8 @@ set -euo pipefail
 TORCH_VERSION=2.13.0
 DIFFUSERS_VERSION=${DIFFUSERS_VERSION:-0.42.1}
 TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-5.24.0}
+# peft: diffusers loads LoRAs through it (tests/fixtures/ref_lora.py).
+PEFT_VERSION=0.21.2
 PY=${PYTHON:-python3}
 pyver=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 key="torch${TORCH_VERSION}-diffusers${DIFFUSERS_VERSION}-transformers${TRANSFORMERS_VERSION}-py${pyver}"
@@ -19,7 +21,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q --upgrade pip >&2
   "$venv/bin/pip" install -q "torch==$TORCH_VERSION" >&2
   "$venv/bin/pip" install -q "diffusers==$DIFFUSERS_VERSION" "transformers==$TRANSFORMERS_VERSION" \
-      safetensors numpy pillow scipy grpcio-tools==1.* grpcio==1.* >&2
+      safetensors numpy pillow scipy grpcio-tools==1.* grpcio==1.* "peft==$PEFT_VERSION" >&2
   touch "$venv/.complete"
 fi
 echo "$venv"

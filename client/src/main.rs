@@ -193,6 +193,10 @@ pub struct GenerateArgs {
     /// override it.
     #[arg(long, value_enum, requires = "reference")]
     pub preset: Option<PresetArg>,
+    /// A LoRA merged for this job, NAME or NAME:WEIGHT (weight 1 when absent; `frisket
+    /// models` lists the ones that fit each model; repeatable).
+    #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = frisket::proto::parse_lora_spec)]
+    pub loras: Vec<frisket::proto::v1::LoraSpec>,
     /// Stream only the masks (Grad-SAM masks and the protected region). With neither
     /// --masks nor --heatmaps the server streams both for Grad-SAM / protect jobs.
     #[arg(long)]

@@ -133,6 +133,12 @@ impl GenerateRequestBuilder {
         self
     }
 
+    /// A LoRA merged for this job (`name` from ListModels), its update scaled by `weight`.
+    pub fn lora(mut self, name: impl Into<String>, weight: Option<f32>) -> Self {
+        self.req.loras.push(pb::LoraSpec { name: name.into(), weight });
+        self
+    }
+
     /// A client-chosen id for Cancel (the server assigns one when empty).
     pub fn job_id(mut self, id: impl Into<String>) -> Self {
         self.req.job_id = id.into();

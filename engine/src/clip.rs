@@ -159,9 +159,14 @@ impl ClipTextModel {
 
     /// Config and weights from a `text_encoder/` folder.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Ok(Self::load_with_weights(dir, device, kind)?.0)
+    }
+
+    /// `load`, also returning the weights, whose tensors the model holds (not copies).
+    pub fn load_with_weights(dir: &Path, device: Device, kind: Kind) -> Result<(Self, Weights)> {
         let cfg = ClipTextConfig::from_dir(dir)?;
         let weights = Weights::load_dir(dir, device, kind)?;
-        Self::new(&weights.root(), &cfg)
+        Ok((Self::new(&weights.root(), &cfg)?, weights))
     }
 
     /// `last_hidden_state` (after `final_layer_norm`), [batch, seq, hidden], for `input_ids`

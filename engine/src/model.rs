@@ -3,6 +3,7 @@
 use super::checkpoint::{self, Component, Converted, LoadOptions};
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::config::{read_config, PerBlock};
+use super::lora::{self, AppliedLoras, LoraSet, ParamIndex};
 use super::schedulers::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, CrossContext, UNet2DConditionModel, UNetConfig};
@@ -10,6 +11,7 @@ use super::vae::{AutoencoderKl, VaeConfig};
 use super::weights::Weights;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -119,6 +121,9 @@ pub struct Components {
     pub scheduler_config: SchedulerConfig,
     /// SDXL: model_index.json's `force_zeros_for_empty_prompt` (default true).
     pub force_zeros_for_empty_prompt: bool,
+    /// The weights the UNet and text encoders were built from, whose tensors they hold
+    /// (LoRAs merge into them); a component left out takes no LoRA.
+    pub params: HashMap<lora::Component, Weights>,
 }
 
 pub struct StableDiffusion {
@@ -137,7 +142,12 @@ pub struct StableDiffusion {
     pub force_zeros_for_empty_prompt: bool,
     family: Family,
     /// Text-encoder outputs of recent prompts, most recently used last (`encode_prompts`).
+    /// Emptied when a LoRA set change touches a text encoder.
     prompt_cache: Mutex<Vec<(Vec<i64>, Encoded)>>,
+    /// The LoRA-able components' weights by diffusers name: the tensors the modules hold.
+    params: HashMap<lora::Component, Weights>,
+    param_index: ParamIndex,
+    loras: AppliedLoras,
 }
 
 /// One prompt's text-encoder output: the UNet's encoder hidden states [1, 77, D] and, for
@@ -196,19 +206,23 @@ fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Re
             dir.display()
         );
     }
+    let mut params = HashMap::new();
     let tokenizer = ClipTokenizer::from_dir(&component("tokenizer")?).context("loading tokenizer/")?;
-    let text_encoder =
-        ClipTextModel::load(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+    let (text_encoder, weights) =
+        ClipTextModel::load_with_weights(&component("text_encoder")?, device, kind).context("loading text_encoder/")?;
+    params.insert(lora::Component::TextEncoder, weights);
     let text_encoder_2 = if sdxl {
-        Some(SecondEncoder {
-            tokenizer: ClipTokenizer::from_dir(&component("tokenizer_2")?).context("loading tokenizer_2/")?,
-            text_encoder: ClipTextModel::load(&component("text_encoder_2")?, device, kind)
-                .context("loading text_encoder_2/")?,
-        })
+        let tokenizer = ClipTokenizer::from_dir(&component("tokenizer_2")?).context("loading tokenizer_2/")?;
+        let (text_encoder, weights) = ClipTextModel::load_with_weights(&component("text_encoder_2")?, device, kind)
+            .context("loading text_encoder_2/")?;
+        params.insert(lora::Component::TextEncoder2, weights);
+        Some(SecondEncoder { tokenizer, text_encoder })
     } else {
         None
     };
-    let unet = UNet2DConditionModel::load(&component("unet")?, device, kind).context("loading unet/")?;
+    let (unet, weights) =
+        UNet2DConditionModel::load_with_weights(&component("unet")?, device, kind).context("loading unet/")?;
+    params.insert(lora::Component::Unet, weights);
     let vae_dir = component("vae")?;
     let vae_config = VaeConfig::from_dir(&vae_dir).context("loading vae/")?;
     let vae = match opts.vae {
@@ -228,6 +242,7 @@ fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Re
         vae,
         scheduler_config,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+        params,
     })
 }
 
@@ -235,23 +250,24 @@ fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Re
 fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Components> {
     let Converted { family, unet, vae, text_encoders, scheduler, pad_tokens, .. } =
         checkpoint::convert(path, opts, device, kind)?;
-    let mut encoders = text_encoders.into_iter().zip(pad_tokens).map(|(c, pad)| -> Result<_> {
+    let mut params = HashMap::new();
+    let mut encoders =
+        text_encoders.into_iter().zip(pad_tokens).zip([lora::Component::TextEncoder, lora::Component::TextEncoder2]);
+    let mut encoder = |what: &str| -> Result<Option<(ClipTokenizer, ClipTextModel)>> {
+        let Some(((c, pad), part)) = encoders.next() else { return Ok(None) };
         let cfg = ClipTextConfig::from_value(c.config)?;
-        let model = ClipTextModel::new(&Weights::from_map(c.tensors, device, kind).root(), &cfg)
-            .context("building a text encoder")?;
-        Ok((ClipTokenizer::standard(pad)?, model))
-    });
-    let (tokenizer, text_encoder) = encoders.next().context("no text encoder")??;
-    let text_encoder_2 = match encoders.next() {
-        Some(second) => {
-            let (tokenizer, text_encoder) = second?;
-            Some(SecondEncoder { tokenizer, text_encoder })
-        }
-        None => None,
+        let weights = Weights::from_map(c.tensors, device, kind);
+        let model = ClipTextModel::new(&weights.root(), &cfg).with_context(|| format!("building the {what}"))?;
+        params.insert(part, weights);
+        Ok(Some((ClipTokenizer::standard(pad)?, model)))
     };
+    let (tokenizer, text_encoder) = encoder("text encoder")?.context("no text encoder")?;
+    let text_encoder_2 =
+        encoder("second text encoder")?.map(|(tokenizer, text_encoder)| SecondEncoder { tokenizer, text_encoder });
     let unet_cfg = UNetConfig::from_value(unet.config)?;
-    let unet = UNet2DConditionModel::new(&Weights::from_map(unet.tensors, device, kind).root(), &unet_cfg)
-        .context("building the UNet")?;
+    let weights = Weights::from_map(unet.tensors, device, kind);
+    let unet = UNet2DConditionModel::new(&weights.root(), &unet_cfg).context("building the UNet")?;
+    params.insert(lora::Component::Unet, weights);
     Ok(Components {
         tokenizer,
         text_encoder,
@@ -260,6 +276,7 @@ fn load_file(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Res
         vae: vae_from(vae, family == Family::Sdxl)?,
         scheduler_config: scheduler,
         force_zeros_for_empty_prompt: true,
+        params,
     })
 }
 
@@ -376,6 +393,10 @@ impl StableDiffusion {
                 Family::single_encoder(c.text_encoder.hidden_size(), c.scheduler_config.prediction_type.as_deref())
             }
         };
+        let mut param_index = ParamIndex::default();
+        for (component, weights) in &c.params {
+            param_index.add_weights(*component, weights);
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer: c.tokenizer,
@@ -389,11 +410,43 @@ impl StableDiffusion {
             force_zeros_for_empty_prompt: c.force_zeros_for_empty_prompt,
             family,
             prompt_cache: Mutex::new(Vec::new()),
+            params: c.params,
+            param_index,
+            loras: AppliedLoras::default(),
         })
     }
 
     pub fn family(&self) -> Family {
         self.family
+    }
+
+    /// Merges `set` (LoRAs with their weights) into the weights in place of the set merged
+    /// before, which is taken out exactly (the touched tensors' original values are kept).
+    /// The same set again does nothing. A LoRA that does not fit the model is an error
+    /// with a `lora::LoraError` in its chain, and leaves the model as it was.
+    pub fn set_loras(&mut self, set: &LoraSet) -> Result<()> {
+        let text_encoder_before = self.loras.touches_text_encoder();
+        if self.loras.apply(&self.params, &self.param_index, set)?
+            && (text_encoder_before || self.loras.touches_text_encoder())
+        {
+            self.prompt_cache.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        Ok(())
+    }
+
+    /// The names and weights of the LoRAs merged now.
+    pub fn loras(&self) -> Vec<(String, f32)> {
+        self.loras.names()
+    }
+
+    /// A LoRA-able parameter by its diffusers name: the tensor the model computes with.
+    pub fn param(&self, component: lora::Component, name: &str) -> Option<Tensor> {
+        self.params.get(&component)?.tensor(name)
+    }
+
+    /// The names and shapes of the parameters LoRAs may change.
+    pub fn param_index(&self) -> &ParamIndex {
+        &self.param_index
     }
 
     /// Pixels per latent element along each side.

@@ -26,6 +26,18 @@ pub fn is_channels_last(x: &Tensor) -> bool {
     stride[1] == 1 && (w == 1 || stride[3] == c) && (h == 1 || stride[2] == c * w) && stride[0] == c * h * w
 }
 
+/// The layout convolution weights are kept in: float32 4-d tensors on the CPU
+/// channels-last, which makes oneDNN run the convolution (and return its output)
+/// channels-last, faster on the CPU and letting the layers in between keep that layout
+/// without copies (the values are the same up to rounding). Other tensors as they are.
+pub fn conv_layout(t: Tensor) -> Tensor {
+    if t.dim() == 4 && cpu_float(&t) {
+        channels_last(&t)
+    } else {
+        t
+    }
+}
+
 /// Rows of a linear layer at and above which the CPU path multiplies through a oneDNN 1×1
 /// convolution (below it MKL's call overhead is the smaller one).
 const ONEDNN_MIN_ROWS: i64 = 32;
@@ -94,10 +106,7 @@ impl Conv2d {
     pub fn load(p: &WeightPath, in_ch: i64, out_ch: i64, kernel: i64, stride: i64, padding: i64) -> Result<Self> {
         let weight = p.get("weight", &[out_ch, in_ch, kernel, kernel])?;
         let bias = Some(p.get("bias", &[out_ch])?);
-        // Channels-last weights make oneDNN run the convolution (and return its output)
-        // channels-last, which is faster on the CPU and lets the layers in between keep
-        // that layout without copies; the values are the same up to rounding.
-        let weight = if cpu_float(&weight) { channels_last(&weight) } else { weight };
+        let weight = conv_layout(weight);
         Ok(Self { weight, bias, stride, padding })
     }
 

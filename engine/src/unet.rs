@@ -417,9 +417,16 @@ impl UNet2DConditionModel {
 
     /// Loads `dir` (a `unet` folder: config.json plus safetensors) as `kind` on `device`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Ok(Self::load_with_weights(dir, device, kind)?.0)
+    }
+
+    /// `load`, also returning the weights, whose tensors the model holds (not copies).
+    pub fn load_with_weights(dir: &Path, device: Device, kind: Kind) -> Result<(Self, Weights)> {
         let cfg = UNetConfig::from_dir(dir)?;
         let weights = Weights::load_dir(dir, device, kind)?;
-        Self::new(&weights.root(), &cfg).with_context(|| format!("building the UNet from {}", dir.display()))
+        let unet =
+            Self::new(&weights.root(), &cfg).with_context(|| format!("building the UNet from {}", dir.display()))?;
+        Ok((unet, weights))
     }
 
     pub fn config(&self) -> &UNetConfig {

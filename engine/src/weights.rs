@@ -72,13 +72,16 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Weights {
-    /// Loads every tensor of `files` (memory-mapped, one tensor at a time), converted to `kind` (floating tensors only) on `device`.
+    /// Loads every tensor of `files` (memory-mapped, one tensor at a time), converted to
+    /// `kind` (floating tensors only) on `device`, in the layout the modules use
+    /// (`nn::conv_layout`), so that the map's tensors are the very tensors the modules built
+    /// from it hold (LoRAs merge into them).
     pub fn load(files: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
         let mut tensors = HashMap::new();
         for file in files {
             let mapped = MappedFile::open(file)?;
             for name in mapped.header.tensors.keys() {
-                tensors.insert(name.clone(), mapped.tensor(name, device, kind)?);
+                tensors.insert(name.clone(), crate::nn::conv_layout(mapped.tensor(name, device, kind)?));
             }
         }
         Ok(Self { tensors, files: files.to_vec(), device, kind })
@@ -90,7 +93,9 @@ impl Weights {
         Self::load(&files, device, kind)
     }
 
+    /// Tensors already read (a converted checkpoint), put in the modules' layout as `load` does.
     pub fn from_map(tensors: HashMap<String, Tensor>, device: Device, kind: Kind) -> Self {
+        let tensors = tensors.into_iter().map(|(name, t)| (name, crate::nn::conv_layout(t))).collect();
         Self { tensors, files: Vec::new(), device, kind }
     }
 
@@ -108,6 +113,15 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` itself (sharing storage with the modules built from it).
+    pub fn tensor(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(name).map(Tensor::shallow_clone)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
     }
 
     fn source(&self) -> String {

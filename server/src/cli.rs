@@ -1,4 +1,5 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
+use crate::service::loras::{self, LoadedLoras};
 use crate::service::models::Catalog;
 use crate::service::request;
 use crate::service::Limits;
@@ -38,6 +39,9 @@ pub struct ServeArgs {
     /// checkpoints (original SD layout), named by folder name or file stem.
     #[arg(long)]
     pub models: PathBuf,
+    /// A folder of LoRA files (`NAME.safetensors`) that requests may name.
+    #[arg(long)]
+    pub loras: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -135,6 +139,13 @@ pub struct RenderArgs {
     /// start, fast Grad-SAM (exact for the last layer); explicit flags override it.
     #[arg(long, value_parser = ["paper"], requires = "reference")]
     pub preset: Option<String>,
+    /// A folder of LoRA files (`NAME.safetensors`) for --lora.
+    #[arg(long)]
+    pub loras: Option<PathBuf>,
+    /// A LoRA from --loras merged for this image, NAME or NAME:WEIGHT (weight 1 when
+    /// absent; repeatable).
+    #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = frisket_proto::parse_lora_spec, requires = "loras")]
+    pub lora: Vec<pb::LoraSpec>,
     /// Write every heatmap and mask as .npy and .png, with a manifest.json.
     #[arg(long, value_name = "DIR")]
     pub dump_dir: Option<PathBuf>,
@@ -185,6 +196,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     );
     crate::service::run(crate::service::ServeConfig {
         models: a.models,
+        loras: a.loras,
         listen: a.listen,
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
@@ -218,6 +230,7 @@ fn request(a: &RenderArgs) -> Result<pb::GenerateRequest> {
         },
         explain,
         preset: a.preset.clone().unwrap_or_default(),
+        loras: a.lora.clone(),
         ..Default::default()
     })
 }
@@ -242,13 +255,16 @@ fn render(a: RenderArgs) -> Result<()> {
         a.model.display()
     );
     let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let catalog = Catalog::new(root)?;
+    let catalog = Catalog::new(root)?.with_loras(a.loras.as_deref())?;
     let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let (width, height) = (spec.width, spec.height);
     let loaded = Instant::now();
     let opts = LoadOptions { vae: a.vae.as_deref(), ..Default::default() };
-    let model = StableDiffusion::load_with(&a.model, &opts, device, default_kind(device))?;
+    let mut model = StableDiffusion::load_with(&a.model, &opts, device, default_kind(device))?;
+    let mut lora_files = LoadedLoras::new();
+    let set = loras::load(&spec.loras, &mut lora_files).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    model.set_loras(&set)?;
     let job = model.prepare(&spec.params())?;
     let mut dump = a.dump_dir.as_deref().map(Dump::create).transpose()?;
     if !a.quiet {

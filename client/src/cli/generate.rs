@@ -143,6 +143,9 @@ pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Fai
     if let Some(options) = explain_options(a)? {
         b = b.explain(options);
     }
+    for lora in &a.loras {
+        b = b.lora(&lora.name, lora.weight);
+    }
     if let Some(id) = &a.job_id {
         b = b.job_id(id);
     }
@@ -403,6 +406,13 @@ mod tests {
             Command::Generate(a) => build_request(&a),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn loras_map_onto_the_request() {
+        let r = request(&["--lora", "detail:0.6", "--lora", "style"]).unwrap();
+        let loras: Vec<(&str, Option<f32>)> = r.loras.iter().map(|l| (l.name.as_str(), l.weight)).collect();
+        assert_eq!(loras, [("detail", Some(0.6)), ("style", None)]);
     }
 
     #[test]

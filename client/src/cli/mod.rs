@@ -101,6 +101,7 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
                     "protected_regions": m.protected_regions,
                     "format": m.format,
                     "error": m.error,
+                    "loras": m.loras,
                 })
             })
             .collect();

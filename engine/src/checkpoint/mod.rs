@@ -12,6 +12,7 @@ pub mod safetensors;
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::vae::VaeConfig;
 use anyhow::{bail, Context, Result};
+use plan::Plan;
 use safetensors::{Header, MappedFile};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -196,15 +197,8 @@ pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> R
     let prediction = family.prediction(h, opts.prediction)?;
     let native = family.native_size(Some(prediction));
 
-    let unet_plan = convert_unet::plan(h)?;
+    let (unet_plan, text_plans) = plans(h, family)?;
     let unet_config = convert_unet::config(h, family)?;
-    let text_plans = match family {
-        Family::Sd1 => vec![convert_clip::clip(h, detect::CLIP_SD1)?],
-        Family::Sd2 => vec![convert_clip::open_clip(h, detect::OPEN_CLIP_SD2, true)?],
-        Family::Sdxl => {
-            vec![convert_clip::clip(h, detect::CLIP_SDXL)?, convert_clip::open_clip(h, detect::OPEN_CLIP_SDXL, false)?]
-        }
-    };
     let vae = match opts.vae {
         Some(vae_path) => load_vae(vae_path, family.vae_scaling_factor(), native, device, kind)?,
         None => read_vae(&file, family, native, device, kind)?,
@@ -227,6 +221,27 @@ pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> R
         scheduler: family.scheduler_config(prediction)?,
         pad_tokens: family.pad_tokens().to_vec(),
     })
+}
+
+/// The conversion plans of the UNet and of each text encoder (with its config).
+fn plans(h: &Header, family: Family) -> Result<(Plan, Vec<(Value, Plan)>)> {
+    let text = match family {
+        Family::Sd1 => vec![convert_clip::clip(h, detect::CLIP_SD1)?],
+        Family::Sd2 => vec![convert_clip::open_clip(h, detect::OPEN_CLIP_SD2, true)?],
+        Family::Sdxl => {
+            vec![convert_clip::clip(h, detect::CLIP_SDXL)?, convert_clip::open_clip(h, detect::OPEN_CLIP_SDXL, false)?]
+        }
+    };
+    Ok((convert_unet::plan(h)?, text))
+}
+
+/// The diffusers names and shapes a checkpoint's UNet and text encoders convert to, from
+/// its header alone: the UNet's, then each text encoder's (SDXL: CLIP-L, then bigG).
+pub fn parameter_shapes(path: &Path) -> Result<Vec<Vec<(String, Vec<i64>)>>> {
+    check_extension(path)?;
+    let h = Header::read(path)?;
+    let (unet, text) = plans(&h, detect::detect(&h)?)?;
+    std::iter::once(&unet).chain(text.iter().map(|(_, plan)| plan)).map(|plan| plan.shapes(&h)).collect()
 }
 
 /// A standalone VAE file (original layout, with or without `first_stage_model.`, or

@@ -1,6 +1,6 @@
 //! A conversion plan: which stored tensor becomes which diffusers tensor, and how. Plans
 //! are built from the header alone, then executed one tensor at a time.
-use super::safetensors::MappedFile;
+use super::safetensors::{Header, MappedFile};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -44,6 +44,43 @@ impl Plan {
             out.insert(item.target.clone(), t);
         }
         Ok(out)
+    }
+
+    /// The converted tensors' names and shapes, from the header alone.
+    pub fn shapes(&self, h: &Header) -> Result<Vec<(String, Vec<i64>)>> {
+        self.items
+            .iter()
+            .map(|item| {
+                let size = h
+                    .shape(&item.source)
+                    .with_context(|| format!("{}: no tensor `{}`", h.path.display(), item.source))?;
+                Ok((item.target.clone(), item.op.shape(size)))
+            })
+            .collect()
+    }
+}
+
+impl Op {
+    /// The shape `apply` gives a tensor of shape `size`.
+    fn shape(self, size: &[i64]) -> Vec<i64> {
+        match self {
+            Op::Copy => size.to_vec(),
+            Op::Squeeze => size[..size.len().min(2)].to_vec(),
+            Op::Rows { parts, .. } => {
+                let mut s = size.to_vec();
+                if let Some(rows) = s.first_mut() {
+                    *rows /= parts;
+                }
+                s
+            }
+            Op::Transpose => {
+                let mut s = size.to_vec();
+                if s.len() >= 2 {
+                    s.swap(0, 1);
+                }
+                s
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `frisket.v1.Frisket` gRPC service.
 use super::jobs::{EventResult, Job, PushError, Queue};
-use super::models::Catalog;
+use super::models::{Catalog, Listed};
 use super::request::{self, prepare};
 use super::Limits;
 use frisket_engine::text::quote;
@@ -167,10 +167,15 @@ impl Frisket for FrisketService {
 
     async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let catalog = self.catalog.clone();
-        let models = blocking(move || Ok(catalog.list())).await?;
+        let (models, loras) = blocking(move || {
+            let fitting = |l: &Listed| l.meta.as_ref().map(|m| catalog.loras().fitting(&m.dir)).unwrap_or_default();
+            let models: Vec<_> = catalog.list().into_iter().map(|l| (fitting(&l), l)).collect();
+            Ok((models, catalog.loras().names()))
+        })
+        .await?;
         let models = models
             .into_iter()
-            .map(|listed| match listed.meta {
+            .map(|(fitting, listed)| match listed.meta {
                 Ok(m) => ModelInfo {
                     name: m.name,
                     architecture: m.architecture,
@@ -185,6 +190,7 @@ impl Frisket for FrisketService {
                     protected_regions: true,
                     error: String::new(),
                     format: m.format.name().to_string(),
+                    loras: fitting,
                 },
                 Err(error) => ModelInfo {
                     name: listed.name,
@@ -194,7 +200,7 @@ impl Frisket for FrisketService {
                 },
             })
             .collect();
-        Ok(Response::new(ListModelsResponse { models }))
+        Ok(Response::new(ListModelsResponse { models, loras }))
     }
 
     async fn get_server_info(&self, _request: Request<GetServerInfoRequest>) -> Result<Response<ServerInfo>, Status> {

@@ -12,6 +12,7 @@
 //! UNAVAILABLE; then the server stops and the process exits 0.
 pub mod grpc;
 pub mod jobs;
+pub mod loras;
 pub mod models;
 pub mod preview;
 pub mod request;
@@ -52,6 +53,8 @@ impl Default for Limits {
 
 pub struct ServeConfig {
     pub models: PathBuf,
+    /// The LoRA folder (`--loras`), if any.
+    pub loras: Option<PathBuf>,
     pub listen: String,
     pub device: String,
     pub queue_capacity: usize,
@@ -84,7 +87,7 @@ fn device_name(device: tch::Device) -> String {
 pub fn run(cfg: ServeConfig) -> Result<()> {
     init_tracing();
     let device = frisket_engine::model::parse_device(&cfg.device)?;
-    let catalog = Arc::new(models::Catalog::new(&cfg.models)?);
+    let catalog = Arc::new(models::Catalog::new(&cfg.models)?.with_loras(cfg.loras.as_deref())?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("frisket-rt")

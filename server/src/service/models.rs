@@ -3,6 +3,7 @@
 //! the file system, and a name must resolve (after symlinks) to a path inside the models
 //! root. Metadata comes from config files or a checkpoint's header (no weights loaded), so
 //! ListModels and request validation never wait for the engine.
+use super::loras::LoraCatalog;
 use anyhow::{bail, Context, Result};
 use frisket_engine::checkpoint;
 use frisket_engine::model::{is_sdxl_folder, Family};
@@ -79,6 +80,7 @@ pub struct Catalog {
     /// `root`, canonicalized: every model path must resolve inside it.
     canonical_root: PathBuf,
     tokenizers: Mutex<HashMap<String, Arc<ClipTokenizer>>>,
+    loras: LoraCatalog,
 }
 
 /// A model name is one path component of letters, digits, `.`, `_` and `-`, not starting
@@ -87,10 +89,7 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("model is required: pass a model name from ListModels"));
     }
-    let ok = name.len() <= 128
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
+    if !valid_name(name) {
         return Err(Status::invalid_argument(format!(
             "invalid model name {}: use a name from ListModels (letters, digits, '.', '_' and '-', not starting with '.')",
             quote(name)
@@ -99,13 +98,36 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Whether `name` is a valid model or LoRA name (see `check_name`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 impl Catalog {
     pub fn new(root: &Path) -> Result<Self> {
         if !root.is_dir() {
             bail!("models directory {} does not exist", root.display());
         }
         let canonical_root = root.canonicalize().with_context(|| format!("resolving {}", root.display()))?;
-        Ok(Self { root: root.to_path_buf(), canonical_root, tokenizers: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            root: root.to_path_buf(),
+            canonical_root,
+            tokenizers: Mutex::new(HashMap::new()),
+            loras: LoraCatalog::default(),
+        })
+    }
+
+    /// Offers the LoRAs of `dir` (`--loras`).
+    pub fn with_loras(mut self, dir: Option<&Path>) -> Result<Self> {
+        self.loras = LoraCatalog::new(dir)?;
+        Ok(self)
+    }
+
+    pub fn loras(&self) -> &LoraCatalog {
+        &self.loras
     }
 
     pub fn root(&self) -> &Path {

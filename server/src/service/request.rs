@@ -1,6 +1,7 @@
 //! GenerateRequest → a validated job: defaults from the proto filled in, every field
 //! checked before the job is queued, so bad input costs no engine time and gets
 //! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
+use super::loras::{self, JobLora};
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
 use frisket_engine::explain::{self, ExplainMode, ExplainParams, LayerChoice, MaskParams, SubjectSpec};
@@ -73,6 +74,9 @@ pub struct JobSpec {
     pub protect: Option<ProtectSpec>,
     /// Which mask / heatmap events to stream.
     pub explain_stream: ExplainStream,
+    /// LoRAs to merge for this job (names known, weights in range; fit checked on the
+    /// engine thread).
+    pub loras: Vec<JobLora>,
 }
 
 #[derive(Clone, Debug)]
@@ -379,6 +383,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         explain,
         protect,
         explain_stream,
+        loras: loras::check(&req.loras, catalog.loras())?,
     })
 }
 

@@ -2,6 +2,7 @@
 //! time (tch tensors are not Sync and grad mode is per thread). Jobs come from the
 //! [`Queue`]; events go back over each job's bounded stream channel.
 use super::jobs::{Job, Queue, StopReason};
+use super::loras;
 use super::models::Catalog;
 use super::preview;
 use frisket_engine::image_io;
@@ -23,7 +24,7 @@ use tracing::{error, info, info_span, warn};
 
 pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handle) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
-        let mut worker = Worker { models: HashMap::new(), device, rt, catalog };
+        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, rt, catalog };
         while let Some(job) = queue.next() {
             let span = info_span!("job", job_id = %job.id);
             let _entered = span.enter();
@@ -79,6 +80,7 @@ impl From<Status> for End {
 
 struct Worker {
     models: HashMap<String, StableDiffusion>,
+    loras: loras::LoadedLoras,
     device: Device,
     rt: Handle,
     catalog: Arc<Catalog>,
@@ -143,7 +145,11 @@ impl Worker {
         let rt = self.rt.clone();
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
-        let model = self.model(&spec.meta.name)?;
+        self.model(&spec.meta.name)?;
+        let model = self.models.get_mut(&spec.meta.name).expect("loaded above");
+        let set = loras::load(&spec.loras, &mut self.loras)?;
+        model.set_loras(&set).map_err(|e| loras::status(&spec.meta.name, &e))?;
+        let model = &*model;
         let prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         let timesteps = prepared.timesteps.clone();
         // The resolved Grad-SAM plan: its subjects (picked from the prompt when none were
