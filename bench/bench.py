@@ -335,7 +335,7 @@ def explain_bench(binary: str, folder: Path) -> None:
         ref256, ref64 = Path(tmp) / "ref256.png", Path(tmp) / "ref64.png"
         reference_png(ref256, SIZE)
         reference_png(ref64, 64)
-        paper = ["--steps", "50", "--guidance", "8", "--strength", "0.9", "--scheduler", "ddim"]
+        paper = ["--steps", "50", "--guidance", "8", "--strength", "0.9", "--scheduler", "ddpm"]
         plain = render_timings(binary, folder, ["--reference", str(ref256)] + paper)
         fast = render_timings(
             binary, folder, ["--reference", str(ref256), "--preset", "paper", "--subject", "lighthouse"]

@@ -100,9 +100,31 @@ def tokenizer(folder: Path, cache: Path, pad: str) -> CLIPTokenizer:
     return tok
 
 
+def sd15_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def sdxl_unet() -> UNet2DConditionModel:
+    """The SDXL base UNet (stable-diffusion-xl-base-1.0's config)."""
+    return UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        layers_per_block=2,
+    )
+
+
 def build_sd15(folder: Path, cache: Path) -> None:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    unet = sd15_unet()
     pipe = StableDiffusionPipeline(
         vae=vae(512, 0.18215, False),
         text_encoder=clip_l(),
@@ -118,20 +140,7 @@ def build_sd15(folder: Path, cache: Path) -> None:
 
 def build_sdxl(folder: Path, cache: Path) -> None:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        layers_per_block=2,
-    )
+    unet = sdxl_unet()
     pipe = StableDiffusionXLPipeline(
         vae=vae(1024, 0.13025, True),
         text_encoder=clip_l(),

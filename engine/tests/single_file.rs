@@ -263,11 +263,11 @@ fn peak_rss() -> u64 {
     kb.unwrap_or(0) * 1024
 }
 
-/// A full-size SD 1.5 checkpoint (bench/single_file_checkpoint.py) loads as fp32 on the CPU
+/// A full-size SD 1.5 or SDXL checkpoint (bench/single_file_checkpoint.py) loads as fp32 on the CPU
 /// without holding the file and the converted tensors at once: the peak stays below the
 /// converted tensors plus half the file (libtorch's own footprint included).
 #[test]
-#[ignore = "needs FRISKET_FULL_CHECKPOINT: a ~2 GB file from bench/single_file_checkpoint.py"]
+#[ignore = "needs FRISKET_FULL_CHECKPOINT: a 2-7 GB file from bench/single_file_checkpoint.py"]
 fn full_size_checkpoint_loads_within_its_converted_size() {
     let path = PathBuf::from(std::env::var("FRISKET_FULL_CHECKPOINT").expect("FRISKET_FULL_CHECKPOINT"));
     let file_size = std::fs::metadata(&path).unwrap().len();
@@ -287,7 +287,8 @@ fn full_size_checkpoint_loads_within_its_converted_size() {
         gb(before),
         gb(converted)
     );
-    assert_eq!(model.unet.config().block_out_channels, [320, 640, 1280, 1280]);
+    let blocks = &model.unet.config().block_out_channels;
+    assert!(blocks[..] == [320, 640, 1280, 1280] || blocks[..] == [320, 640, 1280], "{blocks:?}");
     assert!(peak < converted + file_size / 2, "peak RSS {:.2} GB", gb(peak));
 }
 

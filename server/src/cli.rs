@@ -12,6 +12,7 @@ use frisket_engine::explain::ExplainMode;
 use frisket_engine::image_io;
 use frisket_engine::model::{default_kind, parse_device, StableDiffusion};
 use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
+use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tch;
 use frisket_proto::v1 as pb;
 use std::io::Write;
@@ -42,6 +43,10 @@ pub struct ServeArgs {
     /// A folder of LoRA files (`NAME.safetensors`) that requests may name.
     #[arg(long)]
     pub loras: Option<PathBuf>,
+    /// The prediction type of a single-file model whose file cannot tell (SD 2.x files
+    /// default to v_prediction; the 512 px base models are epsilon). Repeatable.
+    #[arg(long = "prediction", value_name = "MODEL=TYPE", value_parser = parse_prediction_override)]
+    pub predictions: Vec<(String, PredictionType)>,
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -65,6 +70,10 @@ pub struct RenderArgs {
     /// A VAE `.safetensors` file used instead of the model's own VAE.
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// The prediction type of a single-file model whose file cannot tell: epsilon,
+    /// v_prediction or sample (SD 2.x files default to v_prediction).
+    #[arg(long, value_parser = PredictionType::parse)]
+    pub prediction: Option<PredictionType>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -197,6 +206,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     crate::service::run(crate::service::ServeConfig {
         models: a.models,
         loras: a.loras,
+        predictions: a.predictions,
         listen: a.listen,
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
@@ -255,12 +265,14 @@ fn render(a: RenderArgs) -> Result<()> {
         a.model.display()
     );
     let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let catalog = Catalog::new(root)?.with_loras(a.loras.as_deref())?;
+    let name = catalog_name(&a)?;
+    let predictions: Vec<_> = a.prediction.map(|p| (name.clone(), p)).into_iter().collect();
+    let catalog = Catalog::new(root)?.with_loras(a.loras.as_deref())?.with_predictions(&predictions)?;
     let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let (width, height) = (spec.width, spec.height);
     let loaded = Instant::now();
-    let opts = LoadOptions { vae: a.vae.as_deref(), ..Default::default() };
+    let opts = LoadOptions { vae: a.vae.as_deref(), ..catalog.load_options(&name) };
     let mut model = StableDiffusion::load_with(&a.model, &opts, device, default_kind(device))?;
     let mut lora_files = LoadedLoras::new();
     let set = loras::load(&spec.loras, &mut lora_files).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -440,4 +452,10 @@ fn dump_manipulation(d: &mut Dump, m: &Manipulation) -> Result<()> {
         d.write(&format!("heatmap_step{:03}_token{:02}", m.index, h.subject.token_index), &h.map, true, en)?;
     }
     d.write(&format!("mask_step{:03}", m.index), &m.mask, false, entry("mask"))
+}
+
+/// `MODEL=TYPE` of `serve --prediction`.
+fn parse_prediction_override(s: &str) -> Result<(String, PredictionType)> {
+    let (model, prediction) = s.split_once('=').context("expected MODEL=TYPE, e.g. sd21-base=epsilon")?;
+    Ok((model.to_string(), PredictionType::parse(prediction)?))
 }

@@ -109,3 +109,25 @@ fn render_takes_a_single_file_and_a_vae() {
     assert_eq!(image::image_dimensions(&out).unwrap(), (64, 64));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// SD 2.x files cannot tell ε from v-prediction; `--prediction MODEL=TYPE` says it, and
+/// the model is listed, scheduled and run with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prediction_override_for_a_single_file() {
+    let root = tempdir("prediction");
+    std::fs::copy(single("sd2.safetensors"), root.join("v21.safetensors")).unwrap();
+    std::fs::copy(single("sd2.safetensors"), root.join("base.safetensors")).unwrap();
+    let server = Server::start_on(&root, &["--prediction", "base=epsilon"]).await;
+    let mut client = server.client().await;
+    let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let listed: Vec<(&str, &str, u32)> =
+        models.iter().map(|m| (m.name.as_str(), m.prediction_type.as_str(), m.native_width)).collect();
+    assert_eq!(listed, [("base", "epsilon", 512), ("v21", "v_prediction", 768)]);
+    let mut images = Vec::new();
+    for name in ["base", "v21"] {
+        let done = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
+        assert_eq!(done.code(), Code::Ok, "{name}: {:?}", done.error);
+        images.push(done.result().expect("a result").image.clone());
+    }
+    assert_ne!(images[0], images[1], "the same weights under ε and v-prediction gave the same image");
+}

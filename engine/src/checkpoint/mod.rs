@@ -75,11 +75,7 @@ impl Family {
     /// The scheduler_config.json of the family's reference diffusers repository
     /// (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0).
     pub fn scheduler_config(self, prediction: PredictionType) -> Result<SchedulerConfig> {
-        let prediction = match prediction {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-            PredictionType::Sample => "sample",
-        };
+        let prediction = prediction.name();
         let mut cfg = json!({
             "beta_start": 0.00085,
             "beta_end": 0.012,
@@ -235,9 +231,12 @@ fn plans(h: &Header, family: Family) -> Result<(Plan, Vec<(Value, Plan)>)> {
     Ok((convert_unet::plan(h)?, text))
 }
 
+/// Diffusers parameter names with their shapes.
+pub type Shapes = Vec<(String, Vec<i64>)>;
+
 /// The diffusers names and shapes a checkpoint's UNet and text encoders convert to, from
 /// its header alone: the UNet's, then each text encoder's (SDXL: CLIP-L, then bigG).
-pub fn parameter_shapes(path: &Path) -> Result<Vec<Vec<(String, Vec<i64>)>>> {
+pub fn parameter_shapes(path: &Path) -> Result<Vec<Shapes>> {
     check_extension(path)?;
     let h = Header::read(path)?;
     let (unet, text) = plans(&h, detect::detect(&h)?)?;

@@ -47,7 +47,7 @@ impl Plan {
     }
 
     /// The converted tensors' names and shapes, from the header alone.
-    pub fn shapes(&self, h: &Header) -> Result<Vec<(String, Vec<i64>)>> {
+    pub fn shapes(&self, h: &Header) -> Result<super::Shapes> {
         self.items
             .iter()
             .map(|item| {

@@ -118,6 +118,23 @@ pub enum PredictionType {
     Sample,
 }
 
+impl PredictionType {
+    /// The name diffusers' configs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::VPrediction => "v_prediction",
+            Self::Sample => "sample",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        [Self::Epsilon, Self::VPrediction, Self::Sample].into_iter().find(|p| p.name() == name).with_context(|| {
+            format!("unknown prediction type {} (expected epsilon, v_prediction or sample)", crate::text::quote(name))
+        })
+    }
+}
+
 /// A model's scheduler/scheduler_config.json. Every field is optional: what a field means
 /// when absent depends on the scheduler class (`from_config` semantics, see `build`).
 /// Keys without a field land in `other` and are checked by each class that knows them.
@@ -255,12 +272,12 @@ impl ClassConfig<'_> {
 
     fn prediction_type(&self) -> Result<PredictionType> {
         Ok(match get!(self, prediction_type, "epsilon".into()).as_str() {
-            "epsilon" => PredictionType::Epsilon,
-            "v_prediction" => PredictionType::VPrediction,
             // EulerDiscreteScheduler also accepts the old name `original_sample`.
-            "sample" => PredictionType::Sample,
             "original_sample" if self.class == "EulerDiscreteScheduler" => PredictionType::Sample,
-            other => bail!("{} prediction_type \"{other}\" is not supported", self.class),
+            other => match PredictionType::parse(other) {
+                Ok(p) => p,
+                Err(_) => bail!("{} prediction_type \"{other}\" is not supported", self.class),
+            },
         })
     }
 

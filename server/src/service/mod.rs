@@ -19,6 +19,7 @@ pub mod request;
 pub mod worker;
 
 use anyhow::{Context, Result};
+use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tch;
 use frisket_proto::v1::frisket_server::FrisketServer;
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub models: PathBuf,
     /// The LoRA folder (`--loras`), if any.
     pub loras: Option<PathBuf>,
+    /// Prediction types of single-file models (`--prediction MODEL=TYPE`).
+    pub predictions: Vec<(String, PredictionType)>,
     pub listen: String,
     pub device: String,
     pub queue_capacity: usize,
@@ -87,7 +90,9 @@ fn device_name(device: tch::Device) -> String {
 pub fn run(cfg: ServeConfig) -> Result<()> {
     init_tracing();
     let device = frisket_engine::model::parse_device(&cfg.device)?;
-    let catalog = Arc::new(models::Catalog::new(&cfg.models)?.with_loras(cfg.loras.as_deref())?);
+    let catalog = Arc::new(
+        models::Catalog::new(&cfg.models)?.with_loras(cfg.loras.as_deref())?.with_predictions(&cfg.predictions)?,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("frisket-rt")

@@ -5,7 +5,7 @@
 //! ListModels and request validation never wait for the engine.
 use super::loras::LoraCatalog;
 use anyhow::{bail, Context, Result};
-use frisket_engine::checkpoint;
+use frisket_engine::checkpoint::{self, LoadOptions};
 use frisket_engine::model::{is_sdxl_folder, Family};
 use frisket_engine::schedulers::{PredictionType, SchedulerConfig};
 use frisket_engine::text::quote;
@@ -60,8 +60,8 @@ impl ModelMeta {
         match self.format {
             ModelFormat::Diffusers => SchedulerConfig::load(&self.dir.join("scheduler/scheduler_config.json")),
             ModelFormat::SingleFile => {
-                let info = checkpoint::inspect(&self.dir, None)?;
-                info.family.scheduler_config(info.prediction)
+                let family = checkpoint::inspect(&self.dir, None)?.family;
+                family.scheduler_config(PredictionType::parse(&self.prediction_type)?)
             }
         }
     }
@@ -81,6 +81,8 @@ pub struct Catalog {
     canonical_root: PathBuf,
     tokenizers: Mutex<HashMap<String, Arc<ClipTokenizer>>>,
     loras: LoraCatalog,
+    /// Prediction types of single files that cannot tell (`--prediction MODEL=TYPE`).
+    predictions: HashMap<String, PredictionType>,
 }
 
 /// A model name is one path component of letters, digits, `.`, `_` and `-`, not starting
@@ -117,7 +119,31 @@ impl Catalog {
             canonical_root,
             tokenizers: Mutex::new(HashMap::new()),
             loras: LoraCatalog::default(),
+            predictions: HashMap::new(),
         })
+    }
+
+    /// Sets the prediction type of single-file models (a folder's comes from its
+    /// scheduler_config.json, which is where to change it).
+    pub fn with_predictions(mut self, overrides: &[(String, PredictionType)]) -> Result<Self> {
+        for (name, prediction) in overrides {
+            match self.locate(name) {
+                Some((_, ModelFormat::SingleFile)) => {}
+                Some((path, ModelFormat::Diffusers)) => bail!(
+                    "--prediction {name}=…: {} is a diffusers folder; set prediction_type in its \
+                     scheduler/scheduler_config.json",
+                    path.display()
+                ),
+                None => bail!("--prediction {name}=…: no single-file model {name:?} in {}", self.root.display()),
+            }
+            self.predictions.insert(name.clone(), *prediction);
+        }
+        Ok(self)
+    }
+
+    /// How the engine loads the model `name`.
+    pub fn load_options(&self, name: &str) -> LoadOptions<'static> {
+        LoadOptions { prediction: self.predictions.get(name).copied(), vae: None }
     }
 
     /// Offers the LoRAs of `dir` (`--loras`).
@@ -191,7 +217,7 @@ impl Catalog {
     pub fn meta(&self, name: &str) -> Result<ModelMeta, Status> {
         let path = self.resolve(name)?;
         let format = if path.is_dir() { ModelFormat::Diffusers } else { ModelFormat::SingleFile };
-        read_meta(name, &path, format)
+        read_meta(name, &path, format, self.predictions.get(name).copied())
             .map_err(|e| Status::failed_precondition(format!("model {name:?} is unusable: {e:#}")))
     }
 
@@ -201,7 +227,8 @@ impl Catalog {
             .into_iter()
             .filter_map(|name| {
                 let (path, format) = self.locate(&name)?;
-                let meta = read_meta(&name, &path, format).map_err(|e| format!("{e:#}"));
+                let meta =
+                    read_meta(&name, &path, format, self.predictions.get(&name).copied()).map_err(|e| format!("{e:#}"));
                 if let Err(e) = &meta {
                     tracing::warn!(model = %name, "unusable model: {e}");
                 }
@@ -238,19 +265,14 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn read_meta(name: &str, path: &Path, format: ModelFormat) -> Result<ModelMeta> {
+fn read_meta(name: &str, path: &Path, format: ModelFormat, prediction: Option<PredictionType>) -> Result<ModelMeta> {
     match format {
         ModelFormat::Diffusers => read_folder_meta(name, path),
         ModelFormat::SingleFile => {
-            let info = checkpoint::inspect(path, None)?;
+            let info = checkpoint::inspect(path, prediction)?;
             if !info.has_vae {
                 bail!("{} has no VAE (no first_stage_model.* tensors)", path.display());
             }
-            let prediction = match info.prediction {
-                PredictionType::Epsilon => "epsilon",
-                PredictionType::VPrediction => "v_prediction",
-                PredictionType::Sample => "sample",
-            };
             Ok(ModelMeta {
                 name: name.to_string(),
                 dir: path.to_path_buf(),
@@ -259,7 +281,7 @@ fn read_meta(name: &str, path: &Path, format: ModelFormat) -> Result<ModelMeta> 
                 native_width: info.native_size as u32,
                 native_height: info.native_size as u32,
                 size_multiple: info.vae_scale_factor as u32,
-                prediction_type: prediction.to_string(),
+                prediction_type: info.prediction.name().to_string(),
             })
         }
     }

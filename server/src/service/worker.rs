@@ -6,7 +6,7 @@ use super::loras;
 use super::models::Catalog;
 use super::preview;
 use frisket_engine::image_io;
-use frisket_engine::model::StableDiffusion;
+use frisket_engine::model::{default_kind, StableDiffusion};
 use frisket_engine::pipeline::{Flow, GenerateError, StepEvent};
 use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
@@ -129,7 +129,8 @@ impl Worker {
             let dir = self.catalog.resolve(name)?;
             let t = Instant::now();
             info!(model = name, device = ?self.device, "loading model");
-            let model = StableDiffusion::load(&dir, self.device)
+            let opts = self.catalog.load_options(name);
+            let model = StableDiffusion::load_with(&dir, &opts, self.device, default_kind(self.device))
                 .map_err(|e| Status::failed_precondition(format!("loading model {name:?} failed: {e:#}")))?;
             info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded");
             self.models.insert(name.to_string(), model);
