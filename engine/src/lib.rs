@@ -12,6 +12,7 @@ pub mod embeddings;
 pub mod explain;
 pub mod hooks;
 pub mod image_io;
+pub mod interrupt;
 pub mod lora;
 pub mod model;
 pub mod nn;

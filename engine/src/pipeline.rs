@@ -14,6 +14,7 @@ use super::model::{SizeConditioning, StableDiffusion};
 use super::protect::{Protect, ProtectParams, ProtectPlan};
 use super::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use super::unet::Capture;
+use crate::interrupt::{self, Interrupt, Interrupted};
 use anyhow::{bail, ensure, Result};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -187,6 +188,9 @@ pub struct PreparedJob {
     pub timesteps: Vec<f64>,
     pub explain: Option<ExplainPlan>,
     pub protect: Option<ProtectPlan>,
+    /// Stops `generate` within one UNet block, attribution chunk or decoder block of
+    /// firing (`GenerateError::Cancelled`); never fires unless the caller sets one.
+    pub interrupt: Interrupt,
 }
 
 /// What happened in one denoising step.
@@ -215,14 +219,24 @@ pub enum Flow {
 /// Why a job did not produce an image.
 #[derive(Debug)]
 pub enum GenerateError {
-    /// The caller's step callback returned `Flow::Stop`.
+    /// The caller's step callback returned `Flow::Stop`, or the job's interrupt fired.
     Cancelled,
     Failed(anyhow::Error),
 }
 
 impl From<anyhow::Error> for GenerateError {
     fn from(e: anyhow::Error) -> Self {
-        Self::Failed(e)
+        if interrupt::is_interrupted(&e) {
+            Self::Cancelled
+        } else {
+            Self::Failed(e)
+        }
+    }
+}
+
+impl From<Interrupted> for GenerateError {
+    fn from(_: Interrupted) -> Self {
+        Self::Cancelled
     }
 }
 
@@ -325,7 +339,15 @@ impl StableDiffusion {
         let timesteps = scheduler.timesteps()[start..].to_vec();
         let explain = p.explain.as_ref().map(|e| ExplainPlan::new(self, &p.prompt, e, &timesteps)).transpose()?;
         let protect = p.protect.as_ref().map(|m| ProtectPlan::new(m, p.width, p.height, factor)).transpose()?;
-        Ok(PreparedJob { params: p.clone(), scheduler, start, timesteps, explain, protect })
+        Ok(PreparedJob {
+            params: p.clone(),
+            scheduler,
+            start,
+            timesteps,
+            explain,
+            protect,
+            interrupt: Interrupt::default(),
+        })
     }
 
     /// Runs a prepared job. `on_step` is called after every step; returning `Flow::Stop`
@@ -335,8 +357,17 @@ impl StableDiffusion {
         job: PreparedJob,
         on_step: &mut dyn FnMut(&StepEvent) -> Flow,
     ) -> Result<Generated, GenerateError> {
+        let interrupt = job.interrupt.clone();
+        interrupt::with(&interrupt, || self.run_job(job, on_step))
+    }
+
+    fn run_job(
+        &self,
+        job: PreparedJob,
+        on_step: &mut dyn FnMut(&StepEvent) -> Flow,
+    ) -> Result<Generated, GenerateError> {
         let _no_grad = tch::no_grad_guard();
-        let PreparedJob { params: p, mut scheduler, start, timesteps, explain, protect } = job;
+        let PreparedJob { params: p, mut scheduler, start, timesteps, explain, protect, .. } = job;
         let factor = self.vae_scale_factor();
         let channels = self.unet.config().in_channels;
         let latent_shape = [1, channels, p.height / factor, p.width / factor];
@@ -394,6 +425,7 @@ impl StableDiffusion {
         let total = timesteps.len();
         for (index, &t) in timesteps.iter().enumerate() {
             let step_index = start + index;
+            interrupt::check()?;
             let at = StepPoint { model: self, scheduler: &*scheduler, index, step_index, timestep: t, cond: &cond };
             if let Some(hook) = protect_hook.as_mut() {
                 hook.before_step(&at, &mut latents)?;
@@ -404,7 +436,7 @@ impl StableDiffusion {
             let manipulation = edit.as_mut().and_then(EditState::take_manipulation);
             let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
             let model_in = scheduler.scale_model_input(&model_in, step_index);
-            let out = self.unet.forward(&model_in, t, &context, Capture::NONE).sample;
+            let out = self.unet.try_forward(&model_in, t, &context, Capture::NONE)?.sample;
             let noise_pred = if guided {
                 let parts = out.chunk(2, 0);
                 &parts[0] + (&parts[1] - &parts[0]) * p.guidance
@@ -432,7 +464,7 @@ impl StableDiffusion {
         if let Some(hook) = protect_hook.as_mut() {
             hook.before_decode(&mut latents);
         }
-        let mut image = self.decode_latents(&latents);
+        let mut image = self.decode_latents(&latents)?;
         if let Some(hook) = protect_hook.as_mut() {
             hook.after_decode(&mut image);
         }
@@ -441,13 +473,14 @@ impl StableDiffusion {
         Ok(Generated { image, latents, timesteps, comparison, reference_fractions })
     }
 
-    /// Scaled latents → [3, H, W] image in [0, 1] on the CPU.
-    pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
+    /// Scaled latents → [3, H, W] image in [0, 1] on the CPU; stops at this thread's
+    /// current interrupt.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, Interrupted> {
         let cfg = self.vae.config();
         let mut z = latents.to_kind(self.vae.kind()) / cfg.scaling_factor;
         if let Some(shift) = cfg.shift_factor {
             z += shift;
         }
-        image_io::postprocess(&self.vae.decode(&z))
+        Ok(image_io::postprocess(&self.vae.try_decode(&z)?))
     }
 }

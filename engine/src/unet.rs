@@ -7,6 +7,7 @@ use super::embeddings::{timesteps_embedding, TimestepEmbedding};
 use super::nn::{channels_last, is_channels_last, Activation, Conv2d, GroupNorm};
 use super::unet_blocks::{AttentionConfig, BlockConfig, DownBlock, MidBlock, UpBlock};
 use super::weights::{WeightPath, Weights};
+use crate::interrupt::{self, Interrupted};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -450,7 +451,30 @@ impl UNet2DConditionModel {
         context: &CrossContext,
         capture: Capture<'_>,
     ) -> UNetOutput {
-        let timesteps = match timesteps.into() {
+        self.run(sample, timesteps.into(), context, capture, false).expect("an uninterruptible UNet call")
+    }
+
+    /// `forward`, stopping at this thread's current interrupt (`interrupt::with`) between
+    /// blocks: what jobs call, so that a cancelled job frees the engine within one block.
+    pub fn try_forward<'t>(
+        &self,
+        sample: &Tensor,
+        timesteps: impl Into<Timesteps<'t>>,
+        context: &CrossContext,
+        capture: Capture<'_>,
+    ) -> Result<UNetOutput, Interrupted> {
+        self.run(sample, timesteps.into(), context, capture, true)
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: Timesteps<'_>,
+        context: &CrossContext,
+        capture: Capture<'_>,
+        interruptible: bool,
+    ) -> Result<UNetOutput, Interrupted> {
+        let timesteps = match timesteps {
             // float32 like diffusers (which casts even a float64 timestep with `.float()`).
             Timesteps::Shared(t) => {
                 Tensor::from_slice(&[t as f32]).to_device(sample.device()).expand([sample.size()[0]], false)
@@ -458,12 +482,12 @@ impl UNet2DConditionModel {
             Timesteps::PerRow(t) => t.shallow_clone(),
         };
         let attn = (!capture.layers.is_empty()).then(|| AttnCapture::new(capture.layers));
-        let (sample, head_input) = self.run_timesteps(sample, &timesteps, context, attn.as_ref());
-        UNetOutput {
+        let (sample, head_input) = self.run_timesteps(sample, &timesteps, context, attn.as_ref(), interruptible)?;
+        Ok(UNetOutput {
             sample,
             probs: attn.map(AttnCapture::into_probs).unwrap_or_default(),
             head_input: capture.head_input.then_some(head_input),
-        }
+        })
     }
 
     /// The output head: conv_norm_out → conv_act → conv_out.
@@ -478,7 +502,9 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         context: &CrossContext,
         capture: Option<&AttnCapture>,
-    ) -> (Tensor, Tensor) {
+        interruptible: bool,
+    ) -> Result<(Tensor, Tensor), Interrupted> {
+        let check = || if interruptible { interrupt::check() } else { Ok(()) };
         let cfg = &self.cfg;
         let sample = if cfg.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let t_emb = timesteps_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -508,14 +534,17 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down {
+            check()?;
             let (out, s) = block.forward(&h, &emb, context, capture);
             h = out;
             skips.extend(s);
         }
         if let Some(mid) = &self.mid {
+            check()?;
             h = mid.forward(&h, &emb, context, capture);
         }
         for block in &self.up {
+            check()?;
             let rest = skips.len() - block.num_skips();
             let own = skips.split_off(rest);
             // Upsample to the next skip's size: equals 2× when sizes divide evenly and
@@ -528,7 +557,7 @@ impl UNet2DConditionModel {
         }
         let out = self.conv_out.forward(&self.conv_act.forward(&self.conv_norm_out.forward(&h)));
         // Callers get the usual contiguous layout.
-        (if channels_last_weights { out.contiguous() } else { out }, h)
+        Ok((if channels_last_weights { out.contiguous() } else { out }, h))
     }
 }
 

@@ -3,6 +3,7 @@ use super::config::read_config;
 use super::nn::{Activation, Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::weights::{WeightPath, Weights};
+use crate::interrupt::{self, Interrupted};
 use anyhow::{bail, ensure, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -271,17 +272,20 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Tensor {
+    /// With `interruptible`, stops at the current interrupt between blocks.
+    fn forward(&self, z: &Tensor, interruptible: bool) -> Result<Tensor, Interrupted> {
+        let check = || if interruptible { interrupt::check() } else { Ok(()) };
         let mut h = self.mid.forward(&self.conv_in.forward(z));
         for (res, up) in &self.blocks {
             for r in res {
+                check()?;
                 h = r.forward(&h, None);
             }
             if let Some(u) = up {
                 h = u.forward(&h, None);
             }
         }
-        self.conv_out.forward(&self.act.forward(&self.norm_out.forward(&h)))
+        Ok(self.conv_out.forward(&self.act.forward(&self.norm_out.forward(&h))))
     }
 }
 
@@ -367,11 +371,21 @@ impl AutoencoderKl {
     /// Unscaled latents (the pipeline divides by `scaling_factor` first) to an image in
     /// about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Tensor {
+        self.run_decode(z, false).expect("an uninterruptible decode")
+    }
+
+    /// `decode`, stopping at this thread's current interrupt (`interrupt::with`) between
+    /// the decoder's blocks.
+    pub fn try_decode(&self, z: &Tensor) -> Result<Tensor, Interrupted> {
+        self.run_decode(z, true)
+    }
+
+    fn run_decode(&self, z: &Tensor, interruptible: bool) -> Result<Tensor, Interrupted> {
         let z = z.to_kind(self.kind);
         let z = match &self.post_quant_conv {
             Some(q) => q.forward(&z),
             None => z,
         };
-        self.decoder.forward(&z)
+        self.decoder.forward(&z, interruptible)
     }
 }

@@ -3,6 +3,7 @@
 //! the server's log.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
+use frisket_proto::v1::generate_event::Event;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
@@ -100,4 +101,77 @@ async fn huge_hostile_job_ids_are_refused_briefly_and_logged_escaped() {
     assert!(written.len() < 4096, "the log grew by {} bytes:\n{written}", written.len());
     assert!(!written.contains('\u{1b}'), "a raw escape byte in the log:\n{written}");
     assert!(!written.contains("\n2026-01-01"), "a forged log line:\n{written}");
+}
+
+/// A client that keeps its stream open but stops reading does not hold the engine: the
+/// next client's job runs to its end meanwhile, and the unread events wait for the first
+/// client, who then gets every one of them and its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_hold_the_engine() {
+    let server = Server::start(&[]).await;
+    // A 64 KiB HTTP/2 window: unread events soon fill it and the server's stream buffer.
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = pb::frisket_client::FrisketClient::new(channel).max_decoding_message_size(64 << 20);
+    let steps = 30;
+    let mut req = txt2img("sd1", "a red circle", 1, steps, 128, 128);
+    req.stream = Some(pb::StreamOptions {
+        previews: Some(pb::PreviewOptions {
+            enabled: true,
+            every: 1,
+            method: pb::PreviewMethod::Vae as i32,
+            ..Default::default()
+        }),
+        latents: Some(pb::LatentOptions { enabled: true, every: 1 }),
+        ..Default::default()
+    });
+    let unread = slow.generate(req).await.unwrap().into_inner();
+
+    let mut other = server.client().await;
+    let done = generate(&mut other, txt2img("sd1", "a blue square", 2, 3, 64, 64)).await;
+    assert_eq!(done.code(), Code::Ok, "{:?}", done.error);
+    assert!(done.result().is_some());
+
+    let first = collect(unread).await;
+    assert_eq!(first.code(), Code::Ok, "{:?}", first.error);
+    assert_eq!(first.steps().len(), steps as usize);
+    assert_eq!(first.previews().len(), steps as usize);
+    assert!(first.result().is_some());
+}
+
+/// SIGTERM while one long step runs (exact Grad-SAM, one backward pass per latent element):
+/// the grace period ends the job inside that step, its client gets UNAVAILABLE, and the
+/// process exits cleanly instead of tearing libtorch down under the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_a_long_step_and_exits_cleanly() {
+    let mut server = Server::start(&["--grace-period", "0.5"]).await;
+    let mut client = server.client().await;
+    let mut req = txt2img("sd1", "a red circle", 3, 2, 128, 128);
+    req.reference_image = png(128, 128);
+    req.strength = Some(1.0);
+    req.explain = Some(pb::ExplainOptions {
+        mode: Some(pb::ExplainMode::Exact as i32),
+        layers: "all".into(),
+        subject_words: vec!["circle".into()],
+        // One backward pass per latent element: 4096 of them, far longer than the grace.
+        exact_batch: Some(1),
+        ..Default::default()
+    });
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    next_matching(&mut stream, |e| matches!(e, Event::Started(_))).await;
+    let signalled = std::time::Instant::now();
+    server.signal("TERM");
+    let rest = collect(stream).await;
+    assert_eq!(rest.code(), Code::Unavailable, "{:?}", rest.error);
+    assert!(rest.steps().is_empty(), "the manipulated first step finished");
+    let status = server.wait_exit(std::time::Duration::from_secs(60)).await.expect("the server exits");
+    assert!(status.success(), "exit status {status:?}");
+    let seconds = signalled.elapsed().as_secs_f64();
+    println!("exited {seconds:.2}s after SIGTERM");
+    assert!(seconds < 15.0, "exit took {seconds:.1}s after SIGTERM with a 0.5 s grace period");
 }

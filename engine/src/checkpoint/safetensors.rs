@@ -201,15 +201,35 @@ impl MappedFile {
         Ok(Self { header, map })
     }
 
-    /// The tensor `name` as stored, copied out of the map; floating tensors are converted to
-    /// `kind` on `device` right away (4-d ones on the CPU laid out channels-last). The pages read are dropped from this process afterwards.
+    /// The tensor `name`, read out of the map; floating tensors are converted to `kind` on
+    /// `device` straight from the mapped bytes (no intermediate copy in the stored dtype),
+    /// 4-d ones on the CPU laid out channels-last. The pages read are dropped from this
+    /// process afterwards.
     pub fn tensor(&self, name: &str, device: Device, kind: Kind) -> Result<Tensor> {
         let e = self.header.get(name).with_context(|| format!("{}: no tensor `{name}`", self.header.path.display()))?;
-        let (stored, _) = dtype_kind(&e.dtype).expect("dtype checked when parsing the header");
+        let (stored, width) = dtype_kind(&e.dtype).expect("dtype checked when parsing the header");
         let (start, end) = (self.header.data_offset + e.start, self.header.data_offset + e.end);
-        let t = Tensor::f_from_data_size(&self.map[start..end], &e.shape, stored)
+        let bytes = &self.map[start..end];
+        let elements: i64 = e.shape.iter().product();
+        anyhow::ensure!(
+            bytes.len() as i64 == elements * width as i64,
+            "{}: tensor `{name}` has {} bytes for shape {:?}",
+            self.header.path.display(),
+            bytes.len(),
+            e.shape
+        );
+        let mut strides = vec![1i64; e.shape.len()];
+        for i in (0..e.shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * e.shape[i + 1];
+        }
+        // SAFETY: `bytes` holds exactly the tensor's elements (checked above) and stays
+        // mapped for this whole call; `view` borrows it and is dropped before returning,
+        // after `t` owns a copy (the conversion's own, or `copy` below when it had none).
+        let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &e.shape, &strides, stored, Device::Cpu) }
             .with_context(|| format!("{}: creating tensor `{name}`", self.header.path.display()))?;
-        let t = if e.is_float() { t.to_device(device).to_kind(kind) } else { t.to_device(device) };
+        let t = if e.is_float() { view.to_device(device).to_kind(kind) } else { view.to_device(device) };
+        let t = if t.device() == Device::Cpu && t.data_ptr() == view.data_ptr() { t.copy() } else { t };
+        drop(view);
         // Convolution weights in the layout `nn::Conv2d` keeps them in on the CPU, so that
         // building the model makes no second copy of them.
         let t = if t.dim() == 4 && device == Device::Cpu && kind == Kind::Float { channels_last(&t) } else { t };

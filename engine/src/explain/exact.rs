@@ -33,7 +33,8 @@ pub(super) fn importance(
     let z = latents.repeat([b, 1, 1, 1]);
     let model_in = scheduler.scale_model_input(&z, step_index);
     let ctx = cond.repeat(b);
-    let UNetOutput { sample: out, probs, .. } = model.unet.forward(&model_in, timestep, &ctx, Capture::layers(layers));
+    let UNetOutput { sample: out, probs, .. } =
+        model.unet.try_forward(&model_in, timestep, &ctx, Capture::layers(layers))?;
     ensure!(probs.len() == layers.len(), "captured {} cross-attention layers, asked for {}", probs.len(), layers.len());
     let x0 = scheduler.pred_original(&out, step_index, &z).reshape([b, n]);
     let attn: Vec<Tensor> = probs.iter().map(|(_, p)| p.shallow_clone()).collect();
@@ -45,6 +46,7 @@ pub(super) fn importance(
     let maps = Tensor::zeros([s, n], (Kind::Float, device));
     let mut start = 0;
     while start < n {
+        crate::interrupt::check()?;
         let m = b.min(n - start);
         let idx = Tensor::arange_start(start, start + m, (Kind::Int64, device)).unsqueeze(1);
         let y = x0.narrow(0, 0, m).gather(1, &idx, false).sum(Kind::Float);

@@ -64,7 +64,7 @@ pub(super) fn importance(at: &AttributionPoint, layers: &[usize], subjects: &[us
 
     let model_in = scheduler.scale_model_input(latents, step_index);
     let capture = Capture { layers, head_input: true };
-    let UNetOutput { sample: out, probs, head_input } = unet.forward(&model_in, timestep, cond, capture);
+    let UNetOutput { sample: out, probs, head_input } = unet.try_forward(&model_in, timestep, cond, capture)?;
     let features = head_input.context("the UNet returns its head input when asked")?;
     ensure!(probs.len() == layers.len(), "captured {} cross-attention layers, asked for {}", probs.len(), layers.len());
     let mut maps = Tensor::zeros([s, c, h, w], (Kind::Float, device));

@@ -5,6 +5,7 @@
 //! slot at once, and each new job learns how many are ahead of it.
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, Queued};
+use prost::Message;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ pub enum StopReason {
     Deadline,
     /// The server shut down before the job could finish.
     Shutdown,
-    /// The client kept the stream open but stopped reading it (see worker.rs).
+    /// The client kept the stream open but stopped reading it ([`STALLED_CLIENT`] without
+    /// taking a message, or [`MAX_UNREAD_BYTES`] waiting for it).
     Stalled,
 }
 
@@ -53,14 +55,33 @@ impl StopReason {
     }
 }
 
+/// How long a message may wait for a client that keeps its stream open but reads nothing
+/// before the job is stopped as stalled. The engine never waits for it: messages the
+/// stream's buffer cannot take queue behind it (`Job::push`).
+pub const STALLED_CLIENT: Duration = Duration::from_secs(60);
+
+/// The most bytes of a job's messages that may wait for its client beyond the stream's
+/// buffer; past it the job is stopped as stalled.
+pub const MAX_UNREAD_BYTES: usize = 256 << 20;
+
 pub struct Job {
     pub id: String,
     pub spec: JobSpec,
-    pub events: mpsc::Sender<EventResult>,
+    events: mpsc::Sender<EventResult>,
+    /// Messages waiting for room in `events`, in order, and a task feeding them to it.
+    unread: Mutex<Unread>,
     stop: watch::Sender<Option<StopReason>>,
     pub deadline: Option<Instant>,
     pub accepted: Instant,
     rt: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+struct Unread {
+    messages: VecDeque<(EventResult, usize)>,
+    bytes: usize,
+    /// A task is feeding `messages` to the stream.
+    draining: bool,
 }
 
 impl Job {
@@ -71,7 +92,77 @@ impl Job {
         deadline: Option<Instant>,
         rt: tokio::runtime::Handle,
     ) -> Self {
-        Self { id, spec, events, stop: watch::channel(None).0, deadline, accepted: Instant::now(), rt }
+        Self {
+            id,
+            spec,
+            events,
+            unread: Mutex::new(Unread::default()),
+            stop: watch::channel(None).0,
+            deadline,
+            accepted: Instant::now(),
+            rt,
+        }
+    }
+
+    /// Sends a message on the job's stream without blocking: when the stream's buffer is
+    /// full it waits, in order, behind the ones already waiting, and a task hands them to
+    /// the stream as the client reads. Err when the client left, or when its unread
+    /// messages pass [`MAX_UNREAD_BYTES`] (the job should stop).
+    pub fn push(self: &Arc<Self>, msg: EventResult) -> Result<(), StopReason> {
+        let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+        let msg = if unread.draining {
+            msg
+        } else {
+            match self.events.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StopReason::ClientGone),
+                Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            }
+        };
+        let size = match &msg {
+            Ok(event) => event.encoded_len(),
+            Err(status) => status.message().len(),
+        };
+        unread.bytes += size;
+        unread.messages.push_back((msg, size));
+        if !unread.draining {
+            unread.draining = true;
+            let job = self.clone();
+            self.rt.spawn(async move { job.drain().await });
+        }
+        if unread.bytes > MAX_UNREAD_BYTES {
+            return Err(StopReason::Stalled);
+        }
+        Ok(())
+    }
+
+    /// Hands the waiting messages to the stream in order; gives up (the job stopped) when
+    /// the client left or took nothing for [`STALLED_CLIENT`].
+    async fn drain(&self) {
+        loop {
+            let msg = {
+                let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+                match unread.messages.pop_front() {
+                    Some((msg, size)) => {
+                        unread.bytes -= size;
+                        msg
+                    }
+                    None => {
+                        unread.draining = false;
+                        return;
+                    }
+                }
+            };
+            let reason = match tokio::time::timeout(STALLED_CLIENT, self.events.send(msg)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => StopReason::ClientGone,
+                Err(_) => StopReason::Stalled,
+            };
+            self.stop(reason);
+            let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+            *unread = Unread::default();
+            return;
+        }
     }
 
     /// Asks the job to stop; the first reason wins. True when this call set it.
@@ -115,21 +206,13 @@ impl Job {
         GenerateEvent { job_id: self.id.clone(), event: Some(event) }
     }
 
-    /// Ends the stream with `status`, without blocking: a full buffer is drained by a task.
-    pub fn end_with(&self, status: Status) {
-        match self.events.try_send(Err(status)) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let tx = self.events.clone();
-                self.rt.spawn(async move {
-                    let _ = tx.send(msg).await;
-                });
-            }
-        }
+    /// Ends the stream with `status`, after the messages still waiting, without blocking.
+    pub fn end_with(self: &Arc<Self>, status: Status) {
+        let _ = self.push(Err(status));
     }
 
     /// Ends the stream for `reason` (nothing to send when the client left).
-    pub fn end_stopped(&self, reason: StopReason) {
+    pub fn end_stopped(self: &Arc<Self>, reason: StopReason) {
         if let Some(status) = reason.status() {
             self.end_with(status);
         }
@@ -187,7 +270,7 @@ impl Queue {
             return Err(PushError::Full);
         }
         let position = s.waiting.len() as u32;
-        let _ = job.events.try_send(Ok(job.event(generate_event::Event::Queued(Queued { position }))));
+        let _ = job.push(Ok(job.event(generate_event::Event::Queued(Queued { position }))));
         s.waiting.push_back(job);
         drop(s);
         self.wake.notify_all();

@@ -99,18 +99,22 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
-    let worker = worker::spawn(queue.clone(), catalog.clone(), device, runtime.handle().clone())
-        .context("starting the worker thread")?;
+    let worker = worker::spawn(queue.clone(), catalog.clone(), device).context("starting the worker thread")?;
     let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone()));
     queue.exit_worker();
-    // The drain already waited for the jobs; a job still running here has been told to stop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !worker.is_finished() && std::time::Instant::now() < deadline {
+    // The drain already waited for the jobs; a job still running here has been told to
+    // stop and stops within one UNet block, attribution chunk or decoder block. The
+    // process must not exit (and tear libtorch down) while the worker still uses it.
+    let waiting = std::time::Instant::now();
+    let mut warned = false;
+    while !worker.is_finished() {
         std::thread::sleep(Duration::from_millis(20));
+        if !warned && waiting.elapsed() >= Duration::from_secs(5) {
+            warn!("still waiting for the worker thread to stop its job");
+            warned = true;
+        }
     }
-    if !worker.is_finished() {
-        warn!("worker thread still busy at exit");
-    }
+    let _ = worker.join();
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
 }

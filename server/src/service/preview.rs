@@ -37,7 +37,7 @@ pub struct Encoded {
 pub fn render(model: &StableDiffusion, denoised: &Tensor, spec: &PreviewSpec) -> Result<Encoded> {
     let img = match spec.method {
         Method::Approx => approx_rgb(denoised)?,
-        Method::Vae => image_io::tensor_to_rgb(&model.decode_latents(denoised))?,
+        Method::Vae => image_io::tensor_to_rgb(&model.decode_latents(denoised)?)?,
     };
     encode(&downscale(img, spec.max_size), spec.format)
 }

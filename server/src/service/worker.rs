@@ -6,6 +6,7 @@ use super::loras;
 use super::models::Catalog;
 use super::preview;
 use frisket_engine::image_io;
+use frisket_engine::interrupt::Interrupt;
 use frisket_engine::model::{default_kind, StableDiffusion};
 use frisket_engine::pipeline::{Flow, GenerateError, StepEvent};
 use frisket_engine::tch::{self, Device};
@@ -18,13 +19,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tokio::runtime::Handle;
 use tonic::Status;
 use tracing::{error, info, info_span, warn};
 
-pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handle) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
-        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, rt, catalog };
+        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, catalog };
         while let Some(job) = queue.next() {
             let span = info_span!("job", job_id = %job.id);
             let _entered = span.enter();
@@ -36,7 +36,7 @@ pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device, rt: Handl
             match outcome {
                 Ok(Ok(result)) => {
                     let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
-                    if send(&worker.rt, &job, Event::Result(result)) {
+                    if send(&job, Event::Result(result)) {
                         info!(seconds, "job finished");
                     } else {
                         let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
@@ -82,39 +82,16 @@ struct Worker {
     models: HashMap<String, StableDiffusion>,
     loras: loras::LoadedLoras,
     device: Device,
-    rt: Handle,
     catalog: Arc<Catalog>,
 }
 
-/// How long the engine waits for a client that keeps its stream open but reads nothing
-/// before it gives the engine to the next job.
-const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Sends one event, waiting while the client's buffer is full, but never past a stop
-/// request, the deadline or [`STALLED_CLIENT`]. False (and the job marked stopped) when
-/// it could not be sent.
-fn send(rt: &Handle, job: &Job, event: Event) -> bool {
+/// Sends one event without blocking the engine (`Job::push`). False (and the job marked
+/// stopped) when the job is stopping or the event cannot be delivered.
+fn send(job: &Arc<Job>, event: Event) -> bool {
     if job.check_stop().is_some() {
         return false;
     }
-    let msg = Ok(job.event(event));
-    let mut stop = job.stop_watch();
-    let deadline = job.deadline.map(tokio::time::Instant::from_std);
-    let outcome = rt.block_on(async {
-        tokio::select! {
-            biased;
-            r = job.events.send(msg) => r.map_err(|_| StopReason::ClientGone),
-            r = stop.wait_for(Option::is_some) => Err(r.ok().and_then(|r| *r).unwrap_or(StopReason::ClientGone)),
-            _ = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => Err(StopReason::Deadline),
-            _ = tokio::time::sleep(STALLED_CLIENT) => Err(StopReason::Stalled),
-        }
-    });
-    match outcome {
+    match job.push(Ok(job.event(event))) {
         Ok(()) => true,
         Err(reason) => {
             job.stop(reason);
@@ -139,11 +116,10 @@ impl Worker {
     }
 
     /// Runs a job up to its Result, which the caller sends.
-    fn run(&mut self, job: &Job) -> Result<JobResult, End> {
+    fn run(&mut self, job: &Arc<Job>) -> Result<JobResult, End> {
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
-        let rt = self.rt.clone();
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
         self.model(&spec.meta.name)?;
@@ -151,7 +127,13 @@ impl Worker {
         let set = loras::load(&spec.loras, &mut self.loras)?;
         model.set_loras(&set).map_err(|e| loras::status(&spec.meta.name, &e))?;
         let model = &*model;
-        let prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let mut prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        // A stopped job (Cancel, client gone, deadline, shutdown) frees the engine within
+        // one UNet block, attribution chunk or decoder block.
+        prepared.interrupt = Interrupt::new({
+            let job = job.clone();
+            move || job.check_stop().is_some()
+        });
         let timesteps = prepared.timesteps.clone();
         // The resolved Grad-SAM plan: its subjects (picked from the prompt when none were
         // named) and manipulation steps go out in Started.
@@ -190,7 +172,7 @@ impl Worker {
             subjects_auto,
             manipulation_steps,
         };
-        if !send(&rt, job, Event::Started(started_event)) {
+        if !send(job, Event::Started(started_event)) {
             return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
         }
 
@@ -211,7 +193,7 @@ impl Worker {
                                 timestep: e.timestep,
                                 latent: Some(PbTensor { shape, dtype: "float32".into(), data }),
                             };
-                            if !send(&rt, job, Event::Latent(latent)) {
+                            if !send(job, Event::Latent(latent)) {
                                 return Flow::Stop;
                             }
                         }
@@ -225,7 +207,7 @@ impl Worker {
                 timestep: e.timestep,
                 elapsed_seconds: started.elapsed().as_secs_f64(),
             };
-            if !send(&rt, job, Event::Step(step)) {
+            if !send(job, Event::Step(step)) {
                 return Flow::Stop;
             }
             if let Some(p) = &spec.previews {
@@ -240,7 +222,7 @@ impl Worker {
                                 width: enc.width,
                                 height: enc.height,
                             };
-                            if !send(&rt, job, Event::Preview(preview)) {
+                            if !send(job, Event::Preview(preview)) {
                                 return Flow::Stop;
                             }
                         }
@@ -251,7 +233,7 @@ impl Worker {
             let protected = if e.index == 0 { protected_latents.as_ref() } else { None };
             if protected.is_some() || e.manipulation.is_some() {
                 for event in explain_events(e, protected, spec) {
-                    if !send(&rt, job, event) {
+                    if !send(job, event) {
                         return Flow::Stop;
                     }
                 }
