@@ -5,8 +5,7 @@ mod common;
 
 use frisket_engine::lora::{Header, Lora, LoraError, ParamIndex};
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateParams};
-use frisket_engine::schedulers::SchedulerKind;
+use frisket_engine::pipeline::Flow;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -23,25 +22,10 @@ fn lora_path(name: &str) -> std::path::PathBuf {
     common::fixtures().join("lora").join(format!("{name}.safetensors"))
 }
 
-fn params(case: &Value) -> GenerateParams {
-    let (scheduler, karras) = SchedulerKind::parse_with_karras("ddim").unwrap();
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler,
-        karras,
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        ..Default::default()
-    }
-}
-
 /// The image as [H, W, 3] in 0..1.
 fn render(model: &StableDiffusion, case: &Value) -> Tensor {
-    let out = model.generate(model.prepare(&params(case)).unwrap(), &mut |_| Flow::Continue).unwrap();
+    let out =
+        model.generate(model.prepare(&common::case_params(case, "lora")).unwrap(), &mut |_| Flow::Continue).unwrap();
     out.image.permute([1, 2, 0]).contiguous()
 }
 

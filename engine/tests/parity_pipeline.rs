@@ -3,10 +3,8 @@
 //! fixture layouts (SD1-style and SD2-style).
 mod common;
 
-use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateError, GenerateParams};
-use frisket_engine::schedulers::SchedulerKind;
+use frisket_engine::pipeline::{Flow, GenerateError};
 use serde_json::Value;
 use tch::{Device, Tensor};
 
@@ -17,28 +15,6 @@ fn cases() -> Vec<Value> {
     serde_json::from_str::<Vec<Value>>(&text).unwrap()
 }
 
-fn params(case: &Value) -> GenerateParams {
-    let (scheduler, karras) = SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap()).unwrap();
-    let reference = case["reference"].as_str().map(|name| {
-        let img = image_io::read_rgb(&common::fixtures().join("ref/pipeline").join(name)).unwrap();
-        image_io::rgb_to_tensor(&img)
-    });
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler,
-        karras,
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        reference,
-        strength: case["strength"].as_f64().unwrap(),
-        ..Default::default()
-    }
-}
-
 fn check_model(model_name: &str) {
     let expected = common::read_ref("pipeline/images.safetensors");
     let model = StableDiffusion::load(&common::model_dir(model_name), Device::Cpu).unwrap();
@@ -46,7 +22,7 @@ fn check_model(model_name: &str) {
     let mut checked = 0;
     for case in cases().iter().filter(|c| c["model"] == model_name) {
         let key = case["key"].as_str().unwrap();
-        let p = params(case);
+        let p = common::case_params(case, "pipeline");
         let mut steps_seen = 0;
         let out = model
             .generate(model.prepare(&p).unwrap_or_else(|e| panic!("{key}: {e:#}")), &mut |_| {
@@ -91,7 +67,7 @@ fn stopping_from_the_callback_cancels() {
     let case = cases().into_iter().find(|c| c["model"] == "sd1").unwrap();
     let mut calls = 0;
     let err = model
-        .generate(model.prepare(&params(&case)).unwrap(), &mut |_| {
+        .generate(model.prepare(&common::case_params(&case, "pipeline")).unwrap(), &mut |_| {
             calls += 1;
             if calls == 2 {
                 Flow::Stop

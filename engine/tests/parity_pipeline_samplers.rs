@@ -5,10 +5,8 @@
 //! each step's noise is drawn from the job's generator in diffusers' order.
 mod common;
 
-use frisket_engine::image_io;
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateParams};
-use frisket_engine::schedulers::SchedulerKind;
+use frisket_engine::pipeline::Flow;
 use serde_json::Value;
 use tch::{Device, Tensor};
 
@@ -19,35 +17,14 @@ fn cases() -> Vec<Value> {
     serde_json::from_str(&text).unwrap()
 }
 
-fn params(case: &Value) -> GenerateParams {
-    let (scheduler, karras) = SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap()).unwrap();
-    let reference = case["reference"].as_str().map(|name| {
-        let path = common::fixtures().join("ref/pipeline_samplers").join(name);
-        image_io::rgb_to_tensor(&image_io::read_rgb(&path).unwrap())
-    });
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler,
-        karras,
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        reference,
-        strength: case["strength"].as_f64().unwrap(),
-        ..Default::default()
-    }
-}
-
 fn check_model(model_name: &str, min_cases: usize) {
     let expected = common::read_ref("pipeline_samplers/images.safetensors");
     let model = StableDiffusion::load(&common::model_dir(model_name), Device::Cpu).unwrap();
     let (mut failures, mut checked) = (Vec::new(), 0);
     for case in cases().iter().filter(|c| c["model"] == model_name) {
         let key = case["key"].as_str().unwrap();
-        let job = model.prepare(&params(case)).unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        let job =
+            model.prepare(&common::case_params(case, "pipeline_samplers")).unwrap_or_else(|e| panic!("{key}: {e:#}"));
         let out = model.generate(job, &mut |_| Flow::Continue).unwrap_or_else(|e| panic!("{key}: {e:#}"));
         let theirs: &Tensor = &expected[key];
         let diff = (out.image.permute([1, 2, 0]) - theirs).abs();

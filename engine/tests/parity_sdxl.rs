@@ -122,31 +122,6 @@ fn unet_with_added_conditioning_matches_diffusers() {
     common::assert_rel_l2("SDXL UNet (t=437, two rows of time ids)", &out, &r["out"], 1e-4);
 }
 
-fn params(case: &Value) -> GenerateParams {
-    let (scheduler, karras) = SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap()).unwrap();
-    let reference = case["reference"].as_str().map(|name| {
-        let img = image_io::read_rgb(&common::fixtures().join("ref/sdxl").join(name)).unwrap();
-        image_io::rgb_to_tensor(&img)
-    });
-    let pair = |v: &Value| (v[0].as_i64().unwrap(), v[1].as_i64().unwrap());
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler,
-        karras,
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        reference,
-        strength: case["strength"].as_f64().unwrap(),
-        original_size: (!case["original_size"].is_null()).then(|| pair(&case["original_size"])),
-        crop_top_left: pair(&case["crop_top_left"]),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn images_match_diffusers() {
     let expected = common::read_ref("sdxl/images.safetensors");
@@ -155,7 +130,7 @@ fn images_match_diffusers() {
     let cases = json("cases.json");
     for case in &cases {
         let key = case["key"].as_str().unwrap();
-        let p = params(case);
+        let p = common::case_params(case, "sdxl");
         let job = model.prepare(&p).unwrap_or_else(|e| panic!("{key}: {e:#}"));
         let out = model.generate(job, &mut |_| Flow::Continue).unwrap_or_else(|e| panic!("{key}: {e:#}"));
         let diff = (out.image.permute([1, 2, 0]) - &expected[key]).abs();

@@ -6,8 +6,8 @@ mod common;
 
 use frisket_engine::checkpoint::{self, Family, LoadOptions};
 use frisket_engine::model::StableDiffusion;
-use frisket_engine::pipeline::{Flow, GenerateParams};
-use frisket_engine::schedulers::{PredictionType, SchedulerKind};
+use frisket_engine::pipeline::Flow;
+use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tokenizer::ClipTokenizer;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -130,17 +130,7 @@ fn render(name: &str) {
     let mut checked = 0;
     for case in cases.as_array().unwrap().iter().filter(|c| c["model"] == name) {
         let key = case["key"].as_str().unwrap();
-        let p = GenerateParams {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-            seed: case["seed"].as_u64().unwrap(),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance: case["guidance"].as_f64().unwrap(),
-            scheduler: SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap()).unwrap().0,
-            width: case["width"].as_i64().unwrap(),
-            height: case["height"].as_i64().unwrap(),
-            ..Default::default()
-        };
+        let p = common::case_params(case, "single_file");
         let out = model.generate(model.prepare(&p).unwrap(), &mut |_| Flow::Continue).unwrap();
         let diff = (out.image.permute([1, 2, 0]) - &expected[key]).abs();
         let (max, mean) = (diff.max().double_value(&[]) * 255.0, diff.mean(None).double_value(&[]) * 255.0);

@@ -93,18 +93,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn sigmas(&self) -> Vec<f64> {
-        Vec::new()
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -286,14 +286,6 @@ impl Scheduler for DpmSolver {
         self.sigmas.iter().map(|&s| s as f64).collect()
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> StepOutput {
         let n = self.timesteps.len();
         let lower_order_final =

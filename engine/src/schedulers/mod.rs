@@ -393,11 +393,19 @@ pub trait Scheduler: Send {
     /// Timesteps as diffusers' `scheduler.timesteps` (DDIM/DPM int64, Euler float32 values,
     /// held exactly in f64), one per model call.
     fn timesteps(&self) -> &[f64];
-    /// diffusers' `scheduler.sigmas` (float32 values, incl. the final one) for Euler/DPM;
-    /// empty for DDIM.
-    fn sigmas(&self) -> Vec<f64>;
-    fn init_noise_sigma(&self) -> f64;
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor;
+    /// diffusers' `scheduler.sigmas` (float32 values, incl. the final one) for the
+    /// σ-space schedulers; empty (the default) for the ᾱ-space ones (DDIM, DDPM).
+    fn sigmas(&self) -> Vec<f64> {
+        Vec::new()
+    }
+    /// The standard deviation of the initial noise (1 in ᾱ space, the default).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The model's input at `step_index` (the sample itself in ᾱ space, the default).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
+        sample.shallow_clone()
+    }
     /// One denoising step for the model call at `step_index` (index into timesteps()).
     /// `noise` is required by ancestral schedulers (shape of sample, standard normal).
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, noise: Option<&Tensor>)

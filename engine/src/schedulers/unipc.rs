@@ -208,14 +208,6 @@ impl Scheduler for UniPc {
         self.sigmas.iter().map(|&s| s as f64).collect()
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: Option<&Tensor>) -> StepOutput {
         let x0 = x0_at_sigma(self.prediction, self.sigmas[i], model_output, sample);
         let use_corrector = i > 0 && !self.disable_corrector.contains(&(i as i64 - 1));

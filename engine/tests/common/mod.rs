@@ -43,3 +43,38 @@ pub fn assert_rel_l2(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     println!("{what}: rel L2 error {err:.3e} (tolerance {tol:.0e})");
     assert!(err <= tol, "{what}: rel L2 error {err:.3e} exceeds {tol:.0e}");
 }
+
+/// The job of one fixture case (a cases.json entry written by tests/fixtures/ref_*.py):
+/// prompt, negative prompt, seed, steps, guidance, size; the scheduler (ddim when absent),
+/// an img2img reference image in `ref/<ref_dir>/` with its strength, and SDXL's
+/// original_size / crop_top_left, where the case has them.
+pub fn case_params(case: &serde_json::Value, ref_dir: &str) -> frisket_engine::pipeline::GenerateParams {
+    use frisket_engine::image_io;
+    let (scheduler, karras) =
+        frisket_engine::schedulers::SchedulerKind::parse_with_karras(case["scheduler"].as_str().unwrap_or("ddim"))
+            .unwrap();
+    let reference = case["reference"].as_str().map(|name| {
+        let path = fixtures().join("ref").join(ref_dir).join(name);
+        image_io::rgb_to_tensor(&image_io::read_rgb(&path).unwrap())
+    });
+    let pair = |v: &serde_json::Value| (v[0].as_i64().unwrap(), v[1].as_i64().unwrap());
+    let defaults = frisket_engine::pipeline::GenerateParams::default();
+    frisket_engine::pipeline::GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        seed: case["seed"].as_u64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        scheduler,
+        karras,
+        width: case["width"].as_i64().unwrap(),
+        height: case["height"].as_i64().unwrap(),
+        reference,
+        strength: case["strength"].as_f64().unwrap_or(defaults.strength),
+        original_size: case["original_size"].as_array().map(|_| pair(&case["original_size"])),
+        crop_top_left: case["crop_top_left"]
+            .as_array()
+            .map_or(defaults.crop_top_left, |_| pair(&case["crop_top_left"])),
+        ..defaults
+    }
+}
