@@ -8,7 +8,9 @@ step, against `render`, and the time to the first preview against one step (for 
 of the job before, as the goal measures it, and for a new prompt, which the server must encode).
 Last, Grad-SAM: per manipulated step, the attribution time of fast mode (256 px) and of
 exact mode (64 px: one backward pass per latent element) against a plain step at the same
-size, and a whole `--preset paper` job against plain img2img with the same steps.
+size, and a whole `--preset paper` job against plain img2img with the same steps. Then the
+SDXL-layout mid-size model against diffusers, and switching LoRA sets between jobs on a
+full-size random SD 1.5 (rank-32 LoRAs on every attention projection) against loading it.
 The machine (CPU, extensions, sgemm rate) comes first, and each engine's step rate is
 printed in GFLOP/s beside that ceiling.
 Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
@@ -38,6 +40,7 @@ from clip_vocab import write_vocab  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
+from gpu_check import build_sd15  # noqa: E402
 
 STEPS, SIZE, SEED, GUIDANCE = 6, 256, 7, 7.5
 PROMPT = "a watercolour lighthouse on a cliff at dusk"
@@ -248,12 +251,10 @@ def streamed_step_times(server_bin: str, client_bin: str, folder: Path) -> tuple
     the time from Started to the first preview, and that time again for a job whose prompt
     the server has not encoded before (the server caches recent prompts' encodings, and the
     first job, which loads the model, has the same prompt)."""
+    # The server lists the cache's model folders (a symlink out of --models is refused).
     with tempfile.TemporaryDirectory() as tmp:
-        models = Path(tmp) / "models"
-        models.mkdir()
-        os.symlink(folder, models / "mid")
         server = subprocess.Popen(
-            [server_bin, "serve", "--models", str(models), "--listen", "127.0.0.1:0", "--device", "cpu"],
+            [server_bin, "serve", "--models", str(folder.parent), "--listen", "127.0.0.1:0", "--device", "cpu"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -267,7 +268,7 @@ def streamed_step_times(server_bin: str, client_bin: str, folder: Path) -> tuple
                 "--server",
                 url,
                 "--model",
-                "mid",
+                folder.name,
                 "--prompt",
                 PROMPT,
                 "--seed",
@@ -435,6 +436,7 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
     )
     explain_bench(server_bin, folder)
     sdxl_bench(server_bin, cache, ceiling)
+    lora_switch_bench(server_bin, client_bin, cache)
 
 
 def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
@@ -450,6 +452,113 @@ def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
     print(f"mid-size SDXL-layout UNet (128/256/256, depth 1/2/2, context 2048), {SIZE}x{SIZE}, {STEPS} DDIM steps")
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
+
+
+def write_kohya_lora(unet: UNet2DConditionModel, path: Path, rank: int, seed: int) -> int:
+    """A kohya-layout LoRA (fp16 down/up, alpha = rank) on every linear projection inside
+    the UNet's attention blocks; returns how many modules it changes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attentions." in name:
+            key = "lora_unet_" + name.replace(".", "_")
+            down = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
+            state[f"{key}.lora_down.weight"] = down.half()
+            state[f"{key}.lora_up.weight"] = (torch.randn(module.out_features, rank, generator=g) * 0.01).half()
+            state[f"{key}.alpha"] = torch.tensor(float(rank)).half()
+    save_file(state, path)
+    return len(state) // 3
+
+
+def lora_switch_bench(server_bin: str, client_bin: str, cache: Path) -> None:
+    folder = cache / "bench-sd15-full"
+    if not (folder / "model_index.json").is_file():
+        build_sd15(folder, cache)
+    loras = cache / "bench-sd15-loras"
+    if not (loras / "b.safetensors").is_file():
+        loras.mkdir(exist_ok=True)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        for i, name in enumerate(["a", "b"]):
+            write_kohya_lora(unet, loras / f"{name}.safetensors", 32, i)
+        del unet
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(
+            [server_bin, "serve", "--models", str(cache), "--loras", str(loras), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            url = "http://" + server.stdout.readline().strip().rsplit(" ", 1)[-1]
+            base = [client_bin, "generate", "--server", url, "--model", folder.name, "--prompt", PROMPT]
+            base += ["--steps", "1", "--width", "64", "--height", "64", "--out", str(Path(tmp) / "o.png"), "--json"]
+            timings = []
+            for loras_of_job in [[], ["a"], ["b"], ["a", "b:0.5"], ["a"], []]:
+                args = base + [x for name in loras_of_job for x in ("--lora", name)]
+                out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+                result = next(json.loads(line) for line in out.splitlines() if '"event":"result"' in line)
+                timings.append((loras_of_job, result["timings"]))
+        finally:
+            server.terminate()
+            server.wait()
+    load = timings[0][1]["model_load_seconds"]
+    from safetensors import safe_open
+
+    with safe_open(loras / "a.safetensors", "pt") as f:
+        modules = sum(k.endswith(".alpha") for k in f.keys())
+    print(f"LoRA switching on a full-size random SD 1.5 (rank 32, {modules} modules): model load {load:.2f} s")
+    for (before, _), (after, t) in zip(timings, timings[1:]):
+        print(
+            f"  {'+'.join(before) or 'none'} -> {'+'.join(after) or 'none'}: {t['lora_seconds']:.2f} s "
+            f"({t['lora_seconds'] / load:.3f}x the load; reload {t['model_load_seconds']:.2f} s)"
+        )
+    switch = statistics.median(t["lora_seconds"] for _, t in timings[2:5])
+    plain, side = side_path_step_seconds(folder, loras / "a.safetensors")
+    extra = side - plain
+    print(
+        f"  the alternative, a side path (the LoRA applied unmerged, as a hook on each module; PyTorch): "
+        f"{side:.2f} s per 512² CFG UNet call against {plain:.2f} s merged, +{extra:.2f} s per step; "
+        f"merging ({switch:.2f} s per switch) costs less than the side path from "
+        f"{switch / max(extra, 1e-9):.1f} steps on"
+    )
+
+
+def side_path_step_seconds(folder: Path, lora_file: Path) -> tuple:
+    """Seconds of one UNet call at 512² with CFG (batch 2), without and with a kohya LoRA
+    applied as a side path (x·downᵀ·upᵀ·alpha/rank added to each module's output)."""
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    lora = {k: v.float() for k, v in load_file(lora_file).items()}
+    latents, context = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
+
+    def timed() -> float:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            with torch.no_grad():
+                unet(latents, 500, encoder_hidden_states=context)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    plain = timed()
+    hooks = []
+    for name, module in unet.named_modules():
+        key = "lora_unet_" + name.replace(".", "_")
+        if f"{key}.lora_down.weight" in lora:
+            down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
+            scale = lora[f"{key}.alpha"].item() / down.shape[0]
+
+            def side(_m, inputs, output, down=down, up=up, scale=scale):
+                return output + (inputs[0] @ down.T) @ up.T * scale
+
+            hooks.append(module.register_forward_hook(side))
+    with_side = timed()
+    for h in hooks:
+        h.remove()
+    return plain, with_side
 
 
 if __name__ == "__main__":

@@ -98,6 +98,28 @@ fn standard_vocab() -> Result<(Value, String)> {
     Ok((Value::Object(map), format!("#version: 0.2\n{}\n", merges.join("\n"))))
 }
 
+/// vocab.json's map and merges.txt's text from tokenizer.json's `model` (type BPE; merges
+/// as "a b" strings or, in newer files, [a, b] pairs).
+fn bpe_from_tokenizer_json(model: &Value) -> Result<(Value, String)> {
+    anyhow::ensure!(model["type"] == "BPE", "the tokenizer model is {}, not BPE", model["type"]);
+    let vocab = model.get("vocab").filter(|v| v.is_object()).context("no vocab map")?.clone();
+    let merges = model["merges"].as_array().context("no merges list")?;
+    let mut text = String::from("#version: 0.2\n");
+    for m in merges {
+        let line = match m {
+            Value::String(s) => s.clone(),
+            Value::Array(pair) => match (pair.first().and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) {
+                (Some(a), Some(b)) if pair.len() == 2 => format!("{a} {b}"),
+                _ => anyhow::bail!("a merge is not a pair of strings: {m}"),
+            },
+            _ => anyhow::bail!("a merge is neither a string nor a pair: {m}"),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    Ok((vocab, text))
+}
+
 fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -136,17 +158,28 @@ fn byte_chars() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// Reads vocab.json, merges.txt and (if present) tokenizer_config.json / special_tokens_map.json from a model's tokenizer/ folder.
+    /// Reads a model's tokenizer/ folder: vocab.json and merges.txt, or, where a folder has
+    /// only tokenizer.json (transformers ≥ 5.6 saves it so), its BPE model's vocab and
+    /// merges; and, if present, tokenizer_config.json / special_tokens_map.json.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let vocab =
-            read_json(&dir.join("vocab.json"))?.with_context(|| format!("{} has no vocab.json", dir.display()))?;
-        let merges_path = dir.join("merges.txt");
-        let merges_text =
-            std::fs::read_to_string(&merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
         let files = TokenizerFiles {
             config: read_json(&dir.join("tokenizer_config.json"))?,
             special_tokens_map: read_json(&dir.join("special_tokens_map.json"))?,
             tokenizer_json: read_json(&dir.join("tokenizer.json"))?,
+        };
+        let (vocab, merges_text) = match read_json(&dir.join("vocab.json"))? {
+            Some(vocab) => {
+                let merges_path = dir.join("merges.txt");
+                let merges = std::fs::read_to_string(&merges_path)
+                    .with_context(|| format!("reading {}", merges_path.display()))?;
+                (vocab, merges)
+            }
+            None => {
+                let model = files.tokenizer_json.as_ref().map(|t| &t["model"]).with_context(|| {
+                    format!("{} has neither vocab.json and merges.txt nor tokenizer.json", dir.display())
+                })?;
+                bpe_from_tokenizer_json(model).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?
+            }
         };
         Self::from_parts(vocab, &merges_text, files)
     }

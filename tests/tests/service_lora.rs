@@ -41,11 +41,15 @@ fn read_f32(path: &std::path::Path, key: &str) -> Vec<f32> {
         .collect()
 }
 
-async fn image_of(server: &Server, req: pb::GenerateRequest) -> Vec<u8> {
+async fn result_of(server: &Server, req: pb::GenerateRequest) -> pb::Result {
     let mut client = server.client().await;
     let got = generate(&mut client, req).await;
     assert_eq!(got.code(), Code::Ok, "{:?}", got.error);
-    got.result().unwrap().image.clone()
+    got.result().unwrap().clone()
+}
+
+async fn image_of(server: &Server, req: pb::GenerateRequest) -> Vec<u8> {
+    result_of(server, req).await.image
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,10 +64,17 @@ async fn loras_are_listed_applied_and_refused() {
     assert_eq!(fitting("sd1"), ["sd1_kohya", "sd1_kohya_sgm", "sd1_peft"]);
     assert_eq!(fitting("sd2"), ["sd2_kohya"]);
 
-    let plain = image_of(&server, kohya_case(Vec::new())).await;
+    let first = result_of(&server, kohya_case(Vec::new())).await;
+    let plain = first.image.clone();
 
-    // The LoRA's image is diffusers' (the PNG's 8 bits add at most half a level).
-    let png = image_of(&server, kohya_case(vec![lora("sd1_kohya", 0.8)])).await;
+    // The LoRA's image is diffusers' (the PNG's 8 bits add at most half a level). It is
+    // merged into the loaded model, which is not loaded again.
+    let with_lora = result_of(&server, kohya_case(vec![lora("sd1_kohya", 0.8)])).await;
+    let (t0, t1) = (first.timings.unwrap(), with_lora.timings.unwrap());
+    assert!(t0.model_load_seconds > 0.0 && t0.lora_seconds < t0.model_load_seconds, "{t0:?}");
+    assert!(t1.model_load_seconds == 0.0 || t1.model_load_seconds < 1e-3, "the model was loaded again: {t1:?}");
+    assert!(t1.lora_seconds > 0.0, "{t1:?}");
+    let png = with_lora.image;
     let ours = image::load_from_memory(&png).unwrap().to_rgb8();
     let theirs = read_f32(&fixtures_dir().join("ref/lora/images.safetensors"), "sd1/kohya");
     assert_eq!(ours.as_raw().len(), theirs.len());

@@ -147,6 +147,7 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
                 json!({
                     "queued_seconds": t.queued_seconds, "total_seconds": t.total_seconds,
                     "seconds_per_step": t.seconds_per_step, "decode_seconds": t.decode_seconds,
+                    "model_load_seconds": t.model_load_seconds, "lora_seconds": t.lora_seconds,
                 }),
             );
             if !r.reference_fraction_per_step.is_empty() {

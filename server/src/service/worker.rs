@@ -122,10 +122,14 @@ impl Worker {
         }
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
+        let loading = Instant::now();
         self.model(&spec.meta.name)?;
+        let model_load_seconds = loading.elapsed().as_secs_f64();
         let model = self.models.get_mut(&spec.meta.name).expect("loaded above");
+        let merging = Instant::now();
         let set = loras::load(&spec.loras, &mut self.loras)?;
         model.set_loras(&set).map_err(|e| loras::status(&spec.meta.name, &e))?;
+        let lora_seconds = merging.elapsed().as_secs_f64();
         let model = &*model;
         let mut prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         // A stopped job (Cancel, client gone, deadline, shutdown) frees the engine within
@@ -290,6 +294,8 @@ impl Worker {
                 total_seconds,
                 seconds_per_step: (total_seconds - decode_seconds) / (total_steps.max(1) as f64),
                 decode_seconds,
+                model_load_seconds,
+                lora_seconds,
             }),
             change_map,
             reference_fraction_per_step: fractions,
