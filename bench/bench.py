@@ -17,7 +17,6 @@ Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
