@@ -3,7 +3,7 @@
 //! gives the plain model back bit for bit; a LoRA for another model is refused by key.
 mod common;
 
-use frisket_engine::lora::{Header, Lora, LoraError, ParamIndex};
+use frisket_engine::lora::{Component, Header, Lora, LoraError, ParamIndex};
 use frisket_engine::model::StableDiffusion;
 use frisket_engine::pipeline::Flow;
 use serde_json::Value;
@@ -90,6 +90,41 @@ fn sd2_lora_matches_diffusers() {
 }
 
 /// Merging and taking out a LoRA costs a fraction of loading the model (printed).
+/// SDXL: a kohya file for the UNet and both text encoders (`lora_te1_`, `lora_te2_`),
+/// against diffusers' SDXL pipeline (tests/fixtures/ref_sdxl.py); a single file of the same
+/// model takes it too.
+#[test]
+fn sdxl_lora_on_both_text_encoders_matches_diffusers() {
+    let path = common::fixtures().join("ref/sdxl/lora.json");
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let case = &cases[0];
+    let expected = common::read_ref("sdxl/lora.safetensors");
+    let lora = Lora::load(&lora_path(case["lora"].as_str().unwrap())).unwrap();
+    let mut model = StableDiffusion::load(&common::model_dir("sdxl"), Device::Cpu).unwrap();
+    let p = common::case_params(case, "sdxl");
+    let job = |model: &StableDiffusion| {
+        let out = model.generate(model.prepare(&p).unwrap(), &mut |_| Flow::Continue).unwrap();
+        out.image.permute([1, 2, 0]).contiguous()
+    };
+    let plain = job(&model);
+    assert_eq!(lora.components(), [Component::Unet, Component::TextEncoder, Component::TextEncoder2]);
+    let te2_weight = "text_model.encoder.layers.0.self_attn.q_proj.weight";
+    let before = model.param(Component::TextEncoder2, te2_weight).expect("a bigG weight").copy();
+    model.set_loras(&[(&lora, case["weight"].as_f64().unwrap() as f32)]).unwrap();
+    let after = model.param(Component::TextEncoder2, te2_weight).unwrap();
+    assert!(!after.equal(&before), "the second text encoder's weights did not change");
+    let ours = job(&model);
+    let key = case["key"].as_str().unwrap();
+    let (max, mean) = diff(&ours, &expected[key]);
+    let (_, effect) = diff(&plain, &expected[key]);
+    println!("{key}: max |Δ| {max:.4}/255, mean {mean:.5}/255 (plain model: mean {effect:.2}/255)");
+    assert!(max <= 3.0 && mean <= 0.5, "{key}: max {max:.3}/255 mean {mean:.4}/255");
+    assert!(effect > 2.0, "{key}: the LoRA changes the image by only {effect:.3}/255 on average");
+    model.set_loras(&[]).unwrap();
+    assert!(model.param(Component::TextEncoder2, te2_weight).unwrap().equal(&before));
+    assert!(job(&model).equal(&plain), "without the LoRA the image differs from the plain model's");
+}
+
 #[test]
 fn merge_is_cheaper_than_loading() {
     let t = Instant::now();

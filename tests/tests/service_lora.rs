@@ -59,10 +59,12 @@ async fn loras_are_listed_applied_and_refused() {
     let mut client = server.client().await;
 
     let listed = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
-    assert_eq!(listed.loras, ["sd1_kohya", "sd1_kohya_sgm", "sd1_peft", "sd2_kohya"]);
+    assert_eq!(listed.loras, ["sd1_kohya", "sd1_kohya_sgm", "sd1_peft", "sd2_kohya", "sdxl_kohya"]);
     let fitting = |name: &str| listed.models.iter().find(|m| m.name == name).unwrap().loras.clone();
     assert_eq!(fitting("sd1"), ["sd1_kohya", "sd1_kohya_sgm", "sd1_peft"]);
     assert_eq!(fitting("sd2"), ["sd2_kohya"]);
+    // SDXL's file changes both text encoders (lora_te1_, lora_te2_).
+    assert_eq!(fitting("sdxl"), ["sdxl_kohya"]);
 
     let first = result_of(&server, kohya_case(Vec::new())).await;
     let plain = first.image.clone();
@@ -87,7 +89,10 @@ async fn loras_are_listed_applied_and_refused() {
     assert_ne!(png, plain);
 
     for (req, needle) in [
-        (kohya_case(vec![lora("no_such_lora", 1.0)]), "available: sd1_kohya, sd1_kohya_sgm, sd1_peft, sd2_kohya"),
+        (
+            kohya_case(vec![lora("no_such_lora", 1.0)]),
+            "available: sd1_kohya, sd1_kohya_sgm, sd1_peft, sd2_kohya, sdxl_kohya",
+        ),
         (kohya_case(vec![lora("../sd1_kohya", 1.0)]), "not found"),
         (kohya_case(vec![lora("sd1_kohya", 4.5)]), "within [-4, 4]"),
         (kohya_case(vec![lora("sd1_kohya", f32::NAN)]), "within [-4, 4]"),
