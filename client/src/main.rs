@@ -110,6 +110,13 @@ pub struct GenerateArgs {
     /// Output height in pixels [default: the reference's, else the model's native height].
     #[arg(long)]
     pub height: Option<u32>,
+    /// SDXL: the size the picture notionally had before cropping, WIDTHxHEIGHT [default:
+    /// the output size].
+    #[arg(long, value_name = "WxH", value_parser = frisket::proto::parse_size)]
+    pub original_size: Option<(u32, u32)>,
+    /// SDXL: the crop's top-left corner, TOP,LEFT in pixels [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = frisket::proto::parse_top_left)]
+    pub crop_top_left: Option<(u32, u32)>,
     /// img2img: the image to start from (PNG or JPEG).
     #[arg(long)]
     pub reference: Option<PathBuf>,

@@ -72,6 +72,12 @@ impl GenerateRequestBuilder {
         }
     }
 
+    /// SDXL's size conditioning (original size, crop top-left).
+    pub fn size_conditioning(mut self, c: pb::SizeConditioning) -> Self {
+        self.req.size_conditioning = Some(c);
+        self
+    }
+
     pub fn strength(mut self, strength: impl Into<Option<f64>>) -> Self {
         self.req.strength = strength.into();
         self

@@ -94,6 +94,13 @@ pub struct RenderArgs {
     pub width: Option<u32>,
     #[arg(long)]
     pub height: Option<u32>,
+    /// SDXL: the size the picture notionally had before cropping, WIDTHxHEIGHT [default:
+    /// the output size].
+    #[arg(long, value_name = "WxH", value_parser = frisket_proto::parse_size)]
+    pub original_size: Option<(u32, u32)>,
+    /// SDXL: the crop's top-left corner, TOP,LEFT in pixels [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = frisket_proto::parse_top_left)]
+    pub crop_top_left: Option<(u32, u32)>,
     /// img2img: the image to start from (PNG or JPEG).
     #[arg(long)]
     pub reference: Option<PathBuf>,
@@ -241,6 +248,7 @@ fn request(a: &RenderArgs) -> Result<pb::GenerateRequest> {
         explain,
         preset: a.preset.clone().unwrap_or_default(),
         loras: a.lora.clone(),
+        size_conditioning: frisket_proto::size_conditioning(a.original_size, a.crop_top_left),
         ..Default::default()
     })
 }

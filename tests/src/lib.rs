@@ -386,3 +386,17 @@ pub fn job_log_lines(logs: &str, job_id: &str) -> Vec<String> {
     let needle = format!("job_id={job_id}");
     logs.lines().filter(|l| l.contains(&needle)).map(str::to_string).collect()
 }
+
+/// One float32 tensor of a safetensors file, as values.
+pub fn read_f32(path: &std::path::Path, key: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let entry = &header[key];
+    assert_eq!(entry["dtype"], "F32");
+    let (start, end) = (entry["data_offsets"][0].as_u64().unwrap(), entry["data_offsets"][1].as_u64().unwrap());
+    bytes[8 + len + start as usize..8 + len + end as usize]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}

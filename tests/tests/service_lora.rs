@@ -2,7 +2,7 @@
 //! ListModels names the LoRAs that fit each model; a job with a LoRA renders diffusers'
 //! image; an unknown LoRA, a weight out of range and a LoRA for another model are
 //! INVALID_ARGUMENT; the next job without LoRA is the plain model's image again.
-use frisket_e2e::{fixtures_dir, generate, Server};
+use frisket_e2e::{fixtures_dir, generate, read_f32, Server};
 use frisket_proto::v1 as pb;
 use tonic::Code;
 
@@ -25,20 +25,6 @@ fn kohya_case(loras: Vec<pb::LoraSpec>) -> pb::GenerateRequest {
 
 fn lora(name: &str, weight: f32) -> pb::LoraSpec {
     pb::LoraSpec { name: name.into(), weight: Some(weight) }
-}
-
-/// One float32 tensor of a safetensors file, as values.
-fn read_f32(path: &std::path::Path, key: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    let entry = &header[key];
-    assert_eq!(entry["dtype"], "F32");
-    let (start, end) = (entry["data_offsets"][0].as_u64().unwrap(), entry["data_offsets"][1].as_u64().unwrap());
-    bytes[8 + len + start as usize..8 + len + end as usize]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 async fn result_of(server: &Server, req: pb::GenerateRequest) -> pb::Result {

@@ -146,6 +146,9 @@ pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Fai
     for lora in &a.loras {
         b = b.lora(&lora.name, lora.weight);
     }
+    if let Some(c) = frisket::proto::size_conditioning(a.original_size, a.crop_top_left) {
+        b = b.size_conditioning(c);
+    }
     if let Some(id) = &a.job_id {
         b = b.job_id(id);
     }

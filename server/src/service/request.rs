@@ -6,6 +6,7 @@ use super::models::{Catalog, ModelMeta};
 use super::Limits;
 use frisket_engine::explain::{self, ExplainMode, ExplainParams, LayerChoice, MaskParams, SubjectSpec};
 use frisket_engine::image_io;
+use frisket_engine::model::Family;
 use frisket_engine::pipeline::{self, defaults, GenerateParams, StartMode};
 use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
 use frisket_engine::schedulers::SchedulerKind;
@@ -77,6 +78,10 @@ pub struct JobSpec {
     /// LoRAs to merge for this job (names known, weights in range; fit checked on the
     /// engine thread).
     pub loras: Vec<JobLora>,
+    /// SDXL: (width, height) before cropping (None: the output size) and the crop's
+    /// (top, left) (None: the engine's default).
+    pub original_size: Option<(u32, u32)>,
+    pub crop_top_left: Option<(u32, u32)>,
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +116,8 @@ impl JobSpec {
             start: self.start,
             explain: self.explain.clone(),
             protect: self.protect.as_ref().map(|p| ProtectParams { mask: mask_tensor(&p.mask), feather: p.feather }),
+            original_size: self.original_size.map(|(w, h)| (w as i64, h as i64)),
+            crop_top_left: self.crop_top_left.map_or(defaults::CROP_TOP_LEFT, |(t, l)| (t as i64, l as i64)),
             ..GenerateParams::default()
         }
     }
@@ -358,6 +365,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         _ => None,
     };
     let latents_every = stream.latents.filter(|l| l.enabled).map(|l| l.every.max(1) as usize);
+    let (original_size, crop_top_left) = size_conditioning(req.size_conditioning.as_ref(), &meta)?;
     let explain_stream = match stream.explain {
         Some(x) => ExplainStream { masks: x.masks, heatmaps: x.heatmaps },
         None => ExplainStream { masks: explain.is_some() || protect.is_some(), heatmaps: explain.is_some() },
@@ -384,7 +392,43 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         protect,
         explain_stream,
         loras: loras::check(&req.loras, catalog.loras())?,
+        original_size,
+        crop_top_left,
     })
+}
+
+/// The most a size-conditioning value may be.
+const MAX_CONDITIONING_PIXELS: u32 = 16384;
+
+/// Original size and crop top-left of SDXL's size conditioning (None: the defaults).
+type SizeCond = (Option<(u32, u32)>, Option<(u32, u32)>);
+
+/// SizeConditioning → (original size, crop top-left), for SDXL models only.
+fn size_conditioning(c: Option<&pb::SizeConditioning>, meta: &ModelMeta) -> Result<SizeCond, Status> {
+    let Some(c) = c else { return Ok((None, None)) };
+    if meta.architecture != Family::Sdxl.name() {
+        return Err(invalid(format!(
+            "size_conditioning applies to SDXL models; {} is {}",
+            quote(&meta.name),
+            meta.architecture
+        )));
+    }
+    let values = [c.original_width, c.original_height, c.crop_top, c.crop_left];
+    if values.iter().any(|&v| v > MAX_CONDITIONING_PIXELS) {
+        return Err(invalid(format!(
+            "size_conditioning values are at most {MAX_CONDITIONING_PIXELS} pixels, got {values:?}"
+        )));
+    }
+    let original = match (c.original_width, c.original_height) {
+        (0, 0) => None,
+        (w, h) if w > 0 && h > 0 => Some((w, h)),
+        (w, h) => {
+            return Err(invalid(format!(
+                "size_conditioning.original_width and original_height are both set or both 0, got {w}x{h}"
+            )))
+        }
+    };
+    Ok((original, Some((c.crop_top, c.crop_left))))
 }
 
 /// ExplainOptions' Grad-SAM part → the engine's settings (None for mode OFF), checked as
