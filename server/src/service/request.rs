@@ -118,7 +118,6 @@ impl JobSpec {
             protect: self.protect.as_ref().map(|p| ProtectParams { mask: mask_tensor(&p.mask), feather: p.feather }),
             original_size: self.original_size.map(|(w, h)| (w as i64, h as i64)),
             crop_top_left: self.crop_top_left.map_or(defaults::CROP_TOP_LEFT, |(t, l)| (t as i64, l as i64)),
-            ..GenerateParams::default()
         }
     }
 }
