@@ -47,6 +47,22 @@ pub struct ServeArgs {
     /// default to v_prediction; the 512 px base models are epsilon). Repeatable.
     #[arg(long = "prediction", value_name = "MODEL=TYPE", value_parser = parse_prediction_override)]
     pub predictions: Vec<(String, PredictionType)>,
+    /// Most steps per job.
+    #[arg(long, default_value_t = Limits::default().max_steps)]
+    pub max_steps: u32,
+    /// Most output pixels (width × height) per job.
+    #[arg(long, default_value_t = Limits::default().max_pixels)]
+    pub max_pixels: u32,
+    /// Longest side of the output and of input images, in pixels.
+    #[arg(long, default_value_t = Limits::default().max_side)]
+    pub max_side: u32,
+    /// Largest request or response message, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+    pub max_message_bytes: usize,
+    /// Most work per job, in work units (latent positions × UNet rows × steps, plus
+    /// Grad-SAM attribution; see GetServerInfo.max_work in the proto).
+    #[arg(long, default_value_t = Limits::default().max_work)]
+    pub max_work: u64,
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -218,7 +234,13 @@ fn serve(a: ServeArgs) -> Result<()> {
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
-        limits: Limits::default(),
+        limits: Limits {
+            max_message_bytes: a.max_message_bytes,
+            max_steps: a.max_steps,
+            max_pixels: a.max_pixels,
+            max_side: a.max_side,
+            max_work: a.max_work,
+        },
     })
 }
 

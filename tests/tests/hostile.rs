@@ -149,7 +149,8 @@ async fn a_client_that_stops_reading_does_not_hold_the_engine() {
 /// process exits cleanly instead of tearing libtorch down under the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_a_long_step_and_exits_cleanly() {
-    let mut server = Server::start(&["--grace-period", "0.5"]).await;
+    // Exact attribution at 128² is over the default work budget: this server allows it.
+    let mut server = Server::start(&["--grace-period", "0.5", "--max-work", "100000000"]).await;
     let mut client = server.client().await;
     let mut req = txt2img("sd1", "a red circle", 3, 2, 128, 128);
     req.reference_image = png(128, 128);
@@ -174,4 +175,38 @@ async fn shutdown_stops_a_long_step_and_exits_cleanly() {
     let seconds = signalled.elapsed().as_secs_f64();
     println!("exited {seconds:.2}s after SIGTERM");
     assert!(seconds < 15.0, "exit took {seconds:.1}s after SIGTERM with a 0.5 s grace period");
+}
+
+/// Limits are flags, GetServerInfo reports them, and a job over the work budget (a huge
+/// image with many steps, exact Grad-SAM on a large latent) is refused before it is queued,
+/// naming the limit.
+#[tokio::test]
+async fn the_work_budget_refuses_jobs_before_they_queue() {
+    let server = Server::start(&["--max-work", "400000", "--max-steps", "300"]).await;
+    let mut client = server.client().await;
+    let info = client.get_server_info(pb::GetServerInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.max_work, info.max_steps, info.max_side), (400_000, 300, 4096));
+    assert!(info.max_loras > 0 && info.max_prompt_bytes > 0 && info.max_message_bytes > 0);
+
+    // sd1's latent is 1/4 of the image per side: 512² is 16,384 positions, × 2 rows (guidance)
+    // × 20 steps = 655,360 units.
+    let big = txt2img("sd1", "a red circle", 1, 20, 512, 512);
+    let err = client.generate(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("655360 work units") && err.message().contains("400000"), "{}", err.message());
+    let over_steps = txt2img("sd1", "a red circle", 1, 301, 64, 64);
+    let err = client.generate(over_steps).await.unwrap_err();
+    assert!(err.message().contains("limit of 300"), "{}", err.message());
+
+    // Exact attribution at 128² (1,024 positions): 8 × 1,024² per manipulation.
+    let mut exact = txt2img("sd1", "a red circle", 1, 2, 128, 128);
+    exact.reference_image = png(128, 128);
+    exact.strength = Some(1.0);
+    exact.explain = Some(pb::ExplainOptions { mode: Some(pb::ExplainMode::Exact as i32), ..Default::default() });
+    let err = client.generate(exact.clone()).await.unwrap_err();
+    assert!(err.message().contains("or fast Grad-SAM"), "{}", err.message());
+    // Fast mode at the same size fits, and runs.
+    exact.explain.as_mut().unwrap().mode = Some(pb::ExplainMode::Fast as i32);
+    let done = generate(&mut client, exact).await;
+    assert_eq!(done.code(), Code::Ok, "{:?}", done.error);
 }

@@ -180,6 +180,11 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
             .with("running_jobs", json!(i.running_jobs))
             .with("max_steps", json!(i.max_steps))
             .with("max_pixels", json!(i.max_pixels))
+            .with("max_side", json!(i.max_side))
+            .with("max_message_bytes", json!(i.max_message_bytes))
+            .with("max_work", json!(i.max_work))
+            .with("max_loras", json!(i.max_loras))
+            .with("max_prompt_bytes", json!(i.max_prompt_bytes))
             .emit();
         return Ok(exit::OK);
     }
@@ -193,6 +198,11 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
         ],
         vec!["max steps".to_string(), i.max_steps.to_string()],
         vec!["max pixels".to_string(), i.max_pixels.to_string()],
+        vec!["max side".to_string(), i.max_side.to_string()],
+        vec!["max message bytes".to_string(), i.max_message_bytes.to_string()],
+        vec!["max work units".to_string(), i.max_work.to_string()],
+        vec!["max LoRAs".to_string(), i.max_loras.to_string()],
+        vec!["max prompt bytes".to_string(), i.max_prompt_bytes.to_string()],
     ];
     print_table(&rows);
     Ok(exit::OK)

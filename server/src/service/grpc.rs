@@ -214,6 +214,11 @@ impl Frisket for FrisketService {
             running_jobs: running,
             max_steps: self.limits.max_steps,
             max_pixels: self.limits.max_pixels,
+            max_side: self.limits.max_side,
+            max_message_bytes: self.limits.max_message_bytes as u64,
+            max_work: self.limits.max_work,
+            max_loras: super::loras::MAX_PER_JOB as u32,
+            max_prompt_bytes: request::MAX_PROMPT_BYTES as u32,
         }))
     }
 

@@ -365,6 +365,23 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     };
     let latents_every = stream.latents.filter(|l| l.enabled).map(|l| l.every.max(1) as usize);
     let (original_size, crop_top_left) = size_conditioning(req.size_conditioning.as_ref(), &meta)?;
+    let m = meta.size_multiple.max(1) as u64;
+    let positions = (width as u64 / m) * (height as u64 / m);
+    let steps_run = if img2img { (steps as f64 * strength).ceil() as u64 } else { steps as u64 };
+    let attribution = explain.as_ref().map(|e| {
+        let manipulations = if e.timesteps.is_empty() { explain::DEFAULT_TIMESTEPS.len() } else { e.timesteps.len() };
+        (e.mode, manipulations as u64)
+    });
+    let work = work_units(positions, if guidance > 1.0 { 2 } else { 1 }, steps_run, attribution);
+    if work > limits.max_work {
+        return Err(invalid(format!(
+            "this job is {work} work units (latent positions × UNet rows × steps, plus its Grad-SAM \
+             attribution), more than this server's limit of {} (max_work in GetServerInfo): use fewer \
+             steps, a smaller image{}",
+            limits.max_work,
+            if attribution.is_some_and(|(mode, _)| mode == ExplainMode::Exact) { " or fast Grad-SAM" } else { "" }
+        )));
+    }
     let explain_stream = match stream.explain {
         Some(x) => ExplainStream { masks: x.masks, heatmaps: x.heatmaps },
         None => ExplainStream { masks: explain.is_some() || protect.is_some(), heatmaps: explain.is_some() },
@@ -394,6 +411,24 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         original_size,
         crop_top_left,
     })
+}
+
+/// The latent elements per position exact attribution differentiates (SD's 4 channels).
+const LATENT_CHANNELS: u64 = 4;
+
+/// A job's cost in work units: latent positions × UNet batch rows (2 with classifier-free
+/// guidance) × steps, plus per manipulated step its attribution: fast mode one forward and
+/// one backward pass of one row (3 row-passes), exact mode one backward pass per latent
+/// element (each ≈ 2 row-passes), so its cost grows with the square of the latent size.
+/// GetServerInfo's `max_work` is in these units; a 512² SD step with guidance is 8,192.
+pub fn work_units(positions: u64, rows: u64, steps: u64, attribution: Option<(ExplainMode, u64)>) -> u64 {
+    let steps_work = positions * rows * steps;
+    let per_manipulation = match attribution {
+        None => 0,
+        Some((ExplainMode::Fast, _)) => 3 * positions,
+        Some((ExplainMode::Exact, _)) => 2 * LATENT_CHANNELS * positions * positions,
+    };
+    steps_work + per_manipulation * attribution.map_or(0, |(_, n)| n)
 }
 
 /// The most a size-conditioning value may be.
