@@ -307,7 +307,7 @@ fn render(a: RenderArgs) -> Result<()> {
     let mut lora_files = LoadedLoras::new();
     let set = loras::load(&spec.loras, &mut lora_files).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     model.set_loras(&set)?;
-    let job = model.prepare(&spec.params())?;
+    let job = model.prepare(&spec.params().map_err(|s| anyhow::anyhow!("{}", s.message()))?)?;
     let mut dump = a.dump_dir.as_deref().map(Dump::create).transpose()?;
     if !a.quiet {
         eprintln!("loaded {} on {:?} in {:.2}s", a.model.display(), device, loaded.elapsed().as_secs_f64());

@@ -13,7 +13,7 @@ use frisket_engine::schedulers::SchedulerKind;
 use frisket_engine::tch;
 use frisket_engine::text::quote;
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
-use image::{GrayImage, RgbImage};
+use image::GrayImage;
 use tonic::Status;
 
 pub const MAX_GUIDANCE: f64 = 50.0;
@@ -60,8 +60,9 @@ pub struct JobSpec {
     pub karras: bool,
     pub width: u32,
     pub height: u32,
-    /// img2img: the reference, already resized to (width, height) as `render` does.
-    pub reference: Option<RgbImage>,
+    /// img2img: the reference as sent (decoded and resized to (width, height) by `params`,
+    /// when the job is about to run).
+    pub reference: Option<EncodedImage>,
     pub strength: f64,
     pub previews: Option<PreviewSpec>,
     /// Latent every N steps (≥ 1).
@@ -86,9 +87,62 @@ pub struct JobSpec {
 
 #[derive(Clone, Debug)]
 pub struct ProtectSpec {
-    /// 8-bit, non-zero = protected, at (width, height).
-    pub mask: GrayImage,
+    /// Non-zero = protected; the reference's size or the output's (checked).
+    pub mask: EncodedImage,
     pub feather: u32,
+}
+
+/// An input image as the request carried it: its encoded bytes and the size its header
+/// declares, checked against the limits before the job is queued. A waiting job holds only
+/// these bytes; the pixels are decoded when the job is about to run (`JobSpec::params`).
+#[derive(Clone, Debug)]
+pub struct EncodedImage {
+    pub bytes: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Admission decodes protected masks to check them: one request at a time, so that many
+/// requests at once cannot each hold a decoded mask.
+static MASK_CHECKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Most bytes one image may decode into (a small file must not expand into gigabytes).
+const MAX_DECODED_BYTES: u64 = 1 << 30;
+
+impl EncodedImage {
+    /// Reads the header of PNG or JPEG `bytes` (format and size), without the pixels.
+    fn read(bytes: &[u8], max_side: u32) -> Result<Self, String> {
+        let reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+        if !matches!(reader.format(), Some(image::ImageFormat::Png | image::ImageFormat::Jpeg)) {
+            return Err("not a PNG or JPEG image".to_string());
+        }
+        let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        if width == 0 || height == 0 {
+            return Err(format!("it is {width}×{height} pixels"));
+        }
+        if width > max_side || height > max_side {
+            return Err(format!("{width}×{height} is larger than {max_side}×{max_side} pixels"));
+        }
+        Ok(Self { bytes: bytes.to_vec(), width, height })
+    }
+
+    /// The pixels, decoded within the size the header declared and `MAX_DECODED_BYTES`.
+    /// Same pixels as `image_io::decode_rgb`.
+    pub fn decode(&self) -> Result<image::DynamicImage, String> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(&self.bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.width);
+        limits.max_image_height = Some(self.height);
+        limits.max_alloc = Some(MAX_DECODED_BYTES);
+        reader.limits(limits);
+        reader.decode().map_err(|e| match e {
+            image::ImageError::Limits(_) => format!("it decodes to more than {} MiB", MAX_DECODED_BYTES >> 20),
+            other => other.to_string(),
+        })
+    }
 }
 
 /// Which Grad-SAM / protection events a job streams.
@@ -99,9 +153,30 @@ pub struct ExplainStream {
 }
 
 impl JobSpec {
-    /// The engine's parameters; builds the reference tensor exactly as `frisket-server render`.
-    pub fn params(&self) -> GenerateParams {
-        GenerateParams {
+    /// The engine's parameters, decoding the reference (resized to the output size) and
+    /// the protected region: call when the job is about to run. INVALID_ARGUMENT when an
+    /// image's data is not what its header said.
+    pub fn params(&self) -> Result<GenerateParams, Status> {
+        let (width, height) = (self.width, self.height);
+        let reference = match &self.reference {
+            Some(r) => {
+                let img = r
+                    .decode()
+                    .map_err(|e| invalid(format!("reference_image is not a usable PNG or JPEG image: {e}")))?
+                    .to_rgb8();
+                Some(if img.dimensions() == (width, height) {
+                    img
+                } else {
+                    image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
+                })
+            }
+            None => None,
+        };
+        let protect = match &self.protect {
+            Some(p) => Some(ProtectParams { mask: mask_tensor(&p.decode_at(width, height)?), feather: p.feather }),
+            None => None,
+        };
+        Ok(GenerateParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             seed: self.seed,
@@ -111,14 +186,27 @@ impl JobSpec {
             karras: self.karras,
             width: self.width as i64,
             height: self.height as i64,
-            reference: self.reference.as_ref().map(image_io::rgb_to_tensor),
+            reference: reference.as_ref().map(image_io::rgb_to_tensor),
             strength: self.strength,
             start: self.start,
             explain: self.explain.clone(),
-            protect: self.protect.as_ref().map(|p| ProtectParams { mask: mask_tensor(&p.mask), feather: p.feather }),
+            protect,
             original_size: self.original_size.map(|(w, h)| (w as i64, h as i64)),
             crop_top_left: self.crop_top_left.map_or(defaults::CROP_TOP_LEFT, |(t, l)| (t as i64, l as i64)),
-        }
+        })
+    }
+}
+
+impl ProtectSpec {
+    /// The mask at the output size (the reference's size is resized conservatively: an
+    /// output pixel is protected when any source pixel it covers is).
+    fn decode_at(&self, width: u32, height: u32) -> Result<GrayImage, Status> {
+        let mask = self
+            .mask
+            .decode()
+            .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?
+            .to_luma8();
+        Ok(if mask.dimensions() == (width, height) { mask } else { resize_mask_conservative(&mask, width, height) })
     }
 }
 
@@ -148,23 +236,6 @@ fn resize_mask_conservative(mask: &GrayImage, width: u32, height: u32) -> GrayIm
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
-}
-
-/// Decodes PNG/JPEG bytes with dimension and allocation limits (a small file must not
-/// expand into gigabytes). Same pixels as `image_io::decode_rgb`.
-fn decode_limited(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, String> {
-    let mut reader =
-        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(max_side);
-    limits.max_image_height = Some(max_side);
-    limits.max_alloc = Some(1 << 30);
-    reader.limits(limits);
-    reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => format!("larger than {max_side}×{max_side} pixels"),
-        image::ImageError::Unsupported(_) => "not a PNG or JPEG image".to_string(),
-        other => other.to_string(),
-    })
 }
 
 /// A job id (chosen by the client in Generate, named in Cancel): 1 to `MAX_JOB_ID_BYTES`
@@ -222,9 +293,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     }
 
     let reference = if img2img {
-        let img = decode_limited(&req.reference_image, limits.max_side)
-            .map_err(|e| invalid(format!("reference_image is not a usable PNG or JPEG image: {e}")))?
-            .to_rgb8();
+        let img = EncodedImage::read(&req.reference_image, limits.max_side)
+            .map_err(|e| invalid(format!("reference_image is not a usable PNG or JPEG image: {e}")))?;
         Some(img)
     } else {
         None
@@ -235,9 +305,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         if reference.is_none() {
             return Err(invalid("protected_mask needs a reference_image (img2img)"));
         }
-        let mask: GrayImage = decode_limited(&req.protected_mask, limits.max_side)
-            .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?
-            .to_luma8();
+        let mask = EncodedImage::read(&req.protected_mask, limits.max_side)
+            .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?;
         Some(mask)
     };
     let options = req.explain.clone().unwrap_or_default();
@@ -265,12 +334,12 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     }
 
     let width = match (req.width, &reference) {
-        (0, Some(r)) => r.width(),
+        (0, Some(r)) => r.width,
         (0, None) => meta.native_width,
         (w, _) => w,
     };
     let height = match (req.height, &reference) {
-        (0, Some(r)) => r.height(),
+        (0, Some(r)) => r.height,
         (0, None) => meta.native_height,
         (h, _) => h,
     };
@@ -290,14 +359,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             limits.max_pixels, limits.max_side
         )));
     }
-    let req_reference_size = reference.as_ref().map(|r| r.dimensions());
-    let reference = reference.map(|img| {
-        if img.dimensions() == (width, height) {
-            img
-        } else {
-            image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
-        }
-    });
+    let req_reference_size = reference.as_ref().map(|r| (r.width, r.height));
     if img2img && pipeline::img2img_start(steps as usize, strength, 1) >= steps as usize {
         return Err(invalid(format!(
             "strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
@@ -308,11 +370,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         None => None,
         Some(mask) => {
             let source = req_reference_size.expect("a protected_mask comes with a reference");
-            let mask = if mask.dimensions() == (width, height) {
-                mask
-            } else if mask.dimensions() == source {
-                resize_mask_conservative(&mask, width, height)
-            } else {
+            let size = (mask.width, mask.height);
+            if size != (width, height) && size != source {
                 let also = if source == (width, height) {
                     String::new()
                 } else {
@@ -320,17 +379,20 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
                 };
                 return Err(invalid(format!(
                     "protected_mask is {}×{} but reference_image is {}×{}; the mask must have the reference's size{also}",
-                    mask.width(),
-                    mask.height(),
-                    source.0,
-                    source.1
+                    size.0, size.1, source.0, source.1
                 )));
+            }
+            let spec = ProtectSpec { mask, feather: options.protect_feather };
+            // Blank, full or covering every latent element: refused here, before queueing.
+            // The mask is decoded for the check (one request at a time) and not kept.
+            let decoded = {
+                let _one_at_a_time = MASK_CHECKS.lock().unwrap_or_else(|p| p.into_inner());
+                spec.decode_at(width, height)?
             };
             let factor = meta.size_multiple.max(1) as i64;
-            // Blank, full or covering every latent element: refused here, before queueing.
-            let _checked = protect::protect_masks(&mask_tensor(&mask), width as i64, height as i64, factor)
+            let _masks = protect::protect_masks(&mask_tensor(&decoded), width as i64, height as i64, factor)
                 .map_err(|e| invalid(format!("protected_mask: {e:#}")))?;
-            Some(ProtectSpec { mask, feather: options.protect_feather })
+            Some(spec)
         }
     };
     let explain = explain_params(

@@ -131,7 +131,9 @@ impl Worker {
         model.set_loras(&set).map_err(|e| loras::status(&spec.meta.name, &e))?;
         let lora_seconds = merging.elapsed().as_secs_f64();
         let model = &*model;
-        let mut prepared = model.prepare(&spec.params()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        // The request's images are decoded now, on the engine thread, one job at a time.
+        let params = spec.params()?;
+        let mut prepared = model.prepare(&params).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         // A stopped job (Cancel, client gone, deadline, shutdown) frees the engine within
         // one UNet block, attribution chunk or decoder block.
         prepared.interrupt = Interrupt::new({
