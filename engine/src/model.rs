@@ -79,12 +79,18 @@ impl ModelIndex {
     pub fn is_sdxl_class(&self) -> bool {
         self.class_name.as_deref().is_some_and(|c| c.starts_with("StableDiffusionXL"))
     }
+
+    /// Whether the folder `dir` (whose model_index.json this is) holds an SDXL pipeline: an
+    /// SDXL pipeline class, or a second text encoder.
+    pub fn is_sdxl_folder(&self, dir: &Path) -> bool {
+        dir.join("text_encoder_2").is_dir() || self.is_sdxl_class()
+    }
 }
 
 /// Whether `dir` holds an SDXL pipeline: model_index.json names an SDXL pipeline class, or
 /// the folder has a second text encoder.
 pub fn is_sdxl_folder(dir: &Path) -> bool {
-    dir.join("text_encoder_2").is_dir() || ModelIndex::read(dir).is_ok_and(|i| i.is_sdxl_class())
+    ModelIndex::read(dir).is_ok_and(|i| i.is_sdxl_folder(dir)) || dir.join("text_encoder_2").is_dir()
 }
 
 /// SDXL's size conditioning of a job (the UNet's six time ids), in pixels.
@@ -190,7 +196,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// A diffusers folder; `opts.vae` replaces its VAE.
 fn load_folder(dir: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Components> {
     let index = ModelIndex::read(dir).context("reading model_index.json")?;
-    let sdxl = dir.join("text_encoder_2").is_dir() || index.is_sdxl_class();
+    let sdxl = index.is_sdxl_folder(dir);
     let component = |name: &str| -> Result<PathBuf> {
         let sub = dir.join(name);
         let needs_config = !name.starts_with("tokenizer") && name != "scheduler";

@@ -3,7 +3,6 @@
 //! The header is validated before any tensor is touched: its length against the file
 //! size, every tensor's byte range against the data section, and its dtype and shape
 //! against that range.
-use crate::nn::channels_last;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
@@ -202,9 +201,9 @@ impl MappedFile {
     }
 
     /// The tensor `name`, read out of the map; floating tensors are converted to `kind` on
-    /// `device` straight from the mapped bytes (no intermediate copy in the stored dtype),
-    /// 4-d ones on the CPU laid out channels-last. The pages read are dropped from this
-    /// process afterwards.
+    /// `device` straight from the mapped bytes (no intermediate copy in the stored dtype).
+    /// The pages read are dropped from this process afterwards. (`Weights` puts tensors in
+    /// the modules' layout, `nn::conv_layout`.)
     pub fn tensor(&self, name: &str, device: Device, kind: Kind) -> Result<Tensor> {
         let e = self.header.get(name).with_context(|| format!("{}: no tensor `{name}`", self.header.path.display()))?;
         let (stored, width) = dtype_kind(&e.dtype).expect("dtype checked when parsing the header");
@@ -230,9 +229,6 @@ impl MappedFile {
         let t = if e.is_float() { view.to_device(device).to_kind(kind) } else { view.to_device(device) };
         let t = if t.device() == Device::Cpu && t.data_ptr() == view.data_ptr() { t.copy() } else { t };
         drop(view);
-        // Convolution weights in the layout `nn::Conv2d` keeps them in on the CPU, so that
-        // building the model makes no second copy of them.
-        let t = if t.dim() == 4 && device == Device::Cpu && kind == Kind::Float { channels_last(&t) } else { t };
         self.release(start, end);
         Ok(t)
     }

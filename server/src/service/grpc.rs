@@ -1,6 +1,6 @@
 //! The `frisket.v1.Frisket` gRPC service.
 use super::jobs::{EventResult, Job, PushError, Queue};
-use super::models::{Catalog, Listed};
+use super::models::Catalog;
 use super::request::{self, prepare};
 use super::Limits;
 use frisket_engine::text::quote;
@@ -168,8 +168,14 @@ impl Frisket for FrisketService {
     async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let catalog = self.catalog.clone();
         let (models, loras) = blocking(move || {
-            let fitting = |l: &Listed| l.meta.as_ref().map(|m| catalog.loras().fitting(&m.dir)).unwrap_or_default();
-            let models: Vec<_> = catalog.list().into_iter().map(|l| (fitting(&l), l)).collect();
+            let listed = catalog.list();
+            let usable: Vec<&std::path::Path> =
+                listed.iter().filter_map(|l| l.meta.as_ref().ok().map(|m| m.dir.as_path())).collect();
+            let mut fitting = catalog.loras().fitting(&usable).into_iter();
+            let models: Vec<_> = listed
+                .into_iter()
+                .map(|l| (if l.meta.is_ok() { fitting.next().unwrap_or_default() } else { Vec::new() }, l))
+                .collect();
             Ok((models, catalog.loras().names()))
         })
         .await?;
@@ -178,7 +184,7 @@ impl Frisket for FrisketService {
             .map(|(fitting, listed)| match listed.meta {
                 Ok(m) => ModelInfo {
                     name: m.name,
-                    architecture: m.architecture,
+                    architecture: m.family.name().to_string(),
                     native_width: m.native_width,
                     native_height: m.native_height,
                     size_multiple: m.size_multiple,

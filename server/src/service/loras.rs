@@ -64,28 +64,38 @@ impl LoraCatalog {
         }
     }
 
-    /// The LoRAs whose keys and shapes fit the model at `model_dir` (a folder or a file).
-    pub fn fitting(&self, model_dir: &Path) -> Vec<String> {
-        let names = self.names();
-        if names.is_empty() {
-            return names;
-        }
-        let index = match ParamIndex::from_model_path(model_dir) {
-            Ok(index) => index,
-            Err(e) => {
-                tracing::warn!(model = %model_dir.display(), "reading the model's weight headers: {e:#}");
-                return Vec::new();
-            }
-        };
-        names
+    /// For each model (a folder or a file), the LoRAs whose keys and shapes fit it. Each
+    /// LoRA's header is read once, whatever the number of models.
+    pub fn fitting(&self, models: &[&Path]) -> Vec<Vec<String>> {
+        let headers: Vec<(String, Header)> = self
+            .names()
             .into_iter()
-            .filter(|name| {
-                let Ok(path) = self.resolve(name) else { return false };
+            .filter_map(|name| {
+                let path = self.resolve(&name).ok()?;
                 match Header::read(&path) {
-                    Ok(header) => Lora::check_header(&header, &index).is_ok(),
+                    Ok(header) => Some((name, header)),
                     Err(e) => {
                         tracing::warn!(lora = %name, "unreadable LoRA: {e:#}");
-                        false
+                        None
+                    }
+                }
+            })
+            .collect();
+        models
+            .iter()
+            .map(|model| {
+                if headers.is_empty() {
+                    return Vec::new();
+                }
+                match ParamIndex::from_model_path(model) {
+                    Ok(index) => headers
+                        .iter()
+                        .filter(|(_, header)| Lora::check_header(header, &index).is_ok())
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(model = %model.display(), "reading the model's weight headers: {e:#}");
+                        Vec::new()
                     }
                 }
             })

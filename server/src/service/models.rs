@@ -45,8 +45,7 @@ pub struct ModelMeta {
     /// The model folder or checkpoint file.
     pub dir: PathBuf,
     pub format: ModelFormat,
-    /// "sd1", "sd2" or "sdxl".
-    pub architecture: String,
+    pub family: Family,
     pub native_width: u32,
     pub native_height: u32,
     /// The VAE's scale factor: width and height must be multiples of it.
@@ -59,10 +58,7 @@ impl ModelMeta {
     pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
         match self.format {
             ModelFormat::Diffusers => SchedulerConfig::load(&self.dir.join("scheduler/scheduler_config.json")),
-            ModelFormat::SingleFile => {
-                let family = checkpoint::inspect(&self.dir, None)?.family;
-                family.scheduler_config(PredictionType::parse(&self.prediction_type)?)
-            }
+            ModelFormat::SingleFile => self.family.scheduler_config(PredictionType::parse(&self.prediction_type)?),
         }
     }
 }
@@ -277,7 +273,7 @@ fn read_meta(name: &str, path: &Path, format: ModelFormat, prediction: Option<Pr
                 name: name.to_string(),
                 dir: path.to_path_buf(),
                 format,
-                architecture: info.family.name().to_string(),
+                family: info.family,
                 native_width: info.native_size as u32,
                 native_height: info.native_size as u32,
                 size_multiple: info.vae_scale_factor as u32,
@@ -319,7 +315,7 @@ fn read_folder_meta(name: &str, dir: &Path) -> Result<ModelMeta> {
         name: name.to_string(),
         dir: dir.to_path_buf(),
         format: ModelFormat::Diffusers,
-        architecture: family.name().to_string(),
+        family,
         native_width: sample_w * factor,
         native_height: sample_h * factor,
         size_multiple: factor,

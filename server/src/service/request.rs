@@ -360,7 +360,9 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         )));
     }
     let req_reference_size = reference.as_ref().map(|r| (r.width, r.height));
-    if img2img && pipeline::img2img_start(steps as usize, strength, 1) >= steps as usize {
+    // The index of the first step that runs (img2img starts partway).
+    let first = if img2img { pipeline::img2img_start(steps as usize, strength, 1) } else { 0 };
+    if first >= steps as usize {
         return Err(invalid(format!(
             "strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
         )));
@@ -429,7 +431,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     let (original_size, crop_top_left) = size_conditioning(req.size_conditioning.as_ref(), &meta)?;
     let m = meta.size_multiple.max(1) as u64;
     let positions = (width as u64 / m) * (height as u64 / m);
-    let steps_run = if img2img { (steps as f64 * strength).ceil() as u64 } else { steps as u64 };
+    let steps_run = (steps as usize - first) as u64;
     let attribution = explain.as_ref().map(|e| {
         let manipulations = if e.timesteps.is_empty() { explain::DEFAULT_TIMESTEPS.len() } else { e.timesteps.len() };
         (e.mode, manipulations as u64)
@@ -502,11 +504,11 @@ type SizeCond = (Option<(u32, u32)>, Option<(u32, u32)>);
 /// SizeConditioning → (original size, crop top-left), for SDXL models only.
 fn size_conditioning(c: Option<&pb::SizeConditioning>, meta: &ModelMeta) -> Result<SizeCond, Status> {
     let Some(c) = c else { return Ok((None, None)) };
-    if meta.architecture != Family::Sdxl.name() {
+    if meta.family != Family::Sdxl {
         return Err(invalid(format!(
             "size_conditioning applies to SDXL models; {} is {}",
             quote(&meta.name),
-            meta.architecture
+            meta.family.name()
         )));
     }
     let values = [c.original_width, c.original_height, c.crop_top, c.crop_left];
