@@ -108,3 +108,11 @@ plugin-screenshot: build fixtures deps-krita plugin-krita
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y xvfb xauth; }
 	$(PY) tests/krita/screenshot.py $(PLUGINS_OUT)/frisket-krita.zip plugins/krita/docker.png
+
+# What one client can do to everyone else, measured on this machine (not part of `make
+# test`): cancel inside a step of the largest exact-attribution job the limits admit (a
+# random full-size SD 1.5, built into $(CACHE) on first use), SIGTERM with a long step
+# running ×10, and well-behaved clients beside hostile ones; JSON in $(OUT).
+.PHONY: hostile
+hostile: build
+	$(PY) bench/hostile.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE) $(OUT)/hostile.json
