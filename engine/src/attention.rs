@@ -102,6 +102,55 @@ impl CrossContext {
         }
     }
 
+    /// Several contexts' rows as one (a UNet call stacking several jobs). A layer's keys
+    /// and values are the parts' own, concatenated, where every part has them; the rest
+    /// are projected on first use (`share_kv` hands those back to the parts).
+    pub fn concat(parts: &[&CrossContext]) -> Self {
+        let states: Vec<&Tensor> = parts.iter().map(|c| &c.states).collect();
+        let added = parts[0].added.as_ref().map(|_| {
+            let each = |f: fn(&AddedCond) -> &Tensor| -> Vec<&Tensor> {
+                parts.iter().map(|c| f(c.added.as_ref().expect("contexts of one UNet"))).collect()
+            };
+            AddedCond {
+                text_embeds: Tensor::cat(&each(|a| &a.text_embeds), 0),
+                time_ids: Tensor::cat(&each(|a| &a.time_ids), 0),
+            }
+        });
+        let caches: Vec<_> = parts.iter().map(|c| c.kv.borrow()).collect();
+        let layers = caches.iter().map(|c| c.len()).min().unwrap_or(0);
+        let kv = (0..layers)
+            .map(|i| {
+                let each: Option<Vec<&(Tensor, Tensor)>> = caches.iter().map(|c| c[i].as_ref()).collect();
+                each.map(|each| {
+                    let keys: Vec<&Tensor> = each.iter().map(|(k, _)| k).collect();
+                    let values: Vec<&Tensor> = each.iter().map(|(_, v)| v).collect();
+                    (Tensor::cat(&keys, 0), Tensor::cat(&values, 0))
+                })
+            })
+            .collect();
+        Self { states: Tensor::cat(&states, 0), added, kv: RefCell::new(kv) }
+    }
+
+    /// Gives `parts` (as passed to `concat`) the keys and values this context projected
+    /// that they lack, so their later steps reuse them.
+    pub fn share_kv(&self, parts: &[&CrossContext]) {
+        let cache = self.kv.borrow();
+        let mut row = 0;
+        for part in parts {
+            let rows = part.states.size()[0];
+            let mut own = part.kv.borrow_mut();
+            if own.len() < cache.len() {
+                own.resize_with(cache.len(), || None);
+            }
+            for (mine, (k, v)) in own.iter_mut().zip(cache.iter()).filter_map(|(m, c)| c.as_ref().map(|c| (m, c))) {
+                if mine.is_none() {
+                    *mine = Some((k.narrow(0, row, rows), v.narrow(0, row, rows)));
+                }
+            }
+            row += rows;
+        }
+    }
+
     /// The same conditioning, detached and converted to `kind` (fresh context).
     pub fn detached(&self, kind: Kind) -> Self {
         let conv = |t: &Tensor| t.detach().to_kind(kind);

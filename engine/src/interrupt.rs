@@ -17,6 +17,11 @@ impl Interrupt {
         Self(Some(Arc::new(raised)))
     }
 
+    /// Fires when any of `interrupts` does (several jobs stepping in one UNet call).
+    pub fn any(interrupts: Vec<Interrupt>) -> Self {
+        Self::new(move || interrupts.iter().any(Interrupt::raised))
+    }
+
     pub fn raised(&self) -> bool {
         self.0.as_ref().is_some_and(|f| f())
     }

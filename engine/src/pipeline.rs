@@ -3,26 +3,22 @@
 //! A job is planned once: [`StableDiffusion::prepare`] validates its parameters and
 //! resolves them into a [`PreparedJob`] (scheduler, timesteps, start, Grad-SAM and
 //! protection plans), which callers may read (to announce the job) and then hand to
-//! [`StableDiffusion::generate`]. Generation calls the job's step hooks (`hooks.rs`) and
-//! reports every step to the caller, who turns it into progress streams.
-use super::compare::{compare, Comparison};
-use super::explain::edit::{EditState, Manipulation, StepFraction};
+//! [`StableDiffusion::generate`] (or to [`StableDiffusion::start`], to step it with others:
+//! `run.rs`). Generation calls the job's step hooks (`hooks.rs`) and reports every step to
+//! the caller, who turns it into progress streams.
+use super::compare::Comparison;
+use super::explain::edit::{Manipulation, StepFraction};
 use super::explain::{ExplainParams, ExplainPlan};
-use super::hooks::{ReferenceLatents, StepHook, StepPoint};
-use super::image_io;
 use super::model::{SizeConditioning, StableDiffusion};
-use super::protect::{Protect, ProtectParams, ProtectPlan};
+use super::protect::{ProtectParams, ProtectPlan};
 use super::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use super::unet::Capture;
 use crate::interrupt::{self, Interrupt, Interrupted};
 use anyhow::{bail, ensure, Result};
 use std::str::FromStr;
-use std::sync::Mutex;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
-/// libtorch's default CPU generator is process-wide; a job seeds it and draws all of its
-/// noise at once under this lock, so concurrent jobs (and tests) cannot interleave draws.
-static GENERATOR: Mutex<()> = Mutex::new(());
+mod run;
+pub use run::{BatchKey, JobRun};
 
 /// The defaults of a job's settings, and the paper's preset. Every front end (the gRPC
 /// request, `frisket-server render`, the trainer's evaluation) takes them from here.
@@ -263,39 +259,6 @@ pub struct Generated {
     pub reference_fractions: Vec<StepFraction>,
 }
 
-/// Noise for one job, drawn in the order diffusers draws from its generator.
-struct JobNoise {
-    vae_sample: Option<Tensor>,
-    initial: Tensor,
-    /// The draws of the scheduler's steps (float32, on the CPU), one entry per step of the
-    /// job; None where that step draws nothing.
-    per_step: Vec<Option<Tensor>>,
-    /// Grad-SAM / protection: the one ε that noises the reference, drawn after all of
-    /// diffusers' draws so that those stay the same.
-    reference: Option<Tensor>,
-}
-
-fn draw_noise(seed: u64, latent_shape: &[i64], img2img: bool, step_draws: &[bool], reference: bool) -> JobNoise {
-    let _guard = GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let opts = (Kind::Float, Device::Cpu);
-    // Same bits as torch.Generator().manual_seed(seed): libtorch takes the seed as u64.
-    tch::manual_seed(seed as i64);
-    let vae_sample = img2img.then(|| Tensor::randn(latent_shape, opts));
-    let initial = Tensor::randn(latent_shape, opts);
-    let per_step = step_draws.iter().map(|&draws| draws.then(|| Tensor::randn(latent_shape, opts))).collect();
-    let reference = reference.then(|| Tensor::randn(latent_shape, opts));
-    JobNoise { vae_sample, initial, per_step, reference }
-}
-
-/// Pure noise at `step_index` in the scheduler's parameterisation: the latent whose model
-/// input (`scale_model_input`) is the unit Gaussian `noise` — the noise itself for DDIM,
-/// DDPM, DPM-Solver++ and UniPC, √(σ²+1)·ε for the σ-space Euler schedulers.
-fn pure_noise(scheduler: &dyn Scheduler, noise: &Tensor, step_index: usize) -> Tensor {
-    let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
-    let scale = scheduler.scale_model_input(&one, step_index).double_value(&[0]);
-    noise / scale
-}
-
 impl StableDiffusion {
     /// Validates `p` against this model and plans the job.
     pub fn prepare(&self, p: &GenerateParams) -> Result<PreparedJob> {
@@ -348,139 +311,5 @@ impl StableDiffusion {
             protect,
             interrupt: Interrupt::default(),
         })
-    }
-
-    /// Runs a prepared job. `on_step` is called after every step; returning `Flow::Stop`
-    /// ends the job with `GenerateError::Cancelled`.
-    pub fn generate(
-        &self,
-        job: PreparedJob,
-        on_step: &mut dyn FnMut(&StepEvent) -> Flow,
-    ) -> Result<Generated, GenerateError> {
-        let interrupt = job.interrupt.clone();
-        interrupt::with(&interrupt, || self.run_job(job, on_step))
-    }
-
-    fn run_job(
-        &self,
-        job: PreparedJob,
-        on_step: &mut dyn FnMut(&StepEvent) -> Flow,
-    ) -> Result<Generated, GenerateError> {
-        let _no_grad = tch::no_grad_guard();
-        let PreparedJob { params: p, mut scheduler, start, timesteps, explain, protect, .. } = job;
-        let factor = self.vae_scale_factor();
-        let channels = self.unet.config().in_channels;
-        let latent_shape = [1, channels, p.height / factor, p.width / factor];
-
-        let edited = explain.is_some() || protect.is_some();
-        let step_draws: Vec<bool> = (start..start + timesteps.len()).map(|i| scheduler.needs_step_noise(i)).collect();
-        let noise = draw_noise(p.seed, &latent_shape, p.reference.is_some(), &step_draws, edited);
-        let to_dev = |t: &Tensor| t.to_device(self.device).to_kind(self.kind);
-
-        let scaling = self.vae.config().scaling_factor;
-        let vae_kind = self.vae.kind();
-        let mut reference_latents = None;
-        let mut latents = match &p.reference {
-            Some(reference) => {
-                scheduler.set_begin_index(start);
-                let dist = self.vae.encode(&to_dev(reference));
-                let sample_noise = noise.vae_sample.as_ref().expect("img2img draws VAE noise");
-                let sample_noise = sample_noise.to_device(self.device).to_kind(vae_kind);
-                let init = dist.sample_with(&sample_noise).to_kind(self.kind) * scaling;
-                let latents = match p.start {
-                    StartMode::Reference => scheduler.add_noise(&init, &to_dev(&noise.initial), start),
-                    StartMode::Noise => pure_noise(&*scheduler, &to_dev(&noise.initial), start),
-                };
-                reference_latents = Some(init);
-                latents
-            }
-            None => to_dev(&noise.initial) * scheduler.init_noise_sigma(),
-        };
-
-        // The step hooks, in the order they act: the protected region, then Grad-SAM.
-        let reference = match (reference_latents, &noise.reference) {
-            (Some(clean), Some(eps)) => Some(ReferenceLatents { clean, noise: to_dev(eps) }),
-            _ => None,
-        };
-        let protect_pixels = protect.as_ref().map(|plan| plan.pixels.shallow_clone());
-        let mut protect_hook = match (protect, &reference, &p.reference) {
-            (Some(plan), Some(r), Some(image)) => Some(Protect::new(plan, r.clone(), image)),
-            _ => None,
-        };
-        let mut edit = match (explain, &reference) {
-            (Some(plan), Some(r)) => {
-                let protected = protect_hook.as_ref().map(|h| h.latent_mask().shallow_clone());
-                Some(EditState::new(plan, r.clone(), protected))
-            }
-            _ => None,
-        };
-
-        let guided = p.guidance > 1.0;
-        let negative = guided.then_some(p.negative_prompt.as_str());
-        // Cross-attention keys/values are computed from it once, in the first step.
-        let context = self.text_context(&p.prompt, negative, &p.size_conditioning());
-        // Grad-SAM explains the conditional branch alone.
-        let cond = if guided { context.rows(1, 1) } else { context.rows(0, 1) };
-
-        let total = timesteps.len();
-        for (index, &t) in timesteps.iter().enumerate() {
-            let step_index = start + index;
-            interrupt::check()?;
-            let at = StepPoint { model: self, scheduler: &*scheduler, index, step_index, timestep: t, cond: &cond };
-            if let Some(hook) = protect_hook.as_mut() {
-                hook.before_step(&at, &mut latents)?;
-            }
-            if let Some(hook) = edit.as_mut() {
-                hook.before_step(&at, &mut latents)?;
-            }
-            let manipulation = edit.as_mut().and_then(EditState::take_manipulation);
-            let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-            let model_in = scheduler.scale_model_input(&model_in, step_index);
-            let out = self.unet.try_forward(&model_in, t, &context, Capture::NONE)?.sample;
-            let noise_pred = if guided {
-                let parts = out.chunk(2, 0);
-                &parts[0] + (&parts[1] - &parts[0]) * p.guidance
-            } else {
-                out
-            };
-            // Each scheduler takes its draw to the dtype diffusers draws it in.
-            let step_noise = noise.per_step[index].as_ref().map(|t| t.to_device(self.device));
-            let step = scheduler.step(&noise_pred, step_index, &latents, step_noise.as_ref());
-            let event = StepEvent {
-                index,
-                total,
-                timestep: t,
-                latents_in: &latents,
-                latents: &step.prev_sample,
-                denoised: &step.pred_original_sample,
-                manipulation: manipulation.as_ref(),
-            };
-            if on_step(&event) == Flow::Stop {
-                return Err(GenerateError::Cancelled);
-            }
-            latents = step.prev_sample;
-        }
-
-        if let Some(hook) = protect_hook.as_mut() {
-            hook.before_decode(&mut latents);
-        }
-        let mut image = self.decode_latents(&latents)?;
-        if let Some(hook) = protect_hook.as_mut() {
-            hook.after_decode(&mut image);
-        }
-        let comparison = p.reference.as_ref().map(|r| compare(&image, r, protect_pixels.as_ref()));
-        let reference_fractions = edit.map(EditState::into_fractions).unwrap_or_default();
-        Ok(Generated { image, latents, timesteps, comparison, reference_fractions })
-    }
-
-    /// Scaled latents → [3, H, W] image in [0, 1] on the CPU; stops at this thread's
-    /// current interrupt.
-    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, Interrupted> {
-        let cfg = self.vae.config();
-        let mut z = latents.to_kind(self.vae.kind()) / cfg.scaling_factor;
-        if let Some(shift) = cfg.shift_factor {
-            z += shift;
-        }
-        Ok(image_io::postprocess(&self.vae.try_decode(&z)?))
     }
 }

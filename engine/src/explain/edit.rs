@@ -59,6 +59,11 @@ impl EditState {
     }
 
     /// The manipulation done before the current step's UNet call, if it was a planned step.
+    /// Whether the job's step `index` (0-based among its steps) is manipulated.
+    pub fn manipulates_at(&self, index: usize) -> bool {
+        self.plan.steps.iter().any(|s| s.index == index)
+    }
+
     pub fn take_manipulation(&mut self) -> Option<Manipulation> {
         self.last.take()
     }
@@ -72,7 +77,7 @@ impl EditState {
 impl StepHook for EditState {
     /// At a planned step: Grad-SAM on z_t, then z ← m⊙z + (1−m)⊙noised reference.
     fn before_step(&mut self, at: &StepPoint, latents: &mut Tensor) -> Result<()> {
-        if !self.plan.steps.iter().any(|s| s.index == at.index) {
+        if !self.manipulates_at(at.index) {
             return Ok(());
         }
         let started = Instant::now();
