@@ -1,0 +1,244 @@
+//! `make load`: concurrent clients over loopback against a real `frisket-server`, through
+//! the generated gRPC client. For each server setting (`--setting NAME=FLAGS`, repeatable)
+//! and each concurrency `c`, it starts a server on the models folder, loads the model with
+//! one job, then runs `c` clients that each send `--jobs` jobs one after another (the same
+//! request, a seed per job, a preview every step). It reports jobs/s, time to first
+//! preview and job time (p50/p95/p99, from the request being sent), errors by gRPC code,
+//! and the server's step batch sizes, as a table and as JSON (`--out`).
+//!
+//! The server binary is `$FRISKET_SERVER_BIN`, else target/debug/frisket-server.
+use frisket_e2e::{txt2img, Server};
+use frisket_proto::v1 as pb;
+use frisket_proto::v1::generate_event::Event;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+struct Args {
+    models: PathBuf,
+    model: String,
+    prompt: String,
+    steps: u32,
+    size: u32,
+    jobs: usize,
+    concurrency: Vec<usize>,
+    settings: Vec<(String, Vec<String>)>,
+    out: Option<PathBuf>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: frisket-load --models DIR [--model shapes] [--prompt P] [--steps 20] [--size 64] [--jobs 4]\n\
+         \x20      [--concurrency 1,2,4,8] [--setting NAME=\"SERVE FLAGS\"]… [--out FILE.json]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        models: PathBuf::new(),
+        model: "shapes".into(),
+        prompt: "a red circle on the left".into(),
+        steps: 20,
+        size: 64,
+        jobs: 4,
+        concurrency: vec![1, 2, 4, 8],
+        settings: Vec::new(),
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--models" => args.models = value().into(),
+            "--model" => args.model = value(),
+            "--prompt" => args.prompt = value(),
+            "--steps" => args.steps = value().parse().unwrap_or_else(|_| usage()),
+            "--size" => args.size = value().parse().unwrap_or_else(|_| usage()),
+            "--jobs" => args.jobs = value().parse().unwrap_or_else(|_| usage()),
+            "--concurrency" => {
+                args.concurrency = value().split(',').map(|c| c.trim().parse().unwrap_or_else(|_| usage())).collect()
+            }
+            "--setting" => {
+                let v = value();
+                let (name, flags) = v.split_once('=').unwrap_or_else(|| usage());
+                args.settings.push((name.into(), flags.split_whitespace().map(String::from).collect()));
+            }
+            "--out" => args.out = Some(value().into()),
+            _ => usage(),
+        }
+    }
+    if args.models.as_os_str().is_empty() || args.jobs == 0 || args.concurrency.contains(&0) {
+        usage();
+    }
+    if args.settings.is_empty() {
+        args.settings.push(("default".into(), Vec::new()));
+    }
+    args
+}
+
+/// One job as a client saw it.
+struct Seen {
+    first_preview: Option<Duration>,
+    total: Duration,
+    code: tonic::Code,
+}
+
+async fn one_job(server: &Server, args: &Args, seed: u64) -> Seen {
+    let mut client = server.client().await;
+    let mut request = txt2img(&args.model, &args.prompt, seed, args.steps, args.size, args.size);
+    request.stream = Some(pb::StreamOptions {
+        previews: Some(pb::PreviewOptions { enabled: true, every: 1, ..Default::default() }),
+        ..Default::default()
+    });
+    let sent = Instant::now();
+    let mut first_preview = None;
+    let code = match client.generate(request).await {
+        Err(status) => status.code(),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            let mut code = tonic::Code::Unknown;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(event) => match event.event {
+                        Some(Event::Preview(_)) if first_preview.is_none() => first_preview = Some(sent.elapsed()),
+                        Some(Event::Result(_)) => code = tonic::Code::Ok,
+                        _ => {}
+                    },
+                    Err(status) => {
+                        code = status.code();
+                        break;
+                    }
+                }
+            }
+            code
+        }
+    };
+    Seen { first_preview, total: sent.elapsed(), code }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn summary(values: &mut [f64]) -> Value {
+    values.sort_by(f64::total_cmp);
+    let r = |v: Option<f64>| v.map(|v| (v * 1000.0).round() / 1000.0);
+    json!({"p50": r(percentile(values, 50.0)), "p95": r(percentile(values, 95.0)), "p99": r(percentile(values, 99.0))})
+}
+
+async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = std::sync::Arc::new(Server::start_on(&args.models, &flags).await);
+    // Loads the model, so no measured job pays for it.
+    one_job(&server, args, 0).await;
+    let start = Instant::now();
+    let clients: Vec<_> = (0..c)
+        .map(|client| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for j in 0..args.jobs {
+                    seen.push(one_job(&server, args, 1 + (client * args.jobs + j) as u64).await);
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.extend(client.await.expect("a load client panicked"));
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let batches = batch_sizes(&server.logs());
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &seen {
+        *codes.entry(format!("{:?}", s.code)).or_default() += 1;
+    }
+    let ok: Vec<&Seen> = seen.iter().filter(|s| s.code == tonic::Code::Ok).collect();
+    let mut first: Vec<f64> = ok.iter().filter_map(|s| s.first_preview).map(|d| d.as_secs_f64()).collect();
+    let mut total: Vec<f64> = ok.iter().map(|s| s.total.as_secs_f64()).collect();
+    json!({
+        "concurrency": c,
+        "jobs": seen.len(),
+        "jobs_per_second": ((ok.len() as f64 / wall) * 1000.0).round() / 1000.0,
+        "first_preview_seconds": summary(&mut first),
+        "job_seconds": summary(&mut total),
+        "codes": codes,
+        "batch_sizes": batches,
+    })
+}
+
+/// The server's step batch sizes, from its log lines `step batch size=N` (debug level):
+/// a histogram {size: count}; empty when the server logs none.
+fn batch_sizes(log: &str) -> BTreeMap<String, usize> {
+    let mut hist = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("step batch")) {
+        if let Some(size) = line.split("size=").nth(1).and_then(|s| s.split_whitespace().next()) {
+            *hist.entry(size.to_string()).or_default() += 1;
+        }
+    }
+    hist
+}
+
+fn print_table(results: &[(String, Value)]) {
+    println!(
+        "{:<16} {:>3} {:>5} {:>7}  {:>23}  {:>23}  {:<14} batches",
+        "setting", "c", "jobs", "jobs/s", "first preview p50/95/99", "job s p50/95/99", "codes"
+    );
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    for (name, r) in results {
+        let triple = |k: &str| format!("{}/{}/{}", f(&r[k]["p50"]), f(&r[k]["p95"]), f(&r[k]["p99"]));
+        println!(
+            "{:<16} {:>3} {:>5} {:>7.3}  {:>23}  {:>23}  {:<14} {}",
+            name,
+            r["concurrency"].as_u64().unwrap_or(0),
+            r["jobs"].as_u64().unwrap_or(0),
+            r["jobs_per_second"].as_f64().unwrap_or(0.0),
+            triple("first_preview_seconds"),
+            triple("job_seconds"),
+            r["codes"].to_string(),
+            r["batch_sizes"]
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: &'static Args = Box::leak(Box::new(parse_args()));
+    if std::env::var_os("FRISKET_SERVER_BIN").is_none() {
+        let bin = frisket_e2e::workspace_root().join("target/debug/frisket-server");
+        std::env::set_var("FRISKET_SERVER_BIN", bin);
+    }
+    println!(
+        "{} steps at {}², a preview every step, {} jobs per client, model {}",
+        args.steps, args.size, args.jobs, args.model
+    );
+    let mut results = Vec::new();
+    for (name, flags) in &args.settings {
+        for &c in &args.concurrency {
+            let r = run_setting(args, flags, c).await;
+            println!("{name} c={c}: {r}");
+            results.push((name.clone(), r));
+        }
+    }
+    print_table(&results);
+    if let Some(out) = &args.out {
+        let all: Vec<Value> = results
+            .iter()
+            .map(|(name, r)| json!({"setting": name, "flags": settings_flags(args, name), "result": r}))
+            .collect();
+        std::fs::write(out, serde_json::to_string_pretty(&json!({"runs": all})).unwrap()).expect("writing --out");
+        println!("wrote {}", out.display());
+    }
+}
+
+fn settings_flags(args: &Args, name: &str) -> Vec<String> {
+    args.settings.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap_or_default()
+}
