@@ -134,34 +134,37 @@ impl Limits {
     }
 
     /// The size a PNG or JPEG header declares, within `max_side`; the pixels are not
-    /// decoded. The message says what is wrong (the caller names the field).
-    pub fn image_size(&self, bytes: &[u8]) -> Result<(u32, u32), String> {
-        let reader =
-            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    /// decoded. `field` names the image in messages, `unusable` starts the message for one
+    /// that cannot be read.
+    fn image_size(&self, bytes: &[u8], field: &str, unusable: &str) -> Result<(u32, u32), Status> {
+        let bad = |e: String| invalid(format!("{unusable}: {e}"));
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| bad(e.to_string()))?;
         if !matches!(reader.format(), Some(image::ImageFormat::Png | image::ImageFormat::Jpeg)) {
-            return Err("not a PNG or JPEG image".to_string());
+            return Err(bad("not a PNG or JPEG image".to_string()));
         }
-        let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        let (width, height) = reader.into_dimensions().map_err(|e| bad(e.to_string()))?;
         if width == 0 || height == 0 {
-            return Err(format!("it is {width}×{height} pixels"));
+            return Err(bad(format!("it is {width}×{height} pixels")));
         }
         if width > self.max_side || height > self.max_side {
-            return Err(format!(
-                "{width}×{height} is larger than this server's limit of {0}×{0} pixels (max_side)",
+            return Err(invalid(format!(
+                "{field} is {width}×{height} pixels, larger than this server's limit of {0}×{0} (max_side)",
                 self.max_side
-            ));
+            )));
         }
         Ok((width, height))
     }
 
-    /// reference_image's size from its header ([`Limits::image_size`]).
+    /// reference_image's size from its header, within `max_side`.
     pub fn reference_size(&self, bytes: &[u8]) -> Result<(u32, u32), Status> {
-        self.image_size(bytes).map_err(|e| invalid(format!("{REFERENCE_UNUSABLE}: {e}")))
+        self.image_size(bytes, "reference_image", REFERENCE_UNUSABLE)
     }
 
-    /// protected_mask's size from its header ([`Limits::image_size`]).
+    /// protected_mask's size from its header, within `max_side`.
     pub fn mask_size(&self, bytes: &[u8]) -> Result<(u32, u32), Status> {
-        self.image_size(bytes).map_err(|e| invalid(format!("{MASK_UNUSABLE}: {e}")))
+        self.image_size(bytes, "protected_mask", MASK_UNUSABLE)
     }
 
     pub fn check_work(&self, work: &Work) -> Result<(), Status> {
@@ -308,9 +311,11 @@ mod tests {
         assert!(l.check_output_size(320, 8).unwrap_err().message().contains("max_side"));
         assert!(l.check_output_size(256, 192).is_ok());
         let m = l.reference_size(&png(300, 10)).unwrap_err();
-        assert!(m.message().starts_with(REFERENCE_UNUSABLE) && m.message().contains("300×10"), "{}", m.message());
+        assert!(m.message().starts_with("reference_image is 300×10 pixels"), "{}", m.message());
+        assert!(m.message().contains("max_side"), "{}", m.message());
         assert_eq!(l.mask_size(&png(20, 10)).unwrap(), (20, 10));
-        assert!(l.mask_size(b"GIF89a").unwrap_err().message().contains("not a PNG or JPEG"));
+        let m = l.mask_size(b"GIF89a").unwrap_err();
+        assert!(m.message().starts_with(MASK_UNUSABLE) && m.message().contains("not a PNG or JPEG"), "{}", m.message());
         assert!(l.check_loras(9).unwrap_err().message().contains("max_loras"));
         assert!(l.check_prompts("", &"x".repeat(16 * 1024 + 1)).unwrap_err().message().contains("16385"));
         assert_eq!(l.check_message(64 << 20 | 1).unwrap_err().code(), tonic::Code::ResourceExhausted);
@@ -347,7 +352,7 @@ mod tests {
         assert!(l.check_request(&wide, Some(&model)).unwrap_err().message().contains("max_side"));
         // The size comes from the reference when not given.
         let img = pb::GenerateRequest { reference_image: png(640, 64), ..req.clone() };
-        assert!(l.check_request(&img, None).unwrap_err().message().starts_with(REFERENCE_UNUSABLE));
+        assert!(l.check_request(&img, None).unwrap_err().message().contains("640×64 pixels"));
         let long = pb::GenerateRequest { steps: Some(2000), ..req.clone() };
         assert!(l.check_request(&long, None).unwrap_err().message().contains("max_steps"));
         let heavy = pb::GenerateRequest { steps: Some(499), ..req };
