@@ -42,7 +42,9 @@ def describe_error(event, server=None):
         # or by the server, with the same message naming the limit).
         text = (
             "This job is over the server's limits: {} Make the image smaller, use fewer steps or fast Grad-SAM, "
-            "or ask the server's operator to raise the limit (`frisket info` lists them).".format(message)
+            "or ask the server's operator to raise the limit (`frisket info` lists them).".format(
+                message.rstrip(".") + "."
+            )
         )
     elif hint:
         text = hint.format(server=server or "the configured address", message=message)
