@@ -31,7 +31,7 @@ pub enum Command {
     /// Render one image locally, without the service.
     Render(Box<RenderArgs>),
     /// Serve the gRPC API (frisket.v1.Frisket, health, reflection) until SIGTERM/Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Args)]
@@ -205,7 +205,7 @@ pub fn parse() -> Cli {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Render(args) => render(*args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
