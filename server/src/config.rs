@@ -27,8 +27,19 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
+    /// The file's text parsed; an error is one line: the line number and what is wrong.
     pub fn parse(text: &str) -> Result<Self> {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim();
+            match e.span() {
+                Some(span) => {
+                    let number = text[..span.start].matches('\n').count() + 1;
+                    let line = text.lines().nth(number - 1).unwrap_or("").trim();
+                    anyhow::anyhow!("line {number} ({line:?}): {message}")
+                }
+                None => anyhow::anyhow!("{message}"),
+            }
+        })
     }
 
     pub fn read(path: &Path) -> Result<Self> {
@@ -129,7 +140,11 @@ mod tests {
     #[test]
     fn unknown_keys_and_sections_are_refused_by_name() {
         let e = format!("{:#}", ConfigFile::parse("[limits]\nmax_stpes = 40\n").unwrap_err());
-        assert!(e.contains("max_stpes") && e.contains("max_steps"), "{e}");
+        assert!(
+            e.starts_with("line 2 (\"max_stpes = 40\"): ") && e.contains("max_stpes") && e.contains("max_steps"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
         let e = format!("{:#}", ConfigFile::parse("[limitz]\nmax_steps = 40\n").unwrap_err());
         assert!(e.contains("limitz"), "{e}");
         let e = format!("{:#}", ConfigFile::parse("[limits]\nmax_steps = \"many\"\n").unwrap_err());
