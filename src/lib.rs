@@ -1,5 +1,8 @@
 //! Generated gRPC types and stubs for Frisket's API (`proto/frisket/v1/frisket.proto`).
 pub mod codec;
+pub mod defaults;
+pub mod limits;
+pub mod text;
 
 pub mod v1 {
     tonic::include_proto!("frisket.v1");

@@ -214,9 +214,28 @@ impl Client {
         self.frisket.clone()
     }
 
-    /// Starts a job. The stream yields its events and ends after the `Result` event;
-    /// a failed job ends with an [`Error::Status`] item. Dropping the stream cancels the job.
+    /// Starts a job, after checking it against the server's limits ([`Client::check_limits`]):
+    /// a request over one is refused here with the status the server would give, and is
+    /// never sent. The stream yields the job's events and ends after the `Result` event; a
+    /// failed job ends with an [`Error::Status`] item. Dropping the stream cancels the job.
     pub async fn generate(&self, request: pb::GenerateRequest) -> Result<EventStream, Error> {
+        self.check_limits(&request).await?;
+        self.generate_unchecked(request).await
+    }
+
+    /// Checks `request` against the limits the server reports (GetServerInfo) and its
+    /// model (ListModels, for the default size and the latent factor of the work budget),
+    /// with the server's own checks (`proto::limits`): INVALID_ARGUMENT (RESOURCE_EXHAUSTED
+    /// for the message size) naming the limit and the value, as the server would answer.
+    pub async fn check_limits(&self, request: &pb::GenerateRequest) -> Result<(), Error> {
+        let limits = proto::limits::Limits::from_server_info(&self.server_info().await?);
+        let models = self.list_models().await?;
+        let model = models.iter().find(|m| m.name == request.model);
+        limits.check_request(request, model).map_err(Error::from)
+    }
+
+    /// Starts a job without checking it first: the server's own checks decide.
+    pub async fn generate_unchecked(&self, request: pb::GenerateRequest) -> Result<EventStream, Error> {
         let job_id = (!request.job_id.is_empty()).then(|| request.job_id.clone());
         let inner = self.frisket.clone().generate(request).await?.into_inner();
         Ok(EventStream { inner, job_id, done: false })

@@ -211,6 +211,10 @@ pub struct GenerateArgs {
     /// Stream only the token heatmaps (see --masks).
     #[arg(long)]
     pub heatmaps: bool,
+    /// Send the request without first checking it against the server's limits
+    /// (GetServerInfo): the server's own checks decide.
+    #[arg(long)]
+    pub no_limit_check: bool,
 }
 
 /// Parses arguments; a usage error is one line on stderr (and a JSON error line with

@@ -20,31 +20,10 @@ use tch::Tensor;
 mod run;
 pub use run::{BatchKey, JobRun};
 
-/// The defaults of a job's settings, and the paper's preset. Every front end (the gRPC
-/// request, `frisket-server render`, the trainer's evaluation) takes them from here.
-pub mod defaults {
-    pub const STEPS: usize = 20;
-    pub const GUIDANCE: f64 = 7.5;
-    pub const STRENGTH: f64 = 0.8;
-    pub const SCHEDULER: &str = "ddim";
-    /// The paper's manipulation timesteps (snapped to the job's schedule).
-    pub const TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
-    /// SDXL's crop conditioning (top, left): an uncropped picture.
-    pub const CROP_TOP_LEFT: (i64, i64) = (0, 0);
-
-    /// `--preset paper`: the settings of the paper's code: DDPM for 50 steps, CFG 8,
-    /// strength 0.9, a pure-noise start, and Grad-SAM fast on the last cross-attention layer
-    /// with k = 0.5.
-    pub mod paper {
-        pub const NAME: &str = "paper";
-        pub const SCHEDULER: &str = "ddpm";
-        pub const STEPS: usize = 50;
-        pub const GUIDANCE: f64 = 8.0;
-        pub const STRENGTH: f64 = 0.9;
-        pub const TIMESTEPS: [f64; 3] = super::TIMESTEPS;
-        pub const MASK_THRESHOLD: f64 = 0.5;
-    }
-}
+/// The defaults of a job's settings and the paper's preset, defined with the API so that
+/// clients resolve a request as the server does.
+pub use frisket_proto::defaults;
+pub use frisket_proto::defaults::img2img_start;
 
 /// How a job with a reference image starts.
 ///
@@ -144,12 +123,6 @@ impl Default for GenerateParams {
             crop_top_left: defaults::CROP_TOP_LEFT,
         }
     }
-}
-
-/// diffusers' img2img `get_timesteps`: the index of the first timestep to run.
-pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    steps.saturating_sub(init_timestep) * order
 }
 
 /// The scheduler a job runs and the index of its first step: 0 for txt2img, img2img's

@@ -1,8 +1,8 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
+use crate::config::SettingsArgs;
 use crate::service::loras::{self, LoadedLoras};
 use crate::service::models::Catalog;
 use crate::service::request;
-use crate::service::Limits;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use frisket_engine::checkpoint::LoadOptions;
@@ -31,7 +31,7 @@ pub enum Command {
     /// Render one image locally, without the service.
     Render(Box<RenderArgs>),
     /// Serve the gRPC API (frisket.v1.Frisket, health, reflection) until SIGTERM/Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Args)]
@@ -47,22 +47,8 @@ pub struct ServeArgs {
     /// default to v_prediction; the 512 px base models are epsilon). Repeatable.
     #[arg(long = "prediction", value_name = "MODEL=TYPE", value_parser = parse_prediction_override)]
     pub predictions: Vec<(String, PredictionType)>,
-    /// Most steps per job.
-    #[arg(long, default_value_t = Limits::default().max_steps)]
-    pub max_steps: u32,
-    /// Most output pixels (width × height) per job.
-    #[arg(long, default_value_t = Limits::default().max_pixels)]
-    pub max_pixels: u32,
-    /// Longest side of the output and of input images, in pixels.
-    #[arg(long, default_value_t = Limits::default().max_side)]
-    pub max_side: u32,
-    /// Largest request or response message, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
-    pub max_message_bytes: usize,
-    /// Most work per job, in work units (latent positions × UNet rows × steps, plus
-    /// Grad-SAM attribution; see GetServerInfo.max_work in the proto).
-    #[arg(long, default_value_t = Limits::default().max_work)]
-    pub max_work: u64,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -191,6 +177,9 @@ pub struct RenderArgs {
     /// Write per-step wall-clock times as JSON (used by `make bench`).
     #[arg(long)]
     pub timings: Option<PathBuf>,
+    /// The job's limits, as `serve` applies them.
+    #[command(flatten)]
+    pub settings: SettingsArgs,
 }
 
 /// Parses arguments; a usage error is reported on one line with a non-zero exit.
@@ -216,7 +205,7 @@ pub fn parse() -> Cli {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Render(args) => render(*args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
@@ -234,13 +223,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
-        limits: Limits {
-            max_message_bytes: a.max_message_bytes,
-            max_steps: a.max_steps,
-            max_pixels: a.max_pixels,
-            max_side: a.max_side,
-            max_work: a.max_work,
-        },
+        limits: a.settings.load()?.limits,
     })
 }
 
@@ -298,7 +281,8 @@ fn render(a: RenderArgs) -> Result<()> {
     let name = catalog_name(&a)?;
     let predictions: Vec<_> = a.prediction.map(|p| (name.clone(), p)).into_iter().collect();
     let catalog = Catalog::new(root)?.with_loras(a.loras.as_deref())?.with_predictions(&predictions)?;
-    let spec = request::prepare(&request(&a)?, &catalog, &Limits::default(), request::random_seed())
+    let limits = a.settings.load()?.limits;
+    let spec = request::prepare(&request(&a)?, &catalog, &limits, request::random_seed())
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let (width, height) = (spec.width, spec.height);
     let loaded = Instant::now();

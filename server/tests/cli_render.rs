@@ -87,6 +87,28 @@ fn bad_arguments_give_one_line_errors() {
     assert!(e.contains("many"), "{e}");
 }
 
+/// `render` takes `serve`'s limit flags and config file, and refuses as the service would.
+#[test]
+fn render_applies_the_limits_of_its_flags_and_config_file() {
+    let model = common::model_dir("sd1");
+    let m = model.to_str().unwrap();
+    let dir = tempdir("limits");
+    let o = dir.join("o.png");
+    let o = o.to_str().unwrap();
+    let config = dir.join("limits.toml");
+    std::fs::write(&config, "[limits]\nmax_steps = 3\n").unwrap();
+    let c = config.to_str().unwrap();
+    let e = one_line_error(&render(&["--model", m, "--prompt", "x", "--steps", "4", "--config", c, "--out", o]));
+    assert!(e.contains("steps 4") && e.contains("limit of 3 (max_steps)"), "{e}");
+    let args = ["--model", m, "--prompt", "x", "--steps", "2", "--width", "128", "--height", "64", "--out", o];
+    let e = one_line_error(&render(&[&args[..], &["--config", c, "--max-side", "96"]].concat()));
+    assert!(e.contains("128×64") && e.contains("(max_side)"), "{e}");
+    std::fs::write(&config, "[limits]\nmax_sides = 3\n").unwrap();
+    let e = one_line_error(&render(&["--model", m, "--prompt", "x", "--config", c, "--out", o]));
+    assert!(e.contains("max_sides") && e.contains("limits.toml"), "{e}");
+    assert!(!Path::new(o).exists());
+}
+
 #[test]
 fn broken_model_folder_names_the_tensor() {
     let dir = tempdir("broken-model");

@@ -363,6 +363,34 @@ def _main():
         doc.close()
 
     @case
+    def over_limits():
+        """A server whose max_side is below the canvas: the client refuses the job before
+        sending it, and the status line names the limit."""
+        limited = os.environ.get("FRISKET_TEST_LIMITED_SERVER")
+        if not limited:
+            return
+        c = Case("over_limits")
+        doc = new_document("over-limits")
+        docker = new_docker(doc)
+        docker.set_options(options(server=limited))
+        started = docker.generate()
+        wait_for(lambda: not docker.controller.is_running(), 60)
+        msg = docker.status.text()
+        c.info["job_id"] = docker.controller.job_id
+        c.info["status"] = msg
+        c.check("the job failed", (not started) or docker.controller.ok is False, msg)
+        c.check("the message says the job is over the server's limits", "over the server's limits" in msg, msg)
+        c.check(
+            "the message names the limit and the canvas size",
+            "max_side" in msg and "{}×{}".format(width, height) in msg,
+            msg,
+        )
+        c.check("no traceback", "Traceback" not in msg, msg)
+        names = [n.name() for n in doc.rootNode().childNodes()]
+        c.check("no layers were left behind", not any(n.startswith("[Frisket") for n in names), names)
+        doc.close()
+
+    @case
     def img2img_previews():
         c = Case("img2img_previews")
         doc = new_document("plain")

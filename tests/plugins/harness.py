@@ -69,7 +69,7 @@ def require_binaries():
 class Server(object):
     """`frisket-server serve` on 127.0.0.1:0; its stderr (the log) goes to self.log_path."""
 
-    def __init__(self):
+    def __init__(self, extra_args=()):
         require_binaries()
         self.dir = tempfile.mkdtemp(prefix="frisket-plugin-test-")
         self.log_path = os.path.join(self.dir, "server.log")
@@ -78,7 +78,7 @@ class Server(object):
         env.setdefault("RUST_LOG", "info")
         env["NO_COLOR"] = "1"
         self.proc = subprocess.Popen(
-            [server_bin(), "serve", "--models", models_dir(), "--listen", "127.0.0.1:0"],
+            [server_bin(), "serve", "--models", models_dir(), "--listen", "127.0.0.1:0"] + list(extra_args),
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,

@@ -219,6 +219,11 @@ class EventStream(unittest.TestCase):
         self.assertEqual(
             core.describe_error({"code": "INVALID_ARGUMENT", "message": "bad size"}), "bad size (INVALID_ARGUMENT)"
         )
+        limit = core.describe_error(
+            {"code": "INVALID_ARGUMENT", "message": "steps 41 is more than this server's limit of 40 (max_steps)"}
+        )
+        self.assertTrue(limit.startswith("This job is over the server's limits: steps 41"), limit)
+        self.assertIn("max_steps", limit)
         self.assertIn(
             "raise the strength",
             core.describe_error(

@@ -131,6 +131,24 @@ class GimpCore(unittest.TestCase):
                 write_png=core.write_png,
             )
 
+    def test_a_job_over_the_server_limits_is_a_message_and_never_sent(self):
+        """A server whose max_side is below the drawable: the client refuses the job before
+        sending it; the plug-in's message names the limit; the server's log has no job."""
+        if not self.server.log_path:
+            self.skipTest("external server: cannot start a limited one")
+        limited = harness.Server(["--max-side", str(W // 2)])
+        self.addCleanup(limited.stop)
+        opts, _ = job.options_from_values(values(server=limited.url))
+        outcome = job.generate_from_pixels(harness.client_bin(), opts, W, H, self.rgba, 4, write_png=core.write_png)
+        self.addCleanup(outcome.cleanup)
+        self.assertFalse(outcome.ok)
+        self.assertIn("over the server's limits", outcome.message)
+        self.assertIn("{}\u00d7{} pixels".format(W, H), outcome.message)
+        self.assertIn("(max_side)", outcome.message)
+        log = limited.log()
+        self.assertNotIn("job queued", log)
+        self.assertNotIn("request refused", log)
+
     def test_contract_selection_in_result_and_heatmaps_out(self):
         """The plug-in's half against the documented JSON-lines format (fake client)."""
         sel = harness.rect_selection(W, H, 0, 0, self.half, H)

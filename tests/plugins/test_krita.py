@@ -24,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
 
+# The limited server's max_side: under the test canvas (harness.WIDTH × HEIGHT).
+LIMITED_SIDE = 32
 KRITA_TIMEOUT = int(os.environ.get("FRISKET_KRITA_TEST_TIMEOUT", "900"))
 
 
@@ -102,6 +104,7 @@ def load_package_module():
 class KritaPlugin(unittest.TestCase):
     result = None
     server = None
+    limited = None
     workdir = None
 
     @classmethod
@@ -122,6 +125,10 @@ class KritaPlugin(unittest.TestCase):
         imported = importer.PluginImporter(zip_path, resources, lambda plugin: True).import_all()
         assert [p["name"] for p in imported] == ["frisket"], imported
         cls.server = harness.server()
+        # A second server whose max_side is below the canvas size (limits case); none with an
+        # external server.
+        if cls.server.log_path:
+            cls.limited = harness.Server(["--max-side", str(LIMITED_SIDE)])
         out = os.path.join(cls.workdir, "result.json")
         env = harness.without_virtualenvs(os.environ)
         env.update(
@@ -137,6 +144,8 @@ class KritaPlugin(unittest.TestCase):
                 "PYTHONPATH": os.path.join(harness.ROOT, "tests", "krita"),
             }
         )
+        if cls.limited:
+            env["FRISKET_TEST_LIMITED_SERVER"] = cls.limited.url
         env.pop("FRISKET_SERVER", None)
         log_path = os.path.join(cls.workdir, "kritarunner.log")
         cls.result = run_krita(runner, env, out, log_path)
@@ -163,6 +172,8 @@ class KritaPlugin(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        if cls.limited:
+            cls.limited.stop()
         if cls.workdir and not os.environ.get("FRISKET_KEEP_TEMP"):
             shutil.rmtree(cls.workdir, ignore_errors=True)
 
@@ -201,6 +212,18 @@ class KritaPlugin(unittest.TestCase):
 
     def test_errors_are_messages(self):
         self.assert_case("errors")
+
+    def test_a_job_over_the_server_limits_is_refused_before_sending(self):
+        """A canvas larger than the server's max_side: the illustrator reads the refusal, naming
+        the limit, and the server never received the Generate (no trace of the job in its log)."""
+        if not self.limited:
+            self.skipTest("external server: no limited server to start")
+        self.assert_case("over_limits")
+        job = self.result["cases"]["over_limits"]["info"].get("job_id")
+        self.assertTrue(job, "the case recorded no job id")
+        log = self.limited.log()
+        self.assertNotIn(job, log, "the server received the job:\n" + log[-3000:])
+        self.assertNotIn("job queued", log)
 
     def test_img2img_with_live_previews(self):
         self.assert_case("img2img_previews")

@@ -67,10 +67,15 @@ struct Server(frisket_e2e::Server);
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// With extra `serve` arguments.
+    fn start_with(extra: &[&str]) -> Server {
         // Build the client first so the build does not race the server's start-up.
         client_binary();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        Server(rt.block_on(frisket_e2e::Server::start(&[])))
+        Server(rt.block_on(frisket_e2e::Server::start(extra)))
     }
 
     fn url(&self) -> String {
@@ -862,4 +867,75 @@ fn paper_preset_matches_render() {
         .unwrap();
     assert_ok(&r);
     assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(), "PNGs differ");
+}
+
+/// `serve --config` reports the file's limits (a flag overrides one), and `frisket generate`
+/// refuses a request over a limit before sending it, with the message the server gives: the
+/// server never sees the job (its log has no trace of the job id) unless `--no-limit-check`
+/// sends it anyway, and then the server refuses it with the same message.
+#[test]
+fn limits_from_a_config_file_are_checked_before_sending() {
+    let dir = scratch("limits");
+    let config = dir.join("frisket.toml");
+    std::fs::write(&config, "[limits]\nmax_side = 128\nmax_steps = 30\nmax_work = 50000\n").unwrap();
+    let server = Server::start_with(&["--config", s(&config), "--max-steps", "40"]);
+    let o = server.frisket(&["info", "--json"]);
+    assert_ok(&o);
+    let info = &json_lines(&o)[0];
+    assert_eq!(
+        (info["max_side"].as_u64(), info["max_steps"].as_u64(), info["max_work"].as_u64()),
+        (Some(128), Some(40), Some(50_000)),
+        "{info}"
+    );
+    assert_eq!(info["max_pixels"].as_u64(), Some(2048 * 2048), "unset keys keep their defaults");
+
+    let out_png = dir.join("o.png");
+    let generate = |job_id: &str, extra: &[&str]| {
+        let args = [
+            &["generate", "--json", "--model", "sd1", "--prompt", "a yellow star", "--job-id", job_id][..],
+            &["--out", s(&out_png)],
+            extra,
+        ]
+        .concat();
+        server.frisket(&args)
+    };
+    let error_line = |o: &Output| -> Value {
+        let lines = json_lines(o);
+        let last = lines.last().cloned().unwrap_or_default();
+        assert_eq!(last["event"], "error", "{lines:?}");
+        last
+    };
+
+    // Over max_side: refused locally, in the JSON error shape the plugins parse.
+    let o = generate("over-side-local", &["--steps", "2", "--width", "192", "--height", "64"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let local = error_line(&o);
+    assert_eq!((local["code"].as_str(), local["exit_code"].as_u64()), (Some("INVALID_ARGUMENT"), Some(1)));
+    let message = local["message"].as_str().unwrap().to_string();
+    assert!(message.contains("192×64") && message.contains("max_side"), "{message}");
+    // Over max_steps (the flag's 40, not the file's 30).
+    let o = generate("over-steps-local", &["--steps", "41", "--width", "64", "--height", "64"]);
+    let steps = error_line(&o)["message"].as_str().unwrap().to_string();
+    assert!(steps.contains("steps 41") && steps.contains("max_steps"), "{steps}");
+    // Over the work budget: sd1's latent factor (4, from ListModels) makes 128² 1,024
+    // positions, × 2 rows (guidance) × 40 steps.
+    let o = generate("over-work-local", &["--width", "128", "--height", "128", "--steps", "40"]);
+    let work = error_line(&o)["message"].as_str().unwrap().to_string();
+    assert!(work.contains("81920 work units") && work.contains("limit of 50000 (max_work)"), "{work}");
+    assert!(!out_png.exists());
+
+    // Sent anyway: the server gives the same refusal.
+    let o = generate("over-side-sent", &["--steps", "2", "--width", "192", "--height", "64", "--no-limit-check"]);
+    assert_eq!(error_line(&o)["message"].as_str(), Some(message.as_str()));
+    // Within the limits the job runs.
+    let o = generate("within-limits", &["--steps", "2", "--width", "64", "--height", "64"]);
+    assert_ok(&o);
+    assert!(out_png.exists());
+
+    let log = server.0.logs();
+    for local in ["over-side-local", "over-steps-local", "over-work-local"] {
+        assert!(!log.contains(local), "the server saw {local}:\n{log}");
+    }
+    assert!(log.lines().any(|l| l.contains("over-side-sent") && l.contains("request refused")), "{log}");
+    assert!(log.lines().any(|l| l.contains("within-limits") && l.contains("job queued")), "{log}");
 }

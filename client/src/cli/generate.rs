@@ -26,7 +26,13 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
     let progress = Progress::new(!as_json && std::io::stderr().is_terminal());
     let mut job_id = args.job_id.clone();
     let mut stream = tokio::select! {
-        s = client.generate(request) => s?,
+        s = async {
+            if args.no_limit_check {
+                client.generate_unchecked(request).await
+            } else {
+                client.generate(request).await
+            }
+        } => s?,
         _ = interrupt.recv() => return Err(interrupted(job_id)),
     };
     let result = loop {

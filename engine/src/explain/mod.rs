@@ -151,7 +151,7 @@ pub struct ExplainParams {
 }
 
 /// The paper's manipulation timesteps.
-pub const DEFAULT_TIMESTEPS: [f64; 3] = [780.0, 520.0, 320.0];
+pub const DEFAULT_TIMESTEPS: [f64; 3] = crate::pipeline::defaults::TIMESTEPS;
 
 impl Default for ExplainParams {
     fn default() -> Self {

@@ -28,12 +28,25 @@ _CODE_HINTS = {
 }
 
 
+# Every limit refusal names its limit this way, e.g. "... (max_side)".
+LIMIT_MARK = "(max_"
+
+
 def describe_error(event, server=None):
     """A one-paragraph message for an `error` line."""
     code = str(event.get("code") or "ERROR")
     message = str(event.get("message") or "").strip()
     hint = _CODE_HINTS.get(code)
-    if hint:
+    if LIMIT_MARK in message:
+        # A request over one of the server's limits (refused by the client before sending,
+        # or by the server, with the same message naming the limit).
+        text = (
+            "This job is over the server's limits: {} Make the image smaller, use fewer steps or fast Grad-SAM, "
+            "or ask the server's operator to raise the limit (`frisket info` lists them).".format(
+                message.rstrip(".") + "."
+            )
+        )
+    elif hint:
         text = hint.format(server=server or "the configured address", message=message)
     elif message:
         text = "{} ({})".format(message, code)

@@ -88,13 +88,7 @@ impl Frisket for FrisketService {
         }
         let deadline = deadline_of(&request, received);
         let req = request.into_inner();
-        let size = req.encoded_len();
-        if size > self.limits.max_message_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "request is {size} bytes, more than the limit of {} bytes",
-                self.limits.max_message_bytes
-            )));
-        }
+        self.limits.check_message(req.encoded_len())?;
         let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
         let (catalog, limits) = (self.catalog.clone(), self.limits.clone());
         let spec = blocking(move || prepare(&req, &catalog, &limits, request::random_seed())).await;
@@ -133,9 +127,7 @@ impl Frisket for FrisketService {
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let req = request.into_inner();
-        if req.prompt.len() > request::MAX_PROMPT_BYTES {
-            return Err(Status::invalid_argument(format!("prompt is limited to {} bytes", request::MAX_PROMPT_BYTES)));
-        }
+        self.limits.check_prompts(&req.prompt, "")?;
         let catalog = self.catalog.clone();
         blocking(move || {
             let tok = catalog.tokenizer(&req.model)?;
@@ -211,21 +203,17 @@ impl Frisket for FrisketService {
 
     async fn get_server_info(&self, _request: Request<GetServerInfoRequest>) -> Result<Response<ServerInfo>, Status> {
         let (queued, running) = self.queue.counts();
-        Ok(Response::new(ServerInfo {
+        let mut info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             devices: self.devices.clone(),
             device: self.device.clone(),
             queue_capacity: self.queue.capacity as u32,
             queued_jobs: queued,
             running_jobs: running,
-            max_steps: self.limits.max_steps,
-            max_pixels: self.limits.max_pixels,
-            max_side: self.limits.max_side,
-            max_message_bytes: self.limits.max_message_bytes as u64,
-            max_work: self.limits.max_work,
-            max_loras: super::loras::MAX_PER_JOB as u32,
-            max_prompt_bytes: request::MAX_PROMPT_BYTES as u32,
-        }))
+            ..Default::default()
+        };
+        self.limits.report(&mut info);
+        Ok(Response::new(info))
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {

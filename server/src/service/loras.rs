@@ -10,8 +10,6 @@ use tonic::Status;
 
 /// The largest |weight| a request may give a LoRA.
 pub const MAX_WEIGHT: f32 = 4.0;
-/// The most LoRAs one job may merge.
-pub const MAX_PER_JOB: usize = 8;
 
 #[derive(Default)]
 pub struct LoraCatalog {
@@ -103,12 +101,14 @@ impl LoraCatalog {
     }
 }
 
-/// Checks a request's LoRAs: known names, finite weights within ±MAX_WEIGHT, at most
-/// MAX_PER_JOB. The name, file and weight (absent → 1) of each.
-pub fn check(specs: &[frisket_proto::v1::LoraSpec], catalog: &LoraCatalog) -> Result<Vec<JobLora>, Status> {
-    if specs.len() > MAX_PER_JOB {
-        return Err(Status::invalid_argument(format!("at most {MAX_PER_JOB} LoRAs per job, got {}", specs.len())));
-    }
+/// Checks a request's LoRAs: at most `limits.max_loras`, known names, finite weights within
+/// ±MAX_WEIGHT. The name, file and weight (absent → 1) of each.
+pub fn check(
+    specs: &[frisket_proto::v1::LoraSpec],
+    catalog: &LoraCatalog,
+    limits: &frisket_proto::limits::Limits,
+) -> Result<Vec<JobLora>, Status> {
+    limits.check_loras(specs.len())?;
     specs
         .iter()
         .map(|s| {

@@ -34,34 +34,10 @@ use tracing::{info, warn};
 /// The API's service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "frisket.v1.Frisket";
 
-/// Request limits (`serve --max-*`), reported by GetServerInfo. A request over one is
-/// INVALID_ARGUMENT naming it, before it is queued.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Largest request or response message (a 2048² PNG plus its mask fit comfortably).
-    pub max_message_bytes: usize,
-    pub max_steps: u32,
-    /// width × height.
-    pub max_pixels: u32,
-    /// Longest side of the output and of decoded input images.
-    pub max_side: u32,
-    /// The most work one job may ask for, in work units (`request::work_units`).
-    pub max_work: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 64 << 20,
-            max_steps: 500,
-            max_pixels: 2048 * 2048,
-            max_side: 4096,
-            // 2048² (65,536 latent positions) × 2 rows (guidance) × 150 steps; refuses
-            // 2048² × 500 steps and exact Grad-SAM at 512² (≈ 134 M units per manipulation).
-            max_work: 20_000_000,
-        }
-    }
-}
+/// Request limits (`serve --max-*`, the config file's `[limits]`), reported by
+/// GetServerInfo and checked by `request::prepare`; defined with the API so that clients
+/// check the same limits before sending.
+pub use frisket_proto::limits::Limits;
 
 pub struct ServeConfig {
     pub models: PathBuf,

@@ -12,13 +12,12 @@ use frisket_engine::protect::{self, ProtectParams, MAX_FEATHER};
 use frisket_engine::schedulers::SchedulerKind;
 use frisket_engine::tch;
 use frisket_engine::text::quote;
+use frisket_proto::limits::{output_size, Work, MASK_UNUSABLE, REFERENCE_UNUSABLE};
 use frisket_proto::v1::{self as pb, GenerateRequest, ImageFormat, PreviewMethod};
 use image::GrayImage;
 use tonic::Status;
 
 pub const MAX_GUIDANCE: f64 = 50.0;
-/// Bytes of prompt text accepted (the tokenizer keeps 75 tokens anyway).
-pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 pub const MAX_JOB_ID_BYTES: usize = 128;
 /// Largest exact-mode batch (latent elements per backward pass) a request may ask for.
 pub const MAX_EXACT_BATCH: u32 = 256;
@@ -110,21 +109,9 @@ static MASK_CHECKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const MAX_DECODED_BYTES: u64 = 1 << 30;
 
 impl EncodedImage {
-    /// Reads the header of PNG or JPEG `bytes` (format and size), without the pixels.
-    fn read(bytes: &[u8], max_side: u32) -> Result<Self, String> {
-        let reader =
-            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-        if !matches!(reader.format(), Some(image::ImageFormat::Png | image::ImageFormat::Jpeg)) {
-            return Err("not a PNG or JPEG image".to_string());
-        }
-        let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
-        if width == 0 || height == 0 {
-            return Err(format!("it is {width}×{height} pixels"));
-        }
-        if width > max_side || height > max_side {
-            return Err(format!("{width}×{height} is larger than {max_side}×{max_side} pixels"));
-        }
-        Ok(Self { bytes: bytes.to_vec(), width, height })
+    /// `bytes` with the size `Limits::reference_size` or `mask_size` read from its header.
+    fn new(bytes: &[u8], (width, height): (u32, u32)) -> Self {
+        Self { bytes: bytes.to_vec(), width, height }
     }
 
     /// The pixels, decoded within the size the header declared and `MAX_DECODED_BYTES`.
@@ -160,10 +147,7 @@ impl JobSpec {
         let (width, height) = (self.width, self.height);
         let reference = match &self.reference {
             Some(r) => {
-                let img = r
-                    .decode()
-                    .map_err(|e| invalid(format!("reference_image is not a usable PNG or JPEG image: {e}")))?
-                    .to_rgb8();
+                let img = r.decode().map_err(|e| invalid(format!("{REFERENCE_UNUSABLE}: {e}")))?.to_rgb8();
                 Some(if img.dimensions() == (width, height) {
                     img
                 } else {
@@ -201,11 +185,7 @@ impl ProtectSpec {
     /// The mask at the output size (the reference's size is resized conservatively: an
     /// output pixel is protected when any source pixel it covers is).
     fn decode_at(&self, width: u32, height: u32) -> Result<GrayImage, Status> {
-        let mask = self
-            .mask
-            .decode()
-            .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?
-            .to_luma8();
+        let mask = self.mask.decode().map_err(|e| invalid(format!("{MASK_UNUSABLE}: {e}")))?.to_luma8();
         Ok(if mask.dimensions() == (width, height) { mask } else { resize_mask_conservative(&mask, width, height) })
     }
 }
@@ -256,7 +236,7 @@ pub fn check_job_id(id: &str) -> Result<(), Status> {
 
 /// Validates `req` against the model and limits. Blocking (decodes images, reads configs).
 pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random_seed: u64) -> Result<JobSpec, Status> {
-    let req = &*with_preset(req)?;
+    let req = &*defaults::with_preset(req)?;
     if !req.job_id.is_empty() {
         check_job_id(&req.job_id)?;
     }
@@ -270,18 +250,14 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     if steps == 0 {
         return Err(invalid("steps must be at least 1".to_string()));
     }
-    if steps > limits.max_steps {
-        return Err(invalid(format!("steps {steps} is more than this server's limit of {}", limits.max_steps)));
-    }
+    limits.check_steps(steps)?;
     let guidance = req.guidance.unwrap_or(defaults::GUIDANCE);
     if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
         return Err(invalid(format!(
             "guidance must be between 0 and {MAX_GUIDANCE} (1 or less disables it), got {guidance}"
         )));
     }
-    if req.prompt.len() > MAX_PROMPT_BYTES || req.negative_prompt.len() > MAX_PROMPT_BYTES {
-        return Err(invalid(format!("prompt and negative_prompt are limited to {MAX_PROMPT_BYTES} bytes")));
-    }
+    limits.check_prompts(&req.prompt, &req.negative_prompt)?;
 
     let img2img = !req.reference_image.is_empty();
     if !img2img && req.prompt.trim().is_empty() {
@@ -293,9 +269,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     }
 
     let reference = if img2img {
-        let img = EncodedImage::read(&req.reference_image, limits.max_side)
-            .map_err(|e| invalid(format!("reference_image is not a usable PNG or JPEG image: {e}")))?;
-        Some(img)
+        Some(EncodedImage::new(&req.reference_image, limits.reference_size(&req.reference_image)?))
     } else {
         None
     };
@@ -305,9 +279,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         if reference.is_none() {
             return Err(invalid("protected_mask needs a reference_image (img2img)"));
         }
-        let mask = EncodedImage::read(&req.protected_mask, limits.max_side)
-            .map_err(|e| invalid(format!("protected_mask is not a usable greyscale PNG: {e}")))?;
-        Some(mask)
+        Some(EncodedImage::new(&req.protected_mask, limits.mask_size(&req.protected_mask)?))
     };
     let options = req.explain.clone().unwrap_or_default();
     let start = match pb::StartMode::try_from(options.start.unwrap_or_default()) {
@@ -333,16 +305,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         )));
     }
 
-    let width = match (req.width, &reference) {
-        (0, Some(r)) => r.width,
-        (0, None) => meta.native_width,
-        (w, _) => w,
-    };
-    let height = match (req.height, &reference) {
-        (0, Some(r)) => r.height,
-        (0, None) => meta.native_height,
-        (h, _) => h,
-    };
+    let (width, height) =
+        output_size(req, reference.as_ref().map(|r| (r.width, r.height)), (meta.native_width, meta.native_height));
     let m = meta.size_multiple.max(1);
     if width % m != 0 || height % m != 0 {
         return Err(invalid(format!(
@@ -350,15 +314,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
             meta.name
         )));
     }
-    if width > limits.max_side
-        || height > limits.max_side
-        || (width as u64) * (height as u64) > limits.max_pixels as u64
-    {
-        return Err(invalid(format!(
-            "{width}×{height} is too large: this server allows at most {} pixels and {} per side",
-            limits.max_pixels, limits.max_side
-        )));
-    }
+    limits.check_output_size(width, height)?;
     let req_reference_size = reference.as_ref().map(|r| (r.width, r.height));
     // The index of the first step that runs (img2img starts partway).
     let first = if img2img { pipeline::img2img_start(steps as usize, strength, 1) } else { 0 };
@@ -429,23 +385,8 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
     };
     let latents_every = stream.latents.filter(|l| l.enabled).map(|l| l.every.max(1) as usize);
     let (original_size, crop_top_left) = size_conditioning(req.size_conditioning.as_ref(), &meta)?;
-    let m = meta.size_multiple.max(1) as u64;
-    let positions = (width as u64 / m) * (height as u64 / m);
-    let steps_run = (steps as usize - first) as u64;
-    let attribution = explain.as_ref().map(|e| {
-        let manipulations = if e.timesteps.is_empty() { explain::DEFAULT_TIMESTEPS.len() } else { e.timesteps.len() };
-        (e.mode, manipulations as u64)
-    });
-    let work = work_units(positions, if guidance > 1.0 { 2 } else { 1 }, steps_run, attribution);
-    if work > limits.max_work {
-        return Err(invalid(format!(
-            "this job is {work} work units (latent positions × UNet rows × steps, plus its Grad-SAM \
-             attribution), more than this server's limit of {} (max_work in GetServerInfo): use fewer \
-             steps, a smaller image{}",
-            limits.max_work,
-            if attribution.is_some_and(|(mode, _)| mode == ExplainMode::Exact) { " or fast Grad-SAM" } else { "" }
-        )));
-    }
+    // The work as the request states it; `explain_params` accepted its mode and timesteps.
+    limits.check_work(&Work::of(req, width, height, meta.size_multiple))?;
     let explain_stream = match stream.explain {
         Some(x) => ExplainStream { masks: x.masks, heatmaps: x.heatmaps },
         None => ExplainStream { masks: explain.is_some() || protect.is_some(), heatmaps: explain.is_some() },
@@ -471,28 +412,10 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         explain,
         protect,
         explain_stream,
-        loras: loras::check(&req.loras, catalog.loras())?,
+        loras: loras::check(&req.loras, catalog.loras(), limits)?,
         original_size,
         crop_top_left,
     })
-}
-
-/// The latent elements per position exact attribution differentiates (SD's 4 channels).
-const LATENT_CHANNELS: u64 = 4;
-
-/// A job's cost in work units: latent positions × UNet batch rows (2 with classifier-free
-/// guidance) × steps, plus per manipulated step its attribution: fast mode one forward and
-/// one backward pass of one row (3 row-passes), exact mode one backward pass per latent
-/// element (each ≈ 2 row-passes), so its cost grows with the square of the latent size.
-/// GetServerInfo's `max_work` is in these units; a 512² SD step with guidance is 8,192.
-pub fn work_units(positions: u64, rows: u64, steps: u64, attribution: Option<(ExplainMode, u64)>) -> u64 {
-    let steps_work = positions * rows * steps;
-    let per_manipulation = match attribution {
-        None => 0,
-        Some((ExplainMode::Fast, _)) => 3 * positions,
-        Some((ExplainMode::Exact, _)) => 2 * LATENT_CHANNELS * positions * positions,
-    };
-    steps_work + per_manipulation * attribution.map_or(0, |(_, n)| n)
 }
 
 /// The most a size-conditioning value may be.
@@ -629,39 +552,6 @@ fn explain_params(
     Ok(Some(ExplainParams { mode, layers, subjects, timesteps, mask, exact_batch: o.exact_batch.map(|b| b as usize) }))
 }
 
-/// The request with its preset's values in the fields it leaves unset.
-fn with_preset(req: &GenerateRequest) -> Result<std::borrow::Cow<'_, GenerateRequest>, Status> {
-    use defaults::paper;
-    match req.preset.as_str() {
-        "" => Ok(std::borrow::Cow::Borrowed(req)),
-        paper::NAME => {
-            if req.reference_image.is_empty() {
-                return Err(invalid("the paper preset needs a reference_image (img2img)"));
-            }
-            let mut r = req.clone();
-            if r.scheduler.is_empty() {
-                r.scheduler = paper::SCHEDULER.into();
-            }
-            r.steps.get_or_insert(paper::STEPS as u32);
-            r.guidance.get_or_insert(paper::GUIDANCE);
-            r.strength.get_or_insert(paper::STRENGTH);
-            let e = r.explain.get_or_insert_with(Default::default);
-            e.start.get_or_insert(pb::StartMode::Noise as i32);
-            if *e.mode.get_or_insert(pb::ExplainMode::Fast as i32) != pb::ExplainMode::Off as i32 {
-                if e.layers.trim().is_empty() {
-                    e.layers = "last".into();
-                }
-                if e.manipulate_at.is_empty() {
-                    e.manipulate_at = paper::TIMESTEPS.to_vec();
-                }
-                e.mask_threshold.get_or_insert(paper::MASK_THRESHOLD);
-            }
-            Ok(std::borrow::Cow::Owned(r))
-        }
-        other => Err(invalid(format!("unknown preset {} (expected \"{}\" or none)", quote(other), paper::NAME))),
-    }
-}
-
 /// A seed for requests without one: 53 bits (exact in a JSON / JavaScript number).
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -672,46 +562,8 @@ pub fn random_seed() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{pb, resize_mask_conservative, with_preset};
+    use super::resize_mask_conservative;
     use image::GrayImage;
-
-    #[test]
-    fn the_paper_preset_fills_only_unset_fields() {
-        let req = pb::GenerateRequest { preset: "paper".into(), reference_image: vec![1], ..Default::default() };
-        let r = with_preset(&req).unwrap().into_owned();
-        assert_eq!((r.steps, r.guidance, r.strength), (Some(50), Some(8.0), Some(0.9)));
-        assert_eq!(r.scheduler, "ddpm", "the paper's scheduler");
-        let e = r.explain.unwrap();
-        assert_eq!((e.mode, e.start), (Some(pb::ExplainMode::Fast as i32), Some(pb::StartMode::Noise as i32)));
-        assert_eq!(
-            (e.layers.as_str(), e.manipulate_at, e.mask_threshold),
-            ("last", vec![780.0, 520.0, 320.0], Some(0.5))
-        );
-
-        let explicit = pb::ExplainOptions {
-            mode: Some(pb::ExplainMode::Off as i32),
-            start: Some(pb::StartMode::Reference as i32),
-            ..Default::default()
-        };
-        let req = pb::GenerateRequest {
-            steps: Some(20),
-            scheduler: "euler-a".into(),
-            explain: Some(explicit.clone()),
-            ..req
-        };
-        let r = with_preset(&req).unwrap().into_owned();
-        assert_eq!((r.steps, r.guidance, r.scheduler.as_str()), (Some(20), Some(8.0), "euler-a"));
-        assert_eq!(r.explain, Some(explicit), "Grad-SAM off keeps its options unset");
-
-        let none = pb::GenerateRequest::default();
-        assert!(matches!(with_preset(&none).unwrap(), std::borrow::Cow::Borrowed(_)));
-        let bad = pb::GenerateRequest { preset: "x".repeat(1000), reference_image: vec![1], ..Default::default() };
-        let status = with_preset(&bad).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().len() < 200, "{}", status.message());
-        let txt2img = pb::GenerateRequest { preset: "paper".into(), ..Default::default() };
-        assert!(with_preset(&txt2img).unwrap_err().message().contains("reference_image"));
-    }
 
     #[test]
     fn mask_resizing_keeps_every_protected_pixel() {
