@@ -131,10 +131,7 @@ async fn a_stopped_client_does_not_hold_the_engine_and_gets_its_result() {
     let logs = server.logs();
     let finished = log_seconds(&logs, &["job_id=stall-a", "job finished"]);
     let started = log_seconds(&logs, &["job_id=other-b", "job started"]);
-    println!(
-        "the other job started {:.4} s after the stopped client's job finished computing",
-        started - finished
-    );
+    println!("the other job started {:.4} s after the stopped client's job finished computing", started - finished);
 
     stalled.signal("CONT");
     let mut rest = stalled.rest();
