@@ -187,6 +187,8 @@ async fn a_client_that_reads_nothing_is_dropped_with_a_clear_status() {
 async fn one_connection_cannot_flood_the_queue() {
     let server = shapes_server(&["--max-jobs-per-connection", "2", "--queue-capacity", "8"]).await;
     let mut flood = server.client().await; // clones share its one connection
+    let info = flood.get_server_info(pb::GetServerInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.max_jobs_per_connection, 2);
     let job = |id: &str, steps| {
         let mut req = txt2img("shapes", "a red circle", 1, steps, 64, 64);
         req.job_id = id.into();

@@ -7,9 +7,10 @@
 //!
 //! Each job's events go through its [`Events`] buffer, which the engine never waits on: a
 //! message the client has not taken yet is replaced by a newer one of the same kind
-//! ([`Replaceable`]) and counted, so a slow client holds one of each plus the few
-//! messages that are never dropped; a client that takes nothing for the stalled-client
-//! time is dropped.
+//! ([`Replaceable`]) and counted. What waits for a slow client is bounded without a byte
+//! cap: [`STREAM_SLACK`] messages, one of each replaceable kind, and the small messages
+//! never dropped (Queued, Started, a Step per step, the protected mask, the final one). A
+//! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind, Queued};
