@@ -81,7 +81,7 @@ pub struct ServeArgs {
     #[arg(long, value_parser = positive_seconds,
           default_value_t = ConnectionLimits::default().stalled_client.as_secs_f64())]
     pub stalled_client_seconds: f64,
-    /// Seconds without traffic on a connection before the server sends an HTTP/2 PING.
+    /// Seconds without a frame from a peer before the server sends it an HTTP/2 PING.
     #[arg(long, value_parser = positive_seconds,
           default_value_t = ConnectionLimits::default().keepalive_interval.as_secs_f64())]
     pub http2_keepalive_interval: f64,

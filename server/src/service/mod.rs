@@ -76,7 +76,7 @@ pub struct ConnectionLimits {
     /// wait is dropped: its job stops and its events go (a finished job's result waits
     /// this long for it).
     pub stalled_client: Duration,
-    /// HTTP/2 PINGs go out after this long without traffic ...
+    /// An HTTP/2 PING goes out after this long without a frame from the peer ...
     pub keepalive_interval: Duration,
     /// ... and a peer that does not answer one within this is disconnected.
     pub keepalive_timeout: Duration,
