@@ -11,6 +11,11 @@ pub mod v1 {
 /// The encoded descriptors of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("frisket_descriptor");
 
+/// The trailer of a Generate stream that ends with a status other than OK, counting the
+/// events a newer one of the same kind replaced while the client was behind (the
+/// `Result.dropped_events` of a stream that ends with its Result); absent when 0.
+pub const DROPPED_EVENTS_TRAILER: &str = "frisket-dropped-events";
+
 /// A LoRA as command lines name it, `NAME` or `NAME:WEIGHT` (weight 1 when absent), as the
 /// proto's `LoraSpec`.
 pub fn parse_lora_spec(spec: &str) -> Result<v1::LoraSpec, String> {

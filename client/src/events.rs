@@ -152,6 +152,9 @@ pub struct GenerateResult {
     /// PSNR of the protected region (infinity when exact) and outside it.
     pub psnr_protected: Option<f64>,
     pub psnr_outside: Option<f64>,
+    /// Events this client missed because newer ones of the same kind replaced them while
+    /// it was behind (the proto's Result.dropped_events).
+    pub dropped_events: u64,
 }
 
 /// File extension for an image MIME type (`png` unless it says JPEG).
@@ -232,6 +235,7 @@ impl JobEvent {
                 reference_fraction_per_step: r.reference_fraction_per_step,
                 psnr_protected: r.psnr_protected,
                 psnr_outside: r.psnr_outside,
+                dropped_events: r.dropped_events,
             })),
         };
         Ok(Some(JobEvent { job_id: e.job_id, event }))

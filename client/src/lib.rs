@@ -114,7 +114,12 @@ impl std::error::Error for Error {
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Error::Status { code: s.code(), message: s.message().to_string() }
+        let mut message = s.message().to_string();
+        if let Some(n) = s.metadata().get(frisket_proto::DROPPED_EVENTS_TRAILER).and_then(|v| v.to_str().ok()) {
+            message
+                .push_str(&format!(" ({n} progress events were replaced by newer ones while this client was behind)"));
+        }
+        Error::Status { code: s.code(), message }
     }
 }
 

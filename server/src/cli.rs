@@ -3,6 +3,7 @@ use crate::config::SettingsArgs;
 use crate::service::loras::{self, LoadedLoras};
 use crate::service::models::Catalog;
 use crate::service::request;
+use crate::service::ConnectionLimits;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use frisket_engine::checkpoint::LoadOptions;
@@ -61,6 +62,37 @@ pub struct ServeArgs {
     /// Seconds that accepted jobs may run on after SIGTERM before they are stopped.
     #[arg(long, default_value_t = 30.0)]
     pub grace_period: f64,
+    /// Seconds a client may take nothing from its Generate stream while events wait
+    /// before it is dropped (its job stops, its events go); a finished job's result waits
+    /// this long for its client while the next job runs.
+    #[arg(long, value_parser = positive_seconds,
+          default_value_t = ConnectionLimits::default().stalled_client.as_secs_f64())]
+    pub stalled_client_seconds: f64,
+    /// Seconds without a frame from a peer before the server sends it an HTTP/2 PING.
+    #[arg(long, value_parser = positive_seconds,
+          default_value_t = ConnectionLimits::default().keepalive_interval.as_secs_f64())]
+    pub http2_keepalive_interval: f64,
+    /// Seconds a peer has to answer a PING before its connection is closed.
+    #[arg(long, value_parser = positive_seconds,
+          default_value_t = ConnectionLimits::default().keepalive_timeout.as_secs_f64())]
+    pub http2_keepalive_timeout: f64,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
+          default_value_t = ConnectionLimits::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+    /// Generate jobs one connection may have queued or running at once; more get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
+          default_value_t = ConnectionLimits::default().max_jobs_per_connection)]
+    pub max_jobs_per_connection: u32,
+}
+
+/// A number of seconds > 0 (and at most a million days, so it fits a Duration).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 8.64e10 => Ok(x),
+        _ => Err(format!("expected a number of seconds > 0, got {s:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -224,6 +256,13 @@ fn serve(a: ServeArgs) -> Result<()> {
         queue_capacity: a.queue_capacity as usize,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
         limits: a.settings.load()?.limits,
+        connections: ConnectionLimits {
+            stalled_client: std::time::Duration::from_secs_f64(a.stalled_client_seconds),
+            keepalive_interval: std::time::Duration::from_secs_f64(a.http2_keepalive_interval),
+            keepalive_timeout: std::time::Duration::from_secs_f64(a.http2_keepalive_timeout),
+            max_concurrent_streams: a.max_concurrent_streams,
+            max_jobs_per_connection: a.max_jobs_per_connection,
+        },
     })
 }
 

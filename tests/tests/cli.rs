@@ -354,6 +354,7 @@ fn json_lines_are_ordered_and_end_with_the_result() {
     assert_eq!(result["dump_path"], dump.join("result.png").display().to_string());
     assert_eq!(result["manifest"], dump.join("manifest.json").display().to_string());
     assert!(result["timings"]["total_seconds"].is_number());
+    assert_eq!(result["dropped_events"], 0, "a client that keeps up misses nothing");
     assert!(out_png.exists());
     // The manifest mirrors the artifact events.
     let manifest: Value = serde_json::from_slice(&std::fs::read(dump.join("manifest.json")).unwrap()).unwrap();

@@ -91,6 +91,13 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
         return Err(fail(Error::Protocol("the event stream ended without a result".into()), &job_id));
     };
     progress.finish(&result);
+    if !as_json && result.dropped_events > 0 {
+        eprintln!(
+            "note: {} progress events (previews, latents, masks, heatmaps) were replaced by newer ones while this \
+             client was behind",
+            result.dropped_events
+        );
+    }
     if !as_json {
         println!("{}", args.out.display());
     }

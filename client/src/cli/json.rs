@@ -150,6 +150,7 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
                     "model_load_seconds": t.model_load_seconds, "lora_seconds": t.lora_seconds,
                 }),
             );
+            put("dropped_events", json!(r.dropped_events));
             if !r.reference_fraction_per_step.is_empty() {
                 put("reference_fraction_per_step", json!(r.reference_fraction_per_step));
             }

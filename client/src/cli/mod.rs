@@ -185,6 +185,8 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
             .with("max_work", json!(i.max_work))
             .with("max_loras", json!(i.max_loras))
             .with("max_prompt_bytes", json!(i.max_prompt_bytes))
+            .with("max_jobs_per_connection", json!(i.max_jobs_per_connection))
+            .with("stalled_client_seconds", json!(i.stalled_client_seconds))
             .emit();
         return Ok(exit::OK);
     }
@@ -203,6 +205,8 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
         vec!["max work units".to_string(), i.max_work.to_string()],
         vec!["max LoRAs".to_string(), i.max_loras.to_string()],
         vec!["max prompt bytes".to_string(), i.max_prompt_bytes.to_string()],
+        vec!["max jobs per connection".to_string(), i.max_jobs_per_connection.to_string()],
+        vec!["stalled client seconds".to_string(), i.stalled_client_seconds.to_string()],
     ];
     print_table(&rows);
     Ok(exit::OK)

@@ -1,8 +1,9 @@
 //! The `frisket.v1.Frisket` gRPC service.
-use super::jobs::{EventResult, Job, PushError, Queue};
+use super::clients::{ClientKey, JobSlots};
+use super::jobs::{EventStream, Events, Job, PushError, Queue};
 use super::models::Catalog;
 use super::request::{self, prepare};
-use super::Limits;
+use super::{ConnectionLimits, Limits};
 use frisket_engine::text::quote;
 use frisket_proto::v1::frisket_server::Frisket;
 use frisket_proto::v1::{
@@ -13,26 +14,32 @@ use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
-
-/// Events buffered per stream before the engine waits for the client.
-const STREAM_BUFFER: usize = 16;
+use tracing::{debug, info, warn};
 
 pub struct FrisketService {
     pub queue: Arc<Queue>,
     pub catalog: Arc<Catalog>,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
+    /// Jobs per connection, against `connections.max_jobs_per_connection`.
+    slots: Arc<JobSlots>,
     pub device: String,
     pub devices: Vec<String>,
     next_id: AtomicU64,
 }
 
 impl FrisketService {
-    pub fn new(queue: Arc<Queue>, catalog: Arc<Catalog>, limits: Limits, device: String, devices: Vec<String>) -> Self {
-        Self { queue, catalog, limits, device, devices, next_id: AtomicU64::new(1) }
+    pub fn new(
+        queue: Arc<Queue>,
+        catalog: Arc<Catalog>,
+        limits: Limits,
+        connections: ConnectionLimits,
+        device: String,
+        devices: Vec<String>,
+    ) -> Self {
+        let slots = JobSlots::new(connections.max_jobs_per_connection as usize);
+        Self { queue, catalog, limits, connections, slots, device, devices, next_id: AtomicU64::new(1) }
     }
 
     fn new_job_id(&self) -> String {
@@ -79,7 +86,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 #[tonic::async_trait]
 impl Frisket for FrisketService {
-    type GenerateStream = ReceiverStream<EventResult>;
+    type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
@@ -87,6 +94,22 @@ impl Frisket for FrisketService {
             return Err(Status::unavailable("the server is shutting down and accepts no new jobs"));
         }
         let deadline = deadline_of(&request, received);
+        // Taken before the request is validated, so a flood of jobs on one connection costs
+        // the server nothing past its limit. A connection without an address (none over
+        // TCP) is not counted.
+        let slot = match request.remote_addr() {
+            Some(addr) => match self.slots.acquire(ClientKey::Connection(addr)) {
+                Ok(slot) => Some(slot),
+                Err(limit) => {
+                    debug!(%addr, limit, "job refused: the connection holds its limit of jobs");
+                    return Err(Status::resource_exhausted(format!(
+                        "this connection already has {limit} jobs queued or running, the server's limit per \
+                         connection; wait for one to end or open another connection"
+                    )));
+                }
+            },
+            None => None,
+        };
         let req = request.into_inner();
         self.limits.check_message(req.encoded_len())?;
         let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
@@ -102,12 +125,13 @@ impl Frisket for FrisketService {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Status::deadline_exceeded("the request's deadline passed before the job was queued"));
         }
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let job = Arc::new(Job::new(job_id.clone(), spec, tx, deadline, tokio::runtime::Handle::current()));
+        let events = Events::new(job_id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
+        let stream = events.stream();
+        let job = Arc::new(Job::new(job_id.clone(), spec, events, slot, deadline));
         match self.queue.push(job) {
             Ok(position) => {
                 info!(job_id = %job_id, position, "job queued");
-                Ok(Response::new(ReceiverStream::new(rx)))
+                Ok(Response::new(stream))
             }
             Err(PushError::Full) => {
                 info!(job_id = %job_id, "queue full, job refused");
@@ -210,6 +234,8 @@ impl Frisket for FrisketService {
             queue_capacity: self.queue.capacity as u32,
             queued_jobs: queued,
             running_jobs: running,
+            max_jobs_per_connection: self.slots.limit() as u32,
+            stalled_client_seconds: self.connections.stalled_client.as_secs_f64(),
             ..Default::default()
         };
         self.limits.report(&mut info);
@@ -220,7 +246,13 @@ impl Frisket for FrisketService {
         let id = request.into_inner().job_id;
         request::check_job_id(&id)?;
         let found = self.queue.cancel(&id);
-        info!(job_id = %id, found, "cancel requested");
+        // Unknown ids cost no log at the default level, so a flood of Cancels cannot grow
+        // the log; a cancelled job's own lines record its end.
+        if found {
+            info!(job_id = %id, "cancel requested");
+        } else {
+            debug!(job_id = %id, "cancel of an unknown job");
+        }
         Ok(Response::new(CancelResponse { found }))
     }
 }

@@ -1,15 +1,26 @@
-//! Jobs and the bounded queue between the gRPC handlers and the worker thread.
+//! Jobs, their event streams, and the bounded queue between the gRPC handlers and the
+//! worker thread.
 //!
 //! The queue is a bounded channel with two extras a plain channel lacks: a waiting job
 //! can be taken out (Cancel, a client that left, a passed deadline) so it frees its
 //! slot at once, and each new job learns how many are ahead of it.
+//!
+//! Each job's events go through its [`Events`] buffer, which the engine never waits on: a
+//! message the client has not taken yet is replaced by a newer one of the same kind
+//! ([`Replaceable`]) and counted. What waits for a slow client is bounded without a byte
+//! cap: [`STREAM_SLACK`] messages, one of each replaceable kind, and the small messages
+//! never dropped (Queued, Started, a Step per step, the protected mask, the final one). A
+//! client that takes nothing for the stalled-client time is dropped.
+use super::clients::JobSlot;
 use super::request::JobSpec;
-use frisket_proto::v1::{generate_event, GenerateEvent, Queued};
-use prost::Message;
+use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind, Queued};
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
+use tokio_stream::Stream;
 use tonic::Status;
 
 pub type EventResult = Result<GenerateEvent, Status>;
@@ -25,22 +36,21 @@ pub enum StopReason {
     Deadline,
     /// The server shut down before the job could finish.
     Shutdown,
-    /// The client kept the stream open but stopped reading it ([`STALLED_CLIENT`] without
-    /// taking a message, or [`MAX_UNREAD_BYTES`] waiting for it).
+    /// The client kept the stream open but took no message for the stalled-client time.
     Stalled,
 }
 
 impl StopReason {
-    /// The status the stream ends with (none when nobody is listening).
+    /// The status the stream ends with (none when nobody is listening, and none for a
+    /// stalled client: its stream already holds the status that says so).
     pub fn status(self) -> Option<Status> {
         match self {
-            Self::ClientGone => None,
+            Self::ClientGone | Self::Stalled => None,
             Self::Cancelled => Some(Status::cancelled("job cancelled by a Cancel request")),
             Self::Deadline => {
                 Some(Status::deadline_exceeded("the request's deadline (grpc-timeout) passed before the job finished"))
             }
             Self::Shutdown => Some(Status::unavailable("the server shut down before the job finished")),
-            Self::Stalled => Some(Status::cancelled("the client stopped reading the event stream")),
         }
     }
 
@@ -55,116 +65,292 @@ impl StopReason {
     }
 }
 
-/// How long a message may wait for a client that keeps its stream open but reads nothing
-/// before the job is stopped as stalled. The engine never waits for it: messages the
-/// stream's buffer cannot take queue behind it (`Job::push`).
-pub const STALLED_CLIENT: Duration = Duration::from_secs(60);
+/// Messages at the head of a stream's buffer that are never replaced: a client that reads
+/// promptly but runs a few messages behind (a busy runtime) misses nothing; replacement
+/// applies to the messages waiting behind these.
+pub const STREAM_SLACK: usize = 16;
 
-/// The most bytes of a job's messages that may wait for its client beyond the stream's
-/// buffer; past it the job is stopped as stalled.
-pub const MAX_UNREAD_BYTES: usize = 256 << 20;
+/// The kinds of event a newer one of the same kind replaces while it waits for its
+/// client: the client still ends with the newest of each. Heatmaps are per subject token
+/// (one per subject streams at each manipulated step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replaceable {
+    Preview,
+    Latent,
+    ManipulationMask,
+    Heatmap { token_index: u32 },
+}
 
-pub struct Job {
-    pub id: String,
-    pub spec: JobSpec,
-    events: mpsc::Sender<EventResult>,
-    /// Messages waiting for room in `events`, in order, and a task feeding them to it.
-    unread: Mutex<Unread>,
-    stop: watch::Sender<Option<StopReason>>,
-    pub deadline: Option<Instant>,
-    pub accepted: Instant,
+impl Replaceable {
+    /// The kind of `msg`, None for messages that are never dropped (Queued, Started, Step,
+    /// the PROTECTED mask, Result, statuses).
+    pub fn of(msg: &EventResult) -> Option<Self> {
+        use generate_event::Event;
+        match msg.as_ref().ok()?.event.as_ref()? {
+            Event::Preview(_) => Some(Self::Preview),
+            Event::Latent(_) => Some(Self::Latent),
+            Event::Mask(m) if m.kind == MaskKind::Manipulation as i32 => Some(Self::ManipulationMask),
+            Event::Heatmap(h) => Some(Self::Heatmap { token_index: h.token_index }),
+            _ => None,
+        }
+    }
+}
+
+/// The last message of a stream: its Result, or a status.
+fn is_final(msg: &EventResult) -> bool {
+    match msg {
+        Ok(event) => matches!(event.event, Some(generate_event::Event::Result(_))),
+        Err(_) => true,
+    }
+}
+
+/// A job's outgoing messages, shared by the job (which pushes) and the response stream
+/// ([`EventStream`], which tonic polls as the client's HTTP/2 window allows).
+pub struct Events {
+    job_id: String,
+    stalled_after: Duration,
+    state: Mutex<Outbox>,
+    /// Wakes the stall watchdog when messages start waiting or the stream ends.
+    watch: Notify,
     rt: tokio::runtime::Handle,
 }
 
 #[derive(Default)]
-struct Unread {
-    messages: VecDeque<(EventResult, usize)>,
-    bytes: usize,
-    /// A task is feeding `messages` to the stream.
-    draining: bool,
+struct Outbox {
+    messages: VecDeque<(EventResult, Option<Replaceable>)>,
+    /// Messages replaced by newer ones before the client took them.
+    dropped: u64,
+    /// The final message is queued (or the job ended without one): nothing more is taken.
+    closed: bool,
+    /// The client read nothing for the stalled-client time; its messages were dropped.
+    stalled: bool,
+    /// The client dropped its stream.
+    gone: bool,
+    /// Since when the client has taken nothing while messages wait.
+    waiting_since: Option<Instant>,
+    watchdog: bool,
+    waker: Option<Waker>,
+}
+
+impl Events {
+    pub fn new(job_id: String, stalled_after: Duration, rt: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(Self { job_id, stalled_after, state: Mutex::new(Outbox::default()), watch: Notify::new(), rt })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The response stream; tonic polls it.
+    pub fn stream(self: &Arc<Self>) -> EventStream {
+        EventStream { events: self.clone() }
+    }
+
+    /// Queues a message without blocking. A [`Replaceable`] message replaces the waiting
+    /// one of its kind behind the first [`STREAM_SLACK`] (counted as dropped, the new one
+    /// goes last: what the client gets is the stream in order, less the replaced ones).
+    /// The final message carries the dropped count. Err when the client left or stalled.
+    pub fn push(self: &Arc<Self>, mut msg: EventResult) -> Result<(), StopReason> {
+        let mut out = self.lock();
+        if out.gone {
+            return Err(StopReason::ClientGone);
+        }
+        if out.stalled {
+            return Err(StopReason::Stalled);
+        }
+        if out.closed {
+            return Ok(());
+        }
+        let kind = Replaceable::of(&msg);
+        if let Some(kind) = kind {
+            let behind_slack = out.messages.iter().skip(STREAM_SLACK).position(|(_, k)| *k == Some(kind));
+            if let Some(i) = behind_slack {
+                out.messages.remove(STREAM_SLACK + i);
+                out.dropped += 1;
+            }
+        }
+        if is_final(&msg) {
+            out.closed = true;
+            let dropped = out.dropped;
+            match &mut msg {
+                Ok(GenerateEvent { event: Some(generate_event::Event::Result(r)), .. }) => r.dropped_events = dropped,
+                Err(status) if dropped > 0 => {
+                    if let Ok(value) = dropped.to_string().parse() {
+                        status.metadata_mut().insert(frisket_proto::DROPPED_EVENTS_TRAILER, value);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.messages.push_back((msg, kind));
+        if out.waiting_since.is_none() {
+            out.waiting_since = Some(Instant::now());
+            self.watch.notify_one();
+        }
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
+        if !out.watchdog {
+            out.watchdog = true;
+            let events = self.clone();
+            self.rt.spawn(async move { events.watchdog().await });
+        }
+        Ok(())
+    }
+
+    /// No more messages: the stream ends after the waiting ones.
+    pub fn close(&self) {
+        let mut out = self.lock();
+        out.closed = true;
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
+        self.watch.notify_one();
+    }
+
+    pub fn client_gone(&self) -> bool {
+        self.lock().gone
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.lock().stalled
+    }
+
+    /// Messages replaced so far.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Drops a client that has taken nothing for `stalled_after` while messages wait: its
+    /// messages go, and one status saying so waits in their place (a client that wakes
+    /// up gets it); the job stops (`Job::check_stop`).
+    async fn watchdog(self: Arc<Self>) {
+        loop {
+            let wait = {
+                let mut out = self.lock();
+                if out.gone || (out.closed && out.messages.is_empty()) {
+                    return;
+                }
+                match out.waiting_since {
+                    None => None,
+                    Some(since) if since.elapsed() >= self.stalled_after => {
+                        out.messages.clear();
+                        out.stalled = true;
+                        out.closed = true;
+                        out.waiting_since = None;
+                        let seconds = self.stalled_after.as_secs_f64();
+                        let status = Status::cancelled(format!(
+                            "the client read nothing for {seconds} s (the server's stalled-client time): \
+                             the job was stopped and its events dropped"
+                        ));
+                        out.messages.push_back((Err(status), None));
+                        if let Some(waker) = out.waker.take() {
+                            waker.wake();
+                        }
+                        drop(out);
+                        tracing::warn!(
+                            job_id = %self.job_id,
+                            seconds,
+                            "client read nothing for the stalled-client time: job stopped, its events dropped"
+                        );
+                        return;
+                    }
+                    Some(since) => Some(self.stalled_after - since.elapsed()),
+                }
+            };
+            match wait {
+                Some(wait) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.watch.notified() => {}
+                    }
+                }
+                None => self.watch.notified().await,
+            }
+        }
+    }
+}
+
+/// The Generate response stream: takes messages from the job's [`Events`]; dropping it
+/// (the client left) stops the job.
+pub struct EventStream {
+    events: Arc<Events>,
+}
+
+impl Stream for EventStream {
+    type Item = EventResult;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventResult>> {
+        let mut out = self.events.lock();
+        match out.messages.pop_front() {
+            Some((msg, _)) => {
+                out.waiting_since = if out.messages.is_empty() { None } else { Some(Instant::now()) };
+                Poll::Ready(Some(msg))
+            }
+            None if out.closed => Poll::Ready(None),
+            None => {
+                out.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let mut out = self.events.lock();
+        out.gone = true;
+        out.messages.clear();
+        drop(out);
+        self.events.watch.notify_one();
+    }
+}
+
+pub struct Job {
+    pub id: String,
+    pub spec: JobSpec,
+    events: Arc<Events>,
+    /// Counts the job against its client's job limit until its final message is queued.
+    slot: Mutex<Option<JobSlot>>,
+    stop: watch::Sender<Option<StopReason>>,
+    pub deadline: Option<Instant>,
+    pub accepted: Instant,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.events.close();
+    }
 }
 
 impl Job {
     pub fn new(
         id: String,
         spec: JobSpec,
-        events: mpsc::Sender<EventResult>,
+        events: Arc<Events>,
+        slot: Option<JobSlot>,
         deadline: Option<Instant>,
-        rt: tokio::runtime::Handle,
     ) -> Self {
         Self {
             id,
             spec,
             events,
-            unread: Mutex::new(Unread::default()),
+            slot: Mutex::new(slot),
             stop: watch::channel(None).0,
             deadline,
             accepted: Instant::now(),
-            rt,
         }
     }
 
-    /// Sends a message on the job's stream without blocking: when the stream's buffer is
-    /// full it waits, in order, behind the ones already waiting, and a task hands them to
-    /// the stream as the client reads. Err when the client left, or when its unread
-    /// messages pass [`MAX_UNREAD_BYTES`] (the job should stop).
-    pub fn push(self: &Arc<Self>, msg: EventResult) -> Result<(), StopReason> {
-        let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
-        let msg = if unread.draining {
-            msg
-        } else {
-            match self.events.try_send(msg) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StopReason::ClientGone),
-                Err(mpsc::error::TrySendError::Full(msg)) => msg,
-            }
-        };
-        let size = match &msg {
-            Ok(event) => event.encoded_len(),
-            Err(status) => status.message().len(),
-        };
-        unread.bytes += size;
-        unread.messages.push_back((msg, size));
-        if !unread.draining {
-            unread.draining = true;
-            let job = self.clone();
-            self.rt.spawn(async move { job.drain().await });
+    /// Sends a message on the job's stream without blocking ([`Events::push`]). Err when
+    /// the client left or stalled (the job should stop).
+    pub fn push(&self, msg: EventResult) -> Result<(), StopReason> {
+        if is_final(&msg) {
+            // The client may start another job as soon as it sees this one end.
+            self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
-        if unread.bytes > MAX_UNREAD_BYTES {
-            return Err(StopReason::Stalled);
-        }
-        Ok(())
+        self.events.push(msg)
     }
-
-    /// Hands the waiting messages to the stream in order; gives up (the job stopped) when
-    /// the client left or took nothing for [`STALLED_CLIENT`].
-    async fn drain(&self) {
-        loop {
-            let msg = {
-                let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
-                match unread.messages.pop_front() {
-                    Some((msg, size)) => {
-                        unread.bytes -= size;
-                        msg
-                    }
-                    None => {
-                        unread.draining = false;
-                        return;
-                    }
-                }
-            };
-            let reason = match tokio::time::timeout(STALLED_CLIENT, self.events.send(msg)).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => StopReason::ClientGone,
-                Err(_) => StopReason::Stalled,
-            };
-            self.stop(reason);
-            let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
-            *unread = Unread::default();
-            return;
-        }
-    }
-
     /// Asks the job to stop; the first reason wins. True when this call set it.
     pub fn stop(&self, reason: StopReason) -> bool {
         self.stop.send_if_modified(|r| {
@@ -190,11 +376,14 @@ impl Job {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Whether the job must stop now: asked to, its client left, or its deadline passed.
+    /// Whether the job must stop now: asked to, its client left or stalled, or its
+    /// deadline passed.
     pub fn check_stop(&self) -> Option<StopReason> {
         if self.stop_reason().is_none() {
-            if self.events.is_closed() {
+            if self.events.client_gone() {
                 self.stop(StopReason::ClientGone);
+            } else if self.events.stalled() {
+                self.stop(StopReason::Stalled);
             } else if self.deadline_passed() {
                 self.stop(StopReason::Deadline);
             }
@@ -207,12 +396,12 @@ impl Job {
     }
 
     /// Ends the stream with `status`, after the messages still waiting, without blocking.
-    pub fn end_with(self: &Arc<Self>, status: Status) {
+    pub fn end_with(&self, status: Status) {
         let _ = self.push(Err(status));
     }
 
     /// Ends the stream for `reason` (nothing to send when the client left).
-    pub fn end_stopped(self: &Arc<Self>, reason: StopReason) {
+    pub fn end_stopped(&self, reason: StopReason) {
         if let Some(status) = reason.status() {
             self.end_with(status);
         }
@@ -385,5 +574,169 @@ impl Queue {
     pub fn exit_worker(&self) {
         self.lock().exit = true;
         self.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frisket_proto::v1::{
+        generate_event::Event, Heatmap, Latent, Mask, Preview, Result as JobResult, Started, Step,
+    };
+    use tokio_stream::StreamExt;
+
+    fn event(event: Event) -> EventResult {
+        Ok(GenerateEvent { job_id: "j".into(), event: Some(event) })
+    }
+
+    fn preview(step: u32) -> EventResult {
+        event(Event::Preview(Preview { step, ..Default::default() }))
+    }
+
+    fn latent(step: u32) -> EventResult {
+        event(Event::Latent(Latent { step, ..Default::default() }))
+    }
+
+    fn step(index: u32) -> EventResult {
+        event(Event::Step(Step { index, ..Default::default() }))
+    }
+
+    fn heatmap(step: u32, token_index: u32) -> EventResult {
+        event(Event::Heatmap(Heatmap { step, token_index, ..Default::default() }))
+    }
+
+    /// A short name for each message, e.g. "preview 3", "heatmap 3/5", "status".
+    fn name(msg: &EventResult) -> String {
+        match msg.as_ref().map(|e| e.event.clone().unwrap()) {
+            Ok(Event::Queued(_)) => "queued".into(),
+            Ok(Event::Started(_)) => "started".into(),
+            Ok(Event::Step(s)) => format!("step {}", s.index),
+            Ok(Event::Preview(p)) => format!("preview {}", p.step),
+            Ok(Event::Latent(l)) => format!("latent {}", l.step),
+            Ok(Event::Heatmap(h)) => format!("heatmap {}/{}", h.step, h.token_index),
+            Ok(Event::Mask(m)) => format!("mask {} {}", m.kind, m.step),
+            Ok(Event::Result(r)) => format!("result dropped={}", r.dropped_events),
+            Err(s) => format!("status {:?}", s.code()),
+        }
+    }
+
+    async fn read_all(events: &Arc<Events>) -> Vec<String> {
+        let mut stream = events.stream();
+        let mut names = Vec::new();
+        while let Some(msg) = stream.next().await {
+            names.push(name(&msg));
+        }
+        names
+    }
+
+    /// Fills the slack at the head of the buffer with Steps (never replaced).
+    fn fill_slack(events: &Arc<Events>) -> Vec<String> {
+        (0..STREAM_SLACK as u32).map(|i| events.push(step(i)).map(|()| format!("step {i}")).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_waiting_event_is_replaced_by_a_newer_one_of_its_kind() {
+        let events = Events::new("j".into(), Duration::from_secs(60), tokio::runtime::Handle::current());
+        let mut expected = fill_slack(&events);
+        events.push(event(Event::Started(Started::default()))).unwrap();
+        for s in 100..105 {
+            events.push(latent(s)).unwrap();
+            events.push(step(s)).unwrap();
+            events.push(preview(s)).unwrap();
+            for token in [2, 5] {
+                events.push(heatmap(s, token)).unwrap();
+            }
+        }
+        let manipulation =
+            |step| event(Event::Mask(Mask { step, kind: MaskKind::Manipulation as i32, ..Default::default() }));
+        let protected = event(Event::Mask(Mask { kind: MaskKind::Protected as i32, ..Default::default() }));
+        events.push(protected).unwrap();
+        events.push(manipulation(1)).unwrap();
+        events.push(manipulation(2)).unwrap();
+        // 4 older of each of latent, preview and both heatmap tokens, 1 mask.
+        assert_eq!(events.dropped(), 4 * 4 + 1);
+        events.push(event(Event::Result(JobResult::default()))).unwrap();
+        // Pushes after the final message are ignored.
+        events.push(preview(999)).unwrap();
+
+        expected.extend(["started", "step 100", "step 101", "step 102", "step 103"].map(String::from));
+        expected.extend(
+            ["latent 104", "step 104", "preview 104", "heatmap 104/2", "heatmap 104/5", "mask 1 0", "mask 0 2"]
+                .map(String::from),
+        );
+        expected.push("result dropped=17".into());
+        assert_eq!(read_all(&events).await, expected);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_replaced_within_the_slack_or_for_a_client_that_keeps_up() {
+        let events = Events::new("j".into(), Duration::from_secs(60), tokio::runtime::Handle::current());
+        let mut stream = events.stream();
+        for s in 0..40 {
+            events.push(preview(s)).unwrap();
+            assert_eq!(name(&stream.next().await.unwrap()), format!("preview {s}"));
+        }
+        for s in 40..40 + STREAM_SLACK as u32 {
+            events.push(preview(s)).unwrap();
+        }
+        events.push(Err(Status::cancelled("stop"))).unwrap();
+        assert_eq!(events.dropped(), 0);
+        let mut rest = Vec::new();
+        while let Some(msg) = stream.next().await {
+            if let Err(status) = &msg {
+                assert!(status.metadata().get(frisket_proto::DROPPED_EVENTS_TRAILER).is_none());
+            }
+            rest.push(name(&msg));
+        }
+        let mut expected: Vec<String> = (40..40 + STREAM_SLACK as u32).map(|s| format!("preview {s}")).collect();
+        expected.push("status Cancelled".into());
+        assert_eq!(rest, expected);
+    }
+
+    #[tokio::test]
+    async fn a_final_status_carries_the_dropped_count_in_a_trailer() {
+        let events = Events::new("j".into(), Duration::from_secs(60), tokio::runtime::Handle::current());
+        fill_slack(&events);
+        for s in 0..3 {
+            events.push(preview(s)).unwrap();
+        }
+        events.push(Err(Status::unavailable("shutting down"))).unwrap();
+        let mut stream = events.stream();
+        let mut last = None;
+        while let Some(msg) = stream.next().await {
+            last = Some(msg);
+        }
+        let status = last.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let trailer = status.metadata().get(frisket_proto::DROPPED_EVENTS_TRAILER).unwrap();
+        assert_eq!(trailer.to_str().unwrap(), "2");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_nothing_is_dropped_with_a_status() {
+        let events = Events::new("j".into(), Duration::from_millis(50), tokio::runtime::Handle::current());
+        let mut stream = events.stream();
+        events.push(step(0)).unwrap();
+        assert_eq!(name(&stream.next().await.unwrap()), "step 0");
+        events.push(step(1)).unwrap();
+        events.push(event(Event::Result(JobResult::default()))).unwrap();
+        let waiting = Instant::now();
+        while !events.stalled() {
+            assert!(waiting.elapsed() < Duration::from_secs(30), "never dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(events.push(step(2)), Err(StopReason::Stalled));
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        assert!(status.message().contains("read nothing for 0.05 s"), "{}", status.message());
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stream_tells_the_job_its_client_left() {
+        let events = Events::new("j".into(), Duration::from_secs(30), tokio::runtime::Handle::current());
+        drop(events.stream());
+        assert!(events.client_gone());
+        assert_eq!(events.push(step(0)), Err(StopReason::ClientGone));
     }
 }

@@ -3,13 +3,18 @@
 //!
 //! Request flow: a handler validates the request (request.rs), queues a [`jobs::Job`] in
 //! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
-//! of the job's bounded event channel as the response stream. The worker thread
-//! (worker.rs) owns the models, runs one job at a time and sends its events; a closed
-//! stream, Cancel, the deadline or shutdown stop a job before its next step.
+//! of the job's event buffer ([`jobs::Events`]) as the response stream. The worker thread
+//! (worker.rs) owns the models, runs one job at a time and queues its events without ever
+//! waiting on a client: a slow client's waiting previews, latents, masks and heatmaps are
+//! replaced by newer ones, and a client that reads nothing for the stalled-client time is
+//! dropped. A closed stream, Cancel, the deadline, a stalled client or shutdown stop a
+//! job within a fraction of a step. One connection holds at most
+//! `--max-jobs-per-connection` jobs ([`clients::JobSlots`]).
 //!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
+pub mod clients;
 pub mod grpc;
 pub mod jobs;
 pub mod loras;
@@ -39,6 +44,37 @@ pub const SERVICE_NAME: &str = "frisket.v1.Frisket";
 /// check the same limits before sending.
 pub use frisket_proto::limits::Limits;
 
+/// What one connection may hold (`serve --stalled-client-seconds`, `--http2-keepalive-*`,
+/// `--max-concurrent-streams`, `--max-jobs-per-connection`).
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// A client that takes no message of its job's stream for this long while messages
+    /// wait is dropped: its job stops and its events go (a finished job's result waits
+    /// this long for it).
+    pub stalled_client: Duration,
+    /// An HTTP/2 PING goes out after this long without a frame from the peer ...
+    pub keepalive_interval: Duration,
+    /// ... and a peer that does not answer one within this is disconnected.
+    pub keepalive_timeout: Duration,
+    /// HTTP/2 streams (calls) open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Generate jobs one connection may have queued or running at once; more get
+    /// RESOURCE_EXHAUSTED.
+    pub max_jobs_per_connection: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            stalled_client: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 100,
+            max_jobs_per_connection: 4,
+        }
+    }
+}
+
 pub struct ServeConfig {
     pub models: PathBuf,
     /// The LoRA folder (`--loras`), if any.
@@ -50,6 +86,7 @@ pub struct ServeConfig {
     pub queue_capacity: usize,
     pub grace_period: Duration,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
 }
 
 /// Logs to stderr; RUST_LOG filters (default info).
@@ -115,8 +152,14 @@ async fn serve(
     let limits = cfg.limits.clone();
     let mut devices = vec!["cpu".to_string()];
     devices.extend((0..tch::Cuda::device_count()).map(|n| format!("cuda:{n}")));
-    let service =
-        grpc::FrisketService::new(queue.clone(), catalog.clone(), limits.clone(), device_name(device), devices);
+    let service = grpc::FrisketService::new(
+        queue.clone(),
+        catalog.clone(),
+        limits.clone(),
+        cfg.connections.clone(),
+        device_name(device),
+        devices,
+    );
     let frisket = FrisketServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -201,9 +244,13 @@ async fn serve(
     info!(%addr, models = %cfg.models.display(), device = %device_name(device), queue_capacity = queue.capacity, "serving");
 
     let window = Some(8 << 20);
+    let connections = &cfg.connections;
     let server = Server::builder()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
+        .http2_keepalive_interval(Some(connections.keepalive_interval))
+        .http2_keepalive_timeout(Some(connections.keepalive_timeout))
+        .max_concurrent_streams(Some(connections.max_concurrent_streams))
         .layer(tower::util::MapResponseLayer::new(limits::over_limit_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection_v1)

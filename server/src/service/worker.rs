@@ -1,6 +1,7 @@
 //! The worker: the one thread that owns the loaded models and runs jobs, one at a
 //! time (tch tensors are not Sync and grad mode is per thread). Jobs come from the
-//! [`Queue`]; events go back over each job's bounded stream channel.
+//! [`Queue`]; events go back through each job's buffer (`jobs::Events`), never waiting
+//! on a client.
 use super::jobs::{Job, Queue, StopReason};
 use super::loras;
 use super::models::Catalog;
@@ -275,6 +276,8 @@ impl Worker {
         let fractions = generated.reference_fractions.iter().map(|f| f.fraction).collect();
         let total_seconds = started.elapsed().as_secs_f64();
         let result = JobResult {
+            // Set by `Events::push` when the Result is queued.
+            dropped_events: 0,
             image: png,
             mime_type: "image/png".into(),
             seed: spec.seed,
