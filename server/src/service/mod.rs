@@ -10,6 +10,7 @@
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
+pub mod edges;
 pub mod grpc;
 pub mod jobs;
 pub mod loras;
@@ -228,7 +229,9 @@ async fn serve(
     let server = Server::builder()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
+        .layer(edges::GrpcOnlyLayer)
         .layer(tower::util::MapResponseLayer::new(limits::over_limit_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(edges::framing_errors_are_invalid_argument))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
