@@ -35,6 +35,16 @@ pub fn framing_errors_are_invalid_argument<B>(mut response: Response<B>) -> Resp
     response
 }
 
+/// tonic answers a method no service has with UNIMPLEMENTED and no message; this names it.
+fn name_unknown_method<B>(response: &mut Response<B>, path: &str) {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"12") || headers.contains_key("grpc-message") {
+        return;
+    }
+    let status = Status::unimplemented(format!("unknown method {}", frisket_engine::text::quote(path)));
+    let _ = status.add_header(headers);
+}
+
 /// Whether a request's content-type is gRPC's (`application/grpc`, optionally `+proto` or
 /// `;…`).
 fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
@@ -45,7 +55,8 @@ fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
 
 /// Answers a request whose content-type is not gRPC with HTTP 415, as gRPC over HTTP/2
 /// asks of servers (so a plain HTTP client does not take the reply for success), plus a
-/// grpc-status INVALID_ARGUMENT naming the content-type for gRPC clients.
+/// grpc-status INVALID_ARGUMENT naming the content-type for gRPC clients; names the
+/// method in tonic's UNIMPLEMENTED for an unknown one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GrpcOnlyLayer;
 
@@ -76,7 +87,13 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let content_type = request.headers().get(http::header::CONTENT_TYPE);
         if is_grpc(content_type) {
-            return Box::pin(self.0.call(request));
+            let path = request.uri().path().to_string();
+            let response = self.0.call(request);
+            return Box::pin(async move {
+                let mut response = response.await?;
+                name_unknown_method(&mut response, &path);
+                Ok(response)
+            });
         }
         let shown = match content_type {
             Some(v) => frisket_engine::text::quote(&String::from_utf8_lossy(v.as_bytes())),
