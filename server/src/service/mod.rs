@@ -11,6 +11,7 @@
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
 pub mod edges;
+pub mod encoded_image;
 pub mod grpc;
 pub mod jobs;
 pub mod loras;
