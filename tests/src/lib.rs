@@ -442,7 +442,8 @@ pub async fn raw_h2_call(
         let _ = connection.await;
     });
     let mut client = client.ready().await?;
-    let mut request = http::Request::builder().method("POST").uri(format!("http://{addr}{path}")).header("te", "trailers");
+    let mut request =
+        http::Request::builder().method("POST").uri(format!("http://{addr}{path}")).header("te", "trailers");
     if !content_type.is_empty() {
         request = request.header("content-type", content_type);
     }

@@ -32,10 +32,7 @@ fn readme_codes() -> Vec<Code> {
     rows.filter_map(|row| {
         let name = row.split('|').nth(1)?.trim().strip_prefix('`')?.strip_suffix('`')?;
         // INVALID_ARGUMENT → InvalidArgument, as tonic's Code prints.
-        let camel: String = name
-            .split('_')
-            .map(|w| w[..1].to_string() + &w[1..].to_lowercase())
-            .collect();
+        let camel: String = name.split('_').map(|w| w[..1].to_string() + &w[1..].to_lowercase()).collect();
         let code = (0..=16).map(Code::from).find(|c| format!("{c:?}") == camel);
         Some(code.unwrap_or_else(|| panic!("README.md's status table names {name}, not a gRPC code")))
     })
@@ -78,8 +75,12 @@ async fn drive(code: Code, server: &mut Server) -> Vec<Status> {
             // Unknown values of each enum a request carries.
             let img2img = || pb::GenerateRequest { reference_image: png(64, 48), ..txt2img("sd1", "x", 1, 2, 64, 48) };
             let explain = |o: pb::ExplainOptions| pb::GenerateRequest { explain: Some(o), ..img2img() };
-            out.push(generate_status(server, explain(pb::ExplainOptions { mode: Some(99), ..Default::default() })).await);
-            out.push(generate_status(server, explain(pb::ExplainOptions { start: Some(-1), ..Default::default() })).await);
+            out.push(
+                generate_status(server, explain(pb::ExplainOptions { mode: Some(99), ..Default::default() })).await,
+            );
+            out.push(
+                generate_status(server, explain(pb::ExplainOptions { start: Some(-1), ..Default::default() })).await,
+            );
             let previews = |p: pb::PreviewOptions| pb::GenerateRequest {
                 stream: Some(pb::StreamOptions { previews: Some(p), ..Default::default() }),
                 ..img2img()
@@ -91,7 +92,9 @@ async fn drive(code: Code, server: &mut Server) -> Vec<Status> {
             // that is not gRPC.
             let bad_utf8 = grpc_frame(&[0x0a, 0x02, 0xff, 0xfe]);
             let cancel = "/frisket.v1.Frisket/Cancel";
-            out.push(raw_status(raw_h2_call(server.addr, cancel, "application/grpc", &[], bad_utf8, true).await.unwrap()));
+            out.push(raw_status(
+                raw_h2_call(server.addr, cancel, "application/grpc", &[], bad_utf8, true).await.unwrap(),
+            ));
             let good = grpc_frame(&pb::CancelRequest { job_id: "x".into() }.encode_to_vec());
             out.push(raw_status(raw_h2_call(server.addr, cancel, "text/plain", &[], good, true).await.unwrap()));
             out
@@ -145,8 +148,9 @@ async fn drive(code: Code, server: &mut Server) -> Vec<Status> {
             let unknown = "/frisket.v1.Frisket/NoSuchMethod";
             let cancel = "/frisket.v1.Frisket/Cancel";
             let gzip = [("grpc-encoding", "gzip")];
-            let unknown_method =
-                raw_status(raw_h2_call(server.addr, unknown, "application/grpc", &[], message.clone(), true).await.unwrap());
+            let unknown_method = raw_status(
+                raw_h2_call(server.addr, unknown, "application/grpc", &[], message.clone(), true).await.unwrap(),
+            );
             assert!(unknown_method.message().contains("NoSuchMethod"), "{unknown_method:?}");
             vec![
                 unknown_method,

@@ -74,8 +74,9 @@ async fn malformed_grpc_framing_gets_a_clear_status() {
     still_serving(&server).await;
 
     // A compression the server does not offer.
-    let reply =
-        raw_h2_call(addr, CANCEL, GRPC, &[("grpc-encoding", "gzip")], grpc_frame(&cancel_message()), true).await.unwrap();
+    let reply = raw_h2_call(addr, CANCEL, GRPC, &[("grpc-encoding", "gzip")], grpc_frame(&cancel_message()), true)
+        .await
+        .unwrap();
     println!("grpc-encoding gzip: {reply:?}");
     assert_eq!(reply.code(), Some(Code::Unimplemented), "{reply:?}");
     still_serving(&server).await;
@@ -101,9 +102,8 @@ async fn malformed_grpc_framing_gets_a_clear_status() {
 async fn a_wrong_content_type_is_refused() {
     let server = Server::start(&[]).await;
     for content_type in ["application/json", "text/plain", ""] {
-        let reply = raw_h2_call(server.addr, CANCEL, content_type, &[], grpc_frame(&cancel_message()), true)
-            .await
-            .unwrap();
+        let reply =
+            raw_h2_call(server.addr, CANCEL, content_type, &[], grpc_frame(&cancel_message()), true).await.unwrap();
         println!("content-type {content_type:?}: {reply:?}");
         assert_eq!(reply.http_status, 415, "{reply:?}");
         assert_eq!(reply.code(), Some(Code::InvalidArgument), "{reply:?}");

@@ -13,7 +13,10 @@ use tonic::Status;
 
 /// tonic's messages for framing errors that are the sender's fault, and what to say instead.
 const SENDER_FRAMING_ERRORS: &[(&str, &str)] = &[
-    ("Unexpected EOF decoding stream", "the request ended inside a message (its length prefix declares more bytes than were sent)"),
+    (
+        "Unexpected EOF decoding stream",
+        "the request ended inside a message (its length prefix declares more bytes than were sent)",
+    ),
     ("Missing request message", "the request carried no message"),
     ("invalid compression flag", "a message's compressed flag is neither 0 nor 1"),
 ];
