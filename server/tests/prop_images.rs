@@ -95,7 +95,7 @@ fn declare_size(bytes: &mut [u8], width: u32, height: u32) {
         bytes[20..24].copy_from_slice(&height.to_be_bytes());
         let crc = crc32(&bytes[12..29]);
         bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    } else if let Some(sof) = bytes.windows(2).position(|w| w[0] == 0xff && matches!(w[1], 0xc0 | 0xc1 | 0xc2)) {
+    } else if let Some(sof) = bytes.windows(2).position(|w| w[0] == 0xff && matches!(w[1], 0xc0..=0xc2)) {
         if bytes.len() >= sof + 9 {
             bytes[sof + 5..sof + 7].copy_from_slice(&(height as u16).to_be_bytes());
             bytes[sof + 7..sof + 9].copy_from_slice(&(width as u16).to_be_bytes());

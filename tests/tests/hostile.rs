@@ -250,7 +250,7 @@ async fn decompression_bombs_cost_their_encoded_size() {
     const REQUESTS: usize = 32;
     let server = Server::start(&[]).await;
     let bomb = flat_png16(4096);
-    println!("the bomb: {} bytes encoded, {} MiB decoded", bomb.len(), 4096 * 4096 * 6 >> 20);
+    println!("the bomb: {} bytes encoded, {} MiB decoded", bomb.len(), (4096 * 4096 * 6) >> 20);
     // The model loaded and one small img2img job run, so the peak measured is the burst's.
     let warm = generate(&mut server.client().await, img2img_job(&png(64, 48))).await;
     assert_eq!(warm.code(), Code::Ok, "{:?}", warm.error);
