@@ -71,6 +71,21 @@ train-tiny:
 bench: build
 	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE)
 
+# Fuzzing, not part of `make test`: cargo-fuzz (libFuzzer, nightly) runs each target in
+# fuzz/ for $(FUZZ_SECONDS) seconds from the seeds in fuzz/seeds/; crashes land in
+# fuzz/artifacts/, the grown corpus in fuzz/corpus/. Release builds (-O) with ASan.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request image
+.PHONY: fuzz
+fuzz:
+	@cargo +nightly --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$target && \
+	  cargo +nightly fuzz run -O $$target corpus/$$target seeds/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -print_final_stats=1 || exit 1; \
+	done
+
 # Needs a CUDA GPU: full-size random-weight SD 1.5 (512²) and SDXL (1024²) in fp16, Frisket
 # against diffusers in one run (s/step, peak GPU memory, image difference); JSON in $(OUT).
 .PHONY: gpu-check

@@ -2,8 +2,8 @@
 //! decode (malformed bytes, a string field with invalid UTF-8) is INVALID_ARGUMENT, the
 //! sender's fault, where prost's codec says INTERNAL.
 use tonic::codec::{Codec, DecodeBuf, Decoder};
-use tonic::{Code, Status};
-use tonic_prost::{ProstCodec, ProstDecoder};
+use tonic::Status;
+use tonic_prost::ProstCodec;
 
 #[derive(Debug, Clone, Default)]
 pub struct FrisketCodec<T, U>(ProstCodec<T, U>);
@@ -23,41 +23,41 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        CheckedDecoder(self.0.decoder())
+        CheckedDecoder(std::marker::PhantomData)
     }
 }
 
 #[derive(Debug)]
-pub struct CheckedDecoder<U>(ProstDecoder<U>);
+pub struct CheckedDecoder<U>(std::marker::PhantomData<U>);
 
 impl<U: prost::Message + Default> Decoder for CheckedDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(caller_fault)
-    }
-
-    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
-        self.0.buffer_settings()
+        decode_message(buf).map(Some)
     }
 }
 
-/// prost's decoder fails only on undecodable bytes, and says so with INTERNAL.
-fn caller_fault(status: Status) -> Status {
-    match status.code() {
-        Code::Internal => Status::invalid_argument(format!("the message is not valid protobuf: {}", status.message())),
-        _ => status,
-    }
+/// A message from its protobuf bytes, as the server's decoder reads it; bytes that do not
+/// decode (malformed, a string field with invalid UTF-8) are INVALID_ARGUMENT.
+pub fn decode_message<U: prost::Message + Default>(buf: impl prost::bytes::Buf) -> Result<U, Status> {
+    U::decode(buf).map_err(|e| Status::invalid_argument(format!("the message is not valid protobuf: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::v1::CancelRequest;
+    use tonic::Code;
 
     #[test]
     fn decode_failures_are_invalid_argument() {
-        assert_eq!(caller_fault(Status::internal("invalid wire type")).code(), Code::InvalidArgument);
-        assert_eq!(caller_fault(Status::resource_exhausted("too big")).code(), Code::ResourceExhausted);
+        for bad in [&[0x0a, 0x02, 0xff, 0xfe][..], &[0x08, 0xff]] {
+            let status = decode_message::<CancelRequest>(bad).unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        }
+        let ok = decode_message::<CancelRequest>(&[0x0a, 0x01, b'a'][..]).unwrap();
+        assert_eq!(ok.job_id, "a");
     }
 }

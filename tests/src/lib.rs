@@ -400,3 +400,80 @@ pub fn read_f32(path: &std::path::Path, key: &str) -> Vec<f32> {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// A gRPC length-prefixed message: flag 0 (not compressed), the length (big-endian), the bytes.
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
+}
+
+/// What a raw HTTP/2 call got back: the HTTP status, the gRPC status (from the headers of a
+/// trailers-only response, else from the trailers; None when neither has one) and the
+/// bytes of the response body.
+#[derive(Debug)]
+pub struct RawReply {
+    pub http_status: u16,
+    pub status: Option<tonic::Status>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn code(&self) -> Option<tonic::Code> {
+        self.status.as_ref().map(|s| s.code())
+    }
+}
+
+/// One HTTP/2 request on a new connection, bytes as given: POST `path` with `content_type`
+/// (none when empty), `te: trailers` and `headers`, then `body` as DATA, ending the stream
+/// when `end`. Waits up to 60 s for the reply.
+pub async fn raw_h2_call(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    end: bool,
+) -> Result<RawReply, h2::Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connecting to frisket-server");
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await?;
+    let mut request =
+        http::Request::builder().method("POST").uri(format!("http://{addr}{path}")).header("te", "trailers");
+    if !content_type.is_empty() {
+        request = request.header("content-type", content_type);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut send) = client.send_request(request.body(()).unwrap(), body.is_empty() && end)?;
+    if !body.is_empty() {
+        // The server may answer (and reset the stream) before it has read everything.
+        let _ = send.send_data(bytes::Bytes::from(body), end);
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(60), async {
+        let response = response.await?;
+        let http_status = response.status().as_u16();
+        let (parts, mut recv) = response.into_parts();
+        let mut body = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            body.extend_from_slice(&chunk);
+        }
+        let status = match tonic::Status::from_header_map(&parts.headers) {
+            Some(status) => Some(status),
+            None => recv.trailers().await?.and_then(|t| tonic::Status::from_header_map(&t)),
+        };
+        Ok::<_, h2::Error>(RawReply { http_status, status, body })
+    })
+    .await
+    .expect("no reply within 60 s");
+    drop(send);
+    driver.abort();
+    reply
+}

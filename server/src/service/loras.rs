@@ -3,6 +3,7 @@
 //! model's weight headers (keys and shapes, no tensors).
 use super::models::valid_name;
 use frisket_engine::lora::{Header, Lora, LoraError, ParamIndex};
+use frisket_engine::text::quote;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -57,7 +58,7 @@ impl LoraCatalog {
                 } else {
                     names.join(", ")
                 };
-                Err(Status::invalid_argument(format!("LoRA {name:?} not found; available: {available}")))
+                Err(Status::invalid_argument(format!("LoRA {} not found; available: {available}", quote(name))))
             }
         }
     }
@@ -115,8 +116,8 @@ pub fn check(
             let weight = s.weight.unwrap_or(1.0);
             if !weight.is_finite() || weight.abs() > MAX_WEIGHT {
                 return Err(Status::invalid_argument(format!(
-                    "LoRA {:?}: weight must be within [-{MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}",
-                    s.name
+                    "LoRA {}: weight must be within [-{MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}",
+                    quote(&s.name)
                 )));
             }
             Ok(JobLora { name: s.name.clone(), path: catalog.resolve(&s.name)?, weight })
@@ -151,7 +152,7 @@ fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
 /// does not fit the model or is no LoRA the engine knows (a `LoraError` names the key),
 /// else FAILED_PRECONDITION.
 pub fn status(what: &str, e: &anyhow::Error) -> Status {
-    let message = format!("LoRA {what:?}: {e:#}");
+    let message = format!("LoRA {}: {e:#}", quote(what));
     if e.chain().any(|c| c.downcast_ref::<LoraError>().is_some()) {
         Status::invalid_argument(message)
     } else {

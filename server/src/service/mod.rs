@@ -15,6 +15,8 @@
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
 pub mod clients;
+pub mod edges;
+pub mod encoded_image;
 pub mod grpc;
 pub mod jobs;
 pub mod loras;
@@ -251,7 +253,9 @@ async fn serve(
         .http2_keepalive_interval(Some(connections.keepalive_interval))
         .http2_keepalive_timeout(Some(connections.keepalive_timeout))
         .max_concurrent_streams(Some(connections.max_concurrent_streams))
+        .layer(edges::GrpcOnlyLayer)
         .layer(tower::util::MapResponseLayer::new(limits::over_limit_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(edges::framing_errors_are_invalid_argument))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,7 @@
 //! GenerateRequest → a validated job: defaults from the proto filled in, every field
 //! checked before the job is queued, so bad input costs no engine time and gets
 //! INVALID_ARGUMENT (or NOT_FOUND) with a message a person can act on.
+pub use super::encoded_image::EncodedImage;
 use super::loras::{self, JobLora};
 use super::models::{Catalog, ModelMeta};
 use super::Limits;
@@ -91,46 +92,9 @@ pub struct ProtectSpec {
     pub feather: u32,
 }
 
-/// An input image as the request carried it: its encoded bytes and the size its header
-/// declares, checked against the limits before the job is queued. A waiting job holds only
-/// these bytes; the pixels are decoded when the job is about to run (`JobSpec::params`).
-#[derive(Clone, Debug)]
-pub struct EncodedImage {
-    pub bytes: Vec<u8>,
-    pub width: u32,
-    pub height: u32,
-}
-
 /// Admission decodes protected masks to check them: one request at a time, so that many
 /// requests at once cannot each hold a decoded mask.
 static MASK_CHECKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Most bytes one image may decode into (a small file must not expand into gigabytes).
-const MAX_DECODED_BYTES: u64 = 1 << 30;
-
-impl EncodedImage {
-    /// `bytes` with the size `Limits::reference_size` or `mask_size` read from its header.
-    fn new(bytes: &[u8], (width, height): (u32, u32)) -> Self {
-        Self { bytes: bytes.to_vec(), width, height }
-    }
-
-    /// The pixels, decoded within the size the header declared and `MAX_DECODED_BYTES`.
-    /// Same pixels as `image_io::decode_rgb`.
-    pub fn decode(&self) -> Result<image::DynamicImage, String> {
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(&self.bytes))
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(self.width);
-        limits.max_image_height = Some(self.height);
-        limits.max_alloc = Some(MAX_DECODED_BYTES);
-        reader.limits(limits);
-        reader.decode().map_err(|e| match e {
-            image::ImageError::Limits(_) => format!("it decodes to more than {} MiB", MAX_DECODED_BYTES >> 20),
-            other => other.to_string(),
-        })
-    }
-}
 
 /// Which Grad-SAM / protection events a job streams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
