@@ -131,3 +131,15 @@ plugin-screenshot: build fixtures deps-krita plugin-krita
 .PHONY: hostile
 hostile: build
 	$(PY) bench/hostile.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE) $(OUT)/hostile.json
+
+# Concurrent clients over loopback against a real server with the shipped model (not part
+# of `make test`): c = 1, 2, 4, 8 clients, each sending LOAD_JOBS 20-step jobs with a
+# preview every step; jobs/s, time to first preview and job time (p50/95/99), codes. The
+# machine is printed first; JSON in $(OUT).
+LOAD_JOBS ?= 4
+.PHONY: load
+load: build
+	@$(PY) -c "import sys; sys.path.insert(0, 'bench'); import machine; machine.describe()"
+	cargo build $(CARGO_FLAGS) -p frisket-e2e --bin frisket-load
+	FRISKET_SERVER_BIN=$(SERVER_BIN) target/debug/frisket-load --models models --concurrency 1,2,4,8 \
+	  --jobs $(LOAD_JOBS) --out $(OUT)/load.json

@@ -133,24 +133,12 @@ def cancel_inside_step(server_bin: str, client_bin: str, cache: Path, tmp: Path)
     server = Server(server_bin, cache, tmp / "cancel.log")
     try:
         out = str(tmp / "out.png")
-        warm = Job(
-            client_bin,
-            server.url,
-            [
-                "--model",
-                folder.name,
-                "--prompt",
-                "warm",
-                "--steps",
-                "1",
-                "--width",
-                "256",
-                "--height",
-                "256",
-                "--out",
-                out,
-            ],
-        )
+
+        def small(prompt: str, steps: int) -> list:
+            size = ["--width", "256", "--height", "256"]
+            return ["--model", folder.name, "--prompt", prompt, "--steps", str(steps), *size, "--out", out]
+
+        warm = Job(client_bin, server.url, small("warm", 1))
         warm.proc.wait()
         reference = reference_png(tmp / "reference.png", 1024)
         refused, job, size = None, None, None
@@ -165,24 +153,7 @@ def cancel_inside_step(server_bin: str, client_bin: str, cache: Path, tmp: Path)
             refused = refused or (first or {}).get("message")
             job.proc.wait()
         # The job queued behind it: plain, small.
-        behind = Job(
-            client_bin,
-            server.url,
-            [
-                "--model",
-                folder.name,
-                "--prompt",
-                "next",
-                "--steps",
-                "2",
-                "--width",
-                "256",
-                "--height",
-                "256",
-                "--out",
-                out,
-            ],
-        )
+        behind = Job(client_bin, server.url, small("next", 2))
         _, started = job.wait_for("started")
         # Cancel while the first exact attribution runs: after the steps before it.
         first_manipulation = started["manipulation_steps"][0]

@@ -57,16 +57,21 @@ fn invalid(message: String) -> Status {
 }
 
 impl Limits {
-    /// The limits a server reports.
+    /// The limits a server reports. A field it leaves 0 (a server older than the field)
+    /// is not a limit: nothing is checked against it.
     pub fn from_server_info(info: &pb::ServerInfo) -> Self {
+        let or_none = |v: u32| if v == 0 { u32::MAX } else { v };
         Self {
-            max_steps: info.max_steps,
-            max_pixels: info.max_pixels,
-            max_side: info.max_side,
-            max_message_bytes: usize::try_from(info.max_message_bytes).unwrap_or(usize::MAX),
-            max_work: info.max_work,
-            max_loras: info.max_loras,
-            max_prompt_bytes: info.max_prompt_bytes,
+            max_steps: or_none(info.max_steps),
+            max_pixels: or_none(info.max_pixels),
+            max_side: or_none(info.max_side),
+            max_message_bytes: match info.max_message_bytes {
+                0 => usize::MAX,
+                n => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            max_work: if info.max_work == 0 { u64::MAX } else { info.max_work },
+            max_loras: or_none(info.max_loras),
+            max_prompt_bytes: or_none(info.max_prompt_bytes),
         }
     }
 
@@ -367,5 +372,17 @@ mod tests {
         let mut info = pb::ServerInfo::default();
         l.report(&mut info);
         assert_eq!(Limits::from_server_info(&info), l);
+    }
+
+    #[test]
+    fn limits_a_server_does_not_report_are_not_checked() {
+        // A server older than max_loras / max_prompt_bytes leaves them 0.
+        let mut info = pb::ServerInfo::default();
+        Limits::default().report(&mut info);
+        (info.max_loras, info.max_prompt_bytes) = (0, 0);
+        let limits = Limits::from_server_info(&info);
+        assert!(limits.check_loras(3).is_ok());
+        assert!(limits.check_prompts(&"a ".repeat(100_000), "").is_ok());
+        assert!(limits.check_steps(Limits::default().max_steps + 1).is_err());
     }
 }
