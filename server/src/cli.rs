@@ -56,9 +56,13 @@ pub struct ServeArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Jobs that may wait behind the running one; more get RESOURCE_EXHAUSTED.
+    /// Jobs that may wait behind the running ones; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub queue_capacity: u32,
+    /// Most jobs stepped together, their UNet rows stacked into one call per step (jobs of
+    /// one model and LoRA set join between steps); 1: one job at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_batch: u32,
     /// Seconds that accepted jobs may run on after SIGTERM before they are stopped.
     #[arg(long, default_value_t = 30.0)]
     pub grace_period: f64,
@@ -254,6 +258,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         listen: a.listen,
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
+        max_batch: a.max_batch as usize,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
         limits: a.settings.load()?.limits,
         connections: ConnectionLimits {

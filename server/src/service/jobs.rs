@@ -410,7 +410,8 @@ impl Job {
 
 struct State {
     waiting: VecDeque<Arc<Job>>,
-    running: Option<Arc<Job>>,
+    /// The jobs the worker is stepping (several when it batches).
+    running: Vec<Arc<Job>>,
     /// False once shutdown began: new jobs are refused.
     accepting: bool,
     /// The worker thread returns once this is set and nothing waits.
@@ -423,6 +424,15 @@ pub struct Queue {
     pub capacity: usize,
 }
 
+/// What [`Queue::take`] gave the worker.
+pub enum Taken {
+    Job(Arc<Job>),
+    /// Nothing to start now.
+    None,
+    /// Shutdown: nothing runs or waits.
+    Exit,
+}
+
 #[derive(Debug)]
 pub enum PushError {
     Full,
@@ -433,7 +443,7 @@ pub enum PushError {
 impl Queue {
     pub fn new(capacity: usize) -> Self {
         Self {
-            state: Mutex::new(State { waiting: VecDeque::new(), running: None, accepting: true, exit: false }),
+            state: Mutex::new(State { waiting: VecDeque::new(), running: Vec::new(), accepting: true, exit: false }),
             wake: Condvar::new(),
             capacity,
         }
@@ -452,7 +462,7 @@ impl Queue {
             return Err(PushError::ShuttingDown);
         }
         let same_id = |j: &Arc<Job>| j.id == job.id;
-        if s.waiting.iter().any(same_id) || s.running.as_ref().is_some_and(same_id) {
+        if s.waiting.iter().any(same_id) || s.running.iter().any(same_id) {
             return Err(PushError::DuplicateId);
         }
         if s.waiting.len() >= self.capacity {
@@ -489,28 +499,34 @@ impl Queue {
         }
     }
 
-    /// Engine side: the next job to run (it becomes the running one), or None when the
-    /// engine should exit.
-    pub fn next(&self) -> Option<Arc<Job>> {
+    /// Engine side: the first waiting job, which joins the running ones. With `idle` (the
+    /// worker runs nothing) it waits for one; otherwise it takes the first job only when
+    /// `joins` accepts it, so jobs start in the order they came. `Taken::Exit` when the
+    /// worker should return.
+    pub fn take(&self, idle: bool, joins: impl Fn(&Job) -> bool) -> Taken {
         let mut s = self.lock();
-        s.running = None;
-        self.wake.notify_all();
         loop {
             Self::sweep_locked(&mut s);
-            if let Some(job) = s.waiting.pop_front() {
-                s.running = Some(job.clone());
-                return Some(job);
-            }
-            if s.exit {
-                return None;
+            match s.waiting.front() {
+                Some(job) if idle || joins(job) => {
+                    let job = s.waiting.pop_front().expect("a front job");
+                    s.running.push(job.clone());
+                    drop(s);
+                    self.wake.notify_all();
+                    return Taken::Job(job);
+                }
+                Some(_) => return Taken::None,
+                None if s.exit && s.running.is_empty() => return Taken::Exit,
+                None if !idle => return Taken::None,
+                None => {}
             }
             s = self.wake.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
-    /// Engine side: the running job is done.
-    pub fn finish(&self) {
-        self.lock().running = None;
+    /// Engine side: `job` is done (it no longer counts as running).
+    pub fn finish(&self, job: &Arc<Job>) {
+        self.lock().running.retain(|j| !Arc::ptr_eq(j, job));
         self.wake.notify_all();
     }
 
@@ -526,19 +542,19 @@ impl Queue {
             self.wake.notify_all();
             return true;
         }
-        match &s.running {
-            Some(job) if job.id == id => {
+        match s.running.iter().find(|j| j.id == id) {
+            Some(job) => {
                 job.stop(StopReason::Cancelled);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
     /// (waiting, running) job counts.
     pub fn counts(&self) -> (u32, u32) {
         let s = self.lock();
-        (s.waiting.len() as u32, s.running.is_some() as u32)
+        (s.waiting.len() as u32, s.running.len() as u32)
     }
 
     /// Refuses new jobs from now on.
@@ -552,14 +568,14 @@ impl Queue {
 
     pub fn is_idle(&self) -> bool {
         let s = self.lock();
-        s.waiting.is_empty() && s.running.is_none()
+        s.waiting.is_empty() && s.running.is_empty()
     }
 
-    /// Stops every job: waiting ones end now, the running one before its next step.
+    /// Stops every job: waiting ones end now, running ones inside their step.
     pub fn abort_all(&self, reason: StopReason) {
         let mut s = self.lock();
         let waiting: Vec<_> = s.waiting.drain(..).collect();
-        if let Some(job) = &s.running {
+        for job in &s.running {
             job.stop(reason);
         }
         drop(s);

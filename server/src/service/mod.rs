@@ -86,6 +86,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub device: String,
     pub queue_capacity: usize,
+    /// Most jobs the worker steps together (`--max-batch`; 1: one job at a time).
+    pub max_batch: usize,
     pub grace_period: Duration,
     pub limits: Limits,
     pub connections: ConnectionLimits,
@@ -125,7 +127,8 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
-    let worker = worker::spawn(queue.clone(), catalog.clone(), device).context("starting the worker thread")?;
+    let worker =
+        worker::spawn(queue.clone(), catalog.clone(), device, cfg.max_batch).context("starting the worker thread")?;
     let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone()));
     queue.exit_worker();
     // The drain already waited for the jobs; a job still running here has been told to

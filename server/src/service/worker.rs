@@ -1,15 +1,22 @@
-//! The worker: the one thread that owns the loaded models and runs jobs, one at a
-//! time (tch tensors are not Sync and grad mode is per thread). Jobs come from the
-//! [`Queue`]; events go back through each job's buffer (`jobs::Events`), never waiting
-//! on a client.
-use super::jobs::{Job, Queue, StopReason};
+//! The worker: the one thread that owns the loaded models and runs jobs (tch tensors are
+//! not Sync and grad mode is per thread). Jobs come from the [`Queue`]; events go back
+//! through each job's buffer (`jobs::Events`), never waiting on a client.
+//!
+//! The worker steps the jobs it runs together: between steps it takes waiting jobs, in
+//! order, while they share the running jobs' model and LoRA set (up to `--max-batch`);
+//! each step prepares every job's step (its hooks: a Grad-SAM attribution runs for its job
+//! alone), then makes one UNet call per latent size for all of them
+//! (`StableDiffusion::step_batch`), then reports each job's step. A job that ends leaves
+//! between steps; a job stopped inside a shared call leaves it without moving the others.
+use super::jobs::{Job, Queue, StopReason, Taken};
 use super::loras;
 use super::models::Catalog;
 use super::preview;
+use super::request::JobSpec;
 use frisket_engine::image_io;
 use frisket_engine::interrupt::Interrupt;
 use frisket_engine::model::{default_kind, StableDiffusion};
-use frisket_engine::pipeline::{Flow, GenerateError, StepEvent};
+use frisket_engine::pipeline::{BatchKey, Flow, GenerateError, Generated, JobRun, StepEvent};
 use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
     generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
@@ -21,53 +28,54 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tonic::Status;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
-pub fn spawn(queue: Arc<Queue>, catalog: Arc<Catalog>, device: Device) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(
+    queue: Arc<Queue>,
+    catalog: Arc<Catalog>,
+    device: Device,
+    max_batch: usize,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
         let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, catalog };
-        while let Some(job) = queue.next() {
-            let span = info_span!("job", job_id = %job.id);
-            let _entered = span.enter();
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run(&job)));
-            // The job leaves the queue before its last message goes out, so a client that
-            // reacts to that message (Cancel, a new job with the same id, GetServerInfo)
-            // never sees it still running.
-            queue.finish();
-            match outcome {
-                Ok(Ok(result)) => {
-                    let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
-                    if send(&job, Event::Result(result)) {
-                        info!(seconds, "job finished");
-                    } else {
-                        let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
-                        info!(reason = reason.as_str(), "job finished but its result was not delivered");
-                        job.end_stopped(reason);
+        let mut active: Vec<Active> = Vec::new();
+        loop {
+            // Waiting jobs join between steps, in order, while they fit the running ones.
+            while active.len() < max_batch.max(1) {
+                let group = active.first().map(|a| a.group.clone());
+                let joins = |job: &Job| group.as_ref().is_none_or(|g| *g == Group::of(&job.spec));
+                let job = match queue.take(active.is_empty(), joins) {
+                    Taken::Job(job) => job,
+                    Taken::None => break,
+                    Taken::Exit => {
+                        info!("worker thread exiting");
+                        return;
+                    }
+                };
+                let span = info_span!("job", job_id = %job.id);
+                let begun = {
+                    let _entered = span.enter();
+                    guarded(&job, || worker.begin(&job, span.clone()))
+                };
+                match begun {
+                    Ok(a) => active.push(a),
+                    Err(end) => {
+                        queue.finish(&job);
+                        let _entered = span.enter();
+                        end_job(&job, end, None);
                     }
                 }
-                Ok(Err(End::Stopped(reason))) => {
-                    info!(reason = reason.as_str(), "job stopped");
-                    job.end_stopped(reason);
-                }
-                Ok(Err(End::Failed(status))) => {
-                    warn!(code = ?status.code(), message = ?status.message(), "job failed");
-                    job.end_with(status);
-                }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<String>()
-                        .map(String::as_str)
-                        .or_else(|| panic.downcast_ref::<&str>().copied())
-                        .unwrap_or("unknown panic");
-                    error!("job panicked: {what}");
-                    job.end_with(Status::internal(format!("the engine failed on this job: {what}")));
-                }
+            }
+            if let Some(first) = active.first() {
+                let model = &worker.models[&first.group.model];
+                step_all(model, &mut active);
+                settle(model, &mut active, &queue);
             }
         }
-        info!("worker thread exiting");
     })
 }
 
+/// Why a job ends before its Result.
 enum End {
     Stopped(StopReason),
     Failed(Status),
@@ -76,6 +84,174 @@ enum End {
 impl From<Status> for End {
     fn from(s: Status) -> Self {
         End::Failed(s)
+    }
+}
+
+/// A `GenerateError` of `job` as its end.
+fn end_of(job: &Job, e: GenerateError) -> End {
+    match e {
+        GenerateError::Cancelled => End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)),
+        GenerateError::Failed(e) => End::Failed(Status::internal(format!("generation failed: {e:#}"))),
+    }
+}
+
+/// Runs `f` for `job`; a panic becomes the job's INTERNAL end.
+fn guarded<T>(job: &Job, f: impl FnOnce() -> Result<T, End>) -> Result<T, End> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        error!(job_id = %job.id, "job panicked: {what}");
+        Err(End::Failed(Status::internal(format!("the engine failed on this job: {what}"))))
+    })
+}
+
+/// Sends a job's last message for `end` (the caller has taken it off the queue).
+fn end_job(job: &Arc<Job>, end: End, steps: Option<(usize, u32)>) {
+    match end {
+        End::Stopped(reason) => {
+            if let Some((done, total)) = steps {
+                info!(steps_done = done, total, "job stopped before step {}", done);
+            }
+            info!(reason = reason.as_str(), "job stopped");
+            job.end_stopped(reason);
+        }
+        End::Failed(status) => {
+            warn!(code = ?status.code(), message = ?status.message(), "job failed");
+            job.end_with(status);
+        }
+    }
+}
+
+/// The jobs that may run together: the same model with the same LoRAs (merged into it).
+#[derive(Clone, Debug, PartialEq)]
+struct Group {
+    model: String,
+    loras: Vec<(String, f32)>,
+}
+
+impl Group {
+    fn of(spec: &JobSpec) -> Self {
+        Self { model: spec.meta.name.clone(), loras: spec.loras.iter().map(|l| (l.name.clone(), l.weight)).collect() }
+    }
+}
+
+/// A running job.
+struct Active {
+    group: Group,
+    run: JobRun,
+    rep: Reporter,
+    /// Set when the job must leave before its next step.
+    end: Option<End>,
+}
+
+/// What a running job reports and times.
+struct Reporter {
+    job: Arc<Job>,
+    span: tracing::Span,
+    queued_seconds: f64,
+    model_load_seconds: f64,
+    lora_seconds: f64,
+    started: Instant,
+    total_steps: u32,
+    steps_done: usize,
+    last_step_end: Instant,
+    protected_latents: Option<tch::Tensor>,
+}
+
+/// One step of every running job: each job's hooks, then one UNet call per latent size.
+fn step_all(model: &StableDiffusion, active: &mut [Active]) {
+    for a in active.iter_mut() {
+        let job = a.rep.job.clone();
+        let _entered = a.rep.span.enter();
+        a.end = match job.check_stop() {
+            Some(reason) => Some(End::Stopped(reason)),
+            None => guarded(&job, || a.run.prepare_step(model).map_err(|e| end_of(&job, e))).err(),
+        };
+    }
+    let mut keys: Vec<BatchKey> = Vec::new();
+    for a in active.iter().filter(|a| a.end.is_none()) {
+        if !keys.contains(&a.run.batch_key()) {
+            keys.push(a.run.batch_key());
+        }
+    }
+    for key in keys {
+        loop {
+            let (mut runs, mut reps): (Vec<&mut JobRun>, Vec<&mut Reporter>) = active
+                .iter_mut()
+                .filter(|a| a.end.is_none() && a.run.batch_key() == key)
+                .map(|a| (&mut a.run, &mut a.rep))
+                .unzip();
+            if runs.is_empty() {
+                break;
+            }
+            debug!(size = runs.len(), "step batch");
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                model.step_batch(&mut runs, &mut |i, e| reps[i].on_step(model, e))
+            }));
+            drop((runs, reps));
+            let members = active.iter_mut().filter(|a| a.end.is_none() && a.run.batch_key() == key);
+            match stepped {
+                // A job whose step report said Stop has its stop reason set.
+                Ok(Ok(_flows)) => {
+                    for a in members {
+                        a.end = a.rep.job.check_stop().map(End::Stopped);
+                    }
+                    break;
+                }
+                // Nobody moved: the interrupted jobs leave and the rest try again.
+                Ok(Err(_interrupted)) => {
+                    for a in members.filter(|a| a.run.interrupt().raised()) {
+                        a.end = Some(End::Stopped(a.rep.job.stop_reason().unwrap_or(StopReason::ClientGone)));
+                    }
+                }
+                Err(_panic) => {
+                    for a in members {
+                        error!(job_id = %a.rep.job.id, "the engine panicked in a UNet call");
+                        a.end = Some(End::Failed(Status::internal("the engine failed on this job's step")));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Ends the jobs that stopped or failed, and finishes (decodes and sends) the ones whose
+/// steps are all done.
+fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
+    let mut i = 0;
+    while i < active.len() {
+        if active[i].end.is_none() && !active[i].run.is_done() {
+            i += 1;
+            continue;
+        }
+        let Active { run, rep, end, .. } = active.remove(i);
+        let job = rep.job.clone();
+        let _entered = rep.span.enter();
+        let outcome = match end {
+            Some(end) => Err(end),
+            None => guarded(&job, || rep.result(run.finish(model).map_err(|e| end_of(&job, e))?)),
+        };
+        // The job leaves the queue before its last message goes out, so a client that
+        // reacts to that message (Cancel, a new job with the same id, GetServerInfo) never
+        // sees it still running.
+        queue.finish(&job);
+        match outcome {
+            Ok(result) => {
+                let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
+                if send(&job, Event::Result(result)) {
+                    info!(seconds, "job finished");
+                } else {
+                    let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
+                    info!(reason = reason.as_str(), "job finished but its result was not delivered");
+                    job.end_stopped(reason);
+                }
+            }
+            Err(end) => end_job(&job, end, Some((rep.steps_done, rep.total_steps))),
+        }
     }
 }
 
@@ -116,8 +292,9 @@ impl Worker {
         Ok(&self.models[name])
     }
 
-    /// Runs a job up to its Result, which the caller sends.
-    fn run(&mut self, job: &Arc<Job>) -> Result<JobResult, End> {
+    /// Starts a job: its model loaded, its LoRAs merged, its images decoded, its plan
+    /// announced (Started) and its run begun, ready for its first step.
+    fn begin(&mut self, job: &Arc<Job>, span: tracing::Span) -> Result<Active, End> {
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
@@ -183,86 +360,105 @@ impl Worker {
             return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
         }
 
-        let mut steps_done = 0usize;
-        let mut last_step_end = started;
-        let mut on_step = |e: &StepEvent| -> Flow {
-            steps_done = e.index + 1;
-            last_step_end = Instant::now();
-            if job.check_stop().is_some() {
-                return Flow::Stop;
-            }
-            if let Some(every) = spec.latents_every {
-                if e.index.is_multiple_of(every) {
-                    match preview::latent_bytes(e.latents_in) {
-                        Ok((shape, data)) => {
-                            let latent = Latent {
-                                step: e.index as u32,
-                                timestep: e.timestep,
-                                latent: Some(PbTensor { shape, dtype: "float32".into(), data }),
-                            };
-                            if !send(job, Event::Latent(latent)) {
-                                return Flow::Stop;
-                            }
+        let run = model.start(prepared).map_err(|e| end_of(job, e))?;
+        Ok(Active {
+            group: Group::of(spec),
+            run,
+            rep: Reporter {
+                job: job.clone(),
+                span,
+                queued_seconds,
+                model_load_seconds,
+                lora_seconds,
+                started,
+                total_steps,
+                steps_done: 0,
+                last_step_end: started,
+                protected_latents,
+            },
+            end: None,
+        })
+    }
+}
+
+impl Reporter {
+    /// Turns one step into the job's events; Stop when the job should end.
+    fn on_step(&mut self, model: &StableDiffusion, e: &StepEvent) -> Flow {
+        let _entered = self.span.enter();
+        let job = self.job.clone();
+        let spec = &job.spec;
+        self.steps_done = e.index + 1;
+        self.last_step_end = Instant::now();
+        if job.check_stop().is_some() {
+            return Flow::Stop;
+        }
+        if let Some(every) = spec.latents_every {
+            if e.index.is_multiple_of(every) {
+                match preview::latent_bytes(e.latents_in) {
+                    Ok((shape, data)) => {
+                        let latent = Latent {
+                            step: e.index as u32,
+                            timestep: e.timestep,
+                            latent: Some(PbTensor { shape, dtype: "float32".into(), data }),
+                        };
+                        if !send(&job, Event::Latent(latent)) {
+                            return Flow::Stop;
                         }
-                        Err(err) => warn!(step = e.index, "latent not sent: {err:#}"),
                     }
+                    Err(err) => warn!(step = e.index, "latent not sent: {err:#}"),
                 }
             }
-            let step = Step {
-                index: e.index as u32,
-                total: e.total as u32,
-                timestep: e.timestep,
-                elapsed_seconds: started.elapsed().as_secs_f64(),
-            };
-            if !send(job, Event::Step(step)) {
-                return Flow::Stop;
-            }
-            if let Some(p) = &spec.previews {
-                if (e.index + 1).is_multiple_of(p.every) || e.index + 1 == e.total {
-                    match preview::render(model, e.denoised, p) {
-                        Ok(enc) => {
-                            let preview = Preview {
-                                step: e.index as u32,
-                                timestep: e.timestep,
-                                image: enc.bytes,
-                                mime_type: enc.mime.into(),
-                                width: enc.width,
-                                height: enc.height,
-                            };
-                            if !send(job, Event::Preview(preview)) {
-                                return Flow::Stop;
-                            }
+        }
+        let step = Step {
+            index: e.index as u32,
+            total: e.total as u32,
+            timestep: e.timestep,
+            elapsed_seconds: self.started.elapsed().as_secs_f64(),
+        };
+        if !send(&job, Event::Step(step)) {
+            return Flow::Stop;
+        }
+        if let Some(p) = &spec.previews {
+            if (e.index + 1).is_multiple_of(p.every) || e.index + 1 == e.total {
+                match preview::render(model, e.denoised, p) {
+                    Ok(enc) => {
+                        let preview = Preview {
+                            step: e.index as u32,
+                            timestep: e.timestep,
+                            image: enc.bytes,
+                            mime_type: enc.mime.into(),
+                            width: enc.width,
+                            height: enc.height,
+                        };
+                        if !send(&job, Event::Preview(preview)) {
+                            return Flow::Stop;
                         }
-                        Err(err) => warn!(step = e.index, "preview not sent: {err:#}"),
                     }
+                    Err(err) => warn!(step = e.index, "preview not sent: {err:#}"),
                 }
             }
-            let protected = if e.index == 0 { protected_latents.as_ref() } else { None };
-            if protected.is_some() || e.manipulation.is_some() {
-                for event in explain_events(e, protected, spec) {
-                    if !send(job, event) {
-                        return Flow::Stop;
-                    }
+        }
+        let protected = if e.index == 0 { self.protected_latents.as_ref() } else { None };
+        if protected.is_some() || e.manipulation.is_some() {
+            for event in explain_events(e, protected, spec) {
+                if !send(&job, event) {
+                    return Flow::Stop;
                 }
             }
-            // Checked once more so a stop that arrived while sending ends the job now,
-            // before the next step.
-            if job.check_stop().is_some() {
-                return Flow::Stop;
-            }
-            last_step_end = Instant::now();
-            Flow::Continue
-        };
-        let generated = match model.generate(prepared, &mut on_step) {
-            Ok(g) => g,
-            Err(GenerateError::Cancelled) => {
-                let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
-                info!(steps_done, total = total_steps, "job stopped before step {}", steps_done);
-                return Err(End::Stopped(reason));
-            }
-            Err(GenerateError::Failed(e)) => return Err(Status::internal(format!("generation failed: {e:#}")).into()),
-        };
-        let decode_seconds = last_step_end.elapsed().as_secs_f64();
+        }
+        // Checked once more so a stop that arrived while sending ends the job now,
+        // before the next step.
+        if job.check_stop().is_some() {
+            return Flow::Stop;
+        }
+        self.last_step_end = Instant::now();
+        Flow::Continue
+    }
+
+    /// The job's Result from its finished run.
+    fn result(&self, generated: Generated) -> Result<JobResult, End> {
+        let spec = &self.job.spec;
+        let decode_seconds = self.last_step_end.elapsed().as_secs_f64();
 
         // The same encode path as `frisket-server render`.
         let rgb = image_io::tensor_to_rgb(&generated.image).map_err(|e| Status::internal(format!("{e:#}")))?;
@@ -274,7 +470,7 @@ impl Worker {
             None => (Vec::new(), None, None),
         };
         let fractions = generated.reference_fractions.iter().map(|f| f.fraction).collect();
-        let total_seconds = started.elapsed().as_secs_f64();
+        let total_seconds = self.started.elapsed().as_secs_f64();
         let result = JobResult {
             // Set by `Events::push` when the Result is queued.
             dropped_events: 0,
@@ -295,12 +491,12 @@ impl Worker {
                 strength: if spec.reference.is_some() { spec.strength } else { 1.0 },
             }),
             timings: Some(Timings {
-                queued_seconds,
+                queued_seconds: self.queued_seconds,
                 total_seconds,
-                seconds_per_step: (total_seconds - decode_seconds) / (total_steps.max(1) as f64),
+                seconds_per_step: (total_seconds - decode_seconds) / (self.total_steps.max(1) as f64),
                 decode_seconds,
-                model_load_seconds,
-                lora_seconds,
+                model_load_seconds: self.model_load_seconds,
+                lora_seconds: self.lora_seconds,
             }),
             change_map,
             reference_fraction_per_step: fractions,
