@@ -249,7 +249,7 @@ impl Frisket for FrisketService {
         // Unknown ids cost no log at the default level, so a flood of Cancels cannot grow
         // the log; a cancelled job's own lines record its end.
         if found {
-            info!(job_id = %id, "cancel requested");
+            info!(job_id = %id, found, "cancel requested");
         } else {
             debug!(job_id = %id, "cancel of an unknown job");
         }
