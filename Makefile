@@ -134,12 +134,15 @@ hostile: build
 
 # Concurrent clients over loopback against a real server with the shipped model (not part
 # of `make test`): c = 1, 2, 4, 8 clients, each sending LOAD_JOBS 20-step jobs with a
-# preview every step; jobs/s, time to first preview and job time (p50/95/99), codes. The
-# machine is printed first; JSON in $(OUT).
+# preview every step, against one job at a time and against step-level batching, in one
+# run; jobs/s, time to first preview and job time (p50/95/99), codes, step batch sizes
+# (from the worker's debug lines). The machine is printed first; JSON in $(OUT).
 LOAD_JOBS ?= 4
 .PHONY: load
 load: build
 	@$(PY) -c "import sys; sys.path.insert(0, 'bench'); import machine; machine.describe()"
 	cargo build $(CARGO_FLAGS) -p frisket-e2e --bin frisket-load
-	FRISKET_SERVER_BIN=$(SERVER_BIN) target/debug/frisket-load --models models --concurrency 1,2,4,8 \
-	  --jobs $(LOAD_JOBS) --out $(OUT)/load.json
+	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
+	  target/debug/frisket-load --models models --concurrency 1,2,4,8 --jobs $(LOAD_JOBS) \
+	  --setting "batch-1=--max-batch 1 --queue-capacity 16" --setting "batch-8=--max-batch 8 --queue-capacity 16" \
+	  --out $(OUT)/load.json
