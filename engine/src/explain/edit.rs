@@ -60,7 +60,7 @@ impl EditState {
 
     /// The manipulation done before the current step's UNet call, if it was a planned step.
     /// Whether the job's step `index` (0-based among its steps) is manipulated.
-    pub fn manipulates_at(&self, index: usize) -> bool {
+    fn manipulates_at(&self, index: usize) -> bool {
         self.plan.steps.iter().any(|s| s.index == index)
     }
 

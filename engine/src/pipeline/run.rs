@@ -87,9 +87,10 @@ struct Pending {
 
 /// What [`StableDiffusion::step_batch`] may stack into one UNet call: rows of one model
 /// with the same latent shape (the caller keeps batches to one model and LoRA set).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BatchKey {
-    pub latent_shape: Vec<i64>,
+    /// [C, H, W] of the latent.
+    pub latent_shape: [i64; 3],
 }
 
 impl JobRun {
@@ -122,13 +123,8 @@ impl JobRun {
     }
 
     pub fn batch_key(&self) -> BatchKey {
-        BatchKey { latent_shape: self.latents.size()[1..].to_vec() }
-    }
-
-    /// Whether the next step's hooks do work of their own besides the UNet call (a
-    /// Grad-SAM manipulation): such a step is best run when nothing waits on it.
-    pub fn next_step_is_heavy(&self) -> bool {
-        self.pending.is_none() && self.edit.as_ref().is_some_and(|e| e.manipulates_at(self.index))
+        let size = self.latents.size();
+        BatchKey { latent_shape: [size[1], size[2], size[3]] }
     }
 
     /// Runs the next step's hooks (under this job's interrupt) and makes its UNet input;

@@ -109,7 +109,7 @@ fn guarded<T>(job: &Job, f: impl FnOnce() -> Result<T, End>) -> Result<T, End> {
 }
 
 /// Sends a job's last message for `end` (the caller has taken it off the queue).
-fn end_job(job: &Arc<Job>, end: End, steps: Option<(usize, u32)>) {
+fn end_job(job: &Arc<Job>, end: End, steps: Option<(usize, usize)>) {
     match end {
         End::Stopped(reason) => {
             if let Some((done, total)) = steps {
@@ -155,8 +155,6 @@ struct Reporter {
     model_load_seconds: f64,
     lora_seconds: f64,
     started: Instant,
-    total_steps: u32,
-    steps_done: usize,
     last_step_end: Instant,
     protected_latents: Option<tch::Tensor>,
 }
@@ -172,9 +170,9 @@ fn step_all(model: &StableDiffusion, active: &mut [Active]) {
         };
     }
     let mut keys: Vec<BatchKey> = Vec::new();
-    for a in active.iter().filter(|a| a.end.is_none()) {
-        if !keys.contains(&a.run.batch_key()) {
-            keys.push(a.run.batch_key());
+    for key in active.iter().filter(|a| a.end.is_none()).map(|a| a.run.batch_key()) {
+        if !keys.contains(&key) {
+            keys.push(key);
         }
     }
     for key in keys {
@@ -229,6 +227,7 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
             continue;
         }
         let Active { run, rep, end, .. } = active.remove(i);
+        let steps = (run.steps_done(), run.total_steps());
         let job = rep.job.clone();
         let _entered = rep.span.enter();
         let outcome = match end {
@@ -250,7 +249,7 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
                     job.end_stopped(reason);
                 }
             }
-            Err(end) => end_job(&job, end, Some((rep.steps_done, rep.total_steps))),
+            Err(end) => end_job(&job, end, Some(steps)),
         }
     }
 }
@@ -371,8 +370,6 @@ impl Worker {
                 model_load_seconds,
                 lora_seconds,
                 started,
-                total_steps,
-                steps_done: 0,
                 last_step_end: started,
                 protected_latents,
             },
@@ -387,7 +384,6 @@ impl Reporter {
         let _entered = self.span.enter();
         let job = self.job.clone();
         let spec = &job.spec;
-        self.steps_done = e.index + 1;
         self.last_step_end = Instant::now();
         if job.check_stop().is_some() {
             return Flow::Stop;
@@ -493,7 +489,7 @@ impl Reporter {
             timings: Some(Timings {
                 queued_seconds: self.queued_seconds,
                 total_seconds,
-                seconds_per_step: (total_seconds - decode_seconds) / (self.total_steps.max(1) as f64),
+                seconds_per_step: (total_seconds - decode_seconds) / (generated.timesteps.len().max(1) as f64),
                 decode_seconds,
                 model_load_seconds: self.model_load_seconds,
                 lora_seconds: self.lora_seconds,
