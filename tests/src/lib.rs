@@ -208,6 +208,20 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits (up to 120 s) until the log has a line with all of `words` (the server logs a
+    /// job's end after its last message goes out), then returns the log.
+    pub async fn wait_for_log(&self, words: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let logs = self.logs();
+            if logs.lines().any(|l| words.iter().all(|w| l.contains(w))) {
+                return logs;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "no log line with {words:?}:\n{logs}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends a signal, e.g. "TERM" or "INT".
     pub fn signal(&self, name: &str) {
         let status =

@@ -58,8 +58,8 @@ async fn a_job_of_the_same_model_joins_between_steps_and_matches_its_lone_run() 
     let (a_out, b_out) = second_during_first(&server, a.clone(), b.clone()).await;
     assert_eq!(a_out.code(), tonic::Code::Ok, "{:?}", a_out.error);
     assert_eq!(b_out.code(), tonic::Code::Ok, "{:?}", b_out.error);
-    let log = server.logs();
-    // b (6 steps) joined a (40 steps) and finished first.
+    let log = server.wait_for_log(&["job_id=batch-a}", "job finished"]).await;
+    // b (6 steps) joined a (20 steps) and finished first.
     assert!(
         logged_before(
             &log,
@@ -95,7 +95,7 @@ async fn a_job_of_another_model_waits_and_max_batch_1_runs_one_at_a_time() {
         let (a_out, b_out) = second_during_first(&server, a, b).await;
         assert_eq!(a_out.code(), tonic::Code::Ok, "{:?}", a_out.error);
         assert_eq!(b_out.code(), tonic::Code::Ok, "{:?}", b_out.error);
-        let log = server.logs();
+        let log = server.wait_for_log(&["job_id=wait-b}", "job finished"]).await;
         // b starts only once a has finished.
         let a_done = "job_id=wait-a}: frisket_server::service::worker: job finished";
         let b_started = "job_id=wait-b}: frisket_server::service::worker: job started";

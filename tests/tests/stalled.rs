@@ -95,18 +95,6 @@ fn log_seconds(logs: &str, words: &[&str]) -> f64 {
     parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
 
-/// Waits (up to 120 s) until the server's log has a line with all of `words`.
-async fn wait_for_log(server: &Server, words: &[&str]) {
-    let start = Instant::now();
-    loop {
-        if server.logs().lines().any(|l| words.iter().all(|w| l.contains(w))) {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no log line with {words:?}:\n{}", server.logs());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 const STALLED_STEPS: u32 = 40;
 
 /// The stalled reader: a client process with a 16 KB window, stopped after its
@@ -162,7 +150,7 @@ async fn a_client_that_reads_nothing_is_dropped_with_a_clear_status() {
     let mut stalled = StreamClient::start(&server, "stall-c", STALLED_STEPS);
     assert_eq!(stalled.next_line().as_deref(), Some("queued"));
     stalled.signal("STOP");
-    wait_for_log(&server, &["job_id=stall-c", "client read nothing for the stalled-client time"]).await;
+    server.wait_for_log(&["job_id=stall-c", "client read nothing for the stalled-client time"]).await;
 
     let done = generate(&mut server.client().await, txt2img("shapes", "a blue square", 2, 4, 64, 64)).await;
     assert_eq!(done.code(), Code::Ok, "{:?}", done.error);
