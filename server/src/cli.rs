@@ -1,5 +1,6 @@
 //! `frisket-server` command line: `render` (one local image) and `serve` (the gRPC service).
 use crate::config::SettingsArgs;
+use crate::service::detached::Retention;
 use crate::service::loras::{self, LoadedLoras};
 use crate::service::models::Catalog;
 use crate::service::request;
@@ -89,6 +90,36 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
           default_value_t = ConnectionLimits::default().max_jobs_per_connection)]
     pub max_jobs_per_connection: u32,
+    /// How long a detached job's result is kept after it ends, for WatchJob and GetResult:
+    /// seconds, or with a unit (90s, 10m, 1h); 0 turns detach off.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10m")]
+    pub keep_results: std::time::Duration,
+    /// The most finished detached jobs kept at once (the oldest go first).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
+          default_value_t = Retention::default().max_count as u32)]
+    pub keep_results_count: u32,
+    /// MiB that kept detached jobs may hold in all (results, last previews, heatmaps).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..),
+          default_value_t = Retention::default().max_bytes >> 20)]
+    pub keep_results_mib: u64,
+}
+
+/// A duration: seconds, or a number with a unit s, m or h.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("expected seconds or a number with s, m or h (10m), got {s:?}")),
+    };
+    match number.parse::<f64>() {
+        Ok(x) if x >= 0.0 && x * scale <= 8.64e10 => Ok(std::time::Duration::from_secs_f64(x * scale)),
+        _ => Err(format!("expected seconds or a number with s, m or h (10m), got {s:?}")),
+    }
 }
 
 /// A number of seconds > 0 (and at most a million days, so it fits a Duration).
@@ -267,6 +298,11 @@ fn serve(a: ServeArgs) -> Result<()> {
             keepalive_timeout: std::time::Duration::from_secs_f64(a.http2_keepalive_timeout),
             max_concurrent_streams: a.max_concurrent_streams,
             max_jobs_per_connection: a.max_jobs_per_connection,
+        },
+        retention: Retention {
+            keep: a.keep_results,
+            max_count: a.keep_results_count as usize,
+            max_bytes: a.keep_results_mib << 20,
         },
     })
 }

@@ -1,5 +1,6 @@
 //! The `frisket.v1.Frisket` gRPC service.
 use super::clients::{ClientKey, JobSlots};
+use super::detached::Detached;
 use super::jobs::{EventStream, Events, Job, PushError, Queue};
 use super::models::Catalog;
 use super::request::{self, prepare};
@@ -7,8 +8,9 @@ use super::{ConnectionLimits, Limits};
 use frisket_engine::text::quote;
 use frisket_proto::v1::frisket_server::Frisket;
 use frisket_proto::v1::{
-    CancelRequest, CancelResponse, GenerateRequest, GetServerInfoRequest, ListModelsRequest, ListModelsResponse,
-    ModelInfo, ServerInfo, Token, TokenizeRequest, TokenizeResponse,
+    CancelRequest, CancelResponse, GenerateRequest, GetResultRequest, GetServerInfoRequest, ListModelsRequest,
+    ListModelsResponse, ModelInfo, Result as JobResult, ServerInfo, Token, TokenizeRequest, TokenizeResponse,
+    WatchJobRequest,
 };
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +26,8 @@ pub struct FrisketService {
     pub connections: ConnectionLimits,
     /// Jobs per connection, against `connections.max_jobs_per_connection`.
     slots: Arc<JobSlots>,
+    /// Detached jobs' journals and kept results.
+    pub detached: Arc<Detached>,
     pub device: String,
     pub devices: Vec<String>,
     next_id: AtomicU64,
@@ -35,11 +39,26 @@ impl FrisketService {
         catalog: Arc<Catalog>,
         limits: Limits,
         connections: ConnectionLimits,
+        detached: Arc<Detached>,
         device: String,
         devices: Vec<String>,
     ) -> Self {
         let slots = JobSlots::new(connections.max_jobs_per_connection as usize);
-        Self { queue, catalog, limits, connections, slots, device, devices, next_id: AtomicU64::new(1) }
+        Self { queue, catalog, limits, connections, slots, detached, device, devices, next_id: AtomicU64::new(1) }
+    }
+
+    /// Why WatchJob or GetResult cannot follow `id`: it runs without detach, or no such
+    /// job is known (never was, or its result expired).
+    fn not_detached(&self, id: &str) -> Status {
+        match self.queue.find(id) {
+            Some(_) => Status::failed_precondition(format!(
+                "job {id:?} runs without detach: its Generate stream is its only stream"
+            )),
+            None => Status::not_found(format!(
+                "no detached job {id:?} (unknown, or its result expired after {} s)",
+                self.detached.retention.keep.as_secs_f64()
+            )),
+        }
     }
 
     fn new_job_id(&self) -> String {
@@ -112,7 +131,13 @@ impl Frisket for FrisketService {
         };
         let req = request.into_inner();
         self.limits.check_message(req.encoded_len())?;
+        if req.detach && self.detached.retention.keep.is_zero() {
+            return Err(Status::invalid_argument(
+                "detach is off on this server (it keeps no results: --keep-results 0)",
+            ));
+        }
         let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
+        let detach = req.detach;
         let (catalog, limits) = (self.catalog.clone(), self.limits.clone());
         let spec = blocking(move || prepare(&req, &catalog, &limits, request::random_seed())).await;
         let spec = match spec {
@@ -125,12 +150,24 @@ impl Frisket for FrisketService {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Status::deadline_exceeded("the request's deadline passed before the job was queued"));
         }
+        let already_exists =
+            || Status::already_exists(format!("a job with id {job_id:?} is already queued, running or kept"));
+        // A kept detached job's id stays taken, so WatchJob and GetResult name one job.
+        let journal = match detach {
+            true => Some(self.detached.register(&job_id).ok_or_else(already_exists)?),
+            false if self.detached.get(&job_id).is_some() => return Err(already_exists()),
+            false => None,
+        };
         let events = Events::new(job_id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
         let stream = events.stream();
-        let job = Arc::new(Job::new(job_id.clone(), spec, events, slot, deadline));
-        match self.queue.push(job) {
+        let job = Arc::new(Job::new(job_id.clone(), spec, events, slot, deadline, journal.clone()));
+        let pushed = self.queue.push(job);
+        if let (Err(_), Some(journal)) = (&pushed, &journal) {
+            self.detached.unregister(journal);
+        }
+        match pushed {
             Ok(position) => {
-                info!(job_id = %job_id, position, "job queued");
+                info!(job_id = %job_id, position, detach, "job queued");
                 Ok(Response::new(stream))
             }
             Err(PushError::Full) => {
@@ -143,10 +180,28 @@ impl Frisket for FrisketService {
             Err(PushError::ShuttingDown) => {
                 Err(Status::unavailable("the server is shutting down and accepts no new jobs"))
             }
-            Err(PushError::DuplicateId) => {
-                Err(Status::already_exists(format!("a job with id {job_id:?} is already queued or running")))
-            }
+            Err(PushError::DuplicateId) => Err(already_exists()),
         }
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().job_id;
+        request::check_job_id(&id)?;
+        let journal = self.detached.get(&id).ok_or_else(|| self.not_detached(&id))?;
+        let events = Events::new(id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
+        let stream = events.stream();
+        journal.attach(&events);
+        info!(job_id = %id, "watching a detached job");
+        Ok(Response::new(stream))
+    }
+
+    async fn get_result(&self, request: Request<GetResultRequest>) -> Result<Response<JobResult>, Status> {
+        let id = request.into_inner().job_id;
+        request::check_job_id(&id)?;
+        let journal = self.detached.get(&id).ok_or_else(|| self.not_detached(&id))?;
+        journal.result().map(Response::new)
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
@@ -236,6 +291,9 @@ impl Frisket for FrisketService {
             running_jobs: running,
             max_jobs_per_connection: self.slots.limit() as u32,
             stalled_client_seconds: self.connections.stalled_client.as_secs_f64(),
+            keep_results_seconds: self.detached.retention.keep.as_secs_f64(),
+            keep_results_count: self.detached.retention.max_count as u32,
+            keep_results_bytes: self.detached.retention.max_bytes,
             ..Default::default()
         };
         self.limits.report(&mut info);

@@ -12,6 +12,7 @@
 //! never dropped (Queued, Started, a Step per step, the protected mask, the final one). A
 //! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
+use super::detached::Journal;
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind, Queued};
 use std::collections::VecDeque;
@@ -310,6 +311,9 @@ pub struct Job {
     pub id: String,
     pub spec: JobSpec,
     events: Arc<Events>,
+    /// Detached jobs: their journal for WatchJob and GetResult. They run on when their
+    /// Generate stream goes.
+    journal: Option<Arc<Journal>>,
     /// Counts the job against its client's job limit until its final message is queued.
     slot: Mutex<Option<JobSlot>>,
     stop: watch::Sender<Option<StopReason>>,
@@ -319,6 +323,10 @@ pub struct Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
+        if let Some(journal) = &self.journal {
+            // A no-op when the job sent its end, as every job does.
+            journal.record(&Err(Status::aborted("the job ended without a result")));
+        }
         self.events.close();
     }
 }
@@ -330,11 +338,13 @@ impl Job {
         events: Arc<Events>,
         slot: Option<JobSlot>,
         deadline: Option<Instant>,
+        journal: Option<Arc<Journal>>,
     ) -> Self {
         Self {
             id,
             spec,
             events,
+            journal,
             slot: Mutex::new(slot),
             stop: watch::channel(None).0,
             deadline,
@@ -343,13 +353,25 @@ impl Job {
     }
 
     /// Sends a message on the job's stream without blocking ([`Events::push`]). Err when
-    /// the client left or stalled (the job should stop).
+    /// the client left or stalled (the job should stop); a detached job records the
+    /// message in its journal and runs on without its client.
     pub fn push(&self, msg: EventResult) -> Result<(), StopReason> {
         if is_final(&msg) {
             // The client may start another job as soon as it sees this one end.
             self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
-        self.events.push(msg)
+        match &self.journal {
+            Some(journal) => {
+                journal.record(&msg);
+                let _ = self.events.push(msg);
+                Ok(())
+            }
+            None => self.events.push(msg),
+        }
+    }
+
+    pub fn detached(&self) -> bool {
+        self.journal.is_some()
     }
     /// Asks the job to stop; the first reason wins. True when this call set it.
     pub fn stop(&self, reason: StopReason) -> bool {
@@ -376,11 +398,15 @@ impl Job {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Whether the job must stop now: asked to, its client left or stalled, or its
-    /// deadline passed.
+    /// Whether the job must stop now: asked to, its client left or stalled (not for a
+    /// detached job), or its deadline passed.
     pub fn check_stop(&self) -> Option<StopReason> {
         if self.stop_reason().is_none() {
-            if self.events.client_gone() {
+            if self.detached() {
+                if self.deadline_passed() {
+                    self.stop(StopReason::Deadline);
+                }
+            } else if self.events.client_gone() {
                 self.stop(StopReason::ClientGone);
             } else if self.events.stalled() {
                 self.stop(StopReason::Stalled);
@@ -549,6 +575,12 @@ impl Queue {
             }
             None => false,
         }
+    }
+
+    /// The queued or running job with this id.
+    pub fn find(&self, id: &str) -> Option<Arc<Job>> {
+        let s = self.lock();
+        s.waiting.iter().chain(&s.running).find(|j| j.id == id).cloned()
     }
 
     /// (waiting, running) job counts.

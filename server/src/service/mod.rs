@@ -15,6 +15,7 @@
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
 pub mod clients;
+pub mod detached;
 pub mod edges;
 pub mod encoded_image;
 pub mod grpc;
@@ -91,6 +92,8 @@ pub struct ServeConfig {
     pub grace_period: Duration,
     pub limits: Limits,
     pub connections: ConnectionLimits,
+    /// Detached jobs' kept results (`--keep-results*`).
+    pub retention: detached::Retention,
 }
 
 /// Logs to stderr; RUST_LOG filters (default info).
@@ -155,6 +158,7 @@ async fn serve(
     queue: Arc<jobs::Queue>,
 ) -> Result<()> {
     let limits = cfg.limits.clone();
+    let detached = Arc::new(detached::Detached::new(cfg.retention.clone()));
     let mut devices = vec!["cpu".to_string()];
     devices.extend((0..tch::Cuda::device_count()).map(|n| format!("cuda:{n}")));
     let service = grpc::FrisketService::new(
@@ -162,6 +166,7 @@ async fn serve(
         catalog.clone(),
         limits.clone(),
         cfg.connections.clone(),
+        detached.clone(),
         device_name(device),
         devices,
     );
@@ -202,6 +207,7 @@ async fn serve(
             loop {
                 tick.tick().await;
                 queue.sweep();
+                detached.expire_now();
             }
         })
     };
