@@ -402,6 +402,7 @@ impl Job {
 
     /// Ends the stream for `reason` (nothing to send when the client left).
     pub fn end_stopped(&self, reason: StopReason) {
+        super::metrics::job_stopped(reason);
         if let Some(status) = reason.status() {
             self.end_with(status);
         }
