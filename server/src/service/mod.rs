@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod loras;
 pub mod metrics;
 pub mod models;
+pub mod positions;
 pub mod preview;
 pub mod request;
 pub mod worker;

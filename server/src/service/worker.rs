@@ -69,7 +69,9 @@ pub fn spawn(
             }
             if let Some(first) = active.first() {
                 let model = &worker.models[&first.group.model];
+                let stepping = Instant::now();
                 step_all(model, &mut active);
+                queue.clock.record(stepping.elapsed().as_secs_f64());
                 settle(model, &mut active, &queue);
             }
         }
@@ -353,6 +355,7 @@ impl Worker {
               scheduler = %spec.scheduler_name, img2img = spec.reference.is_some(), "job started");
         let started = Instant::now();
         let total_steps = timesteps.len() as u32;
+        job.set_steps_left(total_steps);
         let started_event = Started {
             total_steps,
             timesteps: timesteps.clone(),
@@ -394,6 +397,7 @@ impl Reporter {
         let job = self.job.clone();
         let spec = &job.spec;
         self.last_step_end = Instant::now();
+        job.set_steps_left((e.total - e.index - 1) as u32);
         if job.check_stop().is_some() {
             return Flow::Stop;
         }
