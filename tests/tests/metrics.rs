@@ -168,7 +168,16 @@ async fn metrics_count_what_the_server_did() {
         assert_eq!(c.steps().len(), STEPS as usize);
     }
 
-    let after = scrape(&url).await;
+    // The worker counts a finished job just after queuing its Result, which the client may
+    // read first: scrape until both are counted (a missing count fails after 30 s).
+    let mut after = scrape(&url).await;
+    for _ in 0..300 {
+        if after.value("frisket_jobs_total", &[("outcome", "ok")]) >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = scrape(&url).await;
+    }
     promtool_check(&after.text);
     println!("{}", after.text);
 
