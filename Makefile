@@ -31,9 +31,18 @@ $(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh $(wildcard models/sha
 	for script in tests/fixtures/ref_*.py; do $(PY) $$script $(FIXTURES) || exit 1; done
 	touch $@
 
-test: fixtures lint
+test: fixtures lint deps-promtool
 	cargo test $(CARGO_FLAGS) --workspace
 	$(MAKE) test-plugins
+
+# promtool (Debian's prometheus package), which tests/tests/metrics.rs runs on the
+# server's /metrics text. Root or sudo.
+.PHONY: deps-promtool
+deps-promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
 
 # Formatting and lints: rustfmt (rustfmt.toml), clippy with warnings as errors, and ruff
 # over the Python (ruff.toml).

@@ -46,6 +46,8 @@ impl Event {
 pub struct Queued {
     /// Jobs ahead of this one (0: it starts next).
     pub position: u32,
+    /// Seconds until the job is expected to start (see the proto's `Queued`).
+    pub estimated_start_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -176,7 +178,9 @@ impl JobEvent {
         use pb::generate_event::Event as E;
         let event = match e.event {
             None => return Ok(None),
-            Some(E::Queued(q)) => Event::Queued(Queued { position: q.position }),
+            Some(E::Queued(q)) => {
+                Event::Queued(Queued { position: q.position, estimated_start_seconds: q.estimated_start_seconds })
+            }
             Some(E::Started(s)) => Event::Started(Started {
                 total_steps: s.total_steps,
                 timesteps: s.timesteps,

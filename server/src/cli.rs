@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// one model and LoRA set join between steps); 1: one job at a time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_batch: u32,
+    /// Serve Prometheus metrics (gRPC calls, queue, steps, memory) at http://ADDR/metrics;
+    /// port 0 picks a free port (the chosen one is printed). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Seconds that accepted jobs may run on after SIGTERM before they are stopped.
     #[arg(long, default_value_t = 30.0)]
     pub grace_period: f64,
@@ -290,6 +294,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
         max_batch: a.max_batch as usize,
+        metrics_listen: a.metrics_listen,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
         limits: a.settings.load()?.limits,
         connections: ConnectionLimits {

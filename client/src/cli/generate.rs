@@ -315,7 +315,10 @@ impl Progress {
     fn update(&self, event: &Event) {
         let Some(bar) = &self.bar else { return };
         match event {
-            Event::Queued(q) => bar.set_message(format!("queued (position {})", q.position)),
+            Event::Queued(q) => bar.set_message(match q.estimated_start_seconds {
+                Some(s) => format!("queued (position {}, starts in about {s:.0} s)", q.position),
+                None => format!("queued (position {})", q.position),
+            }),
             Event::Started(s) => {
                 bar.set_style(
                     ProgressStyle::with_template("{spinner} step {pos:>3}/{len} [{bar:30}] {msg} ({elapsed})")

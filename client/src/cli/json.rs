@@ -75,7 +75,12 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
         m.put(k, v);
     };
     match event {
-        Event::Queued(q) => put("position", json!(q.position)),
+        Event::Queued(q) => {
+            put("position", json!(q.position));
+            if let Some(seconds) = q.estimated_start_seconds {
+                put("estimated_start_seconds", json!(seconds));
+            }
+        }
         Event::Started(s) => {
             put("total_steps", json!(s.total_steps));
             put("timesteps", json!(s.timesteps));

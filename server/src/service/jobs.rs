@@ -13,10 +13,12 @@
 //! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
 use super::detached::Journal;
+use super::positions::{self, StepClock};
 use super::request::JobSpec;
-use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind, Queued};
+use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind};
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -319,6 +321,8 @@ pub struct Job {
     stop: watch::Sender<Option<StopReason>>,
     pub deadline: Option<Instant>,
     pub accepted: Instant,
+    /// Steps the job has still to run (its requested steps until the worker starts it).
+    steps_left: AtomicU32,
 }
 
 impl Drop for Job {
@@ -340,6 +344,7 @@ impl Job {
         deadline: Option<Instant>,
         journal: Option<Arc<Journal>>,
     ) -> Self {
+        let spec_steps = u32::try_from(spec.steps).unwrap_or(u32::MAX);
         Self {
             id,
             spec,
@@ -349,7 +354,17 @@ impl Job {
             stop: watch::channel(None).0,
             deadline,
             accepted: Instant::now(),
+            steps_left: AtomicU32::new(spec_steps),
         }
+    }
+
+    pub fn steps_left(&self) -> u32 {
+        self.steps_left.load(Ordering::Relaxed)
+    }
+
+    /// Worker side: the job has `n` steps still to run.
+    pub fn set_steps_left(&self, n: u32) {
+        self.steps_left.store(n, Ordering::Relaxed);
     }
 
     /// Sends a message on the job's stream without blocking ([`Events::push`]). Err when
@@ -428,6 +443,7 @@ impl Job {
 
     /// Ends the stream for `reason` (nothing to send when the client left).
     pub fn end_stopped(&self, reason: StopReason) {
+        super::metrics::job_stopped(reason);
         if let Some(status) = reason.status() {
             self.end_with(status);
         }
@@ -448,6 +464,8 @@ pub struct Queue {
     state: Mutex<State>,
     wake: Condvar,
     pub capacity: usize,
+    /// Recent seconds per worker step, for the waiting jobs' start estimates.
+    pub clock: StepClock,
 }
 
 /// What [`Queue::take`] gave the worker.
@@ -472,6 +490,7 @@ impl Queue {
             state: Mutex::new(State { waiting: VecDeque::new(), running: Vec::new(), accepting: true, exit: false }),
             wake: Condvar::new(),
             capacity,
+            clock: StepClock::default(),
         }
     }
 
@@ -483,7 +502,7 @@ impl Queue {
     /// always comes first). Returns the number of jobs ahead.
     pub fn push(&self, job: Arc<Job>) -> Result<u32, PushError> {
         let mut s = self.lock();
-        Self::sweep_locked(&mut s);
+        self.sweep_locked(&mut s);
         if !s.accepting {
             return Err(PushError::ShuttingDown);
         }
@@ -494,30 +513,43 @@ impl Queue {
         if s.waiting.len() >= self.capacity {
             return Err(PushError::Full);
         }
-        let position = s.waiting.len() as u32;
-        let _ = job.push(Ok(job.event(generate_event::Event::Queued(Queued { position }))));
+        let position = s.waiting.len();
+        let queued = positions::queued(position, &s.waiting, &s.running, &self.clock);
+        let _ = job.push(Ok(job.event(generate_event::Event::Queued(queued))));
         s.waiting.push_back(job);
         drop(s);
         self.wake.notify_all();
-        Ok(position)
+        Ok(position as u32)
     }
 
-    /// Drops waiting jobs whose client left or whose deadline passed.
-    fn sweep_locked(s: &mut State) {
-        s.waiting.retain(|job| match job.check_stop() {
-            None => true,
-            Some(reason) => {
-                tracing::info!(job_id = %job.id, reason = reason.as_str(), "queued job dropped");
-                job.end_stopped(reason);
-                false
+    /// Drops waiting jobs whose client left or whose deadline passed; the jobs behind them
+    /// hear their new positions.
+    fn sweep_locked(&self, s: &mut State) {
+        let (mut index, mut first_gone) = (0, None);
+        s.waiting.retain(|job| {
+            let kept = match job.check_stop() {
+                None => true,
+                Some(reason) => {
+                    tracing::info!(job_id = %job.id, reason = reason.as_str(), "queued job dropped");
+                    job.end_stopped(reason);
+                    false
+                }
+            };
+            if !kept && first_gone.is_none() {
+                first_gone = Some(index);
             }
+            index += 1;
+            kept
         });
+        if let Some(from) = first_gone {
+            positions::announce(from, &s.waiting, &s.running, &self.clock);
+        }
     }
 
     pub fn sweep(&self) {
         let mut s = self.lock();
         let before = s.waiting.len();
-        Self::sweep_locked(&mut s);
+        self.sweep_locked(&mut s);
         let changed = s.waiting.len() != before;
         drop(s);
         if changed {
@@ -532,11 +564,12 @@ impl Queue {
     pub fn take(&self, idle: bool, joins: impl Fn(&Job) -> bool) -> Taken {
         let mut s = self.lock();
         loop {
-            Self::sweep_locked(&mut s);
+            self.sweep_locked(&mut s);
             match s.waiting.front() {
                 Some(job) if idle || joins(job) => {
                     let job = s.waiting.pop_front().expect("a front job");
                     s.running.push(job.clone());
+                    positions::announce(0, &s.waiting, &s.running, &self.clock);
                     drop(s);
                     self.wake.notify_all();
                     return Taken::Job(job);
@@ -562,6 +595,7 @@ impl Queue {
         let mut s = self.lock();
         if let Some(i) = s.waiting.iter().position(|j| j.id == id) {
             let job = s.waiting.remove(i).expect("index from position");
+            positions::announce(i, &s.waiting, &s.running, &self.clock);
             drop(s);
             job.stop(StopReason::Cancelled);
             job.end_stopped(StopReason::Cancelled);

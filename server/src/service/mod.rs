@@ -21,7 +21,9 @@ pub mod encoded_image;
 pub mod grpc;
 pub mod jobs;
 pub mod loras;
+pub mod metrics;
 pub mod models;
+pub mod positions;
 pub mod preview;
 pub mod request;
 pub mod worker;
@@ -94,6 +96,8 @@ pub struct ServeConfig {
     pub connections: ConnectionLimits,
     /// Detached jobs' kept results (`--keep-results*`).
     pub retention: detached::Retention,
+    /// Where to serve Prometheus metrics at /metrics (`--metrics-listen`); None: nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 /// Logs to stderr; RUST_LOG filters (default info).
@@ -249,6 +253,18 @@ async fn serve(
         })
     };
 
+    let metrics = match &cfg.metrics_listen {
+        Some(at) => {
+            let listener =
+                tokio::net::TcpListener::bind(at).await.with_context(|| format!("metrics: listening on {at}"))?;
+            let metrics_addr = listener.local_addr()?;
+            println!("frisket-server metrics on http://{metrics_addr}/metrics");
+            info!(addr = %metrics_addr, "serving metrics at /metrics");
+            Some(tokio::spawn(metrics::serve(listener, queue.clone())))
+        }
+        None => None,
+    };
+
     println!("frisket-server listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -262,6 +278,7 @@ async fn serve(
         .http2_keepalive_interval(Some(connections.keepalive_interval))
         .http2_keepalive_timeout(Some(connections.keepalive_timeout))
         .max_concurrent_streams(Some(connections.max_concurrent_streams))
+        .layer(metrics::GrpcMetricsLayer)
         .layer(edges::GrpcOnlyLayer)
         .layer(tower::util::MapResponseLayer::new(limits::over_limit_is_resource_exhausted))
         .layer(tower::util::MapResponseLayer::new(edges::framing_errors_are_invalid_argument))
@@ -284,6 +301,9 @@ async fn serve(
         _ = stopped => warn!("connections still open after shutdown; closing them"),
     }
     sweeper.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     info!("stopped");
     Ok(())
 }

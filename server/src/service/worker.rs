@@ -10,6 +10,7 @@
 //! between steps; a job stopped inside a shared call leaves it without moving the others.
 use super::jobs::{Job, Queue, StopReason, Taken};
 use super::loras;
+use super::metrics;
 use super::models::Catalog;
 use super::preview;
 use super::request::JobSpec;
@@ -68,7 +69,9 @@ pub fn spawn(
             }
             if let Some(first) = active.first() {
                 let model = &worker.models[&first.group.model];
+                let stepping = Instant::now();
                 step_all(model, &mut active);
+                queue.clock.record(stepping.elapsed().as_secs_f64());
                 settle(model, &mut active, &queue);
             }
         }
@@ -120,6 +123,7 @@ fn end_job(job: &Arc<Job>, end: End, steps: Option<(usize, usize)>) {
         }
         End::Failed(status) => {
             warn!(code = ?status.code(), message = ?status.message(), "job failed");
+            metrics::job_ended("failed");
             job.end_with(status);
         }
     }
@@ -157,6 +161,8 @@ struct Reporter {
     started: Instant,
     last_step_end: Instant,
     protected_latents: Option<tch::Tensor>,
+    /// Whether a preview went out yet (the first one is timed for the metrics).
+    previewed: bool,
 }
 
 /// One step of every running job: each job's hooks, then one UNet call per latent size.
@@ -186,10 +192,12 @@ fn step_all(model: &StableDiffusion, active: &mut [Active]) {
                 break;
             }
             debug!(size = runs.len(), "step batch");
+            let (size, stepping) = (runs.len(), Instant::now());
             let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 model.step_batch(&mut runs, &mut |i, e| reps[i].on_step(model, e))
             }));
             drop((runs, reps));
+            metrics::step_batch(size, stepping.elapsed().as_secs_f64());
             let members = active.iter_mut().filter(|a| a.end.is_none() && a.run.batch_key() == key);
             match stepped {
                 // A job whose step report said Stop has its stop reason set.
@@ -243,6 +251,7 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
                 let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
                 if send(&job, Event::Result(result)) {
                     info!(seconds, "job finished");
+                    metrics::job_ended("ok");
                 } else {
                     let reason = job.stop_reason().unwrap_or(StopReason::ClientGone);
                     info!(reason = reason.as_str(), "job finished but its result was not delivered");
@@ -286,6 +295,7 @@ impl Worker {
             let model = StableDiffusion::load_with(&dir, &opts, self.device, default_kind(self.device))
                 .map_err(|e| Status::failed_precondition(format!("loading model {name:?} failed: {e:#}")))?;
             info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded");
+            metrics::model_loaded(t.elapsed().as_secs_f64());
             self.models.insert(name.to_string(), model);
         }
         Ok(&self.models[name])
@@ -345,6 +355,7 @@ impl Worker {
               scheduler = %spec.scheduler_name, img2img = spec.reference.is_some(), "job started");
         let started = Instant::now();
         let total_steps = timesteps.len() as u32;
+        job.set_steps_left(total_steps);
         let started_event = Started {
             total_steps,
             timesteps: timesteps.clone(),
@@ -372,6 +383,7 @@ impl Worker {
                 started,
                 last_step_end: started,
                 protected_latents,
+                previewed: false,
             },
             end: None,
         })
@@ -385,6 +397,7 @@ impl Reporter {
         let job = self.job.clone();
         let spec = &job.spec;
         self.last_step_end = Instant::now();
+        job.set_steps_left((e.total - e.index - 1) as u32);
         if job.check_stop().is_some() {
             return Flow::Stop;
         }
@@ -428,6 +441,9 @@ impl Reporter {
                         };
                         if !send(&job, Event::Preview(preview)) {
                             return Flow::Stop;
+                        }
+                        if !std::mem::replace(&mut self.previewed, true) {
+                            metrics::first_preview(job.accepted.elapsed().as_secs_f64());
                         }
                     }
                     Err(err) => warn!(step = e.index, "preview not sent: {err:#}"),
