@@ -89,6 +89,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
           default_value_t = ConnectionLimits::default().max_jobs_per_connection)]
     pub max_jobs_per_connection: u32,
+    /// Models to load and warm at startup, in order (repeatable or comma-separated; `all`:
+    /// every model in --models). Health stays NOT_SERVING until they are loaded (or
+    /// failed to load); other models load when first used.
+    #[arg(long, value_name = "MODEL", value_delimiter = ',')]
+    pub preload: Vec<String>,
 }
 
 /// A number of seconds > 0 (and at most a million days, so it fits a Duration).
@@ -268,6 +273,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             max_concurrent_streams: a.max_concurrent_streams,
             max_jobs_per_connection: a.max_jobs_per_connection,
         },
+        preload: a.preload,
     })
 }
 

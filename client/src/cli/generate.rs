@@ -316,6 +316,7 @@ impl Progress {
         let Some(bar) = &self.bar else { return };
         match event {
             Event::Queued(q) => bar.set_message(format!("queued (position {})", q.position)),
+            Event::Loading(l) => bar.set_message(format!("loading model {}", l.model)),
             Event::Started(s) => {
                 bar.set_style(
                     ProgressStyle::with_template("{spinner} step {pos:>3}/{len} [{bar:30}] {msg} ({elapsed})")

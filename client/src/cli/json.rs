@@ -76,6 +76,7 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
     };
     match event {
         Event::Queued(q) => put("position", json!(q.position)),
+        Event::Loading(l) => put("model", json!(l.model)),
         Event::Started(s) => {
             put("total_steps", json!(s.total_steps));
             put("timesteps", json!(s.timesteps));

@@ -12,6 +12,7 @@
 //! never dropped (Queued, Started, a Step per step, the protected mask, the final one). A
 //! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
+use super::lifecycle::Command;
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind, Queued};
 use std::collections::VecDeque;
@@ -416,6 +417,8 @@ struct State {
     accepting: bool,
     /// The worker thread returns once this is set and nothing waits.
     exit: bool,
+    /// Model loads and unloads for the worker, taken before jobs.
+    commands: VecDeque<Command>,
 }
 
 pub struct Queue {
@@ -431,6 +434,8 @@ pub enum Taken {
     None,
     /// Shutdown: nothing runs or waits.
     Exit,
+    /// A model load or unload, to do before the next job.
+    Command(Command),
 }
 
 #[derive(Debug)]
@@ -443,7 +448,13 @@ pub enum PushError {
 impl Queue {
     pub fn new(capacity: usize) -> Self {
         Self {
-            state: Mutex::new(State { waiting: VecDeque::new(), running: Vec::new(), accepting: true, exit: false }),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                running: Vec::new(),
+                accepting: true,
+                exit: false,
+                commands: VecDeque::new(),
+            }),
             wake: Condvar::new(),
             capacity,
         }
@@ -506,6 +517,9 @@ impl Queue {
     pub fn take(&self, idle: bool, joins: impl Fn(&Job) -> bool) -> Taken {
         let mut s = self.lock();
         loop {
+            if let Some(command) = s.commands.pop_front() {
+                return Taken::Command(command);
+            }
             Self::sweep_locked(&mut s);
             match s.waiting.front() {
                 Some(job) if idle || joins(job) => {
@@ -584,6 +598,17 @@ impl Queue {
             job.end_stopped(reason);
         }
         self.wake.notify_all();
+    }
+
+    /// Gives the worker a model load or unload (it answers on the command's reply).
+    pub fn command(&self, command: Command) {
+        self.lock().commands.push_back(command);
+        self.wake.notify_all();
+    }
+
+    /// Engine side: the next waiting command, if any.
+    pub fn next_command(&self) -> Option<Command> {
+        self.lock().commands.pop_front()
     }
 
     /// Lets the worker thread return once no job waits.
