@@ -657,6 +657,7 @@ mod tests {
             Ok(Event::Heatmap(h)) => format!("heatmap {}/{}", h.step, h.token_index),
             Ok(Event::Mask(m)) => format!("mask {} {}", m.kind, m.step),
             Ok(Event::Result(r)) => format!("result dropped={}", r.dropped_events),
+            Ok(Event::Loading(l)) => format!("loading {}", l.model),
             Err(s) => format!("status {:?}", s.code()),
         }
     }
