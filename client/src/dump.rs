@@ -82,11 +82,11 @@ impl Dumper {
         &self.entries
     }
 
-    /// Writes the artifacts an event carries (none for queued/started/step).
+    /// Writes the artifacts an event carries (none for queued/loading/started/step).
     pub fn record(&mut self, event: &Event) -> Result<Written, Error> {
         let mut written = Written::default();
         match event {
-            Event::Queued(_) | Event::Started(_) | Event::Step(_) => {}
+            Event::Queued(_) | Event::Loading(_) | Event::Started(_) | Event::Step(_) => {}
             Event::Preview(p) => {
                 let name = format!("preview_{}.{}", p.step, extension_for_mime(&p.mime_type));
                 written.path = Some(self.write(&name, &p.image)?);

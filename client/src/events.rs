@@ -10,7 +10,8 @@ pub struct JobEvent {
     pub event: Event,
 }
 
-/// What happened. Order on the wire: `Queued`, `Started`, then per step `Latent`, `Step`,
+/// What happened. Order on the wire: `Queued`, `Loading` (only when the job's model must be
+/// loaded first), `Started`, then per step `Latent`, `Step`,
 /// `Preview` (as requested), then for Grad-SAM / protect jobs the protected-region `Mask`
 /// (step 0 only), the step's `Heatmap`s (one per subject) and its manipulation `Mask`;
 /// finally `Result`.
@@ -24,6 +25,7 @@ pub enum Event {
     Mask(Mask),
     Heatmap(Heatmap),
     Result(Box<GenerateResult>),
+    Loading(Loading),
 }
 
 impl Event {
@@ -38,6 +40,7 @@ impl Event {
             Event::Mask(_) => "mask",
             Event::Heatmap(_) => "heatmap",
             Event::Result(_) => "result",
+            Event::Loading(_) => "loading",
         }
     }
 }
@@ -48,6 +51,12 @@ pub struct Queued {
     pub position: u32,
     /// Seconds until the job is expected to start (see the proto's `Queued`).
     pub estimated_start_seconds: Option<f64>,
+}
+
+/// The job waits for its model to load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loading {
+    pub model: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +190,7 @@ impl JobEvent {
             Some(E::Queued(q)) => {
                 Event::Queued(Queued { position: q.position, estimated_start_seconds: q.estimated_start_seconds })
             }
+            Some(E::Loading(l)) => Event::Loading(Loading { model: l.model }),
             Some(E::Started(s)) => Event::Started(Started {
                 total_steps: s.total_steps,
                 timesteps: s.timesteps,

@@ -272,6 +272,18 @@ impl Client {
         })
     }
 
+    /// Loads (and warms) `model` on the server unless it is loaded; answers once it is.
+    pub async fn load_model(&self, model: &str) -> Result<pb::LoadModelResponse, Error> {
+        Ok(self.frisket.clone().load_model(pb::LoadModelRequest { model: model.to_string() }).await?.into_inner())
+    }
+
+    /// Frees `model` on the server; `false` when it was not loaded. FAILED_PRECONDITION
+    /// while a running job uses it.
+    pub async fn unload_model(&self, model: &str) -> Result<bool, Error> {
+        let req = pb::UnloadModelRequest { model: model.to_string() };
+        Ok(self.frisket.clone().unload_model(req).await?.into_inner().was_loaded)
+    }
+
     /// Stops a queued or running job; `false` when no such job is queued or running.
     pub async fn cancel(&self, job_id: &str) -> Result<bool, Error> {
         Ok(self.frisket.clone().cancel(pb::CancelRequest { job_id: job_id.to_string() }).await?.into_inner().found)

@@ -45,6 +45,10 @@ pub enum Command {
     Info,
     /// Cancel a queued or running job (exit 6 when there is no such job).
     Cancel { job_id: String },
+    /// Load a model on the server (and warm it) now rather than in its first job.
+    Load { model: String },
+    /// Free a loaded model's memory on the server (refused while a running job uses it).
+    Unload { model: String },
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]

@@ -339,6 +339,21 @@ pub fn tune_cpu_allocator() {
     }
 }
 
+/// Hands the free memory malloc keeps (see `tune_cpu_allocator`) back to the kernel: after
+/// a model is dropped, so that unloading it lowers the process's resident memory.
+pub fn release_cpu_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only returns free memory to the kernel; it is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 impl StableDiffusion {
     /// Loads a diffusers model folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, device: Device) -> Result<Self> {

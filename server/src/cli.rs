@@ -106,6 +106,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..),
           default_value_t = Retention::default().max_bytes >> 20)]
     pub keep_results_mib: u64,
+    /// Models to load and warm at startup, in order (repeatable or comma-separated; `all`:
+    /// every model in --models). Health stays NOT_SERVING until they are loaded (or
+    /// failed to load); other models load when first used.
+    #[arg(long, value_name = "MODEL", value_delimiter = ',')]
+    pub preload: Vec<String>,
 }
 
 /// A duration: seconds, or a number with a unit s, m or h.
@@ -309,6 +314,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             max_count: a.keep_results_count as usize,
             max_bytes: a.keep_results_mib << 20,
         },
+        preload: a.preload,
     })
 }
 

@@ -101,6 +101,14 @@ impl Server {
     /// As `start`, serving the model folders under `models` (the repo's `models/` for the
     /// shipped, trained model).
     pub async fn start_on(models: &Path, extra: &[&str]) -> Server {
+        let server = Self::start_listening(models, extra).await;
+        server.wait_healthy().await;
+        server
+    }
+
+    /// As `start_on`, returning once the server listens, whatever its health says (it is
+    /// NOT_SERVING while `--preload` models load).
+    pub async fn start_listening(models: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(server_binary())
             .arg("serve")
             .arg("--models")
@@ -157,9 +165,7 @@ impl Server {
                 panic!("frisket-server did not print its listening line; log:\n{}", log.lock().unwrap());
             }
         };
-        let server = Server { child, addr, log, exit: None };
-        server.wait_healthy().await;
-        server
+        Server { child, addr, log, exit: None }
     }
 
     pub fn url(&self) -> String {
@@ -186,6 +192,18 @@ impl Server {
         let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
         let req = tonic_health::pb::HealthCheckRequest { service: service.into() };
         Ok(health.check(req).await?.into_inner().status)
+    }
+
+    /// The process's resident memory in bytes (VmRSS of /proc/PID/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("reading /proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("a VmRSS line");
+        kib * 1024
     }
 
     /// Waits (up to 60 s) until the overall health is SERVING.

@@ -440,6 +440,21 @@ fn models_tokenize_health_info_and_cancel() {
     let text = stdout(&o);
     assert!(text.starts_with("NAME") && text.contains("sd1") && text.contains("sd2"), "{text}");
 
+    // load / unload, and the state `models` shows
+    assert_eq!(sd1["state"], "on-disk");
+    let o = server.frisket(&["load", "sd1", "--json"]);
+    assert_ok(&o);
+    assert_eq!(json_lines(&o)[0]["devices"], serde_json::json!(["cpu"]));
+    let o = server.frisket(&["models"]);
+    let line = stdout(&o).lines().find(|l| l.starts_with("sd1 ")).map(str::to_string).unwrap_or_default();
+    assert!(line.contains("loaded (cpu)"), "{line:?}");
+    let o = server.frisket(&["unload", "sd1", "--json"]);
+    assert_ok(&o);
+    assert_eq!(json_lines(&o)[0]["was_loaded"], true);
+    let o = server.frisket(&["models", "--json"]);
+    let models = json_lines(&o)[0]["models"].as_array().unwrap().clone();
+    assert_eq!(models.iter().find(|m| m["name"] == "sd1").unwrap()["state"], "on-disk");
+
     // tokenize
     let o = server.frisket(&["tokenize", "a yellow star", "--model", "sd1", "--json"]);
     assert_ok(&o);

@@ -319,6 +319,7 @@ impl Progress {
                 Some(s) => format!("queued (position {}, starts in about {s:.0} s)", q.position),
                 None => format!("queued (position {})", q.position),
             }),
+            Event::Loading(l) => bar.set_message(format!("loading model {}", l.model)),
             Event::Started(s) => {
                 bar.set_style(
                     ProgressStyle::with_template("{spinner} step {pos:>3}/{len} [{bar:30}] {msg} ({elapsed})")

@@ -81,6 +81,7 @@ pub fn event_line(job_id: &str, event: &Event, written: &Written, out: &Path, ma
                 put("estimated_start_seconds", json!(seconds));
             }
         }
+        Event::Loading(l) => put("model", json!(l.model)),
         Event::Started(s) => {
             put("total_steps", json!(s.total_steps));
             put("timesteps", json!(s.timesteps));

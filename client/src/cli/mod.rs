@@ -79,6 +79,8 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Health { service } => health(&Client::connect(&server).await?, &service, json).await,
         Command::Info => info(&Client::connect(&server).await?, json).await,
         Command::Cancel { job_id } => cancel(&Client::connect(&server).await?, &job_id, json).await,
+        Command::Load { model } => load(&Client::connect(&server).await?, &model, json).await,
+        Command::Unload { model } => unload(&Client::connect(&server).await?, &model, json).await,
     }
 }
 
@@ -102,14 +104,17 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
                     "format": m.format,
                     "error": m.error,
                     "loras": m.loras,
+                    "state": state_name(m),
+                    "devices": m.devices,
                 })
             })
             .collect();
         json::Line::new().with("models", json!(list)).emit();
         return Ok(exit::OK);
     }
-    let mut rows =
-        vec![["NAME", "ARCH", "NATIVE", "MULTIPLE", "PREDICTION", "SCHEDULERS", "FEATURES"].map(String::from).to_vec()];
+    let mut rows = vec![["NAME", "STATE", "ARCH", "NATIVE", "MULTIPLE", "PREDICTION", "SCHEDULERS", "FEATURES"]
+        .map(String::from)
+        .to_vec()];
     for m in models.iter().filter(|m| !m.error.is_empty()) {
         eprintln!("{}: unusable: {}", m.name, m.error);
     }
@@ -120,6 +125,7 @@ async fn models(client: &Client, as_json: bool) -> Result<i32, Failure> {
             .collect();
         rows.push(vec![
             m.name.clone(),
+            state_name(m),
             m.architecture.clone(),
             format!("{}x{}", m.native_width, m.native_height),
             m.size_multiple.to_string(),
@@ -222,6 +228,46 @@ async fn cancel(client: &Client, job_id: &str, as_json: bool) -> Result<i32, Fai
         println!("no queued or running job {job_id}");
     }
     Ok(if found { exit::OK } else { exit::NEGATIVE })
+}
+
+async fn load(client: &Client, model: &str, as_json: bool) -> Result<i32, Failure> {
+    let loaded = client.load_model(model).await?;
+    if as_json {
+        json::Line::new()
+            .with("model", json!(model))
+            .with("devices", json!(loaded.devices))
+            .with("load_seconds", json!(loaded.load_seconds))
+            .emit();
+    } else if loaded.load_seconds > 0.0 {
+        println!("loaded {model} on {} in {:.2} s", loaded.devices.join(","), loaded.load_seconds);
+    } else {
+        println!("{model} was already loaded on {}", loaded.devices.join(","));
+    }
+    Ok(exit::OK)
+}
+
+async fn unload(client: &Client, model: &str, as_json: bool) -> Result<i32, Failure> {
+    let was_loaded = client.unload_model(model).await?;
+    if as_json {
+        json::Line::new().with("model", json!(model)).with("was_loaded", json!(was_loaded)).emit();
+    } else if was_loaded {
+        println!("unloaded {model}");
+    } else {
+        println!("{model} was not loaded");
+    }
+    Ok(exit::OK)
+}
+
+/// A model's state as the CLI shows it: on-disk, loading, loaded (devices), failed.
+fn state_name(m: &frisket::proto::v1::ModelInfo) -> String {
+    use frisket::proto::v1::ModelState;
+    match ModelState::try_from(m.state) {
+        Ok(ModelState::OnDisk) => "on-disk".into(),
+        Ok(ModelState::Loading) => "loading".into(),
+        Ok(ModelState::Loaded) => format!("loaded ({})", m.devices.join(",")),
+        Ok(ModelState::Failed) => "failed".into(),
+        Err(_) => "unknown".into(),
+    }
 }
 
 fn print_table(rows: &[Vec<String>]) {

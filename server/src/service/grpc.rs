@@ -2,6 +2,7 @@
 use super::clients::{ClientKey, JobSlots};
 use super::detached::Detached;
 use super::jobs::{EventStream, Events, Job, PushError, Queue};
+use super::lifecycle::{Command, Lifecycle};
 use super::models::Catalog;
 use super::request::{self, prepare};
 use super::{ConnectionLimits, Limits};
@@ -9,8 +10,8 @@ use frisket_engine::text::quote;
 use frisket_proto::v1::frisket_server::Frisket;
 use frisket_proto::v1::{
     CancelRequest, CancelResponse, GenerateRequest, GetResultRequest, GetServerInfoRequest, ListModelsRequest,
-    ListModelsResponse, ModelInfo, Result as JobResult, ServerInfo, Token, TokenizeRequest, TokenizeResponse,
-    WatchJobRequest,
+    ListModelsResponse, LoadModelRequest, LoadModelResponse, ModelInfo, Result as JobResult, ServerInfo, Token,
+    TokenizeRequest, TokenizeResponse, UnloadModelRequest, UnloadModelResponse, WatchJobRequest,
 };
 use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,8 @@ pub struct FrisketService {
     pub device: String,
     pub devices: Vec<String>,
     next_id: AtomicU64,
+    /// The models' states (ListModels); the worker writes them.
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl FrisketService {
@@ -44,7 +47,42 @@ impl FrisketService {
         devices: Vec<String>,
     ) -> Self {
         let slots = JobSlots::new(connections.max_jobs_per_connection as usize);
-        Self { queue, catalog, limits, connections, slots, detached, device, devices, next_id: AtomicU64::new(1) }
+        Self {
+            queue,
+            catalog,
+            limits,
+            connections,
+            slots,
+            detached,
+            device,
+            devices,
+            next_id: AtomicU64::new(1),
+            lifecycle: Arc::default(),
+        }
+    }
+
+    /// Reports the models' states from `lifecycle` (the worker's).
+    pub fn with_lifecycle(mut self, lifecycle: Arc<Lifecycle>) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    /// Gives the worker `command` for an existing model and waits for its answer without
+    /// holding a thread.
+    async fn command<T>(
+        &self,
+        model: &str,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, Status>>) -> Command,
+    ) -> Result<T, Status> {
+        let catalog = self.catalog.clone();
+        let name = model.to_string();
+        blocking(move || catalog.resolve(&name)).await?;
+        if !self.queue.is_accepting() {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue.command(command(reply));
+        answer.await.map_err(|_| Status::unavailable("the server is shutting down"))?
     }
 
     /// Why WatchJob or GetResult cannot follow `id`: it runs without detach, or no such
@@ -250,9 +288,11 @@ impl Frisket for FrisketService {
             Ok((models, catalog.loras().names()))
         })
         .await?;
+        let lifecycle = self.lifecycle.clone();
         let models = models
             .into_iter()
-            .map(|(fitting, listed)| match listed.meta {
+            .map(|(fitting, listed)| (lifecycle.report(&listed.name), fitting, listed))
+            .map(|((state, devices, failed), fitting, listed)| match listed.meta {
                 Ok(m) => ModelInfo {
                     name: m.name,
                     architecture: m.family.name().to_string(),
@@ -265,14 +305,17 @@ impl Frisket for FrisketService {
                     img2img: true,
                     explain: true,
                     protected_regions: true,
-                    error: String::new(),
+                    error: failed.unwrap_or_default(),
                     format: m.format.name().to_string(),
                     loras: fitting,
+                    state: state as i32,
+                    devices,
                 },
                 Err(error) => ModelInfo {
                     name: listed.name,
                     error,
                     format: listed.format.name().to_string(),
+                    state: frisket_proto::v1::ModelState::Failed as i32,
                     ..Default::default()
                 },
             })
@@ -312,6 +355,22 @@ impl Frisket for FrisketService {
             debug!(job_id = %id, "cancel of an unknown job");
         }
         Ok(Response::new(CancelResponse { found }))
+    }
+
+    async fn load_model(&self, request: Request<LoadModelRequest>) -> Result<Response<LoadModelResponse>, Status> {
+        let model = request.into_inner().model;
+        let loaded = self.command(&model, |reply| Command::Load { model: model.clone(), reply }).await?;
+        Ok(Response::new(LoadModelResponse { devices: loaded.devices, load_seconds: loaded.seconds }))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<UnloadModelRequest>,
+    ) -> Result<Response<UnloadModelResponse>, Status> {
+        let model = request.into_inner().model;
+        let was_loaded = self.command(&model, |reply| Command::Unload { model: model.clone(), reply }).await?;
+        info!(model = %model, was_loaded, "unload requested");
+        Ok(Response::new(UnloadModelResponse { was_loaded }))
     }
 }
 

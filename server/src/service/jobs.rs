@@ -13,6 +13,7 @@
 //! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
 use super::detached::Journal;
+use super::lifecycle::Command;
 use super::positions::{self, StepClock};
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind};
@@ -458,6 +459,8 @@ struct State {
     accepting: bool,
     /// The worker thread returns once this is set and nothing waits.
     exit: bool,
+    /// Model loads and unloads for the worker, taken before jobs.
+    commands: VecDeque<Command>,
 }
 
 pub struct Queue {
@@ -475,6 +478,8 @@ pub enum Taken {
     None,
     /// Shutdown: nothing runs or waits.
     Exit,
+    /// A model load or unload, to do before the next job.
+    Command(Command),
 }
 
 #[derive(Debug)]
@@ -487,7 +492,13 @@ pub enum PushError {
 impl Queue {
     pub fn new(capacity: usize) -> Self {
         Self {
-            state: Mutex::new(State { waiting: VecDeque::new(), running: Vec::new(), accepting: true, exit: false }),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                running: Vec::new(),
+                accepting: true,
+                exit: false,
+                commands: VecDeque::new(),
+            }),
             wake: Condvar::new(),
             capacity,
             clock: StepClock::default(),
@@ -564,6 +575,9 @@ impl Queue {
     pub fn take(&self, idle: bool, joins: impl Fn(&Job) -> bool) -> Taken {
         let mut s = self.lock();
         loop {
+            if let Some(command) = s.commands.pop_front() {
+                return Taken::Command(command);
+            }
             self.sweep_locked(&mut s);
             match s.waiting.front() {
                 Some(job) if idle || joins(job) => {
@@ -652,6 +666,17 @@ impl Queue {
         self.wake.notify_all();
     }
 
+    /// Gives the worker a model load or unload (it answers on the command's reply).
+    pub fn command(&self, command: Command) {
+        self.lock().commands.push_back(command);
+        self.wake.notify_all();
+    }
+
+    /// Engine side: the next waiting command, if any.
+    pub fn next_command(&self) -> Option<Command> {
+        self.lock().commands.pop_front()
+    }
+
     /// Lets the worker thread return once no job waits.
     pub fn exit_worker(&self) {
         self.lock().exit = true;
@@ -698,6 +723,7 @@ mod tests {
             Ok(Event::Heatmap(h)) => format!("heatmap {}/{}", h.step, h.token_index),
             Ok(Event::Mask(m)) => format!("mask {} {}", m.kind, m.step),
             Ok(Event::Result(r)) => format!("result dropped={}", r.dropped_events),
+            Ok(Event::Loading(l)) => format!("loading {}", l.model),
             Err(s) => format!("status {:?}", s.code()),
         }
     }

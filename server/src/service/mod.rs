@@ -11,6 +11,10 @@
 //! job within a fraction of a step. One connection holds at most
 //! `--max-jobs-per-connection` jobs ([`clients::JobSlots`]).
 //!
+//! Models load when a job or LoadModel first needs them, or at startup (`--preload`: health
+//! stays NOT_SERVING until those are loaded and warmed); lifecycle.rs keeps each model's
+//! state for ListModels and its health status (`frisket.v1.Model/NAME`).
+//!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
@@ -20,6 +24,7 @@ pub mod edges;
 pub mod encoded_image;
 pub mod grpc;
 pub mod jobs;
+pub mod lifecycle;
 pub mod loras;
 pub mod metrics;
 pub mod models;
@@ -98,6 +103,8 @@ pub struct ServeConfig {
     pub retention: detached::Retention,
     /// Where to serve Prometheus metrics at /metrics (`--metrics-listen`); None: nowhere.
     pub metrics_listen: Option<String>,
+    /// Models loaded and warmed before health turns SERVING (`--preload`), in order.
+    pub preload: Vec<String>,
 }
 
 /// Logs to stderr; RUST_LOG filters (default info).
@@ -122,7 +129,7 @@ fn device_name(device: tch::Device) -> String {
 }
 
 /// Runs the service until SIGTERM / Ctrl-C and the drain that follows.
-pub fn run(cfg: ServeConfig) -> Result<()> {
+pub fn run(mut cfg: ServeConfig) -> Result<()> {
     init_tracing();
     let device = frisket_engine::model::parse_device(&cfg.device)?;
     let catalog = Arc::new(
@@ -133,10 +140,18 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         .thread_name("frisket-rt")
         .build()
         .context("starting the async runtime")?;
+    if cfg.preload.iter().any(|n| n == "all") {
+        cfg.preload = catalog.names();
+    }
+    for name in &cfg.preload {
+        catalog.resolve(name).map_err(|e| anyhow::anyhow!("--preload: {}", e.message()))?;
+    }
     let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
-    let worker =
-        worker::spawn(queue.clone(), catalog.clone(), device, cfg.max_batch).context("starting the worker thread")?;
-    let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone()));
+    let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let lifecycle = Arc::new(lifecycle::Lifecycle::new(health_tx));
+    let worker = worker::spawn(queue.clone(), catalog.clone(), device, cfg.max_batch, lifecycle.clone())
+        .context("starting the worker thread")?;
+    let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone(), lifecycle, health_rx));
     queue.exit_worker();
     // The drain already waited for the jobs; a job still running here has been told to
     // stop and stops within one UNet block, attribution chunk or decoder block. The
@@ -160,6 +175,8 @@ async fn serve(
     device: tch::Device,
     catalog: Arc<models::Catalog>,
     queue: Arc<jobs::Queue>,
+    lifecycle: Arc<lifecycle::Lifecycle>,
+    mut model_health: tokio::sync::mpsc::UnboundedReceiver<lifecycle::HealthUpdate>,
 ) -> Result<()> {
     let limits = cfg.limits.clone();
     let detached = Arc::new(detached::Detached::new(cfg.retention.clone()));
@@ -173,14 +190,49 @@ async fn serve(
         detached.clone(),
         device_name(device),
         devices,
-    );
+    )
+    .with_lifecycle(lifecycle);
     let frisket = FrisketServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    let ready = if cfg.preload.is_empty() { ServingStatus::Serving } else { ServingStatus::NotServing };
+    health.set_service_status("", ready).await;
+    health.set_service_status(SERVICE_NAME, ready).await;
+    // Per-model statuses, in the order the worker's state changes made them.
+    let model_health_task = {
+        let health = health.clone();
+        tokio::spawn(async move {
+            while let Some((name, status)) = model_health.recv().await {
+                health.set_service_status(&name, status).await;
+            }
+        })
+    };
+    // Preloads, one after another on the worker; then SERVING (unless shutdown began). A
+    // model that fails to load is logged and listed as FAILED; the others still serve.
+    let preload_task = {
+        let (health, queue, names) = (health.clone(), queue.clone(), cfg.preload.clone());
+        tokio::spawn(async move {
+            if names.is_empty() {
+                return;
+            }
+            for name in names {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                queue.command(lifecycle::Command::Load { model: name.clone(), reply });
+                match answer.await {
+                    Ok(Ok(loaded)) => info!(model = %name, seconds = loaded.seconds, "preloaded"),
+                    Ok(Err(status)) => warn!(model = %name, "preload failed: {}", status.message()),
+                    Err(_) => return,
+                }
+            }
+            if queue.is_accepting() {
+                info!("preloading done: serving");
+                health.set_service_status("", ServingStatus::Serving).await;
+                health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+            }
+        })
+    };
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(frisket_proto::FILE_DESCRIPTOR_SET)
@@ -225,6 +277,7 @@ async fn serve(
             wait_for_signal().await;
             info!(grace_seconds = grace.as_secs_f64(), "shutdown requested: refusing new jobs, draining");
             queue.close();
+            preload_task.abort();
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
             let idle = async {
@@ -304,6 +357,7 @@ async fn serve(
     if let Some(metrics) = metrics {
         metrics.abort();
     }
+    model_health_task.abort();
     info!("stopped");
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! (`StableDiffusion::step_batch`), then reports each job's step. A job that ends leaves
 //! between steps; a job stopped inside a shared call leaves it without moving the others.
 use super::jobs::{Job, Queue, StopReason, Taken};
+use super::lifecycle::{Command, Lifecycle, Loaded, State};
 use super::loras;
 use super::metrics;
 use super::models::Catalog;
@@ -17,11 +18,11 @@ use super::request::JobSpec;
 use frisket_engine::image_io;
 use frisket_engine::interrupt::Interrupt;
 use frisket_engine::model::{default_kind, StableDiffusion};
-use frisket_engine::pipeline::{BatchKey, Flow, GenerateError, Generated, JobRun, StepEvent};
+use frisket_engine::pipeline::{BatchKey, Flow, GenerateError, GenerateParams, Generated, JobRun, StepEvent};
 use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
-    generate_event::Event, Heatmap as PbHeatmap, Latent, Mask as PbMask, MaskKind, Preview, Result as JobResult,
-    Settings, Started, Step, Tensor as PbTensor, Timings, Token,
+    generate_event::Event, Heatmap as PbHeatmap, Latent, Loading, Mask as PbMask, MaskKind, Preview,
+    Result as JobResult, Settings, Started, Step, Tensor as PbTensor, Timings, Token,
 };
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -36,11 +37,16 @@ pub fn spawn(
     catalog: Arc<Catalog>,
     device: Device,
     max_batch: usize,
+    lifecycle: Arc<Lifecycle>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
-        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, catalog };
+        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, catalog, lifecycle };
         let mut active: Vec<Active> = Vec::new();
         loop {
+            // Loads and unloads happen between steps, before new jobs join.
+            while let Some(command) = queue.next_command() {
+                worker.command(command, &active);
+            }
             // Waiting jobs join between steps, in order, while they fit the running ones.
             while active.len() < max_batch.max(1) {
                 let group = active.first().map(|a| a.group.clone());
@@ -48,6 +54,10 @@ pub fn spawn(
                 let job = match queue.take(active.is_empty(), joins) {
                     Taken::Job(job) => job,
                     Taken::None => break,
+                    Taken::Command(command) => {
+                        worker.command(command, &active);
+                        continue;
+                    }
                     Taken::Exit => {
                         info!("worker thread exiting");
                         return;
@@ -268,6 +278,7 @@ struct Worker {
     loras: loras::LoadedLoras,
     device: Device,
     catalog: Arc<Catalog>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 /// Sends one event without blocking the engine (`Job::push`). False (and the job marked
@@ -291,14 +302,97 @@ impl Worker {
             let dir = self.catalog.resolve(name)?;
             let t = Instant::now();
             info!(model = name, device = ?self.device, "loading model");
+            self.lifecycle.set(name, Some(State::Loading));
             let opts = self.catalog.load_options(name);
-            let model = StableDiffusion::load_with(&dir, &opts, self.device, default_kind(self.device))
-                .map_err(|e| Status::failed_precondition(format!("loading model {name:?} failed: {e:#}")))?;
+            let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                StableDiffusion::load_with(&dir, &opts, self.device, default_kind(self.device))
+            }));
+            let model = match loaded {
+                Ok(Ok(model)) => model,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => format!("{e:#}"),
+                        _ => "the loader panicked".to_string(),
+                    };
+                    warn!(model = name, "loading the model failed: {why}");
+                    self.lifecycle.set(name, Some(State::Failed(why.clone())));
+                    return Err(Status::failed_precondition(format!("loading model {name:?} failed: {why}")));
+                }
+            };
             info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded");
             metrics::model_loaded(t.elapsed().as_secs_f64());
             self.models.insert(name.to_string(), model);
+            self.lifecycle.set(name, Some(State::Loaded { devices: self.devices() }));
         }
         Ok(&self.models[name])
+    }
+
+    /// The devices a model loaded by this worker is on.
+    fn devices(&self) -> Vec<String> {
+        vec![super::device_name(self.device)]
+    }
+
+    /// Does a LoadModel or UnloadModel for the gRPC handler waiting on its reply.
+    fn command(&mut self, command: Command, active: &[Active]) {
+        match command {
+            Command::Load { model, reply } => {
+                let _ = reply.send(self.load(&model));
+            }
+            Command::Unload { model, reply } => {
+                let _ = reply.send(self.unload(&model, active));
+            }
+        }
+    }
+
+    /// Loads and warms a model unless it is loaded.
+    fn load(&mut self, name: &str) -> Result<Loaded, Status> {
+        if self.models.contains_key(name) {
+            return Ok(Loaded { devices: self.devices(), seconds: 0.0 });
+        }
+        let t = Instant::now();
+        self.model(name)?;
+        self.warm(name);
+        info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded and warmed");
+        Ok(Loaded { devices: self.devices(), seconds: t.elapsed().as_secs_f64() })
+    }
+
+    /// Runs one tiny step (one step at 8 latent pixels a side) so that the first job does
+    /// not pay for libtorch's first-call setup. A failure is logged: the model is loaded
+    /// and a job will report what goes wrong.
+    fn warm(&self, name: &str) {
+        let model = &self.models[name];
+        let size = model.vae_scale_factor() * 8;
+        let params = GenerateParams { steps: 1, width: size, height: size, ..Default::default() };
+        let warmed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let prepared = model.prepare(&params)?;
+            model.generate(prepared, &mut |_| Flow::Continue).map_err(|e| match e {
+                GenerateError::Failed(e) => e,
+                GenerateError::Cancelled => anyhow::anyhow!("cancelled"),
+            })
+        }));
+        match warmed {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(model = name, "warming the model failed: {e:#}"),
+            Err(_) => warn!(model = name, "warming the model panicked"),
+        }
+    }
+
+    /// Frees a model unless a running job uses it; whether it was loaded.
+    fn unload(&mut self, name: &str, active: &[Active]) -> Result<bool, Status> {
+        let users = active.iter().filter(|a| a.group.model == name).count();
+        if users > 0 {
+            return Err(Status::failed_precondition(format!(
+                "model {name:?} is in use by {users} running job(s); unload it once they end"
+            )));
+        }
+        let was_loaded = self.models.remove(name).is_some();
+        // A failed load's reason is dropped too: the model is back on disk.
+        self.lifecycle.set(name, None);
+        if was_loaded {
+            frisket_engine::model::release_cpu_memory();
+            info!(model = name, "model unloaded");
+        }
+        Ok(was_loaded)
     }
 
     /// Starts a job: its model loaded, its LoRAs merged, its images decoded, its plan
@@ -310,6 +404,11 @@ impl Worker {
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
         let loading = Instant::now();
+        if !self.models.contains_key(&spec.meta.name)
+            && !send(job, Event::Loading(Loading { model: spec.meta.name.clone() }))
+        {
+            return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
+        }
         self.model(&spec.meta.name)?;
         let model_load_seconds = loading.elapsed().as_secs_f64();
         let model = self.models.get_mut(&spec.meta.name).expect("loaded above");
