@@ -2,6 +2,7 @@
 //! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`).
 pub mod inception;
 pub mod kid;
+pub mod preservation;
 pub mod resize;
 pub mod stats;
 

@@ -3,11 +3,12 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use frisket_eval::inception::Inception;
 use frisket_eval::kid::{self, KidConfig};
-use frisket_eval::{folder_features, folder_stats, stats, Mode};
+use frisket_eval::{folder_features, folder_stats, preservation, stats, Mode};
 use std::path::PathBuf;
+use tch::Tensor;
 
 #[derive(Parser)]
-#[command(version, about = "Evaluation metrics over image folders (FID, KID)")]
+#[command(version, about = "Evaluation metrics: FID and KID over image folders, PSNR and SSIM inside a mask")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,6 +39,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// PSNR between two images inside a mask (data range 1).
+    Psnr(Pair),
+    /// SSIM between two images, averaged inside a mask (torchmetrics' SSIM map).
+    Ssim(Pair),
+}
+
+#[derive(Args)]
+struct Pair {
+    /// The edited image.
+    image: PathBuf,
+    /// The original.
+    reference: PathBuf,
+    /// Where to measure: pixels at or above 128 (grey or RGB, the images' size).
+    #[arg(long)]
+    mask: PathBuf,
 }
 
 #[derive(Args)]
@@ -58,6 +74,14 @@ fn default_cache() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache/frisket/eval")
 }
 
+fn read_pair(p: &Pair) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        preservation::read_image(&p.image)?,
+        preservation::read_image(&p.reference)?,
+        preservation::read_mask(&p.mask)?,
+    ))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let json = match cli.command {
@@ -76,6 +100,14 @@ fn main() -> Result<()> {
             let config = KidConfig { subsets, max_subset_size, seed };
             let value = kid::kernel_distance(&a, &b, &config)?;
             serde_json::json!({"metric": "kid", "value": value, "mode": c.mode.name(), "n_a": a.size()[0], "n_b": b.size()[0], "subsets": subsets})
+        }
+        Command::Psnr(p) => {
+            let (a, b, mask) = read_pair(&p)?;
+            serde_json::json!({"metric": "psnr", "value": preservation::masked_psnr(&a, &b, &mask)?})
+        }
+        Command::Ssim(p) => {
+            let (a, b, mask) = read_pair(&p)?;
+            serde_json::json!({"metric": "ssim", "value": preservation::masked_ssim(&a, &b, &mask)?})
         }
     };
     println!("{json}");

@@ -54,3 +54,21 @@ fn missing_weights_fail_clearly_and_print_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Inception weights not found: /no/such/inception.pt"), "{err}");
 }
+
+#[test]
+fn psnr_and_ssim_print_json() {
+    let r = reference();
+    let (pred, target, mask) = (dir().join("pred.png"), dir().join("target.png"), dir().join("mask.png"));
+    for metric in ["psnr", "ssim"] {
+        let out = run(&[metric, pred.to_str().unwrap(), target.to_str().unwrap(), "--mask", mask.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = r["preservation"][metric].as_f64().unwrap();
+        assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-5, "{v} vs {expected}");
+    }
+    // A mask of another size is refused.
+    let a0 = dir().join("a/000.png");
+    let out = run(&["psnr", pred.to_str().unwrap(), target.to_str().unwrap(), "--mask", a0.to_str().unwrap()]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the mask is [64, 64]"));
+}

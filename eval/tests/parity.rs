@@ -139,3 +139,28 @@ fn bad_input_is_a_clear_error() {
     assert!(err.contains("pt_inception"), "{err}");
     std::fs::remove_dir_all(&mixed).unwrap();
 }
+
+#[test]
+fn masked_psnr_and_ssim_match_torchmetrics() {
+    use frisket_eval::preservation::{masked_psnr, masked_ssim, read_image, read_mask, ssim_map};
+    let r = &reference()["preservation"];
+    let pred = read_image(&dir().join("pred.png")).unwrap();
+    let target = read_image(&dir().join("target.png")).unwrap();
+    let mask = read_mask(&dir().join("mask.png")).unwrap();
+    let psnr = masked_psnr(&pred, &target, &mask).unwrap();
+    let ssim = masked_ssim(&pred, &target, &mask).unwrap();
+    let whole = ssim_map(&pred, &target).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    for (name, ours, key) in [("PSNR", psnr, "psnr"), ("SSIM", ssim, "ssim"), ("SSIM whole", whole, "ssim_whole")] {
+        let expected = r[key].as_f64().unwrap();
+        println!("{name}: {ours} vs {expected} (abs {:.2e})", (ours - expected).abs());
+        assert!((ours - expected).abs() <= 1e-5, "{name}: {ours} vs {expected}");
+    }
+    // The edit lies mostly outside the mask: the masked SSIM is higher than the whole image's.
+    assert!(ssim > whole);
+    let other = Tensor::zeros([3, 10, 10], (Kind::Float, tch::Device::Cpu));
+    let err = masked_ssim(&pred, &other, &mask).err().unwrap().to_string();
+    assert!(err.contains("differ in size"), "{err}");
+    let empty = mask.zeros_like();
+    let err = masked_psnr(&pred, &target, &empty).err().unwrap().to_string();
+    assert!(err.contains("mask is empty"), "{err}");
+}
