@@ -38,10 +38,7 @@ impl Inception {
     fn load_state_dict(path: &Path) -> Result<Self> {
         let mut vs = nn::VarStore::new(tch::Device::Cpu);
         let net = fid_inception(&vs.root());
-        let tensors: std::collections::HashMap<String, Tensor> = Tensor::loadz_multi(path)
-            .with_context(|| format!("{} is not a PyTorch state dict", path.display()))?
-            .into_iter()
-            .collect();
+        let tensors = crate::load_state_dict(path)?;
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vs.variables() {
                 let src = tensors

@@ -2,6 +2,7 @@
 //! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`).
 pub mod inception;
 pub mod kid;
+pub mod lpips;
 pub mod preservation;
 pub mod resize;
 pub mod stats;
@@ -50,6 +51,20 @@ impl Mode {
             }
         }
     }
+}
+
+/// A PyTorch state dict file → name → tensor. libtorch's reader takes `torch.save`'s zip format
+/// holding a plain dict of tensors; an `OrderedDict` (what `torch.save(module.state_dict())`
+/// writes) or a pre-1.6 legacy file is refused, and the error says how to re-save it.
+pub fn load_state_dict(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    let tensors = Tensor::loadz_multi(path).with_context(|| {
+        format!(
+            "{} is not readable as a state dict: libtorch reads torch.save's zip format holding a plain dict; \
+             re-save it with python -c \"import torch; torch.save(dict(torch.load('IN')), 'OUT')\"",
+            path.display()
+        )
+    })?;
+    Ok(tensors.into_iter().collect())
 }
 
 /// clean-fid's image extensions.

@@ -3,12 +3,13 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use frisket_eval::inception::Inception;
 use frisket_eval::kid::{self, KidConfig};
+use frisket_eval::lpips::Lpips;
 use frisket_eval::{folder_features, folder_stats, preservation, stats, Mode};
 use std::path::PathBuf;
 use tch::Tensor;
 
 #[derive(Parser)]
-#[command(version, about = "Evaluation metrics: FID and KID over image folders, PSNR and SSIM inside a mask")]
+#[command(version, about = "Evaluation metrics: FID and KID over image folders, PSNR, SSIM and LPIPS inside a mask")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +44,14 @@ enum Command {
     Psnr(Pair),
     /// SSIM between two images, averaged inside a mask (torchmetrics' SSIM map).
     Ssim(Pair),
+    /// LPIPS (AlexNet) between two images, its spatial map averaged inside a mask.
+    Lpips {
+        #[command(flatten)]
+        pair: Pair,
+        /// The state dict of an lpips.LPIPS(net="alex") module.
+        #[arg(long)]
+        weights: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -108,6 +117,11 @@ fn main() -> Result<()> {
         Command::Ssim(p) => {
             let (a, b, mask) = read_pair(&p)?;
             serde_json::json!({"metric": "ssim", "value": preservation::masked_ssim(&a, &b, &mask)?})
+        }
+        Command::Lpips { pair, weights } => {
+            let net = Lpips::load(&weights)?;
+            let (a, b, mask) = read_pair(&pair)?;
+            serde_json::json!({"metric": "lpips", "value": net.masked(&a, &b, &mask)?})
         }
     };
     println!("{json}");

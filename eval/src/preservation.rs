@@ -28,7 +28,7 @@ pub fn read_mask(path: &Path) -> Result<Tensor> {
     Ok(Tensor::from_slice(img.as_raw()).reshape([h as i64, w as i64]).ge(128))
 }
 
-fn check(a: &Tensor, b: &Tensor, mask: &Tensor) -> Result<()> {
+pub fn check(a: &Tensor, b: &Tensor, mask: &Tensor) -> Result<()> {
     if a.size() != b.size() {
         bail!("the images differ in size: {:?} vs {:?}", a.size(), b.size());
     }

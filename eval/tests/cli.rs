@@ -56,7 +56,7 @@ fn missing_weights_fail_clearly_and_print_nothing() {
 }
 
 #[test]
-fn psnr_and_ssim_print_json() {
+fn psnr_ssim_and_lpips_print_json() {
     let r = reference();
     let (pred, target, mask) = (dir().join("pred.png"), dir().join("target.png"), dir().join("mask.png"));
     for metric in ["psnr", "ssim"] {
@@ -66,6 +66,20 @@ fn psnr_and_ssim_print_json() {
         let expected = r["preservation"][metric].as_f64().unwrap();
         assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-5, "{v} vs {expected}");
     }
+    let weights = dir().join("lpips_alex.pth");
+    let out = run(&[
+        "lpips",
+        pred.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["preservation"]["lpips"].as_f64().unwrap();
+    assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-5, "{v} vs {expected}");
     // A mask of another size is refused.
     let a0 = dir().join("a/000.png");
     let out = run(&["psnr", pred.to_str().unwrap(), target.to_str().unwrap(), "--mask", a0.to_str().unwrap()]);

@@ -164,3 +164,23 @@ fn masked_psnr_and_ssim_match_torchmetrics() {
     let err = masked_psnr(&pred, &target, &empty).err().unwrap().to_string();
     assert!(err.contains("mask is empty"), "{err}");
 }
+
+#[test]
+fn masked_lpips_matches_the_lpips_package() {
+    use frisket_eval::lpips::Lpips;
+    use frisket_eval::preservation::{read_image, read_mask};
+    let expected = reference()["preservation"]["lpips"].as_f64().unwrap();
+    let net = Lpips::load(&dir().join("lpips_alex.pth")).unwrap();
+    let pred = read_image(&dir().join("pred.png")).unwrap();
+    let target = read_image(&dir().join("target.png")).unwrap();
+    let mask = read_mask(&dir().join("mask.png")).unwrap();
+    let ours = net.masked(&pred, &target, &mask).unwrap();
+    println!("LPIPS: {ours} vs {expected} (abs {:.2e})", (ours - expected).abs());
+    assert!((ours - expected).abs() <= 1e-5, "{ours} vs {expected}");
+    assert_eq!(net.masked(&target, &target, &mask).unwrap(), 0.0);
+    // The Inception state dict is not an LPIPS one.
+    let err = Lpips::load(&dir().join("pt_inception-2015-12-05-6726825d.pth")).err().unwrap().to_string();
+    assert!(err.contains("not an AlexNet LPIPS state dict"), "{err}");
+    let err = Lpips::load(&dir().join("lpips_alex_ordereddict.pth")).err().unwrap().to_string();
+    assert!(err.contains("re-save it with"), "{err}");
+}
