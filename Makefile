@@ -28,7 +28,7 @@ fixtures: $(FIXTURES)/.complete
 $(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh scripts/eval-requirements.txt $(wildcard models/shapes/*/*.safetensors)
 	rm -rf $(FIXTURES)
 	@$(PY) -c "import peft" 2>/dev/null || $(VENV)/bin/pip install -q "peft==$(PEFT_VERSION)"
-	@$(PY) -c "import cleanfid, pytorch_fid, torchmetrics, lpips" 2>/dev/null || $(VENV)/bin/pip install -q -r scripts/eval-requirements.txt \
+	@$(PY) -c "import cleanfid, pytorch_fid, torchmetrics, torch_fidelity, lpips" 2>/dev/null || $(VENV)/bin/pip install -q -r scripts/eval-requirements.txt \
 	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	$(PY) tests/fixtures/make_models.py $(FIXTURES)/models $(CACHE)/downloads
 	for script in tests/fixtures/ref_*.py; do $(PY) $$script $(FIXTURES) || exit 1; done

@@ -58,7 +58,7 @@ impl Inception {
     /// [N, 3, 299, 299] float32 pixels as `mode` prepares them (crate::Mode::preprocess) → [N, 2048].
     /// clean mode gives [0, 255]: the TorchScript network's own entry (`forward(img,
     /// return_features=True)`) normalises to (x − 128) / 128, the state-dict network gets that
-    /// normalisation here. pytorch-fid mode gives [-1, 1], for pytorch-fid's network only.
+    /// normalisation here. The other modes give [-1, 1], for pytorch-fid's network only.
     pub fn features(&self, x: &Tensor, mode: crate::Mode) -> Result<Tensor> {
         let n = x.size()[0];
         let out = tch::no_grad(|| -> Result<Tensor> {
@@ -71,13 +71,15 @@ impl Inception {
                         ),
                     }
                 }
-                (Inception::TorchScript(_), crate::Mode::PytorchFid) => {
-                    bail!("pytorch-fid mode runs pytorch-fid's network: give its pt_inception-*.pth state dict")
+                (Inception::TorchScript(_), crate::Mode::PytorchFid | crate::Mode::Torchmetrics) => {
+                    bail!("{} mode runs pytorch-fid's network: give its pt_inception-*.pth state dict", mode.name())
                 }
                 (Inception::StateDict { net, .. }, crate::Mode::Clean) => {
                     Ok(net.forward_t(&((x - 128.0) / 128.0), false))
                 }
-                (Inception::StateDict { net, .. }, crate::Mode::PytorchFid) => Ok(net.forward_t(x, false)),
+                (Inception::StateDict { net, .. }, crate::Mode::PytorchFid | crate::Mode::Torchmetrics) => {
+                    Ok(net.forward_t(x, false))
+                }
             }
         })?;
         Ok(out.to_kind(Kind::Float).view([n, FEATURES]))

@@ -24,6 +24,10 @@ pub enum Mode {
     /// pytorch-fid: x / 255 in float32, bilinear resize to 299 (`F.interpolate`,
     /// align_corners=False) inside the network, then 2x − 1.
     PytorchFid,
+    /// torchmetrics' `FrechetInceptionDistance` (antialias=True, its default): uint8 to float32
+    /// in [0, 255], antialiased bilinear resize to 299 (`F.interpolate(..., antialias=True)`), then
+    /// (x − 128) / 128, on pytorch-fid's network (torch-fidelity's is the same file and layout).
+    Torchmetrics,
 }
 
 impl Mode {
@@ -31,11 +35,12 @@ impl Mode {
         match self {
             Mode::Clean => "clean",
             Mode::PytorchFid => "pytorch-fid",
+            Mode::Torchmetrics => "torchmetrics",
         }
     }
 
     /// One RGB8 image → [3, 299, 299] float32: [0, 255] in clean mode (the network normalises,
-    /// inception.rs), [-1, 1] in pytorch-fid mode.
+    /// inception.rs), [-1, 1] in the other modes.
     pub fn preprocess(self, rgb: &[u8], w: usize, h: usize) -> Tensor {
         let size = INPUT_SIZE as i64;
         match self {
@@ -48,6 +53,12 @@ impl Mode {
                 let x = (x.to_kind(Kind::Float) / 255.0).unsqueeze(0);
                 let x = x.upsample_bilinear2d([size, size], false, None, None);
                 (x * 2.0 - 1.0).squeeze_dim(0)
+            }
+            Mode::Torchmetrics => {
+                let x = Tensor::from_slice(rgb).reshape([h as i64, w as i64, 3]).permute([2, 0, 1]);
+                let x = x.to_kind(Kind::Float).unsqueeze(0);
+                let x = x.internal_upsample_bilinear2d_aa([size, size], false, None, None);
+                ((x - 128.0) / 128.0).squeeze_dim(0)
             }
         }
     }

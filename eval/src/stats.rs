@@ -2,9 +2,10 @@
 //!
 //! The trace term tr √(Σa Σb) is computed as Σ √λ over the eigenvalues of the symmetric
 //! Σa^½ Σb Σa^½ (two symmetric eigen-decompositions, negative round-off clamped to 0). clean-fid and
-//! pytorch-fid take scipy's `sqrtm` of the non-symmetric Σa Σb instead; both are the same number
-//! for positive semi-definite covariances, but `sqrtm` fails (complex result) when there are fewer
-//! images than features, where the eigen route stays exact.
+//! pytorch-fid take scipy's `sqrtm` of the non-symmetric Σa Σb instead, torchmetrics the real part
+//! of Σ √λ over `eigvals(Σa Σb)`; all are the same number for positive semi-definite covariances,
+//! but `sqrtm` fails (complex result) when there are fewer images than features, where the
+//! symmetric route stays exact.
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};

@@ -184,3 +184,18 @@ fn masked_lpips_matches_the_lpips_package() {
     let err = Lpips::load(&dir().join("lpips_alex_ordereddict.pth")).err().unwrap().to_string();
     assert!(err.contains("re-save it with"), "{err}");
 }
+
+#[test]
+fn torchmetrics_mode_matches_torchmetrics() {
+    let r = reference();
+    let net = Inception::load(&dir().join("pt_inception-2015-12-05-6726825d.pth")).unwrap();
+    let a = folder_features(&dir().join("a"), &net, Mode::Torchmetrics, 12).unwrap();
+    let b = folder_features(&dir().join("b"), &net, Mode::Torchmetrics, 12).unwrap();
+    let feat_err = max_rel(&a, &f32_file("torchmetrics_a.f32", FEATURES))
+        .max(max_rel(&b, &f32_file("torchmetrics_b.f32", FEATURES)));
+    let fid = frechet_distance(&Stats::from_features(&a).unwrap(), &Stats::from_features(&b).unwrap()).unwrap();
+    let fid_ref = r["torchmetrics_fid"].as_f64().unwrap();
+    println!("torchmetrics: features max rel {feat_err:.2e}; FID {fid} vs {fid_ref} (rel {:.2e})", rel(fid, fid_ref));
+    assert!(feat_err < 1e-5, "features differ from torchmetrics': {feat_err:.2e}");
+    assert!(rel(fid, fid_ref) <= 1e-4, "FID {fid} vs {fid_ref}");
+}
