@@ -20,13 +20,16 @@ OUT ?= $(CURDIR)/out
 build:
 	cargo build $(CARGO_FLAGS) --workspace
 
-# diffusers' LoRA loading needs peft; venvs made before it was listed get it here.
+# diffusers' LoRA loading needs peft, the evaluation parity tests clean-fid and pytorch-fid
+# (scripts/eval-requirements.txt); venvs made before they were listed get them here.
 PEFT_VERSION := 0.21.2
 fixtures: $(FIXTURES)/.complete
 # The parity references include diffusers renders of the shipped model (models/shapes).
-$(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh $(wildcard models/shapes/*/*.safetensors)
+$(FIXTURES)/.complete: tests/fixtures/*.py scripts/venv.sh scripts/eval-requirements.txt $(wildcard models/shapes/*/*.safetensors)
 	rm -rf $(FIXTURES)
 	@$(PY) -c "import peft" 2>/dev/null || $(VENV)/bin/pip install -q "peft==$(PEFT_VERSION)"
+	@$(PY) -c "import cleanfid, pytorch_fid, torchmetrics, torch_fidelity, lpips" 2>/dev/null || $(VENV)/bin/pip install -q -r scripts/eval-requirements.txt \
+	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	$(PY) tests/fixtures/make_models.py $(FIXTURES)/models $(CACHE)/downloads
 	for script in tests/fixtures/ref_*.py; do $(PY) $$script $(FIXTURES) || exit 1; done
 	touch $@

@@ -22,6 +22,8 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q "torch==$TORCH_VERSION" >&2
   "$venv/bin/pip" install -q "diffusers==$DIFFUSERS_VERSION" "transformers==$TRANSFORMERS_VERSION" \
       safetensors numpy pillow scipy grpcio-tools==1.* grpcio==1.* "peft==$PEFT_VERSION" >&2
+  # frisket-eval's reference implementations, torch held at its version.
+  "$venv/bin/pip" install -q -r "$(dirname "$0")/eval-requirements.txt" "torch==$TORCH_VERSION" >&2
   touch "$venv/.complete"
 fi
 echo "$venv"

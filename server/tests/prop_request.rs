@@ -158,6 +158,8 @@ prop_compose! {
             size_conditioning: size_conditioning.map(|(original_width, original_height, crop_top, crop_left)| {
                 pb::SizeConditioning { original_width, original_height, crop_top, crop_left }
             }),
+            // Decided by the handler, not by `prepare`.
+            detach: false,
         }
     }
 }

@@ -1,0 +1,88 @@
+//! The `frisket-eval` binary: JSON on stdout, clear errors on bad input.
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn dir() -> PathBuf {
+    let root = match std::env::var("FRISKET_FIXTURES") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"),
+    };
+    root.join("eval")
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_frisket-eval")).args(args).output().unwrap()
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("ref.json")).expect("run `make fixtures`")).unwrap()
+}
+
+#[test]
+fn fid_and_kid_print_json() {
+    let r = reference();
+    let (a, b) = (dir().join("a"), dir().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let net = dir().join("inception/inception-2015-12-05.pt");
+    let cache = std::env::temp_dir().join(format!("frisket-eval-cli-{}", std::process::id()));
+    let out = run(&["fid", a, b, "--inception", net.to_str().unwrap(), "--cache", cache.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fid: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["clean_fid_exact"].as_f64().unwrap();
+    assert_eq!(fid["mode"], "clean");
+    assert_eq!(fid["n_a"], 24);
+    assert!((fid["value"].as_f64().unwrap() - expected).abs() / expected <= 1e-4, "{fid} vs {expected}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("biased below 2048"));
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2, "one cached statistics file per folder");
+    std::fs::remove_dir_all(&cache).unwrap();
+
+    let out = run(&["kid", a, b, "--inception", net.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kid: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["clean_kid"].as_f64().unwrap();
+    assert!((kid["value"].as_f64().unwrap() - expected).abs() / expected <= 1e-4, "{kid} vs {expected}");
+}
+
+#[test]
+fn missing_weights_fail_clearly_and_print_nothing() {
+    let a = dir().join("a");
+    let out =
+        run(&["fid", a.to_str().unwrap(), a.to_str().unwrap(), "--inception", "/no/such/inception.pt", "--no-cache"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Inception weights not found: /no/such/inception.pt"), "{err}");
+}
+
+#[test]
+fn psnr_ssim_and_lpips_print_json() {
+    let r = reference();
+    let (pred, target, mask) = (dir().join("pred.png"), dir().join("target.png"), dir().join("mask.png"));
+    for metric in ["psnr", "ssim"] {
+        let out = run(&[metric, pred.to_str().unwrap(), target.to_str().unwrap(), "--mask", mask.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = r["preservation"][metric].as_f64().unwrap();
+        assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-5, "{v} vs {expected}");
+    }
+    let weights = dir().join("lpips_alex.pth");
+    let out = run(&[
+        "lpips",
+        pred.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["preservation"]["lpips"].as_f64().unwrap();
+    assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-5, "{v} vs {expected}");
+    // A mask of another size is refused.
+    let a0 = dir().join("a/000.png");
+    let out = run(&["psnr", pred.to_str().unwrap(), target.to_str().unwrap(), "--mask", a0.to_str().unwrap()]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the mask is [64, 64]"));
+}
