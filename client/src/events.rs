@@ -239,19 +239,25 @@ impl JobEvent {
                 png: h.png,
                 subject_mask_png: h.subject_mask_png,
             }),
-            Some(E::Result(r)) => Event::Result(Box::new(GenerateResult {
-                image: r.image,
-                mime_type: r.mime_type,
-                seed: r.seed,
-                settings: r.settings.unwrap_or_default(),
-                timings: r.timings.unwrap_or_default(),
-                change_map: (!r.change_map.is_empty()).then_some(r.change_map),
-                reference_fraction_per_step: r.reference_fraction_per_step,
-                psnr_protected: r.psnr_protected,
-                psnr_outside: r.psnr_outside,
-                dropped_events: r.dropped_events,
-            })),
+            Some(E::Result(r)) => Event::Result(Box::new(r.into())),
         };
         Ok(Some(JobEvent { job_id: e.job_id, event }))
+    }
+}
+
+impl From<pb::Result> for GenerateResult {
+    fn from(r: pb::Result) -> Self {
+        GenerateResult {
+            image: r.image,
+            mime_type: r.mime_type,
+            seed: r.seed,
+            settings: r.settings.unwrap_or_default(),
+            timings: r.timings.unwrap_or_default(),
+            change_map: (!r.change_map.is_empty()).then_some(r.change_map),
+            reference_fraction_per_step: r.reference_fraction_per_step,
+            psnr_protected: r.psnr_protected,
+            psnr_outside: r.psnr_outside,
+            dropped_events: r.dropped_events,
+        }
     }
 }

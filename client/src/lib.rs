@@ -246,6 +246,21 @@ impl Client {
         Ok(EventStream { inner, job_id, done: false })
     }
 
+    /// Follows a detached job (started with `detach`) from this connection: its latest
+    /// state, then its live events and its end. Dropping this stream leaves the job running.
+    pub async fn watch_job(&self, job_id: &str) -> Result<EventStream, Error> {
+        let req = pb::WatchJobRequest { job_id: job_id.to_string() };
+        let inner = self.frisket.clone().watch_job(req).await?.into_inner();
+        Ok(EventStream { inner, job_id: Some(job_id.to_string()), done: false })
+    }
+
+    /// The result of a detached job that ended (kept for the server's
+    /// `keep_results_seconds`); NOT_FOUND once it expired.
+    pub async fn get_result(&self, job_id: &str) -> Result<GenerateResult, Error> {
+        let req = pb::GetResultRequest { job_id: job_id.to_string() };
+        Ok(self.frisket.clone().get_result(req).await?.into_inner().into())
+    }
+
     /// The prompt's tokens with their positions (0 is the start token).
     pub async fn tokenize(&self, model: &str, prompt: &str) -> Result<pb::TokenizeResponse, Error> {
         let req = pb::TokenizeRequest { model: model.to_string(), prompt: prompt.to_string() };

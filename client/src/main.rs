@@ -45,6 +45,13 @@ pub enum Command {
     Info,
     /// Cancel a queued or running job (exit 6 when there is no such job).
     Cancel { job_id: String },
+    /// Save the result of a detached job that ended (`generate --detach`).
+    Result {
+        job_id: String,
+        /// Where to write the image.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Load a model on the server (and warm it) now rather than in its first job.
     Load { model: String },
     /// Free a loaded model's memory on the server (refused while a running job uses it).
@@ -160,9 +167,13 @@ pub struct GenerateArgs {
     /// Write every streamed artifact and a manifest.json into DIR.
     #[arg(long)]
     pub dump_dir: Option<PathBuf>,
-    /// Client-chosen job id (for `frisket cancel`).
+    /// Client-chosen job id (for `frisket cancel` and `frisket result`).
     #[arg(long)]
     pub job_id: Option<String>,
+    /// The job runs on if this client goes (a lost connection, Ctrl-C does cancel it);
+    /// `frisket result JOB_ID --out FILE` fetches its image after it ended.
+    #[arg(long)]
+    pub detach: bool,
     /// Grad-SAM attribution: exact (one backward per latent element), fast, or off.
     /// Defaults to fast when another Grad-SAM option or --preset paper is given, else off.
     #[arg(long, value_enum)]

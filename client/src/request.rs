@@ -151,6 +151,13 @@ impl GenerateRequestBuilder {
         self
     }
 
+    /// The job outlives its stream: `Client::watch_job` re-attaches, `Client::get_result`
+    /// fetches its result after it ended.
+    pub fn detach(mut self) -> Self {
+        self.req.detach = true;
+        self
+    }
+
     pub fn build(self) -> pb::GenerateRequest {
         self.req
     }

@@ -162,6 +162,9 @@ pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Fai
     if let Some(c) = frisket::proto::size_conditioning(a.original_size, a.crop_top_left) {
         b = b.size_conditioning(c);
     }
+    if a.detach {
+        b = b.detach();
+    }
     if let Some(id) = &a.job_id {
         b = b.job_id(id);
     }
@@ -230,7 +233,7 @@ fn explain_options(a: &GenerateArgs) -> Result<Option<pb::ExplainOptions>, Failu
     Ok((options != pb::ExplainOptions::default()).then_some(options))
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 

@@ -79,6 +79,7 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Health { service } => health(&Client::connect(&server).await?, &service, json).await,
         Command::Info => info(&Client::connect(&server).await?, json).await,
         Command::Cancel { job_id } => cancel(&Client::connect(&server).await?, &job_id, json).await,
+        Command::Result { job_id, out } => result(&Client::connect(&server).await?, &job_id, &out, json).await,
         Command::Load { model } => load(&Client::connect(&server).await?, &model, json).await,
         Command::Unload { model } => unload(&Client::connect(&server).await?, &model, json).await,
     }
@@ -228,6 +229,21 @@ async fn cancel(client: &Client, job_id: &str, as_json: bool) -> Result<i32, Fai
         println!("no queued or running job {job_id}");
     }
     Ok(if found { exit::OK } else { exit::NEGATIVE })
+}
+
+async fn result(client: &Client, job_id: &str, out: &std::path::Path, as_json: bool) -> Result<i32, Failure> {
+    let result = client.get_result(job_id).await?;
+    generate::write_file(out, &result.image)?;
+    if as_json {
+        json::Line::new()
+            .with("job_id", json!(job_id))
+            .with("out", json::path(out))
+            .with("seed", json!(result.seed))
+            .emit();
+    } else {
+        println!("saved {} (seed {})", out.display(), result.seed);
+    }
+    Ok(exit::OK)
 }
 
 async fn load(client: &Client, model: &str, as_json: bool) -> Result<i32, Failure> {
