@@ -279,6 +279,20 @@ impl Drop for Server {
 }
 
 /// A txt2img request on a fixture model.
+/// Copies a folder tree (a fixture model to change in a test).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 pub fn txt2img(model: &str, prompt: &str, seed: u64, steps: u32, width: u32, height: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         model: model.into(),

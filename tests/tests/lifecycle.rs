@@ -4,7 +4,7 @@
 //!
 //! Loading is made observable without timing: a model whose VAE weights are a named pipe
 //! blocks the worker's load until the test writes to the pipe.
-use frisket_e2e::{generate, models_dir, txt2img, Server};
+use frisket_e2e::{copy_dir, generate, models_dir, txt2img, Server};
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
 use std::io::Write;
@@ -28,19 +28,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 

@@ -2,9 +2,9 @@
 //! side by side (fixtures from tests/fixtures/ref_single_file.py): ListModels reports each,
 //! the broken one with its error, names cannot escape the folder, and jobs on the single
 //! file run while the broken file is refused.
-use frisket_e2e::{fixtures_dir, generate, models_dir, render, txt2img, Server};
+use frisket_e2e::{copy_dir, fixtures_dir, generate, models_dir, render, txt2img, Server};
 use frisket_proto::v1 as pb;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tonic::Code;
 
 fn tempdir(name: &str) -> PathBuf {
@@ -12,19 +12,6 @@ fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn single(name: &str) -> PathBuf {
