@@ -29,6 +29,16 @@ pub mod paper {
 }
 
 /// diffusers' img2img `get_timesteps`: the index of the first timestep to run.
+/// Images a request asks for: `num_images`, absent or 0 meaning 1.
+pub fn num_images(req: &pb::GenerateRequest) -> u32 {
+    req.num_images.unwrap_or(1).max(1)
+}
+
+/// The seed of image `index` of a request whose first image has `seed`.
+pub fn image_seed(seed: u64, index: u32) -> u64 {
+    seed.wrapping_add(index as u64)
+}
+
 pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
     let init_timestep = ((steps as f64 * strength) as usize).min(steps);
     steps.saturating_sub(init_timestep) * order

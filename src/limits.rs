@@ -29,6 +29,8 @@ pub struct Limits {
     pub max_loras: u32,
     /// Bytes of prompt and of negative_prompt (the tokenizer keeps 75 tokens anyway).
     pub max_prompt_bytes: u32,
+    /// Most images one request may ask for (`num_images`).
+    pub max_images: u32,
 }
 
 impl Default for Limits {
@@ -43,6 +45,7 @@ impl Default for Limits {
             max_work: 20_000_000,
             max_loras: 8,
             max_prompt_bytes: 16 * 1024,
+            max_images: 8,
         }
     }
 }
@@ -72,6 +75,7 @@ impl Limits {
             max_work: if info.max_work == 0 { u64::MAX } else { info.max_work },
             max_loras: or_none(info.max_loras),
             max_prompt_bytes: or_none(info.max_prompt_bytes),
+            max_images: or_none(info.max_images),
         }
     }
 
@@ -84,6 +88,7 @@ impl Limits {
         info.max_work = self.max_work;
         info.max_loras = self.max_loras;
         info.max_prompt_bytes = self.max_prompt_bytes;
+        info.max_images = self.max_images;
     }
 
     /// An encoded request of `bytes`: RESOURCE_EXHAUSTED over `max_message_bytes`.
@@ -121,6 +126,16 @@ impl Limits {
     pub fn check_loras(&self, count: usize) -> Result<(), Status> {
         if count > self.max_loras as usize {
             return Err(invalid(format!("at most {} LoRAs per job (max_loras), got {count}", self.max_loras)));
+        }
+        Ok(())
+    }
+
+    pub fn check_images(&self, count: u32) -> Result<(), Status> {
+        if count > self.max_images {
+            return Err(invalid(format!(
+                "num_images {count} is more than this server's limit of {} (max_images)",
+                self.max_images
+            )));
         }
         Ok(())
     }
@@ -198,6 +213,7 @@ impl Limits {
         self.check_prompts(&req.prompt, &req.negative_prompt)?;
         self.check_steps(req.steps.unwrap_or(defaults::STEPS as u32))?;
         self.check_loras(req.loras.len())?;
+        self.check_images(defaults::num_images(&req))?;
         let reference =
             if req.reference_image.is_empty() { None } else { Some(self.reference_size(&req.reference_image)?) };
         if !req.protected_mask.is_empty() {
@@ -245,6 +261,8 @@ pub struct Work {
     pub steps: u64,
     /// Grad-SAM's mode and number of manipulated steps.
     pub attribution: Option<(Attribution, u64)>,
+    /// Images of the request (`num_images`), each this much work.
+    pub images: u64,
 }
 
 impl Work {
@@ -272,10 +290,11 @@ impl Work {
             rows: if guidance > 1.0 { 2 } else { 1 },
             steps: steps.saturating_sub(first) as u64,
             attribution,
+            images: defaults::num_images(req) as u64,
         }
     }
 
-    /// A job's cost in work units: latent positions × UNet batch rows × steps, plus per
+    /// A job's cost in work units, per image (× `images`): latent positions × UNet batch rows × steps, plus per
     /// manipulated step its attribution: fast mode one forward and one backward pass of one
     /// row (3 row-passes), exact mode one backward pass per latent element (each ≈ 2
     /// row-passes), so its cost grows with the square of the latent size. GetServerInfo's
@@ -288,7 +307,9 @@ impl Work {
             Some((Attribution::Fast, _)) => 3 * p,
             Some((Attribution::Exact, _)) => (2 * LATENT_CHANNELS).saturating_mul(p).saturating_mul(p),
         };
-        steps_work.saturating_add(per_manipulation.saturating_mul(self.attribution.map_or(0, |(_, n)| n)))
+        let per_image =
+            steps_work.saturating_add(per_manipulation.saturating_mul(self.attribution.map_or(0, |(_, n)| n)));
+        per_image.saturating_mul(self.images.max(1))
     }
 }
 

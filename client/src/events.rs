@@ -7,6 +7,8 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobEvent {
     pub job_id: String,
+    /// Which image of the request (`num_images`) it is about; 0 for one image.
+    pub image_index: u32,
     pub event: Event,
 }
 
@@ -241,7 +243,7 @@ impl JobEvent {
             }),
             Some(E::Result(r)) => Event::Result(Box::new(r.into())),
         };
-        Ok(Some(JobEvent { job_id: e.job_id, event }))
+        Ok(Some(JobEvent { job_id: e.job_id, image_index: e.image_index, event }))
     }
 }
 

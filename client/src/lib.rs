@@ -221,7 +221,7 @@ impl Client {
 
     /// Starts a job, after checking it against the server's limits ([`Client::check_limits`]):
     /// a request over one is refused here with the status the server would give, and is
-    /// never sent. The stream yields the job's events and ends after the `Result` event; a
+    /// never sent. The stream yields the job's events and ends after the last `Result` event (one per image); a
     /// failed job ends with an [`Error::Status`] item. Dropping the stream cancels the job.
     pub async fn generate(&self, request: pb::GenerateRequest) -> Result<EventStream, Error> {
         self.check_limits(&request).await?;
@@ -242,8 +242,9 @@ impl Client {
     /// Starts a job without checking it first: the server's own checks decide.
     pub async fn generate_unchecked(&self, request: pb::GenerateRequest) -> Result<EventStream, Error> {
         let job_id = (!request.job_id.is_empty()).then(|| request.job_id.clone());
+        let results_left = proto::defaults::num_images(&request);
         let inner = self.frisket.clone().generate(request).await?.into_inner();
-        Ok(EventStream { inner, job_id, done: false })
+        Ok(EventStream { inner, job_id, results_left, done: false })
     }
 
     /// Follows a detached job (started with `detach`) from this connection: its latest
@@ -251,7 +252,7 @@ impl Client {
     pub async fn watch_job(&self, job_id: &str) -> Result<EventStream, Error> {
         let req = pb::WatchJobRequest { job_id: job_id.to_string() };
         let inner = self.frisket.clone().watch_job(req).await?.into_inner();
-        Ok(EventStream { inner, job_id: Some(job_id.to_string()), done: false })
+        Ok(EventStream { inner, job_id: Some(job_id.to_string()), results_left: 1, done: false })
     }
 
     /// The result of a detached job that ended (kept for the server's
@@ -307,12 +308,14 @@ impl Client {
 
 /// The events of one job (a [`tokio_stream::Stream`] of `Result<JobEvent, Error>`).
 ///
-/// Ends after the `Result` event. A stream that ends without one yields a final
+/// Ends after the last `Result` event (one per image, `num_images`). A stream that ends without one yields a final
 /// [`Error::Protocol`]; a failed job yields its [`Error::Status`]. Events of kinds this
 /// client does not know are skipped.
 pub struct EventStream {
     inner: tonic::Streaming<pb::GenerateEvent>,
     job_id: Option<String>,
+    /// Results still to come (one per image).
+    results_left: u32,
     done: bool,
 }
 
@@ -322,15 +325,26 @@ impl EventStream {
         self.job_id.as_deref()
     }
 
-    /// Consumes the stream up to the result.
-    pub async fn result(mut self) -> Result<GenerateResult, Error> {
+    /// Consumes the stream up to the result (of image 0 for a request of several images).
+    pub async fn result(self) -> Result<GenerateResult, Error> {
+        Ok(self.results().await?.swap_remove(0))
+    }
+
+    /// Consumes the stream up to its end: one result per image, in image order.
+    pub async fn results(mut self) -> Result<Vec<GenerateResult>, Error> {
         use tokio_stream::StreamExt;
+        let mut results = Vec::new();
         while let Some(item) = self.next().await {
-            if let Event::Result(r) = item?.event {
-                return Ok(*r);
+            let event = item?;
+            if let Event::Result(r) = event.event {
+                results.push((event.image_index, *r));
             }
         }
-        Err(Error::Protocol("stream ended without a result".into()))
+        if results.is_empty() {
+            return Err(Error::Protocol("stream ended without a result".into()));
+        }
+        results.sort_by_key(|(index, _)| *index);
+        Ok(results.into_iter().map(|(_, r)| r).collect())
     }
 }
 
@@ -362,7 +376,8 @@ impl Stream for EventStream {
                         self.job_id = Some(event.job_id.clone());
                     }
                     if matches!(event.event, Event::Result(_)) {
-                        self.done = true;
+                        self.results_left = self.results_left.saturating_sub(1);
+                        self.done = self.results_left == 0;
                     }
                     return Poll::Ready(Some(Ok(event)));
                 }

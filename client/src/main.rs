@@ -146,9 +146,13 @@ pub struct GenerateArgs {
     /// Outward feather of the protected region, in pixels.
     #[arg(long, requires = "protect")]
     pub feather: Option<u32>,
-    /// Where to write the result image.
+    /// Where to write the result image (with --num-images, image i > 0 goes to OUT's stem
+    /// with -i: out.png, out-1.png, …).
     #[arg(long)]
     pub out: PathBuf,
+    /// Images to pick from, image i with seed + i (the server's limit: `frisket info`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_images: Option<u32>,
     /// Stream a preview every N steps (and the last; 0: every step).
     #[arg(long)]
     pub preview_every: Option<u32>,

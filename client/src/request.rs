@@ -151,6 +151,12 @@ impl GenerateRequestBuilder {
         self
     }
 
+    /// `n` images to pick from, image i with seed + i (each event says its image).
+    pub fn num_images(mut self, n: u32) -> Self {
+        self.req.num_images = Some(n);
+        self
+    }
+
     /// The job outlives its stream: `Client::watch_job` re-attaches, `Client::get_result`
     /// fetches its result after it ended.
     pub fn detach(mut self) -> Self {

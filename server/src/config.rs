@@ -79,6 +79,9 @@ pub struct SettingsArgs {
     /// Bytes of prompt and of negative prompt [default: the config file's, else 16384].
     #[arg(long)]
     pub max_prompt_bytes: Option<u32>,
+    /// Most images per request (num_images) [default: the config file's, else 8].
+    #[arg(long)]
+    pub max_images: Option<u32>,
 }
 
 impl SettingsArgs {
@@ -102,6 +105,7 @@ impl SettingsArgs {
             max_work,
             max_loras,
             max_prompt_bytes,
+            max_images,
         } = self;
         let set = |slot: &mut u32, flag: &Option<u32>| *slot = flag.unwrap_or(*slot);
         set(&mut l.max_steps, max_steps);
@@ -109,6 +113,7 @@ impl SettingsArgs {
         set(&mut l.max_side, max_side);
         set(&mut l.max_loras, max_loras);
         set(&mut l.max_prompt_bytes, max_prompt_bytes);
+        set(&mut l.max_images, max_images);
         l.max_message_bytes = max_message_bytes.unwrap_or(l.max_message_bytes);
         l.max_work = max_work.unwrap_or(l.max_work);
     }

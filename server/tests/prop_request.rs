@@ -148,6 +148,7 @@ prop_compose! {
         stream in prop::option::of(stream()),
         loras in prop::option::weighted(0.2, prop::collection::vec((text(), prop::option::of(any::<f32>())), 1..3)),
         size_conditioning in prop::option::weighted(0.2, (any::<u32>(), any::<u32>(), 0u32..20_000, 0u32..20_000)),
+        num_images in prop::option::weighted(0.2, prop_oneof![3 => 0u32..10, 1 => any::<u32>()]),
     ) -> pb::GenerateRequest {
         let (model, prompt, negative_prompt, scheduler, job_id, preset) = names;
         let (seed, steps, guidance, width, height, strength) = numbers;
@@ -160,6 +161,7 @@ prop_compose! {
             }),
             // Decided by the handler, not by `prepare`.
             detach: false,
+            num_images,
         }
     }
 }

@@ -15,6 +15,10 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
     // Listen for Ctrl-C from the start, so that it never kills us with a job running.
     let mut interrupt = Interrupt::new();
     let request = build_request(&args)?;
+    let images = frisket::proto::defaults::num_images(&request);
+    if images > 1 && args.dump_dir.is_some() {
+        return Err(Failure::usage("--dump-dir takes one image (--num-images 1)".into()));
+    }
     let client = tokio::select! {
         c = Client::connect(server) => c?,
         _ = interrupt.recv() => return Err(interrupted(None)),
@@ -35,7 +39,8 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
         } => s?,
         _ = interrupt.recv() => return Err(interrupted(job_id)),
     };
-    let result = loop {
+    let mut results = Vec::new();
+    loop {
         let item = tokio::select! {
             item = stream.next() => item,
             _ = interrupt.recv() => {
@@ -61,7 +66,7 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
                 failure.job_id = job_id.or_else(|| stream.job_id().map(String::from));
                 return Err(failure);
             }
-            None => break None,
+            None => break,
         };
         if job_id.is_none() && !event.job_id.is_empty() {
             job_id = Some(event.job_id.clone());
@@ -71,37 +76,62 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
             None => Written::default(),
         };
         let mut manifest = None;
+        let out = image_path(&args.out, event.image_index, images);
         if let Event::Result(r) = &event.event {
-            write_file(&args.out, &r.image).map_err(|e| fail(e, &job_id))?;
+            write_file(&out, &r.image).map_err(|e| fail(e, &job_id))?;
             if let Some(d) = &dumper {
                 manifest = Some(d.finish().map_err(|e| fail(e, &job_id))?);
             }
         }
         if as_json {
-            json::event_line(&event.event_job_id(&job_id), &event.event, &written, &args.out, manifest.as_deref())
-                .emit();
+            let mut line =
+                json::event_line(&event.event_job_id(&job_id), &event.event, &written, &out, manifest.as_deref());
+            if images > 1 {
+                line.put("image_index", serde_json::json!(event.image_index));
+            }
+            line.emit();
         }
-        progress.update(&event.event);
         if let Event::Result(r) = event.event {
-            break Some(r);
+            results.push((out, r));
+            if results.len() == images as usize {
+                break;
+            }
+        } else if event.image_index == 0 {
+            progress.update(&event.event);
         }
-    };
-    let Some(result) = result else {
+    }
+    let Some((_, first)) = results.first() else {
         // The stream reports a missing result as an error; this is unreachable in practice.
         return Err(fail(Error::Protocol("the event stream ended without a result".into()), &job_id));
     };
-    progress.finish(&result);
-    if !as_json && result.dropped_events > 0 {
+    progress.finish(first);
+    let dropped: u64 = results.iter().map(|(_, r)| r.dropped_events).sum();
+    if !as_json && dropped > 0 {
         eprintln!(
-            "note: {} progress events (previews, latents, masks, heatmaps) were replaced by newer ones while this \
-             client was behind",
-            result.dropped_events
+            "note: {dropped} progress events (previews, latents, masks, heatmaps) were replaced by newer ones while \
+             this client was behind"
         );
     }
     if !as_json {
-        println!("{}", args.out.display());
+        for (out, _) in &results {
+            println!("{}", out.display());
+        }
     }
     Ok(exit::OK)
+}
+
+/// Where image `index` of `images` goes: OUT itself for the first (and for one image),
+/// OUT's stem with `-INDEX` for the others (out.png, out-1.png, out-2.png).
+fn image_path(out: &Path, index: u32, images: u32) -> std::path::PathBuf {
+    if index == 0 || images <= 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match out.extension() {
+        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    out.with_file_name(name)
 }
 
 trait EventJobId {
@@ -164,6 +194,9 @@ pub(crate) fn build_request(a: &GenerateArgs) -> Result<pb::GenerateRequest, Fai
     }
     if a.detach {
         b = b.detach();
+    }
+    if let Some(n) = a.num_images {
+        b = b.num_images(n);
     }
     if let Some(id) = &a.job_id {
         b = b.job_id(id);

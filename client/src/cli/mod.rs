@@ -191,6 +191,7 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
             .with("max_message_bytes", json!(i.max_message_bytes))
             .with("max_work", json!(i.max_work))
             .with("max_loras", json!(i.max_loras))
+            .with("max_images", json!(i.max_images))
             .with("max_prompt_bytes", json!(i.max_prompt_bytes))
             .with("max_jobs_per_connection", json!(i.max_jobs_per_connection))
             .with("stalled_client_seconds", json!(i.stalled_client_seconds))
@@ -211,6 +212,7 @@ async fn info(client: &Client, as_json: bool) -> Result<i32, Failure> {
         vec!["max message bytes".to_string(), i.max_message_bytes.to_string()],
         vec!["max work units".to_string(), i.max_work.to_string()],
         vec!["max LoRAs".to_string(), i.max_loras.to_string()],
+        vec!["max images".to_string(), i.max_images.to_string()],
         vec!["max prompt bytes".to_string(), i.max_prompt_bytes.to_string()],
         vec!["max jobs per connection".to_string(), i.max_jobs_per_connection.to_string()],
         vec!["stalled client seconds".to_string(), i.stalled_client_seconds.to_string()],

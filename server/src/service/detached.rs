@@ -225,7 +225,7 @@ mod tests {
     use tokio_stream::StreamExt;
 
     fn ev(event: Event) -> EventResult {
-        Ok(GenerateEvent { job_id: "j".into(), event: Some(event) })
+        Ok(GenerateEvent { job_id: "j".into(), event: Some(event), ..Default::default() })
     }
 
     fn result(image: &[u8]) -> EventResult {

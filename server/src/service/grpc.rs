@@ -1,12 +1,14 @@
 //! The `frisket.v1.Frisket` gRPC service.
 use super::clients::{ClientKey, JobSlots};
 use super::detached::Detached;
-use super::jobs::{EventStream, Events, Job, PushError, Queue};
+use super::images::ImagesStream;
+use super::jobs::{EventResult, EventStream, Events, Job, PushError, Queue};
 use super::lifecycle::{Command, Lifecycle};
 use super::models::Catalog;
-use super::request::{self, prepare};
+use super::request::{self, prepare, JobSpec};
 use super::{ConnectionLimits, Limits};
 use frisket_engine::text::quote;
+use frisket_proto::defaults;
 use frisket_proto::v1::frisket_server::Frisket;
 use frisket_proto::v1::{
     CancelRequest, CancelResponse, GenerateRequest, GetResultRequest, GetServerInfoRequest, ListModelsRequest,
@@ -14,9 +16,11 @@ use frisket_proto::v1::{
     TokenizeRequest, TokenizeResponse, UnloadModelRequest, UnloadModelResponse, WatchJobRequest,
 };
 use prost::Message;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -143,7 +147,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 #[tonic::async_trait]
 impl Frisket for FrisketService {
-    type GenerateStream = EventStream;
+    type GenerateStream = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
@@ -174,6 +178,10 @@ impl Frisket for FrisketService {
                 "detach is off on this server (it keeps no results: --keep-results 0)",
             ));
         }
+        let images = defaults::num_images(&req);
+        if req.detach && images > 1 {
+            return Err(Status::invalid_argument("detach takes one image per request (num_images 1)"));
+        }
         let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
         let detach = req.detach;
         let (catalog, limits) = (self.catalog.clone(), self.limits.clone());
@@ -196,16 +204,29 @@ impl Frisket for FrisketService {
             false if self.detached.get(&job_id).is_some() => return Err(already_exists()),
             false => None,
         };
-        let events = Events::new(job_id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
-        let stream = events.stream();
-        let job = Arc::new(Job::new(job_id.clone(), spec, events, slot, deadline, journal.clone()));
-        let pushed = self.queue.push(job);
+        let new_events =
+            || Events::new(job_id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
+        let (jobs, stream): (_, Self::GenerateStream) = if images == 1 {
+            let events = new_events();
+            let stream = Box::pin(events.stream());
+            (vec![Arc::new(Job::new(job_id.clone(), spec, events, slot, deadline, journal.clone()))], stream)
+        } else {
+            let (mut jobs, mut streams) = (Vec::new(), Vec::new());
+            for index in 0..images {
+                let spec = JobSpec { seed: defaults::image_seed(spec.seed, index), ..spec.clone() };
+                let events = new_events();
+                streams.push(events.stream());
+                jobs.push(Arc::new(Job::new(job_id.clone(), spec, events, None, deadline, None).image(index)));
+            }
+            (jobs, Box::pin(ImagesStream::new(streams, slot)))
+        };
+        let pushed = self.queue.push(jobs);
         if let (Err(_), Some(journal)) = (&pushed, &journal) {
             self.detached.unregister(journal);
         }
         match pushed {
             Ok(position) => {
-                info!(job_id = %job_id, position, detach, "job queued");
+                info!(job_id = %job_id, position, detach, images, "job queued");
                 Ok(Response::new(stream))
             }
             Err(PushError::Full) => {

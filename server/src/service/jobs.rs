@@ -317,6 +317,8 @@ pub struct Job {
     /// Detached jobs: their journal for WatchJob and GetResult. They run on when their
     /// Generate stream goes.
     journal: Option<Arc<Journal>>,
+    /// Which image of its request this job makes.
+    image: u32,
     /// Counts the job against its client's job limit until its final message is queued.
     slot: Mutex<Option<JobSlot>>,
     stop: watch::Sender<Option<StopReason>>,
@@ -351,6 +353,7 @@ impl Job {
             spec,
             events,
             journal,
+            image: 0,
             slot: Mutex::new(slot),
             stop: watch::channel(None).0,
             deadline,
@@ -434,7 +437,13 @@ impl Job {
     }
 
     pub fn event(&self, event: generate_event::Event) -> GenerateEvent {
-        GenerateEvent { job_id: self.id.clone(), event: Some(event) }
+        GenerateEvent { job_id: self.id.clone(), event: Some(event), image_index: self.image }
+    }
+
+    /// Image `index` of its request (`num_images`): its events carry the index.
+    pub fn image(mut self, index: u32) -> Self {
+        self.image = index;
+        self
     }
 
     /// Ends the stream with `status`, after the messages still waiting, without blocking.
@@ -509,28 +518,35 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a job and sends its Queued event (before the engine can see it, so Queued
-    /// always comes first). Returns the number of jobs ahead.
-    pub fn push(&self, job: Arc<Job>) -> Result<u32, PushError> {
+    /// Queues a request's jobs (one per image, sharing an id) and sends each its Queued
+    /// event (before the engine can see it, so Queued always comes first). The capacity
+    /// counts requests, so a request of several images fits whenever one does. Returns
+    /// the number of jobs ahead of the first.
+    pub fn push(&self, jobs: Vec<Arc<Job>>) -> Result<u32, PushError> {
         let mut s = self.lock();
         self.sweep_locked(&mut s);
         if !s.accepting {
             return Err(PushError::ShuttingDown);
         }
-        let same_id = |j: &Arc<Job>| j.id == job.id;
+        let Some(id) = jobs.first().map(|j| j.id.clone()) else { return Ok(0) };
+        let same_id = |j: &Arc<Job>| j.id == id;
         if s.waiting.iter().any(same_id) || s.running.iter().any(same_id) {
             return Err(PushError::DuplicateId);
         }
-        if s.waiting.len() >= self.capacity {
+        let waiting_requests =
+            s.waiting.iter().enumerate().filter(|(i, j)| *i == 0 || s.waiting[i - 1].id != j.id).count();
+        if waiting_requests >= self.capacity {
             return Err(PushError::Full);
         }
-        let position = s.waiting.len();
-        let queued = positions::queued(position, &s.waiting, &s.running, &self.clock);
-        let _ = job.push(Ok(job.event(generate_event::Event::Queued(queued))));
-        s.waiting.push_back(job);
+        let first = s.waiting.len();
+        for job in jobs {
+            let queued = positions::queued(s.waiting.len(), &s.waiting, &s.running, &self.clock);
+            let _ = job.push(Ok(job.event(generate_event::Event::Queued(queued))));
+            s.waiting.push_back(job);
+        }
         drop(s);
         self.wake.notify_all();
-        Ok(position as u32)
+        Ok(first as u32)
     }
 
     /// Drops waiting jobs whose client left or whose deadline passed; the jobs behind them
@@ -603,26 +619,34 @@ impl Queue {
         self.wake.notify_all();
     }
 
-    /// Cancel(job_id): a waiting job leaves the queue now, a running one stops before its
-    /// next step. False when no such job is queued or running.
+    /// Cancel(job_id): the request's waiting jobs leave the queue now, its running ones
+    /// stop before their next step. False when no such job is queued or running.
     pub fn cancel(&self, id: &str) -> bool {
         let mut s = self.lock();
-        if let Some(i) = s.waiting.iter().position(|j| j.id == id) {
-            let job = s.waiting.remove(i).expect("index from position");
-            positions::announce(i, &s.waiting, &s.running, &self.clock);
-            drop(s);
+        let first_waiting = s.waiting.iter().position(|j| j.id == id);
+        let mut removed = Vec::new();
+        if let Some(first) = first_waiting {
+            s.waiting.retain(|j| {
+                let keep = j.id != id;
+                if !keep {
+                    removed.push(j.clone());
+                }
+                keep
+            });
+            positions::announce(first, &s.waiting, &s.running, &self.clock);
+        }
+        let mut found = !removed.is_empty();
+        for job in s.running.iter().filter(|j| j.id == id) {
+            job.stop(StopReason::Cancelled);
+            found = true;
+        }
+        drop(s);
+        for job in removed {
             job.stop(StopReason::Cancelled);
             job.end_stopped(StopReason::Cancelled);
-            self.wake.notify_all();
-            return true;
         }
-        match s.running.iter().find(|j| j.id == id) {
-            Some(job) => {
-                job.stop(StopReason::Cancelled);
-                true
-            }
-            None => false,
-        }
+        self.wake.notify_all();
+        found
     }
 
     /// The queued or running job with this id.
@@ -693,7 +717,7 @@ mod tests {
     use tokio_stream::StreamExt;
 
     fn event(event: Event) -> EventResult {
-        Ok(GenerateEvent { job_id: "j".into(), event: Some(event) })
+        Ok(GenerateEvent { job_id: "j".into(), event: Some(event), ..Default::default() })
     }
 
     fn preview(step: u32) -> EventResult {

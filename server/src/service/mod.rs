@@ -23,6 +23,7 @@ pub mod detached;
 pub mod edges;
 pub mod encoded_image;
 pub mod grpc;
+pub mod images;
 pub mod jobs;
 pub mod lifecycle;
 pub mod loras;

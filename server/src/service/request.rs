@@ -215,6 +215,7 @@ pub fn prepare(req: &GenerateRequest, catalog: &Catalog, limits: &Limits, random
         return Err(invalid("steps must be at least 1".to_string()));
     }
     limits.check_steps(steps)?;
+    limits.check_images(defaults::num_images(req))?;
     let guidance = req.guidance.unwrap_or(defaults::GUIDANCE);
     if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
         return Err(invalid(format!(
