@@ -229,6 +229,7 @@ async fn main() {
         }
     }
     print_table(&results);
+    print_ratios(&results);
     if let Some(out) = &args.out {
         let all: Vec<Value> = results
             .iter()
@@ -236,6 +237,26 @@ async fn main() {
             .collect();
         std::fs::write(out, serde_json::to_string_pretty(&json!({"runs": all})).unwrap()).expect("writing --out");
         println!("wrote {}", out.display());
+    }
+}
+
+/// The goals as ratios measured in this run: each setting's jobs/s against the
+/// first setting's at the same concurrency, and its p99 time to first preview against its
+/// own at c = 1.
+fn print_ratios(results: &[(String, Value)]) {
+    let Some((base, _)) = results.first() else { return };
+    let find = |name: &str, c: u64| {
+        results.iter().find(|(n, r)| n == name && r["concurrency"].as_u64() == Some(c)).map(|(_, r)| r)
+    };
+    let ratio = |a: &Value, b: &Value| Some(a.as_f64()? / b.as_f64()?);
+    let show = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}×"));
+    println!("ratios (this run): jobs/s against {base} at the same c; p99 first preview against the setting's c = 1");
+    for (name, r) in results {
+        let c = r["concurrency"].as_u64().unwrap_or(0);
+        let throughput = find(base, c).and_then(|b| ratio(&r["jobs_per_second"], &b["jobs_per_second"]));
+        let first_preview = find(name, 1)
+            .and_then(|one| ratio(&r["first_preview_seconds"]["p99"], &one["first_preview_seconds"]["p99"]));
+        println!("{name:<16} c={c:<3} jobs/s {:>6}   p99 first preview {:>6}", show(throughput), show(first_preview));
     }
 }
 
