@@ -45,6 +45,14 @@ pub enum Command {
     Info,
     /// Cancel a queued or running job (exit 6 when there is no such job).
     Cancel { job_id: String },
+    /// Follow a detached job (`generate --detach`) from here, with its progress, and save
+    /// its image; Ctrl-C stops watching and leaves the job running.
+    Watch {
+        job_id: String,
+        /// Where to write the image.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Save the result of a detached job that ended (`generate --detach`).
     Result {
         job_id: String,

@@ -955,3 +955,78 @@ fn limits_from_a_config_file_are_checked_before_sending() {
     assert!(log.lines().any(|l| l.contains("over-side-sent") && l.contains("request refused")), "{log}");
     assert!(log.lines().any(|l| l.contains("within-limits") && l.contains("job queued")), "{log}");
 }
+
+/// `generate --detach` killed mid-job (SIGKILL: no cancel is sent), `watch` re-attaches
+/// and saves the image, `result` fetches the same bytes, an unknown id is NOT_FOUND (exit
+/// 1); `--num-images 2` writes o.png and o-1.png with seeds S and S + 1.
+#[test]
+fn detach_watch_result_and_num_images() {
+    let server = Server::start();
+    let dir = scratch("detach");
+    let (gone_png, watched_png, kept_png) = (dir.join("gone.png"), dir.join("w.png"), dir.join("r.png"));
+    let mut child = frisket_cmd()
+        .args(["generate", "--json", "--model", "sd1", "--prompt", "x", "--width", "64", "--height", "48"])
+        .args(["--steps", "60", "--seed", "3", "--job-id", "cli-detached", "--detach", "--out", s(&gone_png)])
+        .args(["--server", &server.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended early");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_ne!(v["event"], "result", "the job finished before the client was killed");
+        if v["event"] == "step" {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let o = server.frisket(&["watch", "cli-detached", "--out", s(&watched_png), "--json"]);
+    assert_ok(&o);
+    let last = json_lines(&o).pop().unwrap();
+    assert_eq!(last["event"], "result");
+    assert_eq!(last["seed"], 3);
+    let o = server.frisket(&["result", "cli-detached", "--out", s(&kept_png)]);
+    assert_ok(&o);
+    assert!(!gone_png.exists());
+    assert_eq!(std::fs::read(&watched_png).unwrap(), std::fs::read(&kept_png).unwrap());
+    let o = server.frisket(&["result", "no-such-job", "--out", s(&kept_png)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line_error(&o).contains("NOT_FOUND"), "{}", stderr(&o));
+
+    let many = dir.join("o.png");
+    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--width", "64", "--height", "48"]);
+    assert_eq!(o.status.code(), Some(2), "--out is required");
+    let o = server.frisket(&[
+        "generate",
+        "--json",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "--num-images",
+        "2",
+        "--out",
+        s(&many),
+    ]);
+    assert_ok(&o);
+    let results: Vec<Value> = json_lines(&o).into_iter().filter(|l| l["event"] == "result").collect();
+    let mut seeds: Vec<(u64, u64)> =
+        results.iter().map(|r| (r["image_index"].as_u64().unwrap(), r["seed"].as_u64().unwrap())).collect();
+    seeds.sort();
+    assert_eq!(seeds, [(0, 9), (1, 10)]);
+    assert!(many.is_file() && dir.join("o-1.png").is_file());
+    assert_ne!(std::fs::read(&many).unwrap(), std::fs::read(dir.join("o-1.png")).unwrap());
+}

@@ -23,13 +23,13 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
         c = Client::connect(server) => c?,
         _ = interrupt.recv() => return Err(interrupted(None)),
     };
-    let mut dumper = match &args.dump_dir {
+    let dumper = match &args.dump_dir {
         Some(dir) => Some(Dumper::create(dir)?),
         None => None,
     };
     let progress = Progress::new(!as_json && std::io::stderr().is_terminal());
-    let mut job_id = args.job_id.clone();
-    let mut stream = tokio::select! {
+    let job_id = args.job_id.clone();
+    let stream = tokio::select! {
         s = async {
             if args.no_limit_check {
                 client.generate_unchecked(request).await
@@ -39,85 +39,127 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
         } => s?,
         _ = interrupt.recv() => return Err(interrupted(job_id)),
     };
-    let mut results = Vec::new();
-    loop {
-        let item = tokio::select! {
-            item = stream.next() => item,
-            _ = interrupt.recv() => {
-                progress.abandon("interrupted");
-                let id = job_id.clone().or_else(|| stream.job_id().map(String::from));
-                if let Some(id) = &id {
-                    // Best effort: dropping the stream below cancels the job as well.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), client.cancel(id)).await;
-                }
-                drop(stream);
-                // Let the transport send the stream reset before the process exits.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                finish_dump(dumper.as_ref());
-                return Err(interrupted(id));
-            }
-        };
-        let event = match item {
-            Some(Ok(event)) => event,
-            Some(Err(e)) => {
-                progress.abandon("failed");
-                finish_dump(dumper.as_ref());
-                let mut failure = Failure::from(e);
-                failure.job_id = job_id.or_else(|| stream.job_id().map(String::from));
-                return Err(failure);
-            }
-            None => break,
-        };
-        if job_id.is_none() && !event.job_id.is_empty() {
-            job_id = Some(event.job_id.clone());
-        }
-        let written = match dumper.as_mut() {
-            Some(d) => d.record(&event.event).map_err(|e| fail(e, &job_id))?,
-            None => Written::default(),
-        };
-        let mut manifest = None;
-        let out = image_path(&args.out, event.image_index, images);
-        if let Event::Result(r) = &event.event {
-            write_file(&out, &r.image).map_err(|e| fail(e, &job_id))?;
-            if let Some(d) = &dumper {
-                manifest = Some(d.finish().map_err(|e| fail(e, &job_id))?);
-            }
-        }
-        if as_json {
-            let mut line =
-                json::event_line(&event.event_job_id(&job_id), &event.event, &written, &out, manifest.as_deref());
-            if images > 1 {
-                line.put("image_index", serde_json::json!(event.image_index));
-            }
-            line.emit();
-        }
-        if let Event::Result(r) = event.event {
-            results.push((out, r));
-            if results.len() == images as usize {
-                break;
-            }
-        } else if event.image_index == 0 {
-            progress.update(&event.event);
-        }
-    }
-    let Some((_, first)) = results.first() else {
-        // The stream reports a missing result as an error; this is unreachable in practice.
-        return Err(fail(Error::Protocol("the event stream ended without a result".into()), &job_id));
+    let following = Following { out: &args.out, images, dumper, progress, as_json, cancel_on_interrupt: true };
+    following.follow(&client, stream, job_id, &mut interrupt).await
+}
+
+/// `frisket watch`: re-attaches to a detached job and saves its image; Ctrl-C stops
+/// watching and leaves the job running.
+pub async fn watch(server: &str, job_id: &str, out: &Path, as_json: bool) -> Result<i32, Failure> {
+    let mut interrupt = Interrupt::new();
+    let client = tokio::select! {
+        c = Client::connect(server) => c?,
+        _ = interrupt.recv() => return Err(interrupted(None)),
     };
-    progress.finish(first);
-    let dropped: u64 = results.iter().map(|(_, r)| r.dropped_events).sum();
-    if !as_json && dropped > 0 {
-        eprintln!(
-            "note: {dropped} progress events (previews, latents, masks, heatmaps) were replaced by newer ones while \
-             this client was behind"
-        );
-    }
-    if !as_json {
-        for (out, _) in &results {
-            println!("{}", out.display());
+    let stream = client.watch_job(job_id).await?;
+    let progress = Progress::new(!as_json && std::io::stderr().is_terminal());
+    let following = Following { out, images: 1, dumper: None, progress, as_json, cancel_on_interrupt: false };
+    following.follow(&client, stream, Some(job_id.to_string()), &mut interrupt).await
+}
+
+/// How a job's stream is read to its end: where the images go, what to dump and show,
+/// and whether Ctrl-C cancels the job (generate) or only stops following it (watch).
+struct Following<'a> {
+    out: &'a Path,
+    images: u32,
+    dumper: Option<Dumper>,
+    progress: Progress,
+    as_json: bool,
+    cancel_on_interrupt: bool,
+}
+
+impl Following<'_> {
+    async fn follow(
+        self,
+        client: &Client,
+        mut stream: frisket::EventStream,
+        mut job_id: Option<String>,
+        interrupt: &mut Interrupt,
+    ) -> Result<i32, Failure> {
+        let Following { out: out_path, images, mut dumper, progress, as_json, cancel_on_interrupt } = self;
+        let mut results = Vec::new();
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                _ = interrupt.recv() => {
+                    progress.abandon("interrupted");
+                    let id = job_id.clone().or_else(|| stream.job_id().map(String::from));
+                    if !cancel_on_interrupt {
+                        return Err(stopped_watching(id));
+                    }
+                    if let Some(id) = &id {
+                        // Best effort: dropping the stream below cancels the job as well.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), client.cancel(id)).await;
+                    }
+                    drop(stream);
+                    // Let the transport send the stream reset before the process exits.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    finish_dump(dumper.as_ref());
+                    return Err(interrupted(id));
+                }
+            };
+            let event = match item {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    progress.abandon("failed");
+                    finish_dump(dumper.as_ref());
+                    let mut failure = Failure::from(e);
+                    failure.job_id = job_id.or_else(|| stream.job_id().map(String::from));
+                    return Err(failure);
+                }
+                None => break,
+            };
+            if job_id.is_none() && !event.job_id.is_empty() {
+                job_id = Some(event.job_id.clone());
+            }
+            let written = match dumper.as_mut() {
+                Some(d) => d.record(&event.event).map_err(|e| fail(e, &job_id))?,
+                None => Written::default(),
+            };
+            let mut manifest = None;
+            let out = image_path(out_path, event.image_index, images);
+            if let Event::Result(r) = &event.event {
+                write_file(&out, &r.image).map_err(|e| fail(e, &job_id))?;
+                if let Some(d) = &dumper {
+                    manifest = Some(d.finish().map_err(|e| fail(e, &job_id))?);
+                }
+            }
+            if as_json {
+                let mut line =
+                    json::event_line(&event.event_job_id(&job_id), &event.event, &written, &out, manifest.as_deref());
+                if images > 1 {
+                    line.put("image_index", serde_json::json!(event.image_index));
+                }
+                line.emit();
+            }
+            if let Event::Result(r) = event.event {
+                results.push((out, r));
+                if results.len() == images as usize {
+                    break;
+                }
+            } else if event.image_index == 0 {
+                progress.update(&event.event);
+            }
         }
+        let Some((_, first)) = results.first() else {
+            // The stream reports a missing result as an error; this is unreachable in practice.
+            return Err(fail(Error::Protocol("the event stream ended without a result".into()), &job_id));
+        };
+        progress.finish(first);
+        let dropped: u64 = results.iter().map(|(_, r)| r.dropped_events).sum();
+        if !as_json && dropped > 0 {
+            eprintln!(
+                "note: {dropped} progress events (previews, latents, masks, heatmaps) were replaced by newer ones while \
+                 this client was behind"
+            );
+        }
+        if !as_json {
+            for (out, _) in &results {
+                println!("{}", out.display());
+            }
+        }
+        Ok(exit::OK)
     }
-    Ok(exit::OK)
 }
 
 /// Where image `index` of `images` goes: OUT itself for the first (and for one image),
@@ -274,6 +316,14 @@ fn fail(e: Error, job_id: &Option<String>) -> Failure {
     let mut f = Failure::from(e);
     f.job_id = job_id.clone();
     f
+}
+
+fn stopped_watching(job_id: Option<String>) -> Failure {
+    let message = match &job_id {
+        Some(id) => format!("interrupted; stopped watching, job {id} runs on"),
+        None => "interrupted".to_string(),
+    };
+    Failure { code: "CANCELLED".into(), message, exit: exit::INTERRUPTED, job_id }
 }
 
 fn interrupted(job_id: Option<String>) -> Failure {

@@ -79,6 +79,7 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Health { service } => health(&Client::connect(&server).await?, &service, json).await,
         Command::Info => info(&Client::connect(&server).await?, json).await,
         Command::Cancel { job_id } => cancel(&Client::connect(&server).await?, &job_id, json).await,
+        Command::Watch { job_id, out } => generate::watch(&server, &job_id, &out, json).await,
         Command::Result { job_id, out } => result(&Client::connect(&server).await?, &job_id, &out, json).await,
         Command::Load { model } => load(&Client::connect(&server).await?, &model, json).await,
         Command::Unload { model } => unload(&Client::connect(&server).await?, &model, json).await,
