@@ -161,6 +161,19 @@ class Arguments(unittest.TestCase):
 
 
 class EventStream(unittest.TestCase):
+    def test_queue_position_eta_and_model_loading(self):
+        state = core.JobState()
+        state.apply({"v": 1, "event": "queued", "job_id": "j", "position": 2})
+        self.assertEqual(state.status_text(), "Queued (2 ahead)")
+        state.apply({"v": 1, "event": "queued", "job_id": "j", "position": 1, "estimated_start_seconds": 12.4})
+        self.assertEqual(state.status_text(), "Queued (1 ahead, starts in about 12 s)")
+        state.apply({"v": 1, "event": "queued", "job_id": "j", "position": 0, "estimated_start_seconds": 0.0})
+        self.assertEqual(state.status_text(), "Starting…")
+        state.apply({"v": 1, "event": "loading", "job_id": "j", "model": "sdxl"})
+        self.assertEqual(state.status_text(), "Loading model sdxl…")
+        state.apply({"v": 1, "event": "started", "job_id": "j", "total_steps": 4, "seed": 5})
+        self.assertEqual(state.status_text(), "Step 0/4 (seed 5)")
+
     def test_readme_session(self):
         buf = core.LineBuffer()
         state = core.JobState()

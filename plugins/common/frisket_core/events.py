@@ -115,6 +115,8 @@ class JobState(object):
         self.total_steps = None
         self.steps_done = 0
         self.queue_position = None
+        self.queue_eta = None  # seconds until the job should start, when the server says
+        self.loading_model = None
         self.width = None
         self.height = None
         self.previews = []  # events, in order
@@ -140,7 +142,11 @@ class JobState(object):
             self.job_id = event["job_id"]
         if name == "queued":
             self.queue_position = event.get("position")
+            self.queue_eta = event.get("estimated_start_seconds")
+        elif name == "loading":
+            self.loading_model = event.get("model")
         elif name == "started":
+            self.loading_model = None
             self.total_steps = event.get("total_steps")
             self.seed = event.get("seed", self.seed)
             self.width, self.height = event.get("width"), event.get("height")
@@ -175,7 +181,12 @@ class JobState(object):
             return "Cancelling…"
         if self.total_steps:
             return "Step {}/{} (seed {})".format(self.steps_done, self.total_steps, self.seed)
+        if self.loading_model:
+            return "Loading model {}…".format(self.loading_model)
         if self.queue_position:
+            eta = self.queue_eta
+            if isinstance(eta, (int, float)):
+                return "Queued ({} ahead, starts in about {:.0f} s)".format(self.queue_position, eta)
             return "Queued ({} ahead)".format(self.queue_position)
         return "Starting…"
 
