@@ -6,6 +6,7 @@ pub mod lpips;
 pub mod preservation;
 pub mod resize;
 pub mod stats;
+pub mod torch_file;
 
 use anyhow::{bail, Context, Result};
 use frisket_engine::image_io::read_rgb;
@@ -64,18 +65,10 @@ impl Mode {
     }
 }
 
-/// A PyTorch state dict file → name → tensor. libtorch's reader takes `torch.save`'s zip format
-/// holding a plain dict of tensors; an `OrderedDict` (what `torch.save(module.state_dict())`
-/// writes) or a pre-1.6 legacy file is refused, and the error says how to re-save it.
+/// A PyTorch state dict file → name → tensor: `torch.save`'s zip or legacy format, a dict or
+/// OrderedDict (nested ones by dotted keys), read without unpickling ([`torch_file`]).
 pub fn load_state_dict(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
-    let tensors = Tensor::loadz_multi(path).with_context(|| {
-        format!(
-            "{} is not readable as a state dict: libtorch reads torch.save's zip format holding a plain dict; \
-             re-save it with python -c \"import torch; torch.save(dict(torch.load('IN')), 'OUT')\"",
-            path.display()
-        )
-    })?;
-    Ok(tensors.into_iter().collect())
+    Ok(torch_file::read(path)?.into_iter().collect())
 }
 
 /// clean-fid's image extensions.

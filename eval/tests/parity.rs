@@ -181,8 +181,14 @@ fn masked_lpips_matches_the_lpips_package() {
     // The Inception state dict is not an LPIPS one.
     let err = Lpips::load(&dir().join("pt_inception-2015-12-05-6726825d.pth")).err().unwrap().to_string();
     assert!(err.contains("not an AlexNet LPIPS state dict"), "{err}");
-    let err = Lpips::load(&dir().join("lpips_alex_ordereddict.pth")).err().unwrap().to_string();
-    assert!(err.contains("re-save it with"), "{err}");
+    // The same weights as torch.save(state_dict()) writes them, and in the legacy format,
+    // read without unpickling; a pickle that would run a command is refused.
+    for name in ["lpips_alex_ordereddict.pth", "lpips_alex_legacy.pth"] {
+        let again = Lpips::load(&dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(again.masked(&pred, &target, &mask).unwrap(), ours, "{name}");
+    }
+    let err = format!("{:#}", frisket_eval::torch_file::read(&dir().join("runs_command.pth")).err().unwrap());
+    assert!(err.contains("posix.system") || err.contains("os.system"), "{err}");
 }
 
 #[test]
