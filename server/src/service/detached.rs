@@ -171,23 +171,23 @@ impl Detached {
     /// while more than the count or bytes are kept.
     fn expire(&self, jobs: &mut VecDeque<Arc<Journal>>) {
         let keep = self.retention.keep;
-        jobs.retain(|j| j.ended().is_none_or(|(at, _)| at.elapsed() < keep));
-        let ended: Vec<(usize, u64)> =
-            jobs.iter().enumerate().filter_map(|(i, j)| j.ended().map(|(_, bytes)| (i, bytes))).collect();
-        let mut count = ended.len();
-        let mut bytes: u64 = ended.iter().map(|(_, b)| b).sum();
-        let mut drop = Vec::new();
-        for (i, b) in ended {
+        // Each journal's end, read once: None while running (never dropped).
+        let ends: Vec<Option<(Instant, u64)>> = jobs.iter().map(|j| j.ended()).collect();
+        let mut kept: Vec<bool> = ends.iter().map(|e| e.is_none_or(|(at, _)| at.elapsed() < keep)).collect();
+        let finished: Vec<u64> = ends.iter().zip(&kept).filter_map(|(e, k)| e.filter(|_| *k).map(|(_, b)| b)).collect();
+        let (mut count, mut bytes) = (finished.len(), finished.iter().sum::<u64>());
+        for (i, end) in ends.iter().enumerate() {
             if count <= self.retention.max_count && bytes <= self.retention.max_bytes {
                 break;
             }
-            drop.push(i);
-            count -= 1;
-            bytes -= b;
+            if let (Some((_, b)), true) = (end, kept[i]) {
+                kept[i] = false;
+                count -= 1;
+                bytes -= b;
+            }
         }
-        for i in drop.into_iter().rev() {
-            jobs.remove(i);
-        }
+        let mut kept = kept.into_iter();
+        jobs.retain(|_| kept.next().unwrap_or(true));
     }
 
     /// A journal for a new detached job; None when a detached job with that id is running
