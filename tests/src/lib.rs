@@ -46,35 +46,39 @@ pub fn models_dir() -> PathBuf {
     dir
 }
 
-/// The `frisket-server` binary of the profile these tests were built with. Unless
-/// `$FRISKET_SERVER_BIN` names one, it is (re)built once per test process with
-/// `cargo build -p frisket-server --bin frisket-server` so it is never stale.
+/// The `frisket-server` binary of the profile these tests were built with, unless
+/// `$FRISKET_SERVER_BIN` names one.
 pub fn server_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("FRISKET_SERVER_BIN") {
-            return PathBuf::from(bin);
-        }
-        // The test executable is target/<profile>/deps/<name>-<hash>.
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
-        let bin = profile_dir.join(format!("frisket-server{}", std::env::consts::EXE_SUFFIX));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.current_dir(workspace_root()).args(["build", "-p", "frisket-server", "--bin", "frisket-server"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        match build.status() {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("building frisket-server failed ({s}); build it with `cargo build -p frisket-server`"),
-            Err(e) if bin.is_file() => eprintln!("could not run cargo ({e}); using the existing {}", bin.display()),
-            Err(e) => panic!("cannot run cargo to build frisket-server ({e}) and {} is missing", bin.display()),
-        }
-        assert!(bin.is_file(), "{} is missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("frisket-server", "FRISKET_SERVER_BIN")).clone()
+}
+
+/// A binary of the workspace, of the profile these tests were built with: `$ENV_VAR` if it
+/// names one, else (re)built with `cargo build --workspace --bin NAME` so it is never stale
+/// (the workspace's features, so it reuses what `cargo test --workspace` built). Callers
+/// keep the path in a `OnceLock` to build once per test process.
+pub fn workspace_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(env_var) {
+        return PathBuf::from(bin);
+    }
+    // The test executable is target/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.current_dir(workspace_root()).args(["build", "--workspace", "--bin", name]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    match build.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("building {name} failed ({s}); build it with `cargo build --workspace --bin {name}`"),
+        Err(e) if bin.is_file() => eprintln!("could not run cargo ({e}); using the existing {}", bin.display()),
+        Err(e) => panic!("cannot run cargo to build {name} ({e}) and {} is missing", bin.display()),
+    }
+    assert!(bin.is_file(), "{} is missing after the build", bin.display());
+    bin
 }
 
 /// Runs `frisket-server render ARGS`.

@@ -15,35 +15,11 @@ use std::time::{Duration, Instant};
 
 use frisket_e2e::{models_dir, server_binary};
 
-/// The `frisket` binary of the profile these tests were built with, (re)built once per
-/// test process (`cargo build -p frisket --bin frisket`) so it is never stale, unless
-/// `$FRISKET_BIN` names one.
+/// The `frisket` binary of the profile these tests were built with, unless `$FRISKET_BIN`
+/// names one.
 fn client_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("FRISKET_BIN") {
-            return PathBuf::from(bin);
-        }
-        // The test executable is target/<profile>/deps/<name>-<hash>.
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
-        let bin = profile_dir.join(format!("frisket{}", std::env::consts::EXE_SUFFIX));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.current_dir(frisket_e2e::workspace_root()).args(["build", "-p", "frisket", "--bin", "frisket"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        match build.status() {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("building frisket failed ({s}); build it with `cargo build -p frisket`"),
-            Err(e) if bin.is_file() => eprintln!("could not run cargo ({e}); using the existing {}", bin.display()),
-            Err(e) => panic!("cannot run cargo to build frisket ({e}) and {} is missing", bin.display()),
-        }
-        assert!(bin.is_file(), "{} is missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| frisket_e2e::workspace_binary("frisket", "FRISKET_BIN")).clone()
 }
 
 /// `frisket ARGS` with no server configured.
