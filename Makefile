@@ -99,11 +99,12 @@ fuzz:
 	done
 
 # Needs a CUDA GPU: full-size random-weight SD 1.5 (512²) and SDXL (1024²) in fp16, Frisket
-# against diffusers in one run (s/step, peak GPU memory, image difference); JSON in $(OUT).
+# against diffusers in one run (s/step, peak GPU memory, image difference), then SD 1.5 at
+# 1, 2, 4 and 8 concurrent jobs stepped together (images/s, s/step); JSON in $(OUT).
 .PHONY: gpu-check
 gpu-check: build
 	mkdir -p $(OUT)
-	$(PY) bench/gpu_check.py $(SERVER_BIN) $(CACHE) $(OUT)/gpu-check.json
+	$(PY) bench/gpu_check.py $(SERVER_BIN) target/debug/frisket-load $(CACHE) $(OUT)/gpu-check.json
 
 # Editor plugins (plugins/): the Krita and GIMP adapters over the `frisket` client's JSON
 # lines. `make plugin-krita` builds the zip for Krita's Tools > Scripts > Import Python

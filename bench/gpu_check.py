@@ -6,12 +6,17 @@ fp16 diffusers folders, then renders the same txt2img job with diffusers and wit
 model: seconds per step (medians, first step excluded), the speed ratio, peak GPU memory of
 each engine (the card's memory in use, from nvidia-smi, so diffusers' figure includes this
 process's CUDA context as Frisket's includes its own), and the difference between the two
-images (max and mean, in 1/255).
+images (max and mean, in 1/255). Then step-level batching on the GPU: `frisket-load`
+against `frisket-server serve --device cuda:0 --max-batch 8` on the SD 1.5 model at 512²,
+with 1, 2, 4 and 8 concurrent clients, so the worker steps batches of that many jobs:
+images/s, seconds per step of a job (its job time over its steps), the batch sizes the
+server logged, and images/s against one client (goal: ≥ 1.25× at 4).
 Random weights make images of noise-like texture; equal images still show equal arithmetic.
-Usage: gpu_check.py FRISKET_SERVER_BINARY CACHE_DIR [OUT_JSON]
+Usage: gpu_check.py FRISKET_SERVER_BINARY FRISKET_LOAD_BINARY CACHE_DIR [OUT_JSON]
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -219,6 +224,36 @@ def frisket_run(binary: str, folder: Path, size: int, out: Path) -> dict:
     return {"s_per_step": statistics.median(steps), "peak_mib": poll.peak}
 
 
+BATCH_CLIENTS = (1, 2, 4, 8)
+BATCH_JOBS_PER_CLIENT = 2
+
+
+def batch_run(server_bin: str, load_bin: str, models: Path, out: Path) -> dict:
+    """frisket-load's runs on the GPU at each client count, read from its --out JSON."""
+    flags = "--device cuda:0 --max-batch 8 --queue-capacity 16 --max-jobs-per-connection 16"
+    args = [load_bin, "--models", str(models), "--model", "sd15", "--prompt", PROMPT]
+    args += ["--steps", str(STEPS), "--size", "512", "--jobs", str(BATCH_JOBS_PER_CLIENT)]
+    args += ["--concurrency", ",".join(map(str, BATCH_CLIENTS)), "--setting", f"gpu-batch={flags}", "--out", str(out)]
+    env = {
+        **os.environ,
+        "FRISKET_SERVER_BIN": server_bin,
+        "FRISKET_TEST_RUST_LOG": "info,frisket_server::service::worker=debug",
+    }
+    subprocess.run(args, check=True, env=env)
+    runs = {r["result"]["concurrency"]: r["result"] for r in json.loads(out.read_text())["runs"]}
+    single = runs[1]["jobs_per_second"]
+    return {
+        str(c): {
+            "images_per_s": r["jobs_per_second"],
+            "against_one_client": r["jobs_per_second"] / single if single else None,
+            "s_per_step_p50": r["job_seconds"]["p50"] / STEPS if r["job_seconds"]["p50"] else None,
+            "batch_sizes": r["batch_sizes"],
+            "codes": r["codes"],
+        }
+        for c, r in sorted(runs.items())
+    }
+
+
 def compare(a: Path, b: Path) -> dict:
     x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
     y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
@@ -226,12 +261,14 @@ def compare(a: Path, b: Path) -> dict:
     return {"max_diff_255": float(d.max()), "mean_diff_255": float(d.mean())}
 
 
-def main(server_bin: str, cache: Path, out_json: Path | None) -> None:
+def main(server_bin: str, load_bin: str, cache: Path, out_json: Path | None) -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; fp16; {STEPS} steps")
     report = {"gpu": props.name, "torch": torch.__version__, "steps": STEPS, "models": {}}
+    # One folder of fp16 models, so frisket-server serve can list them (--models).
+    models = cache / "gpu-check-models"
     for name, build, xl, size in (("sd15", build_sd15, False, 512), ("sdxl", build_sdxl, True, 1024)):
-        folder = cache / f"gpu-check-{name}-fp16"
+        folder = models / name
         if not (folder / "model_index.json").exists():
             build(folder, cache)
         with tempfile.TemporaryDirectory() as tmp:
@@ -247,9 +284,17 @@ def main(server_bin: str, cache: Path, out_json: Path | None) -> None:
             f"frisket speed {speed:.2f}x diffusers (goal >= 1.0); image max "
             f"{diff['max_diff_255']:.0f}/255, mean {diff['mean_diff_255']:.2f}/255"
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        report["batching_sd15_512"] = batch_run(server_bin, load_bin, models, Path(tmp) / "load.json")
+    for c, r in report["batching_sd15_512"].items():
+        print(
+            f"sd15 512² fp16, {c} client(s) at --max-batch 8: {r['images_per_s']:.3f} images/s "
+            f"({r['against_one_client']:.2f}x one client; goal >= 1.25 at 4), "
+            f"{r['s_per_step_p50']:.4f} s/step per job, batch sizes {r['batch_sizes']}, codes {r['codes']}"
+        )
     if out_json:
         out_json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None)

@@ -61,8 +61,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub queue_capacity: u32,
     /// Most jobs stepped together, their UNet rows stacked into one call per step (jobs of
-    /// one model and LoRA set join between steps); 1: one job at a time.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// one model and LoRA set join between steps); 1: one job at a time, exactly as
+    /// diffusers. The default matches the default --queue-capacity.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_batch: u32,
     /// Serve Prometheus metrics (gRPC calls, queue, steps, memory) at http://ADDR/metrics;
     /// port 0 picks a free port (the chosen one is printed). Off unless given.

@@ -581,7 +581,8 @@ async fn health_and_reflection_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_end_running_and_queued_jobs() {
-    let server = Server::start(&[]).await;
+    // One job at a time, so B waits in the queue behind A instead of joining its steps.
+    let server = Server::start(&["--max-batch", "1"]).await;
     let (mut c1, mut c2, mut ctl) = (server.client().await, server.client().await, server.client().await);
 
     // B waits behind a long job A; B's deadline passes while it waits.

@@ -105,7 +105,10 @@ const STALLED_STEPS: u32 = 40;
 async fn a_stopped_client_does_not_hold_the_engine_and_gets_its_result() {
     // The client stays stopped for two jobs' time: on a slow machine that can pass the
     // default stalled-client time and the keepalive's, which would drop it (the next test).
-    let server = shapes_server(&["--stalled-client-seconds", "300", "--http2-keepalive-interval", "300"]).await;
+    // One job at a time: the other job starts only once the stopped client's job is done.
+    let server =
+        shapes_server(&["--stalled-client-seconds", "300", "--http2-keepalive-interval", "300", "--max-batch", "1"])
+            .await;
     let mut stalled = StreamClient::start(&server, "stall-a", STALLED_STEPS);
     assert_eq!(stalled.next_line().as_deref(), Some("queued"));
     stalled.signal("STOP");
