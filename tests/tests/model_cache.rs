@@ -3,7 +3,8 @@
 //! job on another model evicts the least recently used one (ListModels, the log and the
 //! eviction counter show it), a job on the evicted model loads it again and makes the same
 //! image, and a model larger than the whole budget (sdxl, about 28 MiB) is
-//! RESOURCE_EXHAUSTED with the sizes while the loaded model keeps serving.
+//! RESOURCE_EXHAUSTED with the sizes while the loaded model keeps serving, as is a model that
+//! does not fit beside a running job's.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
@@ -91,4 +92,18 @@ async fn a_budget_for_one_model_evicts_the_least_recently_used_and_refuses_a_lar
     assert!(served.result().is_some(), "sd1 after the refusal: {:?}", served.error);
     assert!(!loaded_cold(&served), "sd1 stayed loaded");
     assert_eq!(evictions(&url).await, (2.0, sd1_bytes));
+
+    // A running job's model is never evicted: LoadModel of sd2 meanwhile is refused, sd2
+    // stays on disk, and the job runs on.
+    let long = pb::GenerateRequest { job_id: "long".into(), ..txt2img("sd1", "a long job", 7, 400, 64, 48) };
+    let mut stream = server.client().await.generate(long).await.expect("long job accepted").into_inner();
+    next_matching(&mut stream, |e| matches!(e, Event::Started(_))).await;
+    let refused = client.load_model(pb::LoadModelRequest { model: "sd2".into() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("[\"sd1\"]") && refused.message().contains("running jobs"), "{refused:?}");
+    assert_eq!(state(&list(&server).await, "sd2").0, pb::ModelState::OnDisk as i32);
+    next_matching(&mut stream, |e| matches!(e, Event::Step(_))).await;
+    client.cancel(pb::CancelRequest { job_id: "long".into() }).await.expect("Cancel");
+    assert_eq!(evictions(&url).await, (2.0, sd1_bytes));
+    eprintln!("weights: sd1 {sd1_bytes} bytes, sd2 {sd2_bytes} bytes; budget {BUDGET_MIB} MiB");
 }
