@@ -465,6 +465,12 @@ impl StableDiffusion {
         self.params.get(&component)?.tensor(name)
     }
 
+    /// Bytes of the model's weight tensors (UNet, VAE, text encoders) as loaded on its
+    /// device: what it holds while loaded, apart from activations and caches.
+    pub fn weight_bytes(&self) -> u64 {
+        self.params.values().map(Weights::bytes).sum::<u64>() + self.vae.weight_bytes()
+    }
+
     /// The names and shapes of the parameters LoRAs may change.
     pub fn param_index(&self) -> &ParamIndex {
         &self.param_index

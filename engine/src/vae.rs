@@ -321,6 +321,8 @@ pub struct AutoencoderKl {
     decoder: Decoder,
     /// The dtype of its weights; inputs are converted to it.
     kind: Kind,
+    /// Bytes of its weight tensors.
+    weight_bytes: u64,
 }
 
 impl AutoencoderKl {
@@ -338,6 +340,7 @@ impl AutoencoderKl {
             post_quant_conv,
             decoder: Decoder::new(&p.pp("decoder"), cfg)?,
             kind: p.kind(),
+            weight_bytes: p.bytes(),
         })
     }
 
@@ -355,6 +358,11 @@ impl AutoencoderKl {
     /// The dtype it runs in (its outputs have it too).
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Bytes of its weight tensors.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// Image in [-1, 1], [B, in_channels, H, W] with H, W multiples of `scale_factor()`,

@@ -124,6 +124,11 @@ impl Weights {
         self.tensors.iter()
     }
 
+    /// Bytes of all its tensors' elements.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.values().map(tensor_bytes).sum()
+    }
+
     fn source(&self) -> String {
         match self.files.as_slice() {
             [] => "weights".into(),
@@ -131,6 +136,11 @@ impl Weights {
             many => format!("{} (+{} shards)", many[0].display(), many.len() - 1),
         }
     }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// A position in the weight tree, like `down_blocks.0.resnets.1`.
@@ -191,5 +201,16 @@ impl<'a> WeightPath<'a> {
 
     pub fn kind(&self) -> Kind {
         self.weights.kind
+    }
+
+    /// Bytes of the tensors under this path (all of them at the root).
+    pub fn bytes(&self) -> u64 {
+        let prefix = format!("{}.", self.prefix);
+        self.weights
+            .tensors
+            .iter()
+            .filter(|(name, _)| self.prefix.is_empty() || name.starts_with(&prefix))
+            .map(|(_, t)| tensor_bytes(t))
+            .sum()
     }
 }

@@ -65,6 +65,16 @@ pub struct ServeArgs {
     /// diffusers. The default matches the default --queue-capacity.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_batch: u32,
+    /// MiB the worker's loaded models' weights (UNet, VAE, text encoders) may hold in all:
+    /// a model that does not fit beside the loaded ones unloads the least recently used
+    /// ones that no running job uses; a model larger than this is RESOURCE_EXHAUSTED.
+    /// Unlimited unless given.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=(u64::MAX >> 20)))]
+    pub model_memory_mib: Option<u64>,
+    /// libtorch intra-op threads of the worker; default: libtorch's (OMP_NUM_THREADS, else
+    /// the number of physical cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub threads: Option<i32>,
     /// Serve Prometheus metrics (gRPC calls, queue, steps, memory) at http://ADDR/metrics;
     /// port 0 picks a free port (the chosen one is printed). Off unless given.
     #[arg(long, value_name = "ADDR")]
@@ -299,7 +309,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         listen: a.listen,
         device: a.device,
         queue_capacity: a.queue_capacity as usize,
-        max_batch: a.max_batch as usize,
+        worker: crate::service::worker::WorkerOptions {
+            max_batch: a.max_batch as usize,
+            model_memory: a.model_memory_mib.map(|m| m << 20),
+            threads: a.threads,
+        },
         metrics_listen: a.metrics_listen,
         grace_period: std::time::Duration::from_secs_f64(a.grace_period),
         limits: a.settings.load()?.limits,

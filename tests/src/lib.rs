@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
+mod scrape;
+pub use scrape::{metrics_url, scrape, Sample, Scrape};
+
 /// Largest message either way; the server's limit too.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 

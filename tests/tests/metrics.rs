@@ -6,76 +6,16 @@ use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
 use prost::Message;
-use std::collections::BTreeMap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// Steps of each job that runs to its end.
 const STEPS: u32 = 12;
 
-/// One sample of the text exposition: metric name, labels, value.
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-struct Scrape {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-impl Scrape {
-    fn parse(text: String) -> Scrape {
-        let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.strip_suffix('}').expect("labels end with }")),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    let (k, v) = l.split_once('=').expect("label=value");
-                    (k.to_string(), v.trim_matches('"').to_string())
-                })
-                .collect();
-            samples.push(Sample { name: name.to_string(), labels, value });
-        }
-        Scrape { text, samples }
-    }
-
-    /// The sum of `name`'s samples whose labels include `labels`.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
-            .map(|s| s.value)
-            .sum()
-    }
-
-    fn generate(&self, name: &str, code: Option<&str>) -> f64 {
-        let mut labels = vec![("grpc_service", "frisket.v1.Frisket"), ("grpc_method", "Generate")];
-        labels.extend(code.map(|c| ("grpc_code", c)));
-        self.value(name, &labels)
-    }
-}
-
-/// GET /metrics over HTTP/1.1.
-async fn scrape(url: &str) -> Scrape {
-    let authority = url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).expect("metrics URL");
-    let mut tcp = tokio::net::TcpStream::connect(authority).await.expect("connecting to the metrics port");
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut reply = String::new();
-    tcp.read_to_string(&mut reply).await.unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
-    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    Scrape::parse(body.to_string())
+/// `name`'s samples of Generate calls (with `code`, when given).
+fn generate_calls(scrape: &Scrape, name: &str, code: Option<&str>) -> f64 {
+    let mut labels = vec![("grpc_service", "frisket.v1.Frisket"), ("grpc_method", "Generate")];
+    labels.extend(code.map(|c| ("grpc_code", c)));
+    scrape.value(name, &labels)
 }
 
 /// `promtool check metrics` on `text`: the linter Prometheus ships. Its absence fails the
@@ -122,13 +62,7 @@ async fn cancel(server: &Server, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_server_did() {
     let server = Server::start(&["--metrics-listen", "127.0.0.1:0", "--max-batch", "2"]).await;
-    let logs = server.logs();
-    let url = logs
-        .lines()
-        .find_map(|l| l.strip_prefix("[stdout] frisket-server metrics on "))
-        .expect("the server prints its metrics address")
-        .trim()
-        .to_string();
+    let url = metrics_url(&server);
 
     // Refused before queueing: INVALID_ARGUMENT (0 steps) and NOT_FOUND (unknown model).
     let refused = generate(&mut server.client().await, txt2img("sd1", "x", 1, 0, 64, 48)).await;
@@ -182,12 +116,12 @@ async fn metrics_count_what_the_server_did() {
     println!("{}", after.text);
 
     // Generate: 2 refused, 2 cancelled, 2 finished; every call started was handled.
-    assert_eq!(after.generate("grpc_server_started_total", None), 6.0);
-    assert_eq!(after.generate("grpc_server_handled_total", Some("InvalidArgument")), 1.0);
-    assert_eq!(after.generate("grpc_server_handled_total", Some("NotFound")), 1.0);
-    assert_eq!(after.generate("grpc_server_handled_total", Some("Canceled")), 2.0);
-    assert_eq!(after.generate("grpc_server_handled_total", Some("OK")), 2.0);
-    assert_eq!(after.generate("grpc_server_handling_seconds_count", None), 6.0);
+    assert_eq!(generate_calls(&after, "grpc_server_started_total", None), 6.0);
+    assert_eq!(generate_calls(&after, "grpc_server_handled_total", Some("InvalidArgument")), 1.0);
+    assert_eq!(generate_calls(&after, "grpc_server_handled_total", Some("NotFound")), 1.0);
+    assert_eq!(generate_calls(&after, "grpc_server_handled_total", Some("Canceled")), 2.0);
+    assert_eq!(generate_calls(&after, "grpc_server_handled_total", Some("OK")), 2.0);
+    assert_eq!(generate_calls(&after, "grpc_server_handling_seconds_count", None), 6.0);
     let generate_type = [("grpc_method", "Generate"), ("grpc_type", "server_stream")];
     assert_eq!(after.value("grpc_server_started_total", &generate_type), 6.0);
     // Cancel: two that found their job, one refused at the edge for its content-type.

@@ -4,13 +4,13 @@
 //! text at `/metrics` on its own port when `serve --metrics-listen ADDR` is given.
 //!
 //! The worker reports through the free functions here ([`step_batch`], [`first_preview`],
-//! [`model_loaded`], [`job_ended`]; [`job_stopped`] from `Job::end_stopped`, which every
+//! [`model_loaded`], [`model_evicted`], [`loaded_model_bytes`], [`job_ended`]; [`job_stopped`] from `Job::end_stopped`, which every
 //! job that stops early goes through, waiting or running); queue depth, running jobs and
 //! resident memory are read when scraped.
 use super::jobs::{Queue, StopReason};
 use http::{Request, Response};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use prost::Message;
 use std::collections::HashMap;
@@ -46,6 +46,8 @@ pub struct Metrics {
     step_seconds: Histogram,
     first_preview_seconds: Histogram,
     model_load_seconds: Histogram,
+    model_evictions: IntCounterVec,
+    loaded_model_bytes: IntGaugeVec,
     resident_memory: IntGauge,
 }
 
@@ -108,6 +110,19 @@ impl Metrics {
         );
         let model_load_seconds =
             histogram("frisket_model_load_seconds", "Seconds loading a model onto its device took.", SECONDS_BUCKETS);
+        let model_evictions = IntCounterVec::new(
+            Opts::new(
+                "frisket_model_evictions_total",
+                "Models unloaded to make room for another within the model memory budget (--model-memory-mib).",
+            ),
+            &["device"],
+        )
+        .expect("valid counter");
+        let loaded_model_bytes = IntGaugeVec::new(
+            Opts::new("frisket_loaded_model_bytes", "Bytes of the weight tensors of the models loaded on a device."),
+            &["device"],
+        )
+        .expect("valid gauge");
         let resident_memory =
             IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").expect("valid gauge");
 
@@ -123,6 +138,8 @@ impl Metrics {
             Box::new(step_seconds.clone()),
             Box::new(first_preview_seconds.clone()),
             Box::new(model_load_seconds.clone()),
+            Box::new(model_evictions.clone()),
+            Box::new(loaded_model_bytes.clone()),
             Box::new(resident_memory.clone()),
         ];
         for c in collectors {
@@ -140,6 +157,8 @@ impl Metrics {
             step_seconds,
             first_preview_seconds,
             model_load_seconds,
+            model_evictions,
+            loaded_model_bytes,
             resident_memory,
         }
     }
@@ -161,6 +180,18 @@ pub fn first_preview(seconds: f64) {
 /// A model loaded in `seconds`.
 pub fn model_loaded(seconds: f64) {
     METRICS.model_load_seconds.observe(seconds);
+}
+
+/// A model on `device` was unloaded to make room for another.
+pub fn model_evicted(device: &str) {
+    METRICS.model_evictions.with_label_values(&[device]).inc();
+}
+
+/// The models loaded on `device` hold `bytes` of weights now (also makes the device's
+/// eviction count visible from 0).
+pub fn loaded_model_bytes(device: &str, bytes: u64) {
+    METRICS.model_evictions.with_label_values(&[device]);
+    METRICS.loaded_model_bytes.with_label_values(&[device]).set(bytes.try_into().unwrap_or(i64::MAX));
 }
 
 /// The worker ended a job with its result ("ok") or an error status ("failed").

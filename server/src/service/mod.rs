@@ -13,11 +13,14 @@
 //!
 //! Models load when a job or LoadModel first needs them, or at startup (`--preload`: health
 //! stays NOT_SERVING until those are loaded and warmed); lifecycle.rs keeps each model's
-//! state for ListModels and its health status (`frisket.v1.Model/NAME`).
+//! state for ListModels and its health status (`frisket.v1.Model/NAME`). The worker keeps
+//! its loaded models within `--model-memory-mib` (cache.rs), unloading the least recently
+//! used ones to make room.
 //!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
 //! UNAVAILABLE; then the server stops and the process exits 0.
+pub mod cache;
 pub mod clients;
 pub mod detached;
 pub mod edges;
@@ -95,8 +98,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub device: String,
     pub queue_capacity: usize,
-    /// Most jobs the worker steps together (`--max-batch`; 1: one job at a time).
-    pub max_batch: usize,
+    /// How the worker runs: `--max-batch`, `--model-memory-mib`, `--threads`.
+    pub worker: worker::WorkerOptions,
     pub grace_period: Duration,
     pub limits: Limits,
     pub connections: ConnectionLimits,
@@ -150,7 +153,7 @@ pub fn run(mut cfg: ServeConfig) -> Result<()> {
     let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
     let lifecycle = Arc::new(lifecycle::Lifecycle::new(health_tx));
-    let worker = worker::spawn(queue.clone(), catalog.clone(), device, cfg.max_batch, lifecycle.clone())
+    let worker = worker::spawn(queue.clone(), catalog.clone(), device, cfg.worker.clone(), lifecycle.clone())
         .context("starting the worker thread")?;
     let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone(), lifecycle, health_rx));
     queue.exit_worker();

@@ -8,6 +8,12 @@
 //! alone), then makes one UNet call per latent size for all of them
 //! (`StableDiffusion::step_batch`), then reports each job's step. A job that ends leaves
 //! between steps; a job stopped inside a shared call leaves it without moving the others.
+//!
+//! Its loaded models live in a [`Cache`] with the `--model-memory-mib` budget: a model that
+//! does not fit beside the loaded ones unloads the least recently used ones that no running
+//! job uses (each eviction logged and counted); a model larger than the whole budget, or
+//! one that does not fit beside the running jobs' model, is RESOURCE_EXHAUSTED.
+use super::cache::{self, Cache};
 use super::jobs::{Job, Queue, StopReason, Taken};
 use super::lifecycle::{Command, Lifecycle, Loaded, State};
 use super::loras;
@@ -32,15 +38,35 @@ use std::time::Instant;
 use tonic::Status;
 use tracing::{debug, error, info, info_span, warn};
 
+/// How a worker runs (`serve --max-batch`, `--model-memory-mib`, `--threads`).
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Most jobs stepped together.
+    pub max_batch: usize,
+    /// Bytes its loaded models' weights may hold in all; None: no limit.
+    pub model_memory: Option<u64>,
+    /// libtorch intra-op threads of its thread; None: libtorch's default.
+    pub threads: Option<i32>,
+}
+
 pub fn spawn(
     queue: Arc<Queue>,
     catalog: Arc<Catalog>,
     device: Device,
-    max_batch: usize,
+    options: WorkerOptions,
     lifecycle: Arc<Lifecycle>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
-        let mut worker = Worker { models: HashMap::new(), loras: HashMap::new(), device, catalog, lifecycle };
+        // libtorch's intra-op thread count applies to the thread that sets it (OpenMP).
+        if let Some(n) = options.threads {
+            tch::set_num_threads(n);
+        }
+        let budget = options.model_memory;
+        info!(device = ?device, threads = tch::get_num_threads(), model_memory = %budget.map_or("unlimited".into(), cache::mib),
+              "worker started");
+        let mut worker = Worker { models: Cache::new(budget), loras: HashMap::new(), device, catalog, lifecycle };
+        worker.report_memory();
+        let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
         loop {
             // Loads and unloads happen between steps, before new jobs join.
@@ -66,7 +92,8 @@ pub fn spawn(
                 let span = info_span!("job", job_id = %job.id);
                 let begun = {
                     let _entered = span.enter();
-                    guarded(&job, || worker.begin(&job, span.clone()))
+                    let in_use = in_use(&active);
+                    guarded(&job, || worker.begin(&job, span.clone(), &in_use))
                 };
                 match begun {
                     Ok(a) => active.push(a),
@@ -78,7 +105,8 @@ pub fn spawn(
                 }
             }
             if let Some(first) = active.first() {
-                let model = &worker.models[&first.group.model];
+                worker.models.touch(&first.group.model);
+                let model = worker.models.get(&first.group.model).expect("running jobs' model is loaded");
                 let stepping = Instant::now();
                 step_all(model, &mut active);
                 queue.clock.record(stepping.elapsed().as_secs_f64());
@@ -86,6 +114,14 @@ pub fn spawn(
             }
         }
     })
+}
+
+/// The models the running jobs use (never evicted).
+fn in_use(active: &[Active]) -> Vec<String> {
+    let mut names: Vec<String> = active.iter().map(|a| a.group.model.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Why a job ends before its Result.
@@ -274,7 +310,7 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
 }
 
 struct Worker {
-    models: HashMap<String, StableDiffusion>,
+    models: Cache<StableDiffusion>,
     loras: loras::LoadedLoras,
     device: Device,
     catalog: Arc<Catalog>,
@@ -297,9 +333,15 @@ fn send(job: &Arc<Job>, event: Event) -> bool {
 }
 
 impl Worker {
-    fn model(&mut self, name: &str) -> Result<&StableDiffusion, Status> {
-        if !self.models.contains_key(name) {
+    /// The model `name`, loaded (within the budget, unloading others as needed) unless it
+    /// is; `in_use`: the running jobs' models.
+    fn model(&mut self, name: &str, in_use: &[String]) -> Result<&StableDiffusion, Status> {
+        if !self.models.contains(name) {
             let dir = self.catalog.resolve(name)?;
+            // A model loaded before is refused, or room made for it, before loading.
+            if let Some(bytes) = self.models.known_size(name) {
+                self.make_room(name, bytes, in_use)?;
+            }
             let t = Instant::now();
             info!(model = name, device = ?self.device, "loading model");
             self.lifecycle.set(name, Some(State::Loading));
@@ -319,12 +361,61 @@ impl Worker {
                     return Err(Status::failed_precondition(format!("loading model {name:?} failed: {why}")));
                 }
             };
-            info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded");
+            let bytes = model.weight_bytes();
+            info!(model = name, seconds = t.elapsed().as_secs_f64(), bytes, "model loaded");
             metrics::model_loaded(t.elapsed().as_secs_f64());
-            self.models.insert(name.to_string(), model);
+            // Its size is known only now: a first load may hold it beside models that are
+            // unloaded here to make room.
+            if let Err(status) = self.make_room(name, bytes, in_use) {
+                drop(model);
+                frisket_engine::model::release_cpu_memory();
+                return Err(status);
+            }
+            self.models.insert(name, model, bytes);
+            self.report_memory();
             self.lifecycle.set(name, Some(State::Loaded { devices: self.devices() }));
         }
-        Ok(&self.models[name])
+        self.models.touch(name);
+        Ok(self.models.get(name).expect("loaded above"))
+    }
+
+    /// Unloads least recently used models (not in `in_use`) until `bytes` of `name` fit.
+    /// A model larger than the whole budget is marked failed with why; one that does not
+    /// fit beside the running jobs' model is left on disk; nothing is unloaded then.
+    fn make_room(&mut self, name: &str, bytes: u64, in_use: &[String]) -> Result<(), Status> {
+        let in_use: Vec<&str> = in_use.iter().map(String::as_str).collect();
+        let evicted = match self.models.make_room(name, bytes, &in_use) {
+            Ok(evicted) => evicted,
+            Err(no_room) => {
+                let status = no_room.status(name);
+                warn!(model = name, bytes, "model not loaded: {}", status.message());
+                let state = match no_room {
+                    cache::NoRoom::TooLarge { .. } => Some(State::Failed(status.message().to_string())),
+                    cache::NoRoom::InUse { .. } => None,
+                };
+                self.lifecycle.set(name, state);
+                return Err(status);
+            }
+        };
+        if evicted.is_empty() {
+            return Ok(());
+        }
+        let budget = self.models.budget().unwrap_or(u64::MAX);
+        for (evicted, model, evicted_bytes) in evicted {
+            drop(model);
+            info!(model = %evicted, bytes = evicted_bytes, for_model = name, needed = bytes, budget,
+                  "model evicted: least recently used, to make room within --model-memory-mib");
+            metrics::model_evicted(&super::device_name(self.device));
+            self.lifecycle.set(&evicted, None);
+        }
+        frisket_engine::model::release_cpu_memory();
+        self.report_memory();
+        Ok(())
+    }
+
+    /// Sets the loaded-model bytes gauge of this worker's device.
+    fn report_memory(&self) {
+        metrics::loaded_model_bytes(&super::device_name(self.device), self.models.loaded_bytes());
     }
 
     /// The devices a model loaded by this worker is on.
@@ -336,7 +427,7 @@ impl Worker {
     fn command(&mut self, command: Command, active: &[Active]) {
         match command {
             Command::Load { model, reply } => {
-                let _ = reply.send(self.load(&model));
+                let _ = reply.send(self.load(&model, &in_use(active)));
             }
             Command::Unload { model, reply } => {
                 let _ = reply.send(self.unload(&model, active));
@@ -345,12 +436,13 @@ impl Worker {
     }
 
     /// Loads and warms a model unless it is loaded.
-    fn load(&mut self, name: &str) -> Result<Loaded, Status> {
-        if self.models.contains_key(name) {
+    fn load(&mut self, name: &str, in_use: &[String]) -> Result<Loaded, Status> {
+        if self.models.contains(name) {
+            self.models.touch(name);
             return Ok(Loaded { devices: self.devices(), seconds: 0.0 });
         }
         let t = Instant::now();
-        self.model(name)?;
+        self.model(name, in_use)?;
         self.warm(name);
         info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded and warmed");
         Ok(Loaded { devices: self.devices(), seconds: t.elapsed().as_secs_f64() })
@@ -360,7 +452,7 @@ impl Worker {
     /// not pay for libtorch's first-call setup. A failure is logged: the model is loaded
     /// and a job will report what goes wrong.
     fn warm(&self, name: &str) {
-        let model = &self.models[name];
+        let model = self.models.get(name).expect("warmed after loading");
         let size = model.vae_scale_factor() * 8;
         let params = GenerateParams { steps: 1, width: size, height: size, ..Default::default() };
         let warmed = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -385,11 +477,12 @@ impl Worker {
                 "model {name:?} is in use by {users} running job(s); unload it once they end"
             )));
         }
-        let was_loaded = self.models.remove(name).is_some();
+        let was_loaded = self.models.remove(name);
         // A failed load's reason is dropped too: the model is back on disk.
         self.lifecycle.set(name, None);
         if was_loaded {
             frisket_engine::model::release_cpu_memory();
+            self.report_memory();
             info!(model = name, "model unloaded");
         }
         Ok(was_loaded)
@@ -397,19 +490,19 @@ impl Worker {
 
     /// Starts a job: its model loaded, its LoRAs merged, its images decoded, its plan
     /// announced (Started) and its run begun, ready for its first step.
-    fn begin(&mut self, job: &Arc<Job>, span: tracing::Span) -> Result<Active, End> {
+    fn begin(&mut self, job: &Arc<Job>, span: tracing::Span, in_use: &[String]) -> Result<Active, End> {
         if let Some(reason) = job.check_stop() {
             return Err(End::Stopped(reason));
         }
         let spec = &job.spec;
         let queued_seconds = job.accepted.elapsed().as_secs_f64();
         let loading = Instant::now();
-        if !self.models.contains_key(&spec.meta.name)
+        if !self.models.contains(&spec.meta.name)
             && !send(job, Event::Loading(Loading { model: spec.meta.name.clone() }))
         {
             return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
         }
-        self.model(&spec.meta.name)?;
+        self.model(&spec.meta.name, in_use)?;
         let model_load_seconds = loading.elapsed().as_secs_f64();
         let model = self.models.get_mut(&spec.meta.name).expect("loaded above");
         let merging = Instant::now();
