@@ -39,11 +39,13 @@ fn default_projection() -> i64 {
     512
 }
 
-fn default_act() -> String {
+/// transformers' CLIP default activation (text and vision towers).
+pub fn default_act() -> String {
     "quick_gelu".into()
 }
 
-fn default_eps() -> f64 {
+/// transformers' CLIP default layer-norm epsilon (text and vision towers).
+pub fn default_eps() -> f64 {
     1e-5
 }
 

@@ -22,22 +22,14 @@ pub struct ClipVisionConfig {
     pub patch_size: i64,
     #[serde(default = "default_channels")]
     pub num_channels: i64,
-    #[serde(default = "default_act")]
+    #[serde(default = "frisket_engine::clip::default_act")]
     pub hidden_act: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "frisket_engine::clip::default_eps")]
     pub layer_norm_eps: f64,
 }
 
 fn default_channels() -> i64 {
     3
-}
-
-fn default_act() -> String {
-    "quick_gelu".into()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 /// The fields of preprocessor_config.json that CLIPImageProcessor uses; its class defaults
@@ -223,6 +215,18 @@ impl Clip {
         let text_config = ClipTextConfig::from_value(text_config)?;
         let vision_config: ClipVisionConfig =
             serde_json::from_value(vision_config.clone()).context("reading the CLIP vision_config")?;
+        let preprocessing = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
+            Ok(text) => serde_json::from_str(&text).context("parsing preprocessor_config.json")?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Preprocessing::default(),
+            Err(e) => return Err(e).context("reading preprocessor_config.json"),
+        };
+        let (crop, size) = (&preprocessing.crop_size, vision_config.image_size);
+        ensure!(
+            crop.height == size && crop.width == size,
+            "the preprocessing crops {}x{} but the vision tower takes {size}x{size} images",
+            crop.height,
+            crop.width
+        );
         let weights = Weights::load_dir(dir, Device::Cpu, Kind::Float)
             .with_context(|| format!("loading the CLIP weights in {}", dir.display()))?;
         let root = weights.root();
@@ -235,11 +239,6 @@ impl Clip {
         let vision = VisionTower::new(&root, &vision_config, projection_dim)?;
         let tokenizer =
             ClipTokenizer::from_dir(dir).with_context(|| format!("reading the tokenizer in {}", dir.display()))?;
-        let preprocessing = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
-            Ok(text) => serde_json::from_str(&text).context("parsing preprocessor_config.json")?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Preprocessing::default(),
-            Err(e) => return Err(e).context("reading preprocessor_config.json"),
-        };
         Ok(Self { text, vision, tokenizer, preprocessing, _weights: weights })
     }
 
@@ -276,9 +275,9 @@ impl Clip {
 
 /// The bounding box (x0, y0, width, height) of a [H, W] bool mask's true pixels.
 pub fn bounding_box(mask: &Tensor) -> Result<(i64, i64, i64, i64)> {
+    crate::preservation::ensure_nonempty(mask)?;
     let rows = mask.any_dim(1, false).nonzero();
     let cols = mask.any_dim(0, false).nonzero();
-    ensure!(rows.size()[0] > 0, "the mask is empty (no pixel at or above 128)");
     let (y0, y1) = (rows.min().int64_value(&[]), rows.max().int64_value(&[]));
     let (x0, x1) = (cols.min().int64_value(&[]), cols.max().int64_value(&[]));
     Ok((x0, y0, x1 - x0 + 1, y1 - y0 + 1))

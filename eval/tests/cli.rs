@@ -101,6 +101,28 @@ fn clip_score_and_direction_print_json() {
     assert_eq!(v["scores"][3]["image"], "003.png");
     assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-3, "{v} vs {expected}");
 
+    let whole: Vec<f64> = (0..4).map(|i| v["scores"][i]["score"].as_f64().unwrap()).collect();
+
+    // --masks: image 0 cropped to its mask's bounding box, the others with all-white masks (their
+    // bounding box is the whole image, so their scores stay).
+    let masks = std::env::temp_dir().join(format!("frisket-eval-masks-{}", std::process::id()));
+    std::fs::create_dir_all(&masks).unwrap();
+    std::fs::copy(dir().join("clip_mask.png"), masks.join("000.png")).unwrap();
+    for i in 1..4 {
+        let (w, h) = image::image_dimensions(dir().join(format!("clip_images/{i:03}.png"))).unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([255])).save(masks.join(format!("{i:03}.png"))).unwrap();
+    }
+    let out = run(&["clip-score", images, "--prompts", prompts, "--clip", clip, "--masks", masks.to_str().unwrap()]);
+    std::fs::remove_dir_all(&masks).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["metric"], "clip_score_region");
+    let region = r["region_score"].as_f64().unwrap();
+    assert!((v["scores"][0]["score"].as_f64().unwrap() - region).abs() <= 1e-3, "{v} vs {region}");
+    for (i, w) in whole.iter().enumerate().skip(1) {
+        assert!((v["scores"][i]["score"].as_f64().unwrap() - w).abs() <= 1e-9, "{v}: image {i} vs {w}");
+    }
+
     let (a, b) = (dir().join("clip_images/001.png"), dir().join("clip_images/000.png"));
     let (source, target) = ("a red circle on grey", "two blue squares");
     let out = run(&[
