@@ -1,5 +1,5 @@
 //! CLIP score with a Hugging Face `CLIPModel` folder (config.json, safetensors, tokenizer files,
-//! optionally preprocessor_config.json), as torchmetrics' `CLIPScore` computes it with
+//! optionally preprocessor_config.json or processor_config.json), as torchmetrics' `CLIPScore` computes it with
 //! transformers' `CLIPProcessor`: the engine's text encoder and tokenizer, the vision tower
 //! (`CLIPVisionTransformer`, on the engine's encoder layer) and the two projections here.
 use anyhow::{bail, ensure, Context, Result};
@@ -45,15 +45,50 @@ pub struct Preprocessing {
     pub rescale_factor: f64,
 }
 
+/// `{"shortest_edge": n}`, or a bare number as older files (the published OpenAI CLIP
+/// folders among them) write it, which transformers reads as the shortest edge.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(from = "SizeField")]
 pub struct ShortestEdge {
     pub shortest_edge: i64,
 }
 
+/// `{"height": h, "width": w}`, or a bare number for a square.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(from = "CropField")]
 pub struct CropSize {
     pub height: i64,
     pub width: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeField {
+    Number(i64),
+    Dict { shortest_edge: i64 },
+}
+
+impl From<SizeField> for ShortestEdge {
+    fn from(f: SizeField) -> Self {
+        let (SizeField::Number(shortest_edge) | SizeField::Dict { shortest_edge }) = f;
+        Self { shortest_edge }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CropField {
+    Number(i64),
+    Dict { height: i64, width: i64 },
+}
+
+impl From<CropField> for CropSize {
+    fn from(f: CropField) -> Self {
+        match f {
+            CropField::Number(n) => Self { height: n, width: n },
+            CropField::Dict { height, width } => Self { height, width },
+        }
+    }
 }
 
 impl Default for Preprocessing {
@@ -69,6 +104,29 @@ impl Default for Preprocessing {
 }
 
 impl Preprocessing {
+    /// A model folder's image preprocessing: preprocessor_config.json, or the `image_processor`
+    /// of processor_config.json (transformers 5 saves a CLIPProcessor so), or the defaults.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        for (name, key) in [("preprocessor_config.json", None), ("processor_config.json", Some("image_processor"))] {
+            let path = dir.join(name);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let mut value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            if let Some(key) = key {
+                match value.get_mut(key) {
+                    Some(v) => value = v.take(),
+                    None => continue,
+                }
+            }
+            return serde_json::from_value(value).with_context(|| format!("reading {}", path.display()));
+        }
+        Ok(Self::default())
+    }
+
     /// One RGB8 image (`h` x `w`, interleaved) → [3, crop h, crop w] float32, as transformers 5's
     /// `CLIPImageProcessor` (its torchvision backend, the default) does it on a uint8 tensor:
     /// shorter side to `shortest_edge` (the longer one truncated, `int(size * long / short)`) with
@@ -215,11 +273,7 @@ impl Clip {
         let text_config = ClipTextConfig::from_value(text_config)?;
         let vision_config: ClipVisionConfig =
             serde_json::from_value(vision_config.clone()).context("reading the CLIP vision_config")?;
-        let preprocessing = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
-            Ok(text) => serde_json::from_str(&text).context("parsing preprocessor_config.json")?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Preprocessing::default(),
-            Err(e) => return Err(e).context("reading preprocessor_config.json"),
-        };
+        let preprocessing = Preprocessing::from_dir(dir)?;
         let (crop, size) = (&preprocessing.crop_size, vision_config.image_size);
         ensure!(
             crop.height == size && crop.width == size,
@@ -306,4 +360,31 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
         bail!("line {} of the prompts file {} is empty", i + 1, path.display());
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Preprocessing;
+
+    #[test]
+    fn preprocessor_config_in_both_layouts() {
+        // As transformers 5 writes it, and as the published OpenAI CLIP folders have it.
+        let new: Preprocessing =
+            serde_json::from_str(r#"{"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 300}}"#)
+                .unwrap();
+        assert_eq!((new.size.shortest_edge, new.crop_size.height, new.crop_size.width), (336, 336, 300));
+        let old: Preprocessing = serde_json::from_str(r#"{"size": 224, "crop_size": 224, "resample": 3}"#).unwrap();
+        assert_eq!((old.size.shortest_edge, old.crop_size.height, old.crop_size.width), (224, 224, 224));
+        assert_eq!(old.image_mean, Preprocessing::default().image_mean);
+        // A CLIPProcessor saved by transformers 5: the image processor inside processor_config.json.
+        let dir = std::env::temp_dir().join(format!("frisket-eval-processor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Preprocessing::from_dir(&dir).unwrap().size.shortest_edge, 224);
+        let config = r#"{"image_processor": {"size": {"shortest_edge": 336}}, "processor_class": "CLIPProcessor"}"#;
+        std::fs::write(dir.join("processor_config.json"), config).unwrap();
+        assert_eq!(Preprocessing::from_dir(&dir).unwrap().size.shortest_edge, 336);
+        std::fs::write(dir.join("preprocessor_config.json"), r#"{"size": 448}"#).unwrap();
+        assert_eq!(Preprocessing::from_dir(&dir).unwrap().size.shortest_edge, 448);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
