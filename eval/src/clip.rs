@@ -222,8 +222,6 @@ pub struct Clip {
     vision: VisionTower,
     tokenizer: ClipTokenizer,
     pub preprocessing: Preprocessing,
-    /// Kept alive with the towers, whose tensors are its tensors.
-    _weights: Weights,
 }
 
 /// The score of one pair: 100 · cos(image embedding, text embedding), not clamped.
@@ -293,7 +291,7 @@ impl Clip {
         let vision = VisionTower::new(&root, &vision_config, projection_dim)?;
         let tokenizer =
             ClipTokenizer::from_dir(dir).with_context(|| format!("reading the tokenizer in {}", dir.display()))?;
-        Ok(Self { text, vision, tokenizer, preprocessing, _weights: weights })
+        Ok(Self { text, vision, tokenizer, preprocessing })
     }
 
     /// Image embeddings of preprocessed pixel values [n, 3, H, W].
