@@ -39,11 +39,13 @@ fn default_projection() -> i64 {
     512
 }
 
-fn default_act() -> String {
+/// transformers' CLIP default activation (text and vision towers).
+pub fn default_act() -> String {
     "quick_gelu".into()
 }
 
-fn default_eps() -> f64 {
+/// transformers' CLIP default layer-norm epsilon (text and vision towers).
+pub fn default_eps() -> f64 {
     1e-5
 }
 
@@ -58,7 +60,9 @@ impl ClipTextConfig {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer of CLIP (`CLIPEncoderLayer`), the same in the text and the
+/// vision tower: only the text tower's attention is causal.
+pub struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -70,29 +74,30 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(p: &WeightPath, c: &ClipTextConfig) -> Result<Self> {
-        let (d, a) = (c.hidden_size, p.pp("self_attn"));
+    pub fn load(p: &WeightPath, hidden: i64, intermediate: i64, eps: f64) -> Result<Self> {
+        let (d, a) = (hidden, p.pp("self_attn"));
         Ok(Self {
-            layer_norm1: LayerNorm::load(&p.pp("layer_norm1"), d, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(&p.pp("layer_norm1"), d, eps)?,
             q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
             k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
             v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
             out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
-            layer_norm2: LayerNorm::load(&p.pp("layer_norm2"), d, c.layer_norm_eps)?,
-            fc1: Linear::load(&p.pp("mlp").pp("fc1"), d, c.intermediate_size, true)?,
-            fc2: Linear::load(&p.pp("mlp").pp("fc2"), c.intermediate_size, d, true)?,
+            layer_norm2: LayerNorm::load(&p.pp("layer_norm2"), d, eps)?,
+            fc1: Linear::load(&p.pp("mlp").pp("fc1"), d, intermediate, true)?,
+            fc2: Linear::load(&p.pp("mlp").pp("fc2"), intermediate, d, true)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, heads: i64, act: Activation) -> Tensor {
+    /// `causal`: each token attends to itself and earlier ones (the text tower: CLIP was
+    /// trained that way, and SD pipelines pass no padding mask); the vision tower attends to
+    /// all patches. The scale is head_dim^-0.5 (SDPA's default), as in CLIP.
+    pub fn forward(&self, x: &Tensor, heads: i64, act: Activation, causal: bool) -> Tensor {
         let (b, n, d) = x.size3().expect("[batch, seq, hidden]");
         let h = self.layer_norm1.forward(x);
         let split = |t: Tensor| t.view([b, n, heads, d / heads]).transpose(1, 2);
         let (q, k, v) =
             (split(self.q_proj.forward(&h)), split(self.k_proj.forward(&h)), split(self.v_proj.forward(&h)));
-        // Causal: each token attends to itself and earlier ones (CLIP was trained that way,
-        // and SD pipelines pass no padding mask). Default scale is head_dim^-0.5, as in CLIP.
-        let att = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+        let att = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
         let x = x + self.out_proj.forward(&att.transpose(1, 2).reshape([b, n, d]));
         let h = self.fc2.forward(&act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x))));
         x + h
@@ -138,7 +143,9 @@ impl ClipTextModel {
         let e = t.pp("embeddings");
         let d = cfg.hidden_size;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&t.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| {
+                EncoderLayer::load(&t.pp("encoder").pp("layers").pp(i), d, cfg.intermediate_size, cfg.layer_norm_eps)
+            })
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: Embedding::load(&e.pp("token_embedding"), cfg.vocab_size, d)?,
@@ -193,19 +200,29 @@ impl ClipTextModel {
         assert!(n >= 2, "the penultimate hidden state needs at least 2 encoder layers, this encoder has {n}");
         let hidden = self.hidden_after(input_ids, n - 1);
         let pooled = pooled.then(|| {
-            let projection = self.text_projection.as_ref().expect("pooled output needs text_projection");
-            let last = self.final_layer_norm.forward(&self.layers[n - 1].forward(&hidden, self.heads, self.act));
-            let ids = input_ids.to_kind(Kind::Int64);
-            let positions = if self.eos_token_id == 2 {
-                ids.argmax(-1, false)
-            } else {
-                ids.eq(self.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
-            };
-            let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
-            let at_eos = last.index(&[Some(rows), Some(positions)]);
-            projection.forward(&at_eos)
+            let last = self.final_layer_norm.forward(&self.layers[n - 1].forward(&hidden, self.heads, self.act, true));
+            self.project_at_eos(input_ids, &last)
         });
         PenultimateOutput { hidden, pooled }
+    }
+
+    /// The projected pooled output alone (`CLIPModel.get_text_features`), [batch, projection_dim]:
+    /// the final-normed last hidden state at the end-of-text position through `text_projection`.
+    pub fn forward_projected(&self, input_ids: &Tensor) -> Tensor {
+        self.project_at_eos(input_ids, &self.forward(input_ids))
+    }
+
+    /// `last` [batch, seq, hidden] at each row's end-of-text position, through `text_projection`.
+    fn project_at_eos(&self, input_ids: &Tensor, last: &Tensor) -> Tensor {
+        let projection = self.text_projection.as_ref().expect("pooled output needs text_projection");
+        let ids = input_ids.to_kind(Kind::Int64);
+        let positions = if self.eos_token_id == 2 {
+            ids.argmax(-1, false)
+        } else {
+            ids.eq(self.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+        };
+        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
+        projection.forward(&last.index(&[Some(rows), Some(positions)]))
     }
 
     /// The hidden state after the first `layers` encoder layers (0: the embeddings).
@@ -215,7 +232,7 @@ impl ClipTextModel {
         let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
         let mut x = self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions);
         for layer in &self.layers[..layers] {
-            x = layer.forward(&x, self.heads, self.act);
+            x = layer.forward(&x, self.heads, self.act, true);
         }
         x
     }

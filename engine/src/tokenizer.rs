@@ -330,6 +330,18 @@ impl ClipTokenizer {
         self.tagged(&self.pieces(text)).into_iter().map(|(id, _)| id).collect()
     }
 
+    /// Whether `text` needs more than max_length ids with BOS and EOS (so `encode` cuts it).
+    pub fn truncates(&self, text: &str) -> bool {
+        let mut count = 2;
+        for piece in self.pieces(text) {
+            count += if piece.added.is_some() { 1 } else { self.bpe(&piece.text).len() };
+            if count > self.max_length {
+                return true;
+            }
+        }
+        false
+    }
+
     /// One entry per non-padding position (0 = BOS), with the word (pre-tokenized piece) each token came from.
     pub fn tokens(&self, text: &str) -> Vec<TokenInfo> {
         let pieces = self.pieces(text);

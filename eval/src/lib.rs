@@ -1,5 +1,7 @@
 //! Evaluation metrics on tch: FID (stats.rs) and KID (kid.rs) over image folders, with the user's
-//! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`).
+//! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`);
+//! CLIP score with the user's CLIPModel folder (clip.rs).
+pub mod clip;
 pub mod inception;
 pub mod kid;
 pub mod lpips;
@@ -74,9 +76,18 @@ pub fn load_state_dict(path: &Path) -> Result<std::collections::HashMap<String, 
 /// clean-fid's image extensions.
 const EXTENSIONS: &[&str] = &["bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"];
 
+/// The images of a folder (not recursive), sorted by name, at least 2 (what the statistics need).
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let files = list_images(dir)?;
+    if files.len() < 2 {
+        bail!("{} has {} images; the statistics need at least 2", dir.display(), files.len());
+    }
+    Ok(files)
+}
+
 /// The images of a folder (not recursive), sorted by name. Hidden files are skipped; any other
 /// file that is not an image is an error, so a wrong folder is not measured silently.
-pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?;
     let mut files = Vec::new();
     for entry in entries {
@@ -92,9 +103,6 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.push(path);
     }
     files.sort();
-    if files.len() < 2 {
-        bail!("{} has {} images; the statistics need at least 2", dir.display(), files.len());
-    }
     Ok(files)
 }
 

@@ -1,15 +1,21 @@
-//! `frisket-eval`: FID and KID between two image folders, printed as JSON.
-use anyhow::Result;
+//! `frisket-eval`: FID and KID between two image folders, PSNR/SSIM/LPIPS inside a mask, CLIP
+//! score and directional CLIP similarity, printed as JSON.
+use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use frisket_engine::image_io::read_rgb;
+use frisket_eval::clip::{self, Clip};
 use frisket_eval::inception::Inception;
 use frisket_eval::kid::{self, KidConfig};
 use frisket_eval::lpips::Lpips;
-use frisket_eval::{folder_features, folder_stats, preservation, stats, Mode};
-use std::path::PathBuf;
+use frisket_eval::{folder_features, folder_stats, list_images, preservation, stats, Mode};
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 #[derive(Parser)]
-#[command(version, about = "Evaluation metrics: FID and KID over image folders, PSNR, SSIM and LPIPS inside a mask")]
+#[command(
+    version,
+    about = "Evaluation metrics: FID and KID over image folders, PSNR, SSIM and LPIPS inside a mask, CLIP score"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,6 +58,63 @@ enum Command {
         #[arg(long)]
         weights: PathBuf,
     },
+    /// CLIP score (torchmetrics' CLIPScore: max(mean of 100·cos, 0)) of a folder's images against
+    /// their prompts.
+    ClipScore {
+        /// The images, taken in file-name order.
+        images: PathBuf,
+        /// One prompt per line: line i for the i-th image by name.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Score the edited region: each image cropped to the bounding box of its mask (pixels at or
+        /// above 128), a file of the same name in this folder.
+        #[arg(long)]
+        masks: Option<PathBuf>,
+        #[command(flatten)]
+        clip: ClipFolder,
+    },
+    /// Directional CLIP similarity: cos(E(edited) − E(reference), E(target) − E(source)), each
+    /// embedding normalised first.
+    ClipDirection {
+        edited: PathBuf,
+        reference: PathBuf,
+        /// The prompt that describes the reference.
+        #[arg(long)]
+        source: String,
+        /// The prompt of the edit.
+        #[arg(long)]
+        target: String,
+        #[command(flatten)]
+        clip: ClipFolder,
+    },
+}
+
+#[derive(Args)]
+struct ClipFolder {
+    /// A Hugging Face CLIPModel folder (config.json, safetensors weights, tokenizer files), such as
+    /// clip-vit-large-patch14.
+    #[arg(long)]
+    clip: PathBuf,
+}
+
+/// One image's embedding, cropped to its mask's bounding box when there is a mask.
+fn embed_file(net: &Clip, path: &Path, mask: Option<&Path>) -> Result<Tensor> {
+    let img = read_rgb(path)?;
+    let (w, h) = img.dimensions();
+    let Some(mask) = mask else {
+        return Ok(net.embed_image(img.as_raw(), w as usize, h as usize));
+    };
+    let m = preservation::read_mask(mask)?;
+    ensure!(
+        m.size() == [h as i64, w as i64],
+        "the mask {} is {:?}, the image {} [{h}, {w}]",
+        mask.display(),
+        m.size(),
+        path.display()
+    );
+    let bbox = clip::bounding_box(&m).with_context(|| mask.display().to_string())?;
+    let (rgb, cw, ch) = clip::crop_rgb(img.as_raw(), w as usize, bbox);
+    Ok(net.embed_image(&rgb, cw, ch))
 }
 
 #[derive(Args)]
@@ -122,6 +185,47 @@ fn main() -> Result<()> {
             let net = Lpips::load(&weights)?;
             let (a, b, mask) = read_pair(&pair)?;
             serde_json::json!({"metric": "lpips", "value": net.masked(&a, &b, &mask)?})
+        }
+        Command::ClipScore { images, prompts, masks, clip } => {
+            let files = list_images(&images)?;
+            ensure!(!files.is_empty(), "{} has no images", images.display());
+            let prompts_list = clip::read_prompts(&prompts)?;
+            ensure!(
+                files.len() == prompts_list.len(),
+                "{} has {} images but {} has {} prompts (one line per image)",
+                images.display(),
+                files.len(),
+                prompts.display(),
+                prompts_list.len()
+            );
+            let net = Clip::load(&clip.clip)?;
+            let embeddings = files
+                .iter()
+                .map(|f| {
+                    let mask = masks.as_ref().map(|m| m.join(f.file_name().unwrap()));
+                    embed_file(&net, f, mask.as_deref())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let texts: Vec<&str> = prompts_list.iter().map(String::as_str).collect();
+            let scores = clip::pair_scores(&Tensor::cat(&embeddings, 0), &net.text_embeddings(&texts));
+            let per_image: Vec<_> = files
+                .iter()
+                .zip(&scores)
+                .map(|(f, s)| serde_json::json!({"image": f.file_name().unwrap().to_string_lossy(), "score": s}))
+                .collect();
+            serde_json::json!({
+                "metric": if masks.is_some() { "clip_score_region" } else { "clip_score" },
+                "value": clip::clip_score(&scores),
+                "n": files.len(),
+                "scores": per_image,
+            })
+        }
+        Command::ClipDirection { edited, reference, source, target, clip } => {
+            let net = Clip::load(&clip.clip)?;
+            let (e, r) = (embed_file(&net, &edited, None)?, embed_file(&net, &reference, None)?);
+            let texts = net.text_embeddings(&[&target, &source]);
+            let value = clip::directional(&e, &r, &texts.narrow(0, 0, 1), &texts.narrow(0, 1, 1))[0];
+            serde_json::json!({"metric": "clip_directional", "value": value})
         }
     };
     println!("{json}");

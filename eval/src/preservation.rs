@@ -35,6 +35,11 @@ pub fn check(a: &Tensor, b: &Tensor, mask: &Tensor) -> Result<()> {
     if a.size()[1..] != mask.size()[..] {
         bail!("the mask is {:?}, the images {:?}", mask.size(), &a.size()[1..]);
     }
+    ensure_nonempty(mask)
+}
+
+/// A mask with no pixel inside is an error (nothing to measure).
+pub fn ensure_nonempty(mask: &Tensor) -> Result<()> {
     if mask.sum(Kind::Int64).int64_value(&[]) == 0 {
         bail!("the mask is empty (no pixel at or above 128)");
     }

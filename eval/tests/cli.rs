@@ -86,3 +86,70 @@ fn psnr_ssim_and_lpips_print_json() {
     assert!(!out.status.success() && out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("the mask is [64, 64]"));
 }
+
+#[test]
+fn clip_score_and_direction_print_json() {
+    let r = &reference()["clip"];
+    let (images, prompts, clip) = (dir().join("clip_images"), dir().join("clip_prompts.txt"), dir().join("clip"));
+    let (images, prompts, clip) = (images.to_str().unwrap(), prompts.to_str().unwrap(), clip.to_str().unwrap());
+    let out = run(&["clip-score", images, "--prompts", prompts, "--clip", clip]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["score"].as_f64().unwrap();
+    assert_eq!(v["metric"], "clip_score");
+    assert_eq!(v["n"], 4);
+    assert_eq!(v["scores"][3]["image"], "003.png");
+    assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-3, "{v} vs {expected}");
+
+    let whole: Vec<f64> = (0..4).map(|i| v["scores"][i]["score"].as_f64().unwrap()).collect();
+
+    // --masks: image 0 cropped to its mask's bounding box, the others with all-white masks (their
+    // bounding box is the whole image, so their scores stay).
+    let masks = std::env::temp_dir().join(format!("frisket-eval-masks-{}", std::process::id()));
+    std::fs::create_dir_all(&masks).unwrap();
+    std::fs::copy(dir().join("clip_mask.png"), masks.join("000.png")).unwrap();
+    for i in 1..4 {
+        let (w, h) = image::image_dimensions(dir().join(format!("clip_images/{i:03}.png"))).unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([255])).save(masks.join(format!("{i:03}.png"))).unwrap();
+    }
+    let out = run(&["clip-score", images, "--prompts", prompts, "--clip", clip, "--masks", masks.to_str().unwrap()]);
+    std::fs::remove_dir_all(&masks).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["metric"], "clip_score_region");
+    let region = r["region_score"].as_f64().unwrap();
+    assert!((v["scores"][0]["score"].as_f64().unwrap() - region).abs() <= 1e-3, "{v} vs {region}");
+    for (i, w) in whole.iter().enumerate().skip(1) {
+        assert!((v["scores"][i]["score"].as_f64().unwrap() - w).abs() <= 1e-9, "{v}: image {i} vs {w}");
+    }
+
+    let (a, b) = (dir().join("clip_images/001.png"), dir().join("clip_images/000.png"));
+    let (source, target) = ("a red circle on grey", "two blue squares");
+    let out = run(&[
+        "clip-direction",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--source",
+        source,
+        "--target",
+        target,
+        "--clip",
+        clip,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = r["directional"].as_f64().unwrap();
+    assert!((v["value"].as_f64().unwrap() - expected).abs() <= 1e-4, "{v} vs {expected}");
+
+    // Fewer prompts than images, and a missing CLIP folder: clear errors, nothing on stdout.
+    let three = std::env::temp_dir().join(format!("frisket-eval-three-{}", std::process::id()));
+    std::fs::write(&three, "a\nb\nc\n").unwrap();
+    let out = run(&["clip-score", images, "--prompts", three.to_str().unwrap(), "--clip", clip]);
+    std::fs::remove_file(&three).unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has 4 images but") && err.contains("has 3 prompts"), "{err}");
+    let out = run(&["clip-score", images, "--prompts", prompts, "--clip", "/no/such/clip"]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CLIP folder not found: /no/such/clip"));
+}

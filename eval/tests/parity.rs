@@ -205,3 +205,68 @@ fn torchmetrics_mode_matches_torchmetrics() {
     assert!(feat_err < 1e-5, "features differ from torchmetrics': {feat_err:.2e}");
     assert!(rel(fid, fid_ref) <= 1e-4, "FID {fid} vs {fid_ref}");
 }
+
+#[test]
+fn clip_score_matches_torchmetrics() {
+    use frisket_engine::image_io::read_rgb;
+    use frisket_eval::clip::{bounding_box, clip_score, crop_rgb, directional, pair_scores, read_prompts, Clip};
+    let r = &reference()["clip"];
+    let net = Clip::load(&dir().join("clip")).unwrap();
+    let files = frisket_eval::list_images(&dir().join("clip_images")).unwrap();
+    let prompts = read_prompts(&dir().join("clip_prompts.txt")).unwrap();
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let images: Vec<_> = files.iter().map(|f| read_rgb(f).unwrap()).collect();
+    let pixels: Vec<Tensor> = images
+        .iter()
+        .map(|img| net.preprocessing.apply(img.as_raw(), img.width() as usize, img.height() as usize))
+        .collect();
+    let pixels = Tensor::stack(&pixels, 0);
+    let expected = f32_file("clip_pixels.f32", 3 * 224 * 224).view([-1, 3, 224, 224]);
+    let pixel_err = (&pixels - &expected).abs().max().double_value(&[]);
+    println!("CLIP pixel values: max abs difference {pixel_err:.2e}");
+    assert!(pixel_err <= 1e-5, "preprocessing differs from CLIPImageProcessor's: {pixel_err:.2e}");
+
+    let image_emb = net.image_embeddings(&pixels);
+    let text_emb = net.text_embeddings(&texts);
+    let scores = pair_scores(&image_emb, &text_emb);
+    let (ours, expected) = (clip_score(&scores), r["score"].as_f64().unwrap());
+    println!("CLIP score: {ours} vs {expected} (abs {:.2e}); pairs {scores:?}", (ours - expected).abs());
+    assert!((ours - expected).abs() <= 1e-3, "{ours} vs {expected}");
+
+    // The edited region: image 0 cropped to the bounding box of its mask.
+    let mask = frisket_eval::preservation::read_mask(&dir().join("clip_mask.png")).unwrap();
+    let bbox = bounding_box(&mask).unwrap();
+    assert_eq!(bbox, (7, 10, 23, 31));
+    let (rgb, w, h) = crop_rgb(images[0].as_raw(), images[0].width() as usize, bbox);
+    let region = clip_score(&pair_scores(&net.embed_image(&rgb, w, h), &text_emb.narrow(0, 0, 1)));
+    let expected = r["region_score"].as_f64().unwrap();
+    println!("CLIP region score: {region} vs {expected} (abs {:.2e})", (region - expected).abs());
+    assert!((region - expected).abs() <= 1e-3, "{region} vs {expected}");
+
+    // Image 1 as the edit of image 0, prompt 1 as the target of prompt 0.
+    let e = |t: &Tensor, i: i64| t.narrow(0, i, 1);
+    let ours = directional(&e(&image_emb, 1), &e(&image_emb, 0), &e(&text_emb, 1), &e(&text_emb, 0))[0];
+    let expected = r["directional"].as_f64().unwrap();
+    println!("directional CLIP: {ours} vs {expected} (abs {:.2e})", (ours - expected).abs());
+    assert!((ours - expected).abs() <= 1e-4, "{ours} vs {expected}");
+
+    // Too long a prompt is cut to 77 tokens keeping the end token: whatever follows the cut is ignored.
+    let long = net.text_embeddings(&[&"red circle ".repeat(60), &"red circle ".repeat(90)]);
+    assert!(long.narrow(0, 0, 1).allclose(&long.narrow(0, 1, 1), 0.0, 0.0, false));
+    assert!(!long.narrow(0, 0, 1).allclose(&text_emb.narrow(0, 0, 1), 1e-3, 1e-3, false));
+
+    let err = Clip::load(&dir().join("no-such-clip")).err().unwrap().to_string();
+    assert!(err.contains("CLIP folder not found"), "{err}");
+    let err = format!("{:#}", Clip::load(&dir().join("inception")).err().unwrap());
+    assert!(err.contains("config.json"), "{err}");
+    let empty = std::env::temp_dir().join(format!("frisket-eval-prompts-{}", std::process::id()));
+    std::fs::write(&empty, "\n\n").unwrap();
+    let err = read_prompts(&empty).err().unwrap().to_string();
+    assert!(err.contains("is empty"), "{err}");
+    std::fs::write(&empty, "one\n\nthree\n").unwrap();
+    let err = read_prompts(&empty).err().unwrap().to_string();
+    assert!(err.contains("line 2"), "{err}");
+    std::fs::remove_file(&empty).unwrap();
+    let err = bounding_box(&mask.zeros_like()).err().unwrap().to_string();
+    assert!(err.contains("mask is empty"), "{err}");
+}
