@@ -228,11 +228,11 @@ BATCH_CLIENTS = (1, 2, 4, 8)
 BATCH_JOBS_PER_CLIENT = 2
 
 
-def batch_run(server_bin: str, load_bin: str, models: Path, out: Path) -> dict:
-    """frisket-load's runs on the GPU at each client count, read from its --out JSON."""
-    flags = "--device cuda:0 --max-batch 8 --queue-capacity 16 --max-jobs-per-connection 16"
+def batch_run(server_bin: str, load_bin: str, models: Path, out: Path, device="cuda:0", size=512) -> dict:
+    """frisket-load's runs of the sd15 model at each client count, read from its --out JSON."""
+    flags = f"--device {device} --max-batch 8 --queue-capacity 16 --max-jobs-per-connection 16"
     args = [load_bin, "--models", str(models), "--model", "sd15", "--prompt", PROMPT]
-    args += ["--steps", str(STEPS), "--size", "512", "--jobs", str(BATCH_JOBS_PER_CLIENT)]
+    args += ["--steps", str(STEPS), "--size", str(size), "--jobs", str(BATCH_JOBS_PER_CLIENT)]
     args += ["--concurrency", ",".join(map(str, BATCH_CLIENTS)), "--setting", f"gpu-batch={flags}", "--out", str(out)]
     env = {
         **os.environ,
