@@ -354,6 +354,51 @@ pub fn release_cpu_memory() {
     }
 }
 
+/// The prefixes of the tensors a single-file checkpoint's model is built from (UNet, VAE,
+/// text encoders); others, such as EMA copies, are not loaded.
+const CHECKPOINT_MODEL_PREFIXES: &[&str] =
+    &["model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."];
+
+/// The bytes a model's weights will take once loaded as `kind`, from safetensors headers
+/// alone (nothing is read but the headers): the component folders `load_folder` reads, or a
+/// single file's model tensors. Floating tensors count at `kind`'s width, others as stored.
+/// An estimate for deciding what to unload before a first load: a VAE kept in float32 or
+/// replaced by `LoadOptions::vae` counts as the model's own VAE in `kind`, and an SD 2.x
+/// file's unused last OpenCLIP layer counts too.
+pub fn estimate_weight_bytes(path: &Path, kind: Kind) -> Result<u64> {
+    let width = kind.elt_size_in_bytes() as u64;
+    let count = |header: &checkpoint::safetensors::Header, wanted: &dyn Fn(&str) -> bool| -> u64 {
+        header
+            .tensors
+            .iter()
+            .filter(|(name, _)| wanted(name))
+            .map(|(_, e)| {
+                let elements = e.shape.iter().product::<i64>().max(0) as u64;
+                if e.is_float() {
+                    elements * width
+                } else {
+                    (e.end - e.start) as u64
+                }
+            })
+            .sum()
+    };
+    if path.is_file() {
+        let header = checkpoint::safetensors::Header::read(path)?;
+        return Ok(count(&header, &|name| CHECKPOINT_MODEL_PREFIXES.iter().any(|p| name.starts_with(p))));
+    }
+    let mut bytes = 0;
+    for component in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+        let dir = path.join(component);
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in crate::weights::find_weight_files(&dir, kind == Kind::Half)? {
+            bytes += count(&checkpoint::safetensors::Header::read(&file)?, &|_| true);
+        }
+    }
+    Ok(bytes)
+}
+
 impl StableDiffusion {
     /// Loads a diffusers model folder or a single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, device: Device) -> Result<Self> {

@@ -327,3 +327,22 @@ fn vae_override_on_a_folder() {
     let own = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
     assert_eq!(own.vae.config().block_out_channels, [16, 32, 32]);
 }
+
+/// The size estimate from headers alone equals the loaded weights' bytes (float32 on CPU)
+/// for folders, SD 1.x and SDXL files; an SD 2.x file holds OpenCLIP's last layer, which the
+/// penultimate-layer encoder does not load, so there it is a little above.
+#[test]
+fn weight_bytes_are_estimated_from_the_headers() {
+    let folders = ["sd1", "sd2", "sdxl"].map(|n| common::fixtures().join("models").join(n));
+    let files = ["sd1.safetensors", "sd2.safetensors", "sdxl.safetensors"].map(single);
+    for path in folders.iter().chain(&files) {
+        let model = StableDiffusion::load_with_kind(path, Device::Cpu, Kind::Float).unwrap();
+        let estimate = frisket_engine::model::estimate_weight_bytes(path, Kind::Float).unwrap();
+        let loaded = model.weight_bytes();
+        println!("{}: estimate {estimate}, loaded {loaded}", path.display());
+        assert!(estimate >= loaded && estimate as f64 <= loaded as f64 * 1.02, "{}", path.display());
+        if !path.ends_with("sd2.safetensors") {
+            assert_eq!(estimate, loaded, "{}", path.display());
+        }
+    }
+}

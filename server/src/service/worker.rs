@@ -23,7 +23,7 @@ use super::preview;
 use super::request::JobSpec;
 use frisket_engine::image_io;
 use frisket_engine::interrupt::Interrupt;
-use frisket_engine::model::{default_kind, StableDiffusion};
+use frisket_engine::model::{default_kind, estimate_weight_bytes, StableDiffusion};
 use frisket_engine::pipeline::{BatchKey, Flow, GenerateError, GenerateParams, Generated, JobRun, StepEvent};
 use frisket_engine::tch::{self, Device};
 use frisket_proto::v1::{
@@ -338,8 +338,11 @@ impl Worker {
     fn model(&mut self, name: &str, in_use: &[String]) -> Result<&StableDiffusion, Status> {
         if !self.models.contains(name) {
             let dir = self.catalog.resolve(name)?;
-            // A model loaded before is refused, or room made for it, before loading.
-            if let Some(bytes) = self.models.known_size(name) {
+            // Room is made for it (or it is refused) before loading: by its size when it was
+            // loaded before, else by the size its files' headers give.
+            let kind = default_kind(self.device);
+            let expected = self.models.known_size(name).or_else(|| estimate_weight_bytes(&dir, kind).ok());
+            if let Some(bytes) = expected {
                 self.make_room(name, bytes, in_use)?;
             }
             let t = Instant::now();
@@ -347,7 +350,7 @@ impl Worker {
             self.lifecycle.set(name, Some(State::Loading));
             let opts = self.catalog.load_options(name);
             let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                StableDiffusion::load_with(&dir, &opts, self.device, default_kind(self.device))
+                StableDiffusion::load_with(&dir, &opts, self.device, kind)
             }));
             let model = match loaded {
                 Ok(Ok(model)) => model,
@@ -364,8 +367,7 @@ impl Worker {
             let bytes = model.weight_bytes();
             info!(model = name, seconds = t.elapsed().as_secs_f64(), bytes, "model loaded");
             metrics::model_loaded(t.elapsed().as_secs_f64());
-            // Its size is known only now: a first load may hold it beside models that are
-            // unloaded here to make room.
+            // The loaded size, should the estimate have been short.
             if let Err(status) = self.make_room(name, bytes, in_use) {
                 drop(model);
                 frisket_engine::model::release_cpu_memory();
