@@ -99,7 +99,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `serve --models <fixtures> --listen 127.0.0.1:0 --device cpu EXTRA…` and
+    /// Starts `serve --models <fixtures> --listen 127.0.0.1:0 --device cpu EXTRA…` (no
+    /// `--device cpu` when EXTRA names a device) and
     /// returns once it listens and its health check answers SERVING.
     pub async fn start(extra: &[&str]) -> Server {
         Self::start_on(&models_dir(), extra).await
@@ -120,7 +121,8 @@ impl Server {
             .arg("serve")
             .arg("--models")
             .arg(models)
-            .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--device") { &[][..] } else { &["--device", "cpu"][..] })
             .args(extra)
             .env("RUST_LOG", std::env::var("FRISKET_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
