@@ -1,10 +1,11 @@
 //! `frisket-server serve`: the gRPC service (frisket.v1.Frisket, grpc.health.v1.Health and
-//! server reflection v1/v1alpha) in front of one worker thread.
+//! server reflection v1/v1alpha) in front of one worker thread per device (`--device`).
 //!
 //! Request flow: a handler validates the request (request.rs), queues a [`jobs::Job`] in
 //! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
-//! of the job's event buffer ([`jobs::Events`]) as the response stream. The worker thread
-//! (worker.rs) owns the models, runs one job at a time and queues its events without ever
+//! of the job's event buffer ([`jobs::Events`]) as the response stream. The queue places
+//! each job on the least-loaded worker that can take it (`Queue::take`). A worker thread
+//! (worker.rs) owns its device's models, runs one job at a time and queues its events without ever
 //! waiting on a client: a slow client's waiting previews, latents, masks and heatmaps are
 //! replaced by newer ones, and a client that reads nothing for the stalled-client time is
 //! dropped. A closed stream, Cancel, the deadline, a stalled client or shutdown stop a
@@ -13,9 +14,9 @@
 //!
 //! Models load when a job or LoadModel first needs them, or at startup (`--preload`: health
 //! stays NOT_SERVING until those are loaded and warmed); lifecycle.rs keeps each model's
-//! state for ListModels and its health status (`frisket.v1.Model/NAME`). The worker keeps
-//! its loaded models within `--model-memory-mib` (cache.rs), unloading the least recently
-//! used ones to make room.
+//! state per device for ListModels and its health status (`frisket.v1.Model/NAME`). Each
+//! worker keeps its loaded models within `--model-memory-mib` (cache.rs), unloading the
+//! least recently used ones to make room.
 //!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with

@@ -1,5 +1,6 @@
-//! The worker: the one thread that owns the loaded models and runs jobs (tch tensors are
-//! not Sync and grad mode is per thread). Jobs come from the [`Queue`]; events go back
+//! A worker: the thread of one device (`--device` lists them) that owns that device's
+//! loaded models and runs jobs (tch tensors are not Sync and grad mode is per thread).
+//! Jobs come from the one [`Queue`], which places them (`Queue::take`); events go back
 //! through each job's buffer (`jobs::Events`), never waiting on a client.
 //!
 //! The worker steps the jobs it runs together: between steps it takes waiting jobs, in
