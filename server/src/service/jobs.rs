@@ -481,7 +481,7 @@ pub struct Group {
 }
 
 impl Group {
-    pub fn of(spec: &super::request::JobSpec) -> Self {
+    pub fn of(spec: &JobSpec) -> Self {
         Self { model: spec.meta.name.clone(), loras: spec.loras.iter().map(|l| (l.name.clone(), l.weight)).collect() }
     }
 }

@@ -477,3 +477,27 @@ mod limits {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_devices, tch};
+
+    fn names(spec: &str) -> Vec<String> {
+        parse_devices(spec).unwrap().into_iter().map(|(_, name)| name).collect()
+    }
+
+    #[test]
+    fn device_lists_name_each_worker_distinctly() {
+        assert_eq!(names("cpu"), ["cpu"]);
+        assert_eq!(names("cpu,cpu"), ["cpu#0", "cpu#1"]);
+        assert_eq!(names(" cpu , cpu,cpu"), ["cpu#0", "cpu#1", "cpu#2"]);
+        if tch::Cuda::device_count() == 0 {
+            assert_eq!(names("all"), ["cpu"]);
+            assert_eq!(names("auto"), ["cpu"]);
+        }
+        for bad in ["", "cpu,", "gpu", "auto,cpu", "cpu,all", "cuda:99"] {
+            let err = parse_devices(bad).unwrap_err();
+            assert!(format!("{err:#}").contains("--device"), "{bad:?}: {err:#}");
+        }
+    }
+}
