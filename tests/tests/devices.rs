@@ -7,17 +7,20 @@ use frisket_proto::v1 as pb;
 
 const FLAGS: &[&str] = &["--device", "cpu,cpu", "--max-batch", "1", "--threads", "1"];
 
-/// Sends both jobs at once and collects both streams.
+/// Starts `a`, waits for its Started, then sends `b` (which `a`'s worker, full at
+/// `--max-batch 1`, cannot take); both streams to their end.
 async fn together(server: &Server, a: pb::GenerateRequest, b: pb::GenerateRequest) -> (Collected, Collected) {
-    let a = server.client().await.generate(a).await.expect("first job accepted").into_inner();
+    let mut a = server.client().await.generate(a).await.expect("first job accepted").into_inner();
+    next_matching(&mut a, |e| matches!(e, pb::generate_event::Event::Started(_))).await;
     let b = server.client().await.generate(b).await.expect("second job accepted").into_inner();
     let b = tokio::spawn(collect(b));
     let a = collect(a).await;
     (a, b.await.unwrap())
 }
 
-fn job(model: &str, id: &str) -> pb::GenerateRequest {
-    let mut req = txt2img(model, "a red circle", 3, 12, 64, 48);
+/// Enough steps that the first job still runs when the second starts beside it.
+fn job(model: &str, id: &str, steps: u32) -> pb::GenerateRequest {
+    let mut req = txt2img(model, "a red circle", 3, steps, 64, 48);
     req.job_id = id.into();
     req
 }
@@ -47,7 +50,7 @@ async fn two_workers_run_two_jobs_at_once_and_agree_byte_for_byte() {
     assert_eq!(info.device, "cpu#0,cpu#1");
 
     // Two models, one per worker.
-    let (a, b) = together(&server, job("sd1", "dev-a"), job("sd2", "dev-b")).await;
+    let (a, b) = together(&server, job("sd1", "dev-a", 200), job("sd2", "dev-b", 10)).await;
     assert_eq!((a.code(), b.code()), (tonic::Code::Ok, tonic::Code::Ok), "{:?} {:?}", a.error, b.error);
     server.wait_for_log(&["job_id=dev-b}", "job finished"]).await;
     let log = server.wait_for_log(&["job_id=dev-a}", "job finished"]).await;
@@ -55,7 +58,7 @@ async fn two_workers_run_two_jobs_at_once_and_agree_byte_for_byte() {
 
     // The same request twice: the model loads on the second worker too, and both images
     // are the same bytes.
-    let (c, d) = together(&server, job("sd1", "dev-c"), job("sd1", "dev-d")).await;
+    let (c, d) = together(&server, job("sd1", "dev-c", 100), job("sd1", "dev-d", 100)).await;
     assert_eq!((c.code(), d.code()), (tonic::Code::Ok, tonic::Code::Ok), "{:?} {:?}", c.error, d.error);
     server.wait_for_log(&["job_id=dev-c}", "job finished"]).await;
     let log = server.wait_for_log(&["job_id=dev-d}", "job finished"]).await;
