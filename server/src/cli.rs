@@ -54,24 +54,26 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// auto, cpu, cuda or cuda:N.
+    /// The devices, one worker each: auto (cuda:0 if there is one, else cpu), all (every
+    /// CUDA device, else cpu), or a comma list such as cuda:0,cuda:1 or cpu,cpu (cpu may
+    /// repeat: several CPU workers, each best given --threads = cores / workers).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Jobs that may wait behind the running ones; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub queue_capacity: u32,
-    /// Most jobs stepped together, their UNet rows stacked into one call per step (jobs of
+    /// Most jobs one worker steps together, their UNet rows stacked into one call per step (jobs of
     /// one model and LoRA set join between steps); 1: one job at a time, exactly as
     /// diffusers. The default matches the default --queue-capacity.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_batch: u32,
-    /// MiB the worker's loaded models' weights (UNet, VAE, text encoders) may hold in all:
+    /// MiB each worker's (device's) loaded models' weights (UNet, VAE, text encoders) may hold in all:
     /// a model that does not fit beside the loaded ones unloads the least recently used
     /// ones that no running job uses; a model larger than this is RESOURCE_EXHAUSTED.
     /// Unlimited unless given.
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=(u64::MAX >> 20)))]
     pub model_memory_mib: Option<u64>,
-    /// libtorch intra-op threads of the worker; default: libtorch's (OMP_NUM_THREADS, else
+    /// libtorch intra-op threads of each worker; default: libtorch's (OMP_NUM_THREADS, else
     /// the number of physical cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub threads: Option<i32>,

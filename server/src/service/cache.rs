@@ -97,6 +97,11 @@ impl<M> Cache<M> {
         self.sizes.get(name).copied()
     }
 
+    /// The loaded models' names.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
     /// Bytes the loaded models hold.
     pub fn loaded_bytes(&self) -> u64 {
         self.entries.values().map(|e| e.bytes).sum()

@@ -75,6 +75,7 @@ impl FrisketService {
     /// holding a thread.
     async fn command<T>(
         &self,
+        worker: usize,
         model: &str,
         command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, Status>>) -> Command,
     ) -> Result<T, Status> {
@@ -85,7 +86,7 @@ impl FrisketService {
             return Err(Status::unavailable("the server is shutting down"));
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queue.command(command(reply));
+        self.queue.command(worker, command(reply));
         answer.await.map_err(|_| Status::unavailable("the server is shutting down"))?
     }
 
@@ -380,7 +381,8 @@ impl Frisket for FrisketService {
 
     async fn load_model(&self, request: Request<LoadModelRequest>) -> Result<Response<LoadModelResponse>, Status> {
         let model = request.into_inner().model;
-        let loaded = self.command(&model, |reply| Command::Load { model: model.clone(), reply }).await?;
+        let worker = self.queue.load_worker(&model);
+        let loaded = self.command(worker, &model, |reply| Command::Load { model: model.clone(), reply }).await?;
         Ok(Response::new(LoadModelResponse { devices: loaded.devices, load_seconds: loaded.seconds }))
     }
 
@@ -389,7 +391,11 @@ impl Frisket for FrisketService {
         request: Request<UnloadModelRequest>,
     ) -> Result<Response<UnloadModelResponse>, Status> {
         let model = request.into_inner().model;
-        let was_loaded = self.command(&model, |reply| Command::Unload { model: model.clone(), reply }).await?;
+        // Every worker unloads it; the first refusal (a running job uses it) is the answer.
+        let mut was_loaded = false;
+        for worker in 0..self.queue.workers() {
+            was_loaded |= self.command(worker, &model, |reply| Command::Unload { model: model.clone(), reply }).await?;
+        }
         info!(model = %model, was_loaded, "unload requested");
         Ok(Response::new(UnloadModelResponse { was_loaded }))
     }

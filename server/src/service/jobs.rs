@@ -466,9 +466,36 @@ struct State {
     running: Vec<Arc<Job>>,
     /// False once shutdown began: new jobs are refused.
     accepting: bool,
-    /// The worker thread returns once this is set and nothing waits.
+    /// The worker threads return once this is set and nothing waits.
     exit: bool,
-    /// Model loads and unloads for the worker, taken before jobs.
+    /// What each worker runs and holds, by worker index (placement reads it).
+    workers: Vec<WorkerSlot>,
+}
+
+/// The jobs that may run together on one worker: the same model with the same LoRAs
+/// (merged into it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub model: String,
+    pub loras: Vec<(String, f32)>,
+}
+
+impl Group {
+    pub fn of(spec: &JobSpec) -> Self {
+        Self { model: spec.meta.name.clone(), loras: spec.loras.iter().map(|l| (l.name.clone(), l.weight)).collect() }
+    }
+}
+
+/// One worker as placement sees it.
+#[derive(Default)]
+struct WorkerSlot {
+    /// Jobs it runs (taken and not finished).
+    running: usize,
+    /// The group of the jobs it runs; None when it runs none.
+    group: Option<Group>,
+    /// The models it has loaded.
+    loaded: Vec<String>,
+    /// Model loads and unloads for it, taken before jobs.
     commands: VecDeque<Command>,
 }
 
@@ -476,6 +503,8 @@ pub struct Queue {
     state: Mutex<State>,
     wake: Condvar,
     pub capacity: usize,
+    /// Most jobs one worker steps together (`--max-batch`).
+    max_batch: usize,
     /// Recent seconds per worker step, for the waiting jobs' start estimates.
     pub clock: StepClock,
 }
@@ -499,17 +528,19 @@ pub enum PushError {
 }
 
 impl Queue {
-    pub fn new(capacity: usize) -> Self {
+    /// A queue for `workers` workers that step up to `max_batch` jobs each.
+    pub fn new(capacity: usize, workers: usize, max_batch: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 running: Vec::new(),
                 accepting: true,
                 exit: false,
-                commands: VecDeque::new(),
+                workers: (0..workers.max(1)).map(|_| WorkerSlot::default()).collect(),
             }),
             wake: Condvar::new(),
             capacity,
+            max_batch: max_batch.max(1),
             clock: StepClock::default(),
         }
     }
@@ -584,39 +615,83 @@ impl Queue {
         }
     }
 
-    /// Engine side: the first waiting job, which joins the running ones. With `idle` (the
-    /// worker runs nothing) it waits for one; otherwise it takes the first job only when
-    /// `joins` accepts it, so jobs start in the order they came. `Taken::Exit` when the
-    /// worker should return.
-    pub fn take(&self, idle: bool, joins: impl Fn(&Job) -> bool) -> Taken {
+    /// Engine side, for worker `worker`: the first waiting job, if this worker is where it
+    /// goes (see [`Queue::placed`]). A worker that runs nothing waits for one; a busy
+    /// worker gets `Taken::None` at once. Jobs start in the order they came: only the
+    /// first waiting job is ever placed. `Taken::Exit` when the worker should return.
+    pub fn take(&self, worker: usize) -> Taken {
         let mut s = self.lock();
         loop {
-            if let Some(command) = s.commands.pop_front() {
+            if let Some(command) = s.workers[worker].commands.pop_front() {
                 return Taken::Command(command);
             }
             self.sweep_locked(&mut s);
+            let idle = s.workers[worker].running == 0;
             match s.waiting.front() {
-                Some(job) if idle || joins(job) => {
+                Some(job) if self.placed(&s, worker, &Group::of(&job.spec)) => {
                     let job = s.waiting.pop_front().expect("a front job");
+                    let slot = &mut s.workers[worker];
+                    slot.running += 1;
+                    slot.group.get_or_insert_with(|| Group::of(&job.spec));
                     s.running.push(job.clone());
                     positions::announce(0, &s.waiting, &s.running, &self.clock);
                     drop(s);
                     self.wake.notify_all();
                     return Taken::Job(job);
                 }
-                Some(_) => return Taken::None,
                 None if s.exit && s.running.is_empty() => return Taken::Exit,
-                None if !idle => return Taken::None,
-                None => {}
+                _ if !idle => return Taken::None,
+                _ => {}
             }
             s = self.wake.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
-    /// Engine side: `job` is done (it no longer counts as running).
-    pub fn finish(&self, job: &Arc<Job>) {
-        self.lock().running.retain(|j| !Arc::ptr_eq(j, job));
+    /// Placement: whether `worker` takes the first waiting job, of `group`. The workers
+    /// that can take it now are those that run fewer than `--max-batch` jobs and run none
+    /// or only jobs of its group; of those, the job goes to one with the fewest running
+    /// jobs, and among equally loaded ones to one that has its model loaded. Any such
+    /// worker takes it, so a job waits only while every worker is full or busy with
+    /// another group, and each of those wakes the queue when a job ends.
+    fn placed(&self, s: &State, worker: usize, group: &Group) -> bool {
+        let rank = |slot: &WorkerSlot| -> Option<(usize, bool)> {
+            let fits = slot.running < self.max_batch && slot.group.as_ref().is_none_or(|g| g == group);
+            fits.then(|| (slot.running, !slot.loaded.contains(&group.model)))
+        };
+        let Some(mine) = rank(&s.workers[worker]) else { return false };
+        s.workers.iter().filter_map(rank).all(|other| mine <= other)
+    }
+
+    /// Engine side: `job`, run by `worker`, is done (it no longer counts as running).
+    pub fn finish(&self, worker: usize, job: &Arc<Job>) {
+        let mut s = self.lock();
+        s.running.retain(|j| !Arc::ptr_eq(j, job));
+        let slot = &mut s.workers[worker];
+        slot.running = slot.running.saturating_sub(1);
+        if slot.running == 0 {
+            slot.group = None;
+        }
+        drop(s);
         self.wake.notify_all();
+    }
+
+    /// Engine side: the models `worker` has loaded now.
+    pub fn set_loaded(&self, worker: usize, models: Vec<String>) {
+        self.lock().workers[worker].loaded = models;
+        self.wake.notify_all();
+    }
+
+    /// How many workers take from this queue.
+    pub fn workers(&self) -> usize {
+        self.lock().workers.len()
+    }
+
+    /// Where LoadModel goes: a worker that has `model` loaded, else the one with the
+    /// fewest running jobs (the first of equals).
+    pub fn load_worker(&self, model: &str) -> usize {
+        let s = self.lock();
+        let rank = |(_, slot): &(usize, &WorkerSlot)| (!slot.loaded.iter().any(|m| m == model), slot.running);
+        s.workers.iter().enumerate().min_by_key(rank).map_or(0, |(i, _)| i)
     }
 
     /// Cancel(job_id): the request's waiting jobs leave the queue now, its running ones
@@ -690,18 +765,18 @@ impl Queue {
         self.wake.notify_all();
     }
 
-    /// Gives the worker a model load or unload (it answers on the command's reply).
-    pub fn command(&self, command: Command) {
-        self.lock().commands.push_back(command);
+    /// Gives `worker` a model load or unload (it answers on the command's reply).
+    pub fn command(&self, worker: usize, command: Command) {
+        self.lock().workers[worker].commands.push_back(command);
         self.wake.notify_all();
     }
 
-    /// Engine side: the next waiting command, if any.
-    pub fn next_command(&self) -> Option<Command> {
-        self.lock().commands.pop_front()
+    /// Engine side: the next command waiting for `worker`, if any.
+    pub fn next_command(&self, worker: usize) -> Option<Command> {
+        self.lock().workers[worker].commands.pop_front()
     }
 
-    /// Lets the worker thread return once no job waits.
+    /// Lets the worker threads return once no job waits.
     pub fn exit_worker(&self) {
         self.lock().exit = true;
         self.wake.notify_all();

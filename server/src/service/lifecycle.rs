@@ -2,7 +2,7 @@
 //! and why), the load and unload commands the gRPC handlers give the worker (which owns
 //! the models), and the per-model health statuses that follow the states.
 use frisket_proto::v1::ModelState;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -13,11 +13,11 @@ pub fn health_name(model: &str) -> String {
     format!("frisket.v1.Model/{model}")
 }
 
-/// A model's state other than on disk (a model with no entry is on disk).
+/// A model's state on one device other than on disk (no entry: on disk there).
 #[derive(Clone, Debug, PartialEq)]
 pub enum State {
     Loading,
-    Loaded { devices: Vec<String> },
+    Loaded,
     Failed(String),
 }
 
@@ -41,10 +41,11 @@ pub enum Command {
 /// A health status change: (service name, status), applied in order by the service.
 pub type HealthUpdate = (String, ServingStatus);
 
-/// The models' states, written by the worker, read by ListModels.
+/// The models' states per device (worker name), written by the workers, read by
+/// ListModels.
 #[derive(Default)]
 pub struct Lifecycle {
-    states: Mutex<HashMap<String, State>>,
+    states: Mutex<HashMap<String, BTreeMap<String, State>>>,
     health: Option<mpsc::UnboundedSender<HealthUpdate>>,
 }
 
@@ -54,33 +55,56 @@ impl Lifecycle {
         Self { states: Mutex::default(), health: Some(health) }
     }
 
-    /// Records a model's new state (`None`: on disk) and its health status.
-    pub fn set(&self, model: &str, state: Option<State>) {
-        let serving = matches!(state, Some(State::Loaded { .. }));
-        {
+    /// Records a model's new state on `device` (`None`: on disk there) and its health
+    /// status: SERVING while it is loaded on any device.
+    pub fn set(&self, model: &str, device: &str, state: Option<State>) {
+        let serving = {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            let per_device = states.entry(model.to_string()).or_default();
             match state {
-                Some(state) => states.insert(model.to_string(), state),
-                None => states.remove(model),
+                Some(state) => per_device.insert(device.to_string(), state),
+                None => per_device.remove(device),
             };
-        }
+            let serving = per_device.values().any(|s| *s == State::Loaded);
+            if per_device.is_empty() {
+                states.remove(model);
+            }
+            serving
+        };
         if let Some(health) = &self.health {
             let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
             let _ = health.send((health_name(model), status));
         }
     }
 
-    pub fn get(&self, model: &str) -> Option<State> {
-        self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model).cloned()
+    /// The model's state on each device where it is not on disk.
+    pub fn get(&self, model: &str) -> BTreeMap<String, State> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model).cloned().unwrap_or_default()
     }
 
-    /// The ListModels fields of a model's state: (state, devices, error).
+    /// The devices the model is loaded on.
+    pub fn devices(&self, model: &str) -> Vec<String> {
+        self.get(model).into_iter().filter(|(_, s)| *s == State::Loaded).map(|(d, _)| d).collect()
+    }
+
+    /// The ListModels fields of a model's state: (state, devices, error). Loaded (with
+    /// the devices it is loaded on) when loaded anywhere; else loading when loading
+    /// anywhere; else failed (with why) when a load failed; else on disk.
     pub fn report(&self, model: &str) -> (ModelState, Vec<String>, Option<String>) {
-        match self.get(model) {
+        let states = self.get(model);
+        let devices = self.devices(model);
+        if !devices.is_empty() {
+            return (ModelState::Loaded, devices, None);
+        }
+        if states.values().any(|s| *s == State::Loading) {
+            return (ModelState::Loading, Vec::new(), None);
+        }
+        match states.into_values().find_map(|s| match s {
+            State::Failed(why) => Some(why),
+            _ => None,
+        }) {
+            Some(why) => (ModelState::Failed, Vec::new(), Some(why)),
             None => (ModelState::OnDisk, Vec::new(), None),
-            Some(State::Loading) => (ModelState::Loading, Vec::new(), None),
-            Some(State::Loaded { devices }) => (ModelState::Loaded, devices, None),
-            Some(State::Failed(why)) => (ModelState::Failed, Vec::new(), Some(why)),
         }
     }
 }

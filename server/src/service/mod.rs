@@ -1,10 +1,11 @@
 //! `frisket-server serve`: the gRPC service (frisket.v1.Frisket, grpc.health.v1.Health and
-//! server reflection v1/v1alpha) in front of one worker thread.
+//! server reflection v1/v1alpha) in front of one worker thread per device (`--device`).
 //!
 //! Request flow: a handler validates the request (request.rs), queues a [`jobs::Job`] in
 //! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
-//! of the job's event buffer ([`jobs::Events`]) as the response stream. The worker thread
-//! (worker.rs) owns the models, runs one job at a time and queues its events without ever
+//! of the job's event buffer ([`jobs::Events`]) as the response stream. The queue places
+//! each job on the least-loaded worker that can take it (`Queue::take`). A worker thread
+//! (worker.rs) owns its device's models, runs one job at a time and queues its events without ever
 //! waiting on a client: a slow client's waiting previews, latents, masks and heatmaps are
 //! replaced by newer ones, and a client that reads nothing for the stalled-client time is
 //! dropped. A closed stream, Cancel, the deadline, a stalled client or shutdown stop a
@@ -13,9 +14,9 @@
 //!
 //! Models load when a job or LoadModel first needs them, or at startup (`--preload`: health
 //! stays NOT_SERVING until those are loaded and warmed); lifecycle.rs keeps each model's
-//! state for ListModels and its health status (`frisket.v1.Model/NAME`). The worker keeps
-//! its loaded models within `--model-memory-mib` (cache.rs), unloading the least recently
-//! used ones to make room.
+//! state per device for ListModels and its health status (`frisket.v1.Model/NAME`). Each
+//! worker keeps its loaded models within `--model-memory-mib` (cache.rs), unloading the
+//! least recently used ones to make room.
 //!
 //! Shutdown (SIGTERM or Ctrl-C): health turns NOT_SERVING and new jobs get UNAVAILABLE;
 //! accepted jobs run on for up to the grace period, then whatever is left ends with
@@ -132,10 +133,55 @@ fn device_name(device: tch::Device) -> String {
     }
 }
 
+/// The devices of `--device`, one worker each, with the workers' names: `auto` (CUDA
+/// device 0 if there is one, else cpu), `all` (every CUDA device, else cpu), or a comma
+/// list of `cpu`, `cuda` and `cuda:N`. A CUDA device may be listed once; `cpu` may repeat
+/// (several CPU workers, each best given `--threads` = cores / workers), and then its
+/// workers are named `cpu#0`, `cpu#1`, ...
+pub fn parse_devices(spec: &str) -> Result<Vec<(tch::Device, String)>> {
+    let devices: Vec<tch::Device> = match spec.trim() {
+        "all" => match tch::Cuda::device_count() {
+            0 => vec![tch::Device::Cpu],
+            n => (0..n as usize).map(tch::Device::Cuda).collect(),
+        },
+        list => {
+            let items: Vec<&str> = list.split(',').map(str::trim).collect();
+            if items.len() > 1 && items.iter().any(|i| *i == "auto" || *i == "all") {
+                anyhow::bail!("--device {spec:?}: auto and all stand alone, not in a list");
+            }
+            let mut devices = Vec::new();
+            for item in items {
+                if item.is_empty() {
+                    anyhow::bail!("--device {spec:?}: an empty entry (expected e.g. cpu, cuda:0,cuda:1, all or auto)");
+                }
+                let device = frisket_engine::model::parse_device(item).with_context(|| format!("--device {spec:?}"))?;
+                if device != tch::Device::Cpu && devices.contains(&device) {
+                    anyhow::bail!("--device {spec:?}: {} is listed twice (only cpu may repeat)", device_name(device));
+                }
+                devices.push(device);
+            }
+            devices
+        }
+    };
+    let names = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let name = device_name(*d);
+            let same = |e: &&tch::Device| device_name(**e) == name;
+            match devices.iter().filter(same).count() {
+                1 => name,
+                _ => format!("{name}#{}", devices[..i].iter().filter(same).count()),
+            }
+        })
+        .collect::<Vec<_>>();
+    Ok(devices.into_iter().zip(names).collect())
+}
+
 /// Runs the service until SIGTERM / Ctrl-C and the drain that follows.
 pub fn run(mut cfg: ServeConfig) -> Result<()> {
     init_tracing();
-    let device = frisket_engine::model::parse_device(&cfg.device)?;
+    let devices = parse_devices(&cfg.device)?;
     let catalog = Arc::new(
         models::Catalog::new(&cfg.models)?.with_loras(cfg.loras.as_deref())?.with_predictions(&cfg.predictions)?,
     );
@@ -150,33 +196,53 @@ pub fn run(mut cfg: ServeConfig) -> Result<()> {
     for name in &cfg.preload {
         catalog.resolve(name).map_err(|e| anyhow::anyhow!("--preload: {}", e.message()))?;
     }
-    let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity));
+    let queue = Arc::new(jobs::Queue::new(cfg.queue_capacity, devices.len(), cfg.worker.max_batch));
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
     let lifecycle = Arc::new(lifecycle::Lifecycle::new(health_tx));
-    let worker = worker::spawn(queue.clone(), catalog.clone(), device, cfg.worker.clone(), lifecycle.clone())
-        .context("starting the worker thread")?;
-    let outcome = runtime.block_on(serve(cfg, device, catalog, queue.clone(), lifecycle, health_rx));
+    let mut workers = Vec::new();
+    for (index, (device, name)) in devices.iter().enumerate() {
+        let spawned = worker::spawn(
+            index,
+            name.clone(),
+            queue.clone(),
+            catalog.clone(),
+            *device,
+            cfg.worker.clone(),
+            lifecycle.clone(),
+        );
+        match spawned {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                queue.exit_worker();
+                return Err(e).context("starting the worker threads");
+            }
+        }
+    }
+    let names: Vec<String> = devices.iter().map(|(_, name)| name.clone()).collect();
+    let outcome = runtime.block_on(serve(cfg, names, catalog, queue.clone(), lifecycle, health_rx));
     queue.exit_worker();
     // The drain already waited for the jobs; a job still running here has been told to
     // stop and stops within one UNet block, attribution chunk or decoder block. The
-    // process must not exit (and tear libtorch down) while the worker still uses it.
+    // process must not exit (and tear libtorch down) while a worker still uses it.
     let waiting = std::time::Instant::now();
     let mut warned = false;
-    while !worker.is_finished() {
+    while !workers.iter().all(|w| w.is_finished()) {
         std::thread::sleep(Duration::from_millis(20));
         if !warned && waiting.elapsed() >= Duration::from_secs(5) {
-            warn!("still waiting for the worker thread to stop its job");
+            warn!("still waiting for the worker threads to stop their jobs");
             warned = true;
         }
     }
-    let _ = worker.join();
+    for worker in workers {
+        let _ = worker.join();
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
 }
 
 async fn serve(
     cfg: ServeConfig,
-    device: tch::Device,
+    workers: Vec<String>,
     catalog: Arc<models::Catalog>,
     queue: Arc<jobs::Queue>,
     lifecycle: Arc<lifecycle::Lifecycle>,
@@ -192,7 +258,7 @@ async fn serve(
         limits.clone(),
         cfg.connections.clone(),
         detached.clone(),
-        device_name(device),
+        workers.join(","),
         devices,
     )
     .with_lifecycle(lifecycle);
@@ -223,7 +289,7 @@ async fn serve(
             }
             for name in names {
                 let (reply, answer) = tokio::sync::oneshot::channel();
-                queue.command(lifecycle::Command::Load { model: name.clone(), reply });
+                queue.command(queue.load_worker(&name), lifecycle::Command::Load { model: name.clone(), reply });
                 match answer.await {
                     Ok(Ok(loaded)) => info!(model = %name, seconds = loaded.seconds, "preloaded"),
                     Ok(Err(status)) => warn!(model = %name, "preload failed: {}", status.message()),
@@ -325,7 +391,7 @@ async fn serve(
     println!("frisket-server listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    info!(%addr, models = %cfg.models.display(), device = %device_name(device), queue_capacity = queue.capacity, "serving");
+    info!(%addr, models = %cfg.models.display(), devices = %workers.join(","), queue_capacity = queue.capacity, "serving");
 
     let window = Some(8 << 20);
     let connections = &cfg.connections;
@@ -409,5 +475,29 @@ mod limits {
         headers.remove("grpc-status-details-bin");
         let _ = replacement.add_header(headers);
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_devices, tch};
+
+    fn names(spec: &str) -> Vec<String> {
+        parse_devices(spec).unwrap().into_iter().map(|(_, name)| name).collect()
+    }
+
+    #[test]
+    fn device_lists_name_each_worker_distinctly() {
+        assert_eq!(names("cpu"), ["cpu"]);
+        assert_eq!(names("cpu,cpu"), ["cpu#0", "cpu#1"]);
+        assert_eq!(names(" cpu , cpu,cpu"), ["cpu#0", "cpu#1", "cpu#2"]);
+        if tch::Cuda::device_count() == 0 {
+            assert_eq!(names("all"), ["cpu"]);
+            assert_eq!(names("auto"), ["cpu"]);
+        }
+        for bad in ["", "cpu,", "gpu", "auto,cpu", "cpu,all", "cuda:99"] {
+            let err = parse_devices(bad).unwrap_err();
+            assert!(format!("{err:#}").contains("--device"), "{bad:?}: {err:#}");
+        }
     }
 }

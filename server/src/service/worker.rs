@@ -1,5 +1,6 @@
-//! The worker: the one thread that owns the loaded models and runs jobs (tch tensors are
-//! not Sync and grad mode is per thread). Jobs come from the [`Queue`]; events go back
+//! A worker: the thread of one device (`--device` lists them) that owns that device's
+//! loaded models and runs jobs (tch tensors are not Sync and grad mode is per thread).
+//! Jobs come from the one [`Queue`], which places them (`Queue::take`); events go back
 //! through each job's buffer (`jobs::Events`), never waiting on a client.
 //!
 //! The worker steps the jobs it runs together: between steps it takes waiting jobs, in
@@ -14,13 +15,12 @@
 //! job uses (each eviction logged and counted); a model larger than the whole budget, or
 //! one that does not fit beside the running jobs' model, is RESOURCE_EXHAUSTED.
 use super::cache::{self, Cache};
-use super::jobs::{Job, Queue, StopReason, Taken};
+use super::jobs::{Group, Job, Queue, StopReason, Taken};
 use super::lifecycle::{Command, Lifecycle, Loaded, State};
 use super::loras;
 use super::metrics;
 use super::models::Catalog;
 use super::preview;
-use super::request::JobSpec;
 use frisket_engine::image_io;
 use frisket_engine::interrupt::Interrupt;
 use frisket_engine::model::{default_kind, estimate_weight_bytes, StableDiffusion};
@@ -49,35 +49,47 @@ pub struct WorkerOptions {
     pub threads: Option<i32>,
 }
 
+/// Starts worker `index` (named `name`, e.g. `cpu#1`, in logs, metrics and ListModels)
+/// on `device`.
 pub fn spawn(
+    index: usize,
+    name: String,
     queue: Arc<Queue>,
     catalog: Arc<Catalog>,
     device: Device,
     options: WorkerOptions,
     lifecycle: Arc<Lifecycle>,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("frisket-worker".into()).spawn(move || {
+    std::thread::Builder::new().name(format!("frisket-worker-{index}")).spawn(move || {
         // libtorch's intra-op thread count applies to the thread that sets it (OpenMP).
         if let Some(n) = options.threads {
             tch::set_num_threads(n);
         }
         let budget = options.model_memory;
-        info!(device = ?device, threads = tch::get_num_threads(), model_memory = %budget.map_or("unlimited".into(), cache::mib),
+        info!(worker = %name, device = ?device, threads = tch::get_num_threads(), model_memory = %budget.map_or("unlimited".into(), cache::mib),
               "worker started");
-        let mut worker = Worker { models: Cache::new(budget), loras: HashMap::new(), device, catalog, lifecycle };
+        let mut worker = Worker {
+            index,
+            name,
+            queue: queue.clone(),
+            models: Cache::new(budget),
+            loras: HashMap::new(),
+            device,
+            catalog,
+            lifecycle,
+        };
         worker.report_memory();
         let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
         loop {
             // Loads and unloads happen between steps, before new jobs join.
-            while let Some(command) = queue.next_command() {
+            while let Some(command) = queue.next_command(index) {
                 worker.command(command, &active);
             }
-            // Waiting jobs join between steps, in order, while they fit the running ones.
+            // Waiting jobs join between steps, in order, while they fit the running ones
+            // and this worker is where placement (`Queue::take`) puts them.
             while active.len() < max_batch.max(1) {
-                let group = active.first().map(|a| a.group.clone());
-                let joins = |job: &Job| group.as_ref().is_none_or(|g| *g == Group::of(&job.spec));
-                let job = match queue.take(active.is_empty(), joins) {
+                let job = match queue.take(index) {
                     Taken::Job(job) => job,
                     Taken::None => break,
                     Taken::Command(command) => {
@@ -85,11 +97,11 @@ pub fn spawn(
                         continue;
                     }
                     Taken::Exit => {
-                        info!("worker thread exiting");
+                        info!(worker = %worker.name, "worker thread exiting");
                         return;
                     }
                 };
-                let span = info_span!("job", job_id = %job.id);
+                let span = info_span!("job", worker = %worker.name, job_id = %job.id);
                 let begun = {
                     let _entered = span.enter();
                     let in_use = in_use(&active);
@@ -98,7 +110,7 @@ pub fn spawn(
                 match begun {
                     Ok(a) => active.push(a),
                     Err(end) => {
-                        queue.finish(&job);
+                        queue.finish(index, &job);
                         let _entered = span.enter();
                         end_job(&job, end, None);
                     }
@@ -110,7 +122,7 @@ pub fn spawn(
                 let stepping = Instant::now();
                 step_all(model, &mut active);
                 queue.clock.record(stepping.elapsed().as_secs_f64());
-                settle(model, &mut active, &queue);
+                settle(model, &mut active, &queue, index);
             }
         }
     })
@@ -172,19 +184,6 @@ fn end_job(job: &Arc<Job>, end: End, steps: Option<(usize, usize)>) {
             metrics::job_ended("failed");
             job.end_with(status);
         }
-    }
-}
-
-/// The jobs that may run together: the same model with the same LoRAs (merged into it).
-#[derive(Clone, Debug, PartialEq)]
-struct Group {
-    model: String,
-    loras: Vec<(String, f32)>,
-}
-
-impl Group {
-    fn of(spec: &JobSpec) -> Self {
-        Self { model: spec.meta.name.clone(), loras: spec.loras.iter().map(|l| (l.name.clone(), l.weight)).collect() }
     }
 }
 
@@ -273,7 +272,7 @@ fn step_all(model: &StableDiffusion, active: &mut [Active]) {
 
 /// Ends the jobs that stopped or failed, and finishes (decodes and sends) the ones whose
 /// steps are all done.
-fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
+fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue, worker: usize) {
     let mut i = 0;
     while i < active.len() {
         if active[i].end.is_none() && !active[i].run.is_done() {
@@ -291,7 +290,7 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
         // The job leaves the queue before its last message goes out, so a client that
         // reacts to that message (Cancel, a new job with the same id, GetServerInfo) never
         // sees it still running.
-        queue.finish(&job);
+        queue.finish(worker, &job);
         match outcome {
             Ok(result) => {
                 let seconds = result.timings.as_ref().map_or(0.0, |t| t.total_seconds);
@@ -310,6 +309,10 @@ fn settle(model: &StableDiffusion, active: &mut Vec<Active>, queue: &Queue) {
 }
 
 struct Worker {
+    index: usize,
+    /// Its device's name, distinct among the workers (`cpu#0`, `cpu#1` when cpu repeats).
+    name: String,
+    queue: Arc<Queue>,
     models: Cache<StableDiffusion>,
     loras: loras::LoadedLoras,
     device: Device,
@@ -346,8 +349,8 @@ impl Worker {
                 self.make_room(name, bytes, in_use)?;
             }
             let t = Instant::now();
-            info!(model = name, device = ?self.device, "loading model");
-            self.lifecycle.set(name, Some(State::Loading));
+            info!(model = name, worker = %self.name, "loading model");
+            self.lifecycle.set(name, &self.name, Some(State::Loading));
             let opts = self.catalog.load_options(name);
             let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 StableDiffusion::load_with(&dir, &opts, self.device, kind)
@@ -360,7 +363,7 @@ impl Worker {
                         _ => "the loader panicked".to_string(),
                     };
                     warn!(model = name, "loading the model failed: {why}");
-                    self.lifecycle.set(name, Some(State::Failed(why.clone())));
+                    self.lifecycle.set(name, &self.name, Some(State::Failed(why.clone())));
                     return Err(Status::failed_precondition(format!("loading model {name:?} failed: {why}")));
                 }
             };
@@ -375,7 +378,7 @@ impl Worker {
             }
             self.models.insert(name, model, bytes);
             self.report_memory();
-            self.lifecycle.set(name, Some(State::Loaded { devices: self.devices() }));
+            self.lifecycle.set(name, &self.name, Some(State::Loaded));
         }
         self.models.touch(name);
         Ok(self.models.get(name).expect("loaded above"))
@@ -395,7 +398,7 @@ impl Worker {
                     cache::NoRoom::TooLarge { .. } => Some(State::Failed(status.message().to_string())),
                     cache::NoRoom::InUse { .. } => None,
                 };
-                self.lifecycle.set(name, state);
+                self.lifecycle.set(name, &self.name, state);
                 return Err(status);
             }
         };
@@ -407,22 +410,24 @@ impl Worker {
             drop(model);
             info!(model = %evicted, bytes = evicted_bytes, for_model = name, needed = bytes, budget,
                   "model evicted: least recently used, to make room within --model-memory-mib");
-            metrics::model_evicted(&super::device_name(self.device));
-            self.lifecycle.set(&evicted, None);
+            metrics::model_evicted(&self.name);
+            self.lifecycle.set(&evicted, &self.name, None);
         }
         frisket_engine::model::release_cpu_memory();
         self.report_memory();
         Ok(())
     }
 
-    /// Sets the loaded-model bytes gauge of this worker's device.
+    /// Sets the loaded-model bytes gauge of this worker's device and tells placement which
+    /// models it holds.
     fn report_memory(&self) {
-        metrics::loaded_model_bytes(&super::device_name(self.device), self.models.loaded_bytes());
+        metrics::loaded_model_bytes(&self.name, self.models.loaded_bytes());
+        self.queue.set_loaded(self.index, self.models.names());
     }
 
-    /// The devices a model loaded by this worker is on.
-    fn devices(&self) -> Vec<String> {
-        vec![super::device_name(self.device)]
+    /// The devices `model` is loaded on (this worker's and the others').
+    fn devices(&self, model: &str) -> Vec<String> {
+        self.lifecycle.devices(model)
     }
 
     /// Does a LoadModel or UnloadModel for the gRPC handler waiting on its reply.
@@ -441,13 +446,13 @@ impl Worker {
     fn load(&mut self, name: &str, in_use: &[String]) -> Result<Loaded, Status> {
         if self.models.contains(name) {
             self.models.touch(name);
-            return Ok(Loaded { devices: self.devices(), seconds: 0.0 });
+            return Ok(Loaded { devices: self.devices(name), seconds: 0.0 });
         }
         let t = Instant::now();
         self.model(name, in_use)?;
         self.warm(name);
         info!(model = name, seconds = t.elapsed().as_secs_f64(), "model loaded and warmed");
-        Ok(Loaded { devices: self.devices(), seconds: t.elapsed().as_secs_f64() })
+        Ok(Loaded { devices: self.devices(name), seconds: t.elapsed().as_secs_f64() })
     }
 
     /// Runs one tiny step (one step at 8 latent pixels a side) so that the first job does
@@ -481,7 +486,7 @@ impl Worker {
         }
         let was_loaded = self.models.remove(name);
         // A failed load's reason is dropped too: the model is back on disk.
-        self.lifecycle.set(name, None);
+        self.lifecycle.set(name, &self.name, None);
         if was_loaded {
             frisket_engine::model::release_cpu_memory();
             self.report_memory();
