@@ -38,7 +38,8 @@ async fn a_budget_for_one_model_evicts_the_least_recently_used_and_refuses_a_lar
     let server =
         Server::start(&["--model-memory-mib", BUDGET_MIB, "--threads", "1", "--metrics-listen", "127.0.0.1:0"]).await;
     let url = metrics_url(&server);
-    assert!(server.logs().contains("threads=1"), "the worker logs its thread count:\n{}", server.logs());
+    // The worker logs its thread count when it starts, which may follow the listening line.
+    server.wait_for_log(&["worker started", "threads=1"]).await;
     assert_eq!(evictions(&url).await, (0.0, 0.0), "nothing loaded or evicted yet");
     let mut client = server.client().await;
     let request = txt2img("sd1", "a red circle", 5, 2, 64, 48);

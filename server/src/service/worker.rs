@@ -66,8 +66,6 @@ pub fn spawn(
             tch::set_num_threads(n);
         }
         let budget = options.model_memory;
-        info!(worker = %name, device = ?device, threads = tch::get_num_threads(), model_memory = %budget.map_or("unlimited".into(), cache::mib),
-              "worker started");
         let mut worker = Worker {
             index,
             name,
@@ -79,6 +77,8 @@ pub fn spawn(
             lifecycle,
         };
         worker.report_memory();
+        info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(),
+              model_memory = %budget.map_or("unlimited".into(), cache::mib), "worker started");
         let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
         loop {
@@ -341,10 +341,13 @@ impl Worker {
     fn model(&mut self, name: &str, in_use: &[String]) -> Result<&StableDiffusion, Status> {
         if !self.models.contains(name) {
             let dir = self.catalog.resolve(name)?;
-            // Room is made for it (or it is refused) before loading: by its size when it was
-            // loaded before, else by the size its files' headers give.
+            // Under a budget, room is made for it (or it is refused) before loading: by its
+            // size when it was loaded before, else by the size its files' headers give.
             let kind = default_kind(self.device);
-            let expected = self.models.known_size(name).or_else(|| estimate_weight_bytes(&dir, kind).ok());
+            let expected = match self.models.budget() {
+                Some(_) => self.models.known_size(name).or_else(|| estimate_weight_bytes(&dir, kind).ok()),
+                None => None,
+            };
             if let Some(bytes) = expected {
                 self.make_room(name, bytes, in_use)?;
             }
