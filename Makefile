@@ -106,6 +106,14 @@ gpu-check: build
 	mkdir -p $(OUT)
 	$(PY) bench/gpu_check.py $(SERVER_BIN) target/debug/frisket-load $(CACHE) $(OUT)/gpu-check.json
 
+# The A/B report (issue 24; not part of `make test`): 200 held-out shapes protect cases
+# (seeds 900_000..) under sd-0.9, paper, paper-all-layers, blended and protect-only through a
+# server on models/shapes; report.json and report.html in $(OUT)/eval/.
+AB_CASES ?= 200
+.PHONY: eval
+eval: build
+	target/debug/frisket-eval ab --model models/shapes --cases $(AB_CASES) --out $(OUT)/eval
+
 # Editor plugins (plugins/): the Krita and GIMP adapters over the `frisket` client's JSON
 # lines. `make plugin-krita` builds the zip for Krita's Tools > Scripts > Import Python
 # Plugin from File; `make test-plugins` (part of `make test`) runs tests/plugins/, with a

@@ -1,6 +1,7 @@
 //! Evaluation metrics on tch: FID (stats.rs) and KID (kid.rs) over image folders, with the user's
 //! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`);
 //! CLIP score with the user's CLIPModel folder (clip.rs).
+pub mod ab;
 pub mod clip;
 pub mod inception;
 pub mod kid;

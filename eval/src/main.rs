@@ -73,6 +73,28 @@ enum Command {
         #[command(flatten)]
         clip: ClipFolder,
     },
+    /// The A/B runner: held-out shapes protect cases × conditions through the gRPC service, scored
+    /// by the shapes judge and preservation outside the true objects; report.json and report.html.
+    Ab {
+        /// The shapes model folder (served under its folder name).
+        #[arg(long, default_value = "models/shapes")]
+        model: PathBuf,
+        /// Held-out cases (seeds from 900_000).
+        #[arg(long, default_value_t = 200)]
+        cases: usize,
+        /// Comma-separated conditions: sd-0.9, paper, paper-all-layers, blended, protect-only.
+        #[arg(long, default_value = "sd-0.9,paper,paper-all-layers,blended,protect-only")]
+        conditions: String,
+        /// Where report.json and report.html go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Sampling steps of every condition (default: the paper preset's 50).
+        #[arg(long)]
+        steps: Option<u32>,
+        /// A running server serving the model (default: start target/<profile>/frisket-server).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Directional CLIP similarity: cos(E(edited) − E(reference), E(target) − E(source)), each
     /// embedding normalised first.
     ClipDirection {
@@ -154,9 +176,61 @@ fn read_pair(p: &Pair) -> Result<(Tensor, Tensor, Tensor)> {
     ))
 }
 
+fn run_ab(
+    model: &Path,
+    n: usize,
+    conditions: &str,
+    out: &Path,
+    steps: Option<u32>,
+    server: Option<String>,
+) -> Result<serde_json::Value> {
+    use frisket_eval::ab::{cases, conditions::Condition, report, run};
+    let conditions = conditions.split(',').map(|c| Condition::parse(c.trim())).collect::<Result<Vec<_>>>()?;
+    ensure!(model.join("model_index.json").is_file(), "no model at {} (no model_index.json)", model.display());
+    let name = model.file_name().context("the model path has no folder name")?.to_string_lossy().to_string();
+    let cases = cases::cases(cases::HELD_OUT_BASE, n)?;
+    let parent = model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let spawned = match server {
+        Some(_) => None,
+        None => Some(run::spawn_server(&run::default_server_binary(), parent)?),
+    };
+    let addr = server.unwrap_or_else(|| spawned.as_ref().map(|s| s.addr.clone()).unwrap_or_default());
+    let started = std::time::Instant::now();
+    let items = run::run_all(&addr, &name, &cases, &conditions, steps, &mut |i| {
+        eprintln!(
+            "[ab] case {} {}: adherence {} background PSNR {:.2}",
+            i.case, i.condition, i.adherence, i.psnr_background
+        )
+    })?;
+    let summary = report::summarise(&items, &conditions, cases.len())?;
+    let report = serde_json::json!({
+        "frisket_version": env!("CARGO_PKG_VERSION"),
+        "cases": cases.len(),
+        "model_sha256": report::model_hashes(model)?,
+        "seeds": [cases::HELD_OUT_BASE, cases::HELD_OUT_BASE + n as u64],
+        "settings": {
+            "model": model.display().to_string(),
+            "conditions": conditions.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            "steps": steps.unwrap_or(frisket::proto::defaults::paper::STEPS as u32),
+            "blend_dilation_px": frisket_eval::ab::conditions::BLEND_DILATION,
+            "bootstrap": {"resamples": frisket_eval::ab::stats::RESAMPLES, "seed": frisket_eval::ab::stats::SEED, "level": frisket_eval::ab::stats::LEVEL},
+            "wilcoxon": "two-sided, normal approximation, zero_method wilcox, no continuity correction; Holm over the differences",
+            "psnr_cap_db": run::PSNR_CAP_DB,
+        },
+        "seconds": started.elapsed().as_secs_f64(),
+        "summary": summary,
+        "items": items,
+    });
+    report::write(out, &report)?;
+    Ok(report["summary"].clone())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let json = match cli.command {
+        Command::Ab { model, cases, conditions, out, steps, server } => {
+            run_ab(&model, cases, &conditions, &out, steps, server)?
+        }
         Command::Fid { common: c, cache, no_cache } => {
             let net = Inception::load(&c.inception)?;
             let cache = (!no_cache).then_some(cache.as_path());

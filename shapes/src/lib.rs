@@ -60,6 +60,7 @@ pub mod judge;
 pub mod mask;
 pub mod palette;
 pub mod perturb;
+pub mod protect;
 pub mod rng;
 pub mod scene;
 

@@ -99,7 +99,7 @@ fn main() -> Result<()> {
         let mut per_shape: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for i in 0..n {
             let case = frisket_trainer::data::protect_case(800_000 + i)?;
-            let mut p = case.params(&base, i, strength);
+            let mut p = frisket_trainer::data::protect_params(&case, &base, i, strength);
             p.explain = explain_params(&f, &case)?;
             let out = model.generate(model.prepare(&p)?, &mut |_| Flow::Continue)?;
             let c = check_object(&judge(&tensor_to_rgb(&out.image)?), &ObjectQuery::from_info(&case.wanted));

@@ -5,9 +5,7 @@ use crate::engine::image_io::rgb_to_tensor;
 use crate::engine::pipeline::GenerateParams;
 use crate::engine::protect::ProtectParams;
 use frisket_shapes::rng::Rng;
-use frisket_shapes::{
-    generate, generate_default, BackgroundSpec, GenConfig, GenError, ObjectInfo, ObjectQuery, ObjectSpec, Scene, Shape,
-};
+use frisket_shapes::{generate, generate_default, GenConfig, ObjectSpec, Scene, Shape};
 use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
@@ -21,43 +19,20 @@ pub fn eval_single_object_scenes(n: u64) -> Vec<Scene> {
     (0..n).map(|seed| generate(seed, &cfg).expect("one object always fits")).collect()
 }
 
-/// The protect task: a one-object reference scene whose object is kept, and a prompt
-/// for a second object (another colour, another cell) that the generator placed validly
-/// beside it in the same scene. eval_tiny draws seeds 700_000.., tune_probe 800_000...
-pub struct ProtectCase {
-    pub reference: Scene,
-    pub kept: ObjectInfo,
-    pub wanted: ObjectInfo,
-    pub prompt: String,
-}
+pub use frisket_shapes::protect::{protect_case, ProtectCase};
 
-pub fn protect_case(seed: u64) -> Result<ProtectCase, GenError> {
-    let target = generate(seed, &GenConfig::default().with_objects(2))?;
-    let (kept, wanted) = (target.meta.objects[0].clone(), target.meta.objects[1].clone());
-    let reference = generate(
+/// A protect case's job: img2img from the reference at `strength`, the kept object's exact mask
+/// protected.
+pub fn protect_params(case: &ProtectCase, base: &GenerateParams, seed: u64, strength: f64) -> GenerateParams {
+    let (w, h) = case.reference.image.dimensions();
+    let mask = Tensor::from_slice(&case.reference.masks[0].to_gray().into_raw()).view([h as i64, w as i64]);
+    GenerateParams {
+        prompt: case.prompt.clone(),
         seed,
-        &GenConfig::default()
-            .with_objects(1)
-            .with_object(ObjectSpec::exact(&kept))
-            .with_background(BackgroundSpec::Exact(target.meta.background.clone())),
-    )?;
-    let prompt = ObjectQuery::from_info(&wanted).phrase(&Default::default());
-    Ok(ProtectCase { reference, kept, wanted, prompt })
-}
-
-impl ProtectCase {
-    /// The job: img2img from the reference at `strength`, the kept object's exact mask protected.
-    pub fn params(&self, base: &GenerateParams, seed: u64, strength: f64) -> GenerateParams {
-        let (w, h) = self.reference.image.dimensions();
-        let mask = Tensor::from_slice(&self.reference.masks[0].to_gray().into_raw()).view([h as i64, w as i64]);
-        GenerateParams {
-            prompt: self.prompt.clone(),
-            seed,
-            reference: Some(rgb_to_tensor(&self.reference.image)),
-            strength,
-            protect: Some(ProtectParams { mask, feather: 0 }),
-            ..base.clone()
-        }
+        reference: Some(rgb_to_tensor(&case.reference.image)),
+        strength,
+        protect: Some(ProtectParams { mask, feather: 0 }),
+        ..base.clone()
     }
 }
 

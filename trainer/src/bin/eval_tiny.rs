@@ -273,10 +273,10 @@ fn main() -> Result<()> {
     let mut protect_samples: Vec<RgbImage> = Vec::new();
     for i in 0..a.n {
         let case = data::protect_case(700_000 + i)?;
-        let data::ProtectCase { reference, kept, wanted, prompt } = &case;
+        let data::ProtectCase { reference, kept, wanted, prompt, .. } = &case;
         let q = ObjectQuery::from_info(wanted);
         let protect_mask = &reference.masks[0];
-        let r = render(&model, &case.params(&base, i, a.strength))?;
+        let r = render(&model, &data::protect_params(&case, &base, i, a.strength))?;
         let kept_exact = (0..64u32).all(|y| {
             (0..64u32).all(|x| !protect_mask.get(x, y) || r.image.get_pixel(x, y) == reference.image.get_pixel(x, y))
         });

@@ -1,0 +1,109 @@
+//! The conditions compared, each a GenerateRequest built with the client library. Every
+//! condition samples as the paper preset does (its scheduler, steps and guidance, from
+//! `frisket_proto::defaults::paper`), so they differ only in what is named here.
+use anyhow::{bail, Result};
+use frisket::proto::defaults::paper;
+use frisket::proto::v1 as pb;
+use frisket::GenerateRequestBuilder;
+use frisket_shapes::protect::ProtectCase;
+use frisket_shapes::Mask;
+use image::{GrayImage, Luma};
+
+/// Pixels the blended condition grows the requested object's true region by (square).
+pub const BLEND_DILATION: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// Plain img2img at the paper's strength (the paper's "SD").
+    Sd09,
+    /// The paper preset (Grad-SAM fast, last layer) with the kept object protected.
+    Paper,
+    /// As `Paper` on every cross-attention layer.
+    PaperAllLayers,
+    /// Everything outside the requested object's (dilated) true region protected: the
+    /// preservation upper bound.
+    Blended,
+    /// The kept object protected, no Grad-SAM.
+    ProtectOnly,
+}
+
+impl Condition {
+    pub const ALL: [Condition; 5] =
+        [Condition::Sd09, Condition::Paper, Condition::PaperAllLayers, Condition::Blended, Condition::ProtectOnly];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Sd09 => "sd-0.9",
+            Condition::Paper => "paper",
+            Condition::PaperAllLayers => "paper-all-layers",
+            Condition::Blended => "blended",
+            Condition::ProtectOnly => "protect-only",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match Condition::ALL.iter().find(|c| c.name() == name) {
+            Some(c) => Ok(*c),
+            None => {
+                bail!("unknown condition {name:?} (expected one of {})", Condition::ALL.map(Condition::name).join(", "))
+            }
+        }
+    }
+
+    /// The job of this condition on one case.
+    /// `steps`: None for the preset's (`paper::STEPS`).
+    pub fn request(
+        self,
+        model: &str,
+        seed: u64,
+        steps: Option<u32>,
+        case: &ProtectCase,
+    ) -> Result<pb::GenerateRequest> {
+        let b = GenerateRequestBuilder::new(model, case.prompt.clone())
+            .seed(seed)
+            .steps(steps)
+            .reference_image(png(&case.reference.image)?)
+            .strength(paper::STRENGTH);
+        let kept = || png_gray(&case.reference.masks[0].to_gray());
+        let explain = |layers: &str| pb::ExplainOptions { layers: layers.into(), ..Default::default() };
+        let off = pb::ExplainOptions { mode: Some(pb::ExplainMode::Off as i32), ..Default::default() };
+        Ok(match self {
+            Condition::Sd09 => b.preset(paper::NAME).explain(off),
+            Condition::Paper => b.preset(paper::NAME).protected_mask(kept()?),
+            Condition::PaperAllLayers => b.preset(paper::NAME).explain(explain("all")).protected_mask(kept()?),
+            Condition::ProtectOnly => b.preset(paper::NAME).explain(off).protected_mask(kept()?),
+            Condition::Blended => {
+                let keep = outside(&dilate(&case.target.masks[1], BLEND_DILATION));
+                b.preset(paper::NAME).explain(off).protected_mask(png_gray(&keep)?)
+            }
+        }
+        .build())
+    }
+}
+
+/// The mask grown by `r` pixels (square neighbourhood).
+fn dilate(m: &Mask, r: u32) -> GrayImage {
+    let g = m.to_gray();
+    let (w, h) = g.dimensions();
+    GrayImage::from_fn(w, h, |x, y| {
+        let hit = (y.saturating_sub(r)..(y + r + 1).min(h))
+            .any(|yy| (x.saturating_sub(r)..(x + r + 1).min(w)).any(|xx| m.get(xx, yy)));
+        Luma([if hit { 255 } else { 0 }])
+    })
+}
+
+fn outside(g: &GrayImage) -> GrayImage {
+    GrayImage::from_fn(g.width(), g.height(), |x, y| Luma([255 - g.get_pixel(x, y)[0]]))
+}
+
+fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+fn png_gray(img: &GrayImage) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}

@@ -1,0 +1,158 @@
+//! Running the A/B: a server (started here from target/debug/frisket-server, or the user's
+//! address), every case under every condition with the case's seed, and per-item metrics.
+//!
+//! Adherence: the judge finds the requested object with its colour, shape and position
+//! (`ObjectCheck::all_right`). Preservation: PSNR and SSIM against the reference over the pixels
+//! that belong to neither true object (the kept object and the requested object's region in the
+//! target scene), and the kept object's PSNR (exact pixels give PSNR_CAP_DB).
+use super::conditions::Condition;
+use crate::preservation;
+use anyhow::{bail, ensure, Context, Result};
+use frisket::Client;
+use frisket_shapes::protect::ProtectCase;
+use frisket_shapes::{check_object, judge, ObjectQuery};
+use image::RgbImage;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use tch::{Kind, Tensor};
+
+/// The kept object's PSNR when its pixels are bit-exact (infinite PSNR; JSON has no infinity).
+pub const PSNR_CAP_DB: f64 = 100.0;
+
+/// A server this runner started; killed when dropped.
+pub struct Spawned {
+    child: Child,
+    pub addr: String,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `frisket-server serve --models DIR --listen 127.0.0.1:0 --device cpu` and waits for its
+/// listening line.
+pub fn spawn_server(binary: &Path, models: &Path) -> Result<Spawned> {
+    ensure!(
+        binary.is_file(),
+        "no server binary at {} (cargo build -p frisket-server, or pass --server ADDR)",
+        binary.display()
+    );
+    let mut child = Command::new(binary)
+        .args(["serve", "--models"])
+        .arg(models)
+        .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(addr) = line.strip_prefix("frisket-server listening on ") {
+            return Ok(Spawned { child, addr: addr.trim().to_string() });
+        }
+    }
+    let status = child.wait()?;
+    bail!("{} exited ({status}) before listening", binary.display())
+}
+
+/// One case under one condition.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ItemResult {
+    pub case: usize,
+    pub seed: u64,
+    pub condition: &'static str,
+    pub adherence: f64,
+    pub psnr_background: f64,
+    pub ssim_background: f64,
+    pub psnr_kept: f64,
+    #[serde(skip)]
+    pub image: RgbImage,
+}
+
+fn rgb_tensor(img: &RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw()).reshape([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0
+}
+
+fn bool_tensor(values: Vec<bool>, w: u32, h: u32) -> Tensor {
+    let bytes: Vec<u8> = values.into_iter().map(u8::from).collect();
+    Tensor::from_slice(&bytes).reshape([h as i64, w as i64]).gt(0)
+}
+
+/// The item's metrics for an output image.
+pub fn score(case: &ProtectCase, out: &RgbImage) -> Result<(f64, f64, f64, f64)> {
+    let reference = &case.reference.image;
+    ensure!(
+        out.dimensions() == reference.dimensions(),
+        "the output is {:?}, the reference {:?}",
+        out.dimensions(),
+        reference.dimensions()
+    );
+    let (w, h) = reference.dimensions();
+    let adherence = check_object(&judge(out), &ObjectQuery::from_info(&case.wanted)).all_right();
+    let pixels = |f: &dyn Fn(u32, u32) -> bool| {
+        (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| f(x, y)).collect::<Vec<_>>()
+    };
+    let background =
+        bool_tensor(pixels(&|x, y| !case.target.masks.iter().chain(&case.reference.masks).any(|m| m.get(x, y))), w, h);
+    let kept = bool_tensor(pixels(&|x, y| case.reference.masks[0].get(x, y)), w, h);
+    let (a, b) = (rgb_tensor(out), rgb_tensor(reference));
+    let psnr_kept = preservation::masked_psnr(&a, &b, &kept)?.min(PSNR_CAP_DB);
+    Ok((
+        f64::from(u8::from(adherence)),
+        preservation::masked_psnr(&a, &b, &background)?.min(PSNR_CAP_DB),
+        preservation::masked_ssim(&a, &b, &background)?,
+        psnr_kept,
+    ))
+}
+
+/// Every case under every condition, in case order then condition order.
+pub fn run_all(
+    addr: &str,
+    model: &str,
+    cases: &[(u64, ProtectCase)],
+    conditions: &[Condition],
+    steps: Option<u32>,
+    progress: &mut dyn FnMut(&ItemResult),
+) -> Result<Vec<ItemResult>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = Client::connect(addr).await?;
+        let mut items = Vec::new();
+        for (i, (seed, case)) in cases.iter().enumerate() {
+            for &c in conditions {
+                let request = c.request(model, *seed, steps, case)?;
+                let result = client
+                    .generate(request)
+                    .await?
+                    .result()
+                    .await
+                    .with_context(|| format!("case {i} (seed {seed}) under {}", c.name()))?;
+                let image = image::load_from_memory(&result.image)?.to_rgb8();
+                let (adherence, psnr_background, ssim_background, psnr_kept) = score(case, &image)?;
+                let item = ItemResult {
+                    case: i,
+                    seed: *seed,
+                    condition: c.name(),
+                    adherence,
+                    psnr_background,
+                    ssim_background,
+                    psnr_kept,
+                    image,
+                };
+                progress(&item);
+                items.push(item);
+            }
+        }
+        Ok::<_, anyhow::Error>(items)
+    })
+}
+
+/// The server binary next to this one (both live in target/<profile>/).
+pub fn default_server_binary() -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("frisket-server"))).unwrap_or_default()
+}
