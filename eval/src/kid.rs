@@ -4,6 +4,7 @@
 //! When both sets have m images every subset is the whole set and the result is exactly clean-fid's;
 //! otherwise the draws come from a seeded generator here, not numpy's, so values agree only in
 //! expectation.
+use crate::rng::SplitMix;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -31,30 +32,6 @@ fn subset_term(x: &Tensor, y: &Tensor) -> f64 {
     let m = m as f64;
     let a_off = a.sum(Kind::Double).double_value(&[]) - a.diagonal(0, 0, 1).sum(Kind::Double).double_value(&[]);
     a_off / (m - 1.0) - b.sum(Kind::Double).double_value(&[]) * 2.0 / m
-}
-
-/// splitmix64: a small seeded generator for the subset draws.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// `m` distinct indices below `n` (partial Fisher–Yates).
-    fn choose(&mut self, n: usize, m: usize) -> Vec<i64> {
-        let mut idx: Vec<i64> = (0..n as i64).collect();
-        for i in 0..m {
-            let j = i + (self.next() % (n - i) as u64) as usize;
-            idx.swap(i, j);
-        }
-        idx.truncate(m);
-        idx
-    }
 }
 
 /// KID between feature sets `a` (clean-fid's feats1) and `b` (feats2), [n, d] each.

@@ -8,6 +8,7 @@ pub mod kid;
 pub mod lpips;
 pub mod preservation;
 pub mod resize;
+mod rng;
 pub mod stats;
 pub mod torch_file;
 

@@ -6,6 +6,7 @@
 //! the variance reduced by the tie term Σ(t³ − t)/48, and the two-sided p-value 2·Φ(−|z|).
 //! The normal approximation is used at every n (scipy's "auto" switches to the exact
 //! distribution for small n without ties; the report states the method).
+use crate::rng::SplitMix;
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -33,19 +34,6 @@ pub fn interval_from_indices(values: &[f64], indices: &[Vec<usize>]) -> (f64, f6
     means.sort_by(f64::total_cmp);
     let tail = (1.0 - LEVEL) / 2.0 * 100.0;
     (percentile_sorted(&means, tail), percentile_sorted(&means, 100.0 - tail))
-}
-
-/// splitmix64: the resampling's generator (fixed seed, same draws on every machine).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// Resample rows of n item indices, drawn with replacement. The same rows serve every condition
