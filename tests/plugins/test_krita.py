@@ -249,12 +249,12 @@ class KritaPlugin(unittest.TestCase):
         log, (asked, stopped) = self.wait_for_server_log(
             [
                 r"cancel requested job_id={} found=true".format(re.escape(job)),
-                r"job\{{job_id={}\}}.*job stopped".format(re.escape(job)),
+                r"job\{{[^}}]*job_id={}\}}.*job stopped".format(re.escape(job)),
             ]
         )
         self.assertTrue(asked, "the server never saw Cancel for {}:\n{}".format(job, log[-3000:]))
         self.assertTrue(stopped, "the server never stopped {}:\n{}".format(job, log[-3000:]))
-        finished = re.search(r"job\{{job_id={}\}}.*job finished".format(re.escape(job)), log)
+        finished = re.search(r"job\{{[^}}]*job_id={}\}}.*job finished".format(re.escape(job)), log)
         self.assertIsNone(finished, "the cancelled job ran to the end")
 
     def test_closing_the_docker_mid_job(self):
@@ -268,7 +268,7 @@ class KritaPlugin(unittest.TestCase):
             self.skipTest("external server: no log to read")
         log, (stopped,) = self.wait_for_server_log(
             [
-                r"job\{{job_id={}\}}.*job stopped.*client left|job\{{job_id={}\}}.*client left.*job stopped".format(
+                r"job\{{[^}}]*job_id={}\}}.*job stopped.*client left|job\{{[^}}]*job_id={}\}}.*client left.*job stopped".format(
                     re.escape(job), re.escape(job)
                 )
             ]
