@@ -268,9 +268,10 @@ class KritaPlugin(unittest.TestCase):
             self.skipTest("external server: no log to read")
         log, (stopped,) = self.wait_for_server_log(
             [
-                r"job\{{[^}}]*job_id={}\}}.*job stopped.*client left|job\{{[^}}]*job_id={}\}}.*client left.*job stopped".format(
-                    re.escape(job), re.escape(job)
-                )
+                (
+                    r"job\{{[^}}]*job_id={0}\}}.*job stopped.*client left|"
+                    r"job\{{[^}}]*job_id={0}\}}.*client left.*job stopped"
+                ).format(re.escape(job))
             ]
         )
         self.assertTrue(stopped, "the server never stopped {} after its client left:\n{}".format(job, log[-3000:]))
