@@ -20,8 +20,8 @@ pub enum Condition {
     Paper,
     /// As `Paper` on every cross-attention layer.
     PaperAllLayers,
-    /// Everything outside the requested object's (dilated) true region protected: the
-    /// preservation upper bound.
+    /// Everything outside the requested object's (dilated) true region protected, and the
+    /// kept object: the preservation upper bound.
     Blended,
     /// The kept object protected, no Grad-SAM.
     ProtectOnly,
@@ -73,7 +73,12 @@ impl Condition {
             Condition::PaperAllLayers => b.preset(paper::NAME).explain(explain("all")).protected_mask(kept()?),
             Condition::ProtectOnly => b.preset(paper::NAME).explain(off).protected_mask(kept()?),
             Condition::Blended => {
-                let keep = outside(&dilate(&case.target.masks[1], BLEND_DILATION));
+                // The kept object stays protected where the grown region overlaps it.
+                let free = dilate(&case.target.masks[1], BLEND_DILATION);
+                let kept = &case.reference.masks[0];
+                let keep = GrayImage::from_fn(free.width(), free.height(), |x, y| {
+                    Luma([if kept.get(x, y) || free.get_pixel(x, y)[0] == 0 { 255 } else { 0 }])
+                });
                 b.preset(paper::NAME).explain(off).protected_mask(png_gray(&keep)?)
             }
         }
@@ -90,10 +95,6 @@ fn dilate(m: &Mask, r: u32) -> GrayImage {
             .any(|yy| (x.saturating_sub(r)..(x + r + 1).min(w)).any(|xx| m.get(xx, yy)));
         Luma([if hit { 255 } else { 0 }])
     })
-}
-
-fn outside(g: &GrayImage) -> GrayImage {
-    GrayImage::from_fn(g.width(), g.height(), |x, y| Luma([255 - g.get_pixel(x, y)[0]]))
 }
 
 fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
