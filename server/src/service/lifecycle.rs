@@ -84,7 +84,7 @@ impl Lifecycle {
 
     /// The devices the model is loaded on.
     pub fn devices(&self, model: &str) -> Vec<String> {
-        self.get(model).into_iter().filter(|(_, s)| *s == State::Loaded).map(|(d, _)| d).collect()
+        loaded_on(&self.get(model))
     }
 
     /// The ListModels fields of a model's state: (state, devices, error). Loaded (with
@@ -92,7 +92,7 @@ impl Lifecycle {
     /// anywhere; else failed (with why) when a load failed; else on disk.
     pub fn report(&self, model: &str) -> (ModelState, Vec<String>, Option<String>) {
         let states = self.get(model);
-        let devices = self.devices(model);
+        let devices = loaded_on(&states);
         if !devices.is_empty() {
             return (ModelState::Loaded, devices, None);
         }
@@ -107,4 +107,9 @@ impl Lifecycle {
             None => (ModelState::OnDisk, Vec::new(), None),
         }
     }
+}
+
+/// The devices of `states` where the model is loaded.
+fn loaded_on(states: &BTreeMap<String, State>) -> Vec<String> {
+    states.iter().filter(|(_, s)| **s == State::Loaded).map(|(d, _)| d.clone()).collect()
 }

@@ -5,8 +5,8 @@
 //! the bounded [`jobs::Queue`] (full → RESOURCE_EXHAUSTED) and returns the receiving end
 //! of the job's event buffer ([`jobs::Events`]) as the response stream. The queue places
 //! each job on the least-loaded worker that can take it (`Queue::take`). A worker thread
-//! (worker.rs) owns its device's models, runs one job at a time and queues its events without ever
-//! waiting on a client: a slow client's waiting previews, latents, masks and heatmaps are
+//! (worker.rs) owns its device's models, steps up to `--max-batch` jobs of one model
+//! together and queues their events without ever waiting on a client: a slow client's waiting previews, latents, masks and heatmaps are
 //! replaced by newer ones, and a client that reads nothing for the stalled-client time is
 //! dropped. A closed stream, Cancel, the deadline, a stalled client or shutdown stop a
 //! job within a fraction of a step. One connection holds at most

@@ -76,7 +76,7 @@ pub fn spawn(
             catalog,
             lifecycle,
         };
-        worker.report_memory();
+        worker.report_loaded();
         info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(),
               model_memory = %budget.map_or("unlimited".into(), cache::mib), "worker started");
         let max_batch = options.max_batch;
@@ -128,12 +128,9 @@ pub fn spawn(
     })
 }
 
-/// The models the running jobs use (never evicted).
+/// The model the running jobs use (they share one `Group`), which is never evicted.
 fn in_use(active: &[Active]) -> Vec<String> {
-    let mut names: Vec<String> = active.iter().map(|a| a.group.model.clone()).collect();
-    names.sort();
-    names.dedup();
-    names
+    active.first().map(|a| a.group.model.clone()).into_iter().collect()
 }
 
 /// Why a job ends before its Result.
@@ -380,7 +377,7 @@ impl Worker {
                 return Err(status);
             }
             self.models.insert(name, model, bytes);
-            self.report_memory();
+            self.report_loaded();
             self.lifecycle.set(name, &self.name, Some(State::Loaded));
         }
         self.models.touch(name);
@@ -417,13 +414,13 @@ impl Worker {
             self.lifecycle.set(&evicted, &self.name, None);
         }
         frisket_engine::model::release_cpu_memory();
-        self.report_memory();
+        self.report_loaded();
         Ok(())
     }
 
     /// Sets the loaded-model bytes gauge of this worker's device and tells placement which
     /// models it holds.
-    fn report_memory(&self) {
+    fn report_loaded(&self) {
         metrics::loaded_model_bytes(&self.name, self.models.loaded_bytes());
         self.queue.set_loaded(self.index, self.models.names());
     }
@@ -492,7 +489,7 @@ impl Worker {
         self.lifecycle.set(name, &self.name, None);
         if was_loaded {
             frisket_engine::model::release_cpu_memory();
-            self.report_memory();
+            self.report_loaded();
             info!(model = name, "model unloaded");
         }
         Ok(was_loaded)
