@@ -1,7 +1,8 @@
 //! Several workers (`serve --device cpu,cpu`): one queue, one worker thread per listed
 //! device, each with its own models. Jobs that one worker cannot take (it is full at
 //! `--max-batch 1`) run at the same time on the other, loading their model there too; the
-//! image does not depend on the worker; nonsense `--device` values are refused.
+//! image does not depend on the worker; `--preload` loads on every worker; nonsense
+//! `--device` values are refused.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 
@@ -77,6 +78,16 @@ async fn two_workers_run_two_jobs_at_once_and_agree_byte_for_byte() {
     let sd1 = listed.models.iter().find(|m| m.name == "sd1").expect("sd1 listed");
     assert_eq!(sd1.state, pb::ModelState::OnDisk as i32, "{sd1:?}");
     assert!(sd1.devices.is_empty(), "{sd1:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_model_is_loaded_on_every_worker_before_serving() {
+    let server = Server::start(&[FLAGS, &["--preload", "sd1"]].concat()).await;
+    server.wait_for_log(&["preloading done: serving"]).await;
+    let listed = server.client().await.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+    let sd1 = listed.models.iter().find(|m| m.name == "sd1").expect("sd1 listed");
+    assert_eq!(sd1.state, pb::ModelState::Loaded as i32, "{sd1:?}");
+    assert_eq!(sd1.devices, ["cpu#0", "cpu#1"], "{sd1:?}");
 }
 
 #[test]

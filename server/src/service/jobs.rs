@@ -545,6 +545,10 @@ impl Queue {
         }
     }
 
+    fn pace<'a>(&'a self, s: &State) -> positions::Pace<'a> {
+        positions::Pace { clock: &self.clock, workers: s.workers.len() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -571,7 +575,7 @@ impl Queue {
         }
         let first = s.waiting.len();
         for job in jobs {
-            let queued = positions::queued(s.waiting.len(), &s.waiting, &s.running, &self.clock);
+            let queued = positions::queued(s.waiting.len(), &s.waiting, &s.running, self.pace(&s));
             let _ = job.push(Ok(job.event(generate_event::Event::Queued(queued))));
             s.waiting.push_back(job);
         }
@@ -600,7 +604,7 @@ impl Queue {
             kept
         });
         if let Some(from) = first_gone {
-            positions::announce(from, &s.waiting, &s.running, &self.clock);
+            positions::announce(from, &s.waiting, &s.running, self.pace(s));
         }
     }
 
@@ -634,7 +638,7 @@ impl Queue {
                     slot.running += 1;
                     slot.group.get_or_insert_with(|| Group::of(&job.spec));
                     s.running.push(job.clone());
-                    positions::announce(0, &s.waiting, &s.running, &self.clock);
+                    positions::announce(0, &s.waiting, &s.running, self.pace(&s));
                     drop(s);
                     self.wake.notify_all();
                     return Taken::Job(job);
@@ -708,7 +712,7 @@ impl Queue {
                 }
                 keep
             });
-            positions::announce(first, &s.waiting, &s.running, &self.clock);
+            positions::announce(first, &s.waiting, &s.running, self.pace(&s));
         }
         let mut found = !removed.is_empty();
         for job in s.running.iter().filter(|j| j.id == id) {

@@ -279,24 +279,34 @@ async fn serve(
             }
         })
     };
-    // Preloads, one after another on the worker; then SERVING (unless shutdown began). A
-    // model that fails to load is logged and listed as FAILED; the others still serve.
+    // Preloads: every worker loads each model, one after another, the workers side by side
+    // (a job may then start on any device without a cold load); then SERVING (unless
+    // shutdown began). A model that fails to load is logged and listed as FAILED on that
+    // device; the others still serve.
     let preload_task = {
         let (health, queue, names) = (health.clone(), queue.clone(), cfg.preload.clone());
         tokio::spawn(async move {
             if names.is_empty() {
                 return;
             }
-            for name in names {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                queue.command(queue.load_worker(&name), lifecycle::Command::Load { model: name.clone(), reply });
-                match answer.await {
-                    Ok(Ok(loaded)) => info!(model = %name, seconds = loaded.seconds, "preloaded"),
-                    Ok(Err(status)) => warn!(model = %name, "preload failed: {}", status.message()),
-                    Err(_) => return,
-                }
+            let mut per_worker = tokio::task::JoinSet::new();
+            for worker in 0..queue.workers() {
+                let (queue, names) = (queue.clone(), names.clone());
+                per_worker.spawn(async move {
+                    for name in names {
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        queue.command(worker, lifecycle::Command::Load { model: name.clone(), reply });
+                        match answer.await {
+                            Ok(Ok(loaded)) => info!(model = %name, worker, seconds = loaded.seconds, "preloaded"),
+                            Ok(Err(status)) => warn!(model = %name, worker, "preload failed: {}", status.message()),
+                            Err(_) => return false,
+                        }
+                    }
+                    true
+                });
             }
-            if queue.is_accepting() {
+            let finished = per_worker.join_all().await;
+            if finished.into_iter().all(|done| done) && queue.is_accepting() {
                 info!("preloading done: serving");
                 health.set_service_status("", ServingStatus::Serving).await;
                 health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;

@@ -119,9 +119,9 @@ pub fn spawn(
             if let Some(first) = active.first() {
                 worker.models.touch(&first.group.model);
                 let model = worker.models.get(&first.group.model).expect("running jobs' model is loaded");
-                let stepping = Instant::now();
+                let (stepping, jobs) = (Instant::now(), active.len());
                 step_all(model, &mut active);
-                queue.clock.record(stepping.elapsed().as_secs_f64());
+                queue.clock.record(stepping.elapsed().as_secs_f64(), jobs);
                 settle(model, &mut active, &queue, index);
             }
         }
