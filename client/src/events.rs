@@ -74,6 +74,8 @@ pub struct Started {
     pub subjects_auto: bool,
     /// Grad-SAM jobs: the 0-based indices of the manipulated steps, ascending.
     pub manipulation_steps: Vec<u32>,
+    /// How many images the request makes (the stream ends after that many results).
+    pub num_images: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +204,7 @@ impl JobEvent {
                 subjects: s.subjects,
                 subjects_auto: s.subjects_auto,
                 manipulation_steps: s.manipulation_steps,
+                num_images: s.num_images.max(1),
             }),
             Some(E::Step(s)) => Event::Step(Step {
                 index: s.index,

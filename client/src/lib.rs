@@ -244,21 +244,23 @@ impl Client {
         let job_id = (!request.job_id.is_empty()).then(|| request.job_id.clone());
         let results_left = proto::defaults::num_images(&request);
         let inner = self.frisket.clone().generate(request).await?.into_inner();
-        Ok(EventStream { inner, job_id, results_left, done: false })
+        Ok(EventStream { inner, job_id, results_left: Some(results_left), done: false })
     }
 
     /// Follows a detached job (started with `detach`) from this connection: its latest
-    /// state, then its live events and its end. Dropping this stream leaves the job running.
+    /// state (every image's, with `num_images`), then its live events and its end.
+    /// Dropping this stream leaves the job running.
     pub async fn watch_job(&self, job_id: &str) -> Result<EventStream, Error> {
         let req = pb::WatchJobRequest { job_id: job_id.to_string() };
         let inner = self.frisket.clone().watch_job(req).await?.into_inner();
-        Ok(EventStream { inner, job_id: Some(job_id.to_string()), results_left: 1, done: false })
+        Ok(EventStream { inner, job_id: Some(job_id.to_string()), results_left: None, done: false })
     }
 
-    /// The result of a detached job that ended (kept for the server's
-    /// `keep_results_seconds`); NOT_FOUND once it expired.
-    pub async fn get_result(&self, job_id: &str) -> Result<GenerateResult, Error> {
-        let req = pb::GetResultRequest { job_id: job_id.to_string() };
+    /// The result of image `image_index` (0 for a single image) of a detached job that
+    /// ended (kept for the server's `keep_results_seconds`); NOT_FOUND once it expired,
+    /// OUT_OF_RANGE past the job's images.
+    pub async fn get_result(&self, job_id: &str, image_index: u32) -> Result<GenerateResult, Error> {
+        let req = pb::GetResultRequest { job_id: job_id.to_string(), image_index };
         Ok(self.frisket.clone().get_result(req).await?.into_inner().into())
     }
 
@@ -314,8 +316,9 @@ impl Client {
 pub struct EventStream {
     inner: tonic::Streaming<pb::GenerateEvent>,
     job_id: Option<String>,
-    /// Results still to come (one per image).
-    results_left: u32,
+    /// Results still to come (one per image); a watcher learns the count from the first
+    /// Started.
+    results_left: Option<u32>,
     done: bool,
 }
 
@@ -375,9 +378,16 @@ impl Stream for EventStream {
                     if self.job_id.is_none() && !event.job_id.is_empty() {
                         self.job_id = Some(event.job_id.clone());
                     }
-                    if matches!(event.event, Event::Result(_)) {
-                        self.results_left = self.results_left.saturating_sub(1);
-                        self.done = self.results_left == 0;
+                    match &event.event {
+                        Event::Started(s) if self.results_left.is_none() => {
+                            self.results_left = Some(s.num_images.max(1));
+                        }
+                        Event::Result(_) => {
+                            let left = self.results_left.unwrap_or(1).saturating_sub(1);
+                            self.results_left = Some(left);
+                            self.done = left == 0;
+                        }
+                        _ => {}
                     }
                     return Poll::Ready(Some(Ok(event)));
                 }

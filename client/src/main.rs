@@ -46,17 +46,17 @@ pub enum Command {
     /// Cancel a queued or running job (exit 6 when there is no such job).
     Cancel { job_id: String },
     /// Follow a detached job (`generate --detach`) from here, with its progress, and save
-    /// its image; Ctrl-C stops watching and leaves the job running.
+    /// its images; Ctrl-C stops watching and leaves the job running.
     Watch {
         job_id: String,
-        /// Where to write the image.
+        /// Where to write the image (image i of several: OUT's stem with -i).
         #[arg(long)]
         out: PathBuf,
     },
-    /// Save the result of a detached job that ended (`generate --detach`).
+    /// Save the results of a detached job that ended (`generate --detach`), every image.
     Result {
         job_id: String,
-        /// Where to write the image.
+        /// Where to write the image (image i of several: OUT's stem with -i).
         #[arg(long)]
         out: PathBuf,
     },

@@ -934,7 +934,8 @@ fn limits_from_a_config_file_are_checked_before_sending() {
 
 /// `generate --detach` killed mid-job (SIGKILL: no cancel is sent), `watch` re-attaches
 /// and saves the image, `result` fetches the same bytes, an unknown id is NOT_FOUND (exit
-/// 1); `--num-images 2` writes o.png and o-1.png with seeds S and S + 1.
+/// 1); `--num-images 2` writes o.png and o-1.png with seeds S and S + 1, and detached,
+/// `result` and `watch` save both images.
 #[test]
 fn detach_watch_result_and_num_images() {
     let server = Server::start();
@@ -1005,4 +1006,38 @@ fn detach_watch_result_and_num_images() {
     assert_eq!(seeds, [(0, 9), (1, 10)]);
     assert!(many.is_file() && dir.join("o-1.png").is_file());
     assert_ne!(std::fs::read(&many).unwrap(), std::fs::read(dir.join("o-1.png")).unwrap());
+
+    let (d, r, w) = (dir.join("d.png"), dir.join("r.png"), dir.join("w.png"));
+    let detached = [
+        "generate",
+        "--model",
+        "sd1",
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "--num-images",
+        "2",
+        "--detach",
+        "--job-id",
+        "cli-detached-2",
+        "--out",
+        s(&d),
+    ];
+    assert_ok(&server.frisket(&detached));
+    let o = server.frisket(&["result", "cli-detached-2", "--out", s(&r), "--json"]);
+    assert_ok(&o);
+    let saved: Vec<(u64, u64)> =
+        json_lines(&o).iter().map(|l| (l["image_index"].as_u64().unwrap(), l["seed"].as_u64().unwrap())).collect();
+    assert_eq!(saved, [(0, 9), (1, 10)]);
+    assert_ok(&server.frisket(&["watch", "cli-detached-2", "--out", s(&w)]));
+    for (a, b) in [("d.png", "r.png"), ("d-1.png", "r-1.png"), ("d.png", "w.png"), ("d-1.png", "w-1.png")] {
+        assert_eq!(std::fs::read(dir.join(a)).unwrap(), std::fs::read(dir.join(b)).unwrap(), "{a} vs {b}");
+    }
 }

@@ -39,7 +39,8 @@ pub async fn run(server: &str, args: GenerateArgs, as_json: bool) -> Result<i32,
         } => s?,
         _ = interrupt.recv() => return Err(interrupted(job_id)),
     };
-    let following = Following { out: &args.out, images, dumper, progress, as_json, cancel_on_interrupt: true };
+    let following =
+        Following { out: &args.out, images: Some(images), dumper, progress, as_json, cancel_on_interrupt: true };
     following.follow(&client, stream, job_id, &mut interrupt).await
 }
 
@@ -53,7 +54,8 @@ pub async fn watch(server: &str, job_id: &str, out: &Path, as_json: bool) -> Res
     };
     let stream = client.watch_job(job_id).await?;
     let progress = Progress::new(!as_json && std::io::stderr().is_terminal());
-    let following = Following { out, images: 1, dumper: None, progress, as_json, cancel_on_interrupt: false };
+    // The count comes with the first Started.
+    let following = Following { out, images: None, dumper: None, progress, as_json, cancel_on_interrupt: false };
     following.follow(&client, stream, Some(job_id.to_string()), &mut interrupt).await
 }
 
@@ -61,7 +63,8 @@ pub async fn watch(server: &str, job_id: &str, out: &Path, as_json: bool) -> Res
 /// and whether Ctrl-C cancels the job (generate) or only stops following it (watch).
 struct Following<'a> {
     out: &'a Path,
-    images: u32,
+    /// How many images the job makes; a watcher learns it from the first Started.
+    images: Option<u32>,
     dumper: Option<Dumper>,
     progress: Progress,
     as_json: bool,
@@ -76,7 +79,7 @@ impl Following<'_> {
         mut job_id: Option<String>,
         interrupt: &mut Interrupt,
     ) -> Result<i32, Failure> {
-        let Following { out: out_path, images, mut dumper, progress, as_json, cancel_on_interrupt } = self;
+        let Following { out: out_path, mut images, mut dumper, progress, as_json, cancel_on_interrupt } = self;
         let mut results = Vec::new();
         loop {
             let item = tokio::select! {
@@ -116,6 +119,10 @@ impl Following<'_> {
                 Some(d) => d.record(&event.event).map_err(|e| fail(e, &job_id))?,
                 None => Written::default(),
             };
+            if let (None, Event::Started(s)) = (images, &event.event) {
+                images = Some(s.num_images);
+            }
+            let images = images.unwrap_or(1);
             let mut manifest = None;
             let out = image_path(out_path, event.image_index, images);
             if let Event::Result(r) = &event.event {
@@ -164,7 +171,7 @@ impl Following<'_> {
 
 /// Where image `index` of `images` goes: OUT itself for the first (and for one image),
 /// OUT's stem with `-INDEX` for the others (out.png, out-1.png, out-2.png).
-fn image_path(out: &Path, index: u32, images: u32) -> std::path::PathBuf {
+pub(super) fn image_path(out: &Path, index: u32, images: u32) -> std::path::PathBuf {
     if index == 0 || images <= 1 {
         return out.to_path_buf();
     }

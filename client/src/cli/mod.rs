@@ -234,17 +234,27 @@ async fn cancel(client: &Client, job_id: &str, as_json: bool) -> Result<i32, Fai
     Ok(if found { exit::OK } else { exit::NEGATIVE })
 }
 
+/// Saves every image of a detached job: image 0, 1, … until the server answers
+/// OUT_OF_RANGE (past the job's num_images).
 async fn result(client: &Client, job_id: &str, out: &std::path::Path, as_json: bool) -> Result<i32, Failure> {
-    let result = client.get_result(job_id).await?;
-    generate::write_file(out, &result.image)?;
-    if as_json {
-        json::Line::new()
-            .with("job_id", json!(job_id))
-            .with("out", json::path(out))
-            .with("seed", json!(result.seed))
-            .emit();
-    } else {
-        println!("saved {} (seed {})", out.display(), result.seed);
+    for index in 0.. {
+        let result = match client.get_result(job_id, index).await {
+            Ok(result) => result,
+            Err(e) if index > 0 && e.code() == Some(tonic::Code::OutOfRange) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let path = generate::image_path(out, index, u32::MAX);
+        generate::write_file(&path, &result.image)?;
+        if as_json {
+            json::Line::new()
+                .with("job_id", json!(job_id))
+                .with("image_index", json!(index))
+                .with("out", json::path(&path))
+                .with("seed", json!(result.seed))
+                .emit();
+        } else {
+            println!("saved {} (seed {})", path.display(), result.seed);
+        }
     }
     Ok(exit::OK)
 }

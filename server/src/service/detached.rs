@@ -2,8 +2,10 @@
 //! that WatchJob replays before the live events, and its end (Result or status) that
 //! GetResult returns for the retention time after the job ends.
 //!
-//! A journal is bounded by the job itself: one Queued, Step, Latent and Preview (each the
-//! newest), every Mask and Heatmap (a few per manipulated step), Started and the end.
+//! A journal is bounded by the job itself: per image (`num_images`), one Queued, Step,
+//! Latent and Preview (each the newest), every Mask and Heatmap (a few per manipulated
+//! step), Started and its Result; the journal ends with the last image's Result or the
+//! first failure.
 //! Finished journals are kept for [`Retention::keep`], at most [`Retention::max_count`] of
 //! them and [`Retention::max_bytes`] in all; the oldest go first.
 use super::jobs::{EventResult, Events};
@@ -58,11 +60,13 @@ pub struct Journal {
 
 #[derive(Default)]
 struct Record {
-    /// The job's latest state in the order it was sent.
-    replay: Vec<(GenerateEvent, Option<Newest>)>,
+    /// The job's latest state in the order it was sent (the newest of a kind per image).
+    replay: Vec<(GenerateEvent, Option<(Newest, u32)>)>,
     /// WatchJob streams following the job.
     watchers: Vec<Arc<Events>>,
-    /// The Result or the status the job ended with.
+    /// Each image's Result once it came.
+    results: Vec<Option<JobResult>>,
+    /// The last image's Result, or the status the job ended with.
     end: Option<EventResult>,
     ended_at: Option<Instant>,
     bytes: u64,
@@ -80,27 +84,33 @@ impl Journal {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a message the job sent and passes it to the watchers (a watcher whose
-    /// stream is gone or stalled is dropped; the job runs on).
-    pub fn record(&self, msg: &EventResult) {
+    /// Records a message one of the job's images sent and passes it to the watchers (a
+    /// watcher whose stream is gone or stalled is dropped; the job runs on). False once
+    /// the journal has ended without this image's Result (another image failed): the
+    /// image should stop.
+    pub fn record(&self, msg: &EventResult) -> bool {
         let mut r = self.lock();
         if r.end.is_some() {
-            return;
+            return false;
         }
         r.watchers.retain(|w| w.push(msg.clone()).is_ok());
-        let final_message = match msg {
-            Ok(event) => matches!(event.event, Some(Event::Result(_))),
-            Err(_) => true,
+        let event = match msg {
+            Err(_) => {
+                self.end(&mut r, msg);
+                return false;
+            }
+            Ok(event) => event,
         };
-        if final_message {
-            r.bytes += encoded_len(msg);
-            r.end = Some(msg.clone());
-            r.ended_at = Some(Instant::now());
-            r.watchers.clear();
-            return;
+        if let Some(Event::Result(result)) = &event.event {
+            if let Some(slot) = r.results.get_mut(event.image_index as usize) {
+                *slot = Some(result.clone());
+            }
+            if r.results.iter().all(Option::is_some) {
+                self.end(&mut r, msg);
+                return true;
+            }
         }
-        let Ok(event) = msg else { return };
-        let kind = Newest::of(event);
+        let kind = Newest::of(event).map(|kind| (kind, event.image_index));
         if let Some(kind) = kind {
             if let Some(i) = r.replay.iter().position(|(_, k)| *k == Some(kind)) {
                 let (old, _) = r.replay.remove(i);
@@ -109,6 +119,26 @@ impl Journal {
         }
         r.bytes += event.encoded_len() as u64;
         r.replay.push((event.clone(), kind));
+        true
+    }
+
+    fn end(&self, r: &mut Record, msg: &EventResult) {
+        r.bytes += encoded_len(msg);
+        r.end = Some(msg.clone());
+        r.ended_at = Some(Instant::now());
+        r.watchers.clear();
+    }
+
+    /// Image `image` ends without having sent its Result (its job was dropped): the
+    /// journal ends with ABORTED unless it has ended or has that Result.
+    pub fn abandoned(&self, image: u32) {
+        let mut r = self.lock();
+        let has_result = r.results.get(image as usize).is_some_and(Option::is_some);
+        if r.end.is_none() && !has_result {
+            let aborted = Err(Status::aborted("the job ended without a result"));
+            r.watchers.retain(|w| w.push(aborted.clone()).is_ok());
+            self.end(&mut r, &aborted);
+        }
     }
 
     /// A WatchJob stream: the latest state, then (under the same lock, so nothing is
@@ -128,18 +158,31 @@ impl Journal {
         }
     }
 
-    /// GetResult: the Result, the status the job ended with, or FAILED_PRECONDITION
-    /// while it has not ended.
-    pub fn result(&self) -> Result<JobResult, Status> {
-        match &self.lock().end {
-            Some(Ok(GenerateEvent { event: Some(Event::Result(result)), .. })) => Ok(result.clone()),
-            Some(Ok(_)) => Err(Status::internal("a detached job ended with an event that is not a Result")),
-            Some(Err(status)) => Err(Status::new(status.code(), status.message())),
-            None => Err(Status::failed_precondition(format!(
-                "job {:?} has not ended yet (WatchJob follows it)",
+    /// GetResult: image `image`'s Result, the status the job ended with (a failure of
+    /// any image), FAILED_PRECONDITION while that image runs, OUT_OF_RANGE past the
+    /// job's images.
+    pub fn result(&self, image: u32) -> Result<JobResult, Status> {
+        let r = self.lock();
+        if let Some(Err(status)) = &r.end {
+            return Err(Status::new(status.code(), status.message()));
+        }
+        match r.results.get(image as usize) {
+            Some(Some(result)) => Ok(result.clone()),
+            Some(None) => Err(Status::failed_precondition(format!(
+                "job {:?} image {image} has not ended yet (WatchJob follows it)",
                 self.job_id
             ))),
+            None => Err(Status::out_of_range(format!(
+                "job {:?} has {} image(s); image_index {image} is past them",
+                self.job_id,
+                r.results.len()
+            ))),
         }
+    }
+
+    /// How many images the job makes.
+    pub fn images(&self) -> u32 {
+        self.lock().results.len() as u32
     }
 
     /// When it ended, and the bytes it holds.
@@ -190,14 +233,15 @@ impl Detached {
         jobs.retain(|_| kept.next().unwrap_or(true));
     }
 
-    /// A journal for a new detached job; None when a detached job with that id is running
-    /// or kept.
-    pub fn register(&self, job_id: &str) -> Option<Arc<Journal>> {
+    /// A journal for a new detached job of `images` images; None when a detached job with
+    /// that id is running or kept.
+    pub fn register(&self, job_id: &str, images: u32) -> Option<Arc<Journal>> {
         let mut jobs = self.lock();
         if jobs.iter().any(|j| j.job_id == job_id) {
             return None;
         }
-        let journal = Arc::new(Journal { job_id: job_id.to_string(), record: Mutex::new(Record::default()) });
+        let record = Record { results: vec![None; images.max(1) as usize], ..Record::default() };
+        let journal = Arc::new(Journal { job_id: job_id.to_string(), record: Mutex::new(record) });
         jobs.push_back(journal.clone());
         Some(journal)
     }
@@ -255,8 +299,8 @@ mod tests {
     #[tokio::test]
     async fn a_watcher_gets_the_latest_state_then_the_live_events() {
         let detached = Detached::new(Retention::default());
-        let journal = detached.register("j").unwrap();
-        assert!(detached.register("j").is_none(), "a second job with the id");
+        let journal = detached.register("j", 1).unwrap();
+        assert!(detached.register("j", 1).is_none(), "a second job with the id");
         for s in 0..3 {
             journal.record(&ev(Event::Step(Step { index: s, ..Default::default() })));
             journal.record(&ev(Event::Preview(Preview { step: s, ..Default::default() })));
@@ -265,15 +309,49 @@ mod tests {
         let w = watcher();
         journal.attach(&w);
         journal.record(&ev(Event::Step(Step { index: 3, ..Default::default() })));
-        assert!(journal.result().unwrap_err().code() == tonic::Code::FailedPrecondition);
+        assert!(journal.result(0).unwrap_err().code() == tonic::Code::FailedPrecondition);
         journal.record(&result(b"png"));
         let expected = ["heatmap 0", "heatmap 1", "step 2", "preview 2", "heatmap 2", "step 3", "result"];
         assert_eq!(names(&w).await, expected);
-        assert_eq!(journal.result().unwrap().image, b"png");
+        assert_eq!(journal.result(0).unwrap().image, b"png");
         // After the end a watcher gets the same state and the end at once.
         let late = watcher();
         journal.attach(&late);
         assert_eq!(names(&late).await, ["heatmap 0", "heatmap 1", "preview 2", "heatmap 2", "step 3", "result"]);
+    }
+
+    fn image_event(image: u32, event: Event) -> EventResult {
+        Ok(GenerateEvent { job_id: "j".into(), event: Some(event), image_index: image })
+    }
+
+    #[tokio::test]
+    async fn two_images_end_with_the_last_result_or_the_first_failure() {
+        let detached = Detached::new(Retention::default());
+        let journal = detached.register("j", 2).unwrap();
+        for image in [0, 1] {
+            journal.record(&image_event(image, Event::Step(Step { index: 0, ..Default::default() })));
+        }
+        let done = JobResult { image: b"zero".to_vec(), ..Default::default() };
+        assert!(journal.record(&image_event(0, Event::Result(done))));
+        assert_eq!(journal.result(0).unwrap().image, b"zero", "image 0 is fetchable while 1 runs");
+        assert_eq!(journal.result(1).unwrap_err().code(), tonic::Code::FailedPrecondition);
+        assert_eq!(journal.result(2).unwrap_err().code(), tonic::Code::OutOfRange);
+        // Image 0's job is dropped after its Result: that is not an abort.
+        journal.abandoned(0);
+        let w = watcher();
+        w.expect_results(journal.images());
+        journal.attach(&w);
+        journal.record(&image_event(1, Event::Step(Step { index: 1, ..Default::default() })));
+        let last = JobResult { image: b"one".to_vec(), ..Default::default() };
+        journal.record(&image_event(1, Event::Result(last)));
+        assert_eq!(names(&w).await, ["step 0", "step 0", "result", "step 1", "result"]);
+        assert_eq!(journal.result(1).unwrap().image, b"one");
+
+        // A failure of one image ends the request: the other's next message is refused.
+        let failing = detached.register("k", 2).unwrap();
+        failing.record(&Err(Status::internal("image 1 failed")));
+        assert!(!failing.record(&image_event(0, Event::Step(Step::default()))), "image 0 should stop");
+        assert_eq!(failing.result(0).unwrap_err().code(), tonic::Code::Internal);
     }
 
     #[tokio::test]
@@ -281,22 +359,22 @@ mod tests {
         let retention = Retention { keep: Duration::from_secs(60), max_count: 2, max_bytes: 10_000 };
         let detached = Detached::new(retention);
         for id in ["a", "b", "c"] {
-            detached.register(id).unwrap().record(&result(b"x"));
+            detached.register(id, 1).unwrap().record(&result(b"x"));
         }
         assert!(detached.get("a").is_none(), "the oldest of three went");
         assert!(detached.get("b").is_some() && detached.get("c").is_some());
         // A running job is never dropped; a large result pushes the older ones out.
-        let running = detached.register("running").unwrap();
-        detached.register("big").unwrap().record(&result(&[0; 9_990]));
+        let running = detached.register("running", 1).unwrap();
+        detached.register("big", 1).unwrap().record(&result(&[0; 9_990]));
         assert!(detached.get("b").is_none() && detached.get("c").is_none());
         assert!(detached.get("big").is_some() && detached.get("running").is_some());
         running.record(&Err(Status::cancelled("cancelled")));
-        assert_eq!(running.result().unwrap_err().code(), tonic::Code::Cancelled);
+        assert_eq!(running.result(0).unwrap_err().code(), tonic::Code::Cancelled);
 
         let short = Detached::new(Retention { keep: Duration::from_millis(20), ..Retention::default() });
-        short.register("gone").unwrap().record(&result(b"x"));
+        short.register("gone", 1).unwrap().record(&result(b"x"));
         std::thread::sleep(Duration::from_millis(40));
         assert!(short.get("gone").is_none());
-        assert!(short.register("gone").is_some(), "an expired id is free again");
+        assert!(short.register("gone", 1).is_some(), "an expired id is free again");
     }
 }

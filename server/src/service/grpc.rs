@@ -180,9 +180,6 @@ impl Frisket for FrisketService {
             ));
         }
         let images = defaults::num_images(&req);
-        if req.detach && images > 1 {
-            return Err(Status::invalid_argument("detach takes one image per request (num_images 1)"));
-        }
         let job_id = if req.job_id.is_empty() { self.new_job_id() } else { req.job_id.clone() };
         let detach = req.detach;
         let (catalog, limits) = (self.catalog.clone(), self.limits.clone());
@@ -201,7 +198,7 @@ impl Frisket for FrisketService {
             || Status::already_exists(format!("a job with id {job_id:?} is already queued, running or kept"));
         // A kept detached job's id stays taken, so WatchJob and GetResult name one job.
         let journal = match detach {
-            true => Some(self.detached.register(&job_id).ok_or_else(already_exists)?),
+            true => Some(self.detached.register(&job_id, images).ok_or_else(already_exists)?),
             false if self.detached.get(&job_id).is_some() => return Err(already_exists()),
             false => None,
         };
@@ -217,7 +214,8 @@ impl Frisket for FrisketService {
                 let spec = JobSpec { seed: defaults::image_seed(spec.seed, index), ..spec.clone() };
                 let events = new_events();
                 streams.push(events.stream());
-                jobs.push(Arc::new(Job::new(job_id.clone(), spec, events, None, deadline, None).image(index)));
+                let job = Job::new(job_id.clone(), spec, events, None, deadline, journal.clone());
+                jobs.push(Arc::new(job.image(index, images)));
             }
             (jobs, Box::pin(ImagesStream::new(streams, slot)))
         };
@@ -251,6 +249,7 @@ impl Frisket for FrisketService {
         request::check_job_id(&id)?;
         let journal = self.detached.get(&id).ok_or_else(|| self.not_detached(&id))?;
         let events = Events::new(id.clone(), self.connections.stalled_client, tokio::runtime::Handle::current());
+        events.expect_results(journal.images());
         let stream = events.stream();
         journal.attach(&events);
         info!(job_id = %id, "watching a detached job");
@@ -258,10 +257,10 @@ impl Frisket for FrisketService {
     }
 
     async fn get_result(&self, request: Request<GetResultRequest>) -> Result<Response<JobResult>, Status> {
-        let id = request.into_inner().job_id;
+        let GetResultRequest { job_id: id, image_index } = request.into_inner();
         request::check_job_id(&id)?;
         let journal = self.detached.get(&id).ok_or_else(|| self.not_detached(&id))?;
-        journal.result().map(Response::new)
+        journal.result(image_index).map(Response::new)
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {

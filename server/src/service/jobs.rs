@@ -126,6 +126,9 @@ struct Outbox {
     dropped: u64,
     /// The final message is queued (or the job ended without one): nothing more is taken.
     closed: bool,
+    /// Results still to come before the stream ends (a WatchJob stream of a request of
+    /// several images takes one per image; a job's own stream, one).
+    results_left: u32,
     /// The client read nothing for the stalled-client time; its messages were dropped.
     stalled: bool,
     /// The client dropped its stream.
@@ -138,7 +141,13 @@ struct Outbox {
 
 impl Events {
     pub fn new(job_id: String, stalled_after: Duration, rt: tokio::runtime::Handle) -> Arc<Self> {
-        Arc::new(Self { job_id, stalled_after, state: Mutex::new(Outbox::default()), watch: Notify::new(), rt })
+        let state = Mutex::new(Outbox { results_left: 1, ..Outbox::default() });
+        Arc::new(Self { job_id, stalled_after, state, watch: Notify::new(), rt })
+    }
+
+    /// The stream ends after `n` Results (or a status), not the first.
+    pub fn expect_results(&self, n: u32) {
+        self.lock().results_left = n.max(1);
     }
 
     fn lock(&self) -> MutexGuard<'_, Outbox> {
@@ -173,7 +182,15 @@ impl Events {
                 out.dropped += 1;
             }
         }
-        if is_final(&msg) {
+        let last = match &msg {
+            Ok(GenerateEvent { event: Some(generate_event::Event::Result(_)), .. }) => {
+                out.results_left = out.results_left.saturating_sub(1);
+                out.results_left == 0
+            }
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        if last {
             out.closed = true;
             let dropped = out.dropped;
             match &mut msg {
@@ -317,8 +334,9 @@ pub struct Job {
     /// Detached jobs: their journal for WatchJob and GetResult. They run on when their
     /// Generate stream goes.
     journal: Option<Arc<Journal>>,
-    /// Which image of its request this job makes.
+    /// Which image of its request this job makes, and how many the request makes.
     image: u32,
+    pub images: u32,
     /// Counts the job against its client's job limit until its final message is queued.
     slot: Mutex<Option<JobSlot>>,
     stop: watch::Sender<Option<StopReason>>,
@@ -332,7 +350,7 @@ impl Drop for Job {
     fn drop(&mut self) {
         if let Some(journal) = &self.journal {
             // A no-op when the job sent its end, as every job does.
-            journal.record(&Err(Status::aborted("the job ended without a result")));
+            journal.abandoned(self.image);
         }
         self.events.close();
     }
@@ -354,6 +372,7 @@ impl Job {
             events,
             journal,
             image: 0,
+            images: 1,
             slot: Mutex::new(slot),
             stop: watch::channel(None).0,
             deadline,
@@ -373,17 +392,23 @@ impl Job {
 
     /// Sends a message on the job's stream without blocking ([`Events::push`]). Err when
     /// the client left or stalled (the job should stop); a detached job records the
-    /// message in its journal and runs on without its client.
+    /// message in its journal and runs on without its client, until another image of its
+    /// request failed (then Err(Cancelled): the request has ended).
     pub fn push(&self, msg: EventResult) -> Result<(), StopReason> {
-        if is_final(&msg) {
+        let last = is_final(&msg);
+        if last {
             // The client may start another job as soon as it sees this one end.
             self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         match &self.journal {
             Some(journal) => {
-                journal.record(&msg);
+                let wanted = journal.record(&msg);
                 let _ = self.events.push(msg);
-                Ok(())
+                if wanted || last {
+                    Ok(())
+                } else {
+                    Err(StopReason::Cancelled)
+                }
             }
             None => self.events.push(msg),
         }
@@ -440,9 +465,10 @@ impl Job {
         GenerateEvent { job_id: self.id.clone(), event: Some(event), image_index: self.image }
     }
 
-    /// Image `index` of its request (`num_images`): its events carry the index.
-    pub fn image(mut self, index: u32) -> Self {
-        self.image = index;
+    /// Image `index` of the `images` its request makes (`num_images`): its events carry
+    /// the index.
+    pub fn image(mut self, index: u32, images: u32) -> Self {
+        (self.image, self.images) = (index, images);
         self
     }
 

@@ -564,6 +564,7 @@ impl Worker {
             subjects,
             subjects_auto,
             manipulation_steps,
+            num_images: job.images,
         };
         if !send(job, Event::Started(started_event)) {
             return Err(End::Stopped(job.stop_reason().unwrap_or(StopReason::ClientGone)));
