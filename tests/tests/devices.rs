@@ -1,8 +1,8 @@
 //! Several workers (`serve --device cpu,cpu`): one queue, one worker thread per listed
 //! device, each with its own models. Jobs that one worker cannot take (it is full at
 //! `--max-batch 1`) run at the same time on the other, loading their model there too; the
-//! image does not depend on the worker; `--preload` loads on every worker; nonsense
-//! `--device` values are refused.
+//! image does not depend on the worker; `--preload` loads on every worker; UnloadModel
+//! unloads everywhere or nowhere; nonsense `--device` values are refused.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 
@@ -81,13 +81,29 @@ async fn two_workers_run_two_jobs_at_once_and_agree_byte_for_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_preloaded_model_is_loaded_on_every_worker_before_serving() {
+async fn a_preloaded_model_is_on_every_worker_and_a_refused_unload_leaves_it_there() {
     let server = Server::start(&[FLAGS, &["--preload", "sd1"]].concat()).await;
     server.wait_for_log(&["preloading done: serving"]).await;
     let listed = server.client().await.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
     let sd1 = listed.models.iter().find(|m| m.name == "sd1").expect("sd1 listed");
     assert_eq!(sd1.state, pb::ModelState::Loaded as i32, "{sd1:?}");
     assert_eq!(sd1.devices, ["cpu#0", "cpu#1"], "{sd1:?}");
+
+    // While a job uses sd1 on the second worker (an sd2 job keeps the first busy),
+    // UnloadModel is refused and no worker unloads it.
+    let mut busy = server.client().await.generate(job("sd2", "busy", 400)).await.unwrap().into_inner();
+    next_matching(&mut busy, |e| matches!(e, pb::generate_event::Event::Step(_))).await;
+    let mut running = server.client().await.generate(job("sd1", "in-use", 400)).await.unwrap().into_inner();
+    next_matching(&mut running, |e| matches!(e, pb::generate_event::Event::Step(_))).await;
+    let refused = server.client().await.unload_model(pb::UnloadModelRequest { model: "sd1".into() }).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let listed = server.client().await.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+    let sd1 = listed.models.iter().find(|m| m.name == "sd1").expect("sd1 listed");
+    assert_eq!(sd1.devices, ["cpu#0", "cpu#1"], "a refused unload unloaded somewhere: {sd1:?}");
+    for (id, stream) in [("busy", busy), ("in-use", running)] {
+        server.client().await.cancel(pb::CancelRequest { job_id: id.into() }).await.unwrap();
+        assert_eq!(collect(stream).await.code(), tonic::Code::Cancelled, "{id}");
+    }
 }
 
 #[test]

@@ -79,15 +79,22 @@ impl FrisketService {
         model: &str,
         command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, Status>>) -> Command,
     ) -> Result<T, Status> {
+        self.commandable(model).await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue.command(worker, command(reply));
+        answer.await.map_err(|_| shutting_down())?
+    }
+
+    /// Whether a LoadModel / UnloadModel for `model` may go to the workers: the model
+    /// exists and the server is not shutting down.
+    async fn commandable(&self, model: &str) -> Result<(), Status> {
         let catalog = self.catalog.clone();
         let name = model.to_string();
         blocking(move || catalog.resolve(&name)).await?;
         if !self.queue.is_accepting() {
-            return Err(Status::unavailable("the server is shutting down"));
+            return Err(shutting_down());
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queue.command(worker, command(reply));
-        answer.await.map_err(|_| Status::unavailable("the server is shutting down"))?
+        Ok(())
     }
 
     /// Why WatchJob or GetResult cannot follow `id`: it runs without detach, or no such
@@ -390,14 +397,18 @@ impl Frisket for FrisketService {
         request: Request<UnloadModelRequest>,
     ) -> Result<Response<UnloadModelResponse>, Status> {
         let model = request.into_inner().model;
-        // Every worker unloads it; the first refusal (a running job uses it) is the answer.
+        self.commandable(&model).await?;
         let mut was_loaded = false;
-        for worker in 0..self.queue.workers() {
-            was_loaded |= self.command(worker, &model, |reply| Command::Unload { model: model.clone(), reply }).await?;
+        for answer in self.queue.unload_everywhere(&model)? {
+            was_loaded |= answer.await.map_err(|_| shutting_down())??;
         }
         info!(model = %model, was_loaded, "unload requested");
         Ok(Response::new(UnloadModelResponse { was_loaded }))
     }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down")
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! client that takes nothing for the stalled-client time is dropped.
 use super::clients::JobSlot;
 use super::detached::Journal;
-use super::lifecycle::Command;
+use super::lifecycle::{self, Command};
 use super::positions::{self, StepClock};
 use super::request::JobSpec;
 use frisket_proto::v1::{generate_event, GenerateEvent, MaskKind};
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -799,6 +799,30 @@ impl Queue {
     pub fn command(&self, worker: usize, command: Command) {
         self.lock().workers[worker].commands.push_back(command);
         self.wake.notify_all();
+    }
+
+    /// UnloadModel: an unload command for every worker, all queued at once, unless a
+    /// running job uses `model` (then the refusal, and no worker unloads it). A worker does
+    /// its commands before it takes a job, so none starts a job of `model` in between:
+    /// the model is unloaded everywhere or nowhere.
+    pub fn unload_everywhere(&self, model: &str) -> Result<Vec<oneshot::Receiver<Result<bool, Status>>>, Status> {
+        let mut s = self.lock();
+        let users = s.running.iter().filter(|j| j.spec.meta.name == model).count();
+        if users > 0 {
+            return Err(lifecycle::in_use(model, users));
+        }
+        let answers = s
+            .workers
+            .iter_mut()
+            .map(|slot| {
+                let (reply, answer) = oneshot::channel();
+                slot.commands.push_back(Command::Unload { model: model.to_string(), reply });
+                answer
+            })
+            .collect();
+        drop(s);
+        self.wake.notify_all();
+        Ok(answers)
     }
 
     /// Engine side: the next command waiting for `worker`, if any.

@@ -38,6 +38,11 @@ pub enum Command {
     Unload { model: String, reply: oneshot::Sender<Result<bool, Status>> },
 }
 
+/// UnloadModel's refusal while `users` running jobs use `model`.
+pub fn in_use(model: &str, users: usize) -> Status {
+    Status::failed_precondition(format!("model {model:?} is in use by {users} running job(s); unload it once they end"))
+}
+
 /// A health status change: (service name, status), applied in order by the service.
 pub type HealthUpdate = (String, ServingStatus);
 

@@ -16,7 +16,7 @@
 //! one that does not fit beside the running jobs' model, is RESOURCE_EXHAUSTED.
 use super::cache::{self, Cache};
 use super::jobs::{Group, Job, Queue, StopReason, Taken};
-use super::lifecycle::{Command, Lifecycle, Loaded, State};
+use super::lifecycle::{self, Command, Lifecycle, Loaded, State};
 use super::loras;
 use super::metrics;
 use super::models::Catalog;
@@ -480,9 +480,7 @@ impl Worker {
     fn unload(&mut self, name: &str, active: &[Active]) -> Result<bool, Status> {
         let users = active.iter().filter(|a| a.group.model == name).count();
         if users > 0 {
-            return Err(Status::failed_precondition(format!(
-                "model {name:?} is in use by {users} running job(s); unload it once they end"
-            )));
+            return Err(lifecycle::in_use(name, users));
         }
         let was_loaded = self.models.remove(name);
         // A failed load's reason is dropped too: the model is back on disk.
