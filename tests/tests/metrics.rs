@@ -143,6 +143,7 @@ async fn metrics_count_what_the_server_did() {
     assert_eq!(after.value("frisket_jobs_total", &[("outcome", "cancelled")]), 2.0);
     assert_eq!(after.value("frisket_queue_waiting_jobs", &[]), 0.0);
     assert_eq!(after.value("frisket_running_jobs", &[]), 0.0);
+    assert_eq!(after.value("frisket_device_running_jobs", &[("device", "cpu")]), 0.0);
     // sd1 loaded once (job a); sd2 never (job b was cancelled while it waited).
     assert_eq!(after.value("frisket_model_load_seconds_count", &[]), 1.0);
 

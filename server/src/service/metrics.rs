@@ -48,6 +48,7 @@ pub struct Metrics {
     model_load_seconds: Histogram,
     model_evictions: IntCounterVec,
     loaded_model_bytes: IntGaugeVec,
+    device_running_jobs: IntGaugeVec,
     resident_memory: IntGauge,
 }
 
@@ -83,7 +84,8 @@ impl Metrics {
         let queue_waiting =
             IntGauge::new("frisket_queue_waiting_jobs", "Generate jobs waiting in the queue.").expect("valid gauge");
         let running_jobs =
-            IntGauge::new("frisket_running_jobs", "Generate jobs the worker is running.").expect("valid gauge");
+            IntGauge::new("frisket_running_jobs", "Generate jobs the workers are running, all devices together.")
+                .expect("valid gauge");
         let jobs = IntCounterVec::new(
             Opts::new(
                 "frisket_jobs_total",
@@ -123,6 +125,11 @@ impl Metrics {
             &["device"],
         )
         .expect("valid gauge");
+        let device_running_jobs = IntGaugeVec::new(
+            Opts::new("frisket_device_running_jobs", "Generate jobs a device's worker is running (its batch)."),
+            &["device"],
+        )
+        .expect("valid gauge");
         let resident_memory =
             IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").expect("valid gauge");
 
@@ -140,6 +147,7 @@ impl Metrics {
             Box::new(model_load_seconds.clone()),
             Box::new(model_evictions.clone()),
             Box::new(loaded_model_bytes.clone()),
+            Box::new(device_running_jobs.clone()),
             Box::new(resident_memory.clone()),
         ];
         for c in collectors {
@@ -159,6 +167,7 @@ impl Metrics {
             model_load_seconds,
             model_evictions,
             loaded_model_bytes,
+            device_running_jobs,
             resident_memory,
         }
     }
@@ -192,6 +201,11 @@ pub fn model_evicted(device: &str) {
 pub fn loaded_model_bytes(device: &str, bytes: u64) {
     METRICS.model_evictions.with_label_values(&[device]);
     METRICS.loaded_model_bytes.with_label_values(&[device]).set(bytes.try_into().unwrap_or(i64::MAX));
+}
+
+/// `device`'s worker runs `jobs` jobs now.
+pub fn device_running_jobs(device: &str, jobs: usize) {
+    METRICS.device_running_jobs.with_label_values(&[device]).set(jobs.try_into().unwrap_or(i64::MAX));
 }
 
 /// The worker ended a job with its result ("ok") or an error status ("failed").

@@ -116,6 +116,7 @@ pub fn spawn(
                     }
                 }
             }
+            metrics::device_running_jobs(&worker.name, active.len());
             if let Some(first) = active.first() {
                 worker.models.touch(&first.group.model);
                 let model = worker.models.get(&first.group.model).expect("running jobs' model is loaded");
@@ -123,6 +124,7 @@ pub fn spawn(
                 step_all(model, &mut active);
                 queue.clock.record(stepping.elapsed().as_secs_f64(), jobs);
                 settle(model, &mut active, &queue, index);
+                metrics::device_running_jobs(&worker.name, active.len());
             }
         }
     })
