@@ -976,28 +976,12 @@ fn detach_watch_result_and_num_images() {
     assert!(one_line_error(&o).contains("NOT_FOUND"), "{}", stderr(&o));
 
     let many = dir.join("o.png");
-    let o = server.frisket(&["generate", "--model", "sd1", "--prompt", "x", "--width", "64", "--height", "48"]);
+    // Two images of one request, seed 9 and 10, as they come and detached.
+    let two_images = ["generate", "--model", "sd1", "--prompt", "x", "--width", "64", "--height", "48", "--steps", "3"];
+    let two_images = [&two_images[..], &["--seed", "9", "--num-images", "2"]].concat();
+    let o = server.frisket(&two_images);
     assert_eq!(o.status.code(), Some(2), "--out is required");
-    let o = server.frisket(&[
-        "generate",
-        "--json",
-        "--model",
-        "sd1",
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--steps",
-        "3",
-        "--seed",
-        "9",
-        "--num-images",
-        "2",
-        "--out",
-        s(&many),
-    ]);
+    let o = server.frisket(&[&two_images[..], &["--json", "--out", s(&many)]].concat());
     assert_ok(&o);
     let results: Vec<Value> = json_lines(&o).into_iter().filter(|l| l["event"] == "result").collect();
     let mut seeds: Vec<(u64, u64)> =
@@ -1008,29 +992,8 @@ fn detach_watch_result_and_num_images() {
     assert_ne!(std::fs::read(&many).unwrap(), std::fs::read(dir.join("o-1.png")).unwrap());
 
     let (d, r, w) = (dir.join("d.png"), dir.join("r.png"), dir.join("w.png"));
-    let detached = [
-        "generate",
-        "--model",
-        "sd1",
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--steps",
-        "3",
-        "--seed",
-        "9",
-        "--num-images",
-        "2",
-        "--detach",
-        "--job-id",
-        "cli-detached-2",
-        "--out",
-        s(&d),
-    ];
-    assert_ok(&server.frisket(&detached));
+    let detached = ["--detach", "--job-id", "cli-detached-2", "--out", s(&d)];
+    assert_ok(&server.frisket(&[&two_images[..], &detached].concat()));
     let o = server.frisket(&["result", "cli-detached-2", "--out", s(&r), "--json"]);
     assert_ok(&o);
     let saved: Vec<(u64, u64)> =
