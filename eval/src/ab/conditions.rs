@@ -16,7 +16,7 @@ pub const BLEND_DILATION: u32 = 2;
 pub enum Condition {
     /// Plain img2img at the paper's strength (the paper's "SD").
     Sd09,
-    /// Plain img2img at the strength chosen on the tuning split (tune.rs: "SD Tuned").
+    /// Plain SDEdit img2img at the strength chosen on the tuning split (tune.rs: "SD Tuned").
     SdTuned,
     /// The paper preset (Grad-SAM fast, last layer) with the kept object protected.
     Paper,
@@ -60,26 +60,26 @@ impl Condition {
     }
 
     /// The job of this condition on one case.
-    /// `steps`: None for the preset's (`paper::STEPS`); `tuned`: SD Tuned's strength (required
-    /// for `SdTuned` only).
+    /// `steps`: None for the preset's (`paper::STEPS`); `tuned_strength`: SD Tuned's strength
+    /// (required for `SdTuned` only).
     pub fn request(
         self,
         model: &str,
         seed: u64,
         steps: Option<u32>,
         case: &ProtectCase,
-        tuned: Option<f64>,
+        tuned_strength: Option<f64>,
     ) -> Result<pb::GenerateRequest> {
         if self == Condition::SdTuned {
-            let Some(strength) = tuned else { bail!("sd-tuned needs its tuned strength") };
-            return plain(model, seed, steps, case, strength);
+            let Some(strength) = tuned_strength else { bail!("sd-tuned needs its tuned strength") };
+            return tuned(model, seed, steps, case, strength);
         }
         let b = builder(model, seed, steps, case, paper::STRENGTH)?;
         let kept = || png_gray(&case.reference.masks[0].to_gray());
         let explain = |layers: &str| pb::ExplainOptions { layers: layers.into(), ..Default::default() };
         let off = pb::ExplainOptions { mode: Some(pb::ExplainMode::Off as i32), ..Default::default() };
         Ok(match self {
-            Condition::Sd09 => return plain(model, seed, steps, case, paper::STRENGTH),
+            Condition::Sd09 => b.preset(paper::NAME).explain(off),
             Condition::SdTuned => unreachable!("handled above"),
             Condition::Paper => b.preset(paper::NAME).protected_mask(kept()?),
             Condition::PaperAllLayers => b.preset(paper::NAME).explain(explain("all")).protected_mask(kept()?),
@@ -113,17 +113,23 @@ fn builder(
         .strength(strength))
 }
 
-/// Plain img2img (no protection, no Grad-SAM) of one case at `strength`: `sd-0.9` at the paper's
-/// strength, `sd-tuned` and the tuning grid at theirs.
-pub fn plain(
+/// `sd-tuned` and its tuning grid: plain img2img at `strength` from the reference noised to the
+/// strength's start timestep (SDEdit), where strength trades adherence for preservation; the
+/// preset's pure-noise start ignores the reference (nothing protected), so a lower strength there only starts from
+/// noise at a lower timestep.
+pub fn tuned(
     model: &str,
     seed: u64,
     steps: Option<u32>,
     case: &ProtectCase,
     strength: f64,
 ) -> Result<pb::GenerateRequest> {
-    let off = pb::ExplainOptions { mode: Some(pb::ExplainMode::Off as i32), ..Default::default() };
-    Ok(builder(model, seed, steps, case, strength)?.preset(paper::NAME).explain(off).build())
+    let options = pb::ExplainOptions {
+        mode: Some(pb::ExplainMode::Off as i32),
+        start: Some(pb::StartMode::Reference as i32),
+        ..Default::default()
+    };
+    Ok(builder(model, seed, steps, case, strength)?.preset(paper::NAME).explain(options).build())
 }
 
 /// The mask grown by `r` pixels (square neighbourhood).

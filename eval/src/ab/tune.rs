@@ -1,6 +1,6 @@
 //! SD Tuned's strength, chosen on the tuning split (seeds from `cases::TUNING_BASE`, disjoint
 //! from the held-out cases, which never influence the choice): every strength of a grid runs as
-//! plain img2img, `paper` runs too, and the strength whose judge adherence is closest to
+//! plain SDEdit img2img (`conditions::tuned`), `paper` runs too, and the strength whose judge adherence is closest to
 //! `paper`'s is chosen (RULE).
 use super::cases::{self, TUNING_BASE};
 use super::conditions::{self, Condition};
@@ -14,7 +14,8 @@ pub const GRID: &str = "0.3,0.4,0.5,0.6,0.7,0.8,0.9";
 /// Tuning cases (the `--tune-cases` default).
 pub const CASES: usize = 20;
 /// The definition, as the report states it.
-pub const RULE: &str = "SD Tuned is plain img2img (no protection, no Grad-SAM) at the strength from the grid whose \
+pub const RULE: &str = "SD Tuned is plain img2img (no protection, no Grad-SAM, started from the reference noised to \
+the strength's timestep: SDEdit, not the paper preset's pure-noise start) at the strength from the grid whose \
 judge adherence on the tuning split is closest to the paper preset's adherence on the same split; ties go to the \
 higher mean background PSNR, then to the higher strength. The tuning split's seeds are disjoint from the held-out \
 cases, which never influence the choice.";
@@ -77,7 +78,7 @@ pub fn tune(
     let mut arms: Vec<Arm> = grid
         .iter()
         .map(|&s| -> Arm {
-            (name(s), Box::new(move |seed: u64, case: &ProtectCase| conditions::plain(model, seed, steps, case, s)))
+            (name(s), Box::new(move |seed: u64, case: &ProtectCase| conditions::tuned(model, seed, steps, case, s)))
         })
         .collect();
     let paper = Condition::Paper;
