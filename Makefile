@@ -107,12 +107,15 @@ gpu-check: build
 	$(PY) bench/gpu_check.py $(SERVER_BIN) target/debug/frisket-load $(CACHE) $(OUT)/gpu-check.json
 
 # The A/B report (issue 24; not part of `make test`): 200 held-out shapes protect cases
-# (seeds 900_000..) under sd-0.9, paper, paper-all-layers, blended and protect-only through a
-# server on models/shapes; report.json and report.html in $(OUT)/eval/.
+# (seeds 900_000..) under sd-0.9, sd-tuned, paper, paper-all-layers, blended and protect-only
+# through a server on models/shapes, sd-tuned's strength chosen first on the tuning split
+# (`ab`'s default grid and tuning cases); the CLIP columns with models/shapes-clip when it is
+# there; report.json and report.html in $(OUT)/eval/.
 AB_CASES ?= 200
 .PHONY: eval
 eval: build
-	target/debug/frisket-eval ab --model models/shapes --cases $(AB_CASES) --out $(OUT)/eval
+	target/debug/frisket-eval ab --model models/shapes --cases $(AB_CASES) \
+	  $(if $(wildcard models/shapes-clip/config.json),--clip models/shapes-clip) --out $(OUT)/eval
 
 # Editor plugins (plugins/): the Krita and GIMP adapters over the `frisket` client's JSON
 # lines. `make plugin-krita` builds the zip for Krita's Tools > Scripts > Import Python

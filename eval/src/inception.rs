@@ -5,7 +5,9 @@
 //!   (torchvision's Inception v3 with pytorch-fid's FID blocks: average pools that exclude padding,
 //!   a max pool in the last block) and run up to the 2,048-d pool features.
 //!
-//! Both return [N, 2048] float32 pool features.
+//! Both return [N, 2048] float32 pool features. The state-dict network also gives torch-fidelity's
+//! "64" features (the stem up to the first max pool, averaged over space), which the paper's
+//! per-pair number uses (`pair64`).
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::nn::{self, ModuleT};
@@ -16,7 +18,7 @@ pub const INPUT_SIZE: usize = 299;
 
 pub enum Inception {
     TorchScript(CModule),
-    StateDict { _vs: nn::VarStore, net: nn::SequentialT },
+    StateDict { _vs: nn::VarStore, stem: nn::SequentialT, rest: nn::SequentialT },
 }
 
 impl Inception {
@@ -37,7 +39,7 @@ impl Inception {
 
     fn load_state_dict(path: &Path) -> Result<Self> {
         let mut vs = nn::VarStore::new(tch::Device::Cpu);
-        let net = fid_inception(&vs.root());
+        let (stem, rest) = fid_inception(&vs.root());
         let tensors = crate::load_state_dict(path)?;
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vs.variables() {
@@ -52,7 +54,7 @@ impl Inception {
             Ok(())
         })?;
         vs.freeze();
-        Ok(Inception::StateDict { _vs: vs, net })
+        Ok(Inception::StateDict { _vs: vs, stem, rest })
     }
 
     /// [N, 3, 299, 299] float32 pixels as `mode` prepares them (crate::Mode::preprocess) → [N, 2048].
@@ -74,15 +76,35 @@ impl Inception {
                 (Inception::TorchScript(_), crate::Mode::PytorchFid | crate::Mode::Torchmetrics) => {
                     bail!("{} mode runs pytorch-fid's network: give its pt_inception-*.pth state dict", mode.name())
                 }
-                (Inception::StateDict { net, .. }, crate::Mode::Clean) => {
-                    Ok(net.forward_t(&((x - 128.0) / 128.0), false))
+                (Inception::StateDict { stem, rest, .. }, crate::Mode::Clean) => {
+                    Ok(rest.forward_t(&stem.forward_t(&((x - 128.0) / 128.0), false), false))
                 }
-                (Inception::StateDict { net, .. }, crate::Mode::PytorchFid | crate::Mode::Torchmetrics) => {
-                    Ok(net.forward_t(x, false))
+                (Inception::StateDict { stem, rest, .. }, crate::Mode::PytorchFid | crate::Mode::Torchmetrics) => {
+                    Ok(rest.forward_t(&stem.forward_t(x, false), false))
                 }
             }
         })?;
         Ok(out.to_kind(Kind::Float).view([n, FEATURES]))
+    }
+}
+
+/// The width of torch-fidelity's "64" features.
+pub const FEATURES_64: i64 = 64;
+
+impl Inception {
+    /// torch-fidelity's "64" features (torchmetrics' `FrechetInceptionDistance(feature=64)`):
+    /// [N, 3, 299, 299] in [-1, 1] (`Mode::Torchmetrics` preprocessing) → the stem's output after
+    /// the first max pool, averaged over space, [N, 64]. pytorch-fid's state dict only (NVIDIA's
+    /// TorchScript file exposes no intermediate layer).
+    pub fn features_64(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Inception::StateDict { stem, .. } => Ok(tch::no_grad(|| {
+                stem.forward_t(x, false).adaptive_avg_pool2d([1, 1]).flatten(1, -1).to_kind(Kind::Float)
+            })),
+            Inception::TorchScript(_) => {
+                bail!("the 64-feature layer needs pytorch-fid's pt_inception-*.pth state dict (the network torchmetrics loads)")
+            }
+        }
     }
 }
 
@@ -200,13 +222,16 @@ fn inception_e(p: nn::Path, c_in: i64, last: bool) -> impl ModuleT {
 }
 
 /// pytorch-fid's `InceptionV3` blocks 0-3 (to the pool features), torchvision's parameter names.
-fn fid_inception(p: &nn::Path) -> nn::SequentialT {
-    nn::seq_t()
+/// The network in two parts: the stem up to the first max pool (torch-fidelity's "64" features
+/// are its spatial mean) and the rest up to the pool features.
+fn fid_inception(p: &nn::Path) -> (nn::SequentialT, nn::SequentialT) {
+    let stem = nn::seq_t()
         .add(sq(p / "Conv2d_1a_3x3", 3, 32, 3, 0, 2))
         .add(sq(p / "Conv2d_2a_3x3", 32, 32, 3, 0, 1))
-        .add(sq(p / "Conv2d_2b_3x3", 32, 64, 3, 1, 1))
-        .add_fn(|xs| max_pool(xs, 2, 0))
-        .add(sq(p / "Conv2d_3b_1x1", 64, 80, 1, 0, 1))
+        .add(sq(p / "Conv2d_2b_3x3", 32, FEATURES_64, 3, 1, 1))
+        .add_fn(|xs| max_pool(xs, 2, 0));
+    let rest = nn::seq_t()
+        .add(sq(p / "Conv2d_3b_1x1", FEATURES_64, 80, 1, 0, 1))
         .add(sq(p / "Conv2d_4a_3x3", 80, 192, 3, 0, 1))
         .add_fn(|xs| max_pool(xs, 2, 0))
         .add(inception_a(p / "Mixed_5b", 192, 32))
@@ -220,5 +245,6 @@ fn fid_inception(p: &nn::Path) -> nn::SequentialT {
         .add(inception_d(p / "Mixed_7a", 768))
         .add(inception_e(p / "Mixed_7b", 1280, false))
         .add(inception_e(p / "Mixed_7c", 2048, true))
-        .add_fn(|xs| xs.adaptive_avg_pool2d([1, 1]))
+        .add_fn(|xs| xs.adaptive_avg_pool2d([1, 1]));
+    (stem, rest)
 }

@@ -1,11 +1,13 @@
 //! Evaluation metrics on tch: FID (stats.rs) and KID (kid.rs) over image folders, with the user's
 //! Inception network (inception.rs) and each reference implementation's preprocessing (`Mode`);
-//! CLIP score with the user's CLIPModel folder (clip.rs).
+//! CLIP score with the user's CLIPModel folder (clip.rs); the paper's per-pair 64-feature number, not FID
+//! (pair64.rs).
 pub mod ab;
 pub mod clip;
 pub mod inception;
 pub mod kid;
 pub mod lpips;
+pub mod pair64;
 pub mod preservation;
 pub mod resize;
 mod rng;

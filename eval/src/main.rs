@@ -75,25 +75,16 @@ enum Command {
     },
     /// The A/B runner: held-out shapes protect cases × conditions through the gRPC service, scored
     /// by the shapes judge and preservation outside the true objects; report.json and report.html.
-    Ab {
-        /// The shapes model folder (served under its folder name).
-        #[arg(long, default_value = "models/shapes")]
-        model: PathBuf,
-        /// Held-out cases (seeds from 900_000).
-        #[arg(long, default_value_t = 200)]
-        cases: usize,
-        /// Comma-separated conditions: sd-0.9, paper, paper-all-layers, blended, protect-only.
-        #[arg(long, default_value = "sd-0.9,paper,paper-all-layers,blended,protect-only")]
-        conditions: String,
-        /// Where report.json and report.html go.
+    Ab(AbArgs),
+    /// The paper's per-pair 64-feature number, not FID: ‖f(a) − f(b)‖² of torch-fidelity's 64
+    /// features, what the paper's code gets from torchmetrics' FID with each image fed twice. Two
+    /// images, or two folders paired by file name (each pair and the mean).
+    Pair64 {
+        a: PathBuf,
+        b: PathBuf,
+        /// pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the network torchmetrics loads).
         #[arg(long)]
-        out: PathBuf,
-        /// Sampling steps of every condition (default: the paper preset's 50).
-        #[arg(long)]
-        steps: Option<u32>,
-        /// A running server serving the model (default: start target/<profile>/frisket-server).
-        #[arg(long)]
-        server: Option<String>,
+        inception: PathBuf,
     },
     /// Directional CLIP similarity: cos(E(edited) − E(reference), E(target) − E(source)), each
     /// embedding normalised first.
@@ -109,6 +100,45 @@ enum Command {
         #[command(flatten)]
         clip: ClipFolder,
     },
+}
+
+#[derive(Args)]
+struct AbArgs {
+    /// The shapes model folder (served under its folder name).
+    #[arg(long, default_value = "models/shapes")]
+    model: PathBuf,
+    /// Held-out cases (seeds from 900_000).
+    #[arg(long, default_value_t = 200)]
+    cases: usize,
+    /// Comma-separated conditions: sd-0.9, sd-tuned, paper, paper-all-layers, blended, protect-only.
+    #[arg(long, default_value = "sd-0.9,sd-tuned,paper,paper-all-layers,blended,protect-only")]
+    conditions: String,
+    /// Where report.json and report.html go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling steps of every condition (default: the paper preset's 50).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// A running server serving the model (default: start target/<profile>/frisket-server).
+    #[arg(long)]
+    server: Option<String>,
+    /// sd-tuned: the strengths tried on the tuning split (comma-separated, each in (0, 1]).
+    #[arg(long, default_value = frisket_eval::ab::tune::GRID)]
+    tune_grid: String,
+    /// sd-tuned: tuning cases (seeds from 950_000, disjoint from the held-out ones).
+    #[arg(long, default_value_t = frisket_eval::ab::tune::CASES)]
+    tune_cases: usize,
+    /// A Hugging Face CLIPModel folder: adds the CLIP score of each output against its prompt,
+    /// whole and on the requested object's region.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// The state dict of an lpips.LPIPS(net="alex") module: adds LPIPS outside the true objects.
+    #[arg(long)]
+    lpips: Option<PathBuf>,
+    /// pytorch-fid's pt_inception-*.pth: adds the paper's per-pair 64-feature number (not FID)
+    /// of each output against its reference.
+    #[arg(long)]
+    inception: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -176,33 +206,58 @@ fn read_pair(p: &Pair) -> Result<(Tensor, Tensor, Tensor)> {
     ))
 }
 
-fn run_ab(
-    model: &Path,
-    n: usize,
-    conditions: &str,
-    out: &Path,
-    steps: Option<u32>,
-    server: Option<String>,
-) -> Result<serde_json::Value> {
-    use frisket_eval::ab::{cases, conditions::Condition, report, run};
-    let conditions = conditions.split(',').map(|c| Condition::parse(c.trim())).collect::<Result<Vec<_>>>()?;
+fn run_ab(args: &AbArgs) -> Result<serde_json::Value> {
+    use frisket_eval::ab::{cases, conditions::Condition, report, run, tune};
+    let (model, n, steps) = (args.model.as_path(), args.cases, args.steps);
+    let conditions = args.conditions.split(',').map(|c| Condition::parse(c.trim())).collect::<Result<Vec<_>>>()?;
+    let tuned = conditions.contains(&Condition::SdTuned);
+    let grid = tune::parse_grid(&args.tune_grid)?;
     ensure!(model.join("model_index.json").is_file(), "no model at {} (no model_index.json)", model.display());
     let name = model.file_name().context("the model path has no folder name")?.to_string_lossy().to_string();
     let cases = cases::cases(cases::HELD_OUT_BASE, n)?;
+    if tuned {
+        cases::cases(cases::TUNING_BASE, args.tune_cases).context("the tuning split (--tune-cases)")?;
+    }
+    let extras = run::Extras {
+        clip: args.clip.as_deref().map(Clip::load).transpose()?,
+        lpips: args.lpips.as_deref().map(Lpips::load).transpose()?,
+        inception: args.inception.as_deref().map(load_inception_64).transpose()?,
+    };
     let parent = model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let spawned = match server {
+    let spawned = match &args.server {
         Some(_) => None,
         None => Some(run::spawn_server(&run::default_server_binary(), parent)?),
     };
-    let addr = server.unwrap_or_else(|| spawned.as_ref().map(|s| s.addr.clone()).unwrap_or_default());
+    let addr = args.server.clone().unwrap_or_else(|| spawned.as_ref().map(|s| s.addr.clone()).unwrap_or_default());
     let started = std::time::Instant::now();
-    let items = run::run_all(&addr, &name, &cases, &conditions, steps, &mut |i| {
+    let mut progress = |i: &run::ItemResult| {
         eprintln!(
             "[ab] case {} {}: adherence {} background PSNR {:.2}",
-            i.case, i.condition, i.adherence, i.psnr_background
+            i.case, i.condition, i.metrics.adherence, i.metrics.psnr_background
         )
-    })?;
+    };
+    let (strength, tuning) = if tuned {
+        let (s, record) = tune::tune(&addr, &name, args.tune_cases, &grid, steps, &mut progress)?;
+        eprintln!("[ab] sd-tuned: strength {s}");
+        (Some(s), record)
+    } else {
+        (None, serde_json::Value::Null)
+    };
+    let arms: Vec<run::Arm> = conditions
+        .iter()
+        .map(|&c| -> run::Arm {
+            let name = name.as_str();
+            (
+                c.name().into(),
+                Box::new(move |seed: u64, case: &frisket_shapes::protect::ProtectCase| {
+                    c.request(name, seed, steps, case, strength)
+                }),
+            )
+        })
+        .collect();
+    let items = run::run_all(&addr, &cases, &arms, &extras, &mut progress)?;
     let summary = report::summarise(&items, &conditions, cases.len())?;
+    let (strips, strips_html) = report::strips(&items, &cases, &conditions)?.unzip();
     let report = serde_json::json!({
         "frisket_version": env!("CARGO_PKG_VERSION"),
         "cases": cases.len(),
@@ -216,21 +271,76 @@ fn run_ab(
             "bootstrap": {"resamples": frisket_eval::ab::stats::RESAMPLES, "seed": frisket_eval::ab::stats::SEED, "level": frisket_eval::ab::stats::LEVEL},
             "wilcoxon": "two-sided, normal approximation, zero_method wilcox, no continuity correction; Holm over the differences",
             "psnr_cap_db": run::PSNR_CAP_DB,
+            "clip": args.clip.as_ref().map(|p| p.display().to_string()),
+            "clip_sha256": args.clip.as_deref().map(report::model_hashes).transpose()?,
+            "lpips": args.lpips.as_ref().map(|p| p.display().to_string()),
+            "lpips_sha256": args.lpips.as_deref().map(report::file_hash).transpose()?,
+            "inception": args.inception.as_ref().map(|p| p.display().to_string()),
+            "inception_sha256": args.inception.as_deref().map(report::file_hash).transpose()?,
+            "pair64": frisket_eval::pair64::LABEL,
         },
+        "tuning": tuning,
+        "strips": strips,
         "seconds": started.elapsed().as_secs_f64(),
         "summary": summary,
         "items": items,
     });
-    report::write(out, &report)?;
+    report::write(&args.out, &report, strips_html.as_deref().unwrap_or(""))?;
     Ok(report["summary"].clone())
+}
+
+/// An Inception file for the 64-feature layer: pytorch-fid's state dict only.
+fn load_inception_64(path: &Path) -> Result<Inception> {
+    let net = Inception::load(path)?;
+    ensure!(
+        matches!(net, Inception::StateDict { .. }),
+        "{}: the 64-feature layer needs pytorch-fid's pt_inception-*.pth state dict (the network torchmetrics loads)",
+        path.display()
+    );
+    Ok(net)
+}
+
+/// `pair64`: two images, or two folders paired by file name.
+fn run_pair64(a: &Path, b: &Path, inception: &Path) -> Result<serde_json::Value> {
+    use frisket_eval::pair64::{pair64, LABEL};
+    let net = load_inception_64(inception)?;
+    let pairs: Vec<(PathBuf, PathBuf)> = if a.is_dir() && b.is_dir() {
+        let (fa, fb) = (list_images(a)?, list_images(b)?);
+        ensure!(!fa.is_empty(), "{} has no images", a.display());
+        let names = |f: &[PathBuf]| f.iter().map(|p| p.file_name().unwrap().to_owned()).collect::<Vec<_>>();
+        ensure!(
+            names(&fa[..]) == names(&fb[..]),
+            "{} and {} do not hold the same file names (pairs are matched by name)",
+            a.display(),
+            b.display()
+        );
+        fa.into_iter().zip(fb).collect()
+    } else {
+        ensure!(
+            a.is_file() && b.is_file(),
+            "give two image files or two folders ({} and {})",
+            a.display(),
+            b.display()
+        );
+        vec![(a.to_path_buf(), b.to_path_buf())]
+    };
+    let values = pairs
+        .iter()
+        .map(|(x, y)| Ok::<_, anyhow::Error>((x, pair64(&net, &read_rgb(x)?, &read_rgb(y)?)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mean = values.iter().map(|v| v.1).sum::<f64>() / values.len() as f64;
+    let per_pair: Vec<_> = values
+        .iter()
+        .map(|(x, v)| serde_json::json!({"image": x.file_name().unwrap().to_string_lossy(), "value": v}))
+        .collect();
+    Ok(serde_json::json!({"metric": "pair64", "label": LABEL, "value": mean, "n": values.len(), "pairs": per_pair}))
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let json = match cli.command {
-        Command::Ab { model, cases, conditions, out, steps, server } => {
-            run_ab(&model, cases, &conditions, &out, steps, server)?
-        }
+        Command::Ab(args) => run_ab(&args)?,
+        Command::Pair64 { a, b, inception } => run_pair64(&a, &b, &inception)?,
         Command::Fid { common: c, cache, no_cache } => {
             let net = Inception::load(&c.inception)?;
             let cache = (!no_cache).then_some(cache.as_path());

@@ -153,3 +153,46 @@ fn clip_score_and_direction_print_json() {
     assert!(!out.status.success() && out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CLIP folder not found: /no/such/clip"));
 }
+
+#[test]
+fn pair64_prints_the_papers_number_labelled_not_fid() {
+    let path = dir().join("pair64.json");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("run tests/fixtures/ref_pair64.py")).unwrap();
+    let first = &r["pairs"][0];
+    let pth = dir().join("pt_inception-2015-12-05-6726825d.pth");
+    let (pth, a, b) = (pth.to_str().unwrap(), dir().join("a"), dir().join("b"));
+    let (fa, fb) = (a.join(first["a"].as_str().unwrap()), b.join(first["b"].as_str().unwrap()));
+    let out = run(&["pair64", fa.to_str().unwrap(), fb.to_str().unwrap(), "--inception", pth]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let one: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(one["label"], "the paper's per-pair 64-feature number, not FID");
+    let (value, expected) = (one["value"].as_f64().unwrap(), first["value"].as_f64().unwrap());
+    assert!((value - expected).abs() / expected <= 1e-6, "{value} vs torchmetrics {expected}");
+
+    // Folders: pairs by file name, each pair and the mean.
+    let out = run(&["pair64", a.to_str().unwrap(), b.to_str().unwrap(), "--inception", pth]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pairs = all["pairs"].as_array().unwrap();
+    assert_eq!((all["n"].as_u64(), pairs.len()), (Some(24), 24));
+    assert_eq!(pairs[0]["value"], one["value"]);
+    let mean = pairs.iter().map(|p| p["value"].as_f64().unwrap()).sum::<f64>() / 24.0;
+    assert!((all["value"].as_f64().unwrap() - mean).abs() <= 1e-9 * mean);
+
+    let ts = dir().join("inception/inception-2015-12-05.pt");
+    let other = dir().join("clip_images");
+    for (args, want) in [
+        (
+            vec![fa.to_str().unwrap(), fb.to_str().unwrap(), "--inception", ts.to_str().unwrap()],
+            "needs pytorch-fid's pt_inception",
+        ),
+        (vec![a.to_str().unwrap(), fb.to_str().unwrap(), "--inception", pth], "give two image files or two folders"),
+        (vec![a.to_str().unwrap(), other.to_str().unwrap(), "--inception", pth], "do not hold the same file names"),
+    ] {
+        let out = run(&[&["pair64"], &args[..]].concat());
+        assert!(!out.status.success() && out.stdout.is_empty(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -270,3 +270,43 @@ fn clip_score_matches_torchmetrics() {
     let err = bounding_box(&mask.zeros_like()).err().unwrap().to_string();
     assert!(err.contains("mask is empty"), "{err}");
 }
+
+#[test]
+fn pair64_matches_torchmetrics_fid_with_each_image_fed_twice() {
+    use frisket_engine::image_io::read_rgb;
+    use frisket_eval::pair64::pair64;
+    let path = dir().join("pair64.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures` or tests/fixtures/ref_pair64.py)", path.display()));
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let net = Inception::load(&dir().join("pt_inception-2015-12-05-6726825d.pth")).unwrap();
+    for p in r["pairs"].as_array().unwrap() {
+        let a = read_rgb(&dir().join("a").join(p["a"].as_str().unwrap())).unwrap();
+        let b = read_rgb(&dir().join("b").join(p["b"].as_str().unwrap())).unwrap();
+        let x = |img: &image::RgbImage| {
+            Mode::Torchmetrics.preprocess(img.as_raw(), img.width() as usize, img.height() as usize)
+        };
+        let feats = net.features_64(&Tensor::stack(&[x(&a), x(&b)], 0)).unwrap().to_kind(Kind::Double);
+        let expected: Vec<f64> = p["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect();
+        let feat_err = max_rel(&feats, &Tensor::from_slice(&expected).view([2, 64]));
+        let (ours, theirs) = (pair64(&net, &a, &b).unwrap(), p["value"].as_f64().unwrap());
+        println!(
+            "pair64 {}: {ours} vs torchmetrics {theirs} (rel {:.2e}); features rel {feat_err:.2e}",
+            p["a"],
+            rel(ours, theirs)
+        );
+        assert!(feat_err < 1e-5, "64 features differ from torchmetrics': {feat_err:.2e}");
+        // torchmetrics returns its float64 result as float32.
+        assert!(rel(ours, theirs) <= 1e-6, "{ours} vs {theirs}");
+        assert_eq!(pair64(&net, &a, &a).unwrap(), 0.0);
+    }
+    let ts = Inception::load(&dir().join("inception").join("inception-2015-12-05.pt")).unwrap();
+    let err =
+        ts.features_64(&Tensor::zeros([1, 3, 299, 299], (Kind::Float, tch::Device::Cpu))).unwrap_err().to_string();
+    assert!(err.contains("needs pytorch-fid's pt_inception"), "{err}");
+}

@@ -16,6 +16,8 @@ pub const BLEND_DILATION: u32 = 2;
 pub enum Condition {
     /// Plain img2img at the paper's strength (the paper's "SD").
     Sd09,
+    /// Plain SDEdit img2img at the strength chosen on the tuning split (tune.rs: "SD Tuned").
+    SdTuned,
     /// The paper preset (Grad-SAM fast, last layer) with the kept object protected.
     Paper,
     /// As `Paper` on every cross-attention layer.
@@ -28,12 +30,19 @@ pub enum Condition {
 }
 
 impl Condition {
-    pub const ALL: [Condition; 5] =
-        [Condition::Sd09, Condition::Paper, Condition::PaperAllLayers, Condition::Blended, Condition::ProtectOnly];
+    pub const ALL: [Condition; 6] = [
+        Condition::Sd09,
+        Condition::SdTuned,
+        Condition::Paper,
+        Condition::PaperAllLayers,
+        Condition::Blended,
+        Condition::ProtectOnly,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Condition::Sd09 => "sd-0.9",
+            Condition::SdTuned => "sd-tuned",
             Condition::Paper => "paper",
             Condition::PaperAllLayers => "paper-all-layers",
             Condition::Blended => "blended",
@@ -51,24 +60,27 @@ impl Condition {
     }
 
     /// The job of this condition on one case.
-    /// `steps`: None for the preset's (`paper::STEPS`).
+    /// `steps`: None for the preset's (`paper::STEPS`); `tuned_strength`: SD Tuned's strength
+    /// (required for `SdTuned` only).
     pub fn request(
         self,
         model: &str,
         seed: u64,
         steps: Option<u32>,
         case: &ProtectCase,
+        tuned_strength: Option<f64>,
     ) -> Result<pb::GenerateRequest> {
-        let b = GenerateRequestBuilder::new(model, case.prompt.clone())
-            .seed(seed)
-            .steps(steps)
-            .reference_image(png(&case.reference.image)?)
-            .strength(paper::STRENGTH);
+        if self == Condition::SdTuned {
+            let Some(strength) = tuned_strength else { bail!("sd-tuned needs its tuned strength") };
+            return tuned(model, seed, steps, case, strength);
+        }
+        let b = builder(model, seed, steps, case, paper::STRENGTH)?;
         let kept = || png_gray(&case.reference.masks[0].to_gray());
         let explain = |layers: &str| pb::ExplainOptions { layers: layers.into(), ..Default::default() };
         let off = pb::ExplainOptions { mode: Some(pb::ExplainMode::Off as i32), ..Default::default() };
         Ok(match self {
             Condition::Sd09 => b.preset(paper::NAME).explain(off),
+            Condition::SdTuned => unreachable!("handled above"),
             Condition::Paper => b.preset(paper::NAME).protected_mask(kept()?),
             Condition::PaperAllLayers => b.preset(paper::NAME).explain(explain("all")).protected_mask(kept()?),
             Condition::ProtectOnly => b.preset(paper::NAME).explain(off).protected_mask(kept()?),
@@ -84,6 +96,40 @@ impl Condition {
         }
         .build())
     }
+}
+
+/// The preset's sampling of one case at `strength`.
+fn builder(
+    model: &str,
+    seed: u64,
+    steps: Option<u32>,
+    case: &ProtectCase,
+    strength: f64,
+) -> Result<GenerateRequestBuilder> {
+    Ok(GenerateRequestBuilder::new(model, case.prompt.clone())
+        .seed(seed)
+        .steps(steps)
+        .reference_image(png(&case.reference.image)?)
+        .strength(strength))
+}
+
+/// `sd-tuned` and its tuning grid: plain img2img at `strength` from the reference noised to the
+/// strength's start timestep (SDEdit), where strength trades adherence for preservation; the
+/// preset's pure-noise start ignores the reference (nothing protected), so a lower strength there only starts from
+/// noise at a lower timestep.
+pub fn tuned(
+    model: &str,
+    seed: u64,
+    steps: Option<u32>,
+    case: &ProtectCase,
+    strength: f64,
+) -> Result<pb::GenerateRequest> {
+    let options = pb::ExplainOptions {
+        mode: Some(pb::ExplainMode::Off as i32),
+        start: Some(pb::StartMode::Reference as i32),
+        ..Default::default()
+    };
+    Ok(builder(model, seed, steps, case, strength)?.preset(paper::NAME).explain(options).build())
 }
 
 /// The mask grown by `r` pixels (square neighbourhood).

@@ -1,9 +1,11 @@
 //! The A/B runner (`frisket-eval ab`): held-out shapes protect cases (cases.rs) × conditions
 //! (conditions.rs), each a Generate job through the gRPC service (run.rs), scored by the shapes
 //! judge and preservation metrics outside the true objects, summarised with paired statistics
-//! (stats.rs) into a JSON and HTML report (report.rs).
+//! (stats.rs) into a JSON and HTML report (report.rs). sd-tuned's strength is chosen first on a
+//! separate tuning split (tune.rs).
 pub mod cases;
 pub mod conditions;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod tune;

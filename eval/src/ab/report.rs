@@ -1,38 +1,66 @@
 //! The A/B report: per-condition means with paired bootstrap intervals, paired differences
 //! against `paper` with Wilcoxon p-values (Holm-corrected over every difference reported), every
-//! item's numbers and the settings, as JSON and a self-contained HTML page. Both files are
-//! written under temporary names and renamed once complete.
+//! item's numbers and the settings, as JSON and a self-contained HTML page with image strips of
+//! the best and worst items. Both files are written under temporary names and renamed once
+//! complete.
 use super::conditions::Condition;
-use super::run::ItemResult;
+use super::run::{ItemResult, Metrics};
 use super::stats;
 use anyhow::{Context, Result};
+use frisket_shapes::protect::ProtectCase;
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// The per-item metrics, in the report's column order.
-pub const METRICS: [&str; 4] = ["adherence", "psnr_background", "ssim_background", "psnr_kept"];
+/// The per-item metrics, in the report's column order; the last four only with their networks
+/// (`run::Extras`).
+pub const METRICS: [&str; 8] = [
+    "adherence",
+    "psnr_background",
+    "ssim_background",
+    "psnr_kept",
+    "lpips_background",
+    "clip_score",
+    "clip_score_region",
+    "pair64",
+];
 
-fn metric(item: &ItemResult, name: &str) -> f64 {
+/// The headline metric: the image strips rank items by its paired difference `paper` − `sd-0.9`.
+pub const HEADLINE: &str = "psnr_background";
+/// Items in each of the best and worst strips.
+pub const STRIP_ITEMS: usize = 8;
+
+fn metric(m: &Metrics, name: &str) -> Option<f64> {
     match name {
-        "adherence" => item.adherence,
-        "psnr_background" => item.psnr_background,
-        "ssim_background" => item.ssim_background,
-        _ => item.psnr_kept,
+        "adherence" => Some(m.adherence),
+        "psnr_background" => Some(m.psnr_background),
+        "ssim_background" => Some(m.ssim_background),
+        "psnr_kept" => Some(m.psnr_kept),
+        "lpips_background" => m.lpips_background,
+        "clip_score" => m.clip_score,
+        "clip_score_region" => m.clip_score_region,
+        "pair64" => m.pair64,
+        _ => None,
     }
+}
+
+/// The metrics every item has, in METRICS order.
+pub fn present(items: &[ItemResult]) -> Vec<&'static str> {
+    METRICS.into_iter().filter(|m| items.iter().all(|i| metric(&i.metrics, m).is_some())).collect()
 }
 
 /// The values of one metric under one condition, in case order.
 fn column(items: &[ItemResult], condition: &str, name: &str) -> Vec<f64> {
-    items.iter().filter(|i| i.condition == condition).map(|i| metric(i, name)).collect()
+    items.iter().filter(|i| i.condition == condition).filter_map(|i| metric(&i.metrics, name)).collect()
 }
 
 /// The summary: means with intervals per condition, differences against `paper` (when run).
 pub fn summarise(items: &[ItemResult], conditions: &[Condition], n: usize) -> Result<Value> {
     let indices = stats::resample_indices(n, stats::RESAMPLES, stats::SEED);
+    let metrics = present(items);
     let mut means = serde_json::Map::new();
     for c in conditions {
         let mut row = serde_json::Map::new();
-        for m in METRICS {
+        for &m in &metrics {
             let (mean, (lo, hi)) = stats::mean_interval(&column(items, c.name(), m), &indices)?;
             row.insert(m.into(), json!({"mean": mean, "ci95": [lo, hi]}));
         }
@@ -41,7 +69,7 @@ pub fn summarise(items: &[ItemResult], conditions: &[Condition], n: usize) -> Re
     let mut diffs = Vec::new();
     if conditions.contains(&Condition::Paper) {
         for c in conditions.iter().filter(|c| **c != Condition::Paper) {
-            for m in METRICS {
+            for &m in &metrics {
                 let (a, b) = (column(items, c.name(), m), column(items, Condition::Paper.name(), m));
                 let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
                 let (mean, (lo, hi)) = stats::mean_interval(&d, &indices)?;
@@ -53,13 +81,79 @@ pub fn summarise(items: &[ItemResult], conditions: &[Condition], n: usize) -> Re
     for (d, adj) in diffs.iter_mut().zip(stats::holm(&p)) {
         d["wilcoxon_p_holm"] = json!(adj);
     }
-    Ok(json!({"means": means, "vs_paper": diffs}))
+    Ok(json!({"metrics": metrics, "means": means, "vs_paper": diffs}))
+}
+
+/// The best and worst items by HEADLINE's paired difference `paper` − `sd-0.9` (largest first;
+/// ties by case order): STRIP_ITEMS each, or with fewer than twice that many cases the lower half
+/// (rounded down) as the worst and the rest as the best. None unless both conditions ran.
+/// Returns the JSON record and the HTML rows (reference | every condition's output, PNG data URIs).
+pub fn strips(
+    items: &[ItemResult],
+    cases: &[(u64, ProtectCase)],
+    conditions: &[Condition],
+) -> Result<Option<(Value, String)>> {
+    if !(conditions.contains(&Condition::Paper) && conditions.contains(&Condition::Sd09)) {
+        return Ok(None);
+    }
+    let (paper, sd) =
+        (column(items, Condition::Paper.name(), HEADLINE), column(items, Condition::Sd09.name(), HEADLINE));
+    let mut order: Vec<(usize, f64)> = paper.iter().zip(&sd).map(|(p, s)| p - s).enumerate().collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let worst_n = STRIP_ITEMS.min(order.len() / 2);
+    let best_n = STRIP_ITEMS.min(order.len() - worst_n);
+    let best = &order[..best_n];
+    let worst: Vec<(usize, f64)> = order[order.len() - worst_n..].iter().rev().copied().collect();
+    let mut html = format!(
+        "<h2>Best and worst items</h2><p>Ranked by the paired difference of {HEADLINE} (paper − sd-0.9) per case. Each row: the reference, then every condition's output; the caption gives the prompt and each condition's {HEADLINE} and adherence.</p>"
+    );
+    for (title, rows) in [("Best (paper ahead most)", best), ("Worst (paper behind most)", &worst[..])] {
+        html += &format!("<h3>{title}</h3><table class='strip'><tr><th>reference</th>");
+        for c in conditions {
+            html += &format!("<th>{}</th>", c.name());
+        }
+        html += "</tr>";
+        for &(case, diff) in rows {
+            let (seed, c) = &cases[case];
+            html += &format!("<tr><td>{}</td>", img_tag(&c.reference.image)?);
+            let mut caption = format!("case {case} (seed {seed}), {}: paper − sd-0.9 = {diff:.2};", escape(&c.prompt));
+            for cond in conditions {
+                let item =
+                    items.iter().find(|i| i.case == case && i.condition == cond.name()).context("a missing item")?;
+                html += &format!("<td>{}</td>", img_tag(&item.image)?);
+                caption += &format!(
+                    " {} {:.2} dB, adherence {};",
+                    cond.name(),
+                    item.metrics.psnr_background,
+                    item.metrics.adherence
+                );
+            }
+            html += &format!("</tr><tr><td colspan='{}' class='caption'>{caption}</td></tr>", conditions.len() + 1);
+        }
+        html += "</table>";
+    }
+    let record = |rows: &[(usize, f64)]| {
+        rows.iter().map(|(c, d)| json!({"case": c, "seed": cases[*c].0, "paper_minus_sd09": d})).collect::<Vec<_>>()
+    };
+    let value = json!({"metric": HEADLINE, "difference": "paper - sd-0.9, per case", "best": record(best), "worst": record(&worst[..])});
+    Ok(Some((value, html)))
+}
+
+/// An `<img>` with the image as a PNG data URI.
+fn img_tag(img: &image::RgbImage) -> Result<String> {
+    use base64::Engine;
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)?;
+    Ok(format!(
+        "<img src='data:image/png;base64,{}' width='{}' alt=''>",
+        base64::engine::general_purpose::STANDARD.encode(png.into_inner()),
+        img.width().max(128)
+    ))
 }
 
 /// SHA-256 of every file under the model folder, by relative path (so a report names the exact
 /// weights it measured).
 pub fn model_hashes(model: &Path) -> Result<Value> {
-    use sha2::{Digest, Sha256};
     let mut out = serde_json::Map::new();
     let mut stack = vec![model.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -68,13 +162,19 @@ pub fn model_hashes(model: &Path) -> Result<Value> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 let name = path.strip_prefix(model).unwrap_or(&path).to_string_lossy().to_string();
-                out.insert(name, json!(format!("{:x}", Sha256::digest(&bytes))));
+                out.insert(name, file_hash(&path)?);
             }
         }
     }
     Ok(Value::Object(out))
+}
+
+/// SHA-256 of one file, hex.
+pub fn file_hash(path: &Path) -> Result<Value> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(json!(format!("{:x}", Sha256::digest(&bytes))))
 }
 
 /// Writes `contents` to `path` through a temporary name.
@@ -118,24 +218,25 @@ fn scatter(summary: &Value) -> String {
     svg + "</svg>"
 }
 
-fn html(report: &Value) -> String {
+fn html(report: &Value, strips: &str) -> String {
     let summary = &report["summary"];
-    let mut s = String::from("<!doctype html><html><head><meta charset='utf-8'><title>Frisket A/B report</title><style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style></head><body><h1>Frisket A/B report</h1>");
+    let mut s = String::from("<!doctype html><html><head><meta charset='utf-8'><title>Frisket A/B report</title><style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}.strip img{image-rendering:pixelated}.caption{font-size:12px}</style></head><body><h1>Frisket A/B report</h1>");
     s += &format!(
         "<p>{} held-out shapes protect cases; model {}; frisket {}.</p>",
         report["cases"],
         escape(&report["settings"]["model"].to_string()),
         escape(&report["frisket_version"].to_string())
     );
+    let metrics: Vec<&str> = summary["metrics"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     s += "<h2>Means (paired bootstrap 95 % intervals)</h2><table><tr><th>condition</th>";
-    for m in METRICS {
+    for m in &metrics {
         s += &format!("<th>{m}</th>");
     }
     s += "</tr>";
     if let Some(means) = summary["means"].as_object() {
         for (c, row) in means {
             s += &format!("<tr><td>{}</td>", escape(c));
-            for m in METRICS {
+            for &m in &metrics {
                 let v = &row[m];
                 s += &format!(
                     "<td>{:.3} [{:.3}, {:.3}]</td>",
@@ -162,13 +263,40 @@ fn html(report: &Value) -> String {
     }
     s += "</table><h2>Adherence vs background preservation</h2>";
     s += &scatter(summary);
-    s += "<p>Adherence: the shapes judge finds the requested object (colour, shape and position). Preservation: PSNR/SSIM against the reference outside both true objects. Wilcoxon signed-rank: normal approximation, zero differences dropped (scipy's zero_method='wilcox'), no continuity correction.</p></body></html>";
+    s += &tuning(&report["tuning"]);
+    s += strips;
+    s += "<p>Adherence: the shapes judge finds the requested object (colour, shape and position). Preservation: PSNR/SSIM against the reference outside both true objects. Wilcoxon signed-rank: normal approximation, zero differences dropped (scipy's zero_method='wilcox'), no continuity correction. LPIPS (lower is closer): over the same background pixels. CLIP score: 100·max(cos, 0) of the output against the prompt, whole and cropped to the bounding box of the requested object's true region. pair64: the paper's per-pair 64-feature number, not FID (the squared distance of the output's and the reference's 64-d Inception features, as the paper's code gets it from torchmetrics' FID with each image fed twice).</p></body></html>";
     s
 }
 
-/// Writes report.json and report.html into `out`.
-pub fn write(out: &Path, report: &Value) -> Result<()> {
+/// SD Tuned's tuning record (tune.rs) as a section; empty when it did not run.
+fn tuning(t: &Value) -> String {
+    if t.is_null() {
+        return String::new();
+    }
+    let mut s = format!(
+        "<h2>SD Tuned</h2><p>{}</p><p>{} tuning cases (seeds {}..{}); paper's adherence there {:.3}; chosen strength <b>{}</b>.</p><table><tr><th>strength</th><th>adherence</th><th>background PSNR</th></tr>",
+        escape(t["definition"].as_str().unwrap_or("")),
+        t["cases"],
+        t["seeds"][0],
+        t["seeds"][1],
+        t["paper_adherence"].as_f64().unwrap_or(f64::NAN),
+        t["chosen_strength"]
+    );
+    for r in t["per_strength"].as_array().into_iter().flatten() {
+        s += &format!(
+            "<tr><td>{}</td><td>{:.3}</td><td>{:.2}</td></tr>",
+            r["strength"],
+            r["adherence"].as_f64().unwrap_or(f64::NAN),
+            r["psnr_background"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    s + "</table>"
+}
+
+/// Writes report.json and report.html into `out`; `strips` is the HTML of the image strips.
+pub fn write(out: &Path, report: &Value, strips: &str) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(&out.join("report.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
-    write_atomic(&out.join("report.html"), html(report).as_bytes())
+    write_atomic(&out.join("report.html"), html(report, strips).as_bytes())
 }

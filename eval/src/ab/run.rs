@@ -4,8 +4,13 @@
 //! Adherence: the judge finds the requested object with its colour, shape and position
 //! (`ObjectCheck::all_right`). Preservation: PSNR and SSIM against the reference over the pixels
 //! that belong to neither true object (the kept object and the requested object's region in the
-//! target scene), and the kept object's PSNR (exact pixels give PSNR_CAP_DB).
-use super::conditions::Condition;
+//! target scene), and the kept object's PSNR (exact pixels give PSNR_CAP_DB). With the user's
+//! networks (`Extras`): LPIPS over the same background pixels, and the CLIP score (clip.rs:
+//! 100·max(cos, 0)) of the output against the prompt, whole and cropped to the bounding box of
+//! the requested object's true region; the paper's per-pair 64-feature number (pair64.rs, not
+//! FID) of the output against the reference.
+use crate::clip::{self, Clip};
+use crate::lpips::Lpips;
 use crate::preservation;
 use anyhow::{bail, ensure, Context, Result};
 use frisket::Client;
@@ -59,19 +64,47 @@ pub fn spawn_server(binary: &Path, models: &Path) -> Result<Spawned> {
     bail!("{} exited ({status}) before listening", binary.display())
 }
 
-/// One case under one condition.
+/// The optional metrics' networks, supplied by the user.
+#[derive(Default)]
+pub struct Extras {
+    pub clip: Option<Clip>,
+    pub lpips: Option<Lpips>,
+    /// pytorch-fid's network, for the paper's per-pair 64-feature number (pair64.rs).
+    pub inception: Option<crate::inception::Inception>,
+}
+
+/// One output's metrics; the optional ones are present when `Extras` has their network.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct ItemResult {
-    pub case: usize,
-    pub seed: u64,
-    pub condition: &'static str,
+pub struct Metrics {
     pub adherence: f64,
     pub psnr_background: f64,
     pub ssim_background: f64,
     pub psnr_kept: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips_background: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_score_region: Option<f64>,
+    /// Output vs reference, whole images (pair64.rs: not FID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pair64: Option<f64>,
+}
+
+/// One case under one condition (or one tuning arm).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ItemResult {
+    pub case: usize,
+    pub seed: u64,
+    pub condition: String,
+    #[serde(flatten)]
+    pub metrics: Metrics,
     #[serde(skip)]
     pub image: RgbImage,
 }
+
+/// One arm of a run: its name and the job it makes of a case (seed, case).
+pub type Arm<'a> = (String, Box<dyn Fn(u64, &ProtectCase) -> Result<frisket::proto::v1::GenerateRequest> + 'a>);
 
 fn rgb_tensor(img: &RgbImage) -> Tensor {
     let (w, h) = img.dimensions();
@@ -84,7 +117,7 @@ fn bool_tensor(values: Vec<bool>, w: u32, h: u32) -> Tensor {
 }
 
 /// The item's metrics for an output image.
-pub fn score(case: &ProtectCase, out: &RgbImage) -> Result<(f64, f64, f64, f64)> {
+pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metrics> {
     let reference = &case.reference.image;
     ensure!(
         out.dimensions() == reference.dimensions(),
@@ -102,21 +135,36 @@ pub fn score(case: &ProtectCase, out: &RgbImage) -> Result<(f64, f64, f64, f64)>
     let kept = bool_tensor(pixels(&|x, y| case.reference.masks[0].get(x, y)), w, h);
     let (a, b) = (rgb_tensor(out), rgb_tensor(reference));
     let psnr_kept = preservation::masked_psnr(&a, &b, &kept)?.min(PSNR_CAP_DB);
-    Ok((
-        f64::from(u8::from(adherence)),
-        preservation::masked_psnr(&a, &b, &background)?.min(PSNR_CAP_DB),
-        preservation::masked_ssim(&a, &b, &background)?,
+    let lpips_background = extras.lpips.as_ref().map(|net| net.masked(&a, &b, &background)).transpose()?;
+    let (clip_score, clip_score_region) = match &extras.clip {
+        Some(net) => {
+            let text = net.text_embeddings(&[&case.prompt]);
+            let whole = net.embed_image(out.as_raw(), w as usize, h as usize);
+            let wanted = bool_tensor(pixels(&|x, y| case.target.masks[1].get(x, y)), w, h);
+            let (rgb, cw, ch) = clip::crop_rgb(out.as_raw(), w as usize, clip::bounding_box(&wanted)?);
+            let region = net.embed_image(&rgb, cw, ch);
+            (Some(clip::pair_scores(&whole, &text)[0]), Some(clip::pair_scores(&region, &text)[0]))
+        }
+        None => (None, None),
+    };
+    Ok(Metrics {
+        adherence: f64::from(u8::from(adherence)),
+        psnr_background: preservation::masked_psnr(&a, &b, &background)?.min(PSNR_CAP_DB),
+        ssim_background: preservation::masked_ssim(&a, &b, &background)?,
         psnr_kept,
-    ))
+        lpips_background,
+        clip_score,
+        clip_score_region,
+        pair64: extras.inception.as_ref().map(|net| crate::pair64::pair64(net, out, reference)).transpose()?,
+    })
 }
 
-/// Every case under every condition, in case order then condition order.
+/// Every case under every arm, in case order then arm order.
 pub fn run_all(
     addr: &str,
-    model: &str,
     cases: &[(u64, ProtectCase)],
-    conditions: &[Condition],
-    steps: Option<u32>,
+    arms: &[Arm],
+    extras: &Extras,
     progress: &mut dyn FnMut(&ItemResult),
 ) -> Result<Vec<ItemResult>> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -124,26 +172,16 @@ pub fn run_all(
         let client = Client::connect(addr).await?;
         let mut items = Vec::new();
         for (i, (seed, case)) in cases.iter().enumerate() {
-            for &c in conditions {
-                let request = c.request(model, *seed, steps, case)?;
+            for (name, request) in arms {
                 let result = client
-                    .generate(request)
+                    .generate(request(*seed, case)?)
                     .await?
                     .result()
                     .await
-                    .with_context(|| format!("case {i} (seed {seed}) under {}", c.name()))?;
+                    .with_context(|| format!("case {i} (seed {seed}) under {name}"))?;
                 let image = image::load_from_memory(&result.image)?.to_rgb8();
-                let (adherence, psnr_background, ssim_background, psnr_kept) = score(case, &image)?;
-                let item = ItemResult {
-                    case: i,
-                    seed: *seed,
-                    condition: c.name(),
-                    adherence,
-                    psnr_background,
-                    ssim_background,
-                    psnr_kept,
-                    image,
-                };
+                let metrics = score(case, &image, extras)?;
+                let item = ItemResult { case: i, seed: *seed, condition: name.clone(), metrics, image };
                 progress(&item);
                 items.push(item);
             }
