@@ -14,9 +14,9 @@ use tch::{Kind, Tensor};
 /// The shapes scenes' side, the vision tower's input size.
 pub const IMAGE_SIZE: i64 = 64;
 
-/// config.json of the CLIPModel (transformers' key layout): a 4-layer, 64-wide text tower over
-/// the shapes tokenizer (vocab 648, 48 positions, as models/shapes) and a 4-layer ViT with
-/// 8-px patches (64 patches of a 64-px scene), both projected to 64 dimensions.
+/// config.json of the CLIPModel (transformers' key layout): a 2-layer, 64-wide text tower over
+/// the shapes tokenizer (vocab 648, 48 positions, as models/shapes) and a 4-layer, 64-wide ViT
+/// with 16-px patches (16 patches of a 64-px scene), both projected to 64 dimensions.
 pub fn config() -> serde_json::Value {
     json!({
         "architectures": ["CLIPModel"],
