@@ -250,6 +250,30 @@ pub fn directional(edited: &Tensor, reference: &Tensor, target: &Tensor, source:
     Vec::<f64>::try_from(cos).expect("similarities")
 }
 
+/// A CLIPModel's config.json: both towers' configs and the projections' width.
+#[derive(Clone, Debug)]
+pub struct ClipConfig {
+    pub text: ClipTextConfig,
+    pub vision: ClipVisionConfig,
+    pub projection_dim: i64,
+}
+
+impl ClipConfig {
+    /// Reads a CLIPModel config (the value of config.json).
+    pub fn from_value(config: &serde_json::Value) -> Result<Self> {
+        let (Some(text_config), Some(vision_config)) = (config.get("text_config"), config.get("vision_config")) else {
+            bail!("not a CLIPModel config (no text_config and vision_config)");
+        };
+        let projection_dim = config.get("projection_dim").and_then(|v| v.as_i64()).unwrap_or(512);
+        let mut text_config = text_config.clone();
+        // The projections' width is CLIPModel's projection_dim (the towers' own entries are unused).
+        text_config["projection_dim"] = projection_dim.into();
+        let text = ClipTextConfig::from_value(text_config)?;
+        let vision = serde_json::from_value(vision_config.clone()).context("reading the CLIP vision_config")?;
+        Ok(Self { text, vision, projection_dim })
+    }
+}
+
 impl Clip {
     /// Loads a `CLIPModel` folder (as `save_pretrained` writes it, e.g. clip-vit-large-patch14)
     /// on the CPU in float32.
@@ -261,24 +285,8 @@ impl Clip {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let config: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let (Some(text_config), Some(vision_config)) = (config.get("text_config"), config.get("vision_config")) else {
-            bail!("{} is not a CLIPModel config (no text_config and vision_config)", path.display());
-        };
-        let projection_dim = config.get("projection_dim").and_then(|v| v.as_i64()).unwrap_or(512);
-        let mut text_config = text_config.clone();
-        // The projections' width is CLIPModel's projection_dim (the towers' own entries are unused).
-        text_config["projection_dim"] = projection_dim.into();
-        let text_config = ClipTextConfig::from_value(text_config)?;
-        let vision_config: ClipVisionConfig =
-            serde_json::from_value(vision_config.clone()).context("reading the CLIP vision_config")?;
+        let config = ClipConfig::from_value(&config).with_context(|| format!("reading {}", path.display()))?;
         let preprocessing = Preprocessing::from_dir(dir)?;
-        let (crop, size) = (&preprocessing.crop_size, vision_config.image_size);
-        ensure!(
-            crop.height == size && crop.width == size,
-            "the preprocessing crops {}x{} but the vision tower takes {size}x{size} images",
-            crop.height,
-            crop.width
-        );
         let weights = Weights::load_dir(dir, Device::Cpu, Kind::Float)
             .with_context(|| format!("loading the CLIP weights in {}", dir.display()))?;
         let root = weights.root();
@@ -287,27 +295,47 @@ impl Clip {
             "{} has no text_projection and visual_projection weights (a CLIPModel's)",
             dir.display()
         );
-        let text = ClipTextModel::new(&root, &text_config)?;
-        let vision = VisionTower::new(&root, &vision_config, projection_dim)?;
         let tokenizer =
             ClipTokenizer::from_dir(dir).with_context(|| format!("reading the tokenizer in {}", dir.display()))?;
+        Self::new(&root, &config, tokenizer, preprocessing)
+    }
+
+    /// The model over the tensors under `root` (CLIPModel's names), whichever map holds them:
+    /// a loaded folder's, or the trainer's trainable leaves (the shapes CLIP trains through
+    /// this forward). Every tensor is read here, the text projection included, so a missing
+    /// one is an error naming it.
+    pub fn new(
+        root: &WeightPath,
+        config: &ClipConfig,
+        tokenizer: ClipTokenizer,
+        preprocessing: Preprocessing,
+    ) -> Result<Self> {
+        let (crop, size) = (&preprocessing.crop_size, config.vision.image_size);
+        ensure!(
+            crop.height == size && crop.width == size,
+            "the preprocessing crops {}x{} but the vision tower takes {size}x{size} images",
+            crop.height,
+            crop.width
+        );
+        let _ = root.pp("text_projection").get("weight", &[config.projection_dim, config.text.hidden_size])?;
+        let text = ClipTextModel::new(root, &config.text)?;
+        let vision = VisionTower::new(root, &config.vision, config.projection_dim)?;
         Ok(Self { text, vision, tokenizer, preprocessing })
     }
 
-    /// Image embeddings of preprocessed pixel values [n, 3, H, W].
-    pub fn image_embeddings(&self, pixels: &Tensor) -> Tensor {
-        tch::no_grad(|| self.vision.forward(pixels))
+    /// `get_image_features` of preprocessed pixel values [n, 3, H, W], recording autograd
+    /// where the weights require it (training).
+    pub fn image_features(&self, pixels: &Tensor) -> Tensor {
+        self.vision.forward(pixels)
     }
 
-    /// One RGB8 image → its embedding [1, dim].
-    pub fn embed_image(&self, rgb: &[u8], w: usize, h: usize) -> Tensor {
-        self.image_embeddings(&self.preprocessing.apply(rgb, w, h).unsqueeze(0))
+    /// `get_text_features` of token ids [n, seq], recording autograd as `image_features`.
+    pub fn text_features(&self, ids: &Tensor) -> Tensor {
+        self.text.forward_projected(ids)
     }
 
-    /// Text embeddings [n, dim]. A text longer than the tokenizer's max_length (77 ids with the
-    /// start and end tokens) is cut to it, keeping the end token (CLIP's tokenizer with
-    /// truncation), with a warning on stderr.
-    pub fn text_embeddings(&self, texts: &[&str]) -> Tensor {
+    /// Token ids [n, max_length] of texts (cut to max_length as `text_embeddings` says).
+    pub fn token_ids(&self, texts: &[&str]) -> Tensor {
         let ids: Vec<Tensor> = texts
             .iter()
             .map(|t| {
@@ -321,7 +349,24 @@ impl Clip {
                 Tensor::from_slice(&self.tokenizer.encode_padded(t))
             })
             .collect();
-        tch::no_grad(|| self.text.forward_projected(&Tensor::stack(&ids, 0)))
+        Tensor::stack(&ids, 0)
+    }
+
+    /// Image embeddings of preprocessed pixel values [n, 3, H, W].
+    pub fn image_embeddings(&self, pixels: &Tensor) -> Tensor {
+        tch::no_grad(|| self.image_features(pixels))
+    }
+
+    /// One RGB8 image → its embedding [1, dim].
+    pub fn embed_image(&self, rgb: &[u8], w: usize, h: usize) -> Tensor {
+        self.image_embeddings(&self.preprocessing.apply(rgb, w, h).unsqueeze(0))
+    }
+
+    /// Text embeddings [n, dim]. A text longer than the tokenizer's max_length (77 ids with the
+    /// start and end tokens) is cut to it, keeping the end token (CLIP's tokenizer with
+    /// truncation), with a warning on stderr.
+    pub fn text_embeddings(&self, texts: &[&str]) -> Tensor {
+        tch::no_grad(|| self.text_features(&self.token_ids(texts)))
     }
 }
 

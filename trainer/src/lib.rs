@@ -6,6 +6,7 @@ pub mod flags;
 pub mod grounding;
 pub mod params;
 pub mod plot;
+pub mod shapes_clip;
 pub mod text_aux;
 
 /// The engine's model code (the frisket-engine crate): training runs exactly the forward the server runs.
