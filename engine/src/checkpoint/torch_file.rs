@@ -383,7 +383,7 @@ impl Machine {
 
     /// The tensors and integers under `root` (a dict; nested dicts' keys joined with
     /// dots), in file order; other values (strings, floats, lists) are passed over.
-    fn walk(&self, root: usize) -> Result<(Vec<View>, Vec<(String, i64)>)> {
+    fn walk(&self, root: usize) -> Result<(Vec<View>, Named<i64>)> {
         let (mut views, mut ints) = (Vec::new(), Vec::new());
         let mut walk = vec![(String::new(), root)];
         while let Some((prefix, i)) = walk.pop() {
@@ -439,6 +439,9 @@ impl Machine {
         Ok(out)
     }
 }
+
+/// Values by their dotted names, in file order.
+type Named<T> = Vec<(String, T)>;
 
 /// A tensor of the pickle: a view (offset, size, stride in elements) of a storage.
 struct View {
