@@ -258,9 +258,10 @@ fn peak_rss() -> u64 {
     kb.unwrap_or(0) * 1024
 }
 
-/// A full-size SD 1.5 or SDXL checkpoint (bench/single_file_checkpoint.py) loads as fp32 on the CPU
-/// without holding the file and the converted tensors at once: the peak stays below the
-/// converted tensors plus half the file (libtorch's own footprint included).
+/// A full-size SD 1.5 or SDXL checkpoint (bench/single_file_checkpoint.py, .safetensors or
+/// .ckpt) loads as fp32 on the CPU without holding the file and the converted tensors at
+/// once: the peak stays below the converted tensors plus half the file (libtorch's own
+/// footprint included).
 #[test]
 #[ignore = "needs FRISKET_FULL_CHECKPOINT: a 2-7 GB file from bench/single_file_checkpoint.py"]
 fn full_size_checkpoint_loads_within_its_converted_size() {

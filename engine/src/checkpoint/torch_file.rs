@@ -673,3 +673,40 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
         |key: &str, _kind: Kind| raw.remove(key).ok_or_else(|| anyhow!("storage {key} missing from the file"));
     machine.tensors(root, &mut storages)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::View;
+    use tch::Kind;
+
+    fn view(offset: i64, size: &[i64], stride: &[i64]) -> View {
+        View {
+            name: "w".into(),
+            key: "0".into(),
+            kind: Kind::Float,
+            offset,
+            size: size.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    /// A view's reach is checked against its storage before any byte of it is read.
+    #[test]
+    fn views_stay_inside_their_storage() {
+        assert_eq!(view(4, &[2, 3], &[3, 1]).span(10).unwrap(), 6);
+        assert!(view(4, &[2, 3], &[3, 1]).is_contiguous());
+        // Column-major (a transposed weight): strided, reaching the same elements.
+        let t = view(0, &[2, 3], &[1, 2]);
+        assert!(!t.is_contiguous());
+        assert_eq!(t.span(6).unwrap(), 6);
+        assert_eq!(view(0, &[0, 3], &[3, 1]).span(0).unwrap(), 0);
+        let past = format!("{:#}", view(5, &[2, 3], &[3, 1]).span(10).unwrap_err());
+        assert!(past.contains("reaches past its storage of 10 elements"), "{past}");
+        let negative = format!("{:#}", view(0, &[2], &[-1]).span(10).unwrap_err());
+        assert!(negative.contains("negative"), "{negative}");
+        let ranks = format!("{:#}", view(0, &[2, 3], &[1]).span(10).unwrap_err());
+        assert!(ranks.contains("2 sizes but 1 strides"), "{ranks}");
+        let huge = format!("{:#}", view(0, &[i64::MAX, 2], &[i64::MAX, 1]).span(10).unwrap_err());
+        assert!(huge.contains("reaches past"), "{huge}");
+    }
+}
