@@ -4,6 +4,7 @@ and peak memory:
 
     bench/single_file_checkpoint.py sd15 /tmp/sd15-random.safetensors
     bench/single_file_checkpoint.py sdxl /tmp/sdxl-random.safetensors
+    bench/single_file_checkpoint.py sd15 /tmp/sd15-random.ckpt   # torch.save, A1111 layout
     FRISKET_FULL_CHECKPOINT=/tmp/sdxl-random.safetensors \
         cargo test --release -p frisket-engine --test single_file -- --ignored --nocapture
 
@@ -47,7 +48,10 @@ def main(family: str, path: Path) -> None:
             sys.exit(f"unknown family {family!r}: sd15 or sdxl")
     g = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(v.shape, generator=g) * 0.02).half() for k, v in shapes.items()}
-    save_file(state, path)
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    else:
+        save_file(state, path)
     print(f"{len(state)} tensors, {path.stat().st_size / 1e9:.2f} GB written to {path}")
 
 

@@ -359,9 +359,10 @@ pub fn release_cpu_memory() {
 const CHECKPOINT_MODEL_PREFIXES: &[&str] =
     &["model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."];
 
-/// The bytes a model's weights will take once loaded as `kind`, from safetensors headers
-/// alone (nothing is read but the headers): the component folders `load_folder` reads, or a
-/// single file's model tensors. Floating tensors count at `kind`'s width, others as stored.
+/// The bytes a model's weights will take once loaded as `kind`, from safetensors headers or
+/// a `.ckpt`'s pickle alone (no tensor data is read): the component folders `load_folder`
+/// reads, or a single file's model tensors. Floating tensors count at `kind`'s width,
+/// others as stored.
 /// An estimate for deciding what to unload before a first load: a VAE kept in float32 or
 /// replaced by `LoadOptions::vae` counts as the model's own VAE in `kind`, and an SD 2.x
 /// file's unused last OpenCLIP layer counts too.
@@ -383,7 +384,7 @@ pub fn estimate_weight_bytes(path: &Path, kind: Kind) -> Result<u64> {
             .sum()
     };
     if path.is_file() {
-        let header = checkpoint::safetensors::Header::read(path)?;
+        let header = checkpoint::read_header(path)?;
         return Ok(count(&header, &|name| CHECKPOINT_MODEL_PREFIXES.iter().any(|p| name.starts_with(p))));
     }
     let mut bytes = 0;
@@ -400,7 +401,7 @@ pub fn estimate_weight_bytes(path: &Path, kind: Kind) -> Result<u64> {
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers model folder or a single-file `.safetensors` checkpoint.
+    /// Loads a diffusers model folder or a single-file checkpoint (`checkpoint::FILE_EXTENSIONS`).
     pub fn load(path: &Path, device: Device) -> Result<Self> {
         Self::load_with_kind(path, device, default_kind(device))
     }

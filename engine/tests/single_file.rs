@@ -198,9 +198,14 @@ fn bad_files_fail_with_clear_errors() {
     assert!(error_of(&short).contains("shorter than the 8-byte header length"));
 
     let ckpt = dir.join("model.ckpt");
-    std::fs::write(&ckpt, b"PK\x03\x04 not unpickled").unwrap();
+    std::fs::write(&ckpt, b"PK\x03\x04 not a zip archive").unwrap();
     let e = error_of(&ckpt);
-    assert!(e.contains("pickled") && e.contains("safetensors"), "{e}");
+    assert!(e.contains("not a readable zip archive") && e.contains("model.ckpt"), "{e}");
+    let pickle = std::fs::read(single("sd2.ckpt")).unwrap();
+    let cut = dir.join("cut.ckpt");
+    std::fs::write(&cut, &pickle[..pickle.len() / 2]).unwrap();
+    let e = error_of(&cut);
+    assert!(e.contains("not a readable zip archive (truncated?)"), "{e}");
 
     let inpaint = dir.join("inpaint.safetensors");
     write(
@@ -253,9 +258,10 @@ fn peak_rss() -> u64 {
     kb.unwrap_or(0) * 1024
 }
 
-/// A full-size SD 1.5 or SDXL checkpoint (bench/single_file_checkpoint.py) loads as fp32 on the CPU
-/// without holding the file and the converted tensors at once: the peak stays below the
-/// converted tensors plus half the file (libtorch's own footprint included).
+/// A full-size SD 1.5 or SDXL checkpoint (bench/single_file_checkpoint.py, .safetensors or
+/// .ckpt) loads as fp32 on the CPU without holding the file and the converted tensors at
+/// once: the peak stays below the converted tensors plus half the file (libtorch's own
+/// footprint included).
 #[test]
 #[ignore = "needs FRISKET_FULL_CHECKPOINT: a 2-7 GB file from bench/single_file_checkpoint.py"]
 fn full_size_checkpoint_loads_within_its_converted_size() {
@@ -345,4 +351,86 @@ fn weight_bytes_are_estimated_from_the_headers() {
             assert_eq!(estimate, loaded, "{}", path.display());
         }
     }
+}
+
+/// A `.ckpt` (tests/fixtures/ref_single_file.py: `torch.save({"state_dict": …, "global_step":
+/// 1, …})`, sd1's tensors as strided views at offsets of one shared storage) converts to the
+/// same tensors as the `.safetensors` file of the same state dict, in every family and
+/// storage type, and tells the same family and prediction.
+#[test]
+fn ckpt_converts_as_its_safetensors() {
+    for name in ["sd1", "sd2", "sdxl"] {
+        let (ckpt, file) = (single(&format!("{name}.ckpt")), single(&format!("{name}.safetensors")));
+        let a = checkpoint::convert(&ckpt, &LoadOptions::default(), Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}.ckpt: {e:#}"));
+        let b = checkpoint::convert(&file, &LoadOptions::default(), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!((a.family, a.prediction), (b.family, b.prediction), "{name}");
+        let components = |c: &checkpoint::Converted| {
+            let mut all = vec![c.unet.config.clone(), c.vae.config.clone()];
+            all.extend(c.text_encoders.iter().map(|t| t.config.clone()));
+            all
+        };
+        assert_eq!(components(&a), components(&b), "{name}: configs differ");
+        fn tensors(c: &checkpoint::Converted) -> Vec<&HashMap<String, Tensor>> {
+            let mut all = vec![&c.unet.tensors, &c.vae.tensors];
+            all.extend(c.text_encoders.iter().map(|t| &t.tensors));
+            all
+        }
+        let mut count = 0;
+        for (ta, tb) in tensors(&a).into_iter().zip(tensors(&b)) {
+            assert_eq!(ta.keys().collect::<BTreeSet<_>>(), tb.keys().collect::<BTreeSet<_>>(), "{name}");
+            for (k, t) in ta {
+                assert!(t.is_contiguous() && t.equal(&tb[k]), "{name}.ckpt: `{k}` differs from the .safetensors file");
+            }
+            count += ta.len();
+        }
+        let (ia, ib) = (checkpoint::inspect(&ckpt, None).unwrap(), checkpoint::inspect(&file, None).unwrap());
+        assert_eq!(
+            (ia.family, ia.prediction, ia.native_size, ia.has_vae),
+            (ib.family, ib.prediction, ib.native_size, ib.has_vae)
+        );
+        let estimate = |p: &Path| frisket_engine::model::estimate_weight_bytes(p, Kind::Float).unwrap();
+        assert_eq!(estimate(&ckpt), estimate(&file), "{name}");
+        println!("{name}.ckpt: {count} tensors equal to the .safetensors file's");
+    }
+}
+
+/// The `.ckpt` whose tensors are strided views of one shared storage renders the same image,
+/// byte for byte, as the `.safetensors` file of the same state dict.
+#[test]
+fn ckpt_renders_as_its_safetensors() {
+    let cases = read_json(&common::fixtures().join("ref/single_file/cases.json"));
+    let case = cases.as_array().unwrap().iter().find(|c| c["model"] == "sd1").unwrap();
+    let p = common::case_params(case, "single_file");
+    let image = |path: &Path| {
+        let model = StableDiffusion::load(path, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        model.generate(model.prepare(&p).unwrap(), &mut |_| Flow::Continue).unwrap().image
+    };
+    let (a, b) = (image(&single("sd1.ckpt")), image(&single("sd1.safetensors")));
+    assert!(a.equal(&b), "sd1.ckpt and sd1.safetensors render different images");
+}
+
+/// Pickles that would run code when unpickled are refused, naming the global they call and
+/// how to convert a trusted file, and nothing runs; so is torch.save's legacy format.
+#[test]
+fn malicious_and_legacy_pickles_are_refused() {
+    for (file, global, pwned) in [
+        ("evil_system.ckpt", "posix.system", "/tmp/frisket-pwned-system"),
+        // Pickle protocol 2 (torch.save's) spells `builtins` `__builtin__`.
+        ("evil_exec.ckpt", "__builtin__.exec", "/tmp/frisket-pwned-exec"),
+    ] {
+        let pwned = Path::new(pwned);
+        let _ = std::fs::remove_file(pwned);
+        let path = single(file);
+        for e in [
+            error_of(&path),
+            format!("{:#}", StableDiffusion::load(&path, Device::Cpu).err().expect("a malicious pickle loaded")),
+            format!("{:#}", frisket_engine::model::estimate_weight_bytes(&path, Kind::Float).unwrap_err()),
+        ] {
+            assert!(e.contains(global) && e.contains("refused") && e.contains("st.save_file"), "{e}");
+        }
+        assert!(!pwned.exists(), "{file}: {} was created", pwned.display());
+    }
+    let e = error_of(&single("legacy.ckpt"));
+    assert!(e.contains("not a zip-format torch.save checkpoint") && e.contains("legacy"), "{e}");
 }

@@ -12,9 +12,9 @@ pub mod preservation;
 pub mod resize;
 mod rng;
 pub mod stats;
-pub mod torch_file;
 
 use anyhow::{bail, Context, Result};
+use frisket_engine::checkpoint::torch_file;
 use frisket_engine::image_io::read_rgb;
 use inception::{Inception, INPUT_SIZE};
 use sha2::{Digest, Sha256};

@@ -187,7 +187,8 @@ fn masked_lpips_matches_the_lpips_package() {
         let again = Lpips::load(&dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(again.masked(&pred, &target, &mask).unwrap(), ours, "{name}");
     }
-    let err = format!("{:#}", frisket_eval::torch_file::read(&dir().join("runs_command.pth")).err().unwrap());
+    let err =
+        format!("{:#}", frisket_engine::checkpoint::torch_file::read(&dir().join("runs_command.pth")).err().unwrap());
     assert!(err.contains("posix.system") || err.contains("os.system"), "{err}");
 }
 

@@ -38,8 +38,9 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// A folder of models: diffusers model folders and single-file `.safetensors`
-    /// checkpoints (original SD layout), named by folder name or file stem.
+    /// A folder of models: diffusers model folders and single-file checkpoints (original SD
+    /// layout; `.safetensors`, or `.ckpt`/`.pt`/`.pth` read without unpickling), named by
+    /// folder name or file stem.
     #[arg(long)]
     pub models: PathBuf,
     /// A folder of LoRA files (`NAME.safetensors`) that requests may name.
@@ -155,7 +156,8 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 #[derive(Args)]
 pub struct RenderArgs {
     /// A diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    /// or a single-file `.safetensors` checkpoint in the original SD layout.
+    /// or a single-file checkpoint in the original SD layout (`.safetensors`, or
+    /// `.ckpt`/`.pt`/`.pth` read without unpickling).
     #[arg(long)]
     pub model: PathBuf,
     /// A VAE `.safetensors` file used instead of the model's own VAE.
@@ -382,7 +384,7 @@ fn render(a: RenderArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     anyhow::ensure!(
         a.model.is_dir() || a.model.is_file(),
-        "model {} does not exist (a model folder or a .safetensors file)",
+        "model {} does not exist (a model folder or a checkpoint file)",
         a.model.display()
     );
     let root = a.model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));

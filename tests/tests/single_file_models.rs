@@ -1,7 +1,8 @@
-//! A models folder holding a diffusers folder, single-file checkpoints and a broken file
-//! side by side (fixtures from tests/fixtures/ref_single_file.py): ListModels reports each,
-//! the broken one with its error, names cannot escape the folder, and jobs on the single
-//! file run while the broken file is refused.
+//! A models folder holding a diffusers folder, single-file checkpoints (`.safetensors` and
+//! `.ckpt`) and broken or malicious files side by side (fixtures from
+//! tests/fixtures/ref_single_file.py): ListModels reports each, the broken ones with their
+//! errors, names cannot escape the folder, and jobs on the single files run while the
+//! broken files are refused.
 use frisket_e2e::{copy_dir, fixtures_dir, generate, models_dir, render, txt2img, Server};
 use frisket_proto::v1 as pb;
 use std::path::PathBuf;
@@ -28,6 +29,12 @@ async fn folders_single_files_and_broken_files_side_by_side() {
     let bytes = std::fs::read(single("sd2.safetensors")).unwrap();
     std::fs::write(root.join("broken.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
     std::fs::write(root.join("notes.txt"), "not a model").unwrap();
+    std::fs::copy(single("sd1.ckpt"), root.join("pickled.ckpt")).unwrap();
+    let pickle = std::fs::read(single("sd2.ckpt")).unwrap();
+    std::fs::write(root.join("broken-pickle.ckpt"), &pickle[..pickle.len() / 2]).unwrap();
+    std::fs::copy(single("evil_system.ckpt"), root.join("evil.ckpt")).unwrap();
+    let pwned = std::path::Path::new("/tmp/frisket-pwned-system");
+    let _ = std::fs::remove_file(pwned);
     // A link that resolves outside the models folder is not a model of it.
     #[cfg(unix)]
     std::os::unix::fs::symlink(single("sd2.safetensors"), root.join("escape.safetensors")).unwrap();
@@ -36,27 +43,43 @@ async fn folders_single_files_and_broken_files_side_by_side() {
     let mut client = server.client().await;
     let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["broken", "illustrated", "sd1"]);
+    assert_eq!(names, ["broken", "broken-pickle", "evil", "illustrated", "pickled", "sd1"]);
 
     let broken = &models[0];
     assert!(broken.error.contains("truncated") && broken.error.contains("broken.safetensors"), "{}", broken.error);
     assert_eq!(broken.format, "single-file");
-    let file = &models[1];
-    assert!(file.error.is_empty(), "{}", file.error);
-    assert_eq!(
-        (file.format.as_str(), file.architecture.as_str(), file.prediction_type.as_str()),
-        ("single-file", "sd1", "epsilon")
+    let (broken_pickle, evil) = (&models[1], &models[2]);
+    assert!(
+        broken_pickle.error.contains("broken-pickle.ckpt") && broken_pickle.error.contains("zip"),
+        "{}",
+        broken_pickle.error
     );
-    assert_eq!((file.native_width, file.native_height, file.size_multiple), (512, 512, 8));
-    assert!(file.img2img && file.explain && file.protected_regions);
-    assert_eq!(models[2].format, "diffusers");
+    assert!(evil.error.contains("posix.system") && evil.error.contains("refused"), "{}", evil.error);
+    assert!(!pwned.exists(), "listing the malicious pickle ran it");
+    for file in [&models[3], &models[4]] {
+        assert!(file.error.is_empty(), "{}: {}", file.name, file.error);
+        assert_eq!(
+            (file.format.as_str(), file.architecture.as_str(), file.prediction_type.as_str()),
+            ("single-file", "sd1", "epsilon")
+        );
+        assert_eq!((file.native_width, file.native_height, file.size_multiple), (512, 512, 8));
+        assert!(file.img2img && file.explain && file.protected_regions);
+    }
+    assert_eq!(models[5].format, "diffusers");
 
     // A job on the single file runs to its result; the broken file is refused.
-    let done = generate(&mut client, txt2img("illustrated", "a red circle", 3, 3, 64, 64)).await;
-    assert_eq!(done.code(), Code::Ok, "{:?}", done.error);
-    assert!(!done.result().expect("a result").image.is_empty());
-    let refused = generate(&mut client, txt2img("broken", "a red circle", 3, 3, 64, 64)).await;
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{:?}", refused.error);
+    let mut images = Vec::new();
+    for name in ["illustrated", "pickled"] {
+        let done = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
+        assert_eq!(done.code(), Code::Ok, "{name}: {:?}", done.error);
+        images.push(done.result().expect("a result").image.clone());
+    }
+    assert_eq!(images[0], images[1], "the .ckpt and the .safetensors of the same weights differ");
+    for name in ["broken", "broken-pickle", "evil"] {
+        let refused = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{name}: {:?}", refused.error);
+    }
+    assert!(!pwned.exists(), "a job on the malicious pickle ran it");
     let escaped = generate(&mut client, txt2img("escape", "a red circle", 3, 3, 64, 64)).await;
     assert_eq!(escaped.code(), Code::NotFound, "{:?}", escaped.error);
 

@@ -2,12 +2,15 @@
 //! keep them): the family detected from tensor names and shapes, each component's
 //! diffusers config derived from shapes and the family's defaults, and the tensors renamed
 //! to diffusers' names while they are read, one at a time, from the memory-mapped file.
+//! `.safetensors` files and zip `torch.save` checkpoints (`.ckpt`, `.pt`, `.pth`, indexed
+//! without unpickling by [`torch_file`]) are read alike.
 pub mod convert_clip;
 pub mod convert_unet;
 pub mod convert_vae;
 pub mod detect;
 pub mod plan;
 pub mod safetensors;
+pub mod torch_file;
 
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::vae::VaeConfig;
@@ -148,26 +151,34 @@ pub struct Converted {
     pub pad_tokens: Vec<&'static str>,
 }
 
-/// Refuses pickled checkpoints before anything reads them.
-fn check_extension(path: &Path) -> Result<()> {
+/// The extensions of single-file checkpoints: safetensors first, then `torch.save`'s.
+pub const FILE_EXTENSIONS: &[&str] = &["safetensors", "ckpt", "pt", "pth"];
+
+/// How to turn a pickled checkpoint this reader refuses into a `.safetensors` file.
+pub const CONVERT_HINT: &str = "To use it, convert it to .safetensors once, in Python, if you trust the file: \
+     `import torch, safetensors.torch as st; sd = torch.load(\"model.ckpt\", weights_only=True); \
+     sd = sd.get(\"state_dict\", sd); st.save_file({k: v.contiguous().clone() for k, v in sd.items() \
+     if isinstance(v, torch.Tensor)}, \"model.safetensors\")`";
+
+/// The header of a single-file checkpoint: a `.safetensors` file's, or the index of a zip
+/// `torch.save` checkpoint's pickle (read without running it).
+pub fn read_header(path: &Path) -> Result<Header> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
-        "safetensors" => Ok(()),
-        "ckpt" | "pt" | "pth" | "bin" => bail!(
-            "{} is a pickled PyTorch checkpoint, which can run arbitrary code when loaded and is not read here; \
-             convert it to .safetensors once, e.g. with diffusers' `StableDiffusionPipeline.from_single_file(path)` \
-             then `save_pretrained(dir, safe_serialization=True)`, or with `safetensors.torch.save_file(\
-             torch.load(path, weights_only=True)[\"state_dict\"], \"model.safetensors\")`",
-            path.display()
-        ),
-        _ => bail!("{} is not a .safetensors file", path.display()),
+        "safetensors" => Header::read(path),
+        "ckpt" | "pt" | "pth" | "bin" => torch_file::header(path),
+        _ => bail!("{} is not a checkpoint file (.safetensors, .ckpt, .pt, .pth or .bin)", path.display()),
     }
+}
+
+/// A single-file checkpoint, memory-mapped.
+fn open(path: &Path) -> Result<MappedFile> {
+    MappedFile::map(read_header(path)?)
 }
 
 /// Detects the family of a checkpoint from its header.
 pub fn inspect(path: &Path, prediction: Option<PredictionType>) -> Result<Info> {
-    check_extension(path)?;
-    let h = Header::read(path)?;
+    let h = read_header(path)?;
     let family = detect::detect(&h)?;
     let prediction = family.prediction(&h, prediction)?;
     let layout = convert_vae::locate(&h);
@@ -186,8 +197,7 @@ pub fn inspect(path: &Path, prediction: Option<PredictionType>) -> Result<Info> 
 
 /// Reads a checkpoint's components, each tensor converted to `kind` on `device` as it is read.
 pub fn convert(path: &Path, opts: &LoadOptions, device: Device, kind: Kind) -> Result<Converted> {
-    check_extension(path)?;
-    let file = MappedFile::open(path)?;
+    let file = open(path)?;
     let h = &file.header;
     let family = detect::detect(h)?;
     let prediction = family.prediction(h, opts.prediction)?;
@@ -237,8 +247,7 @@ pub type Shapes = Vec<(String, Vec<i64>)>;
 /// The diffusers names and shapes a checkpoint's UNet and text encoders convert to, from
 /// its header alone: the UNet's, then each text encoder's (SDXL: CLIP-L, then bigG).
 pub fn parameter_shapes(path: &Path) -> Result<Vec<Shapes>> {
-    check_extension(path)?;
-    let h = Header::read(path)?;
+    let h = read_header(path)?;
     let (unet, text) = plans(&h, detect::detect(&h)?)?;
     std::iter::once(&unet).chain(text.iter().map(|(_, plan)| plan)).map(|plan| plan.shapes(&h)).collect()
 }
@@ -246,8 +255,7 @@ pub fn parameter_shapes(path: &Path) -> Result<Vec<Shapes>> {
 /// A standalone VAE file (original layout, with or without `first_stage_model.`, or
 /// diffusers' layout), with the scaling factor and sample size of the model it serves.
 pub fn load_vae(path: &Path, scaling_factor: f64, sample_size: i64, device: Device, kind: Kind) -> Result<Component> {
-    check_extension(path)?;
-    let file = MappedFile::open(path)?;
+    let file = open(path)?;
     read_vae_scaled(&file, scaling_factor, sample_size, device, kind)
         .with_context(|| format!("loading the VAE {}", path.display()))
 }

@@ -2,7 +2,8 @@
 //! checkpoint is never held twice in memory (the libtorch reader copies the whole file).
 //! The header is validated before any tensor is touched: its length against the file
 //! size, every tensor's byte range against the data section, and its dtype and shape
-//! against that range.
+//! against that range. A zip `torch.save` checkpoint is indexed as such a header
+//! (`torch_file::header`) and read through the same map.
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
@@ -20,9 +21,13 @@ const MAX_HEADER: u64 = 100 << 20;
 pub struct Entry {
     pub dtype: String,
     pub shape: Vec<i64>,
-    /// Byte range within the data section (after the header).
+    /// Byte range within the data section (after the header): the tensor's elements, or
+    /// for a strided view, its first through its last element.
     pub start: usize,
     pub end: usize,
+    /// Element strides of a view that is not row-major contiguous (only in `.ckpt` files,
+    /// whose tensors may be views of a shared storage).
+    pub strides: Option<Vec<i64>>,
 }
 
 impl Entry {
@@ -38,6 +43,8 @@ pub struct Header {
     pub tensors: BTreeMap<String, Entry>,
     /// The `__metadata__` strings.
     pub metadata: BTreeMap<String, String>,
+    /// Plain integers stored beside the tensors (a `.ckpt`'s `global_step`).
+    pub ints: BTreeMap<String, i64>,
     /// Where the data section starts in the file.
     data_offset: usize,
 }
@@ -117,7 +124,18 @@ impl Header {
             );
             tensors.insert(key, entry);
         }
-        Ok(Self { path: path.to_path_buf(), tensors, metadata, data_offset: 8 + header_len as usize })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            metadata,
+            ints: BTreeMap::new(),
+            data_offset: 8 + header_len as usize,
+        })
+    }
+
+    /// A header whose entries' byte ranges are offsets in the file itself.
+    pub(super) fn from_parts(path: &Path, tensors: BTreeMap<String, Entry>, ints: BTreeMap<String, i64>) -> Self {
+        Self { path: path.to_path_buf(), tensors, metadata: BTreeMap::new(), ints, data_offset: 0 }
     }
 
     pub fn get(&self, name: &str) -> Option<&Entry> {
@@ -129,8 +147,12 @@ impl Header {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// The value of a one-element integer tensor (e.g. `global_step`), read from the file.
+    /// The value of a plain integer or of a one-element integer tensor (e.g.
+    /// `global_step`), read from the file.
     pub fn read_int(&self, name: &str) -> Result<Option<i64>> {
+        if let Some(&n) = self.ints.get(name) {
+            return Ok(Some(n));
+        }
         let Some(e) = self.get(name) else { return Ok(None) };
         let width = match e.dtype.as_str() {
             "I64" => 8,
@@ -175,7 +197,7 @@ fn parse_entry(v: &Value) -> Result<Entry> {
     let offsets = v["data_offsets"].as_array().context("no data_offsets")?;
     ensure!(offsets.len() == 2, "data_offsets has {} values", offsets.len());
     let off = |i: usize| offsets[i].as_u64().map(|o| o as usize).context("an offset is not a non-negative integer");
-    Ok(Entry { dtype, shape, start: off(0)?, end: off(1)? })
+    Ok(Entry { dtype, shape, start: off(0)?, end: off(1)?, strides: None })
 }
 
 /// A memory-mapped safetensors file.
@@ -186,8 +208,13 @@ pub struct MappedFile {
 
 impl MappedFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let header = Header::read(path)?;
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Self::map(Header::read(path)?)
+    }
+
+    /// Maps the file `header` was read from.
+    pub fn map(header: Header) -> Result<Self> {
+        let path = header.path.clone();
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the map is read-only and lives as long as `self`; a file changed by another
         // process while mapped gives wrong values (or SIGBUS if truncated), as with any reader
         // that maps model files (safetensors' own does the same).
@@ -209,24 +236,32 @@ impl MappedFile {
         let (stored, width) = dtype_kind(&e.dtype).expect("dtype checked when parsing the header");
         let (start, end) = (self.header.data_offset + e.start, self.header.data_offset + e.end);
         let bytes = &self.map[start..end];
-        let elements: i64 = e.shape.iter().product();
-        anyhow::ensure!(
-            bytes.len() as i64 == elements * width as i64,
-            "{}: tensor `{name}` has {} bytes for shape {:?}",
-            self.header.path.display(),
-            bytes.len(),
-            e.shape
-        );
         let mut strides = vec![1i64; e.shape.len()];
         for i in (0..e.shape.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1] * e.shape[i + 1];
         }
-        // SAFETY: `bytes` holds exactly the tensor's elements (checked above) and stays
+        let strides = e.strides.clone().unwrap_or(strides);
+        // The bytes from the first element through the last one the strides reach.
+        let span = if e.shape.contains(&0) {
+            0
+        } else {
+            e.shape.iter().zip(&strides).map(|(&n, &s)| (n - 1) * s).sum::<i64>() + 1
+        };
+        anyhow::ensure!(
+            bytes.len() as i64 == span * width as i64,
+            "{}: tensor `{name}` has {} bytes for shape {:?} and strides {strides:?}",
+            self.header.path.display(),
+            bytes.len(),
+            e.shape
+        );
+        // SAFETY: `bytes` holds exactly the elements the shape and strides reach (checked
+        // above) and stays
         // mapped for this whole call; `view` borrows it and is dropped before returning,
         // after `t` owns a copy (the conversion's own, or `copy` below when it had none).
         let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &e.shape, &strides, stored, Device::Cpu) }
             .with_context(|| format!("{}: creating tensor `{name}`", self.header.path.display()))?;
         let t = if e.is_float() { view.to_device(device).to_kind(kind) } else { view.to_device(device) };
+        let t = if e.strides.is_some() { t.contiguous() } else { t };
         let t = if t.device() == Device::Cpu && t.data_ptr() == view.data_ptr() { t.copy() } else { t };
         drop(view);
         self.release(start, end);

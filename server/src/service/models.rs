@@ -1,5 +1,6 @@
-//! The models directory: diffusers folders and single-file `.safetensors` checkpoints side
-//! by side, the folder or file stem naming the model. Names are checked before they touch
+//! The models directory: diffusers folders and single-file checkpoints (`.safetensors`, and
+//! `.ckpt`/`.pt`/`.pth` read without unpickling) side by side, the folder or file stem
+//! naming the model. Names are checked before they touch
 //! the file system, and a name must resolve (after symlinks) to a path inside the models
 //! root. Metadata comes from config files or a checkpoint's header (no weights loaded), so
 //! ListModels and request validation never wait for the engine.
@@ -17,15 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::Status;
 
-/// The extension of single-file checkpoints in the models folder.
-const CHECKPOINT_EXT: &str = "safetensors";
-
 /// How a model is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
     /// A diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     Diffusers,
-    /// One `.safetensors` file in the original SD layout.
+    /// One checkpoint file in the original SD layout (`checkpoint::FILE_EXTENSIONS`).
     SingleFile,
 }
 
@@ -156,14 +154,17 @@ impl Catalog {
         &self.root
     }
 
-    /// The model `name` as stored under the root (folder first, then `name.safetensors`),
-    /// if it exists and resolves inside the root.
+    /// The model `name` as stored under the root (folder first, then `name.safetensors`,
+    /// `name.ckpt`, … in `checkpoint::FILE_EXTENSIONS` order), if it exists and resolves
+    /// inside the root.
     fn locate(&self, name: &str) -> Option<(PathBuf, ModelFormat)> {
         let dir = self.root.join(name);
-        let file = self.root.join(format!("{name}.{CHECKPOINT_EXT}"));
+        let file = || {
+            checkpoint::FILE_EXTENSIONS.iter().map(|ext| self.root.join(format!("{name}.{ext}"))).find(|f| f.is_file())
+        };
         let found = if is_model_dir(&dir) {
             (dir, ModelFormat::Diffusers)
-        } else if file.is_file() {
+        } else if let Some(file) = file() {
             (file, ModelFormat::SingleFile)
         } else {
             return None;
@@ -177,14 +178,18 @@ impl Catalog {
     }
 
     /// Valid model names under the root (diffusers folders with unet/config.json and
-    /// `.safetensors` files, by stem), sorted.
+    /// checkpoint files, by stem), sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().into_string().ok())
-                    .map(|n| n.strip_suffix(&format!(".{CHECKPOINT_EXT}")).map(str::to_string).unwrap_or(n))
+                    .map(|n| {
+                        let stem =
+                            checkpoint::FILE_EXTENSIONS.iter().find_map(|ext| n.strip_suffix(&format!(".{ext}")));
+                        stem.map(str::to_string).unwrap_or(n)
+                    })
                     .filter(|n| check_name(n).is_ok() && self.locate(n).is_some())
                     .collect()
             })

@@ -1,21 +1,41 @@
 //! Reads the tensors of a `torch.save` file without running its pickle: the zip format
-//! (PyTorch ≥ 1.6) and the legacy one (the format of pytorch-fid's and lpips' published
-//! weights). The pickle is interpreted by a small virtual machine that knows only what a
-//! saved state dict uses — containers, numbers, strings, `collections.OrderedDict`,
-//! torch's storage classes and tensor rebuild functions — and refuses any other global, so
-//! a file cannot make it run code.
+//! (PyTorch ≥ 1.6) and, for [`read`] only, the legacy one (the format of pytorch-fid's and
+//! lpips' published weights). The pickle is interpreted by a small virtual machine that
+//! knows only what a saved state dict uses — containers, numbers, strings,
+//! `collections.OrderedDict`, torch's storage classes and tensor rebuild functions — and
+//! refuses any other global, so a file cannot make it run code: nothing it names is ever
+//! called, and a name outside [`ALLOWED_GLOBALS`] stops the reading.
+//!
+//! [`header`] indexes a zip checkpoint (`.ckpt`, `.pt`, `.pth`) as a safetensors header:
+//! each tensor's dtype, shape, strides and byte range in the file, whose storages
+//! `torch.save` writes uncompressed, so the file is memory-mapped and read one tensor at a
+//! time like a `.safetensors` file.
+use super::safetensors::{Entry, Header};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// The tensors of a saved (nested) dict, keyed by their dotted path, in file order.
+/// The globals a state dict's pickle may name, as a message lists them.
+pub const ALLOWED_GLOBALS: &str = "collections.OrderedDict, torch._utils._rebuild_tensor_v2, \
+     torch._utils._rebuild_tensor, torch._utils._rebuild_parameter and torch's storage types (torch.FloatStorage, \
+     torch.HalfStorage, torch.BFloat16Storage, …)";
+
+/// The largest `data.pkl` read (a full SDXL checkpoint's is under 1 MB; the storages are
+/// separate entries).
+const MAX_PICKLE: u64 = 256 << 20;
+
+/// The tensors of a saved (nested) dict, keyed by their dotted path, in file order; the
+/// whole file is read into memory (for small files such as metric networks' weights).
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let tensors = if bytes.starts_with(b"PK\x03\x04") { read_zip(&bytes) } else { read_legacy(&bytes) };
+    let tensors = if bytes.starts_with(ZIP_MAGIC) { read_zip(&bytes) } else { read_legacy(&bytes) };
     tensors.with_context(|| format!("reading the tensors of {}", path.display()))
 }
+
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
 /// An object the pickle built. Containers live in an arena and are referred to by index,
 /// so that the memo and the stack share them as Python does.
@@ -361,14 +381,10 @@ impl Machine {
         }
     }
 
-    /// The tensors under `root` (a dict, nested dicts' keys joined with dots).
-    fn tensors(
-        &self,
-        root: usize,
-        storages: &mut dyn FnMut(&str, Kind) -> Result<Tensor>,
-    ) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
-        let mut cache: HashMap<String, Tensor> = HashMap::new();
+    /// The tensors and integers under `root` (a dict; nested dicts' keys joined with
+    /// dots), in file order; other values (strings, floats, lists) are passed over.
+    fn walk(&self, root: usize) -> Result<(Vec<View>, Named<i64>)> {
+        let (mut views, mut ints) = (Vec::new(), Vec::new());
         let mut walk = vec![(String::new(), root)];
         while let Some((prefix, i)) = walk.pop() {
             match &self.arena[i] {
@@ -380,23 +396,205 @@ impl Machine {
                 }
                 Value::Tensor { storage, offset, size, stride } => {
                     let Value::Storage { key, kind } = &self.arena[*storage] else { unreachable!("checked in reduce") };
-                    if !cache.contains_key(key) {
-                        cache.insert(key.clone(), storages(key, *kind)?);
-                    }
-                    let flat = &cache[key];
-                    let numel = flat.size()[0];
-                    let reach = size.iter().zip(stride).map(|(&n, &s)| (n - 1).max(0) * s).sum::<i64>() + offset;
-                    ensure!(
-                        size.iter().all(|&n| n >= 0) && (size.contains(&0) || reach < numel),
-                        "tensor {prefix} reaches past its storage"
-                    );
-                    out.push((prefix, flat.as_strided(size.as_slice(), stride.as_slice(), *offset).contiguous()));
+                    views.push(View {
+                        name: prefix,
+                        key: key.clone(),
+                        kind: *kind,
+                        offset: *offset,
+                        size: size.clone(),
+                        stride: stride.clone(),
+                    });
                 }
+                Value::Int(n) => ints.push((prefix, *n)),
                 _ => {}
             }
         }
+        Ok((views, ints))
+    }
+
+    /// The value under `key` of the dict `dict`, if it is one and has it.
+    fn item(&self, dict: usize, key: &str) -> Option<usize> {
+        let Value::Dict(items) = &self.arena[dict] else { return None };
+        items.iter().find(|&&(k, _)| matches!(&self.arena[k], Value::Str(s) if s == key)).map(|&(_, v)| v)
+    }
+
+    /// The tensors under `root`, each a contiguous copy of its view of a storage.
+    fn tensors(
+        &self,
+        root: usize,
+        storages: &mut dyn FnMut(&str, Kind) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut cache: HashMap<String, Tensor> = HashMap::new();
+        let (views, _) = self.walk(root)?;
+        let mut out = Vec::with_capacity(views.len());
+        for v in views {
+            if !cache.contains_key(&v.key) {
+                cache.insert(v.key.clone(), storages(&v.key, v.kind)?);
+            }
+            let flat = &cache[&v.key];
+            v.span(flat.size()[0])?;
+            let t = flat.as_strided(v.size.as_slice(), v.stride.as_slice(), v.offset).contiguous();
+            out.push((v.name, t));
+        }
         Ok(out)
     }
+}
+
+/// Values by their dotted names, in file order.
+type Named<T> = Vec<(String, T)>;
+
+/// A tensor of the pickle: a view (offset, size, stride in elements) of a storage.
+struct View {
+    name: String,
+    key: String,
+    kind: Kind,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
+
+impl View {
+    /// The elements from the view's offset through the last one it reaches (0 when it is
+    /// empty), checked to lie within a storage of `numel` elements.
+    fn span(&self, numel: i64) -> Result<i64> {
+        let name = &self.name;
+        ensure!(
+            self.size.len() == self.stride.len(),
+            "tensor `{name}` has {} sizes but {} strides",
+            self.size.len(),
+            self.stride.len()
+        );
+        ensure!(
+            self.offset >= 0 && self.size.iter().chain(&self.stride).all(|&n| n >= 0),
+            "tensor `{name}` has a negative size, stride or offset"
+        );
+        if self.size.contains(&0) {
+            return Ok(0);
+        }
+        let last = self.size.iter().zip(&self.stride).map(|(&n, &s)| (n as i128 - 1) * s as i128).sum::<i128>();
+        ensure!(
+            self.offset as i128 + last < numel as i128,
+            "tensor `{name}` (offset {}, size {:?}, stride {:?}) reaches past its storage of {numel} elements",
+            self.offset,
+            self.size,
+            self.stride
+        );
+        Ok(last as i64 + 1)
+    }
+
+    /// Whether the view is row-major contiguous (dimensions of size 1 have any stride).
+    fn is_contiguous(&self) -> bool {
+        let mut expected = 1i64;
+        for (&n, &s) in self.size.iter().zip(&self.stride).rev() {
+            if n != 1 && s != expected {
+                return false;
+            }
+            expected = expected.saturating_mul(n);
+        }
+        true
+    }
+}
+
+/// The safetensors name of a storage's element type.
+fn dtype_name(kind: Kind) -> Result<&'static str> {
+    Ok(match kind {
+        Kind::Float => "F32",
+        Kind::Double => "F64",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Int16 => "I16",
+        Kind::Int8 => "I8",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        other => bail!("storage of {other:?}"),
+    })
+}
+
+/// The tensor index of a zip-format `torch.save` checkpoint, read from its pickle and zip
+/// directory alone (no tensor data is read): the tensors of its top-level `state_dict`
+/// dict (the original Stable Diffusion layout), or of the whole dict when it has none, and
+/// its top-level integers (such as `global_step`). Strings, floats and other plain values
+/// around them are passed over; any global outside [`ALLOWED_GLOBALS`], a legacy (non-zip)
+/// pickle and a compressed storage are refused.
+pub fn header(path: &Path) -> Result<Header> {
+    let name = path.display();
+    let mut file = File::open(path).with_context(|| format!("opening {name}"))?;
+    let file_len = file.metadata().with_context(|| format!("reading {name}"))?.len();
+    let mut magic = Vec::new();
+    (&mut file).take(4).read_to_end(&mut magic).with_context(|| format!("reading {name}"))?;
+    if magic != ZIP_MAGIC {
+        bail!(
+            "{name} is not a zip-format torch.save checkpoint (PyTorch ≥ 1.6 writes one); legacy and other pickles \
+             are not read. {}",
+            super::CONVERT_HINT
+        );
+    }
+    let mut archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))
+        .with_context(|| format!("{name} is not a readable zip archive (truncated?)"))?;
+    let pkl = archive
+        .file_names()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{name} is a zip archive without a data.pkl, not a torch.save checkpoint"))?;
+    let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    let mut data = Vec::new();
+    {
+        let entry = archive.by_name(&pkl).with_context(|| format!("{name}: reading {pkl}"))?;
+        ensure!(entry.size() <= MAX_PICKLE, "{name}: {pkl} has {} bytes, too many for a state dict", entry.size());
+        entry.take(MAX_PICKLE).read_to_end(&mut data).with_context(|| format!("{name}: reading {pkl}"))?;
+    }
+    let mut machine = Machine::new();
+    let (root, _) = machine.run(&data).map_err(|e| {
+        anyhow!(
+            "{name} was refused without running any of it: {e:#} (a state dict's pickle names only \
+             {ALLOWED_GLOBALS}). {}",
+            super::CONVERT_HINT
+        )
+    })?;
+    let state = machine.item(root, "state_dict").filter(|&i| matches!(machine.arena[i], Value::Dict(_)));
+    let (views, _) = machine.walk(state.unwrap_or(root)).with_context(|| format!("{name}: reading its pickle"))?;
+    let ints = match state {
+        Some(_) => machine.walk(root)?.1.into_iter().filter(|(k, _)| !k.starts_with("state_dict.")).collect(),
+        None => machine.walk(root)?.1,
+    };
+    // Each storage's byte range in the file: (start, element count).
+    let mut storages: HashMap<String, (u64, i64)> = HashMap::new();
+    let mut tensors = BTreeMap::new();
+    for v in views {
+        let dtype = dtype_name(v.kind).with_context(|| format!("{name}: tensor `{}`", v.name))?;
+        let width = element_size(v.kind) as u64;
+        if !storages.contains_key(&v.key) {
+            let entry_name = format!("{prefix}data/{}", v.key);
+            let entry =
+                archive.by_name(&entry_name).with_context(|| format!("{name}: storage {entry_name} missing"))?;
+            ensure!(
+                entry.compression() == zip::CompressionMethod::Stored,
+                "{name}: storage {entry_name} is compressed ({:?}); torch.save stores storages uncompressed",
+                entry.compression()
+            );
+            let (start, size) = (entry.data_start(), entry.size());
+            ensure!(
+                start.checked_add(size).is_some_and(|end| end <= file_len),
+                "{name}: storage {entry_name} lies past the end of the file (truncated?)"
+            );
+            ensure!(size % width == 0, "{name}: storage {entry_name} of {size} bytes for {:?} elements", v.kind);
+            storages.insert(v.key.clone(), (start, (size / width) as i64));
+        }
+        let (storage_start, numel) = storages[&v.key];
+        let span = v.span(numel).with_context(|| format!("{name}: storage {}", v.key))?;
+        let start = (storage_start + v.offset as u64 * width) as usize;
+        let entry = Entry {
+            dtype: dtype.to_string(),
+            start,
+            end: start + span as usize * width as usize,
+            strides: (!v.is_contiguous()).then(|| v.stride.clone()),
+            shape: v.size,
+        };
+        tensors.insert(v.name, entry);
+    }
+    Ok(Header::from_parts(path, tensors, ints.into_iter().collect()))
 }
 
 fn element_size(kind: Kind) -> usize {
@@ -474,4 +672,41 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     let mut storages =
         |key: &str, _kind: Kind| raw.remove(key).ok_or_else(|| anyhow!("storage {key} missing from the file"));
     machine.tensors(root, &mut storages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::View;
+    use tch::Kind;
+
+    fn view(offset: i64, size: &[i64], stride: &[i64]) -> View {
+        View {
+            name: "w".into(),
+            key: "0".into(),
+            kind: Kind::Float,
+            offset,
+            size: size.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    /// A view's reach is checked against its storage before any byte of it is read.
+    #[test]
+    fn views_stay_inside_their_storage() {
+        assert_eq!(view(4, &[2, 3], &[3, 1]).span(10).unwrap(), 6);
+        assert!(view(4, &[2, 3], &[3, 1]).is_contiguous());
+        // Column-major (a transposed weight): strided, reaching the same elements.
+        let t = view(0, &[2, 3], &[1, 2]);
+        assert!(!t.is_contiguous());
+        assert_eq!(t.span(6).unwrap(), 6);
+        assert_eq!(view(0, &[0, 3], &[3, 1]).span(0).unwrap(), 0);
+        let past = format!("{:#}", view(5, &[2, 3], &[3, 1]).span(10).unwrap_err());
+        assert!(past.contains("reaches past its storage of 10 elements"), "{past}");
+        let negative = format!("{:#}", view(0, &[2], &[-1]).span(10).unwrap_err());
+        assert!(negative.contains("negative"), "{negative}");
+        let ranks = format!("{:#}", view(0, &[2, 3], &[1]).span(10).unwrap_err());
+        assert!(ranks.contains("2 sizes but 1 strides"), "{ranks}");
+        let huge = format!("{:#}", view(0, &[i64::MAX, 2], &[i64::MAX, 1]).span(10).unwrap_err());
+        assert!(huge.contains("reaches past"), "{huge}");
+    }
 }
