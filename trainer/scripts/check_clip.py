@@ -12,22 +12,9 @@ from PIL import Image
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
-
-class _Features(torch.nn.Module):
-    """transformers 5 returns a model output from get_{image,text}_features where torchmetrics expects the
-    projected embeddings (its `pooler_output`); this adapter gives it those."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    def get_image_features(self, *args, **kwargs):
-        return self.model.get_image_features(*args, **kwargs).pooler_output
-
-    def get_text_features(self, *args, **kwargs):
-        return self.model.get_text_features(*args, **kwargs).pooler_output
-
+# The CLIPScore adapter the evaluator's parity fixture uses (one definition).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "fixtures"))
+from ref_eval import _Features  # noqa: E402
 
 folder, images_dir, prompts_file = (Path(a) for a in sys.argv[1:4])
 model, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
