@@ -68,12 +68,7 @@ async fn folders_single_files_and_broken_files_side_by_side() {
     assert_eq!(models[5].format, "diffusers");
 
     // A job on the single file runs to its result; the broken file is refused.
-    let mut images = Vec::new();
-    for name in ["illustrated", "pickled"] {
-        let done = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
-        assert_eq!(done.code(), Code::Ok, "{name}: {:?}", done.error);
-        images.push(done.result().expect("a result").image.clone());
-    }
+    let images = images_of(&mut client, &["illustrated", "pickled"]).await;
     assert_eq!(images[0], images[1], "the .ckpt and the .safetensors of the same weights differ");
     for name in ["broken", "broken-pickle", "evil"] {
         let refused = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
@@ -133,11 +128,20 @@ async fn prediction_override_for_a_single_file() {
     let listed: Vec<(&str, &str, u32)> =
         models.iter().map(|m| (m.name.as_str(), m.prediction_type.as_str(), m.native_width)).collect();
     assert_eq!(listed, [("base", "epsilon", 512), ("v21", "v_prediction", 768)]);
+    let images = images_of(&mut client, &["base", "v21"]).await;
+    assert_ne!(images[0], images[1], "the same weights under ε and v-prediction gave the same image");
+}
+
+/// One 3-step job on each model, each run to its result: the images.
+async fn images_of(
+    client: &mut pb::frisket_client::FrisketClient<tonic::transport::Channel>,
+    names: &[&str],
+) -> Vec<Vec<u8>> {
     let mut images = Vec::new();
-    for name in ["base", "v21"] {
-        let done = generate(&mut client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
+    for name in names {
+        let done = generate(client, txt2img(name, "a red circle", 3, 3, 64, 64)).await;
         assert_eq!(done.code(), Code::Ok, "{name}: {:?}", done.error);
         images.push(done.result().expect("a result").image.clone());
     }
-    assert_ne!(images[0], images[1], "the same weights under ε and v-prediction gave the same image");
+    images
 }
