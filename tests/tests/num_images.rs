@@ -2,7 +2,7 @@
 //! seed + i and is the image a one-image request with that seed gives (exactly with
 //! `--max-batch 1`, up to summation order when the images are stepped together); every
 //! event names its image; the stream ends after the last Result; Cancel stops them all;
-//! the limit and detach are refused.
+//! more than the limit is refused (detached requests of several images: detach.rs).
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
@@ -121,8 +121,4 @@ async fn cancel_stops_every_image_and_limits_hold() {
     assert!(status.is_none() && results(&events).len() == 1, "{status:?}");
     let (_, status) = run(&limited, request("sd1", 5, 4, 2)).await;
     assert!(status.expect("refused").message().contains("max_work"));
-    let mut detached = request("sd1", 5, 4, 2);
-    detached.detach = true;
-    let (_, status) = run(&server, detached).await;
-    assert_eq!(status.expect("refused").code(), Code::InvalidArgument);
 }
