@@ -15,10 +15,14 @@ const K2: f64 = 0.03;
 
 /// An RGB image file → [3, H, W] float32 in [0, 1].
 pub fn read_image(path: &Path) -> Result<Tensor> {
-    let img = read_rgb(path)?;
+    Ok(unit_rgb(&read_rgb(path)?))
+}
+
+/// An RGB image → [3, H, W] float32 in [0, 1].
+pub fn unit_rgb(img: &image::RgbImage) -> Tensor {
     let (w, h) = img.dimensions();
     let t = Tensor::from_slice(img.as_raw()).reshape([h as i64, w as i64, 3]).permute([2, 0, 1]);
-    Ok(t.to_kind(Kind::Float) / 255.0)
+    t.to_kind(Kind::Float) / 255.0
 }
 
 /// A mask file (grey or RGB; a pixel is inside where its first channel is at least 128) → [H, W] bool.

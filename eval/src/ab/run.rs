@@ -20,7 +20,7 @@ use image::RgbImage;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The kept object's PSNR when its pixels are bit-exact (infinite PSNR; JSON has no infinity).
 pub const PSNR_CAP_DB: f64 = 100.0;
@@ -106,11 +106,6 @@ pub struct ItemResult {
 /// One arm of a run: its name and the job it makes of a case (seed, case).
 pub type Arm<'a> = (String, Box<dyn Fn(u64, &ProtectCase) -> Result<frisket::proto::v1::GenerateRequest> + 'a>);
 
-fn rgb_tensor(img: &RgbImage) -> Tensor {
-    let (w, h) = img.dimensions();
-    Tensor::from_slice(img.as_raw()).reshape([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0
-}
-
 fn bool_tensor(values: Vec<bool>, w: u32, h: u32) -> Tensor {
     let bytes: Vec<u8> = values.into_iter().map(u8::from).collect();
     Tensor::from_slice(&bytes).reshape([h as i64, w as i64]).gt(0)
@@ -133,7 +128,7 @@ pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metr
     let background =
         bool_tensor(pixels(&|x, y| !case.target.masks.iter().chain(&case.reference.masks).any(|m| m.get(x, y))), w, h);
     let kept = bool_tensor(pixels(&|x, y| case.reference.masks[0].get(x, y)), w, h);
-    let (a, b) = (rgb_tensor(out), rgb_tensor(reference));
+    let (a, b) = (preservation::unit_rgb(out), preservation::unit_rgb(reference));
     let psnr_kept = preservation::masked_psnr(&a, &b, &kept)?.min(PSNR_CAP_DB);
     let lpips_background = extras.lpips.as_ref().map(|net| net.masked(&a, &b, &background)).transpose()?;
     let (clip_score, clip_score_region) = match &extras.clip {

@@ -81,6 +81,16 @@ pub fn spawn(
               model_memory = %budget.map_or("unlimited".into(), cache::mib), "worker started");
         let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
+        // The running-jobs gauge: 0 from the start, then set when the count changes.
+        let gauge = worker.name.clone();
+        metrics::device_running_jobs(&gauge, 0);
+        let mut reported = 0;
+        let mut report_running = |jobs: usize| {
+            if jobs != reported {
+                reported = jobs;
+                metrics::device_running_jobs(&gauge, jobs);
+            }
+        };
         loop {
             // Loads and unloads happen between steps, before new jobs join.
             while let Some(command) = queue.next_command(index) {
@@ -116,7 +126,7 @@ pub fn spawn(
                     }
                 }
             }
-            metrics::device_running_jobs(&worker.name, active.len());
+            report_running(active.len());
             if let Some(first) = active.first() {
                 worker.models.touch(&first.group.model);
                 let model = worker.models.get(&first.group.model).expect("running jobs' model is loaded");
@@ -124,7 +134,7 @@ pub fn spawn(
                 step_all(model, &mut active);
                 queue.clock.record(stepping.elapsed().as_secs_f64(), jobs);
                 settle(model, &mut active, &queue, index);
-                metrics::device_running_jobs(&worker.name, active.len());
+                report_running(active.len());
             }
         }
     })
