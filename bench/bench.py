@@ -17,6 +17,7 @@ Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,8 @@ from gpu_check import build_sd15  # noqa: E402
 
 STEPS, SIZE, SEED, GUIDANCE = 6, 256, 7, 7.5
 PROMPT = "a watercolour lighthouse on a cliff at dusk"
+# How Frisket's renders ran float32 linear layers on this CPU (their --timings say).
+CPU_LINEAR = set()
 
 
 def build_model(folder: Path, cache: Path) -> None:
@@ -195,7 +198,11 @@ def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list
     return [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]
 
 
-def frisket_step_times(binary: str, folder: Path) -> list:
+def frisket_step_times(binary: str, folder: Path, linear: str | None = None) -> list:
+    """`render`'s step times; `linear` sets FRISKET_CPU_LINEAR (None: the machine's choice)."""
+    env = dict(os.environ)
+    if linear is not None:
+        env["FRISKET_CPU_LINEAR"] = linear
     with tempfile.TemporaryDirectory() as tmp:
         timings = Path(tmp) / "timings.json"
         subprocess.run(
@@ -225,8 +232,12 @@ def frisket_step_times(binary: str, folder: Path) -> list:
                 str(timings),
             ],
             check=True,
+            env=env,
         )
-        return json.loads(timings.read_text())["step_seconds"][1:]
+        timing = json.loads(timings.read_text())
+        if linear is None:
+            CPU_LINEAR.add(timing["cpu_linear"])
+        return timing["step_seconds"][1:]
 
 
 def streamed_job(args: list) -> tuple:
@@ -408,15 +419,22 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
         f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
         f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)"
     )
-    # Alternate the two a few times so that background load hits both alike.
+    # Alternate them a few times so that background load hits all alike. Frisket runs with the
+    # machine's choice of linear-layer kernels and with each choice forced.
     theirs, ours = [], []
+    forced = {"onednn": [], "mkl": []}
     for _ in range(2):
         with torch.no_grad():
             theirs += diffusers_step_times(folder)
         ours += frisket_step_times(server_bin, folder)
+        for linear, times in forced.items():
+            times += frisket_step_times(server_bin, folder, linear)
     theirs, ours = statistics.median(theirs), statistics.median(ours)
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
+    print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(CPU_LINEAR))}; forced:")
+    for linear, times in forced.items():
+        print(f"  FRISKET_CPU_LINEAR={linear}: ratio frisket/diffusers {statistics.median(times) / theirs:.3f}")
 
     streamed, first_preview, first_preview_new_prompt = streamed_step_times(server_bin, client_bin, folder)
     plain = statistics.median(frisket_step_times(server_bin, folder))

@@ -5,10 +5,73 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 /// Whether the CPU fast paths below apply: float32 tensors on the CPU, where libtorch runs
-/// convolutions through oneDNN (AVX-512 kernels) but matrix products through MKL, which
-/// on non-Intel CPUs is about half as fast for the shapes of these models.
+/// convolutions through oneDNN but matrix products through MKL.
 fn cpu_float(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::Float
+}
+
+/// How float32 linear layers run on the CPU: as oneDNN 1×1 convolutions or as libtorch's
+/// matrix product (MKL). Which is faster depends on the machine: with oneDNN's AVX-512
+/// kernels the convolution is much faster on these shapes, with its AVX2 kernels slower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuLinear {
+    OneDnn,
+    Mkl,
+}
+
+/// The environment variable that overrides the choice: `onednn` or `mkl`.
+pub const CPU_LINEAR_ENV: &str = "FRISKET_CPU_LINEAR";
+
+impl CpuLinear {
+    /// The choice for this machine and environment: `FRISKET_CPU_LINEAR` when set, otherwise
+    /// oneDNN where it runs AVX-512 kernels (see [`CpuLinear::choose`]). Err for an unknown
+    /// override; binaries call this at start to refuse it there.
+    pub fn from_env() -> Result<CpuLinear, String> {
+        let forced = std::env::var(CPU_LINEAR_ENV).ok();
+        let max_isa = std::env::var("ONEDNN_MAX_CPU_ISA").ok();
+        Self::choose(forced.as_deref(), avx512_core(), max_isa.as_deref())
+    }
+
+    /// [`CpuLinear::from_env`], made once per process (an unknown override falls back to
+    /// the machine's choice here; the binaries have refused it at start).
+    pub fn current() -> CpuLinear {
+        static CHOICE: std::sync::OnceLock<CpuLinear> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            Self::from_env().unwrap_or_else(|_| {
+                let max_isa = std::env::var("ONEDNN_MAX_CPU_ISA").ok();
+                Self::choose(None, avx512_core(), max_isa.as_deref()).expect("no override")
+            })
+        })
+    }
+
+    /// `forced` (the override's value) when given; otherwise oneDNN when the CPU has
+    /// AVX-512 (F, BW, VL, DQ: oneDNN's `avx512_core`) and `ONEDNN_MAX_CPU_ISA` (`max_isa`)
+    /// does not hold oneDNN below it, MKL otherwise.
+    pub fn choose(forced: Option<&str>, avx512_core: bool, max_isa: Option<&str>) -> Result<CpuLinear, String> {
+        match forced.map(str::to_ascii_lowercase).as_deref() {
+            Some("onednn") => return Ok(CpuLinear::OneDnn),
+            Some("mkl") => return Ok(CpuLinear::Mkl),
+            Some(other) => return Err(format!("{CPU_LINEAR_ENV}={other}: expected onednn or mkl")),
+            None => {}
+        }
+        let isa_allows = max_isa.map(str::to_ascii_uppercase).is_none_or(|isa| {
+            isa == "ALL" || isa.starts_with("AVX512") || isa.starts_with("AVX10") || isa.contains("AMX")
+        });
+        Ok(if avx512_core && isa_allows { CpuLinear::OneDnn } else { CpuLinear::Mkl })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_core() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_core() -> bool {
+    false
 }
 
 /// The same values as an NCHW tensor with NHWC strides ("channels last"), the layout in
@@ -38,7 +101,7 @@ pub fn conv_layout(t: Tensor) -> Tensor {
     }
 }
 
-/// Rows of a linear layer at and above which the CPU path multiplies through a oneDNN 1×1
+/// Rows of a linear layer at and above which the oneDNN path multiplies through a 1×1
 /// convolution (below it MKL's call overhead is the smaller one).
 const ONEDNN_MIN_ROWS: i64 = 32;
 
@@ -79,7 +142,11 @@ impl Linear {
         let size = x.size();
         let (&in_dim, lead) = size.split_last().expect("linear input has at least one dimension");
         let rows: i64 = lead.iter().product();
-        if cpu_float(x) && cpu_float(&self.weight) && onednn_runs_1x1(rows, in_dim) {
+        if cpu_float(x)
+            && cpu_float(&self.weight)
+            && onednn_runs_1x1(rows, in_dim)
+            && CpuLinear::current() == CpuLinear::OneDnn
+        {
             // x·Wᵀ + b as a 1×1 convolution of the rows laid out as a [1, in, rows, 1]
             // channels-last image (a view of contiguous rows), whose channels-last output
             // is the [rows, out] result: oneDNN instead of MKL, same values up to rounding.
@@ -193,5 +260,23 @@ impl Activation {
             Self::QuickGelu => x * (x * 1.702).sigmoid(),
             Self::Relu => x.relu(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuLinear::{self, Mkl, OneDnn};
+
+    #[test]
+    fn cpu_linear_follows_the_override_then_onednn_avx512() {
+        assert_eq!(CpuLinear::choose(Some("MKL"), true, None), Ok(Mkl));
+        assert_eq!(CpuLinear::choose(Some("onednn"), false, None), Ok(OneDnn));
+        assert!(CpuLinear::choose(Some("blas"), true, None).unwrap_err().contains("expected onednn or mkl"));
+        assert_eq!(CpuLinear::choose(None, true, None), Ok(OneDnn));
+        assert_eq!(CpuLinear::choose(None, false, None), Ok(Mkl));
+        assert_eq!(CpuLinear::choose(None, true, Some("AVX2")), Ok(Mkl));
+        assert_eq!(CpuLinear::choose(None, true, Some("avx512_core_vnni")), Ok(OneDnn));
+        assert_eq!(CpuLinear::choose(None, true, Some("ALL")), Ok(OneDnn));
+        assert_eq!(CpuLinear::choose(None, false, Some("ALL")), Ok(Mkl));
     }
 }

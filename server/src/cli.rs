@@ -13,6 +13,7 @@ use frisket_engine::explain::edit::Manipulation;
 use frisket_engine::explain::ExplainMode;
 use frisket_engine::image_io;
 use frisket_engine::model::{default_kind, parse_device, StableDiffusion};
+use frisket_engine::nn::CpuLinear;
 use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
 use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tch;
@@ -294,6 +295,8 @@ pub fn parse() -> Cli {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // An unknown FRISKET_CPU_LINEAR is refused before any work.
+    CpuLinear::from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Render(args) => render(*args),
         Command::Serve(args) => serve(*args),
@@ -448,6 +451,7 @@ fn render(a: RenderArgs) -> Result<()> {
             "step_seconds": step_seconds,
             "explain_seconds": explain_seconds,
             "total_seconds": started.elapsed().as_secs_f64(),
+            "cpu_linear": format!("{:?}", CpuLinear::current()),
         });
         std::fs::write(path, json.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }

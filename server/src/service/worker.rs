@@ -77,7 +77,8 @@ pub fn spawn(
             lifecycle,
         };
         worker.report_loaded();
-        info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(),
+        let cpu_linear = (device == Device::Cpu).then(frisket_engine::nn::CpuLinear::current);
+        info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(), ?cpu_linear,
               model_memory = %budget.map_or("unlimited".into(), cache::mib), "worker started");
         let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
