@@ -29,18 +29,9 @@ pub const HEADLINE: &str = "psnr_background";
 /// Items in each of the best and worst strips.
 pub const STRIP_ITEMS: usize = 8;
 
+/// A metric by its name: the field of `Metrics` that serialises under that name.
 fn metric(m: &Metrics, name: &str) -> Option<f64> {
-    match name {
-        "adherence" => Some(m.adherence),
-        "psnr_background" => Some(m.psnr_background),
-        "ssim_background" => Some(m.ssim_background),
-        "psnr_kept" => Some(m.psnr_kept),
-        "lpips_background" => m.lpips_background,
-        "clip_score" => m.clip_score,
-        "clip_score_region" => m.clip_score_region,
-        "pair64" => m.pair64,
-        _ => None,
-    }
+    serde_json::to_value(m).ok()?.get(name)?.as_f64()
 }
 
 /// The metrics every item has, in METRICS order.
@@ -299,4 +290,26 @@ pub fn write(out: &Path, report: &Value, strips: &str) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(&out.join("report.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
     write_atomic(&out.join("report.html"), html(report, strips).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_name_reads_its_field() {
+        let m = Metrics {
+            adherence: 1.0,
+            psnr_background: 2.0,
+            ssim_background: 3.0,
+            psnr_kept: 4.0,
+            lpips_background: Some(5.0),
+            clip_score: Some(6.0),
+            clip_score_region: Some(7.0),
+            pair64: Some(8.0),
+        };
+        let values: Vec<Option<f64>> = METRICS.iter().map(|n| metric(&m, n)).collect();
+        assert_eq!(values, (1..=8).map(|v| Some(v as f64)).collect::<Vec<_>>());
+        assert_eq!(metric(&Metrics { pair64: None, ..m }, "pair64"), None);
+    }
 }
