@@ -82,8 +82,8 @@ train-tiny:
 
 # Trains models/shapes-clip, the shapes contrastive image-text model (issue 24): train_clip
 # (a transformers CLIPModel through frisket-eval's CLIP forward), then eval_clip (held-out
-# caption retrieval and agreement with the judge; eval.json, README.md). Not shipped yet: the
-# run so far is below the issue's bars (CHANGELOG.md).
+# caption retrieval and agreement with the judge; eval.json, README.md). About 32 minutes on
+# 2 CPU cores; the shipped model is this target's run.
 .PHONY: train-clip
 train-clip:
 	cargo build $(CARGO_FLAGS) -p frisket-trainer --bin train_clip --bin eval_clip

@@ -5,7 +5,7 @@ use crate::data::TRAIN_SEED_BASE;
 use anyhow::{Context, Result};
 use frisket_eval::clip::{pair_scores, Clip, Preprocessing};
 use frisket_shapes::rng::Rng;
-use frisket_shapes::{generate_default, judge, CaptionStyle, Colour, ObjectQuery, Scene, Shape};
+use frisket_shapes::{generate_default, judge, CaptionStyle, Colour, ObjectInfo, ObjectQuery, Scene, Shape};
 use serde::Serialize;
 use serde_json::json;
 use std::path::Path;
@@ -15,8 +15,9 @@ use tch::{Kind, Tensor};
 pub const IMAGE_SIZE: i64 = 64;
 
 /// config.json of the CLIPModel (transformers' key layout): a 2-layer, 64-wide text tower over
-/// the shapes tokenizer (vocab 648, 48 positions, as models/shapes) and a 4-layer, 64-wide ViT
-/// with 16-px patches (16 patches of a 64-px scene), both projected to 64 dimensions.
+/// the shapes tokenizer (vocab 648, 48 positions, as models/shapes) and a 4-layer, 128-wide ViT
+/// with 8-px patches (64 patches of a 64-px scene: an object of 10–20 px spans a few, enough
+/// to tell its shape), both projected to 64 dimensions.
 pub fn config() -> serde_json::Value {
     json!({
         "architectures": ["CLIPModel"],
@@ -42,12 +43,12 @@ pub fn config() -> serde_json::Value {
         },
         "vision_config": {
             "model_type": "clip_vision_model",
-            "hidden_size": 64,
-            "intermediate_size": 256,
+            "hidden_size": 128,
+            "intermediate_size": 512,
             "num_hidden_layers": 4,
-            "num_attention_heads": 2,
+            "num_attention_heads": 4,
             "image_size": IMAGE_SIZE,
-            "patch_size": 16,
+            "patch_size": 8,
             "num_channels": 3,
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
@@ -95,6 +96,49 @@ pub fn training_text(scene: &Scene, draw: u64) -> String {
         6..=8 => object_phrase(o.colour, o.shape),
         _ => ObjectQuery::from_info(o).phrase(&CaptionStyle::default()),
     }
+}
+
+/// An object the scene lacks, one attribute away from its object `o`: `o` with its colour
+/// changed to one no object in the scene has, or its shape changed to one no object has (the
+/// absent half of the "object present" questions).
+pub fn absent_variant(scene: &Scene, o: &ObjectInfo, rng: &mut Rng) -> (Colour, Shape) {
+    let objects = &scene.meta.objects;
+    let colours: Vec<Colour> = Colour::ALL.iter().copied().filter(|c| objects.iter().all(|x| x.colour != *c)).collect();
+    let shapes: Vec<Shape> = Shape::ALL.iter().copied().filter(|sh| objects.iter().all(|x| x.shape != *sh)).collect();
+    if shapes.is_empty() || (!colours.is_empty() && rng.chance(1, 2)) {
+        (rng.pick(&colours), o.shape)
+    } else {
+        (o.colour, rng.pick(&shapes))
+    }
+}
+
+/// The "object present" training questions of a batch: per scene, one of its objects and that
+/// object's absent variant (`absent_variant`), chosen by the scene's seed and `draw`.
+pub fn presence_questions(scenes: &[Scene], draw: u64) -> Vec<(Colour, Shape)> {
+    scenes
+        .iter()
+        .flat_map(|s| {
+            let mut rng = Rng::new(s.meta.seed ^ draw.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x9a5e);
+            let o = &s.meta.objects[rng.below(s.meta.objects.len() as u64) as usize];
+            [(o.colour, o.shape), absent_variant(s, o, &mut rng)]
+        })
+        .collect()
+}
+
+/// Sigmoid loss of "object present" over each scene's own two questions
+/// (`presence_questions`: `phrases` row 2i is scene i's object, row 2i + 1 its absent
+/// variant): logit = exp(`scale`) · cos(image, phrase) + `bias`, label = the generator drew
+/// the object. Half the pairs are positive, and the negatives differ from a present object in
+/// one attribute: the questions the model is judged on. It trains the cosine itself to separate
+/// present from absent objects at one threshold, which the contrastive loss (a softmax over
+/// each row, where a caption's colours and positions already tell scenes apart) leaves free.
+pub fn presence_loss(images: &Tensor, phrases: &Tensor, scale: &Tensor, bias: &Tensor) -> Tensor {
+    let n = images.size()[0];
+    let phrases = normalized(phrases).view([n, 2, -1]);
+    let cos = (normalized(images).unsqueeze(1) * phrases).sum_dim_intlist(-1, false, Kind::Float);
+    let logits = cos * scale.exp() + bias;
+    let labels = Tensor::from_slice(&[1f32, 0.0]).to_device(images.device()).expand([n, 2], false);
+    logits.binary_cross_entropy_with_logits::<Tensor>(&labels, None, None, tch::Reduction::Mean)
 }
 
 /// The training scenes: `n` scenes from seed `TRAIN_SEED_BASE` + `run_seed` · 2⁴⁰ up (the
@@ -195,6 +239,8 @@ pub struct PresenceItem {
     pub truth: bool,
     /// The shapes judge finds such an object in the image.
     pub judge: bool,
+    /// For an absent phrase, what changed from the scene's object: "colour" or "shape".
+    pub changed: Option<&'static str>,
     /// 100 · cos(image, phrase).
     pub score: f64,
 }
@@ -209,19 +255,13 @@ pub fn presence_items(clip: &Clip, seed: u64, n: usize) -> Vec<PresenceItem> {
         let mut rng = Rng::new(s.meta.seed ^ 0x9e5e);
         let objects = &s.meta.objects;
         let o = &objects[rng.below(objects.len() as u64) as usize];
-        let colours: Vec<Colour> =
-            Colour::ALL.iter().copied().filter(|c| objects.iter().all(|x| x.colour != *c)).collect();
-        let shapes: Vec<Shape> =
-            Shape::ALL.iter().copied().filter(|sh| objects.iter().all(|x| x.shape != *sh)).collect();
-        let absent = if shapes.is_empty() || (!colours.is_empty() && rng.chance(1, 2)) {
-            (rng.pick(&colours), o.shape)
-        } else {
-            (o.colour, rng.pick(&shapes))
-        };
+        let absent = absent_variant(s, o, &mut rng);
         let found = judge(&s.image);
+        let changed = if absent.1 == o.shape { "colour" } else { "shape" };
         for ((colour, shape), truth) in [((o.colour, o.shape), true), (absent, false)] {
             let judged = found.find(colour, shape).is_some();
-            questions.push((s.meta.seed, object_phrase(colour, shape), truth, judged));
+            let changed = (!truth).then_some(changed);
+            questions.push((s.meta.seed, object_phrase(colour, shape), truth, judged, changed));
         }
     }
     let img = clip.image_embeddings(&pixels(&clip.preprocessing, &scenes));
@@ -231,7 +271,14 @@ pub fn presence_items(clip: &Clip, seed: u64, n: usize) -> Vec<PresenceItem> {
     questions
         .into_iter()
         .zip(scores)
-        .map(|((seed, phrase, truth, judge), score)| PresenceItem { seed, phrase, truth, judge, score })
+        .map(|((seed, phrase, truth, judge, changed), score)| PresenceItem {
+            seed,
+            phrase,
+            truth,
+            judge,
+            changed,
+            score,
+        })
         .collect()
 }
 
@@ -263,6 +310,11 @@ pub struct Presence {
     pub agreement_with_truth: f64,
     /// How often the judge itself agrees with the generator's truth there.
     pub judge_vs_truth: f64,
+    /// By kind of question: present phrases said present; absent ones with a changed colour,
+    /// and with a changed shape, said absent.
+    pub present_accepted: f64,
+    pub colour_changed_rejected: f64,
+    pub shape_changed_rejected: f64,
 }
 
 pub fn presence(clip: &Clip, tune: usize, test: usize) -> Presence {
@@ -270,6 +322,10 @@ pub fn presence(clip: &Clip, tune: usize, test: usize) -> Presence {
     let threshold = best_threshold(&tune_items);
     let items = presence_items(clip, PRESENCE_TEST_SEED, test);
     let frac = |f: &dyn Fn(&PresenceItem) -> bool| items.iter().filter(|q| f(q)).count() as f64 / items.len() as f64;
+    let said = |changed: Option<&str>| {
+        let kind: Vec<&PresenceItem> = items.iter().filter(|q| q.changed == changed).collect();
+        kind.iter().filter(|q| (q.score > threshold) == q.truth).count() as f64 / kind.len().max(1) as f64
+    };
     Presence {
         tune_scenes: tune,
         test_scenes: test,
@@ -278,6 +334,9 @@ pub fn presence(clip: &Clip, tune: usize, test: usize) -> Presence {
         agreement_with_judge: agreement(&items, threshold),
         agreement_with_truth: frac(&|q: &PresenceItem| (q.score > threshold) == q.truth),
         judge_vs_truth: frac(&|q: &PresenceItem| q.judge == q.truth),
+        present_accepted: said(None),
+        colour_changed_rejected: said(Some("colour")),
+        shape_changed_rejected: said(Some("shape")),
     }
 }
 

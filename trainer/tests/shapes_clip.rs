@@ -1,9 +1,11 @@
 //! The shapes CLIP folder that train_clip writes loads in transformers' CLIPModel with every
 //! weight used, and the evaluator's CLIP score of it matches torchmetrics' CLIPScore on shapes
-//! scenes.
+//! scenes; the shipped models/shapes-clip meets both bars, as its eval.json says.
 use frisket_eval::clip::{clip_score, pair_scores, Clip};
 use frisket_shapes::generate_default;
-use frisket_trainer::shapes_clip::{object_phrase, RETRIEVAL_SEED};
+use frisket_trainer::shapes_clip::{
+    object_phrase, presence, read_json, retrieval, PRESENCE_BAR, RETRIEVAL_BAR, RETRIEVAL_GROUP, RETRIEVAL_SEED,
+};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -68,4 +70,25 @@ fn clip_score_matches_torchmetrics_with_transformers_loading_the_folder() {
     for (a, b) in ours.iter().zip(r["pairs"].as_array().unwrap()) {
         assert!((a.max(0.0) - b.as_f64().unwrap()).abs() <= 1e-3, "{a} vs {b}");
     }
+}
+
+/// eval_clip's measurement of the shipped folder, redone here: the bars hold and the numbers
+/// are the ones its eval.json and model card report.
+#[test]
+fn shipped_model_meets_the_bars_its_eval_json_reports() {
+    let dir = workspace_root().join("models/shapes-clip");
+    let eval = read_json(&dir.join("eval.json")).unwrap();
+    let clip = Clip::load(&dir).unwrap();
+    let r = retrieval(&clip, eval["retrieval"]["scenes"].as_u64().unwrap() as usize / RETRIEVAL_GROUP);
+    let p = presence(
+        &clip,
+        eval["presence"]["tune_scenes"].as_u64().unwrap() as usize,
+        eval["presence"]["test_scenes"].as_u64().unwrap() as usize,
+    );
+    println!("retrieval {r:?}\npresence {p:?}");
+    assert!(r.image_to_text_top1 >= RETRIEVAL_BAR, "retrieval top-1 {}", r.image_to_text_top1);
+    assert!(p.agreement_with_judge >= PRESENCE_BAR, "presence agreement {}", p.agreement_with_judge);
+    let reported = |v: &serde_json::Value| v.as_f64().unwrap();
+    assert!((r.image_to_text_top1 - reported(&eval["retrieval"]["image_to_text_top1"])).abs() < 1e-9);
+    assert!((p.agreement_with_judge - reported(&eval["presence"]["agreement_with_judge"])).abs() < 1e-9);
 }

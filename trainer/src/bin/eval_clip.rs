@@ -94,7 +94,10 @@ and std.
 
 {steps} steps × {batch} scenes sampled from a pool of {pool} (`generate_default`, 1–3 objects,
 seeds from 2³² up, disjoint from every evaluation seed), each time with a new text: {mix}. Symmetric InfoNCE (texts that repeat
-within a batch are all positives), AdamW lr {lr} with {warmup} warm-up steps and cosine decay,
+within a batch are all positives) plus {pw} × a sigmoid \"object present\" loss (per scene, one of its
+objects' plain phrase and that object with its colour or shape changed to one the scene lacks,
+with a learnable scale and bias that the saved model does not keep: the loss that makes the CLIP
+score answer \"is it there\" at one threshold), AdamW lr {lr} with {warmup} warm-up steps and cosine decay,
 weight decay {wd}. Final loss {loss:.3}, temperature 1/{temp:.1}.
 Training time {minutes:.1} min on {hw}. Loss curve: loss.png (loss.csv).
 
@@ -107,6 +110,9 @@ Training time {minutes:.1} min on {hw}. Loss curve: loss.png (loss.csv).
 | agreement with the shapes judge on \"object present\" ({test} scenes × 2 plain phrases \"a red circle\", one present, one absent) | {agree} | ≥ {pb} ({pm}) |
 | same questions, agreement with the generator's truth | {truth} | |
 | the judge's own agreement with the generator's truth there | {jt} | |
+| present phrases said present | {pa} | |
+| absent phrases with a changed colour said absent | {cr} | |
+| absent phrases with a changed shape said absent | {sr} | |
 
 \"Object present\" is CLIP score (100 · cos) > {thr:.2}, the threshold that agrees best with the
 judge on {tune} separate tuning scenes ({tune_agree} there). An absent phrase is the scene's
@@ -134,6 +140,7 @@ eval.json has the numbers and the seeds.
         lr = t["lr"],
         warmup = t["warmup"],
         wd = t["weight_decay"],
+        pw = t["presence_weight"],
         loss = t["final_loss"].as_f64().unwrap_or(f64::NAN),
         temp = t["final_logit_scale"].as_f64().unwrap_or(f64::NAN).exp(),
         hw = t["hardware"].as_str().unwrap_or(""),
@@ -148,6 +155,9 @@ eval.json has the numbers and the seeds.
         pb = pct(PRESENCE_BAR),
         pm = mark(p.agreement_with_judge >= PRESENCE_BAR),
         truth = pct(p.agreement_with_truth),
+        pa = pct(p.present_accepted),
+        cr = pct(p.colour_changed_rejected),
+        sr = pct(p.shape_changed_rejected),
         jt = pct(p.judge_vs_truth),
         thr = p.threshold,
         tune = p.tune_scenes,
