@@ -73,7 +73,8 @@ fn clip_score_matches_torchmetrics_with_transformers_loading_the_folder() {
 }
 
 /// eval_clip's measurement of the shipped folder, redone here: the bars hold and the numbers
-/// are the ones its eval.json and model card report.
+/// are the ones its eval.json and model card report (to a few questions: another CPU's
+/// kernels may round a score near the threshold the other way).
 #[test]
 fn shipped_model_meets_the_bars_its_eval_json_reports() {
     let dir = workspace_root().join("models/shapes-clip");
@@ -89,6 +90,6 @@ fn shipped_model_meets_the_bars_its_eval_json_reports() {
     assert!(r.image_to_text_top1 >= RETRIEVAL_BAR, "retrieval top-1 {}", r.image_to_text_top1);
     assert!(p.agreement_with_judge >= PRESENCE_BAR, "presence agreement {}", p.agreement_with_judge);
     let reported = |v: &serde_json::Value| v.as_f64().unwrap();
-    assert!((r.image_to_text_top1 - reported(&eval["retrieval"]["image_to_text_top1"])).abs() < 1e-9);
-    assert!((p.agreement_with_judge - reported(&eval["presence"]["agreement_with_judge"])).abs() < 1e-9);
+    assert!((r.image_to_text_top1 - reported(&eval["retrieval"]["image_to_text_top1"])).abs() <= 0.005);
+    assert!((p.agreement_with_judge - reported(&eval["presence"]["agreement_with_judge"])).abs() <= 0.005);
 }
