@@ -207,7 +207,7 @@ fn read_pair(p: &Pair) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 fn run_ab(args: &AbArgs) -> Result<serde_json::Value> {
-    use frisket_eval::ab::{cases, conditions::Condition, report, run, tune};
+    use frisket_eval::ab::{cases, conditions::Condition, domain_fid, report, run, tune};
     let (model, n, steps) = (args.model.as_path(), args.cases, args.steps);
     let conditions = args.conditions.split(',').map(|c| Condition::parse(c.trim())).collect::<Result<Vec<_>>>()?;
     let tuned = conditions.contains(&Condition::SdTuned);
@@ -257,6 +257,9 @@ fn run_ab(args: &AbArgs) -> Result<serde_json::Value> {
         .collect();
     let items = run::run_all(&addr, &cases, &arms, &extras, &mut progress)?;
     let summary = report::summarise(&items, &conditions, cases.len())?;
+    let references: Vec<&image::RgbImage> = cases.iter().map(|(_, c)| &c.reference.image).collect();
+    let domain_fid =
+        extras.clip.as_ref().map(|clip| domain_fid::summarise(clip, &items, &references, &conditions)).transpose()?;
     let (strips, strips_html) = report::strips(&items, &cases, &conditions)?.unzip();
     let report = serde_json::json!({
         "frisket_version": env!("CARGO_PKG_VERSION"),
@@ -283,6 +286,7 @@ fn run_ab(args: &AbArgs) -> Result<serde_json::Value> {
         "strips": strips,
         "seconds": started.elapsed().as_secs_f64(),
         "summary": summary,
+        "domain_fid": domain_fid,
         "items": items,
     });
     report::write(&args.out, &report, strips_html.as_deref().unwrap_or(""))?;

@@ -209,6 +209,23 @@ fn scatter(summary: &Value) -> String {
     svg + "</svg>"
 }
 
+/// The domain FID section (empty without a CLIP).
+fn domain_fid_table(d: &Value) -> String {
+    let Some(values) = d["values"].as_object() else { return String::new() };
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut s = format!(
+        "<h2>Domain FID against the references (lower is closer)</h2><p>Fréchet distance between the {} of each condition's {} outputs and of the references. No interval: resampling repeats images, which biases FID upwards.</p><table><tr><th>condition</th><th>domain FID</th><th>− paper</th></tr>",
+        escape(d["features"].as_str().unwrap_or("")),
+        d["cases"]
+    );
+    for (c, v) in values {
+        let diff = d["vs_paper"].as_array().into_iter().flatten().find(|x| x["condition"] == c.as_str());
+        let diff = diff.map_or(String::new(), |x| format!("{:.3}", num(&x["minus_paper"])));
+        s += &format!("<tr><td>{}</td><td>{:.3}</td><td>{diff}</td></tr>", escape(c), num(v));
+    }
+    s + "</table>"
+}
+
 fn html(report: &Value, strips: &str) -> String {
     let summary = &report["summary"];
     let mut s = String::from("<!doctype html><html><head><meta charset='utf-8'><title>Frisket A/B report</title><style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}.strip img{image-rendering:pixelated}.caption{font-size:12px}</style></head><body><h1>Frisket A/B report</h1>");
@@ -252,7 +269,9 @@ fn html(report: &Value, strips: &str) -> String {
             d["wilcoxon_p_holm"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    s += "</table><h2>Adherence vs background preservation</h2>";
+    s += "</table>";
+    s += &domain_fid_table(&report["domain_fid"]);
+    s += "<h2>Adherence vs background preservation</h2>";
     s += &scatter(summary);
     s += &tuning(&report["tuning"]);
     s += strips;

@@ -138,7 +138,8 @@ pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metr
             let wanted = bool_tensor(pixels(&|x, y| case.target.masks[1].get(x, y)), w, h);
             let (rgb, cw, ch) = clip::crop_rgb(out.as_raw(), w as usize, clip::bounding_box(&wanted)?);
             let region = net.embed_image(&rgb, cw, ch);
-            (Some(clip::pair_scores(&whole, &text)[0]), Some(clip::pair_scores(&region, &text)[0]))
+            let score = |image: &Tensor| clip::pair_scores(image, &text)[0].max(0.0);
+            (Some(score(&whole)), Some(score(&region)))
         }
         None => (None, None),
     };
