@@ -23,41 +23,48 @@ pub enum CpuLinear {
 pub const CPU_LINEAR_ENV: &str = "FRISKET_CPU_LINEAR";
 
 impl CpuLinear {
-    /// The choice for this machine and environment: `FRISKET_CPU_LINEAR` when set, otherwise
-    /// oneDNN where it runs AVX-512 kernels (see [`CpuLinear::choose`]). Err for an unknown
+    /// The choice for this machine and environment: `FRISKET_CPU_LINEAR` when set (see
+    /// [`CpuLinear::parse`]), otherwise [`CpuLinear::for_machine`]. Err for an unknown
     /// override; binaries call this at start to refuse it there.
     pub fn from_env() -> Result<CpuLinear, String> {
-        let forced = std::env::var(CPU_LINEAR_ENV).ok();
-        let max_isa = std::env::var("ONEDNN_MAX_CPU_ISA").ok();
-        Self::choose(forced.as_deref(), avx512_core(), max_isa.as_deref())
+        match std::env::var(CPU_LINEAR_ENV) {
+            Ok(forced) => Self::parse(&forced),
+            Err(_) => Ok(Self::for_machine()),
+        }
     }
 
     /// [`CpuLinear::from_env`], made once per process (an unknown override falls back to
     /// the machine's choice here; the binaries have refused it at start).
     pub fn current() -> CpuLinear {
         static CHOICE: std::sync::OnceLock<CpuLinear> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| {
-            Self::from_env().unwrap_or_else(|_| {
-                let max_isa = std::env::var("ONEDNN_MAX_CPU_ISA").ok();
-                Self::choose(None, avx512_core(), max_isa.as_deref()).expect("no override")
-            })
-        })
+        *CHOICE.get_or_init(|| Self::from_env().unwrap_or_else(|_| Self::for_machine()))
     }
 
-    /// `forced` (the override's value) when given; otherwise oneDNN when the CPU has
-    /// AVX-512 (F, BW, VL, DQ: oneDNN's `avx512_core`) and `ONEDNN_MAX_CPU_ISA` (`max_isa`)
-    /// does not hold oneDNN below it, MKL otherwise.
-    pub fn choose(forced: Option<&str>, avx512_core: bool, max_isa: Option<&str>) -> Result<CpuLinear, String> {
-        match forced.map(str::to_ascii_lowercase).as_deref() {
-            Some("onednn") => return Ok(CpuLinear::OneDnn),
-            Some("mkl") => return Ok(CpuLinear::Mkl),
-            Some(other) => return Err(format!("{CPU_LINEAR_ENV}={other}: expected onednn or mkl")),
-            None => {}
+    /// The override's value: `onednn` or `mkl`, in any case.
+    pub fn parse(forced: &str) -> Result<CpuLinear, String> {
+        match forced.to_ascii_lowercase().as_str() {
+            "onednn" => Ok(CpuLinear::OneDnn),
+            "mkl" => Ok(CpuLinear::Mkl),
+            other => Err(format!("{CPU_LINEAR_ENV}={other}: expected onednn or mkl")),
         }
+    }
+
+    /// This CPU's choice under this process's `ONEDNN_MAX_CPU_ISA`.
+    fn for_machine() -> CpuLinear {
+        Self::for_isa(avx512_core(), std::env::var("ONEDNN_MAX_CPU_ISA").ok().as_deref())
+    }
+
+    /// oneDNN when the CPU has AVX-512 (F, BW, VL, DQ: oneDNN's `avx512_core`) and
+    /// `ONEDNN_MAX_CPU_ISA` (`max_isa`) does not hold oneDNN below it, MKL otherwise.
+    pub fn for_isa(avx512_core: bool, max_isa: Option<&str>) -> CpuLinear {
         let isa_allows = max_isa.map(str::to_ascii_uppercase).is_none_or(|isa| {
             isa == "ALL" || isa.starts_with("AVX512") || isa.starts_with("AVX10") || isa.contains("AMX")
         });
-        Ok(if avx512_core && isa_allows { CpuLinear::OneDnn } else { CpuLinear::Mkl })
+        if avx512_core && isa_allows {
+            CpuLinear::OneDnn
+        } else {
+            CpuLinear::Mkl
+        }
     }
 }
 
@@ -269,14 +276,14 @@ mod tests {
 
     #[test]
     fn cpu_linear_follows_the_override_then_onednn_avx512() {
-        assert_eq!(CpuLinear::choose(Some("MKL"), true, None), Ok(Mkl));
-        assert_eq!(CpuLinear::choose(Some("onednn"), false, None), Ok(OneDnn));
-        assert!(CpuLinear::choose(Some("blas"), true, None).unwrap_err().contains("expected onednn or mkl"));
-        assert_eq!(CpuLinear::choose(None, true, None), Ok(OneDnn));
-        assert_eq!(CpuLinear::choose(None, false, None), Ok(Mkl));
-        assert_eq!(CpuLinear::choose(None, true, Some("AVX2")), Ok(Mkl));
-        assert_eq!(CpuLinear::choose(None, true, Some("avx512_core_vnni")), Ok(OneDnn));
-        assert_eq!(CpuLinear::choose(None, true, Some("ALL")), Ok(OneDnn));
-        assert_eq!(CpuLinear::choose(None, false, Some("ALL")), Ok(Mkl));
+        assert_eq!(CpuLinear::parse("MKL"), Ok(Mkl));
+        assert_eq!(CpuLinear::parse("onednn"), Ok(OneDnn));
+        assert!(CpuLinear::parse("blas").unwrap_err().contains("expected onednn or mkl"));
+        assert_eq!(CpuLinear::for_isa(true, None), OneDnn);
+        assert_eq!(CpuLinear::for_isa(false, None), Mkl);
+        assert_eq!(CpuLinear::for_isa(true, Some("AVX2")), Mkl);
+        assert_eq!(CpuLinear::for_isa(true, Some("avx512_core_vnni")), OneDnn);
+        assert_eq!(CpuLinear::for_isa(true, Some("ALL")), OneDnn);
+        assert_eq!(CpuLinear::for_isa(false, Some("ALL")), Mkl);
     }
 }

@@ -38,23 +38,23 @@ pub fn summarise(
     ensure!(n >= 2, "the domain FID needs at least 2 cases");
     let reference_features = embeddings(clip, references);
     let reference_stats = Stats::from_features(&reference_features)?;
-    let mut values = serde_json::Map::new();
+    let mut values: Vec<(&str, f64)> = Vec::new();
     for &c in conditions {
         let outputs: Vec<&RgbImage> = items.iter().filter(|i| i.condition == c.name()).map(|i| &i.image).collect();
         ensure!(outputs.len() == n, "{} has {} outputs for {n} cases", c.name(), outputs.len());
-        let value = frechet_distance(&Stats::from_features(&embeddings(clip, &outputs))?, &reference_stats)?;
-        values.insert(c.name().into(), json!(value));
+        values
+            .push((c.name(), frechet_distance(&Stats::from_features(&embeddings(clip, &outputs))?, &reference_stats)?));
     }
-    let paper = values.get(Condition::Paper.name()).and_then(Value::as_f64);
-    let diffs: Vec<Value> = paper
-        .map(|p| {
-            values
-                .iter()
-                .filter(|(c, _)| c.as_str() != Condition::Paper.name())
-                .map(|(c, v)| json!({"condition": c, "minus_paper": v.as_f64().unwrap_or(f64::NAN) - p}))
-                .collect()
-        })
-        .unwrap_or_default();
+    let paper = values.iter().find(|(c, _)| *c == Condition::Paper.name()).map(|&(_, v)| v);
+    let diffs: Vec<Value> = match paper {
+        Some(p) => values
+            .iter()
+            .filter(|(c, _)| *c != Condition::Paper.name())
+            .map(|(c, v)| json!({"condition": c, "minus_paper": v - p}))
+            .collect(),
+        None => Vec::new(),
+    };
+    let values: serde_json::Map<String, Value> = values.into_iter().map(|(c, v)| (c.to_string(), json!(v))).collect();
     Ok(json!({
         "features": format!("CLIP image embeddings ({} dimensions)", reference_features.size()[1]),
         "cases": n,
