@@ -9,7 +9,7 @@ use super::conditions::Condition;
 use super::run::ItemResult;
 use crate::clip::Clip;
 use crate::stats::{frechet_distance, Stats};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use image::RgbImage;
 use serde_json::{json, Value};
 use tch::Tensor;
@@ -26,8 +26,9 @@ pub fn embeddings(clip: &Clip, images: &[&RgbImage]) -> Tensor {
     Tensor::cat(&rows, 0)
 }
 
-/// Domain FID of each condition's outputs against the references (`references[case]`), and
-/// each condition's difference against `paper` when it ran.
+/// Domain FID of each condition's outputs (their `clip_embedding`s, from the same CLIP) against
+/// the references (`references[case]`), and each condition's difference against `paper` when
+/// it ran.
 pub fn summarise(
     clip: &Clip,
     items: &[ItemResult],
@@ -40,10 +41,14 @@ pub fn summarise(
     let reference_stats = Stats::from_features(&reference_features)?;
     let mut values: Vec<(&str, f64)> = Vec::new();
     for &c in conditions {
-        let outputs: Vec<&RgbImage> = items.iter().filter(|i| i.condition == c.name()).map(|i| &i.image).collect();
+        let outputs: Vec<&Tensor> = items
+            .iter()
+            .filter(|i| i.condition == c.name())
+            .map(|i| i.clip_embedding.as_ref().context("an item without its CLIP embedding"))
+            .collect::<Result<_>>()?;
         ensure!(outputs.len() == n, "{} has {} outputs for {n} cases", c.name(), outputs.len());
-        values
-            .push((c.name(), frechet_distance(&Stats::from_features(&embeddings(clip, &outputs))?, &reference_stats)?));
+        let features = Tensor::cat(&outputs, 0);
+        values.push((c.name(), frechet_distance(&Stats::from_features(&features)?, &reference_stats)?));
     }
     let paper = values.iter().find(|(c, _)| *c == Condition::Paper.name()).map(|&(_, v)| v);
     let diffs: Vec<Value> = match paper {
@@ -69,7 +74,7 @@ mod tests {
     use crate::ab::run::Metrics;
     use frisket_shapes::generate_default;
 
-    fn item(case: usize, condition: Condition, image: RgbImage) -> ItemResult {
+    fn item(clip: &Clip, case: usize, condition: Condition, image: RgbImage) -> ItemResult {
         let metrics = Metrics {
             adherence: 1.0,
             psnr_background: 0.0,
@@ -80,7 +85,8 @@ mod tests {
             clip_score_region: None,
             pair64: None,
         };
-        ItemResult { case, seed: 0, condition: condition.name().into(), metrics, image }
+        let clip_embedding = Some(embeddings(clip, &[&image]));
+        ItemResult { case, seed: 0, condition: condition.name().into(), metrics, image, clip_embedding }
     }
 
     /// With the shipped shapes CLIP: outputs equal to the references are at distance 0, other
@@ -91,8 +97,10 @@ mod tests {
         let n = 80;
         let references: Vec<RgbImage> = (0..n).map(|i| generate_default(900_000 + i).image).collect();
         let mut items: Vec<ItemResult> =
-            references.iter().enumerate().map(|(i, r)| item(i, Condition::Paper, r.clone())).collect();
-        items.extend((0..n as usize).map(|i| item(i, Condition::Sd09, generate_default(700_000 + i as u64).image)));
+            references.iter().enumerate().map(|(i, r)| item(&clip, i, Condition::Paper, r.clone())).collect();
+        items.extend(
+            (0..n as usize).map(|i| item(&clip, i, Condition::Sd09, generate_default(700_000 + i as u64).image)),
+        );
         let refs: Vec<&RgbImage> = references.iter().collect();
         let d = summarise(&clip, &items, &refs, &[Condition::Paper, Condition::Sd09]).unwrap();
         println!("{d:#}");

@@ -92,7 +92,7 @@ pub struct Metrics {
 }
 
 /// One case under one condition (or one tuning arm).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize)]
 pub struct ItemResult {
     pub case: usize,
     pub seed: u64,
@@ -101,6 +101,10 @@ pub struct ItemResult {
     pub metrics: Metrics,
     #[serde(skip)]
     pub image: RgbImage,
+    /// The CLIP's embedding [1, d] of the whole output (with `Extras::clip`), which the CLIP
+    /// score used and the domain FID uses again.
+    #[serde(skip)]
+    pub clip_embedding: Option<Tensor>,
 }
 
 /// One arm of a run: its name and the job it makes of a case (seed, case).
@@ -111,8 +115,8 @@ fn bool_tensor(values: Vec<bool>, w: u32, h: u32) -> Tensor {
     Tensor::from_slice(&bytes).reshape([h as i64, w as i64]).gt(0)
 }
 
-/// The item's metrics for an output image.
-pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metrics> {
+/// The item's metrics for an output image, and the CLIP's embedding of it (with a CLIP).
+pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<(Metrics, Option<Tensor>)> {
     let reference = &case.reference.image;
     ensure!(
         out.dimensions() == reference.dimensions(),
@@ -131,7 +135,7 @@ pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metr
     let (a, b) = (preservation::unit_rgb(out), preservation::unit_rgb(reference));
     let psnr_kept = preservation::masked_psnr(&a, &b, &kept)?.min(PSNR_CAP_DB);
     let lpips_background = extras.lpips.as_ref().map(|net| net.masked(&a, &b, &background)).transpose()?;
-    let (clip_score, clip_score_region) = match &extras.clip {
+    let (clip_score, clip_score_region, clip_embedding) = match &extras.clip {
         Some(net) => {
             let text = net.text_embeddings(&[&case.prompt]);
             let whole = net.embed_image(out.as_raw(), w as usize, h as usize);
@@ -139,11 +143,11 @@ pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metr
             let (rgb, cw, ch) = clip::crop_rgb(out.as_raw(), w as usize, clip::bounding_box(&wanted)?);
             let region = net.embed_image(&rgb, cw, ch);
             let score = |image: &Tensor| clip::pair_scores(image, &text)[0].max(0.0);
-            (Some(score(&whole)), Some(score(&region)))
+            (Some(score(&whole)), Some(score(&region)), Some(whole))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
-    Ok(Metrics {
+    let metrics = Metrics {
         adherence: f64::from(u8::from(adherence)),
         psnr_background: preservation::masked_psnr(&a, &b, &background)?.min(PSNR_CAP_DB),
         ssim_background: preservation::masked_ssim(&a, &b, &background)?,
@@ -152,7 +156,8 @@ pub fn score(case: &ProtectCase, out: &RgbImage, extras: &Extras) -> Result<Metr
         clip_score,
         clip_score_region,
         pair64: extras.inception.as_ref().map(|net| crate::pair64::pair64(net, out, reference)).transpose()?,
-    })
+    };
+    Ok((metrics, clip_embedding))
 }
 
 /// Every case under every arm, in case order then arm order.
@@ -176,8 +181,8 @@ pub fn run_all(
                     .await
                     .with_context(|| format!("case {i} (seed {seed}) under {name}"))?;
                 let image = image::load_from_memory(&result.image)?.to_rgb8();
-                let metrics = score(case, &image, extras)?;
-                let item = ItemResult { case: i, seed: *seed, condition: name.clone(), metrics, image };
+                let (metrics, clip_embedding) = score(case, &image, extras)?;
+                let item = ItemResult { case: i, seed: *seed, condition: name.clone(), metrics, image, clip_embedding };
                 progress(&item);
                 items.push(item);
             }
