@@ -170,18 +170,24 @@ hostile: build
 # of `make test`): c = 1, 2, 4, 8 clients, each sending LOAD_JOBS 20-step jobs with a
 # preview every step, against one job at a time and against step-level batching, in one
 # run; jobs/s, time to first preview and job time (p50/95/99), codes, step batch sizes
-# (from the worker's debug lines), and the goals as ratios of this run. Then c = 4 on the
-# mid-size bench model (bench/bench.py's), whose steps are compute-bound: batching must not
-# cost throughput there. The machine is printed first; JSON in $(OUT).
+# (from the worker's debug lines), and the goals as ratios of this run. The clients start
+# spread over one lone job's time (`--stagger`); then c = 4 started all at once, whose
+# jobs arrive in bursts of 4. Then c = 4 on the mid-size bench model (bench/bench.py's),
+# whose steps are compute-bound: batching must not cost throughput there. The machine is
+# printed first; JSON in $(OUT).
 LOAD_JOBS ?= 4
 .PHONY: load
 load: build
+	@mkdir -p $(OUT)
 	@$(PY) -c "import sys; sys.path.insert(0, 'bench'); import machine; machine.describe()"
 	cargo build $(CARGO_FLAGS) -p frisket-e2e --bin frisket-load
 	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
-	  target/debug/frisket-load --models models --concurrency 1,2,4,8 --jobs $(LOAD_JOBS) \
+	  target/debug/frisket-load --models models --concurrency 1,2,4,8 --jobs $(LOAD_JOBS) --stagger \
 	  --setting "batch-1=--max-batch 1 --queue-capacity 16" --setting "batch-8=--max-batch 8 --queue-capacity 16" \
 	  --out $(OUT)/load.json
+	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
+	  target/debug/frisket-load --models models --concurrency 1,4 --jobs $(LOAD_JOBS) \
+	  --setting "batch-8-burst=--max-batch 8 --queue-capacity 16" --out $(OUT)/load-burst.json
 	$(PY) -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import bench; \
 	  bench.build_model(Path('$(CACHE)/load-models/bench'), Path('$(CACHE)'))"
 	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \

@@ -19,7 +19,12 @@ impl Interrupt {
 
     /// Fires when any of `interrupts` does (several jobs stepping in one UNet call).
     pub fn any(interrupts: Vec<Interrupt>) -> Self {
-        Self::new(move || interrupts.iter().any(Interrupt::raised))
+        let mut set: Vec<Interrupt> = interrupts.into_iter().filter(|i| i.0.is_some()).collect();
+        match set.len() {
+            0 => Self::default(),
+            1 => set.pop().expect("one interrupt"),
+            _ => Self::new(move || set.iter().any(Interrupt::raised)),
+        }
     }
 
     pub fn raised(&self) -> bool {

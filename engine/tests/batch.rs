@@ -1,7 +1,8 @@
 //! Jobs stepped together (`StableDiffusion::step_batch`) give the images they give alone,
 //! up to the kernels' summation order: guided and unguided jobs, different schedulers,
 //! step counts, img2img, and a job that joins while another is under way; a job whose
-//! interrupt fires in a shared UNet call leaves without moving the others.
+//! interrupt fires in a shared UNet call leaves without moving the others, and a call that
+//! yields moves nobody.
 mod common;
 
 use frisket_engine::interrupt::Interrupt;
@@ -58,12 +59,14 @@ fn alone(model: &StableDiffusion, p: &GenerateParams) -> Tensor {
     model.generate(model.prepare(p).unwrap(), &mut |_| Flow::Continue).unwrap().image
 }
 
-/// Steps `jobs` together; job i joins after `joins[i]` shared steps. Returns each image.
+/// Steps `jobs` together; job i joins after `joins[i]` shared steps; every call may yield
+/// to `yield_to` (then it is made again). Returns each image.
 fn together(
     model: &StableDiffusion,
     jobs: &[GenerateParams],
     joins: &[usize],
     interrupts: &[Interrupt],
+    yield_to: &Interrupt,
 ) -> Vec<Option<Tensor>> {
     let mut waiting: Vec<Option<JobRun>> = Vec::new();
     for (p, interrupt) in jobs.iter().zip(interrupts) {
@@ -92,9 +95,9 @@ fn together(
             Err(e) => panic!("{e}"),
         });
         let mut runs: Vec<&mut JobRun> = running.iter_mut().map(|(_, r)| r).collect();
-        match model.step_batch(&mut runs, &mut |_, _| Flow::Continue) {
+        match model.step_batch(&mut runs, yield_to, &mut |_, _| Flow::Continue) {
             Ok(flows) => assert!(flows.iter().all(|f| *f == Flow::Continue)),
-            // Nobody moved: the interrupted job leaves at the top of the loop.
+            // Nobody moved: an interrupted job leaves at the top of the loop.
             Err(_) => continue,
         }
         shared_steps += 1;
@@ -117,7 +120,7 @@ fn check_family(family: &str) {
     let never = vec![Interrupt::default(); jobs.len()];
     // All from the start, then the third joining after two shared steps.
     for joins in [[0, 0, 0], [0, 0, 2]] {
-        let images = together(&model, &jobs, &joins, &never);
+        let images = together(&model, &jobs, &joins, &never, &Interrupt::default());
         for (i, (image, expected)) in images.iter().zip(&expected).enumerate() {
             let diff = max_diff(image.as_ref().unwrap(), expected);
             println!("{family} joins {joins:?} job {i}: max |batched - alone| = {diff:.3e}");
@@ -140,7 +143,7 @@ fn stacked_jobs_match_their_lone_runs_sdxl() {
 fn a_lone_job_stepped_through_step_batch_is_bit_identical_to_generate() {
     let model = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
     for p in jobs() {
-        let image = together(&model, std::slice::from_ref(&p), &[0], &[Interrupt::default()]);
+        let image = together(&model, std::slice::from_ref(&p), &[0], &[Interrupt::default()], &Interrupt::default());
         assert_eq!(max_diff(image[0].as_ref().unwrap(), &alone(&model, &p)), 0.0);
     }
 }
@@ -163,11 +166,30 @@ fn an_interrupted_job_leaves_a_shared_call_without_moving_the_others() {
         })
     };
     let interrupts = vec![Interrupt::default(), interrupt, Interrupt::default()];
-    let images = together(&model, &jobs, &[0, 0, 0], &interrupts);
+    let images = together(&model, &jobs, &[0, 0, 0], &interrupts, &Interrupt::default());
     assert!(raised.load(Ordering::SeqCst), "the interrupt never fired");
     assert!(images[1].is_none(), "the interrupted job produced an image");
     for i in [0, 2] {
         let diff = max_diff(images[i].as_ref().unwrap(), &expected[i]);
         assert!(diff <= TOLERANCE, "job {i}: {diff} > {TOLERANCE}");
+    }
+}
+
+#[test]
+fn a_call_that_yields_moves_nobody_and_its_retry_gives_the_same_images() {
+    let model = StableDiffusion::load(&common::model_dir("sd1"), Device::Cpu).unwrap();
+    let jobs = jobs();
+    let never = vec![Interrupt::default(); jobs.len()];
+    let plain = together(&model, &jobs, &[0, 0, 0], &never, &Interrupt::default());
+    // The yield fires once, inside the third shared UNet call (checks between blocks).
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let yield_to = {
+        let calls = calls.clone();
+        Interrupt::new(move || calls.fetch_add(1, Ordering::SeqCst) == 20)
+    };
+    let yielded = together(&model, &jobs, &[0, 0, 0], &never, &yield_to);
+    assert!(calls.load(Ordering::SeqCst) > 20, "the yield never fired");
+    for (i, (a, b)) in plain.iter().zip(&yielded).enumerate() {
+        assert_eq!(max_diff(a.as_ref().unwrap(), b.as_ref().unwrap()), 0.0, "job {i}");
     }
 }

@@ -65,8 +65,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub queue_capacity: u32,
     /// Most jobs one worker steps together, their UNet rows stacked into one call per step (jobs of
-    /// one model and LoRA set join between steps); 1: one job at a time, exactly as
-    /// diffusers. The default matches the default --queue-capacity.
+    /// one model and LoRA set join at once: the step under way stops and the new job takes its
+    /// first step); 1: one job at a time, exactly as diffusers. The default matches the
+    /// default --queue-capacity.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_batch: u32,
     /// MiB each worker's (device's) loaded models' weights (UNet, VAE, text encoders) may hold in all:

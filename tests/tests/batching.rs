@@ -1,7 +1,8 @@
 //! Step-level batching (`serve --max-batch N`) against a real server: a job of the running
 //! jobs' model joins them between steps instead of waiting for them to end; a job of
 //! another model waits for them; stacked jobs give their lone images up to the kernels'
-//! summation order; with `--max-batch 1` jobs run one at a time.
+//! summation order; a job that comes while others step takes its first step before their
+//! next one; with `--max-batch 1` jobs run one at a time.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 use frisket_proto::v1::generate_event::Event;
@@ -82,6 +83,40 @@ async fn a_job_of_the_same_model_joins_between_steps_and_matches_its_lone_run() 
         diffs.push(diff);
     }
     assert!(diffs.iter().all(|d| *d <= 1), "stacked vs alone differ by {diffs:?} levels");
+}
+
+/// The running job's steps are slow (256 px) and the new job's fast (64 px): the step the
+/// new job comes into yields to it (nobody moves), the new job steps alone, and its first
+/// preview goes out about one slow step before the running job's next Step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_job_takes_its_first_step_before_the_running_jobs_next_one() {
+    let server = Server::start_on(&workspace_root().join("models"), &["--max-batch", "4"]).await;
+    let mut a = txt2img("shapes", "a red circle on the left", 1, 6, 256, 256);
+    a.job_id = "yield-a".into();
+    let mut b = job("shapes", "a blue square on the right", 2, 3);
+    b.job_id = "yield-b".into();
+    let mut a_events = server.client().await.generate(a).await.expect("a accepted").into_inner();
+    next_matching(&mut a_events, |e| matches!(e, Event::Step(_))).await;
+    let mut b_events = server.client().await.generate(b).await.expect("b accepted").into_inner();
+    let b_first = tokio::spawn(async move {
+        next_matching(&mut b_events, |e| matches!(e, Event::Preview(_))).await;
+        let at = std::time::Instant::now();
+        (at, collect(b_events).await)
+    });
+    let step = next_matching(&mut a_events, |e| matches!(e, Event::Step(_))).await;
+    let a_second = std::time::Instant::now();
+    let Event::Step(step) = step else { unreachable!() };
+    assert_eq!(step.index, 1, "a's second step");
+    let (b_preview, b_rest) = b_first.await.unwrap();
+    let a_rest = collect(a_events).await;
+    assert_eq!(a_rest.code(), tonic::Code::Ok, "{:?}", a_rest.error);
+    assert_eq!(b_rest.code(), tonic::Code::Ok, "{:?}", b_rest.error);
+    assert!(
+        b_preview < a_second,
+        "b's first preview came {:?} after a's second step",
+        b_preview.duration_since(a_second)
+    );
+    println!("b's first preview came {:?} before a's second step", a_second.duration_since(b_preview));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,11 @@ async fn metrics_count_what_the_server_did() {
         after.value("frisket_step_batch_size_bucket", &[("le", "1")]),
         before.value("frisket_step_batch_size_bucket", &[("le", "1")]) + (2.0 * calls - rows)
     );
+    // The job that came second may have stopped the first one's step once to take its
+    // own first step, never more.
+    let (yields, yielded_seconds) = (delta("frisket_step_yields_total"), delta("frisket_step_yield_seconds_total"));
+    assert!(yields <= 1.0, "{yields} yields");
+    assert_eq!(yields == 0.0, yielded_seconds == 0.0, "{yields} yields took {yielded_seconds} s");
     assert_eq!(delta("frisket_time_to_first_preview_seconds_count"), 2.0);
     assert!(after.value("process_resident_memory_bytes", &[]) > 0.0);
     println!("finished jobs' {rows} step rows ran in {calls} UNet calls");

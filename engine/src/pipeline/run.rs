@@ -225,7 +225,7 @@ impl StableDiffusion {
         let mut run = self.start(job)?;
         while !run.is_done() {
             run.prepare_step(self)?;
-            let mut flows = self.step_batch(&mut [&mut run], &mut |_, event| on_step(event))?;
+            let mut flows = self.step_batch(&mut [&mut run], &Interrupt::default(), &mut |_, event| on_step(event))?;
             if flows.pop() == Some(Flow::Stop) {
                 return Err(GenerateError::Cancelled);
             }
@@ -317,21 +317,26 @@ impl StableDiffusion {
     /// with `prepare_step`), then each job's step, reported to `on_step(i, event)` for
     /// `runs[i]`; returns each job's flow. A lone job's call is exactly diffusers'; stacked
     /// rows give the same numbers up to the kernels' summation order for the larger batch.
-    /// Stops within one UNet block when any job's interrupt fires: then no job has moved,
-    /// their prepared steps are kept, and the caller drops the interrupted ones and calls
-    /// again with the rest.
+    /// Stops within one UNet block when any job's interrupt or `yield_to` (the caller's
+    /// own reason to stop the call, such as a new job to serve first) fires: then no job
+    /// has moved, their prepared steps are kept, and the caller drops the interrupted ones
+    /// and calls again with the rest (all of them after a yield).
     pub fn step_batch(
         &self,
         runs: &mut [&mut JobRun],
+        yield_to: &Interrupt,
         on_step: &mut dyn FnMut(usize, &StepEvent) -> Flow,
     ) -> Result<Vec<Flow>, Interrupted> {
         let _no_grad = tch::no_grad_guard();
+        let mut interrupts: Vec<Interrupt> = runs.iter().map(|r| r.interrupt.clone()).collect();
+        interrupts.push(yield_to.clone());
+        let interrupt = Interrupt::any(interrupts);
         let out = match runs {
             [] => return Ok(Vec::new()),
             [run] => {
                 let pending = run.pending.as_ref().expect("step_batch needs prepared steps");
                 let t = run.timesteps[run.index];
-                interrupt::with(&run.interrupt, || {
+                interrupt::with(&interrupt, || {
                     self.unet.try_forward(&pending.model_in, t, &run.context, Capture::NONE)
                 })?
                 .sample
@@ -349,8 +354,7 @@ impl StableDiffusion {
                 let timesteps = Tensor::from_slice(&per_row).to_device(model_in.device());
                 let contexts: Vec<&CrossContext> = runs.iter().map(|r| &r.context).collect();
                 let context = CrossContext::concat(&contexts);
-                let interrupts: Vec<Interrupt> = runs.iter().map(|r| r.interrupt.clone()).collect();
-                let out = interrupt::with(&Interrupt::any(interrupts), || {
+                let out = interrupt::with(&interrupt, || {
                     self.unet.try_forward(&model_in, Timesteps::PerRow(&timesteps), &context, Capture::NONE)
                 })?
                 .sample;

@@ -677,6 +677,18 @@ impl Queue {
         }
     }
 
+    /// Engine side: whether `worker`, while it runs jobs, has a waiting job that its next
+    /// [`Queue::take`] would give it (the first waiting job, placed on it and not stopped).
+    /// Called between UNet blocks: a worker stops its running jobs' step for such a job
+    /// (see `worker`), so this holds the lock only to look.
+    pub fn has_joiner(&self, worker: usize) -> bool {
+        let s = self.lock();
+        s.workers[worker].running > 0
+            && s.waiting
+                .front()
+                .is_some_and(|job| job.check_stop().is_none() && self.placed(&s, worker, &Group::of(&job.spec)))
+    }
+
     /// Placement: whether `worker` takes the first waiting job, of `group`. The workers
     /// that can take it now are those that run fewer than `--max-batch` jobs and run none
     /// or only jobs of its group; of those, the job goes to one with the fewest running

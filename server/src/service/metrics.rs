@@ -3,14 +3,15 @@
 //! worker's own figures. Recorded always (a counter bump is cheap); served as Prometheus
 //! text at `/metrics` on its own port when `serve --metrics-listen ADDR` is given.
 //!
-//! The worker reports through the free functions here ([`step_batch`], [`first_preview`],
+//! The worker reports through the free functions here ([`step_batch`], [`step_yielded`], [`first_preview`],
 //! [`model_loaded`], [`model_evicted`], [`loaded_model_bytes`], [`job_ended`]; [`job_stopped`] from `Job::end_stopped`, which every
 //! job that stops early goes through, waiting or running); queue depth, running jobs and
 //! resident memory are read when scraped.
 use super::jobs::{Queue, StopReason};
 use http::{Request, Response};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use prost::Message;
 use std::collections::HashMap;
@@ -44,6 +45,8 @@ pub struct Metrics {
     jobs: IntCounterVec,
     batch_size: Histogram,
     step_seconds: Histogram,
+    step_yields: IntCounter,
+    step_yield_seconds: Counter,
     first_preview_seconds: Histogram,
     model_load_seconds: Histogram,
     model_evictions: IntCounterVec,
@@ -105,6 +108,16 @@ impl Metrics {
             "Seconds one batched step took, its jobs' events included.",
             SECONDS_BUCKETS,
         );
+        let step_yields = IntCounter::new(
+            "frisket_step_yields_total",
+            "Batched steps stopped before any job moved, so that a new job could take its first step.",
+        )
+        .expect("valid counter");
+        let step_yield_seconds = Counter::new(
+            "frisket_step_yield_seconds_total",
+            "Seconds the stopped steps had run: work done again when they are made again.",
+        )
+        .expect("valid counter");
         let first_preview_seconds = histogram(
             "frisket_time_to_first_preview_seconds",
             "Seconds from a job's acceptance to its first preview being queued for its client.",
@@ -143,6 +156,8 @@ impl Metrics {
             Box::new(jobs.clone()),
             Box::new(batch_size.clone()),
             Box::new(step_seconds.clone()),
+            Box::new(step_yields.clone()),
+            Box::new(step_yield_seconds.clone()),
             Box::new(first_preview_seconds.clone()),
             Box::new(model_load_seconds.clone()),
             Box::new(model_evictions.clone()),
@@ -163,6 +178,8 @@ impl Metrics {
             jobs,
             batch_size,
             step_seconds,
+            step_yields,
+            step_yield_seconds,
             first_preview_seconds,
             model_load_seconds,
             model_evictions,
@@ -179,6 +196,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 pub fn step_batch(size: usize, seconds: f64) {
     METRICS.batch_size.observe(size as f64);
     METRICS.step_seconds.observe(seconds);
+}
+
+/// A batched step was stopped after `seconds` for a new job's first step.
+pub fn step_yielded(seconds: f64) {
+    METRICS.step_yields.inc();
+    METRICS.step_yield_seconds.inc_by(seconds);
 }
 
 /// A job's first preview went out `seconds` after the job was accepted.

@@ -9,6 +9,8 @@
 //! alone), then makes one UNet call per latent size for all of them
 //! (`StableDiffusion::step_batch`), then reports each job's step. A job that ends leaves
 //! between steps; a job stopped inside a shared call leaves it without moving the others.
+//! A new job takes its first step before the running jobs' next one, and the step under
+//! way when it comes yields to it (see `step_all`).
 //!
 //! Its loaded models live in a [`Cache`] with the `--model-memory-mib` budget: a model that
 //! does not fit beside the loaded ones unloads the least recently used ones that no running
@@ -85,6 +87,14 @@ pub fn spawn(
         // The running-jobs gauge: 0 from the start, then set when the count changes.
         let gauge = worker.name.clone();
         metrics::device_running_jobs(&gauge, 0);
+        // A step of the running jobs stops for a job that waits to join them, which then
+        // takes its first step before theirs (`step_all`). After such a yield, if that job
+        // was not taken after all (it left), the next step does not yield again.
+        let joiner = Interrupt::new({
+            let queue = queue.clone();
+            move || queue.has_joiner(index)
+        });
+        let mut yielded = false;
         let mut reported = 0;
         let mut report_running = |jobs: usize| {
             if jobs != reported {
@@ -99,6 +109,7 @@ pub fn spawn(
             }
             // Waiting jobs join between steps, in order, while they fit the running ones
             // and this worker is where placement (`Queue::take`) puts them.
+            let mut joined = false;
             while active.len() < max_batch.max(1) {
                 let job = match queue.take(index) {
                     Taken::Job(job) => job,
@@ -119,7 +130,10 @@ pub fn spawn(
                     guarded(&job, || worker.begin(&job, span.clone(), &in_use))
                 };
                 match begun {
-                    Ok(a) => active.push(a),
+                    Ok(a) => {
+                        active.push(a);
+                        joined = true;
+                    }
                     Err(end) => {
                         queue.finish(index, &job);
                         let _entered = span.enter();
@@ -131,9 +145,13 @@ pub fn spawn(
             if let Some(first) = active.first() {
                 worker.models.touch(&first.group.model);
                 let model = worker.models.get(&first.group.model).expect("running jobs' model is loaded");
-                let (stepping, jobs) = (Instant::now(), active.len());
-                step_all(model, &mut active);
-                queue.clock.record(stepping.elapsed().as_secs_f64(), jobs);
+                let yield_to = if yielded && !joined { Interrupt::default() } else { joiner.clone() };
+                let stepping = Instant::now();
+                let stepped = step_all(model, &mut active, &yield_to);
+                yielded = stepped.is_none();
+                if let Some(jobs) = stepped.filter(|n| *n > 0) {
+                    queue.clock.record(stepping.elapsed().as_secs_f64(), jobs);
+                }
                 settle(model, &mut active, &queue, index);
                 report_running(active.len());
             }
@@ -220,9 +238,19 @@ struct Reporter {
     previewed: bool,
 }
 
-/// One step of every running job: each job's hooks, then one UNet call per latent size.
-fn step_all(model: &StableDiffusion, active: &mut [Active]) {
-    for a in active.iter_mut() {
+/// One step of the running jobs: each job's hooks, then one UNet call per latent size.
+/// Jobs that have not stepped yet step first, without the others: a new job's first
+/// preview waits for one step of its own, not for a step of every running job. Returns
+/// how many jobs stepped, or None when a call yielded to `yield_to` (not used while new
+/// jobs take their first step) before any job moved; their steps stay prepared.
+fn step_all(model: &StableDiffusion, active: &mut [Active], yield_to: &Interrupt) -> Option<usize> {
+    let fresh: Vec<bool> = active.iter().map(|a| a.run.steps_done() == 0).collect();
+    let only_fresh = fresh.contains(&true) && fresh.contains(&false);
+    let never = Interrupt::default();
+    let yield_to = if only_fresh { &never } else { yield_to };
+    // Whether each job takes part in this step.
+    let part: Vec<bool> = fresh.iter().map(|f| *f || !only_fresh).collect();
+    for (a, _) in active.iter_mut().zip(&part).filter(|(_, p)| **p) {
         let job = a.rep.job.clone();
         let _entered = a.rep.span.enter();
         a.end = match job.check_stop() {
@@ -231,41 +259,55 @@ fn step_all(model: &StableDiffusion, active: &mut [Active]) {
         };
     }
     let mut keys: Vec<BatchKey> = Vec::new();
-    for key in active.iter().filter(|a| a.end.is_none()).map(|a| a.run.batch_key()) {
-        if !keys.contains(&key) {
-            keys.push(key);
+    for (a, _) in active.iter().zip(&part).filter(|(a, p)| **p && a.end.is_none()) {
+        if !keys.contains(&a.run.batch_key()) {
+            keys.push(a.run.batch_key());
         }
     }
+    let mut stepped = 0;
     for key in keys {
+        let in_call = |a: &Active, p: &bool| *p && a.end.is_none() && a.run.batch_key() == key;
         loop {
             let (mut runs, mut reps): (Vec<&mut JobRun>, Vec<&mut Reporter>) = active
                 .iter_mut()
-                .filter(|a| a.end.is_none() && a.run.batch_key() == key)
-                .map(|a| (&mut a.run, &mut a.rep))
+                .zip(&part)
+                .filter(|(a, p)| in_call(a, p))
+                .map(|(a, _)| (&mut a.run, &mut a.rep))
                 .unzip();
             if runs.is_empty() {
                 break;
             }
-            debug!(size = runs.len(), "step batch");
             let (size, stepping) = (runs.len(), Instant::now());
-            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                model.step_batch(&mut runs, &mut |i, e| reps[i].on_step(model, e))
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                model.step_batch(&mut runs, yield_to, &mut |i, e| reps[i].on_step(model, e))
             }));
             drop((runs, reps));
-            metrics::step_batch(size, stepping.elapsed().as_secs_f64());
-            let members = active.iter_mut().filter(|a| a.end.is_none() && a.run.batch_key() == key);
-            match stepped {
+            let members: Vec<&mut Active> =
+                active.iter_mut().zip(&part).filter(|(a, p)| in_call(a, p)).map(|(a, _)| a).collect();
+            match outcome {
                 // A job whose step report said Stop has its stop reason set.
                 Ok(Ok(_flows)) => {
+                    debug!(size, "step batch");
+                    metrics::step_batch(size, stepping.elapsed().as_secs_f64());
+                    stepped += size;
                     for a in members {
                         a.end = a.rep.job.check_stop().map(End::Stopped);
                     }
                     break;
                 }
-                // Nobody moved: the interrupted jobs leave and the rest try again.
+                // Nobody moved: the interrupted jobs leave and the rest try again; when no
+                // job's own interrupt fired, the call yielded and the step ends here.
                 Ok(Err(_interrupted)) => {
-                    for a in members.filter(|a| a.run.interrupt().raised()) {
+                    let mut interrupted = false;
+                    for a in members.into_iter().filter(|a| a.run.interrupt().raised()) {
                         a.end = Some(End::Stopped(a.rep.job.stop_reason().unwrap_or(StopReason::ClientGone)));
+                        interrupted = true;
+                    }
+                    if !interrupted {
+                        let seconds = stepping.elapsed().as_secs_f64();
+                        debug!(size, seconds, "step batch yielded to a new job");
+                        metrics::step_yielded(seconds);
+                        return None;
                     }
                 }
                 Err(_panic) => {
@@ -278,6 +320,7 @@ fn step_all(model: &StableDiffusion, active: &mut [Active]) {
             }
         }
     }
+    Some(stepped)
 }
 
 /// Ends the jobs that stopped or failed, and finishes (decodes and sends) the ones whose

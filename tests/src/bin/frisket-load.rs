@@ -2,9 +2,13 @@
 //! the generated gRPC client. For each server setting (`--setting NAME=FLAGS`, repeatable)
 //! and each concurrency `c`, it starts a server on the models folder, loads the model with
 //! one job, then runs `c` clients that each send `--jobs` jobs one after another (the same
-//! request, a seed per job, a preview every step). It reports jobs/s, time to first
+//! request, a seed per job, a preview every step). The clients start together, or with
+//! `--stagger` spread over one lone job's time (timed by a second job before the run):
+//! started together, equal jobs that are stepped together also end together, so every
+//! round of jobs arrives as a burst of `c`. It reports jobs/s, time to first
 //! preview and job time (p50/p95/p99, from the request being sent), errors by gRPC code,
-//! and the server's step batch sizes, as a table and as JSON (`--out`).
+//! and the server's step batch sizes, as a table and as JSON (`--out`, with every job's
+//! times in the order sent).
 //!
 //! The server binary is `$FRISKET_SERVER_BIN`, else target/debug/frisket-server.
 use frisket_e2e::{txt2img, Server};
@@ -25,13 +29,16 @@ struct Args {
     jobs: usize,
     concurrency: Vec<usize>,
     settings: Vec<(String, Vec<String>)>,
+    /// Whether client i sends its first job i/c of a lone job's time after the first
+    /// client (a load tool's ramp-up), instead of all at once.
+    stagger: bool,
     out: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: frisket-load --models DIR [--model shapes] [--prompt P] [--steps 20] [--size 64] [--jobs 4]\n\
-         \x20      [--concurrency 1,2,4,8] [--setting NAME=\"SERVE FLAGS\"]… [--out FILE.json]"
+         \x20      [--concurrency 1,2,4,8] [--setting NAME=\"SERVE FLAGS\"]… [--stagger] [--out FILE.json]"
     );
     std::process::exit(2)
 }
@@ -46,6 +53,7 @@ fn parse_args() -> Args {
         jobs: 4,
         concurrency: vec![1, 2, 4, 8],
         settings: Vec::new(),
+        stagger: false,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -66,6 +74,7 @@ fn parse_args() -> Args {
                 let (name, flags) = v.split_once('=').unwrap_or_else(|| usage());
                 args.settings.push((name.into(), flags.split_whitespace().map(String::from).collect()));
             }
+            "--stagger" => args.stagger = true,
             "--out" => args.out = Some(value().into()),
             _ => usage(),
         }
@@ -81,12 +90,15 @@ fn parse_args() -> Args {
 
 /// One job as a client saw it.
 struct Seen {
+    client: usize,
+    /// When it was sent, from the start of the run.
+    sent: Duration,
     first_preview: Option<Duration>,
     total: Duration,
     code: tonic::Code,
 }
 
-async fn one_job(server: &Server, args: &Args, seed: u64) -> Seen {
+async fn one_job(server: &Server, args: &Args, seed: u64, client_index: usize, run_start: Instant) -> Seen {
     let mut client = server.client().await;
     let mut request = txt2img(&args.model, &args.prompt, seed, args.steps, args.size, args.size);
     request.stream = Some(pb::StreamOptions {
@@ -116,7 +128,7 @@ async fn one_job(server: &Server, args: &Args, seed: u64) -> Seen {
             code
         }
     };
-    Seen { first_preview, total: sent.elapsed(), code }
+    Seen { client: client_index, sent: sent - run_start, first_preview, total: sent.elapsed(), code }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -136,16 +148,19 @@ fn summary(values: &mut [f64]) -> Value {
 async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = std::sync::Arc::new(Server::start_on(&args.models, &flags).await);
-    // Loads the model, so no measured job pays for it.
-    one_job(&server, args, 0).await;
+    // Loads the model, so no measured job pays for it; the second times a lone job.
+    one_job(&server, args, 0, 0, Instant::now()).await;
+    let lone = if args.stagger { one_job(&server, args, 0, 0, Instant::now()).await.total } else { Duration::ZERO };
     let start = Instant::now();
     let clients: Vec<_> = (0..c)
         .map(|client| {
             let server = server.clone();
+            let delay = lone.mul_f64(client as f64 / c as f64);
             tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 let mut seen = Vec::new();
                 for j in 0..args.jobs {
-                    seen.push(one_job(&server, args, 1 + (client * args.jobs + j) as u64).await);
+                    seen.push(one_job(&server, args, 1 + (client * args.jobs + j) as u64, client, start).await);
                 }
                 seen
             })
@@ -164,6 +179,16 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
     let ok: Vec<&Seen> = seen.iter().filter(|s| s.code == tonic::Code::Ok).collect();
     let mut first: Vec<f64> = ok.iter().filter_map(|s| s.first_preview).map(|d| d.as_secs_f64()).collect();
     let mut total: Vec<f64> = ok.iter().map(|s| s.total.as_secs_f64()).collect();
+    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    let mut samples: Vec<&Seen> = seen.iter().collect();
+    samples.sort_by_key(|s| s.sent);
+    let samples: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            json!({"client": s.client, "sent_ms": ms(s.sent), "first_preview_ms": s.first_preview.map(ms),
+                   "job_ms": ms(s.total), "code": format!("{:?}", s.code)})
+        })
+        .collect();
     json!({
         "concurrency": c,
         "jobs": seen.len(),
@@ -172,6 +197,7 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
         "job_seconds": summary(&mut total),
         "codes": codes,
         "batch_sizes": batches,
+        "samples": samples,
     })
 }
 
@@ -224,7 +250,9 @@ async fn main() {
     for (name, flags) in &args.settings {
         for &c in &args.concurrency {
             let r = run_setting(args, flags, c).await;
-            println!("{name} c={c}: {r}");
+            let mut shown = r.clone();
+            shown.as_object_mut().map(|o| o.remove("samples"));
+            println!("{name} c={c}: {shown}");
             results.push((name.clone(), r));
         }
     }
