@@ -241,15 +241,15 @@ struct Reporter {
 /// One step of the running jobs: each job's hooks, then one UNet call per latent size.
 /// Jobs that have not stepped yet step first, without the others: a new job's first
 /// preview waits for one step of its own, not for a step of every running job. Returns
-/// how many jobs stepped, or None when a call yielded to `yield_to` (not used while new
-/// jobs take their first step) before any job moved; their steps stay prepared.
+/// how many jobs stepped, or None when a call yielded to `yield_to` (not while new jobs
+/// take their first step): that call's jobs did not move and keep their prepared steps.
 fn step_all(model: &StableDiffusion, active: &mut [Active], yield_to: &Interrupt) -> Option<usize> {
     let fresh: Vec<bool> = active.iter().map(|a| a.run.steps_done() == 0).collect();
-    let only_fresh = fresh.contains(&true) && fresh.contains(&false);
-    let never = Interrupt::default();
-    let yield_to = if only_fresh { &never } else { yield_to };
+    let fresh_first = fresh.contains(&true) && fresh.contains(&false);
+    let no_yield = Interrupt::default();
+    let yield_to = if fresh_first { &no_yield } else { yield_to };
     // Whether each job takes part in this step.
-    let part: Vec<bool> = fresh.iter().map(|f| *f || !only_fresh).collect();
+    let part: Vec<bool> = fresh.iter().map(|f| *f || !fresh_first).collect();
     for (a, _) in active.iter_mut().zip(&part).filter(|(_, p)| **p) {
         let job = a.rep.job.clone();
         let _entered = a.rep.span.enter();
