@@ -44,8 +44,6 @@ from gpu_check import build_sd15  # noqa: E402
 
 STEPS, SIZE, SEED, GUIDANCE = 6, 256, 7, 7.5
 PROMPT = "a watercolour lighthouse on a cliff at dusk"
-# How Frisket's renders ran float32 linear layers on this CPU (their --timings say).
-CPU_LINEAR = set()
 
 
 def build_model(folder: Path, cache: Path) -> None:
@@ -199,7 +197,13 @@ def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list
 
 
 def frisket_step_times(binary: str, folder: Path, linear: str | None = None) -> list:
-    """`render`'s step times; `linear` sets FRISKET_CPU_LINEAR (None: the machine's choice)."""
+    """`render`'s step times, the first (warm-up) left out."""
+    return frisket_timings(binary, folder, linear)["step_seconds"][1:]
+
+
+def frisket_timings(binary: str, folder: Path, linear: str | None = None) -> dict:
+    """`render --timings` of the bench job; `linear` sets FRISKET_CPU_LINEAR (None: the
+    machine's choice, which the timings' `cpu_linear` names)."""
     env = dict(os.environ)
     if linear is not None:
         env["FRISKET_CPU_LINEAR"] = linear
@@ -234,10 +238,7 @@ def frisket_step_times(binary: str, folder: Path, linear: str | None = None) -> 
             check=True,
             env=env,
         )
-        timing = json.loads(timings.read_text())
-        if linear is None:
-            CPU_LINEAR.add(timing["cpu_linear"])
-        return timing["step_seconds"][1:]
+        return json.loads(timings.read_text())
 
 
 def streamed_job(args: list) -> tuple:
@@ -421,18 +422,20 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
     )
     # Alternate them a few times so that background load hits all alike. Frisket runs with the
     # machine's choice of linear-layer kernels and with each choice forced.
-    theirs, ours = [], []
+    theirs, ours, chosen = [], [], set()
     forced = {"onednn": [], "mkl": []}
     for _ in range(2):
         with torch.no_grad():
             theirs += diffusers_step_times(folder)
-        ours += frisket_step_times(server_bin, folder)
+        timing = frisket_timings(server_bin, folder)
+        ours += timing["step_seconds"][1:]
+        chosen.add(timing["cpu_linear"])
         for linear, times in forced.items():
             times += frisket_step_times(server_bin, folder, linear)
     theirs, ours = statistics.median(theirs), statistics.median(ours)
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
-    print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(CPU_LINEAR))}; forced:")
+    print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(chosen))}; forced:")
     for linear, times in forced.items():
         print(f"  FRISKET_CPU_LINEAR={linear}: ratio frisket/diffusers {statistics.median(times) / theirs:.3f}")
 
