@@ -151,6 +151,8 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
     // Loads the model, so no measured job pays for it; the second times a lone job.
     one_job(&server, args, 0, 0, Instant::now()).await;
     let lone = if args.stagger { one_job(&server, args, 0, 0, Instant::now()).await.total } else { Duration::ZERO };
+    // The batch sizes count the measured jobs' steps only: the log from here on.
+    let log_start = server.logs().len();
     let start = Instant::now();
     let clients: Vec<_> = (0..c)
         .map(|client| {
@@ -171,7 +173,7 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
         seen.extend(client.await.expect("a load client panicked"));
     }
     let wall = start.elapsed().as_secs_f64();
-    let batches = batch_sizes(&server.logs());
+    let batches = batch_sizes(&server.logs()[log_start..]);
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for s in &seen {
         *codes.entry(format!("{:?}", s.code)).or_default() += 1;
