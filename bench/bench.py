@@ -43,6 +43,8 @@ import machine  # noqa: E402
 from gpu_check import build_sd15  # noqa: E402
 
 STEPS, SIZE, SEED, GUIDANCE = 6, 256, 7, 7.5
+# Rounds of diffusers then Frisket, alternated so that background load hits both alike.
+ROUNDS = 3
 PROMPT = "a watercolour lighthouse on a cliff at dusk"
 
 
@@ -402,6 +404,12 @@ def cfg_step_gflop(folder: Path) -> float:
     return machine.flops(unet, latent, torch.tensor([500, 500]), context, **extra) / 1e9
 
 
+def round_spread(ratios: list) -> str:
+    """The ratios of each alternation round (medians of that round's steps): how much the
+    machine's background load moved the figure during the run."""
+    return f"per round {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)}"
+
+
 def print_rates(theirs: float, ours: float, gflop: float, ceiling: float) -> None:
     for name, seconds in (("diffusers", theirs), ("frisket  ", ours)):
         rate = gflop / seconds
@@ -422,19 +430,21 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
     )
     # Alternate them a few times so that background load hits all alike. Frisket runs with the
     # machine's choice of linear-layer kernels and with each choice forced.
-    theirs, ours, chosen = [], [], set()
+    theirs, ours, chosen, rounds = [], [], set(), []
     forced = {"onednn": [], "mkl": []}
-    for _ in range(2):
+    for _ in range(ROUNDS):
         with torch.no_grad():
-            theirs += diffusers_step_times(folder)
+            their_round = diffusers_step_times(folder)
         timing = frisket_timings(server_bin, folder)
-        ours += timing["step_seconds"][1:]
+        our_round = timing["step_seconds"][1:]
+        theirs, ours = theirs + their_round, ours + our_round
+        rounds.append(statistics.median(our_round) / statistics.median(their_round))
         chosen.add(timing["cpu_linear"])
         for linear, times in forced.items():
             times += frisket_step_times(server_bin, folder, linear)
     theirs, ours = statistics.median(theirs), statistics.median(ours)
     print_rates(theirs, ours, gflop, ceiling)
-    print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
+    print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")
     print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(chosen))}; forced:")
     for linear, times in forced.items():
         print(f"  FRISKET_CPU_LINEAR={linear}: ratio frisket/diffusers {statistics.median(times) / theirs:.3f}")
@@ -463,15 +473,17 @@ def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
     folder = cache / "bench-sdxl-128-256-256"
     build_sdxl_model(folder, cache)
     gflop = cfg_step_gflop(folder)
-    theirs, ours = [], []
-    for _ in range(2):
+    theirs, ours, rounds = [], [], []
+    for _ in range(ROUNDS):
         with torch.no_grad():
-            theirs += diffusers_step_times(folder, StableDiffusionXLPipeline)
-        ours += frisket_step_times(server_bin, folder)
+            their_round = diffusers_step_times(folder, StableDiffusionXLPipeline)
+        our_round = frisket_step_times(server_bin, folder)
+        theirs, ours = theirs + their_round, ours + our_round
+        rounds.append(statistics.median(our_round) / statistics.median(their_round))
     theirs, ours = statistics.median(theirs), statistics.median(ours)
     print(f"mid-size SDXL-layout UNet (128/256/256, depth 1/2/2, context 2048), {SIZE}x{SIZE}, {STEPS} DDIM steps")
     print_rates(theirs, ours, gflop, ceiling)
-    print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9)")
+    print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")
 
 
 def write_kohya_lora(unet: UNet2DConditionModel, path: Path, rank: int, seed: int) -> int:
