@@ -7,8 +7,8 @@
 //! started together, equal jobs that are stepped together also end together, so every
 //! round of jobs arrives as a burst of `c`. It reports jobs/s, time to first
 //! preview and job time (p50/p95/p99, from the request being sent), errors by gRPC code,
-//! and the server's step batch sizes, as a table and as JSON (`--out`, with every job's
-//! times in the order sent).
+//! the server's step batch sizes and the steps it stopped for a new job (its debug lines),
+//! as a table and as JSON (`--out`, with every job's times in the order sent).
 //!
 //! The server binary is `$FRISKET_SERVER_BIN`, else target/debug/frisket-server.
 use frisket_e2e::{txt2img, Server};
@@ -151,8 +151,10 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
     // Loads the model, so no measured job pays for it; the second times a lone job.
     one_job(&server, args, 0, 0, Instant::now()).await;
     let lone = if args.stagger { one_job(&server, args, 0, 0, Instant::now()).await.total } else { Duration::ZERO };
-    // The batch sizes count the measured jobs' steps only: the log from here on.
-    let log_start = server.logs().len();
+    // The batch sizes count the measured jobs' steps only: the log from the warm-up jobs'
+    // last lines on (the server's output reaches its log a little after their results).
+    let warm_ups = if args.stagger { 2 } else { 1 };
+    let log_start = log_after(&server, "job finished", warm_ups).await;
     let start = Instant::now();
     let clients: Vec<_> = (0..c)
         .map(|client| {
@@ -173,7 +175,9 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
         seen.extend(client.await.expect("a load client panicked"));
     }
     let wall = start.elapsed().as_secs_f64();
-    let batches = batch_sizes(&server.logs()[log_start..]);
+    let log = server.logs();
+    let batches = batch_sizes(&log[log_start..]);
+    let yields = log[log_start..].matches("step batch yielded").count();
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for s in &seen {
         *codes.entry(format!("{:?}", s.code)).or_default() += 1;
@@ -199,15 +203,28 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
         "job_seconds": summary(&mut total),
         "codes": codes,
         "batch_sizes": batches,
+        "step_yields": yields,
         "samples": samples,
     })
+}
+
+/// The length of the server's log once `line` appears in it `n` times (at most 10 s on).
+async fn log_after(server: &Server, line: &str, n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = server.logs();
+        if log.matches(line).count() >= n || Instant::now() > deadline {
+            return log.len();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The server's step batch sizes, from its log lines `step batch size=N` (debug level):
 /// a histogram {size: count}; empty when the server logs none.
 fn batch_sizes(log: &str) -> BTreeMap<String, usize> {
     let mut hist = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("step batch")) {
+    for line in log.lines().filter(|l| l.contains("step batch size=")) {
         if let Some(size) = line.split("size=").nth(1).and_then(|s| s.split_whitespace().next()) {
             *hist.entry(size.to_string()).or_default() += 1;
         }
@@ -217,14 +234,14 @@ fn batch_sizes(log: &str) -> BTreeMap<String, usize> {
 
 fn print_table(results: &[(String, Value)]) {
     println!(
-        "{:<16} {:>3} {:>5} {:>7}  {:>23}  {:>23}  {:<14} batches",
-        "setting", "c", "jobs", "jobs/s", "first preview p50/95/99", "job s p50/95/99", "codes"
+        "{:<16} {:>3} {:>5} {:>7}  {:>23}  {:>23}  {:<14} {:>6}  batches",
+        "setting", "c", "jobs", "jobs/s", "first preview p50/95/99", "job s p50/95/99", "codes", "yields"
     );
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
     for (name, r) in results {
         let triple = |k: &str| format!("{}/{}/{}", f(&r[k]["p50"]), f(&r[k]["p95"]), f(&r[k]["p99"]));
         println!(
-            "{:<16} {:>3} {:>5} {:>7.3}  {:>23}  {:>23}  {:<14} {}",
+            "{:<16} {:>3} {:>5} {:>7.3}  {:>23}  {:>23}  {:<14} {:>6}  {}",
             name,
             r["concurrency"].as_u64().unwrap_or(0),
             r["jobs"].as_u64().unwrap_or(0),
@@ -232,6 +249,7 @@ fn print_table(results: &[(String, Value)]) {
             triple("first_preview_seconds"),
             triple("job_seconds"),
             r["codes"].to_string(),
+            r["step_yields"].as_u64().unwrap_or(0),
             r["batch_sizes"]
         );
     }
