@@ -170,7 +170,8 @@ hostile: build
 # of `make test`): c = 1, 2, 4, 8 clients, each sending LOAD_JOBS 20-step jobs with a
 # preview every step, against one job at a time and against step-level batching, in one
 # run; jobs/s, time to first preview and job time (p50/95/99), codes, step batch sizes
-# (from the worker's debug lines), and the goals as ratios of this run. The clients start
+# (from the worker's debug lines), and the goals as ratios of this run (the settings
+# alternate over two or three rounds, which the ratios pool). The clients start
 # spread over one lone job's time (`--stagger`); then c = 4 started all at once, whose
 # jobs arrive in bursts of 4. Then c = 4 on the mid-size bench model (bench/bench.py's),
 # whose steps are compute-bound: batching must not cost throughput there. The machine is
@@ -182,16 +183,16 @@ load: build
 	@$(PY) -c "import sys; sys.path.insert(0, 'bench'); import machine; machine.describe()"
 	cargo build $(CARGO_FLAGS) -p frisket-e2e --bin frisket-load
 	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
-	  target/debug/frisket-load --models models --concurrency 1,2,4,8 --jobs $(LOAD_JOBS) --stagger \
+	  target/debug/frisket-load --models models --concurrency 1,2,4,8 --jobs $(LOAD_JOBS) --stagger --rounds 2 \
 	  --setting "batch-1=--max-batch 1 --queue-capacity 16" --setting "batch-8=--max-batch 8 --queue-capacity 16" \
 	  --out $(OUT)/load.json
 	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
-	  target/debug/frisket-load --models models --concurrency 1,4 --jobs $(LOAD_JOBS) \
+	  target/debug/frisket-load --models models --concurrency 1,4 --jobs $(LOAD_JOBS) --rounds 2 \
 	  --setting "batch-8-burst=--max-batch 8 --queue-capacity 16" --out $(OUT)/load-burst.json
 	$(PY) -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import bench; \
 	  bench.build_model(Path('$(CACHE)/load-models/bench'), Path('$(CACHE)'))"
 	FRISKET_SERVER_BIN=$(SERVER_BIN) FRISKET_TEST_RUST_LOG="info,frisket_server::service::worker=debug" \
 	  target/debug/frisket-load --models $(CACHE)/load-models --model bench --prompt "a lighthouse at dusk" \
-	  --steps 6 --size 256 --concurrency 4 --jobs 2 \
+	  --steps 6 --size 256 --concurrency 4 --jobs 2 --rounds 3 \
 	  --setting "batch-1=--max-batch 1 --queue-capacity 16" --setting "batch-8=--max-batch 8 --queue-capacity 16" \
 	  --out $(OUT)/load-bench.json

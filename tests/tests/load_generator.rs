@@ -1,6 +1,7 @@
-//! `make load`'s generator (`frisket-load`) on a small run against a real server with the
-//! shipped model: it reports every job, all of them OK, with a first preview each, and a
-//! batch-size histogram of exactly the measured jobs' steps (the warm-up jobs' left out).
+//! `make load`'s generator (`frisket-load`) on a small run (two rounds) against a real
+//! server with the shipped model: it reports every job, all of them OK, with a first
+//! preview each, and a batch-size histogram of exactly the measured jobs' steps (the
+//! warm-up jobs' and stopped steps left out).
 use frisket_e2e::{server_binary, workspace_binary, workspace_root};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ fn the_load_generator_reports_every_job_and_the_steps_they_ran() {
         .arg("--models")
         .arg(workspace_root().join("models"))
         .args(["--steps", &STEPS.to_string(), "--jobs", &JOBS.to_string(), "--concurrency", "1,2", "--stagger"])
-        .args(["--setting", "batched=--max-batch 4", "--out"])
+        .args(["--setting", "batched=--max-batch 4", "--rounds", "2", "--out"])
         .arg(&out)
         .env("FRISKET_SERVER_BIN", server_binary())
         .env("FRISKET_TEST_RUST_LOG", "info,frisket_server::service::worker=debug")
@@ -27,9 +28,10 @@ fn the_load_generator_reports_every_job_and_the_steps_they_ran() {
     assert!(status.success(), "frisket-load failed: {status}");
     let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let runs = report["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2, "{report}");
-    for (run, c) in runs.iter().zip([1u64, 2]) {
+    assert_eq!(runs.len(), 4, "{report}");
+    for (run, (round, c)) in runs.iter().zip([(1, 1), (1, 2), (2, 1), (2, 2)]) {
         let r = &run["result"];
+        assert_eq!(r["round"], round);
         let jobs = c * JOBS;
         assert_eq!(r["concurrency"], c);
         assert_eq!(r["codes"], serde_json::json!({"Ok": jobs}), "{r}");

@@ -5,7 +5,8 @@
 //! request, a seed per job, a preview every step). The clients start together, or with
 //! `--stagger` spread over one lone job's time (timed by a second job before the run):
 //! started together, equal jobs that are stepped together also end together, so every
-//! round of jobs arrives as a burst of `c`. It reports jobs/s, time to first
+//! round of jobs arrives as a burst of `c`. With `--rounds N` it runs all of that N times,
+//! the settings alternating, and its ratios pool the rounds. It reports jobs/s, time to first
 //! preview and job time (p50/p95/p99, from the request being sent), errors by gRPC code,
 //! the server's step batch sizes and the steps it stopped for a new job (its debug lines),
 //! as a table and as JSON (`--out`, with every job's times in the order sent).
@@ -32,13 +33,16 @@ struct Args {
     /// Whether client i sends its first job i/c of a lone job's time after the first
     /// client (a load tool's ramp-up), instead of all at once.
     stagger: bool,
+    /// Times every setting and concurrency runs, the settings alternating, so that
+    /// background load on the machine hits them alike; the ratios pool the rounds.
+    rounds: usize,
     out: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: frisket-load --models DIR [--model shapes] [--prompt P] [--steps 20] [--size 64] [--jobs 4]\n\
-         \x20      [--concurrency 1,2,4,8] [--setting NAME=\"SERVE FLAGS\"]… [--stagger] [--out FILE.json]"
+         \x20      [--concurrency 1,2,4,8] [--setting NAME=\"SERVE FLAGS\"]… [--stagger] [--rounds 1] [--out FILE.json]"
     );
     std::process::exit(2)
 }
@@ -54,6 +58,7 @@ fn parse_args() -> Args {
         concurrency: vec![1, 2, 4, 8],
         settings: Vec::new(),
         stagger: false,
+        rounds: 1,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -75,11 +80,12 @@ fn parse_args() -> Args {
                 args.settings.push((name.into(), flags.split_whitespace().map(String::from).collect()));
             }
             "--stagger" => args.stagger = true,
+            "--rounds" => args.rounds = value().parse().unwrap_or_else(|_| usage()),
             "--out" => args.out = Some(value().into()),
             _ => usage(),
         }
     }
-    if args.models.as_os_str().is_empty() || args.jobs == 0 || args.concurrency.contains(&0) {
+    if args.models.as_os_str().is_empty() || args.jobs == 0 || args.rounds == 0 || args.concurrency.contains(&0) {
         usage();
     }
     if args.settings.is_empty() {
@@ -199,6 +205,7 @@ async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
         "concurrency": c,
         "jobs": seen.len(),
         "jobs_per_second": ((ok.len() as f64 / wall) * 1000.0).round() / 1000.0,
+        "wall_seconds": wall,
         "first_preview_seconds": summary(&mut first),
         "job_seconds": summary(&mut total),
         "codes": codes,
@@ -238,7 +245,9 @@ fn print_table(results: &[(String, Value)]) {
         "setting", "c", "jobs", "jobs/s", "first preview p50/95/99", "job s p50/95/99", "codes", "yields"
     );
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    let several = results.iter().any(|(_, r)| r["round"].as_u64() > Some(1));
     for (name, r) in results {
+        let name = if several { format!("{name} #{}", r["round"]) } else { name.clone() };
         let triple = |k: &str| format!("{}/{}/{}", f(&r[k]["p50"]), f(&r[k]["p95"]), f(&r[k]["p99"]));
         println!(
             "{:<16} {:>3} {:>5} {:>7.3}  {:>23}  {:>23}  {:<14} {:>6}  {}",
@@ -267,13 +276,16 @@ async fn main() {
         args.steps, args.size, args.jobs, args.model
     );
     let mut results = Vec::new();
-    for (name, flags) in &args.settings {
-        for &c in &args.concurrency {
-            let r = run_setting(args, flags, c).await;
-            let mut shown = r.clone();
-            shown.as_object_mut().map(|o| o.remove("samples"));
-            println!("{name} c={c}: {shown}");
-            results.push((name.clone(), r));
+    for round in 1..=args.rounds {
+        for (name, flags) in &args.settings {
+            for &c in &args.concurrency {
+                let mut r = run_setting(args, flags, c).await;
+                r["round"] = json!(round);
+                let mut shown = r.clone();
+                shown.as_object_mut().map(|o| o.remove("samples"));
+                println!("{name} c={c}: {shown}");
+                results.push((name.clone(), r));
+            }
         }
     }
     print_table(&results);
@@ -288,22 +300,46 @@ async fn main() {
     }
 }
 
-/// The issue's goals as ratios measured in this run: each setting's jobs/s against the
-/// first setting's at the same concurrency, and its p99 time to first preview against its
-/// own at c = 1.
+/// The issue's goals as ratios measured in this run, over all rounds: each setting's jobs/s
+/// (jobs that ended OK over the rounds' wall time) against the first setting's at the same
+/// concurrency, and its p99 time to first preview (over every round's jobs) against its own
+/// at c = 1.
 fn print_ratios(results: &[(String, Value)]) {
     let Some((base, _)) = results.first() else { return };
-    let find = |name: &str, c: u64| {
-        results.iter().find(|(n, r)| n == name && r["concurrency"].as_u64() == Some(c)).map(|(_, r)| r)
-    };
-    let ratio = |a: &Value, b: &Value| Some(a.as_f64()? / b.as_f64()?);
-    let show = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}×"));
-    println!("ratios (this run): jobs/s against {base} at the same c; p99 first preview against the setting's c = 1");
+    let mut keys: Vec<(&str, u64)> = Vec::new();
     for (name, r) in results {
-        let c = r["concurrency"].as_u64().unwrap_or(0);
-        let throughput = find(base, c).and_then(|b| ratio(&r["jobs_per_second"], &b["jobs_per_second"]));
-        let first_preview = find(name, 1)
-            .and_then(|one| ratio(&r["first_preview_seconds"]["p99"], &one["first_preview_seconds"]["p99"]));
+        let key = (name.as_str(), r["concurrency"].as_u64().unwrap_or(0));
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    // (jobs/s, p99 first preview in seconds) of a setting at a concurrency, rounds pooled.
+    let pooled = |name: &str, c: u64| -> Option<(f64, Option<f64>)> {
+        let runs: Vec<&Value> =
+            results.iter().filter(|(n, r)| n == name && r["concurrency"].as_u64() == Some(c)).map(|(_, r)| r).collect();
+        let ok: f64 = runs.iter().filter_map(|r| r["codes"]["Ok"].as_f64()).sum();
+        let wall: f64 = runs.iter().filter_map(|r| r["wall_seconds"].as_f64()).sum();
+        let mut first: Vec<f64> = runs
+            .iter()
+            .flat_map(|r| r["samples"].as_array().into_iter().flatten())
+            .filter(|s| s["code"] == "Ok")
+            .filter_map(|s| s["first_preview_ms"].as_f64())
+            .map(|ms| ms / 1000.0)
+            .collect();
+        first.sort_by(f64::total_cmp);
+        (wall > 0.0).then(|| (ok / wall, percentile(&first, 99.0)))
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let show = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}×"));
+    let rounds = results.iter().filter_map(|(_, r)| r["round"].as_u64()).max().unwrap_or(1);
+    println!(
+        "ratios (this run, {rounds} round(s) pooled): jobs/s against {base} at the same c; \
+         p99 first preview against the setting's c = 1"
+    );
+    for (name, c) in keys {
+        let Some((jobs_per_second, p99)) = pooled(name, c) else { continue };
+        let throughput = pooled(base, c).and_then(|(b, _)| ratio(Some(jobs_per_second), Some(b)));
+        let first_preview = pooled(name, 1).and_then(|(_, one)| ratio(p99, one));
         println!("{name:<16} c={c:<3} jobs/s {:>6}   p99 first preview {:>6}", show(throughput), show(first_preview));
     }
 }
