@@ -108,9 +108,11 @@ async fn drive(code: Code, server: &mut Server) -> Vec<Status> {
             vec![got]
         }
         Code::ResourceExhausted => {
-            // The server's queue holds one job: one running, one waiting, the third refused.
+            // The server's queue holds one job: one running, one waiting (of another model, so
+            // it cannot join the running one), the third refused.
             let a = running(server, "codes-full-a").await;
-            let mut b = server.client().await.generate(long_job("codes-full-b")).await.unwrap().into_inner();
+            let other_model = pb::GenerateRequest { model: "sd2".into(), ..long_job("codes-full-b") };
+            let mut b = server.client().await.generate(other_model).await.unwrap().into_inner();
             next_matching(&mut b, |e| matches!(e, Event::Queued(_))).await;
             let full = generate_status(server, long_job("codes-full-c")).await;
             for id in ["codes-full-b", "codes-full-a"] {

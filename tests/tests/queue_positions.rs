@@ -21,7 +21,8 @@ async fn next_position(stream: &mut tonic::Streaming<pb::GenerateEvent>) -> Even
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_sees_its_position_fall_to_its_start() {
-    let server = Server::start(&["--queue-capacity", "4"]).await;
+    // One job at a time, so b, c and d wait behind a instead of joining it.
+    let server = Server::start(&["--queue-capacity", "4", "--max-batch", "1"]).await;
     // a runs (its first step timed: the worker times a step after its events, so a's
     // second Step comes after), b and c wait, d waits behind them.
     let mut a = server.client().await.generate(long_job("pos-a")).await.unwrap().into_inner();

@@ -313,7 +313,8 @@ async fn models_tokens_and_server_info() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_frees_the_engine() {
-    let server = Server::start(&[]).await;
+    // One job at a time, so B waits in the queue behind A instead of joining it.
+    let server = Server::start(&["--max-batch", "1"]).await;
     let (mut c1, mut c2) = (server.client().await, server.client().await);
     let mut a = c1.generate(long_job("drop-a")).await.unwrap().into_inner();
     next_matching(&mut a, |e| matches!(e, Event::Started(_))).await;
@@ -341,7 +342,8 @@ async fn a_dropped_stream_frees_the_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_queued_and_running_jobs() {
-    let server = Server::start(&[]).await;
+    // One job at a time, so B waits in the queue behind A instead of joining it.
+    let server = Server::start(&["--max-batch", "1"]).await;
     let (mut c1, mut c2, mut ctl) = (server.client().await, server.client().await, server.client().await);
     let mut a = c1.generate(long_job("cancel-a")).await.unwrap().into_inner();
     next_matching(&mut a, |e| matches!(e, Event::Step(_))).await;
@@ -376,7 +378,8 @@ async fn cancel_stops_queued_and_running_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_resource_exhausted() {
-    let server = Server::start(&["--queue-capacity", "1"]).await;
+    // One job at a time, so B waits in the queue behind A instead of joining it.
+    let server = Server::start(&["--queue-capacity", "1", "--max-batch", "1"]).await;
     let (mut c1, mut c2, mut ctl) = (server.client().await, server.client().await, server.client().await);
     let mut a = c1.generate(long_job("full-a")).await.unwrap().into_inner();
     next_matching(&mut a, |e| matches!(e, Event::Started(_))).await;
