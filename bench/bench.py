@@ -404,6 +404,20 @@ def cfg_step_gflop(folder: Path) -> float:
     return machine.flops(unet, latent, torch.tensor([500, 500]), context, **extra) / 1e9
 
 
+def alternate(theirs_round, ours_round) -> tuple:
+    """ROUNDS rounds of diffusers' step times (`theirs_round()`) then Frisket's (`ours_round()`),
+    alternated so that background load hits both alike: the pooled medians (theirs, ours) and
+    each round's ratio of medians."""
+    theirs, ours, rounds = [], [], []
+    for _ in range(ROUNDS):
+        with torch.no_grad():
+            their_round = theirs_round()
+        our_round = ours_round()
+        theirs, ours = theirs + their_round, ours + our_round
+        rounds.append(statistics.median(our_round) / statistics.median(their_round))
+    return statistics.median(theirs), statistics.median(ours), rounds
+
+
 def round_spread(ratios: list) -> str:
     """The ratios of each alternation round (medians of that round's steps): how much the
     machine's background load moved the figure during the run."""
@@ -428,21 +442,18 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
         f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
         f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)"
     )
-    # Alternate them a few times so that background load hits all alike. Frisket runs with the
-    # machine's choice of linear-layer kernels and with each choice forced.
-    theirs, ours, chosen, rounds = [], [], set(), []
-    forced = {"onednn": [], "mkl": []}
-    for _ in range(ROUNDS):
-        with torch.no_grad():
-            their_round = diffusers_step_times(folder)
+    # Frisket runs with the machine's choice of linear-layer kernels and, in the same rounds,
+    # with each choice forced.
+    chosen, forced = set(), {"onednn": [], "mkl": []}
+
+    def ours_round() -> list:
         timing = frisket_timings(server_bin, folder)
-        our_round = timing["step_seconds"][1:]
-        theirs, ours = theirs + their_round, ours + our_round
-        rounds.append(statistics.median(our_round) / statistics.median(their_round))
         chosen.add(timing["cpu_linear"])
         for linear, times in forced.items():
             times += frisket_step_times(server_bin, folder, linear)
-    theirs, ours = statistics.median(theirs), statistics.median(ours)
+        return timing["step_seconds"][1:]
+
+    theirs, ours, rounds = alternate(lambda: diffusers_step_times(folder), ours_round)
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")
     print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(chosen))}; forced:")
@@ -473,14 +484,9 @@ def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
     folder = cache / "bench-sdxl-128-256-256"
     build_sdxl_model(folder, cache)
     gflop = cfg_step_gflop(folder)
-    theirs, ours, rounds = [], [], []
-    for _ in range(ROUNDS):
-        with torch.no_grad():
-            their_round = diffusers_step_times(folder, StableDiffusionXLPipeline)
-        our_round = frisket_step_times(server_bin, folder)
-        theirs, ours = theirs + their_round, ours + our_round
-        rounds.append(statistics.median(our_round) / statistics.median(their_round))
-    theirs, ours = statistics.median(theirs), statistics.median(ours)
+    theirs, ours, rounds = alternate(
+        lambda: diffusers_step_times(folder, StableDiffusionXLPipeline), lambda: frisket_step_times(server_bin, folder)
+    )
     print(f"mid-size SDXL-layout UNet (128/256/256, depth 1/2/2, context 2048), {SIZE}x{SIZE}, {STEPS} DDIM steps")
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")

@@ -508,7 +508,20 @@ pub struct Group {
 
 impl Group {
     pub fn of(spec: &JobSpec) -> Self {
-        Self { model: spec.meta.name.clone(), loras: spec.loras.iter().map(|l| (l.name.clone(), l.weight)).collect() }
+        let (model, loras) = Self::parts(spec);
+        Self { model: model.into(), loras: loras.map(|(name, weight)| (name.into(), weight)).collect() }
+    }
+
+    /// Whether `spec` is a job of this group (`Group::of(spec) == *self`, without building it:
+    /// placement asks between UNet blocks).
+    fn is_of(&self, spec: &JobSpec) -> bool {
+        let (model, loras) = Self::parts(spec);
+        self.model == model && self.loras.iter().map(|(name, weight)| (name.as_str(), *weight)).eq(loras)
+    }
+
+    /// A job's group, borrowed from its spec: the model, and each LoRA with its weight.
+    fn parts(spec: &JobSpec) -> (&str, impl Iterator<Item = (&str, f32)>) {
+        (&spec.meta.name, spec.loras.iter().map(|l| (l.name.as_str(), l.weight)))
     }
 }
 
@@ -658,7 +671,7 @@ impl Queue {
             self.sweep_locked(&mut s);
             let idle = s.workers[worker].running == 0;
             match s.waiting.front() {
-                Some(job) if self.placed(&s, worker, &Group::of(&job.spec)) => {
+                Some(job) if self.placed(&s, worker, &job.spec) => {
                     let job = s.waiting.pop_front().expect("a front job");
                     let slot = &mut s.workers[worker];
                     slot.running += 1;
@@ -684,21 +697,19 @@ impl Queue {
     pub fn has_joiner(&self, worker: usize) -> bool {
         let s = self.lock();
         s.workers[worker].running > 0
-            && s.waiting
-                .front()
-                .is_some_and(|job| job.check_stop().is_none() && self.placed(&s, worker, &Group::of(&job.spec)))
+            && s.waiting.front().is_some_and(|job| job.check_stop().is_none() && self.placed(&s, worker, &job.spec))
     }
 
-    /// Placement: whether `worker` takes the first waiting job, of `group`. The workers
+    /// Placement: whether `worker` takes the first waiting job, `spec`. The workers
     /// that can take it now are those that run fewer than `--max-batch` jobs and run none
     /// or only jobs of its group; of those, the job goes to one with the fewest running
     /// jobs, and among equally loaded ones to one that has its model loaded. Any such
     /// worker takes it, so a job waits only while every worker is full or busy with
     /// another group, and each of those wakes the queue when a job ends.
-    fn placed(&self, s: &State, worker: usize, group: &Group) -> bool {
+    fn placed(&self, s: &State, worker: usize, spec: &JobSpec) -> bool {
         let rank = |slot: &WorkerSlot| -> Option<(usize, bool)> {
-            let fits = slot.running < self.max_batch && slot.group.as_ref().is_none_or(|g| g == group);
-            fits.then(|| (slot.running, !slot.loaded.contains(&group.model)))
+            let fits = slot.running < self.max_batch && slot.group.as_ref().is_none_or(|g| g.is_of(spec));
+            fits.then(|| (slot.running, !slot.loaded.contains(&spec.meta.name)))
         };
         let Some(mine) = rank(&s.workers[worker]) else { return false };
         s.workers.iter().filter_map(rank).all(|other| mine <= other)
