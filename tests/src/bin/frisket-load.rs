@@ -154,13 +154,16 @@ fn summary(values: &mut [f64]) -> Value {
 async fn run_setting(args: &'static Args, flags: &[String], c: usize) -> Value {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = std::sync::Arc::new(Server::start_on(&args.models, &flags).await);
-    // Loads the model, so no measured job pays for it; the second times a lone job.
-    one_job(&server, args, 0, 0, Instant::now()).await;
-    let lone = if args.stagger { one_job(&server, args, 0, 0, Instant::now()).await.total } else { Duration::ZERO };
+    // Warm-up jobs: the first loads the model, so no measured job pays for it; with
+    // --stagger the second times a lone job.
+    let mut warm_ups = vec![one_job(&server, args, 0, 0, Instant::now()).await];
+    if args.stagger {
+        warm_ups.push(one_job(&server, args, 0, 0, Instant::now()).await);
+    }
+    let lone = warm_ups.get(1).map_or(Duration::ZERO, |lone| lone.total);
     // The batch sizes count the measured jobs' steps only: the log from the warm-up jobs'
     // last lines on (the server's output reaches its log a little after their results).
-    let warm_ups = if args.stagger { 2 } else { 1 };
-    let log_start = log_after(&server, "job finished", warm_ups).await;
+    let log_start = log_after(&server, "job finished", warm_ups.len()).await;
     let start = Instant::now();
     let clients: Vec<_> = (0..c)
         .map(|client| {
