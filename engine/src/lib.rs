@@ -26,3 +26,4 @@ pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
 pub mod weights;
+pub mod winograd;

@@ -49,23 +49,29 @@ impl CpuLinear {
         }
     }
 
-    /// This CPU's choice under this process's `ONEDNN_MAX_CPU_ISA`.
+    /// oneDNN where it runs its AVX-512 kernels ([`onednn_avx512`]), MKL otherwise.
     fn for_machine() -> CpuLinear {
-        Self::for_isa(avx512_core(), std::env::var("ONEDNN_MAX_CPU_ISA").ok().as_deref())
-    }
-
-    /// oneDNN when the CPU has AVX-512 (F, BW, VL, DQ: oneDNN's `avx512_core`) and
-    /// `ONEDNN_MAX_CPU_ISA` (`max_isa`) does not hold oneDNN below it, MKL otherwise.
-    pub fn for_isa(avx512_core: bool, max_isa: Option<&str>) -> CpuLinear {
-        let isa_allows = max_isa.map(str::to_ascii_uppercase).is_none_or(|isa| {
-            isa == "ALL" || isa.starts_with("AVX512") || isa.starts_with("AVX10") || isa.contains("AMX")
-        });
-        if avx512_core && isa_allows {
+        if onednn_avx512() {
             CpuLinear::OneDnn
         } else {
             CpuLinear::Mkl
         }
     }
+}
+
+/// Whether oneDNN runs its AVX-512 kernels in this process: the CPU has AVX-512 and
+/// `ONEDNN_MAX_CPU_ISA` does not hold oneDNN below it ([`onednn_isa_is_avx512`]).
+pub fn onednn_avx512() -> bool {
+    onednn_isa_is_avx512(avx512_core(), std::env::var("ONEDNN_MAX_CPU_ISA").ok().as_deref())
+}
+
+/// True when the CPU has AVX-512 (F, BW, VL, DQ: oneDNN's `avx512_core`) and `max_isa`
+/// (`ONEDNN_MAX_CPU_ISA`) does not hold oneDNN below it.
+pub fn onednn_isa_is_avx512(avx512_core: bool, max_isa: Option<&str>) -> bool {
+    let isa_allows = max_isa
+        .map(str::to_ascii_uppercase)
+        .is_none_or(|isa| isa == "ALL" || isa.starts_with("AVX512") || isa.starts_with("AVX10") || isa.contains("AMX"));
+    avx512_core && isa_allows
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -185,6 +191,9 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.stride == 1 && self.padding == 1 && super::winograd::applies(x, &self.weight) {
+            return super::winograd::conv3x3(x, &self.weight, self.bias.as_ref());
+        }
         x.conv2d(&self.weight, self.bias.as_ref(), [self.stride, self.stride], [self.padding, self.padding], [1, 1], 1)
     }
 }
@@ -272,18 +281,23 @@ impl Activation {
 
 #[cfg(test)]
 mod tests {
+    use super::onednn_isa_is_avx512;
     use super::CpuLinear::{self, Mkl, OneDnn};
 
     #[test]
-    fn cpu_linear_follows_the_override_then_onednn_avx512() {
+    fn cpu_linear_override_parses() {
         assert_eq!(CpuLinear::parse("MKL"), Ok(Mkl));
         assert_eq!(CpuLinear::parse("onednn"), Ok(OneDnn));
         assert!(CpuLinear::parse("blas").unwrap_err().contains("expected onednn or mkl"));
-        assert_eq!(CpuLinear::for_isa(true, None), OneDnn);
-        assert_eq!(CpuLinear::for_isa(false, None), Mkl);
-        assert_eq!(CpuLinear::for_isa(true, Some("AVX2")), Mkl);
-        assert_eq!(CpuLinear::for_isa(true, Some("avx512_core_vnni")), OneDnn);
-        assert_eq!(CpuLinear::for_isa(true, Some("ALL")), OneDnn);
-        assert_eq!(CpuLinear::for_isa(false, Some("ALL")), Mkl);
+    }
+
+    #[test]
+    fn onednn_avx512_needs_the_cpu_and_the_isa_cap() {
+        assert!(onednn_isa_is_avx512(true, None));
+        assert!(!onednn_isa_is_avx512(false, None));
+        assert!(!onednn_isa_is_avx512(true, Some("AVX2")));
+        assert!(onednn_isa_is_avx512(true, Some("avx512_core_vnni")));
+        assert!(onednn_isa_is_avx512(true, Some("ALL")));
+        assert!(!onednn_isa_is_avx512(false, Some("ALL")));
     }
 }

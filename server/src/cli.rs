@@ -17,6 +17,7 @@ use frisket_engine::nn::CpuLinear;
 use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
 use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tch;
+use frisket_engine::winograd::CpuConv;
 use frisket_proto::v1 as pb;
 use std::io::Write;
 use std::path::PathBuf;
@@ -296,8 +297,9 @@ pub fn parse() -> Cli {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    // An unknown FRISKET_CPU_LINEAR is refused before any work.
+    // An unknown FRISKET_CPU_LINEAR or FRISKET_CPU_CONV is refused before any work.
     CpuLinear::from_env().map_err(anyhow::Error::msg)?;
+    CpuConv::from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Render(args) => render(*args),
         Command::Serve(args) => serve(*args),
@@ -453,6 +455,7 @@ fn render(a: RenderArgs) -> Result<()> {
             "explain_seconds": explain_seconds,
             "total_seconds": started.elapsed().as_secs_f64(),
             "cpu_linear": format!("{:?}", CpuLinear::current()),
+            "cpu_conv": format!("{:?}", CpuConv::current()),
         });
         std::fs::write(path, json.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -78,3 +78,42 @@ pub fn case_params(case: &serde_json::Value, ref_dir: &str) -> frisket_engine::p
         ..defaults
     }
 }
+
+/// The whole-run cases of tests/fixtures/ref_pipeline.py.
+pub fn pipeline_cases() -> Vec<serde_json::Value> {
+    let path = fixtures().join("ref/pipeline/cases.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap()
+}
+
+/// Renders every pipeline case of `model_name` and holds each image to diffusers': every
+/// pixel within 3/255, the mean within 0.5/255.
+pub fn check_pipeline_images(model_name: &str) {
+    let expected = read_ref("pipeline/images.safetensors");
+    let model = frisket_engine::model::StableDiffusion::load(&model_dir(model_name), tch::Device::Cpu).unwrap();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in pipeline_cases().iter().filter(|c| c["model"] == model_name) {
+        let key = case["key"].as_str().unwrap();
+        let p = case_params(case, "pipeline");
+        let mut steps_seen = 0;
+        let out = model
+            .generate(model.prepare(&p).unwrap_or_else(|e| panic!("{key}: {e:#}")), &mut |_| {
+                steps_seen += 1;
+                frisket_engine::pipeline::Flow::Continue
+            })
+            .unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        let ours = out.image.permute([1, 2, 0]);
+        let theirs: &Tensor = &expected[key];
+        let diff = (&ours - theirs).abs();
+        let (max, mean) = (diff.max().double_value(&[]) * 255.0, diff.mean(None).double_value(&[]) * 255.0);
+        println!("{key}: {steps_seen} steps, max |Δ| {max:.4}/255, mean {mean:.5}/255");
+        if max > 3.0 || mean > 0.5 {
+            failures.push(format!("{key}: max {max:.3}/255 mean {mean:.4}/255"));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "expected at least 10 cases for {model_name}, found {checked}");
+    assert!(failures.is_empty(), "images differ from diffusers:\n{}", failures.join("\n"));
+}

@@ -80,7 +80,8 @@ pub fn spawn(
         };
         worker.report_loaded();
         let cpu_linear = (device == Device::Cpu).then(frisket_engine::nn::CpuLinear::current);
-        info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(), ?cpu_linear,
+        let cpu_conv = (device == Device::Cpu).then(frisket_engine::winograd::CpuConv::current);
+        info!(worker = %worker.name, device = ?device, threads = tch::get_num_threads(), ?cpu_linear, ?cpu_conv,
               model_memory = %budget.map_or("unlimited".into(), cache::mib), "worker started");
         let max_batch = options.max_batch;
         let mut active: Vec<Active> = Vec::new();
