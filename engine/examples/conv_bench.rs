@@ -46,8 +46,8 @@ fn main() {
         tch::get_num_threads()
     );
     println!(
-        "{:<34} {:>22} {:>10} {:>10} {:>7}  {}",
-        "shape", "N x C x side -> C_out", "direct ms", "wino ms", "ratio", "chosen"
+        "{:<34} {:>22} {:>10} {:>10} {:>7}  chosen",
+        "shape", "N x C x side -> C_out", "direct ms", "wino ms", "ratio"
     );
     let options = (Kind::Float, Device::Cpu);
     for &(what, n, c, side, c_out) in SHAPES {
