@@ -91,7 +91,8 @@ train-clip:
 	target/debug/eval_clip --model models/shapes-clip
 
 bench: build
-	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) $(CACHE)
+	cargo build $(CARGO_FLAGS) -p frisket-engine --example conv_bench
+	$(PY) bench/bench.py $(SERVER_BIN) $(CLIENT_BIN) target/debug/examples/conv_bench $(CACHE)
 
 # Fuzzing, not part of `make test`: cargo-fuzz (libFuzzer, nightly) runs each target in
 # fuzz/ for $(FUZZ_SECONDS) seconds from the seeds in fuzz/seeds/; crashes land in

@@ -9,11 +9,14 @@ of the job before, as the goal measures it, and for a new prompt, which the serv
 Last, Grad-SAM: per manipulated step, the attribution time of fast mode (256 px) and of
 exact mode (64 px: one backward pass per latent element) against a plain step at the same
 size, and a whole `--preset paper` job against plain img2img with the same steps. Then the
-SDXL-layout mid-size model against diffusers, and switching LoRA sets between jobs on a
-full-size random SD 1.5 (rank-32 LoRAs on every attention projection) against loading it.
-The machine (CPU, extensions, sgemm rate) comes first, and each engine's step rate is
-printed in GFLOP/s beside that ceiling.
-Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CACHE_DIR
+SDXL-layout mid-size model against diffusers; full-size random SD 1.5 at 512² against
+diffusers, where the channel counts make Frisket's choice of convolution kernels count (and
+with every convolution forced direct); and switching LoRA sets between jobs on that model
+(rank-32 LoRAs on every attention projection) against loading it.
+The machine (CPU, extensions, sgemm rate) comes first, then the per-shape table of 3×3
+convolution kernels (oneDNN direct against Winograd, engine/examples/conv_bench.rs), and
+each engine's step rate is printed in GFLOP/s beside that ceiling.
+Usage: bench.py FRISKET_SERVER_BINARY FRISKET_CLIENT_BINARY CONV_BENCH_BINARY CACHE_DIR
 """
 
 import json
@@ -175,8 +178,8 @@ def build_sdxl_model(folder: Path, cache: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list:
-    pipe = pipeline.from_pretrained(folder)
+def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline, size=SIZE, steps=STEPS) -> list:
+    pipe = pipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     stamps = []
 
@@ -187,10 +190,10 @@ def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list
     start = time.perf_counter()
     pipe(
         PROMPT,
-        num_inference_steps=STEPS,
+        num_inference_steps=steps,
         guidance_scale=GUIDANCE,
-        width=SIZE,
-        height=SIZE,
+        width=size,
+        height=size,
         generator=torch.Generator().manual_seed(SEED),
         output_type="np",
         callback_on_step_end=on_step,
@@ -198,17 +201,16 @@ def diffusers_step_times(folder: Path, pipeline=StableDiffusionPipeline) -> list
     return [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]
 
 
-def frisket_step_times(binary: str, folder: Path, linear: str | None = None) -> list:
+def frisket_step_times(binary: str, folder: Path, forced: dict | None = None, size=SIZE, steps=STEPS) -> list:
     """`render`'s step times, the first (warm-up) left out."""
-    return frisket_timings(binary, folder, linear)["step_seconds"][1:]
+    return frisket_timings(binary, folder, forced, size, steps)["step_seconds"][1:]
 
 
-def frisket_timings(binary: str, folder: Path, linear: str | None = None) -> dict:
-    """`render --timings` of the bench job; `linear` sets FRISKET_CPU_LINEAR (None: the
-    machine's choice, which the timings' `cpu_linear` names)."""
-    env = dict(os.environ)
-    if linear is not None:
-        env["FRISKET_CPU_LINEAR"] = linear
+def frisket_timings(binary: str, folder: Path, forced: dict | None = None, size=SIZE, steps=STEPS) -> dict:
+    """`render --timings` of the bench job; `forced` holds kernel overrides such as
+    {"FRISKET_CPU_LINEAR": "mkl"} (None: the machine's choices, which the timings'
+    `cpu_linear` and `cpu_conv` name)."""
+    env = dict(os.environ) | (forced or {})
     with tempfile.TemporaryDirectory() as tmp:
         timings = Path(tmp) / "timings.json"
         subprocess.run(
@@ -220,15 +222,15 @@ def frisket_timings(binary: str, folder: Path, linear: str | None = None) -> dic
                 "--prompt",
                 PROMPT,
                 "--steps",
-                str(STEPS),
+                str(steps),
                 "--guidance",
                 str(GUIDANCE),
                 "--seed",
                 str(SEED),
                 "--width",
-                str(SIZE),
+                str(size),
                 "--height",
-                str(SIZE),
+                str(size),
                 "--scheduler",
                 "ddim",
                 "--out",
@@ -404,18 +406,18 @@ def cfg_step_gflop(folder: Path) -> float:
     return machine.flops(unet, latent, torch.tensor([500, 500]), context, **extra) / 1e9
 
 
-def alternate(theirs_round, ours_round) -> tuple:
-    """ROUNDS rounds of diffusers' step times (`theirs_round()`) then Frisket's (`ours_round()`),
-    alternated so that background load hits both alike: the pooled medians (theirs, ours) and
-    each round's ratio of medians."""
-    theirs, ours, rounds = [], [], []
-    for _ in range(ROUNDS):
+def alternate(theirs_round, ours_round, rounds=ROUNDS) -> tuple:
+    """`rounds` rounds of diffusers' step times (`theirs_round()`) then Frisket's
+    (`ours_round()`), alternated so that background load hits both alike: the pooled medians
+    (theirs, ours) and each round's ratio of medians."""
+    theirs, ours, ratios = [], [], []
+    for _ in range(rounds):
         with torch.no_grad():
             their_round = theirs_round()
         our_round = ours_round()
         theirs, ours = theirs + their_round, ours + our_round
-        rounds.append(statistics.median(our_round) / statistics.median(their_round))
-    return statistics.median(theirs), statistics.median(ours), rounds
+        ratios.append(statistics.median(our_round) / statistics.median(their_round))
+    return statistics.median(theirs), statistics.median(ours), ratios
 
 
 def round_spread(ratios: list) -> str:
@@ -433,8 +435,10 @@ def print_rates(theirs: float, ours: float, gflop: float, ceiling: float) -> Non
         )
 
 
-def main(server_bin: str, client_bin: str, cache: Path) -> None:
+def main(server_bin: str, client_bin: str, conv_bench_bin: str, cache: Path) -> None:
     ceiling = machine.describe()["sgemm_gflops"]
+    # The per-shape table behind Frisket's choice of convolution kernels on this machine.
+    subprocess.run([conv_bench_bin], check=True)
     folder = cache / "bench-model-128-256-256"
     build_model(folder, cache)
     gflop = cfg_step_gflop(folder)
@@ -442,23 +446,28 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
         f"mid-size SD1-style UNet (128/256/256), {SIZE}x{SIZE}, CFG batch 2, {STEPS} DDIM steps, "
         f"{torch.get_num_threads()} threads; medians, first step excluded (warm-up)"
     )
-    # Frisket runs with the machine's choice of linear-layer kernels and, in the same rounds,
-    # with each choice forced.
-    chosen, forced = set(), {"onednn": [], "mkl": []}
+    # Frisket runs with the machine's choice of kernels and, in the same rounds, with each
+    # linear-layer choice forced and with every convolution direct (no Winograd).
+    chosen = set()
+    forced = {
+        ("FRISKET_CPU_LINEAR", "onednn"): [],
+        ("FRISKET_CPU_LINEAR", "mkl"): [],
+        ("FRISKET_CPU_CONV", "direct"): [],
+    }
 
     def ours_round() -> list:
         timing = frisket_timings(server_bin, folder)
-        chosen.add(timing["cpu_linear"])
-        for linear, times in forced.items():
-            times += frisket_step_times(server_bin, folder, linear)
+        chosen.add(f"linear {timing['cpu_linear']}, 3x3 convolutions {timing['cpu_conv']}")
+        for (name, value), times in forced.items():
+            times += frisket_step_times(server_bin, folder, {name: value})
         return timing["step_seconds"][1:]
 
     theirs, ours, rounds = alternate(lambda: diffusers_step_times(folder), ours_round)
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")
-    print(f"Frisket's float32 linear layers on this machine: {', '.join(sorted(chosen))}; forced:")
-    for linear, times in forced.items():
-        print(f"  FRISKET_CPU_LINEAR={linear}: ratio frisket/diffusers {statistics.median(times) / theirs:.3f}")
+    print(f"Frisket's float32 kernels on this machine: {'; '.join(sorted(chosen))}; forced:")
+    for (name, value), times in forced.items():
+        print(f"  {name}={value}: ratio frisket/diffusers {statistics.median(times) / theirs:.3f}")
 
     streamed, first_preview, first_preview_new_prompt = streamed_step_times(server_bin, client_bin, folder)
     plain = statistics.median(frisket_step_times(server_bin, folder))
@@ -477,6 +486,7 @@ def main(server_bin: str, client_bin: str, cache: Path) -> None:
     )
     explain_bench(server_bin, folder)
     sdxl_bench(server_bin, cache, ceiling)
+    full_size_bench(server_bin, cache)
     lora_switch_bench(server_bin, client_bin, cache)
 
 
@@ -490,6 +500,34 @@ def sdxl_bench(server_bin: str, cache: Path, ceiling: float) -> None:
     print(f"mid-size SDXL-layout UNet (128/256/256, depth 1/2/2, context 2048), {SIZE}x{SIZE}, {STEPS} DDIM steps")
     print_rates(theirs, ours, gflop, ceiling)
     print(f"ratio frisket/diffusers {ours / theirs:.3f} (goal <= 0.9); {round_spread(rounds)}")
+
+
+FULL_SIZE, FULL_STEPS, FULL_ROUNDS = 512, 3, 2
+
+
+def full_size_bench(server_bin: str, cache: Path) -> None:
+    """Full-size SD 1.5 (random weights) at its native 512², where the 3×3 convolutions have
+    the channel counts (320 to 2560) at which Frisket's kernel choice matters: Frisket with
+    the machine's choice and with every convolution direct, against diffusers."""
+    folder = cache / "bench-sd15-full"
+    if not (folder / "model_index.json").exists():
+        build_sd15(folder, cache)
+    direct = []
+
+    def ours_round() -> list:
+        direct.extend(frisket_step_times(server_bin, folder, {"FRISKET_CPU_CONV": "direct"}, FULL_SIZE, FULL_STEPS))
+        return frisket_step_times(server_bin, folder, None, FULL_SIZE, FULL_STEPS)
+
+    theirs, ours, ratios = alternate(
+        lambda: diffusers_step_times(folder, StableDiffusionPipeline, FULL_SIZE, FULL_STEPS), ours_round, FULL_ROUNDS
+    )
+    print(
+        f"full-size SD 1.5 UNet (random weights, float32), {FULL_SIZE}x{FULL_SIZE}, CFG batch 2, "
+        f"{FULL_STEPS} steps (first excluded), {FULL_ROUNDS} rounds: diffusers {theirs:.2f} s/step, "
+        f"frisket {ours:.2f} s/step; ratio frisket/diffusers {ours / theirs:.3f}; {round_spread(ratios)}"
+    )
+    direct = statistics.median(direct)
+    print(f"  FRISKET_CPU_CONV=direct: {direct:.2f} s/step, ratio {direct / theirs:.3f}")
 
 
 def write_kohya_lora(unet: UNet2DConditionModel, path: Path, rank: int, seed: int) -> int:
@@ -568,7 +606,7 @@ def side_path_step_seconds(folder: Path, lora_file: Path) -> tuple:
     it, timed inside the hooks (the whole call's run-to-run noise is larger than that)."""
     from safetensors.torch import load_file
 
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32).eval()
     lora = {k: v.float() for k, v in load_file(lora_file).items()}
     latents, context = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
 
@@ -604,4 +642,4 @@ def side_path_step_seconds(folder: Path, lora_file: Path) -> tuple:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))

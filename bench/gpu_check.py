@@ -185,7 +185,7 @@ class GpuMemoryPoll:
 
 def diffusers_run(folder: Path, xl: bool, size: int, out: Path) -> dict:
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    pipe = cls.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+    pipe = cls.from_pretrained(folder, dtype=torch.float16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     stamps = []
 
