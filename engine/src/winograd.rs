@@ -94,12 +94,13 @@ pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
 }
 
 /// Values of V and M per band (8 MiB together), so that the buffers stay in the caches
-/// between the transforms and the product; at least [`MIN_BAND`] tiles.
+/// between the transforms and the product where the channels are few; at least
+/// [`MIN_BAND`] tiles.
 const BAND_VALUES: usize = 2 << 20;
 
-/// The fewest tiles a band has (the products' rows): fewer would leave MKL's product
-/// short of rows and read U once more per band.
-const MIN_BAND: usize = 128;
+/// The fewest tiles a band has (the products' rows): MKL packs U once per product, which
+/// shorter bands would repeat too often for the larger channel counts.
+const MIN_BAND: usize = 512;
 
 thread_local! {
     /// U, V and M, kept per thread between calls: fresh buffers of this size come from
