@@ -23,17 +23,21 @@ const SHAPES: &[(&str, i64, i64, i64, i64)] = &[
     ("VAE decoder 256 at 256", 1, 256, 256, 256),
 ];
 
-fn median_ms(f: impl Fn() -> Tensor, runs: usize) -> f64 {
-    let _ = f();
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            let _ = f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
+/// Median milliseconds of `a` and of `b` over `runs` calls each, after one warm-up call
+/// of each; the calls alternate so that drift in the machine's load hits both alike.
+fn median_ms_pair(a: impl Fn() -> Tensor, b: impl Fn() -> Tensor, runs: usize) -> (f64, f64) {
+    let time = |f: &dyn Fn() -> Tensor| {
+        let start = Instant::now();
+        let _ = f();
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let _ = (a(), b());
+    let (mut times_a, mut times_b): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| (time(&a), time(&b))).unzip();
+    let median = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[runs / 2]
+    };
+    (median(&mut times_a), median(&mut times_b))
 }
 
 fn main() {
@@ -42,7 +46,7 @@ fn main() {
     tch::manual_seed(0);
     let choice = CpuConv::current();
     println!(
-        "3x3 convolutions, float32, {} threads, {runs} timed calls each; this machine's choice: {choice:?}",
+        "3x3 convolutions, float32, {} threads, {runs} timed calls each, alternated; this machine's choice: {choice:?}",
         tch::get_num_threads()
     );
     println!(
@@ -54,8 +58,11 @@ fn main() {
         let x = channels_last(&Tensor::randn([n, c, side, side], options));
         let w = channels_last(&(Tensor::randn([c_out, c, 3, 3], options) * 0.05));
         let b = Tensor::randn([c_out], options);
-        let direct = median_ms(|| x.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1), runs);
-        let wino = median_ms(|| winograd::conv3x3(&x, &w, Some(&b)), runs);
+        let (direct, wino) = median_ms_pair(
+            || x.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1),
+            || winograd::conv3x3(&x, &w, Some(&b)),
+            runs,
+        );
         let tiles = n * (side / 2) * (side / 2);
         let chosen = if choice.winograd_for(c, c_out, tiles) { "winograd" } else { "direct" };
         let shape = format!("{n} x {c} x {side}^2 -> {c_out}");
