@@ -19,33 +19,55 @@ pub enum CpuLinear {
     Mkl,
 }
 
-/// The environment variable that overrides the choice: `onednn` or `mkl`.
-pub const CPU_LINEAR_ENV: &str = "FRISKET_CPU_LINEAR";
+/// A CPU kernel choice: this machine's unless an environment variable forces one.
+pub trait KernelChoice: Copy + Sized {
+    /// The variable that overrides the choice.
+    const ENV: &'static str;
 
-impl CpuLinear {
-    /// The choice for this machine and environment: `FRISKET_CPU_LINEAR` when set (see
-    /// [`CpuLinear::parse`]), otherwise [`CpuLinear::for_machine`]. Err for an unknown
-    /// override; binaries call this at start to refuse it there.
-    pub fn from_env() -> Result<CpuLinear, String> {
-        match std::env::var(CPU_LINEAR_ENV) {
+    /// The override's value, in any case; Err names the variable and the values it takes.
+    fn parse(forced: &str) -> Result<Self, String>;
+
+    /// The choice for this machine when nothing is forced.
+    fn for_machine() -> Self;
+
+    /// [`KernelChoice::ENV`] when set, otherwise [`KernelChoice::for_machine`]. Err for an
+    /// unknown override; binaries call this at start to refuse it there.
+    fn from_env() -> Result<Self, String> {
+        match std::env::var(Self::ENV) {
             Ok(forced) => Self::parse(&forced),
             Err(_) => Ok(Self::for_machine()),
         }
     }
 
-    /// [`CpuLinear::from_env`], made once per process (an unknown override falls back to
-    /// the machine's choice here; the binaries have refused it at start).
+    /// The Err of [`KernelChoice::parse`].
+    fn unknown(value: &str, expected: &str) -> String {
+        format!("{}={value}: expected {expected}", Self::ENV)
+    }
+}
+
+/// [`KernelChoice::from_env`], made once per process in `cell` (an unknown override falls
+/// back to the machine's choice here; the binaries have refused it at start).
+pub fn choice_once<T: KernelChoice + Send + Sync>(cell: &'static std::sync::OnceLock<T>) -> T {
+    *cell.get_or_init(|| T::from_env().unwrap_or_else(|_| T::for_machine()))
+}
+
+impl CpuLinear {
+    /// This process's choice (see [`choice_once`]).
     pub fn current() -> CpuLinear {
         static CHOICE: std::sync::OnceLock<CpuLinear> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| Self::from_env().unwrap_or_else(|_| Self::for_machine()))
+        choice_once(&CHOICE)
     }
+}
 
-    /// The override's value: `onednn` or `mkl`, in any case.
-    pub fn parse(forced: &str) -> Result<CpuLinear, String> {
+impl KernelChoice for CpuLinear {
+    const ENV: &'static str = "FRISKET_CPU_LINEAR";
+
+    /// `onednn` or `mkl`.
+    fn parse(forced: &str) -> Result<CpuLinear, String> {
         match forced.to_ascii_lowercase().as_str() {
             "onednn" => Ok(CpuLinear::OneDnn),
             "mkl" => Ok(CpuLinear::Mkl),
-            other => Err(format!("{CPU_LINEAR_ENV}={other}: expected onednn or mkl")),
+            other => Err(Self::unknown(other, "onednn or mkl")),
         }
     }
 
@@ -283,6 +305,7 @@ impl Activation {
 mod tests {
     use super::onednn_isa_is_avx512;
     use super::CpuLinear::{self, Mkl, OneDnn};
+    use super::KernelChoice;
 
     #[test]
     fn cpu_linear_override_parses() {

@@ -4,7 +4,7 @@
 //! multiplications than oneDNN's direct convolution and wins despite the transforms' memory
 //! passes; where they are small, the transforms cost more than they save. The values equal
 //! the direct convolution's up to float32 rounding (relative 1e-6 here).
-use crate::nn;
+use crate::nn::{self, KernelChoice};
 use frisket_kernels::winograd::{self as kernels, Shape, POSITIONS};
 use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
@@ -21,43 +21,33 @@ pub enum CpuConv {
     Auto { min_channels: i64 },
 }
 
-/// The environment variable that overrides the choice: `direct`, `winograd` or `auto`.
-pub const CPU_CONV_ENV: &str = "FRISKET_CPU_CONV";
-
 /// Output tiles (2×2 pixels each) below which the 16 products are too short for MKL and
 /// the direct convolution wins.
 pub const MIN_TILES: i64 = 64;
 
-impl CpuConv {
-    /// `FRISKET_CPU_CONV` when set (see [`CpuConv::parse`]), otherwise
-    /// [`CpuConv::for_machine`]. Err for an unknown override; binaries call this at start to
-    /// refuse it there.
-    pub fn from_env() -> Result<CpuConv, String> {
-        match std::env::var(CPU_CONV_ENV) {
-            Ok(forced) => Self::parse(&forced),
-            Err(_) => Ok(Self::for_machine()),
-        }
-    }
+impl KernelChoice for CpuConv {
+    const ENV: &'static str = "FRISKET_CPU_CONV";
 
-    /// [`CpuConv::from_env`], made once per process (an unknown override falls back to
-    /// the machine's choice here; the binaries have refused it at start).
-    pub fn current() -> CpuConv {
-        static CHOICE: std::sync::OnceLock<CpuConv> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| Self::from_env().unwrap_or_else(|_| Self::for_machine()))
-    }
-
-    /// The override's value: `direct`, `winograd` or `auto` (the machine's choice), in any case.
-    pub fn parse(forced: &str) -> Result<CpuConv, String> {
+    /// `direct`, `winograd` or `auto` (the machine's choice).
+    fn parse(forced: &str) -> Result<CpuConv, String> {
         match forced.to_ascii_lowercase().as_str() {
             "direct" => Ok(CpuConv::Direct),
             "winograd" => Ok(CpuConv::Winograd),
             "auto" => Ok(Self::for_machine()),
-            other => Err(format!("{CPU_CONV_ENV}={other}: expected direct, winograd or auto")),
+            other => Err(Self::unknown(other, "direct, winograd or auto")),
         }
     }
 
     fn for_machine() -> CpuConv {
         Self::for_isa(nn::onednn_avx512())
+    }
+}
+
+impl CpuConv {
+    /// This process's choice (see [`nn::choice_once`]).
+    pub fn current() -> CpuConv {
+        static CHOICE: std::sync::OnceLock<CpuConv> = std::sync::OnceLock::new();
+        nn::choice_once(&CHOICE)
     }
 
     /// Where oneDNN runs its AVX-512 kernels, its direct convolution is fast enough that
@@ -183,6 +173,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::CpuConv::{self, Auto, Direct, Winograd};
+    use crate::nn::KernelChoice;
 
     #[test]
     fn the_choice_follows_the_override_then_the_isa() {

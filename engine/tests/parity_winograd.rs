@@ -4,7 +4,8 @@
 mod common;
 
 use frisket_engine::nn::channels_last;
-use frisket_engine::winograd::{self, CpuConv, CPU_CONV_ENV};
+use frisket_engine::nn::KernelChoice;
+use frisket_engine::winograd::{self, CpuConv};
 use std::sync::Once;
 use tch::{Device, Kind, Tensor};
 
@@ -12,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 /// and `Once` holds the others until it is done.
 fn force_winograd() {
     static FORCE: Once = Once::new();
-    FORCE.call_once(|| std::env::set_var(CPU_CONV_ENV, "winograd"));
+    FORCE.call_once(|| std::env::set_var(CpuConv::ENV, "winograd"));
     assert_eq!(CpuConv::current(), CpuConv::Winograd);
 }
 

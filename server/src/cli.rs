@@ -13,7 +13,7 @@ use frisket_engine::explain::edit::Manipulation;
 use frisket_engine::explain::ExplainMode;
 use frisket_engine::image_io;
 use frisket_engine::model::{default_kind, parse_device, StableDiffusion};
-use frisket_engine::nn::CpuLinear;
+use frisket_engine::nn::{CpuLinear, KernelChoice};
 use frisket_engine::pipeline::{Flow, PreparedJob, StartMode};
 use frisket_engine::schedulers::PredictionType;
 use frisket_engine::tch;

@@ -2,7 +2,8 @@
 //! device, each with its own models. Jobs that one worker cannot take (it is full at
 //! `--max-batch 1`) run at the same time on the other, loading their model there too; the
 //! image does not depend on the worker; `--preload` loads on every worker; UnloadModel
-//! unloads everywhere or nowhere; nonsense `--device` values are refused.
+//! unloads everywhere or nowhere; nonsense `--device` values and CPU kernel overrides
+//! (`FRISKET_CPU_LINEAR`, `FRISKET_CPU_CONV`) are refused at start.
 use frisket_e2e::*;
 use frisket_proto::v1 as pb;
 
@@ -117,5 +118,23 @@ fn nonsense_devices_are_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "--device {bad:?} accepted");
         assert!(stderr.contains("--device"), "--device {bad:?}: {stderr}");
+    }
+}
+
+#[test]
+fn unknown_kernel_overrides_are_refused_at_start() {
+    for (var, bad) in [("FRISKET_CPU_LINEAR", "blas"), ("FRISKET_CPU_CONV", "fft")] {
+        // `render` of a fixture model, which would succeed were the override ignored.
+        let out = std::process::Command::new(server_binary())
+            .args(["render", "--prompt", "a red circle", "--steps", "2", "--quiet", "--model"])
+            .arg(models_dir().join("sd1"))
+            .arg("--out")
+            .arg(std::env::temp_dir().join(format!("frisket-kernel-override-{}.png", std::process::id())))
+            .env(var, bad)
+            .output()
+            .expect("running frisket-server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={bad} accepted");
+        assert!(stderr.contains(&format!("{var}={bad}: expected")), "{var}={bad}: {stderr}");
     }
 }
