@@ -2,7 +2,7 @@
 //! path on the shapes of the bench model and of full-size SD 1.5, SDXL and their VAE
 //! decoder, medians of timed calls, with the choice this process makes for each.
 use frisket_engine::nn::channels_last;
-use frisket_engine::winograd::{self, CpuConv};
+use frisket_engine::winograd::{self, CpuConv, Shape};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -63,8 +63,8 @@ fn main() {
             || winograd::conv3x3(&x, &w, Some(&b)),
             runs,
         );
-        let tiles = n * (side / 2) * (side / 2);
-        let chosen = if choice.winograd_for(c, c_out, tiles) { "winograd" } else { "direct" };
+        let image = Shape { n: n as usize, h: side as usize, w: side as usize, c: c as usize };
+        let chosen = if choice.winograd_for(image, c_out as usize) { "winograd" } else { "direct" };
         let shape = format!("{n} x {c} x {side}^2 -> {c_out}");
         println!("{what:<34} {shape:>22} {direct:>10.2} {wino:>10.2} {:>7.2}  {chosen}", wino / direct);
     }

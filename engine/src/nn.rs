@@ -20,7 +20,7 @@ pub enum CpuLinear {
 }
 
 /// A CPU kernel choice: this machine's unless an environment variable forces one.
-pub trait KernelChoice: Copy + Sized {
+pub trait KernelChoice: Copy {
     /// The variable that overrides the choice.
     const ENV: &'static str;
 

@@ -5,7 +5,8 @@
 //! passes; where they are small, the transforms cost more than they save. The values equal
 //! the direct convolution's up to float32 rounding (relative 1e-6 here).
 use crate::nn::{self, KernelChoice};
-use frisket_kernels::winograd::{self as kernels, Shape, POSITIONS};
+pub use frisket_kernels::winograd::Shape;
+use frisket_kernels::winograd::{self as kernels, POSITIONS};
 use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
@@ -18,12 +19,12 @@ pub enum CpuConv {
     Winograd,
     /// Winograd where both channel counts reach `min_channels` and the batch has at least
     /// [`MIN_TILES`] output tiles, oneDNN elsewhere: this machine's choice.
-    Auto { min_channels: i64 },
+    Auto { min_channels: usize },
 }
 
 /// Output tiles (2×2 pixels each) below which the 16 products are too short for MKL and
 /// the direct convolution wins.
-pub const MIN_TILES: i64 = 64;
+pub const MIN_TILES: usize = 64;
 
 impl KernelChoice for CpuConv {
     const ENV: &'static str = "FRISKET_CPU_CONV";
@@ -57,13 +58,12 @@ impl CpuConv {
         CpuConv::Auto { min_channels: if onednn_avx512 { 512 } else { 192 } }
     }
 
-    /// Whether a convolution from `c_in` to `c_out` channels over `tiles` output tiles
-    /// runs as Winograd.
-    pub fn winograd_for(self, c_in: i64, c_out: i64, tiles: i64) -> bool {
+    /// Whether a convolution of the image `x` to `c_out` channels runs as Winograd.
+    pub fn winograd_for(self, x: Shape, c_out: usize) -> bool {
         match self {
             CpuConv::Direct => false,
             CpuConv::Winograd => true,
-            CpuConv::Auto { min_channels } => c_in.min(c_out) >= min_channels && tiles >= MIN_TILES,
+            CpuConv::Auto { min_channels } => x.c.min(c_out) >= min_channels && x.tiles() >= MIN_TILES,
         }
     }
 }
@@ -80,7 +80,7 @@ pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
         && weight.kind() == Kind::Float
         && !x.requires_grad()
         && !weight.requires_grad()
-        && CpuConv::current().winograd_for(c_in, c_out, n * ((h + 1) / 2) * ((w + 1) / 2))
+        && CpuConv::current().winograd_for(Shape { n: dim(n), h: dim(h), w: dim(w), c: dim(c_in) }, dim(c_out))
 }
 
 /// Values of V and M per band (8 MiB together), so that the buffers stay in the caches
@@ -173,6 +173,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::CpuConv::{self, Auto, Direct, Winograd};
+    use super::Shape;
     use crate::nn::KernelChoice;
 
     #[test]
@@ -183,10 +184,12 @@ mod tests {
         assert_eq!(CpuConv::for_isa(true), Auto { min_channels: 512 });
         assert_eq!(CpuConv::for_isa(false), Auto { min_channels: 192 });
         let avx2 = CpuConv::for_isa(false);
-        assert!(avx2.winograd_for(320, 320, 2048));
-        assert!(!avx2.winograd_for(320, 128, 2048), "both channel counts must reach the threshold");
-        assert!(!avx2.winograd_for(1280, 1280, 32), "too few tiles");
-        assert!(Winograd.winograd_for(4, 4, 1));
-        assert!(!Direct.winograd_for(1280, 1280, 4096));
+        let image = |n, side, c| Shape { n, h: side, w: side, c };
+        assert!(avx2.winograd_for(image(2, 64, 320), 320), "2048 tiles");
+        assert!(!avx2.winograd_for(image(2, 64, 320), 128), "both channel counts must reach the threshold");
+        assert!(!avx2.winograd_for(image(2, 8, 1280), 1280), "32 tiles: too few");
+        assert!(avx2.winograd_for(image(1, 15, 320), 320), "an odd side's half-used tiles count: 8 × 8 = 64");
+        assert!(Winograd.winograd_for(image(1, 2, 4), 4));
+        assert!(!Direct.winograd_for(image(4, 64, 1280), 1280));
     }
 }
